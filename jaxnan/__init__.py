@@ -1,0 +1,33 @@
+"""jaxnan: find, explain and survive NaN/Inf in JAX training."""
+
+from jaxnan._src.base import ArrayTree as ArrayTree
+from jaxnan._src.checks import Report as Report
+from jaxnan._src.checks import check as check
+from jaxnan._src.report import NonFiniteError as NonFiniteError
+from jaxnan._src.transforms import ClipByGlobalNormState as ClipByGlobalNormState
+from jaxnan._src.transforms import SkipNonfiniteState as SkipNonfiniteState
+from jaxnan._src.transforms import ZeroNonfiniteState as ZeroNonfiniteState
+from jaxnan._src.transforms import clip_by_global_norm as clip_by_global_norm
+from jaxnan._src.transforms import skip_nonfinite as skip_nonfinite
+from jaxnan._src.transforms import zero_nonfinite as zero_nonfinite
+from jaxnan._src.tree import NonfiniteCounts as NonfiniteCounts
+from jaxnan._src.tree import all_finite as all_finite
+from jaxnan._src.tree import nonfinite_counts as nonfinite_counts
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "ArrayTree",
+    "ClipByGlobalNormState",
+    "NonFiniteError",
+    "NonfiniteCounts",
+    "Report",
+    "SkipNonfiniteState",
+    "ZeroNonfiniteState",
+    "all_finite",
+    "check",
+    "clip_by_global_norm",
+    "nonfinite_counts",
+    "skip_nonfinite",
+    "zero_nonfinite",
+)

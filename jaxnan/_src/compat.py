@@ -1,0 +1,21 @@
+"""Every import from `jax._src` lives here, guarded by the jax version.
+
+The rest of jaxnan imports these names from this module only, so that a jax
+upgrade that moves a private symbol breaks exactly one file.
+"""
+
+from __future__ import annotations
+
+import jax
+from jax.extend import source_info_util
+
+source_info_util.register_exclusion(__file__)
+
+JAX_VERSION = tuple(int(p) for p in jax.__version__.split(".")[:3] if p.isdigit())
+
+try:  # jax >= 0.6
+    from jax._src.shard_map import shard_map_p  # noqa: F401
+except ImportError:  # pragma: no cover - older layouts
+    from jax.experimental.shard_map import shard_map_p  # type: ignore # noqa: F401
+
+from jax._src.core import Tracer  # noqa: E402,F401

@@ -1,0 +1,413 @@
+"""NaN-safe optax gradient transformations: zero, skip and clip.
+
+All decisions are taken inside the compiled graph with `where`-selects (never
+a multiply by a 0/1 mask, since 0 * NaN = NaN, and never an HLO conditional
+around the optimizer, which blocks fusion), with no host sync.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+from jax.extend import source_info_util
+
+from jaxnan._src import base, tree
+
+source_info_util.register_exclusion(__file__)
+
+
+def _int32_zero() -> jax.Array:
+    return jnp.zeros((), jnp.int32)
+
+
+def _agree(finite: jax.Array, axis_name: str | None) -> jax.Array:
+    """All replicas finite: one int32 psum of the 'bad' flag over axis_name."""
+    if axis_name is None:
+        return finite
+    bad = lax.psum(jnp.logical_not(finite).astype(jnp.int32), axis_name)
+    return bad == 0
+
+
+# --------------------------------------------------------------------------
+# zero_nonfinite
+
+
+class ZeroNonfiniteState(NamedTuple):
+    """State of `zero_nonfinite`.
+
+    Attributes:
+        nonfinite_zeroed: per-leaf int32 scalars (the structure of the
+            params), how many elements the last update set to zero.
+        nonfinite_zeroed_total: per-leaf int32 scalars, elements set to zero
+            since init.
+    """
+
+    nonfinite_zeroed: optax.Updates
+    nonfinite_zeroed_total: optax.Updates
+
+
+def zero_nonfinite() -> optax.GradientTransformationExtraArgs:
+    """Replaces NaN, +Inf and -Inf entries of the updates by 0 and counts them.
+
+    Unlike `optax.zero_nans`, which only looks for NaN, every nonfinite entry
+    (tested with `jnp.isfinite`) is replaced; finite entries pass through bit
+    for bit. The state counts, per leaf, the entries zeroed by the last update
+    and since init. Complex entries with a nonfinite part are zeroed whole.
+
+    Cost: one fused reduction per leaf decides whether anything is nonfinite;
+    the per-leaf counts are computed only when something is (a scalar
+    `lax.cond`), and the zeroing select fuses into the next elementwise
+    consumer. No collectives: each replica zeroes its own entries.
+
+    Returns:
+        An `optax.GradientTransformationExtraArgs`.
+
+    Examples:
+        >>> import jax.numpy as jnp, jaxnan
+        >>> tx = jaxnan.zero_nonfinite()
+        >>> params = {"w": jnp.zeros(3)}
+        >>> state = tx.init(params)
+        >>> g = {"w": jnp.array([1.0, jnp.nan, -jnp.inf])}
+        >>> updates, state = tx.update(g, state)
+        >>> updates["w"], int(state.nonfinite_zeroed["w"])
+        (Array([1., 0., 0.], dtype=float32), 2)
+
+    .. versionadded:: 0.1.0
+    """
+    name = "jaxnan.zero_nonfinite"
+
+    def init(params: optax.Params) -> ZeroNonfiniteState:
+        base.validate_updates(params, argname="params", fn_name=name)
+        zeros = jax.tree_util.tree_map(lambda _: _int32_zero(), params)
+        return ZeroNonfiniteState(zeros, zeros)
+
+    def update(updates, state, params=None, **extra_args):
+        del params, extra_args
+        base.validate_state(state, ZeroNonfiniteState, fn_name=name)
+        base.validate_updates(updates, fn_name=name)
+        base.validate_same_structure(
+            updates,
+            state.nonfinite_zeroed,
+            name_a="updates",
+            name_b="params",
+            fn_name=name,
+        )
+        leaves, treedef = jax.tree_util.tree_flatten(updates)
+        checked = [i for i, x in enumerate(leaves) if base.is_checked_leaf(x)]
+        ok = tree.all_finite([leaves[i] for i in checked])
+
+        def count_bad():
+            out = [_int32_zero() for _ in leaves]
+            for i in checked:
+                out[i] = jnp.sum(~jnp.isfinite(leaves[i]), dtype=jnp.int32)
+            return out
+
+        counts = lax.cond(ok, lambda: [_int32_zero() for _ in leaves], count_bad)
+        new = list(leaves)
+        for i in checked:
+            x = leaves[i]
+            new[i] = jnp.where(jnp.isfinite(x), x, jnp.zeros_like(x))
+        counts_tree = jax.tree_util.tree_unflatten(treedef, counts)
+        total = jax.tree_util.tree_map(
+            lambda t, c: t + c, state.nonfinite_zeroed_total, counts_tree
+        )
+        return (
+            jax.tree_util.tree_unflatten(treedef, new),
+            ZeroNonfiniteState(counts_tree, total),
+        )
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+# --------------------------------------------------------------------------
+# clip_by_global_norm
+
+
+class ClipByGlobalNormState(NamedTuple):
+    """State of `jaxnan.clip_by_global_norm`.
+
+    Attributes:
+        global_norm: float32 scalar, the L2 norm of the finite entries of the
+            last updates, before clipping (for logging).
+        clip_input_finite: bool scalar, whether every entry of the last
+            updates was finite. `skip_nonfinite` reads it to avoid a second
+            pass over the gradients.
+    """
+
+    global_norm: jax.Array
+    clip_input_finite: jax.Array
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
+    r"""Clips updates by their global norm; a nonfinite entry poisons nothing else.
+
+    On finite updates this is bit for bit `optax.clip_by_global_norm`: when the
+    global norm :math:`\|g\|` is at least `max_norm`, every leaf becomes
+    :math:`(g / \|g\|) \cdot \text{max\_norm}`. With optax a single NaN or Inf
+    makes the norm NaN/Inf and turns every entry of every leaf into NaN (or
+    0). Here the norm is taken over the finite entries only, so:
+
+    * finite entries, in every leaf including the one with the bad entry, are
+      clipped exactly as if the nonfinite entries were absent;
+    * nonfinite entries pass through unchanged (NaN stays NaN, +-Inf stays
+      +-Inf), so that a later `skip_nonfinite` or `zero_nonfinite` still sees
+      them. Chain `zero_nonfinite()` after it to zero them instead.
+
+    What counts as nonfinite: NaN, +Inf and -Inf (`jnp.isfinite`). The squares
+    are summed in float32 (or wider), so float16 gradients with a norm above
+    256 do not overflow as they do in optax.
+
+    Cost: one fused reduction per leaf (the sum of squares that any global
+    norm clipping computes); its finiteness doubles as the nonfinite test. A
+    second, overflow-safe pass over the finite entries runs only when that sum
+    is not finite (a nonfinite entry, or finite entries whose squares
+    overflow), inside a scalar `lax.cond`. No collectives: under sharded
+    `jit` the norm is global by construction; inside `shard_map`/`pmap` each
+    shard clips by its own norm.
+
+    Args:
+        max_norm: the largest global norm the updates may have; a positive
+            float.
+
+    Returns:
+        An `optax.GradientTransformationExtraArgs`; its state keeps the
+        pre-clip norm of the finite entries and whether all were finite.
+
+    Raises:
+        ValueError: when `max_norm` is not positive.
+
+    Examples:
+        >>> import jax.numpy as jnp, jaxnan
+        >>> tx = jaxnan.clip_by_global_norm(1.0)
+        >>> g = {"a": jnp.array([3.0, jnp.nan]), "b": jnp.array([4.0])}
+        >>> state = tx.init(g)
+        >>> u, state = tx.update(g, state)
+        >>> u["a"], u["b"], float(state.global_norm)
+        (Array([0.6, nan], dtype=float32), Array([0.8], dtype=float32), 5.0)
+
+    References:
+        Pascanu et al., `On the difficulty of training Recurrent Neural
+        Networks <https://arxiv.org/abs/1211.5063>`_, 2012
+
+    .. versionadded:: 0.1.0
+    """
+    name = "jaxnan.clip_by_global_norm"
+    if isinstance(max_norm, (int, float)) and not max_norm > 0:
+        raise ValueError(
+            f"jaxnan.clip_by_global_norm: max_norm must be positive, got {max_norm}."
+        )
+
+    def init(params: optax.Params) -> ClipByGlobalNormState:
+        base.validate_updates(params, argname="params", fn_name=name)
+        return ClipByGlobalNormState(jnp.zeros((), jnp.float32), jnp.array(True))
+
+    def update(updates, state, params=None, **extra_args):
+        del params, extra_args
+        base.validate_state(state, ClipByGlobalNormState, fn_name=name)
+        base.validate_updates(updates, fn_name=name)
+        leaves = tree.checked_leaves(updates)
+        sq = sum(tree.sum_of_squares(x) for x in leaves) if leaves else jnp.float32(0)
+        fast_ok = jnp.isfinite(sq)
+        norm, finite = lax.cond(
+            fast_ok,
+            lambda: (jnp.sqrt(sq).astype(jnp.float32), jnp.array(True)),
+            lambda: (tree.finite_global_norm(leaves), tree.all_finite(leaves)),
+        )
+        trigger = norm < max_norm
+
+        def clip(t):
+            if not base.is_checked_leaf(t):
+                return t
+            return lax.select(trigger, t, (t / norm.astype(t.dtype)) * max_norm)
+
+        new = jax.tree_util.tree_map(clip, updates)
+        return new, ClipByGlobalNormState(norm, finite)
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+# --------------------------------------------------------------------------
+# skip_nonfinite
+
+
+class SkipNonfiniteState(NamedTuple):
+    """State of `skip_nonfinite`.
+
+    Attributes:
+        nonfinite_streak: int32 scalar, consecutive skipped steps.
+        nonfinite_total: int32 scalar, skipped steps since init.
+        last_nonfinite_step: int32 scalar, index (from 0) of the last skipped
+            update call, -1 when none was skipped.
+        skip_step: int32 scalar, number of update calls so far.
+        gave_up: bool scalar, set once `nonfinite_streak` reaches
+            `max_streak`; it stays set until the state is re-initialised.
+        inner_state: the state of the wrapped transformation.
+    """
+
+    nonfinite_streak: jax.Array
+    nonfinite_total: jax.Array
+    last_nonfinite_step: jax.Array
+    skip_step: jax.Array
+    gave_up: jax.Array
+    inner_state: optax.OptState
+
+
+def _leading_clip_flag(inner_state: optax.OptState) -> jax.Array | None:
+    """The finiteness flag of a `clip_by_global_norm` that sees the raw updates.
+
+    True when `inner` is `jaxnan.clip_by_global_norm` itself or an
+    `optax.chain` whose first element is: that transform then received exactly
+    the updates `skip_nonfinite` received, and its flag is exact.
+    """
+    if isinstance(inner_state, ClipByGlobalNormState):
+        return inner_state.clip_input_finite
+    if (
+        type(inner_state) is tuple
+        and inner_state
+        and isinstance(inner_state[0], ClipByGlobalNormState)
+    ):
+        return inner_state[0].clip_input_finite
+    return None
+
+
+def skip_nonfinite(
+    inner: optax.GradientTransformation,
+    *,
+    max_streak: int | None = None,
+    axis_name: str | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Skips the whole step when the updates or the loss are not finite.
+
+    A step is skipped when any entry of the updates, or of the loss given as
+    the extra argument ``loss=`` (``tx.update(g, state, params, loss=loss)``),
+    is NaN, +Inf or -Inf. A skipped step returns updates that are exactly 0
+    (a `where`-select, so no NaN leaks through 0 * NaN) and leaves the inner
+    state bit for bit unchanged: Adam's moments and step count are never
+    touched by a bad step. A finite step is exactly `inner`.
+
+    Unlike `optax.apply_if_finite`, reaching `max_streak` consecutive skips
+    never lets a nonfinite update through (which would poison the moments for
+    good): the step is still skipped and `state.gave_up` is set, for a host
+    loop to act on (stop, roll back, lower the learning rate).
+
+    Given `axis_name` (inside `shard_map` or `pmap`), the replicas agree with
+    one int32 `lax.psum`: if any replica sees a nonfinite value, all skip.
+    Under sharded `jit` no collective is needed: the reduction is global.
+
+    Cost: one fused reduction per gradient leaf; none when `inner` begins
+    with `jaxnan.clip_by_global_norm`, whose norm is reused. The selects fuse
+    into the optimizer's own elementwise loops.
+
+    Args:
+        inner: the transformation to protect, such as ``optax.adamw(1e-3)``
+            or ``optax.chain(jaxnan.clip_by_global_norm(1.0), optax.adam(1e-3))``.
+        max_streak: after this many consecutive skipped steps, set
+            `gave_up`. None: never.
+        axis_name: the mapped axis to agree over, inside `shard_map`/`pmap`.
+
+    Returns:
+        An `optax.GradientTransformationExtraArgs` whose state is a
+        `SkipNonfiniteState`.
+
+    Raises:
+        TypeError: when `inner` is not an optax transformation, or update gets
+            a state of another transform or non-floating updates.
+        ValueError: when `max_streak` is not a positive int, or update gets an
+            empty or mismatched tree.
+
+    Examples:
+        >>> import jax.numpy as jnp, optax, jaxnan
+        >>> tx = jaxnan.skip_nonfinite(optax.adam(1e-2), max_streak=3)
+        >>> params = {"w": jnp.ones(2)}
+        >>> state = tx.init(params)
+        >>> bad = {"w": jnp.array([jnp.nan, 1.0])}
+        >>> updates, state = tx.update(bad, state, params, loss=jnp.float32(1.0))
+        >>> updates["w"], int(state.nonfinite_total)
+        (Array([0., 0.], dtype=float32), 1)
+
+    .. versionadded:: 0.1.0
+    """
+    name = "jaxnan.skip_nonfinite"
+    if not isinstance(inner, optax.GradientTransformation) and not (
+        hasattr(inner, "init") and hasattr(inner, "update")
+    ):
+        raise TypeError(
+            f"jaxnan.skip_nonfinite: inner must be an optax GradientTransformation, "
+            f"got {type(inner).__name__}. Example: skip_nonfinite(optax.adamw(1e-3))."
+        )
+    if max_streak is not None and (
+        isinstance(max_streak, bool)
+        or not isinstance(max_streak, int)
+        or max_streak < 1
+    ):
+        raise ValueError(
+            f"jaxnan.skip_nonfinite: max_streak must be a positive int or None, "
+            f"got {max_streak!r}."
+        )
+    inner = optax.with_extra_args_support(inner)
+
+    def init(params: optax.Params) -> SkipNonfiniteState:
+        base.validate_updates(params, argname="params", fn_name=name)
+        zero = _int32_zero()
+        return SkipNonfiniteState(
+            nonfinite_streak=zero,
+            nonfinite_total=zero,
+            last_nonfinite_step=jnp.full((), -1, jnp.int32),
+            skip_step=zero,
+            gave_up=jnp.array(False),
+            inner_state=inner.init(params),
+        )
+
+    def update(updates, state, params=None, **extra_args):
+        base.validate_state(state, SkipNonfiniteState, fn_name=name)
+        base.validate_updates(updates, fn_name=name)
+        if params is not None:
+            base.validate_same_structure(
+                updates, params, name_a="updates", name_b="params", fn_name=name
+            )
+        new_updates, new_inner = inner.update(
+            updates, state.inner_state, params, **extra_args
+        )
+        finite = _leading_clip_flag(new_inner)
+        if finite is None:
+            finite = tree.all_finite(updates)
+        loss = extra_args.get("loss")
+        if loss is not None:
+            finite = finite & tree.all_finite(loss)
+        finite = _agree(finite, axis_name)
+
+        out = jax.tree_util.tree_map(
+            lambda u: jnp.where(finite, u, jnp.zeros_like(u)), new_updates
+        )
+        kept_inner = jax.tree_util.tree_map(
+            lambda n, o: jnp.where(finite, n, o).astype(jnp.result_type(o)),
+            new_inner,
+            state.inner_state,
+        )
+        streak = jnp.where(
+            finite,
+            jnp.zeros_like(state.nonfinite_streak),
+            optax.safe_increment(state.nonfinite_streak),
+        )
+        total = jnp.where(
+            finite, state.nonfinite_total, optax.safe_increment(state.nonfinite_total)
+        )
+        last = jnp.where(finite, state.last_nonfinite_step, state.skip_step)
+        gave_up = state.gave_up
+        if max_streak is not None:
+            gave_up = gave_up | (streak >= max_streak)
+        new_state = SkipNonfiniteState(
+            nonfinite_streak=streak,
+            nonfinite_total=total,
+            last_nonfinite_step=last,
+            skip_step=optax.safe_increment(state.skip_step),
+            gave_up=gave_up,
+            inner_state=kept_inner,
+        )
+        return out, new_state
+
+    return optax.GradientTransformationExtraArgs(init, update)

@@ -1,0 +1,190 @@
+"""Fused reductions over pytrees: finiteness flags, nonfinite counts, norms.
+
+Finiteness is derived from a sum, never from `max`/`min` (the CPU backend's
+max can skip NaN) and never from `jnp.isfinite(x).all()` (which writes a
+boolean array and reduces it in a second pass on CPU). `sum(x * 0)` is 0 for a
+finite array and NaN as soon as one element is NaN, +Inf or -Inf, and XLA
+compiles it into a single reduction that reads `x` once. Integer and boolean
+leaves are skipped on purpose: they cannot hold a nonfinite value.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.extend import source_info_util
+
+from jaxnan._src import base
+
+source_info_util.register_exclusion(__file__)
+
+
+class NonfiniteCounts(NamedTuple):
+    """How many elements of one array are NaN, +Inf and -Inf.
+
+    Complex elements are counted once: as NaN when either part is NaN, else as
+    +Inf (-Inf) when either part is +Inf (-Inf).
+
+    Attributes:
+        nan: int32, number of NaN elements.
+        posinf: int32, number of +Inf elements.
+        neginf: int32, number of -Inf elements.
+    """
+
+    nan: jax.Array
+    posinf: jax.Array
+    neginf: jax.Array
+
+
+def checked_leaves(tree: Any) -> list[Any]:
+    """The floating and complex leaves of `tree`, in flattening order."""
+    return [x for x in jax.tree_util.tree_leaves(tree) if base.is_checked_leaf(x)]
+
+
+def paths_and_leaves(tree: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """`(prefix + keystr(path), leaf)` for every leaf of `tree`."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return [(prefix + jax.tree_util.keystr(p), x) for p, x in flat]
+
+
+def _zero_sum(x: jax.Array) -> jax.Array:
+    """0 when `x` is finite, NaN otherwise, in one fused pass (float32 result)."""
+    x = jnp.asarray(x)
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+        x = jnp.real(x) * 0 + jnp.imag(x) * 0
+    # The product is taken in the leaf's dtype (no extra cast pass); the sum of
+    # zeros cannot overflow, so accumulating in that dtype is exact.
+    return jnp.sum(x * 0).astype(jnp.float32)
+
+
+def leaf_finite(x: jax.Array) -> jax.Array:
+    """Bool scalar: every element of the floating array `x` is finite."""
+    return jnp.isfinite(_zero_sum(x))
+
+
+def all_finite(tree: Any) -> jax.Array:
+    """Returns a bool scalar: True when no leaf of `tree` holds NaN or +-Inf.
+
+    Safe under `jit`, `vmap`, `grad` and `lax.scan`, and it never talks to the
+    host. Each floating leaf is read once, by one fused reduction
+    (`sum(x * 0)` is NaN exactly when an element is nonfinite). Complex
+    leaves are checked on both parts. Integer and boolean leaves are ignored
+    on purpose: they cannot be nonfinite. A tree without floating leaves is
+    finite.
+
+    Args:
+        tree: a pytree of arrays.
+
+    Returns:
+        A bool scalar array.
+
+    Examples:
+        >>> import jax.numpy as jnp, jaxnan
+        >>> jaxnan.all_finite({"w": jnp.ones(3), "step": jnp.int32(4)})
+        Array(True, dtype=bool)
+        >>> jaxnan.all_finite({"w": jnp.array([1.0, jnp.inf])})
+        Array(False, dtype=bool)
+    """
+    leaves = checked_leaves(tree)
+    if not leaves:
+        return jnp.array(True)
+    total = sum(_zero_sum(x) for x in leaves)
+    return jnp.isfinite(total)
+
+
+def leaf_counts(x: jax.Array) -> NonfiniteCounts:
+    """NaN, +Inf and -Inf counts of one floating or complex array."""
+    x = jnp.asarray(x)
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+        re, im = jnp.real(x), jnp.imag(x)
+        nan = jnp.isnan(re) | jnp.isnan(im)
+        pos = ~nan & ((re == jnp.inf) | (im == jnp.inf))
+        neg = ~nan & ~pos & ((re == -jnp.inf) | (im == -jnp.inf))
+    else:
+        nan = jnp.isnan(x)
+        pos = x == jnp.inf
+        neg = x == -jnp.inf
+    return NonfiniteCounts(
+        jnp.sum(nan, dtype=jnp.int32),
+        jnp.sum(pos, dtype=jnp.int32),
+        jnp.sum(neg, dtype=jnp.int32),
+    )
+
+
+def _zero_counts() -> NonfiniteCounts:
+    z = jnp.zeros((), jnp.int32)
+    return NonfiniteCounts(z, z, z)
+
+
+def nonfinite_counts(tree: Any) -> Any:
+    """Counts NaN, +Inf and -Inf per leaf.
+
+    Safe under `jit`, `vmap`, `grad` and `lax.scan`, with no host sync.
+    Integer and boolean leaves are ignored on purpose and get zero counts.
+    Complex elements are counted once (NaN when either part is NaN).
+
+    Args:
+        tree: a pytree of arrays.
+
+    Returns:
+        A pytree of the same structure whose leaves are `NonfiniteCounts`
+        (three int32 scalars).
+
+    Examples:
+        >>> import jax.numpy as jnp, jaxnan
+        >>> c = jaxnan.nonfinite_counts({"w": jnp.array([jnp.nan, jnp.inf, 1.0])})
+        >>> int(c["w"].nan), int(c["w"].posinf), int(c["w"].neginf)
+        (1, 1, 0)
+    """
+    return jax.tree_util.tree_map(
+        lambda x: leaf_counts(x) if base.is_checked_leaf(x) else _zero_counts(), tree
+    )
+
+
+def counts_matrix(tree: Any) -> jax.Array:
+    """int32[num_leaves, 3]: NaN, +Inf, -Inf counts of every leaf of `tree`.
+
+    Non-floating leaves have a row of zeros. Used by `Report`.
+    """
+    rows = []
+    for x in jax.tree_util.tree_leaves(tree):
+        c = leaf_counts(x) if base.is_checked_leaf(x) else _zero_counts()
+        rows.append(jnp.stack(c))
+    if not rows:
+        return jnp.zeros((0, 3), jnp.int32)
+    return jnp.stack(rows)
+
+
+def sum_of_squares(x: jax.Array) -> jax.Array:
+    """Sum of |x|^2 accumulated in at least float32, in one pass."""
+    x = jnp.asarray(x)
+    acc = jnp.promote_types(jnp.real(x).dtype, jnp.float32)
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+        re, im = jnp.real(x).astype(acc), jnp.imag(x).astype(acc)
+        return jnp.sum(re * re + im * im)
+    x = x.astype(acc)
+    return jnp.sum(x * x)
+
+
+def finite_global_norm(leaves: list[jax.Array]) -> jax.Array:
+    """L2 norm of the finite elements of `leaves`, robust to overflow.
+
+    Nonfinite elements count as 0. The norm is computed relative to the
+    largest finite magnitude, so finite values whose squares overflow still
+    give a finite norm when the norm itself is representable. This is the
+    slow path (three passes); callers reach it only when the fast one-pass
+    norm is not finite.
+    """
+    if not leaves:
+        return jnp.zeros((), jnp.float32)
+    clean = [
+        jnp.where(jnp.isfinite(x), jnp.abs(x), 0).astype(jnp.float32) for x in leaves
+    ]
+    scale = jnp.max(
+        jnp.stack([jnp.max(c) if c.size else jnp.float32(0) for c in clean])
+    )
+    safe = jnp.where(scale > 0, scale, 1.0)
+    total = sum(jnp.sum(jnp.square(c / safe)) for c in clean)
+    return safe * jnp.sqrt(total)
