@@ -61,18 +61,22 @@ class Report:
 
     @property
     def ok(self) -> jax.Array:
-        """Bool scalar: no input and no output leaf holds a nonfinite value."""
-        return (jnp.sum(self.input_counts) == 0) & (jnp.sum(self.output_counts) == 0)
+        """Bool: no input and no output leaf holds a nonfinite value.
+
+        A scalar, or one flag per element for a report batched by `vmap` or
+        stacked by `lax.scan`.
+        """
+        return self.inputs_ok & self.outputs_ok
 
     @property
     def inputs_ok(self) -> jax.Array:
-        """Bool scalar: every input leaf was finite."""
-        return jnp.sum(self.input_counts) == 0
+        """Bool: every input leaf was finite (per batch element, if batched)."""
+        return jnp.sum(self.input_counts, axis=(-2, -1)) == 0
 
     @property
     def outputs_ok(self) -> jax.Array:
-        """Bool scalar: every output leaf is finite."""
-        return jnp.sum(self.output_counts) == 0
+        """Bool: every output leaf is finite (per batch element, if batched)."""
+        return jnp.sum(self.output_counts, axis=(-2, -1)) == 0
 
     def _host_rows(self, counts: Any, paths: tuple[str, ...]) -> list:
         if _is_traced(counts):

@@ -82,8 +82,11 @@ def zero_nonfinite() -> optax.GradientTransformationExtraArgs:
 
     def init(params: optax.Params) -> ZeroNonfiniteState:
         base.validate_updates(params, argname="params", fn_name=name)
-        zeros = jax.tree_util.tree_map(lambda _: _int32_zero(), params)
-        return ZeroNonfiniteState(zeros, zeros)
+
+        def zeros():  # distinct buffers, so that the state can be donated
+            return jax.tree_util.tree_map(lambda _: _int32_zero(), params)
+
+        return ZeroNonfiniteState(zeros(), zeros())
 
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
@@ -352,12 +355,12 @@ def skip_nonfinite(
 
     def init(params: optax.Params) -> SkipNonfiniteState:
         base.validate_updates(params, argname="params", fn_name=name)
-        zero = _int32_zero()
+        # Distinct buffers per field, so that the state can be donated.
         return SkipNonfiniteState(
-            nonfinite_streak=zero,
-            nonfinite_total=zero,
+            nonfinite_streak=_int32_zero(),
+            nonfinite_total=_int32_zero(),
             last_nonfinite_step=jnp.full((), -1, jnp.int32),
-            skip_step=zero,
+            skip_step=_int32_zero(),
             gave_up=jnp.array(False),
             inner_state=inner.init(params),
         )

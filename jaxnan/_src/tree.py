@@ -171,20 +171,20 @@ def sum_of_squares(x: jax.Array) -> jax.Array:
 def finite_global_norm(leaves: list[jax.Array]) -> jax.Array:
     """L2 norm of the finite elements of `leaves`, robust to overflow.
 
-    Nonfinite elements count as 0. The norm is computed relative to the
-    largest finite magnitude, so finite values whose squares overflow still
-    give a finite norm when the norm itself is representable. This is the
-    slow path (three passes); callers reach it only when the fast one-pass
-    norm is not finite.
+    Nonfinite elements count as 0. When the plain sum of squares of the
+    finite elements is finite, the result is exactly its square root (so it
+    equals the one-pass norm of the same tree with those elements zeroed);
+    otherwise the norm is computed relative to the largest finite magnitude,
+    so finite values whose squares overflow still give a finite norm when the
+    norm itself is representable. This is the slow path; callers reach it
+    only when the fast one-pass norm is not finite.
     """
     if not leaves:
         return jnp.zeros((), jnp.float32)
-    clean = [
-        jnp.where(jnp.isfinite(x), jnp.abs(x), 0).astype(jnp.float32) for x in leaves
-    ]
-    scale = jnp.max(
-        jnp.stack([jnp.max(c) if c.size else jnp.float32(0) for c in clean])
-    )
+    clean = [jnp.where(jnp.isfinite(x), x, jnp.zeros_like(x)) for x in leaves]
+    plain = sum(sum_of_squares(c) for c in clean)
+    mags = [jnp.abs(c).astype(jnp.float32) for c in clean]
+    scale = jnp.max(jnp.stack([jnp.max(m) if m.size else jnp.float32(0) for m in mags]))
     safe = jnp.where(scale > 0, scale, 1.0)
-    total = sum(jnp.sum(jnp.square(c / safe)) for c in clean)
-    return safe * jnp.sqrt(total)
+    scaled = safe * jnp.sqrt(sum(jnp.sum(jnp.square(m / safe)) for m in mags))
+    return jnp.where(jnp.isfinite(plain), jnp.sqrt(plain), scaled).astype(jnp.float32)

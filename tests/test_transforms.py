@@ -1,0 +1,568 @@
+import functools
+import re
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jaxnan
+
+BAD_VALUES = {"nan": jnp.nan, "posinf": jnp.inf, "neginf": -jnp.inf}
+
+
+def make_params():
+    return {
+        "dense": {
+            "kernel": jnp.linspace(-1, 1, 12).reshape(4, 3),
+            "bias": jnp.zeros(3),
+        },
+        "out": jnp.linspace(0.5, 1.5, 3),
+    }
+
+
+def grads_like(params, scale=1.0, seed=0):
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    return jax.tree_util.tree_unflatten(
+        treedef, [scale * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)]
+    )
+
+
+def poison(tree, value, path=("dense", "kernel"), index=(1, 2)):
+    tree = jax.tree_util.tree_map(lambda x: x, tree)
+    node = tree
+    for k in path[:-1]:
+        node = node[k]
+    node[path[-1]] = node[path[-1]].at[index].set(value)
+    return tree
+
+
+@pytest.fixture(params=["eager", "jit"])
+def mode(request):
+    return request.param
+
+
+def maybe_jit(fn, mode):
+    return jax.jit(fn) if mode == "jit" else fn
+
+
+# ----------------------------------------------------------------- zero_nonfinite
+
+
+def test_zero_nonfinite_finite_passthrough_bit_exact(mode):
+    tx = jaxnan.zero_nonfinite()
+    params = make_params()
+    g = grads_like(params)
+    state = tx.init(params)
+    u, state = maybe_jit(tx.update, mode)(g, state)
+    chex.assert_trees_all_equal(u, g)
+    chex.assert_trees_all_equal(
+        state.nonfinite_zeroed_total, jax.tree.map(lambda _: 0, params)
+    )
+
+
+@pytest.mark.parametrize("kind", list(BAD_VALUES))
+def test_zero_nonfinite_each_kind(kind, mode):
+    tx = jaxnan.zero_nonfinite()
+    params = make_params()
+    g = poison(grads_like(params), BAD_VALUES[kind])
+    state = tx.init(params)
+    u, state = maybe_jit(tx.update, mode)(g, state)
+    expected = poison(g, 0.0)
+    chex.assert_trees_all_equal(u, expected)
+    assert int(state.nonfinite_zeroed["dense"]["kernel"]) == 1
+    assert int(state.nonfinite_zeroed["out"]) == 0
+
+
+def test_zero_nonfinite_counts_over_sequence():
+    tx = jaxnan.zero_nonfinite()
+    params = make_params()
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    g = grads_like(params)
+    seq = [
+        g,
+        poison(poison(g, jnp.nan), jnp.inf, ("out",), (0,)),
+        poison(g, -jnp.inf, ("dense", "bias"), (2,)),
+        g,
+    ]
+    last = []
+    for gi in seq:
+        _, state = update(gi, state)
+        last.append(int(sum(jax.tree_util.tree_leaves(state.nonfinite_zeroed))))
+    assert last == [0, 2, 1, 0]
+    assert int(state.nonfinite_zeroed_total["dense"]["kernel"]) == 1
+    assert int(state.nonfinite_zeroed_total["dense"]["bias"]) == 1
+    assert int(state.nonfinite_zeroed_total["out"]) == 1
+
+
+def test_zero_nonfinite_then_optimizer_keeps_moments_finite():
+    tx = optax.chain(jaxnan.zero_nonfinite(), optax.adam(1e-2))
+    params = make_params()
+    state = tx.init(params)
+    u, state = jax.jit(tx.update)(poison(grads_like(params), jnp.inf), state, params)
+    assert bool(jaxnan.all_finite((u, state)))
+
+
+# ----------------------------------------------------------------- skip_nonfinite
+
+
+def test_skip_finite_is_exactly_inner(mode):
+    params = make_params()
+    inner = optax.adamw(1e-2)
+    tx = jaxnan.skip_nonfinite(inner)
+    s_inner, s = inner.init(params), tx.init(params)
+    for i in range(3):
+        g = grads_like(params, seed=i)
+        u_ref, s_inner = maybe_jit(inner.update, mode)(g, s_inner, params)
+        u, s = maybe_jit(functools.partial(tx.update, loss=jnp.float32(1.0)), mode)(
+            g, s, params
+        )
+        chex.assert_trees_all_equal(u, u_ref)
+        chex.assert_trees_all_equal(s.inner_state, s_inner)
+    assert int(s.nonfinite_total) == 0 and int(s.skip_step) == 3
+
+
+@pytest.mark.parametrize("kind", list(BAD_VALUES))
+def test_skip_bad_update_zero_and_state_untouched(kind, mode):
+    params = make_params()
+    tx = jaxnan.skip_nonfinite(optax.adam(1e-2))
+    s0 = tx.init(params)
+    u, s0 = maybe_jit(tx.update, mode)(grads_like(params), s0, params)  # warm moments
+    bad = poison(grads_like(params, seed=1), BAD_VALUES[kind])
+    u, s1 = maybe_jit(tx.update, mode)(bad, s0, params)
+    chex.assert_trees_all_equal(u, jax.tree.map(jnp.zeros_like, params))
+    chex.assert_trees_all_equal(s1.inner_state, s0.inner_state)  # bit for bit
+    assert (int(s1.nonfinite_total), int(s1.nonfinite_streak)) == (1, 1)
+    assert int(s1.last_nonfinite_step) == 1
+    new_params = optax.apply_updates(params, u)
+    chex.assert_trees_all_equal(new_params, params)
+
+
+def test_skip_mixed_leaves():
+    params = make_params()
+    tx = jaxnan.skip_nonfinite(optax.sgd(0.1))
+    g = poison(poison(grads_like(params), jnp.nan), -jnp.inf, ("out",), (1,))
+    u, s = tx.update(g, tx.init(params), params)
+    chex.assert_trees_all_equal(u, jax.tree.map(jnp.zeros_like, params))
+
+
+@pytest.mark.parametrize("loss", [jnp.nan, jnp.inf, -jnp.inf])
+def test_skip_nonfinite_loss_with_finite_grads(loss, mode):
+    params = make_params()
+    tx = jaxnan.skip_nonfinite(optax.adam(1e-2))
+    s0 = tx.init(params)
+    u, s1 = maybe_jit(functools.partial(tx.update, loss=jnp.float32(loss)), mode)(
+        grads_like(params), s0, params
+    )
+    chex.assert_trees_all_equal(u, jax.tree.map(jnp.zeros_like, params))
+    chex.assert_trees_all_equal(s1.inner_state, s0.inner_state)
+    assert int(s1.nonfinite_total) == 1
+
+
+def test_skip_counters_over_sequence_match_inner_on_good_steps():
+    params = make_params()
+    inner = optax.adam(1e-2)
+    tx = jaxnan.skip_nonfinite(inner)
+    update = jax.jit(tx.update)
+    ref_update = jax.jit(inner.update)
+    s, s_ref = tx.init(params), inner.init(params)
+    pattern = ["ok", "bad", "bad", "ok", "bad", "ok", "ok"]
+    streaks, totals, lasts = [], [], []
+    p, p_ref = params, params
+    for i, kind in enumerate(pattern):
+        g = grads_like(params, seed=i)
+        if kind == "bad":
+            g = poison(g, jnp.nan)
+        u, s = update(g, s, p)
+        p = optax.apply_updates(p, u)
+        if kind == "ok":
+            u_ref, s_ref = ref_update(g, s_ref, p_ref)
+            p_ref = optax.apply_updates(p_ref, u_ref)
+        streaks.append(int(s.nonfinite_streak))
+        totals.append(int(s.nonfinite_total))
+        lasts.append(int(s.last_nonfinite_step))
+    assert streaks == [0, 1, 2, 0, 1, 0, 0]
+    assert totals == [0, 1, 2, 2, 3, 3, 3]
+    assert lasts == [-1, 1, 2, 2, 4, 4, 4]
+    chex.assert_trees_all_equal(p, p_ref)
+    chex.assert_trees_all_equal(s.inner_state, s_ref)
+    assert not bool(s.gave_up)
+
+
+def test_max_streak_never_applies_bad_update_and_sets_gave_up():
+    params = make_params()
+    tx = jaxnan.skip_nonfinite(optax.adam(1e-2), max_streak=2)
+    update = jax.jit(tx.update)
+    s = tx.init(params)
+    _, s = update(grads_like(params), s, params)
+    before = s.inner_state
+    flags = []
+    for i in range(4):
+        u, s = update(poison(grads_like(params, seed=i), jnp.nan), s, params)
+        chex.assert_trees_all_equal(u, jax.tree.map(jnp.zeros_like, params))
+        chex.assert_trees_all_equal(s.inner_state, before)
+        flags.append(bool(s.gave_up))
+    assert flags == [False, True, True, True]
+    _, s = update(grads_like(params), s, params)  # recovers; the flag stays set
+    assert bool(s.gave_up) and int(s.nonfinite_streak) == 0
+    assert bool(jaxnan.all_finite(s.inner_state))
+
+
+def test_optax_apply_if_finite_poisons_moments_but_skip_nonfinite_does_not():
+    params = make_params()
+    bad = poison(grads_like(params), jnp.nan)
+    theirs = optax.apply_if_finite(optax.adam(1e-2), max_consecutive_errors=2)
+    ours = jaxnan.skip_nonfinite(optax.adam(1e-2), max_streak=2)
+    st_t, st_o = theirs.init(params), ours.init(params)
+    for _ in range(3):
+        _, st_t = theirs.update(bad, st_t, params)
+        _, st_o = ours.update(bad, st_o, params)
+    assert not bool(jaxnan.all_finite(st_t.inner_state))  # optax: poisoned for good
+    assert bool(jaxnan.all_finite(st_o.inner_state))
+    assert bool(st_o.gave_up)
+
+
+def test_compose_chain_inject_hyperparams():
+    params = make_params()
+    inner = optax.inject_hyperparams(optax.adam)(learning_rate=1e-2)
+    tx = optax.chain(jaxnan.zero_nonfinite(), jaxnan.skip_nonfinite(inner))
+    s = tx.init(params)
+    u, s = jax.jit(tx.update)(grads_like(params), s, params)
+    ref_u, _ = inner.update(grads_like(params), inner.init(params), params)
+    chex.assert_trees_all_close(u, ref_u, rtol=1e-6)  # eager vs fused: ulps
+    # Skip around inject_hyperparams: a NaN loss keeps its count untouched.
+    tx2 = jaxnan.skip_nonfinite(inner)
+    s2 = tx2.init(params)
+    _, s2b = tx2.update(grads_like(params), s2, params, loss=jnp.float32(jnp.nan))
+    chex.assert_trees_all_equal(s2b.inner_state, s2.inner_state)
+    assert float(s2b.inner_state.hyperparams["learning_rate"]) == pytest.approx(1e-2)
+
+
+def test_compose_multisteps_skip_outside():
+    # Recommended: skip around MultiSteps. A NaN micro-batch is skipped and
+    # never enters MultiSteps' accumulator.
+    params = make_params()
+    tx = jaxnan.skip_nonfinite(optax.MultiSteps(optax.sgd(0.1), every_k_schedule=2))
+    s = tx.init(params)
+    update = jax.jit(tx.update)
+    g = grads_like(params)
+    s_before = s
+    u1, s = update(poison(g, jnp.nan), s, params)
+    chex.assert_trees_all_equal(s.inner_state, s_before.inner_state)
+    u2, s = update(g, s, params)
+    u3, s = update(g, s, params)  # second accepted micro-batch: emits the mean
+    chex.assert_trees_all_equal(u2, jax.tree.map(jnp.zeros_like, params))
+    chex.assert_trees_all_close(u3, jax.tree.map(lambda x: -0.1 * x, g))
+    assert int(s.nonfinite_total) == 1
+
+
+def test_compose_multisteps_skip_inside():
+    # Inside MultiSteps the macro step holding a NaN micro-batch is skipped, but
+    # optax resets its accumulator with `(1 - emit) * acc`, and 0 * NaN = NaN:
+    # the accumulator stays poisoned, so every later macro step is skipped too.
+    # This is why the docs recommend skip_nonfinite(MultiSteps(...)).
+    params = make_params()
+    tx = optax.MultiSteps(jaxnan.skip_nonfinite(optax.sgd(0.1)), every_k_schedule=2)
+    s = tx.init(params)
+    update = jax.jit(tx.update)
+    g = grads_like(params)
+    _, s = update(poison(g, jnp.nan), s, params)
+    u2, s = update(g, s, params)
+    chex.assert_trees_all_equal(u2, jax.tree.map(jnp.zeros_like, params))
+    assert int(s.inner_opt_state.nonfinite_total) == 1
+    assert bool(jnp.isnan(s.acc_grads["dense"]["kernel"]).any())
+
+
+def test_flax_train_state():
+    train_state = pytest.importorskip("flax.training.train_state")
+    params = make_params()
+    ts = train_state.TrainState.create(
+        apply_fn=None, params=params, tx=jaxnan.skip_nonfinite(optax.adam(1e-2))
+    )
+    ts2 = jax.jit(lambda t, g: t.apply_gradients(grads=g))(
+        ts, poison(grads_like(params), jnp.inf)
+    )
+    chex.assert_trees_all_equal(ts2.params, ts.params)
+    chex.assert_trees_all_equal(ts2.opt_state.inner_state, ts.opt_state.inner_state)
+    assert int(ts2.step) == 1 and int(ts2.opt_state.nonfinite_total) == 1
+
+
+def _loss(params, batch):
+    h = jnp.tanh(batch @ params["dense"]["kernel"] + params["dense"]["bias"])
+    return jnp.mean((h @ params["out"]) ** 2)
+
+
+def _train_step(tx):
+    def step(params, opt_state, batch):
+        loss, grads = jax.value_and_grad(_loss)(params, batch)
+        updates, opt_state = tx.update(grads, opt_state, params, loss=loss)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return step
+
+
+def test_no_host_transfer_and_donation():
+    params = make_params()
+    tx = jaxnan.skip_nonfinite(
+        optax.chain(jaxnan.clip_by_global_norm(1.0), optax.adamw(1e-2)), max_streak=3
+    )
+    step = jax.jit(_train_step(tx), donate_argnums=(0, 1))
+    ref_step = jax.jit(_train_step(tx))
+    batches = [
+        jnp.ones((2, 4)),
+        jnp.ones((2, 4)).at[0, 0].set(jnp.nan),
+        jnp.ones((2, 4)),
+    ]
+    p, s = make_params(), tx.init(params)
+    p_ref, s_ref = make_params(), tx.init(params)
+    for b in batches:
+        p_ref, s_ref, _ = ref_step(p_ref, s_ref, b)
+    step(make_params(), tx.init(params), batches[0])  # compile outside the guard
+    with jax.transfer_guard("disallow"):
+        for b in batches:
+            p, s, _ = step(p, s, b)
+    chex.assert_trees_all_equal(p, p_ref)
+    chex.assert_trees_all_equal(s, s_ref)
+    assert int(s.nonfinite_total) == 1
+
+
+def test_sharded_jit_one_shard_bad_skips(mesh8):
+    params = {"w": jnp.linspace(-1, 1, 64).reshape(8, 8)}
+    sharding = NamedSharding(mesh8, P("d"))
+    params = jax.device_put(params, sharding)
+    tx = jaxnan.skip_nonfinite(optax.adam(1e-2))
+    s = tx.init(params)
+    g = jax.device_put({"w": jnp.ones((8, 8)).at[5, 3].set(jnp.nan)}, sharding)
+    u, s2 = jax.jit(tx.update)(g, s, params)
+    assert u["w"].sharding.is_equivalent_to(sharding, 2)
+    chex.assert_trees_all_equal(u, jax.tree.map(jnp.zeros_like, params))
+    chex.assert_trees_all_equal(s2.inner_state, s.inner_state)
+
+
+@pytest.mark.parametrize("agree", [True, False])
+def test_shard_map_one_device_bad_all_skip(mesh8, agree):
+    tx = jaxnan.skip_nonfinite(optax.sgd(1.0), axis_name="d" if agree else None)
+    params = {"w": jnp.ones((8, 2))}
+
+    def per_device(w, g):
+        p = {"w": w}
+        s = tx.init(p)
+        u, s = tx.update({"w": g}, s, p)
+        return u["w"], s.nonfinite_total[None]
+
+    f = jax.jit(
+        jax.shard_map(
+            per_device,
+            mesh=mesh8,
+            in_specs=(P("d"), P("d")),
+            out_specs=(P("d"), P("d")),
+        )
+    )
+    g = jnp.ones((8, 2)).at[3, 0].set(jnp.nan)
+    u, totals = f(params["w"], g)
+    if agree:
+        np.testing.assert_array_equal(u, np.zeros((8, 2)))
+        np.testing.assert_array_equal(totals, np.ones(8))
+    else:  # without axis_name only the device that saw the NaN skips
+        np.testing.assert_array_equal(totals, np.eye(8)[3])
+
+
+def test_pmap_one_device_bad_all_skip():
+    tx = jaxnan.skip_nonfinite(optax.sgd(1.0), axis_name="i")
+
+    def per_device(g):
+        p = {"w": jnp.zeros(2)}
+        u, s = tx.update({"w": g}, tx.init(p), p)
+        return u["w"], s.nonfinite_total
+
+    g = jnp.ones((8, 2)).at[6, 1].set(jnp.inf)
+    u, totals = jax.pmap(per_device, axis_name="i")(g)
+    np.testing.assert_array_equal(u, np.zeros((8, 2)))
+    np.testing.assert_array_equal(totals, np.ones(8))
+
+
+@st.composite
+def tree_and_bad(draw):
+    n = draw(st.integers(1, 4))
+    shapes = [tuple(draw(st.lists(st.integers(1, 4), max_size=2))) for _ in range(n)]
+    bad = draw(
+        st.lists(
+            st.tuples(st.integers(0, 50), st.sampled_from(list(BAD_VALUES))), max_size=3
+        )
+    )
+    return shapes, bad
+
+
+@settings(max_examples=25, deadline=None)
+@given(tree_and_bad())
+def test_property_skip_iff_nonfinite(case):
+    shapes, bad = case
+    rng = np.random.default_rng(0)
+    params = {
+        f"p{i}": jnp.asarray(rng.normal(size=s), jnp.float32)
+        for i, s in enumerate(shapes)
+    }
+    grads = {
+        k: np.asarray(rng.normal(size=v.shape), np.float32) for k, v in params.items()
+    }
+    for pos, kind in bad:
+        leaf = grads[f"p{pos % len(shapes)}"].reshape(-1)
+        leaf[pos % leaf.size] = float(BAD_VALUES[kind])
+    grads = {k: jnp.asarray(v) for k, v in grads.items()}
+    tx = jaxnan.skip_nonfinite(optax.adam(1e-3))
+    s0 = tx.init(params)
+    u, s1 = tx.update(grads, s0, params)
+    expect_skip = bool(bad)
+    assert int(s1.nonfinite_total) == int(expect_skip)
+    if expect_skip:
+        chex.assert_trees_all_equal(u, jax.tree.map(jnp.zeros_like, params))
+        chex.assert_trees_all_equal(s1.inner_state, s0.inner_state)
+    else:
+        assert bool(jaxnan.all_finite(u))
+    z = jaxnan.zero_nonfinite()
+    uz, sz = z.update(grads, z.init(params))
+    assert int(sum(jax.tree_util.tree_leaves(sz.nonfinite_zeroed))) == len(
+        {
+            (f"p{p % len(shapes)}", p % max(1, int(np.prod(shapes[p % len(shapes)]))))
+            for p, _ in bad
+        }
+    )
+    assert bool(jaxnan.all_finite(uz))
+
+
+# ----------------------------------------------------------------- clip_by_global_norm
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 100.0])
+def test_clip_finite_bit_exact_to_optax(max_norm, mode):
+    params = make_params()
+    g = grads_like(params, scale=3.0)
+    ours, theirs = (
+        jaxnan.clip_by_global_norm(max_norm),
+        optax.clip_by_global_norm(max_norm),
+    )
+    u, s = maybe_jit(ours.update, mode)(g, ours.init(params))
+    u_ref, _ = maybe_jit(theirs.update, mode)(g, theirs.init(params))
+    chex.assert_trees_all_equal(u, u_ref)
+    assert float(s.global_norm) == pytest.approx(float(optax.tree.norm(g)), rel=1e-6)
+    assert bool(s.clip_input_finite)
+
+
+@pytest.mark.parametrize("kind", list(BAD_VALUES))
+def test_clip_nonfinite_entry_poisons_nothing_else(kind):
+    params = make_params()
+    g = grads_like(params, scale=3.0)
+    bad = poison(g, BAD_VALUES[kind])
+    tx = jaxnan.clip_by_global_norm(1.0)
+    u, s = jax.jit(tx.update)(bad, tx.init(params))
+    # Finite entries: exactly optax's clip of the tree with the bad entry at 0.
+    ref, _ = jax.jit(optax.clip_by_global_norm(1.0).update)(poison(g, 0.0), None)
+    expect = poison(ref, BAD_VALUES[kind])
+    chex.assert_trees_all_equal(u, expect)
+    assert float(s.global_norm) == pytest.approx(float(optax.tree.norm(poison(g, 0.0))))
+    assert not bool(s.clip_input_finite)
+    # optax: every entry of every leaf is lost.
+    theirs, _ = optax.clip_by_global_norm(1.0).update(bad, None)
+    assert not any(
+        bool(jnp.isfinite(x).any()) for x in jax.tree_util.tree_leaves(theirs)
+    )
+
+
+def test_clip_overflowing_squares_and_float16():
+    g = {"a": jnp.array([3e30, 4e30], jnp.float32)}
+    tx = jaxnan.clip_by_global_norm(1.0)
+    u, s = tx.update(g, tx.init(g))
+    np.testing.assert_allclose(np.asarray(u["a"]), [0.6, 0.8], rtol=1e-6)
+    assert bool(s.clip_input_finite)  # exact: all entries were finite
+    h = {"a": jnp.array([300.0, 400.0], jnp.float16)}
+    u, s = tx.update(h, tx.init(h))
+    assert float(s.global_norm) == 500.0
+    np.testing.assert_allclose(np.asarray(u["a"], np.float32), [0.6, 0.8], rtol=1e-3)
+
+
+def _top_level_reductions(fn, *args):
+    jaxpr = jax.make_jaxpr(fn)(*args)
+    return sum(
+        1
+        for e in jaxpr.jaxpr.eqns
+        if e.primitive.name.startswith("reduce_") and e.invars[0].aval.ndim > 0
+    )
+
+
+def test_skip_reuses_leading_clip_norm_no_extra_pass():
+    params = make_params()
+    g = grads_like(params)
+    n_leaves = len(jax.tree_util.tree_leaves(params))
+    plain = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3))
+    guarded = jaxnan.skip_nonfinite(
+        optax.chain(jaxnan.clip_by_global_norm(1.0), optax.adam(1e-3))
+    )
+    skip_only = jaxnan.skip_nonfinite(optax.adam(1e-3))
+    n_plain = _top_level_reductions(plain.update, g, plain.init(params), params)
+    n_guarded = _top_level_reductions(guarded.update, g, guarded.init(params), params)
+    n_skip = _top_level_reductions(skip_only.update, g, skip_only.init(params), params)
+    assert n_plain == n_leaves
+    assert n_guarded == n_plain  # no extra pass over the gradients
+    assert n_skip == n_leaves  # one fused reduction per leaf
+
+
+def test_skip_with_leading_clip_skips_on_nonfinite_only():
+    params = make_params()
+    tx = jaxnan.skip_nonfinite(
+        optax.chain(jaxnan.clip_by_global_norm(1.0), optax.adam(1e-2))
+    )
+    s0 = tx.init(params)
+    u, s1 = jax.jit(tx.update)(poison(grads_like(params), jnp.nan), s0, params)
+    chex.assert_trees_all_equal(s1.inner_state, s0.inner_state)
+    assert int(s1.nonfinite_total) == 1
+    huge = jax.tree.map(lambda x: x * 1e25, grads_like(params))  # squares overflow
+    u, s2 = jax.jit(tx.update)(huge, s0, params)
+    assert int(s2.nonfinite_total) == 0 and bool(jaxnan.all_finite(u))
+
+
+# ----------------------------------------------------------------- bad input
+
+
+def test_errors_name_the_argument():
+    params = make_params()
+    tx = jaxnan.skip_nonfinite(optax.adam(1e-2))
+    with pytest.raises(ValueError, match=re.escape("empty params tree")):
+        tx.init({})
+    with pytest.raises(ValueError, match=re.escape("updates=None")):
+        tx.update(None, tx.init(params), params)
+    with pytest.raises(ValueError, match=re.escape("found None at updates['out']")):
+        tx.update({**grads_like(params), "out": None}, tx.init(params), params)
+    with pytest.raises(ValueError, match=re.escape("different tree structures")):
+        tx.update({"dense": grads_like(params)["dense"]}, tx.init(params), params)
+    with pytest.raises(TypeError, match=re.escape("expected SkipNonfiniteState")):
+        tx.update(grads_like(params), optax.adam(1e-2).init(params), params)
+    with pytest.raises(TypeError, match=re.escape("updates['out'] with dtype int32")):
+        tx.update({**grads_like(params), "out": jnp.arange(3)}, tx.init(params), params)
+    with pytest.raises(
+        ValueError, match=re.escape("max_streak must be a positive int")
+    ):
+        jaxnan.skip_nonfinite(optax.adam(1e-2), max_streak=0)
+    with pytest.raises(TypeError, match=re.escape("inner must be an optax")):
+        jaxnan.skip_nonfinite(lambda g: g)
+    with pytest.raises(
+        ValueError, match=re.escape("max_norm must be positive, got -1")
+    ):
+        jaxnan.clip_by_global_norm(-1.0)
+    z = jaxnan.zero_nonfinite()
+    with pytest.raises(TypeError, match=re.escape("expected ZeroNonfiniteState")):
+        z.update(grads_like(params), tx.init(params))
+    with pytest.raises(
+        ValueError, match=re.escape("updates and params have different")
+    ):
+        z.update({"out": jnp.ones(3)}, z.init(params))
+    c = jaxnan.clip_by_global_norm(1.0)
+    with pytest.raises(TypeError, match=re.escape("expected ClipByGlobalNormState")):
+        c.update(grads_like(params), z.init(params))

@@ -1,0 +1,132 @@
+import re
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import jaxnan
+from jaxnan._src import tree
+
+BAD = {"nan": jnp.nan, "posinf": jnp.inf, "neginf": -jnp.inf}
+
+
+def _tree(dtype=jnp.float32):
+    return {
+        "a": jnp.arange(6, dtype=dtype).reshape(2, 3),
+        "b": [jnp.ones(4, dtype), jnp.int32(3)],
+        "c": jnp.array([True, False]),
+    }
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32])
+def test_all_finite_true_and_each_kind_of_bad(dtype):
+    t = _tree(dtype)
+    assert bool(jaxnan.all_finite(t))
+    for value in BAD.values():
+        bad = jax.tree_util.tree_map(lambda x: x, t)
+        bad["b"][0] = bad["b"][0].at[2].set(value)
+        assert not bool(jaxnan.all_finite(bad))
+        assert not bool(jax.jit(jaxnan.all_finite)(bad))
+
+
+def test_all_finite_ignores_integer_and_bool_leaves_and_empty():
+    assert bool(jaxnan.all_finite({"i": jnp.int32(-1), "b": jnp.bool_(True)}))
+    assert bool(jaxnan.all_finite({}))
+    assert jaxnan.all_finite({}).dtype == jnp.bool_
+
+
+def test_all_finite_large_array_nan_not_hidden_by_max():
+    # jnp.max ignores NaN on CPU for >= 4096 elements; all_finite must not.
+    x = jnp.ones(1 << 16).at[1].set(jnp.nan)
+    assert not bool(jax.jit(jaxnan.all_finite)(x))
+
+
+def test_complex_both_parts():
+    z = jnp.array([1 + 1j, 2 + 0j], jnp.complex64)
+    assert bool(jaxnan.all_finite(z))
+    assert not bool(jaxnan.all_finite(z.at[1].set(complex(1.0, np.inf))))
+    assert not bool(jaxnan.all_finite(z.at[0].set(complex(np.nan, 0.0))))
+    c = jaxnan.nonfinite_counts(
+        jnp.array([complex(np.nan, np.inf), complex(1, np.inf), complex(-np.inf, 0)])
+    )
+    assert (int(c.nan), int(c.posinf), int(c.neginf)) == (1, 1, 1)
+
+
+def test_nonfinite_counts_exact():
+    x = jnp.array([0.0, jnp.nan, jnp.nan, jnp.inf, -jnp.inf, -jnp.inf, -jnp.inf])
+    c = jax.jit(jaxnan.nonfinite_counts)({"x": x, "i": jnp.arange(3)})
+    assert (int(c["x"].nan), int(c["x"].posinf), int(c["x"].neginf)) == (2, 1, 3)
+    assert (int(c["i"].nan), int(c["i"].posinf), int(c["i"].neginf)) == (0, 0, 0)
+    assert c["x"].nan.dtype == jnp.int32
+
+
+def test_vmap_and_scan_and_grad():
+    xs = jnp.ones((4, 3)).at[2, 1].set(jnp.nan)
+    flags = jax.vmap(jaxnan.all_finite)(xs)
+    np.testing.assert_array_equal(flags, [True, True, False, True])
+    counts = jax.vmap(jaxnan.nonfinite_counts)(xs)
+    np.testing.assert_array_equal(counts.nan, [0, 0, 1, 0])
+
+    def body(carry, x):
+        return carry + (~jaxnan.all_finite(x)).astype(jnp.int32), None
+
+    n, _ = jax.lax.scan(body, jnp.int32(0), xs)
+    assert int(n) == 1
+    # The check has a zero gradient and does not break differentiation.
+    g = jax.grad(lambda x: jnp.sum(x**2) + jaxnan.all_finite(x).astype(jnp.float32))(
+        jnp.ones(3)
+    )
+    chex.assert_trees_all_equal(g, 2 * jnp.ones(3))
+
+
+def test_no_host_transfer():
+    x = {"w": jnp.ones((8, 8)), "b": jnp.zeros(8)}
+    f = jax.jit(lambda t: (jaxnan.all_finite(t), jaxnan.nonfinite_counts(t)))
+    f(x)
+    with jax.transfer_guard("disallow"):
+        f(x)
+
+
+def test_one_pass_in_hlo():
+    # The finiteness flag is one fused reduction that reads the array once: no
+    # intermediate array of the input's shape is materialized.
+    x = jnp.ones((512, 512))
+    hlo = jax.jit(jaxnan.all_finite).lower(x).compile().as_text()
+    entry = hlo[hlo.index("ENTRY") :].splitlines()
+    big = [ln for ln in entry if re.search(r"\[512,512\]", ln.split("(")[0])]
+    assert [ln for ln in big if "parameter(" not in ln] == []
+
+
+def test_finite_global_norm_overflow_safe():
+    big = jnp.array([3e30, 4e30, jnp.nan], jnp.float32)
+    n = tree.finite_global_norm([big])
+    np.testing.assert_allclose(float(n), 5e30, rtol=1e-6)
+    assert float(tree.finite_global_norm([jnp.array([jnp.nan])])) == 0.0
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    shapes=st.lists(st.integers(1, 7), min_size=1, max_size=4),
+    bad=st.lists(
+        st.tuples(st.integers(0, 100), st.sampled_from(["nan", "posinf", "neginf"])),
+        max_size=5,
+    ),
+)
+def test_property_counts_match_numpy(shapes, bad):
+    leaves = [np.linspace(-3, 3, n).astype(np.float32) for n in shapes]
+    for pos, kind in bad:
+        leaf = leaves[pos % len(leaves)]
+        leaf[pos % leaf.size] = float(BAD[kind])
+    t = {f"l{i}": jnp.asarray(v) for i, v in enumerate(leaves)}
+    flag = bool(jaxnan.all_finite(t))
+    assert flag == all(np.isfinite(v).all() for v in leaves)
+    counts = jaxnan.nonfinite_counts(t)
+    for i, v in enumerate(leaves):
+        c = counts[f"l{i}"]
+        assert int(c.nan) == int(np.isnan(v).sum())
+        assert int(c.posinf) == int(np.isposinf(v).sum())
+        assert int(c.neginf) == int(np.isneginf(v).sum())
