@@ -1,6 +1,6 @@
 """Step-time, compile-time and memory-pass overhead of the guard transforms.
 
-Usage: python benchmarks/overhead.py [--rounds 30] [--steps 5] [--models mlp,transformer]
+Usage: python benchmarks/overhead.py [--rounds 30] [--steps 5] [--models mlp]
 
 Every variant is the same jitted train step (value_and_grad + adamw +
 apply_updates) with one guard added. Variants run interleaved in one process:
