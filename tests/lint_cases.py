@@ -268,3 +268,27 @@ def good_log_maximum(x):
 
 def good_log_input(x):
     return jnp.sum(jnp.log(x))
+
+
+# The safe near-miss versions of each rule (each must produce no finding).
+NEAR_MISS = {
+    "where-nan-grad": [
+        good_double_where_sqrt,
+        good_double_where_div,
+        good_where_positive_branch,
+    ],
+    "sqrt-zero-grad": [good_safe_norm, good_norm_eps, good_norm_stop_gradient],
+    "log-softmax": [good_log_softmax, good_optax_ce],
+    "log-sigmoid": [good_log_sigmoid, good_sigmoid_bce],
+    "hand-written-cross-entropy": [good_optax_ce, good_log_softmax],
+    "masked-softmax-all-masked": [
+        good_masked_softmax_finite,
+        good_causal_tril,
+        good_causal_arange,
+    ],
+    "div-no-epsilon": [good_div_norm_eps, good_div_mask_max, good_layer_norm],
+    "epsilon-underflow": [good_eps_f16, good_eps_f32],
+    "low-precision-overflow": [good_exp_f32, good_softmax_f16, good_tanh_squares_f16],
+    "low-precision-cast": [good_mask_after_cast, good_small_mask_cast],
+    "log-not-positive": [good_log_softplus, good_log_maximum, good_log_input],
+}

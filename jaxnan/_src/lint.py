@@ -108,7 +108,10 @@ class _Val:
 
     @property
     def dtype(self):
-        return np.dtype(getattr(self.aval, "dtype", np.float32))
+        try:
+            return np.dtype(getattr(self.aval, "dtype", np.float32))
+        except TypeError:  # PRNG key arrays and other extended dtypes
+            return np.dtype(object)
 
     @property
     def is_float(self) -> bool:
@@ -576,7 +579,8 @@ def _chain(v: _Val, depth: int, through: Callable[[_Node], bool]):
         seen.add(id(nd))
         out.append(nd)
         if through(nd):
-            for y in nd.ins:
+            ins = nd.ins[:1] if nd.prim in _PASS else nd.ins  # not the indices
+            for y in ins:
                 stack.append((y, d + 1))
     return out
 
@@ -1347,3 +1351,42 @@ def lint(fn: Callable[..., Any], *args: Any, argnums: int | Sequence[int] = 0):
         unique.append(f)
     order = {"error": 0, "warning": 1, "info": 2}
     return sorted(unique, key=lambda f: order[f.severity])
+
+
+def cli(target: str, *, argnums: Sequence[int] = (0,), out=None) -> int:
+    """Runs `lint` on ``module:factory`` and prints the findings.
+
+    Args:
+        target: ``module:factory``; ``factory()`` returns ``(fn, args)``.
+        argnums: the differentiated argument indices.
+        out: a text stream (default: sys.stdout).
+
+    Returns:
+        The exit status: 1 when an error-severity finding exists, 0 otherwise.
+
+    Raises:
+        ValueError: if `target` is not of the form ``module:factory``.
+    """
+    import importlib
+
+    out = sys.stdout if out is None else out
+    mod_name, sep, attr = target.partition(":")
+    if not sep or not mod_name or not attr:
+        raise ValueError(
+            f"jaxnan: lint target={target!r} must be 'module:factory', e.g. "
+            "'mypkg.train:make_loss' where make_loss() returns (fn, args)."
+        )
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    factory = getattr(importlib.import_module(mod_name), attr)
+    fn, args = factory()
+    nums = argnums[0] if len(argnums) == 1 else tuple(argnums)
+    findings = lint(fn, *args, argnums=nums)
+    for f in findings:
+        print(str(f), file=out)
+    n_err = sum(f.severity == "error" for f in findings)
+    print(
+        f"jaxnan lint: {len(findings)} finding(s), {n_err} error(s) in {target}",
+        file=out,
+    )
+    return 1 if n_err else 0
