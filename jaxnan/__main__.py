@@ -1,4 +1,4 @@
-"""Command line: ``python -m jaxnan demo`` and ``python -m jaxnan lint module:factory``."""
+"""Command line: ``python -m jaxnan demo``, ``python -m jaxnan lint mod:factory``."""
 
 from __future__ import annotations
 

@@ -89,7 +89,8 @@ def bad_log_one_minus_sigmoid(x):
 
 def bad_cross_entropy(x):
     y = jax.nn.one_hot(jnp.arange(x.shape[0]) % x.shape[-1], x.shape[-1])
-    return -jnp.sum(y * jnp.log(jax.nn.softmax(x)))  # expect: hand-written-cross-entropy
+    lp = jnp.log(jax.nn.softmax(x))  # expect: hand-written-cross-entropy
+    return -jnp.sum(y * lp)
 
 
 def bad_cross_entropy_mean(x):
@@ -118,11 +119,14 @@ def good_sigmoid_bce(x):
 
 # --- masked-softmax-all-masked ----------------------------------------------
 def bad_masked_softmax(x, mask):
-    return jnp.sum(jax.nn.softmax(jnp.where(mask, x, -jnp.inf)) * x)  # expect: masked-softmax-all-masked
+    z = jnp.where(mask, x, -jnp.inf)
+    p = jax.nn.softmax(z)  # expect: masked-softmax-all-masked
+    return jnp.sum(p * x)
 
 
 def bad_masked_logsumexp(x, mask):
-    return jax.nn.logsumexp(jnp.where(mask, x, -jnp.inf))  # expect: masked-softmax-all-masked
+    z = jnp.where(mask, x, -jnp.inf)
+    return jax.nn.logsumexp(z)  # expect: masked-softmax-all-masked
 
 
 def bad_additive_mask(x, mask):
@@ -175,13 +179,15 @@ def good_layer_norm(x):
 
 def bad_eps_f16(x):
     h = x.astype(f16)
-    return jnp.sum(h / (jnp.sum(h) + 1e-8)).astype(jnp.float32)  # expect: epsilon-underflow
+    r = h / (jnp.sum(h) + 1e-8)  # expect: epsilon-underflow
+    return jnp.sum(r).astype(jnp.float32)
 
 
 def bad_eps_f16_var(x):
     h = x.astype(f16)
     v = jnp.mean(jnp.square(h - h.mean()))  # expect: low-precision-overflow
-    return jnp.sum((h - h.mean()) / (v + 1e-7)).astype(jnp.float32)  # expect: epsilon-underflow
+    r = (h - h.mean()) / (v + 1e-7)  # expect: epsilon-underflow
+    return jnp.sum(r).astype(jnp.float32)
 
 
 def good_eps_f16(x):
@@ -195,7 +201,8 @@ def good_eps_f32(x):
 
 # --- low-precision-overflow -------------------------------------------------
 def bad_exp_f16(x):
-    return jnp.sum(jnp.exp(x.astype(f16))).astype(jnp.float32)  # expect: low-precision-overflow
+    e = jnp.exp(x.astype(f16))  # expect: low-precision-overflow
+    return jnp.sum(e).astype(jnp.float32)
 
 
 def bad_sum_squares_f16(x):

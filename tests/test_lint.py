@@ -229,7 +229,9 @@ def test_errors_sorted_first():
 
 
 def test_bad_arguments():
-    with pytest.raises(TypeError, match=re.escape("jaxnan: lint(fn=...) must be callable")):
+    with pytest.raises(
+        TypeError, match=re.escape("jaxnan: lint(fn=...) must be callable")
+    ):
         jaxnan.lint(3.0, X)
     with pytest.raises(
         ValueError, match=re.escape("jaxnan: lint(argnums=2) is out of range for 1")

@@ -182,10 +182,17 @@ def _fold(prim, params, ins, out_avals):
             elif prim == "broadcast_in_dim":
                 v = vals[0]
                 dims = params["broadcast_dimensions"]
-                expanded = np.reshape(
-                    v, [v.shape[dims.index(d)] if d in dims else 1
-                        for d in range(len(shape))]
-                ) if v.ndim else v
+                expanded = (
+                    np.reshape(
+                        v,
+                        [
+                            v.shape[dims.index(d)] if d in dims else 1
+                            for d in range(len(shape))
+                        ],
+                    )
+                    if v.ndim
+                    else v
+                )
                 out = np.broadcast_to(expanded, shape)
             elif prim in ("reshape", "squeeze", "expand_dims"):
                 out = np.reshape(vals[0], shape)
@@ -269,7 +276,9 @@ class _Graph:
             for x, v in zip(ins[nc + ncar :], body.jaxpr.invars[nc + ncar :]):
                 inner.append(self.node("scan_slice", {}, [x], eqn, [v.aval]).outs[0])
             outs = self.inline(body.jaxpr, body.consts, inner)
-            return [self.node("loop_out", {}, outs, eqn, [a]).outs[0] for a in out_avals]
+            return [
+                self.node("loop_out", {}, outs, eqn, [a]).outs[0] for a in out_avals
+            ]
         if name == "while":
             cj, bj = params["cond_jaxpr"], params["body_jaxpr"]
             cn, bn = params["cond_nconsts"], params["body_nconsts"]
@@ -279,7 +288,9 @@ class _Graph:
             ]
             self.inline(cj.jaxpr, cj.consts, list(ins[:cn]) + carries)
             outs = self.inline(bj.jaxpr, bj.consts, list(ins[cn : cn + bn]) + carries)
-            return [self.node("loop_out", {}, outs, eqn, [a]).outs[0] for a in out_avals]
+            return [
+                self.node("loop_out", {}, outs, eqn, [a]).outs[0] for a in out_avals
+            ]
         for key in _CALL_PARAMS:
             sub = params.get(key)
             if sub is None:
@@ -530,8 +541,11 @@ class _Analysis:
             return base
         taken_if_true = i == 1
         # the comparison restricted to where this case is taken
-        op = prim if taken_if_true else {"gt": "le", "le": "gt", "ge": "lt", "lt": "ge",
-                                         "ne": "eq"}[prim]
+        op = (
+            prim
+            if taken_if_true
+            else {"gt": "le", "le": "gt", "ge": "lt", "lt": "ge", "ne": "eq"}[prim]
+        )
         if op == "gt" and k >= 0:
             return POS
         if op == "ge" and k > 0:
@@ -766,8 +780,11 @@ def _has_guard_below(v: _Val) -> bool:
     for nd in _chain(
         v,
         8,
-        lambda n: n.prim
-        in _PASS | {"reduce_sum", "mul", "square", "integer_pow", "convert_element_type"},
+        lambda n: (
+            n.prim
+            in _PASS
+            | {"reduce_sum", "mul", "square", "integer_pow", "convert_element_type"}
+        ),
     ):
         if nd.prim == "select_n":
             return True
@@ -791,8 +808,10 @@ def _sqrt_zero_grad(ctx: _Ctx):
         if an.sign(x) != NONNEG or _has_guard_below(x):
             continue
         kind = _sq_kind(an, x) or "a value that can be 0"
-        what = {"variance": "a variance (jnp.std)", "sum of squares": "a sum of squares "
-                "(jnp.linalg.norm)"}.get(kind, kind)
+        what = {
+            "variance": "a variance (jnp.std)",
+            "sum of squares": "a sum of squares (jnp.linalg.norm)",
+        }.get(kind, kind)
         ctx.claimed.add(id(nd))
         yield (
             "sqrt-zero-grad",
@@ -863,9 +882,11 @@ def _log_softmax_sigmoid(ctx: _Ctx):
         if _softmax_parts(x):
             ctx.claimed.add(id(nd))
             mul = _flows_to(cons, nd.outs[0], {"mul", "dot_general"}, 3)
-            if mul is not None and _flows_to(
-                cons, mul.outs[0], {"reduce_sum", "dot_general"}, 3
-            ) or (mul is not None and mul.prim == "dot_general"):
+            if (
+                mul is not None
+                and _flows_to(cons, mul.outs[0], {"reduce_sum", "dot_general"}, 3)
+                or (mul is not None and mul.prim == "dot_general")
+            ):
                 yield (
                     "hand-written-cross-entropy",
                     nd,
@@ -945,7 +966,11 @@ def _keeps_diagonal(p: _Val, depth: int = 0) -> bool:
     p = _strip(p)
     if p.const is not None:
         arr = np.asarray(p.const, bool)
-        return bool(arr.size) and bool(np.all(arr.reshape(-1, arr.shape[-1]).any(-1))) if arr.ndim else bool(arr)
+        return (
+            bool(arr.size) and bool(np.all(arr.reshape(-1, arr.shape[-1]).any(-1)))
+            if arr.ndim
+            else bool(arr)
+        )
     nd = p.node
     if nd is None or depth > 8:
         return False
@@ -1109,8 +1134,10 @@ def _bounded_above(v: _Val) -> bool:
     if nd.prim in ("tanh", "logistic", "sin", "cos", "clamp", "min"):
         return True
     if nd.prim == "mul":
-        return any(_strip(x).const is not None and _bounded_above(y)
-                   for x, y in (nd.ins, nd.ins[::-1]))
+        return any(
+            _strip(x).const is not None and _bounded_above(y)
+            for x, y in (nd.ins, nd.ins[::-1])
+        )
     return False
 
 
@@ -1130,9 +1157,11 @@ def _low_precision_overflow(ctx: _Ctx):
         yield _lp_finding(nd, what)
     cons = _consumers(ctx.g)
     for nd in ctx.g.nodes:
-        sq = nd.prim in ("square",) or (
-            nd.prim == "integer_pow" and nd.params["y"] == 2
-        ) or (nd.prim == "mul" and nd.ins[0] is nd.ins[1])
+        sq = (
+            nd.prim in ("square",)
+            or (nd.prim == "integer_pow" and nd.params["y"] == 2)
+            or (nd.prim == "mul" and nd.ins[0] is nd.ins[1])
+        )
         if not sq or nd.outs[0].dtype not in _LOW or _bounded_above(nd.ins[0]):
             continue
         if _flows_to(cons, nd.outs[0], {"reduce_sum"}, 3) is not None:
@@ -1151,8 +1180,7 @@ def _lp_finding(nd: _Node, what: str):
     return (
         "low-precision-overflow",
         nd,
-        f"jaxnan: {what} of unbounded values in bfloat16 keeps only 8 bits of "
-        "mantissa",
+        f"jaxnan: {what} of unbounded values in bfloat16 keeps only 8 bits of mantissa",
         "info",
     )
 
@@ -1302,7 +1330,8 @@ def lint(fn: Callable[..., Any], *args: Any, argnums: int | Sequence[int] = 0):
         >>> [f.rule for f in jaxnan.lint(loss, jnp.ones(3))]
         ['where-nan-grad']
         >>> def safe(x):
-        ...     return jnp.sum(jnp.where(x > 0, jnp.sqrt(jnp.where(x > 0, x, 1.0)), 0.0))
+        ...     inner = jnp.where(x > 0, x, 1.0)
+        ...     return jnp.sum(jnp.where(x > 0, jnp.sqrt(inner), 0.0))
         >>> jaxnan.lint(safe, jnp.ones(3))
         []
 
@@ -1335,8 +1364,9 @@ def lint(fn: Callable[..., Any], *args: Any, argnums: int | Sequence[int] = 0):
         and (np.issubdtype(outs[0].dtype, np.floating) or outs[0].dtype in _LOW)
     ):
         try:
-            gg, _ = _build(jax.grad(fn, argnums=nums if len(nums) > 1 else nums[0]),
-                           args)
+            gg, _ = _build(
+                jax.grad(fn, argnums=nums if len(nums) > 1 else nums[0]), args
+            )
         except (TypeError, ValueError):  # integer inputs, non-differentiable fn
             gg = None
         if gg is not None:

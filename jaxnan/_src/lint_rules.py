@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import types
+from collections.abc import Iterator, Mapping
 
 from jax.extend import source_info_util
 
@@ -148,6 +149,43 @@ _RULES = (
     ),
 )
 
-LINT_RULES: types.MappingProxyType[str, LintRule] = types.MappingProxyType(
-    {r.rule: r for r in _RULES}
-)
+
+class LintRuleTable(Mapping[str, LintRule]):
+    """The rules of `jaxnan.lint`, read-only, keyed by rule id.
+
+    Each value is a `jaxnan.LintRule` with its severity, a fix snippet and a
+    bad and a good example.
+
+    Examples:
+        >>> import jaxnan
+        >>> for rule in jaxnan.LINT_RULES.values():
+        ...     print(f"{rule.rule:27s} {rule.severity}")
+        where-nan-grad              error
+        sqrt-zero-grad              error
+        log-softmax                 warning
+        log-sigmoid                 warning
+        hand-written-cross-entropy  warning
+        masked-softmax-all-masked   error
+        div-no-epsilon              warning
+        epsilon-underflow           error
+        low-precision-overflow      warning
+        low-precision-cast          error
+        log-not-positive            warning
+
+    .. versionadded:: 0.1.0
+    """
+
+    def __init__(self, rules: tuple[LintRule, ...]):
+        self._rules = types.MappingProxyType({r.rule: r for r in rules})
+
+    def __getitem__(self, key: str) -> LintRule:
+        return self._rules[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._rules)
+
+    def __len__(self) -> int:
+        return len(self._rules)
+
+
+LINT_RULES = LintRuleTable(_RULES)

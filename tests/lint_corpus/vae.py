@@ -1,4 +1,4 @@
-"""A small VAE (Flax linen) with the reparameterisation trick and a Bernoulli decoder."""
+"""A small VAE (Flax linen): reparameterisation trick, Bernoulli decoder."""
 
 import flax.linen as nn
 import jax
@@ -23,7 +23,9 @@ class VAE(nn.Module):
 def factory():
     model = VAE()
     x = jnp.full((4, 16), 0.5)
-    params = model.init(jax.random.key(0), x, jax.random.key(1))["params"]
+    params = jax.eval_shape(model.init, jax.random.key(0), x, jax.random.key(1))[
+        "params"
+    ]  # abstract parameters: lint only traces
 
     def loss(params, x, key):
         logits, mean, logvar = model.apply({"params": params}, x, key)
