@@ -323,3 +323,33 @@ def test_cli_subprocess():
     )
     assert r.returncode == 1, r.stderr
     assert "[where-nan-grad]" in r.stdout and "[log-softmax]" in r.stdout
+
+
+def test_train_step_with_optimizer_is_clean():
+    """A whole step (grad, clip, adamw, apply) is clean; its loss is still linted."""
+    import optax
+
+    loss, (params, x, y) = _corpus("mlp_eqx")
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))
+    opt_state = jax.eval_shape(tx.init, params)
+
+    def step(params, opt_state, x, y):
+        value, grads = jax.value_and_grad(loss)(params, x, y)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, value
+
+    assert jaxnan.lint(step, params, opt_state, x, y) == []
+
+    def bad_step(params, opt_state, x, y):
+        def bad_loss(p, x, y):
+            return loss(p, x, y) + jnp.linalg.norm(p.mlp.layers[0].weight)  # step
+
+        value, grads = jax.value_and_grad(bad_loss)(params, x, y)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, value
+
+    rules = {
+        (f.rule, f.code.endswith("# step"))
+        for f in jaxnan.lint(bad_step, params, opt_state, x, y)
+    }
+    assert ("sqrt-zero-grad", True) in rules

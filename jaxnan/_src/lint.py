@@ -391,9 +391,17 @@ class _Analysis:
                 for o in nd.outs:
                     if o.is_float:
                         self.tainted.add(id(o))
-        for o in g.outputs:
-            if o.is_float:
-                self.relevant.add(id(o))
+        # The loss: scalar float outputs (a train step also returns its loss);
+        # with none, every float output (a model whose output gets differentiated).
+        floats = [o for o in g.outputs if o.is_float]
+        scalars = [o for o in floats if getattr(o.aval, "shape", None) == ()]
+        for o in scalars or floats:
+            self.relevant.add(id(o))
+        # Arguments that are not differentiated (data, optimizer state) are
+        # assumed to be in their domain (nonnegative); parameters are not.
+        self.assumed = {
+            id(x) for i, x in enumerate(g.inputs) if i not in set(diff_inputs)
+        }
         for nd in reversed(g.nodes):
             if nd.prim == "stop_gradient":
                 continue
@@ -423,6 +431,8 @@ class _Analysis:
         if v.const is not None:
             return _const_sign(v.const) or POS
         nd = v.node
+        if nd is None and id(v) in self.assumed:
+            return NONNEG
         if nd is None or depth > 200:
             return ANY
         p, ins = nd.prim, nd.ins
@@ -478,6 +488,13 @@ class _Analysis:
                 return POS
             if a in (POS, NONNEG) and b in (POS, NONNEG):
                 return NONNEG
+            return ANY
+        if p == "sub":  # 1 - decay**count (optax's bias correction), count >= 1
+            k, bn = _scalar_const(ins[0]), _strip(ins[1]).node
+            if k is not None and k >= 1 and bn is not None and bn.prim == "pow":
+                base = _scalar_const(bn.ins[0])
+                if base is not None and 0 < base < 1:
+                    return POS
             return ANY
         if p == "max":
             a, b = s(0), s(1)
@@ -857,7 +874,9 @@ def _consumers(g: _Graph) -> dict[int, list[_Node]]:
     return cons
 
 
-def _flows_to(cons, v: _Val, prims: set[str], depth: int) -> _Node | None:
+def _flows_to(
+    cons, v: _Val, prims: set[str], depth: int, through: frozenset | set = frozenset()
+) -> _Node | None:
     stack = [(v, 0)]
     seen = set()
     while stack:
@@ -868,7 +887,7 @@ def _flows_to(cons, v: _Val, prims: set[str], depth: int) -> _Node | None:
             seen.add(id(nd))
             if nd.prim in prims:
                 return nd
-            if nd.prim in _PASS | {"convert_element_type", "neg"}:
+            if nd.prim in _PASS | {"convert_element_type", "neg"} | set(through):
                 stack.extend((o, d + 1) for o in nd.outs)
     return None
 
@@ -1076,8 +1095,17 @@ def _eps_check(d: _Val):
     return None
 
 
+def _guarded_by_select(cons, nd: _Node, d: _Val) -> bool:
+    """True when `nd`'s output only feeds a select whose predicate tests `d`."""
+    sel = _flows_to(cons, nd.outs[0], {"select_n"}, 4, through={"mul", "div"})
+    if sel is None:
+        return False
+    return bool(_ancestors(sel.ins[0], 100) & _ancestors(d, 100))
+
+
 def _division(ctx: _Ctx):
     an = ctx.an
+    cons = _consumers(ctx.g)
     for nd in ctx.g.nodes:
         if id(nd) in ctx.claimed:
             continue
@@ -1108,6 +1136,8 @@ def _division(ctx: _Ctx):
         kind = _denominator_kind(an, d)
         if kind is None or an.sign(d) in (POS, NONZERO) or _has_guard_below(d):
             continue
+        if _guarded_by_select(cons, nd, d):
+            continue  # jnp.where(norm < c, g, g / norm * c), as in clipping
         ctx.claimed.add(id(nd))
         yield (
             "div-no-epsilon",
