@@ -3,6 +3,10 @@
 from jaxnan._src.base import ArrayTree as ArrayTree
 from jaxnan._src.checks import Report as Report
 from jaxnan._src.checks import check as check
+from jaxnan._src.lint import Finding as Finding
+from jaxnan._src.lint import lint as lint
+from jaxnan._src.lint_rules import LINT_RULES as LINT_RULES
+from jaxnan._src.lint_rules import LintRule as LintRule
 from jaxnan._src.report import NonFiniteError as NonFiniteError
 from jaxnan._src.transforms import ClipByGlobalNormState as ClipByGlobalNormState
 from jaxnan._src.transforms import SkipNonfiniteState as SkipNonfiniteState
@@ -19,6 +23,9 @@ __version__ = "0.1.0"
 __all__ = (
     "ArrayTree",
     "ClipByGlobalNormState",
+    "Finding",
+    "LINT_RULES",
+    "LintRule",
     "NonFiniteError",
     "NonfiniteCounts",
     "Report",
@@ -27,6 +34,7 @@ __all__ = (
     "all_finite",
     "check",
     "clip_by_global_norm",
+    "lint",
     "nonfinite_counts",
     "skip_nonfinite",
     "zero_nonfinite",

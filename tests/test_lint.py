@@ -1,0 +1,355 @@
+import functools
+import importlib
+import inspect
+import io
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxnan
+from jaxnan.__main__ import main
+from jaxnan._src import lint as lint_mod
+from tests import lint_cases as C
+
+X = jnp.linspace(0.1, 1.0, 32).reshape(8, 4)
+MASK = jnp.ones((8, 4), bool)
+CASES_FILE = os.path.abspath(C.__file__)
+
+
+def _args(fn):
+    n = len(inspect.signature(fn).parameters)
+    return (X, MASK)[:n]
+
+
+def _expected(fn, marker="expect"):
+    src, start = inspect.getsourcelines(fn)
+    out = set()
+    for i, line in enumerate(src):
+        m = re.search(rf"# {marker}: (.*)$", line)
+        if m:
+            for rule in m.group(1).split(","):
+                out.add((rule.strip(), start + i))
+    return out
+
+
+BAD = [f for n, f in vars(C).items() if n.startswith("bad_")]
+GOOD = [f for n, f in vars(C).items() if n.startswith("good_")]
+
+
+@pytest.mark.parametrize("fn", BAD, ids=lambda f: f.__name__)
+def test_positive_case_points_at_line(fn):
+    findings = jaxnan.lint(fn, *_args(fn))
+    expected = _expected(fn)
+    assert expected, "a bad case needs an '# expect:' marker"
+    assert {(f.rule, f.line) for f in findings} == expected
+    for f in findings:
+        rule = jaxnan.LINT_RULES[f.rule]
+        assert os.path.abspath(f.file) == CASES_FILE
+        assert f.code == open(CASES_FILE).read().splitlines()[f.line - 1].strip()
+        assert f.message.startswith("jaxnan: ")
+        assert f.fix == rule.fix
+        if f.rule != "low-precision-overflow":
+            assert f.severity == rule.severity
+
+
+@pytest.mark.parametrize("fn", GOOD, ids=lambda f: f.__name__)
+def test_near_miss_has_no_finding(fn):
+    assert jaxnan.lint(fn, *_args(fn)) == []
+
+
+def test_every_rule_has_two_positives_and_two_near_misses():
+    positives = {}
+    for fn in BAD:
+        for rule, _ in _expected(fn):
+            positives[rule] = positives.get(rule, 0) + 1
+    for rule in jaxnan.LINT_RULES:
+        assert positives.get(rule, 0) >= 2, rule
+        assert len(C.NEAR_MISS[rule]) >= 2, rule
+    assert set(C.NEAR_MISS) == set(jaxnan.LINT_RULES)
+
+
+def test_rule_docs_are_complete():
+    sev = {r.severity for r in jaxnan.LINT_RULES.values()}
+    assert sev <= {"error", "warning", "info"}
+    for r in jaxnan.LINT_RULES.values():
+        assert r.summary and r.fix and r.bad and r.good and r.bad != r.good
+
+
+def test_bfloat16_overflow_is_info():
+    def f(x):
+        return jnp.sum(jnp.exp(x.astype(jnp.bfloat16))).astype(jnp.float32)  # here
+
+    (finding,) = jaxnan.lint(f, X)
+    assert (finding.rule, finding.severity) == ("low-precision-overflow", "info")
+    assert "bfloat16" in finding.message
+
+
+# -- variants: the walk goes into jit, remat, cond, scan, while, vmap, custom_jvp,
+# shard_map, and the line is still the user's.
+
+
+def _wrap_jit(fn):
+    return jax.jit(fn)
+
+
+def _wrap_remat(fn):
+    return jax.checkpoint(fn)
+
+
+def _wrap_vmap(fn):
+    return lambda x: jnp.sum(jax.vmap(fn)(x))
+
+
+def _wrap_scan(fn):
+    def g(x):
+        out, _ = jax.lax.scan(lambda c, row: (c + fn(row), None), 0.0, x)
+        return out
+
+    return g
+
+
+def _wrap_cond(fn):
+    return lambda x: jax.lax.cond(x[0, 0] > 0, fn, lambda x: jnp.sum(x), x)
+
+
+def _wrap_while(fn):
+    def g(x):
+        def body(c):
+            i, acc = c
+            return i + 1, acc + fn(x[i])
+
+        return jax.lax.while_loop(lambda c: c[0] < 3, body, (0, 0.0))[1]
+
+    return g
+
+
+def _wrap_custom_jvp(fn):
+    @jax.custom_jvp
+    def h(x):
+        return fn(x)
+
+    @h.defjvp
+    def _(primals, tangents):
+        return jax.jvp(fn, primals, tangents)
+
+    return h
+
+
+def _wrap_shard_map(fn):
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
+
+    mesh = Mesh(np.array(jax.devices()[:8]), ("d",))
+
+    def g(x):
+        part = jax.shard_map(
+            lambda xs: jax.lax.psum(fn(xs), "d"),
+            mesh=mesh,
+            in_specs=P("d"),
+            out_specs=P(),
+            check_vma=False,
+        )
+        return part(x)
+
+    return g
+
+
+WRAPPERS = [
+    _wrap_jit,
+    _wrap_remat,
+    _wrap_vmap,
+    _wrap_scan,
+    _wrap_cond,
+    _wrap_while,
+    _wrap_custom_jvp,
+    _wrap_shard_map,
+]
+
+
+@pytest.mark.parametrize("wrap", WRAPPERS, ids=lambda w: w.__name__[6:])
+@pytest.mark.parametrize(
+    "case", [C.bad_where_sqrt, C.bad_norm, C.bad_log_softmax], ids=lambda f: f.__name__
+)
+def test_variants_point_at_user_line(wrap, case):
+    findings = jaxnan.lint(wrap(case), X)
+    assert {(f.rule, f.line) for f in findings} == _expected(case)
+
+
+@pytest.mark.parametrize("wrap", WRAPPERS[:4], ids=lambda w: w.__name__[6:])
+def test_variants_keep_safe_code_clean(wrap):
+    assert jaxnan.lint(wrap(C.good_double_where_sqrt), X) == []
+
+
+# -- argnums, dedup, errors
+
+
+def _two_args(w, x):
+    return jnp.sum(w) + jnp.sum(jnp.where(x > 0, jnp.sqrt(x), 0.0))  # two-args
+
+
+def test_argnums_selects_the_differentiated_input():
+    assert jaxnan.lint(_two_args, X, X, argnums=0) == []
+    (f,) = jaxnan.lint(_two_args, X, X, argnums=1)
+    assert f.rule == "where-nan-grad"
+    assert f.line == _expected(_two_args, "two-args") or f.code.endswith("# two-args")
+    (f,) = jaxnan.lint(_two_args, X, X, argnums=(0, 1))
+    assert f.rule == "where-nan-grad"
+
+
+def test_pytree_argument():
+    def loss(params, x):
+        return jnp.linalg.norm(params["w"] @ x.T)  # pytree-line
+
+    (f,) = jaxnan.lint(loss, {"w": jnp.ones((2, 4)), "b": jnp.ones(2)}, X)
+    assert f.rule == "sqrt-zero-grad" and f.code.endswith("# pytree-line")
+    assert jaxnan.lint(loss, {"w": jnp.ones((2, 4))}, X, argnums=1) != []
+
+
+def test_same_rule_same_line_reported_once():
+    def twice(x):
+        return C.bad_where_sqrt(x) + C.bad_where_sqrt(2.0 * x)
+
+    findings = jaxnan.lint(twice, X)
+    assert [(f.rule, f.line) for f in findings] == sorted(_expected(C.bad_where_sqrt))
+
+
+def test_errors_sorted_first():
+    def loss(x):
+        a = jnp.sum(jnp.log(jax.nn.softmax(x)))
+        return a + jnp.sum(jnp.where(x > 0, jnp.log(x), 0.0))
+
+    sev = [f.severity for f in jaxnan.lint(loss, X)]
+    assert sev == ["error", "warning"]
+
+
+def test_bad_arguments():
+    with pytest.raises(
+        TypeError, match=re.escape("jaxnan: lint(fn=...) must be callable")
+    ):
+        jaxnan.lint(3.0, X)
+    with pytest.raises(
+        ValueError, match=re.escape("jaxnan: lint(argnums=2) is out of range for 1")
+    ):
+        jaxnan.lint(C.bad_norm, X, argnums=2)
+
+
+def test_nothing_is_executed():
+    calls = []
+
+    def loss(x):
+        jax.debug.callback(lambda v: calls.append(v), x)
+        return jnp.linalg.norm(x)
+
+    with jax.transfer_guard("disallow"):
+        findings = jaxnan.lint(loss, jax.ShapeDtypeStruct((3,), jnp.float32))
+    assert [f.rule for f in findings] == ["sqrt-zero-grad"] and calls == []
+
+
+def test_finding_str():
+    f = jaxnan.Finding("log-softmax", "warning", "jaxnan: m", "fix it", "a.py", 3, "c")
+    assert str(f) == "a.py:3: warning [log-softmax] jaxnan: m\n    c\n    fix: fix it"
+    with pytest.raises(AttributeError):
+        f.rule = "x"
+
+
+# -- the false-positive corpus
+
+
+CORPUS = ["transformer_lm", "cnn", "mlp_eqx", "vae"]
+
+
+@functools.cache
+def _corpus(name):
+    return importlib.import_module(f"tests.lint_corpus.{name}").factory()
+
+
+@pytest.mark.parametrize("name", CORPUS)
+def test_corpus_is_clean(name):
+    fn, args = _corpus(name)
+    assert jaxnan.lint(fn, *args) == []
+
+
+def test_corpus_bug_is_found():
+    """The corpus is not clean by accident: a planted bug in the LM is found."""
+    fn, (params, tokens) = _corpus("transformer_lm")
+
+    def buggy(params, tokens):
+        base = fn(params, tokens)
+        return base + jnp.linalg.norm(jax.tree_util.tree_leaves(params)[0])  # plant
+
+    (f,) = jaxnan.lint(buggy, params, tokens)
+    assert f.rule == "sqrt-zero-grad" and f.code.endswith("# plant")
+    g, _ = lint_mod._build(fn, (params, tokens))
+    prims = {nd.prim for nd in g.nodes}
+    assert {"exp", "rsqrt", "select_n", "dot_general", "iota"} <= prims
+
+
+# -- CLI
+
+
+def test_cli_main_exit_status(capsys):
+    assert main(["lint", "tests.lint_corpus.buggy:factory"]) == 1
+    out = capsys.readouterr().out
+    src = open("tests/lint_corpus/buggy.py").read().splitlines()
+    line = next(i for i, s in enumerate(src, 1) if "# cli: where-nan-grad" in s)
+    assert f"buggy.py:{line}: error [where-nan-grad] jaxnan: `sqrt`" in out
+    assert "fix: double where" in out
+    assert "2 finding(s), 1 error(s)" in out
+    assert main(["lint", "tests.lint_corpus.buggy:warnings_only"]) == 0
+    assert "warning [log-softmax]" in capsys.readouterr().out
+
+
+def test_cli_bad_target():
+    with pytest.raises(ValueError, match=re.escape("must be 'module:factory'")):
+        lint_mod.cli("tests.lint_corpus.buggy", out=io.StringIO())
+
+
+def test_cli_subprocess():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu")
+    r = subprocess.run(
+        [sys.executable, "-m", "jaxnan", "lint", "tests.lint_corpus.buggy:factory"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 1, r.stderr
+    assert "[where-nan-grad]" in r.stdout and "[log-softmax]" in r.stdout
+
+
+def test_train_step_with_optimizer_is_clean():
+    """A whole step (grad, clip, adamw, apply) is clean; its loss is still linted."""
+    import optax
+
+    loss, (params, x, y) = _corpus("mlp_eqx")
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))
+    opt_state = jax.eval_shape(tx.init, params)
+
+    def step(params, opt_state, x, y):
+        value, grads = jax.value_and_grad(loss)(params, x, y)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, value
+
+    assert jaxnan.lint(step, params, opt_state, x, y) == []
+
+    def bad_step(params, opt_state, x, y):
+        def bad_loss(p, x, y):
+            return loss(p, x, y) + jnp.linalg.norm(p.mlp.layers[0].weight)  # step
+
+        value, grads = jax.value_and_grad(bad_loss)(params, x, y)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, value
+
+    rules = {
+        (f.rule, f.code.endswith("# step"))
+        for f in jaxnan.lint(bad_step, params, opt_state, x, y)
+    }
+    assert ("sqrt-zero-grad", True) in rules
