@@ -121,7 +121,8 @@ def test_skip_finite_is_exactly_inner(mode):
     s_inner, s = inner.init(params), tx.init(params)
     for i in range(3):
         g = grads_like(params, seed=i)
-        u_ref, s_inner = maybe_jit(inner.update, mode)(g, s_inner, params)
+        # Eagerly too, lax.cond runs the inner update as a compiled program.
+        u_ref, s_inner = jax.jit(inner.update)(g, s_inner, params)
         u, s = maybe_jit(functools.partial(tx.update, loss=jnp.float32(1.0)), mode)(
             g, s, params
         )

@@ -7,7 +7,7 @@ around the optimizer, which blocks fusion), with no host sync.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -58,10 +58,9 @@ def zero_nonfinite() -> optax.GradientTransformationExtraArgs:
     for bit. The state counts, per leaf, the entries zeroed by the last update
     and since init. Complex entries with a nonfinite part are zeroed whole.
 
-    Cost: one fused reduction per leaf decides whether anything is nonfinite;
-    the per-leaf counts are computed only when something is (a scalar
-    `lax.cond`), and the zeroing select fuses into the next elementwise
-    consumer. No collectives: each replica zeroes its own entries.
+    Cost: one fused reduction per leaf (the count of nonfinite entries); the
+    zeroing select fuses into the next elementwise consumer. No collectives:
+    each replica zeroes its own entries.
 
     Returns:
         An `optax.GradientTransformationExtraArgs`.
@@ -100,20 +99,15 @@ def zero_nonfinite() -> optax.GradientTransformationExtraArgs:
             fn_name=name,
         )
         leaves, treedef = jax.tree_util.tree_flatten(updates)
-        checked = [i for i, x in enumerate(leaves) if base.is_checked_leaf(x)]
-        ok = tree.all_finite([leaves[i] for i in checked])
-
-        def count_bad():
-            out = [_int32_zero() for _ in leaves]
-            for i in checked:
-                out[i] = jnp.sum(~jnp.isfinite(leaves[i]), dtype=jnp.int32)
-            return out
-
-        counts = lax.cond(ok, lambda: [_int32_zero() for _ in leaves], count_bad)
-        new = list(leaves)
-        for i in checked:
-            x = leaves[i]
-            new[i] = jnp.where(jnp.isfinite(x), x, jnp.zeros_like(x))
+        counts, new = [], []
+        for x in leaves:
+            if base.is_checked_leaf(x):
+                bad = ~jnp.isfinite(x)
+                counts.append(tree.count_true(bad))
+                new.append(jnp.where(bad, jnp.zeros_like(x), x))
+            else:
+                counts.append(_int32_zero())
+                new.append(x)
         counts_tree = jax.tree_util.tree_unflatten(treedef, counts)
         total = jax.tree_util.tree_map(
             lambda t, c: t + c, state.nonfinite_zeroed_total, counts_tree
@@ -128,6 +122,11 @@ def zero_nonfinite() -> optax.GradientTransformationExtraArgs:
 
 # --------------------------------------------------------------------------
 # clip_by_global_norm
+
+# Extra-argument key through which `skip_nonfinite` hands the sum of squares
+# of the updates to a `clip_by_global_norm` that receives the same updates
+# (checked by object identity at trace time), so that it is computed once.
+_PRECOMPUTED_SQ = "_jaxnan_precomputed_sum_of_squares"
 
 
 class ClipByGlobalNormState(NamedTuple):
@@ -209,11 +208,17 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArg
         return ClipByGlobalNormState(jnp.zeros((), jnp.float32), jnp.array(True))
 
     def update(updates, state, params=None, **extra_args):
-        del params, extra_args
+        del params
         base.validate_state(state, ClipByGlobalNormState, fn_name=name)
         base.validate_updates(updates, fn_name=name)
         leaves = tree.checked_leaves(updates)
-        sq = sum(tree.sum_of_squares(x) for x in leaves) if leaves else jnp.float32(0)
+        pre = extra_args.get(_PRECOMPUTED_SQ)
+        if pre is not None and pre[0] == tuple(id(x) for x in leaves):
+            sq = pre[1]  # computed by skip_nonfinite on these very updates
+        elif leaves:
+            sq = sum(tree.sum_of_squares(x) for x in leaves)
+        else:
+            sq = jnp.float32(0)
         fast_ok = jnp.isfinite(sq)
         norm, finite = lax.cond(
             fast_ok,
@@ -259,22 +264,34 @@ class SkipNonfiniteState(NamedTuple):
     inner_state: optax.OptState
 
 
-def _leading_clip_flag(inner_state: optax.OptState) -> jax.Array | None:
-    """The finiteness flag of a `clip_by_global_norm` that sees the raw updates.
+def _varying_axes(aval: Any) -> frozenset:
+    """The mesh axes a value varies over inside `shard_map` (empty outside)."""
+    mat = getattr(aval, "manual_axis_type", None)
+    return frozenset(getattr(mat, "varying", ()) or ())
 
-    True when `inner` is `jaxnan.clip_by_global_norm` itself or an
-    `optax.chain` whose first element is: that transform then received exactly
-    the updates `skip_nonfinite` received, and its flag is exact.
+
+def _make_varying(x: jax.Array, axes: frozenset) -> jax.Array:
+    """`x`, marked as varying over `axes` inside `shard_map` (a no-op outside)."""
+    missing = axes - _varying_axes(jax.typeof(x))
+    if not missing:
+        return x
+    return lax.pcast(x, tuple(sorted(missing)), to="varying")
+
+
+def _leads_with_clip(inner_state: optax.OptState) -> bool:
+    """Whether `inner` is `jaxnan.clip_by_global_norm` or a chain starting with it.
+
+    Decided from the state's structure: such a clip receives exactly the
+    updates that `skip_nonfinite` receives, so the sum of squares computed for
+    the finiteness test can be handed to it (`_PRECOMPUTED_SQ`).
     """
     if isinstance(inner_state, ClipByGlobalNormState):
-        return inner_state.clip_input_finite
-    if (
+        return True
+    return (
         type(inner_state) is tuple
-        and inner_state
+        and bool(inner_state)
         and isinstance(inner_state[0], ClipByGlobalNormState)
-    ):
-        return inner_state[0].clip_input_finite
-    return None
+    )
 
 
 def skip_nonfinite(
@@ -372,25 +389,60 @@ def skip_nonfinite(
             base.validate_same_structure(
                 updates, params, name_a="updates", name_b="params", fn_name=name
             )
-        new_updates, new_inner = inner.update(
-            updates, state.inner_state, params, **extra_args
-        )
-        finite = _leading_clip_flag(new_inner)
-        if finite is None:
-            finite = tree.all_finite(updates)
+        leaves = tree.checked_leaves(updates)
+        if _leads_with_clip(state.inner_state) and leaves:
+            # One pass gives both the flag and the clip's norm.
+            sq = sum(tree.sum_of_squares(x) for x in leaves)
+            finite = lax.cond(
+                jnp.isfinite(sq),
+                lambda: jnp.array(True),
+                lambda: tree.all_finite(leaves),  # overflow: exact, slow path
+            )
+            extra_args = {
+                **extra_args,
+                _PRECOMPUTED_SQ: (tuple(id(x) for x in leaves), sq),
+            }
+        else:
+            finite = tree.all_finite(leaves)
         loss = extra_args.get("loss")
         if loss is not None:
             finite = finite & tree.all_finite(loss)
         finite = _agree(finite, axis_name)
 
-        out = jax.tree_util.tree_map(
-            lambda u: jnp.where(finite, u, jnp.zeros_like(u)), new_updates
-        )
-        kept_inner = jax.tree_util.tree_map(
-            lambda n, o: jnp.where(finite, n, o).astype(jnp.result_type(o)),
-            new_inner,
+        def apply():
+            return inner.update(updates, state.inner_state, params, **extra_args)
+
+        out_types, inner_types = jax.eval_shape(apply)
+        # Under shard_map both branches must agree on which values vary
+        # across devices: give each leaf the union of both branches' axes.
+        state_axes = jax.tree_util.tree_map(
+            lambda n, o: _varying_axes(n) | _varying_axes(jax.typeof(o)),
+            inner_types,
             state.inner_state,
         )
+
+        def skip():
+            zeros = jax.tree_util.tree_map(
+                lambda a: _make_varying(jnp.zeros(a.shape, a.dtype), _varying_axes(a)),
+                out_types,
+            )
+            kept = jax.tree_util.tree_map(_make_varying, state.inner_state, state_axes)
+            return zeros, kept
+
+        def apply_typed():
+            new_updates, new_inner = apply()
+            # Keep the state's dtypes exactly as they were.
+            new_inner = jax.tree_util.tree_map(
+                lambda n, o, ax: _make_varying(
+                    lax.convert_element_type(n, jnp.result_type(o)), ax
+                ),
+                new_inner,
+                state.inner_state,
+                state_axes,
+            )
+            return new_updates, new_inner
+
+        out, kept_inner = lax.cond(finite, apply_typed, skip)
         streak = jnp.where(
             finite,
             jnp.zeros_like(state.nonfinite_streak),

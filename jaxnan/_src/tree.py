@@ -94,6 +94,19 @@ def all_finite(tree: Any) -> jax.Array:
     return jnp.isfinite(total)
 
 
+def count_true(mask: jax.Array) -> jax.Array:
+    """int32 number of True entries of `mask`, in one fused reduction.
+
+    XLA's CPU backend fuses a float sum into a single pass but materializes a
+    boolean or integer array before an integer sum, so the count is summed in
+    float32 (exact below 2**24 true entries, float64 when x64 is on) and
+    converted.
+    """
+    acc = jnp.promote_types(jnp.float32, jnp.result_type(float))
+    ones = jnp.where(mask, jnp.ones((), acc), jnp.zeros((), acc))
+    return jnp.sum(ones).astype(jnp.int32)
+
+
 def leaf_counts(x: jax.Array) -> NonfiniteCounts:
     """NaN, +Inf and -Inf counts of one floating or complex array."""
     x = jnp.asarray(x)
