@@ -102,6 +102,7 @@ def _fold_sum(c: jax.Array) -> jax.Array:
 
 @_fold_sum.def_vmap
 def _fold_sum_rule(axis_size, in_batched, c):
+    # Runs only for a batched input; nested vmaps fold one level each.
     del axis_size
     if in_batched[0]:
         return _fold_sum(jnp.sum(c, axis=0)), False
@@ -247,10 +248,10 @@ def _check(
 
     def do_report(operands):
         xs, quiet = operands
-        loud = (~quiet).astype(jnp.int32)
-        counts = _fold_sum(tree.counts_matrix(xs) * loud)
-        bad = _fold_sum(loud)
-        total = _fold_sum(jnp.ones((), jnp.int32))
+        counts = _fold_sum(tree.counts_matrix(xs))
+        # Batched exactly when `quiet` is, so that vmap sees (and folds) it.
+        bad = _fold_sum((~quiet).astype(jnp.int32))
+        total = _fold_sum((quiet | True).astype(jnp.int32))
         jax.debug.callback(host, counts, bad, total)
 
     eager = not any(_is_traced(x) for x in xs) and not _is_traced(quiet)
