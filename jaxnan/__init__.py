@@ -3,6 +3,10 @@
 from jaxnan._src.base import ArrayTree as ArrayTree
 from jaxnan._src.checks import Report as Report
 from jaxnan._src.checks import check as check
+from jaxnan._src.decorators import NonfiniteRecord as NonfiniteRecord
+from jaxnan._src.decorators import checked as checked
+from jaxnan._src.decorators import checked_grad as checked_grad
+from jaxnan._src.decorators import checked_value_and_grad as checked_value_and_grad
 from jaxnan._src.lint import Finding as Finding
 from jaxnan._src.lint import lint as lint
 from jaxnan._src.lint_rules import LINT_RULES as LINT_RULES
@@ -28,11 +32,15 @@ __all__ = (
     "LintRule",
     "NonFiniteError",
     "NonfiniteCounts",
+    "NonfiniteRecord",
     "Report",
     "SkipNonfiniteState",
     "ZeroNonfiniteState",
     "all_finite",
     "check",
+    "checked",
+    "checked_grad",
+    "checked_value_and_grad",
     "clip_by_global_norm",
     "lint",
     "nonfinite_counts",

@@ -1,0 +1,460 @@
+"""Tests of jaxnan.checked, checked_grad and checked_value_and_grad."""
+
+import functools
+import inspect
+import re
+import warnings
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jaxnan
+
+NAN, INF = jnp.nan, jnp.inf
+
+
+class Recorder:
+    """An on_nonfinite callable that keeps every record it gets."""
+
+    def __init__(self):
+        self.records = []
+
+    def __call__(self, record):
+        self.records.append(record)
+
+    def take(self):
+        jax.effects_barrier()
+        out, self.records = self.records, []
+        return out
+
+
+def plain_loss(params, batch):
+    h = jnp.tanh(batch["x"] @ params["w"] + params["b"])
+    return jnp.mean(jnp.sqrt(jnp.abs(h - batch["y"])) * params["s"])
+
+
+@jaxnan.checked
+def loss_fn(params, batch):
+    h = jnp.tanh(batch["x"] @ params["w"] + params["b"])
+    return jnp.mean(jnp.sqrt(jnp.abs(h - batch["y"])) * params["s"])
+
+
+REC = Recorder()
+rec_loss = jaxnan.checked(on_nonfinite=REC)(plain_loss)
+
+VG_PLAIN = jax.jit(jax.value_and_grad(plain_loss))
+VG_CHECKED = jax.jit(jax.value_and_grad(loss_fn))
+VG_REC = jax.jit(jax.value_and_grad(rec_loss))
+
+
+def make(n=4, seed=0):
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
+    params = {
+        "w": jax.random.normal(k1, (3, 2)),
+        "b": jnp.zeros(2),
+        "s": jnp.float32(1.5),
+    }
+    batch = {"x": jax.random.normal(k2, (n, 3)), "y": jax.random.normal(k3, (n, 2))}
+    return params, batch
+
+
+def msg(text):
+    return re.escape(text)
+
+
+# --------------------------------------------------------------------------
+# Healthy path: transparent, bit for bit, no host traffic.
+
+
+def test_healthy_outputs_and_grads_bit_exact_eager_and_jit():
+    params, batch = make()
+    want = VG_PLAIN(params, batch)
+    chex.assert_trees_all_equal(VG_CHECKED(params, batch), want)
+    chex.assert_trees_all_equal(VG_REC(params, batch), want)
+    eager = jax.value_and_grad(loss_fn)(params, batch)
+    chex.assert_trees_all_equal(eager, jax.value_and_grad(plain_loss)(params, batch))
+    assert loss_fn(params, batch) == plain_loss(params, batch)
+    assert REC.take() == []
+
+
+def test_wraps_keeps_name_signature_and_doc():
+    def f(params, batch, *, scale=1.0):
+        """Doc of f."""
+        return params * scale
+
+    g = jaxnan.checked(f)
+    assert g.__name__ == "f" and g.__doc__ == "Doc of f." and g.__wrapped__ is f
+    assert inspect.signature(g) == inspect.signature(f)
+
+
+def test_no_device_to_host_transfer_on_healthy_step():
+    params, batch = make()
+    params, batch = jax.device_put((params, batch))
+    VG_REC(params, batch)  # compile outside the guard
+    with jax.transfer_guard("disallow"):
+        value, grads = VG_REC(params, batch)
+        value, grads = VG_REC(params, batch)
+    jax.block_until_ready((value, grads))
+    assert REC.take() == []
+
+
+def test_decorator_with_and_without_parentheses():
+    def f(x):
+        return jnp.log(x)
+
+    for g in (
+        jaxnan.checked(f),
+        jaxnan.checked()(f),
+        jaxnan.checked(on_nonfinite="raise")(f),
+    ):
+        assert g(jnp.float32(1.0)) == 0.0
+        with pytest.raises(jaxnan.NonFiniteError, match=msg("output: 1 -inf")):
+            g(jnp.float32(0.0))
+
+
+# --------------------------------------------------------------------------
+# The three findings: a NaN batch leaf, a nonfinite loss, a nonfinite gradient.
+
+
+def test_nan_batch_leaf_raises_eagerly_and_under_jit():
+    params, batch = make()
+    batch["x"] = batch["x"].at[2, 1].set(NAN)
+    want = (
+        "jaxnan: nonfinite values in the inputs of `loss_fn` "
+        "[phase forward-inputs]:\n  batch['x']: 1 nan\n"
+        "Clean or drop the bad input rows, or find where they were made.\n"
+        "For a full diagnosis run:\n  jaxnan.locate(loss_fn)(params, batch)"
+    )
+    with pytest.raises(jaxnan.NonFiniteError, match=msg(want)) as info:
+        jax.value_and_grad(loss_fn)(params, batch)
+    assert info.value.details["phase"] == "forward-inputs"
+    assert info.value.details["leaves"] == {"batch['x']": (1, 0, 0)}
+    with pytest.raises(Exception, match=msg(want)):
+        jax.block_until_ready(VG_CHECKED(params, batch))
+
+
+def test_nan_batch_leaf_record_and_no_duplicate_output_report():
+    params, batch = make()
+    batch["x"] = batch["x"].at[2, 1].set(NAN).at[0, 0].set(-INF)
+    VG_REC(params, batch)
+    recs = REC.take()
+    # The output report is suppressed (the inputs were bad); the gradients
+    # flowing back are reported on their own.
+    assert [r.phase for r in recs] == ["forward-inputs", "backward"]
+    assert recs[0].function == "plain_loss"
+    assert recs[0].leaves == {"batch['x']": (1, 0, 1)}
+    assert recs[0].examples == (1, 1)
+    assert set(recs[1].leaves) == {"params['w']", "params['b']", "params['s']"}
+    assert recs[1].message.endswith(
+        "jaxnan.locate(jax.value_and_grad(plain_loss))(params, batch)"
+    )
+
+
+def test_nonfinite_loss_with_finite_inputs():
+    params, batch = make()
+    params["s"] = jnp.float32(3e38)
+    batch["y"] = batch["y"] + 1e3  # sqrt(|h - y|) * s overflows to +inf
+    want = (
+        "jaxnan: nonfinite values in the outputs of `loss_fn` (its inputs were "
+        "finite) [phase forward-outputs]:\n  output: 1 +inf\n"
+        "They were created inside the function.\n"
+        "For a full diagnosis run:\n  jaxnan.locate(loss_fn)(params, batch)"
+    )
+    with pytest.raises(jaxnan.NonFiniteError, match=msg(want)):
+        loss_fn(params, batch)
+    with pytest.raises(Exception, match=msg(want)):
+        jax.block_until_ready(VG_CHECKED(params, batch))
+    VG_REC(params, batch)
+    grads_ok = bool(jaxnan.all_finite(VG_PLAIN(params, batch)[1]))
+    want_phases = ["forward-outputs"] + ([] if grads_ok else ["backward"])
+    assert [r.phase for r in REC.take()] == want_phases
+
+
+def test_finite_loss_with_nonfinite_gradient():
+    params, batch = make()
+    # h == y for one entry: sqrt(|0|) is finite, its derivative is +inf.
+    h = jnp.tanh(batch["x"] @ params["w"] + params["b"])
+    batch["y"] = batch["y"].at[1, 0].set(h[1, 0])
+    value, grads = VG_PLAIN(params, batch)
+    assert jnp.isfinite(value) and not jnp.isfinite(grads["w"]).all()
+    want = (
+        "jaxnan: nonfinite values in the gradients flowing back to the arguments "
+        "of `loss_fn` [phase backward]:\n  params['b']: "
+    )
+    hint = "For a full diagnosis run:\n  " + (
+        "jaxnan.locate(jax.value_and_grad(loss_fn))(params, batch)"
+    )
+    with pytest.raises(jaxnan.NonFiniteError, match=msg(want)) as info:
+        jax.grad(loss_fn)(params, batch)
+    assert str(info.value).endswith(hint)
+    assert info.value.details["phase"] == "backward"
+    with pytest.raises(Exception, match=msg(want)):
+        jax.block_until_ready(VG_CHECKED(params, batch))
+    VG_REC(params, batch)
+    (rec,) = REC.take()
+    assert rec.phase == "backward"
+    assert rec.leaves.keys() <= {"params['w']", "params['b']", "params['s']"}
+    assert "params['w']" in rec.leaves
+    want_counts = jaxnan.nonfinite_counts(grads)
+    for path, key in (("params['w']", "w"), ("params['b']", "b")):
+        c = want_counts[key]
+        got = rec.leaves.get(path, (0, 0, 0))
+        assert got == (int(c.nan), int(c.posinf), int(c.neginf))
+
+
+def test_only_differentiated_arguments_are_checked():
+    # The cotangent of the batch is never checked (nor computed under jit)
+    # unless the batch is differentiated too.
+    def f(w, x):
+        return jnp.sum(w * jnp.sqrt(x))
+
+    rec = Recorder()
+    g = jaxnan.checked(f, on_nonfinite=rec)
+    w, x = jnp.ones(2), jnp.array([0.0, 1.0])  # d/dx sqrt(0) = inf
+    jax.grad(g)(w, x)
+    assert rec.take() == []
+    jax.grad(g, argnums=1)(w, x)
+    (r,) = rec.take()
+    assert r.leaves == {"x": (0, 1, 0)}
+    assert r.message.endswith("jaxnan.locate(jax.value_and_grad(f, argnums=1))(w, x)")
+
+
+# --------------------------------------------------------------------------
+# Transformations: vmap, grad of grad, scan, remat, sharded jit.
+
+
+def per_example(params, x, y):
+    return rec_loss(params, {"x": x[None], "y": y[None]})
+
+
+VMAPPED = jax.jit(jax.vmap(per_example, in_axes=(None, 0, 0)))
+VMAPPED_GRAD = jax.jit(jax.vmap(jax.grad(per_example), in_axes=(None, 0, 0)))
+
+
+def test_vmap_one_bad_example_reports_exactly_once():
+    params, batch = make(n=6)
+    out = VMAPPED(params, batch["x"], batch["y"])
+    assert out.shape == (6,) and REC.take() == []
+    x = batch["x"].at[4, 0].set(NAN)
+    VMAPPED(params, x, batch["y"])
+    (rec,) = REC.take()
+    assert rec.phase == "forward-inputs"
+    assert rec.leaves == {"batch['x']": (1, 0, 0)}
+    assert rec.examples == (1, 6)
+    assert "in 1 of 6 examples of the vmapped batch" in rec.message
+
+
+def test_vmap_of_grad_reports_each_phase_once():
+    params, batch = make(n=6)
+    g = VMAPPED_GRAD(params, batch["x"], batch["y"])
+    assert g["w"].shape == (6, 3, 2) and REC.take() == []
+    x = batch["x"].at[1, 2].set(INF)
+    VMAPPED_GRAD(params, x, batch["y"])
+    recs = REC.take()
+    assert [r.phase for r in recs] == ["forward-inputs", "backward"]
+    assert recs[0].leaves == {"batch['x']": (0, 1, 0)}
+    assert recs[1].examples == (1, 6)
+
+
+def test_nested_vmap_folds_both_axes():
+    params, batch = make(n=6)
+    f = jax.vmap(jax.vmap(per_example, in_axes=(None, 0, 0)), in_axes=(None, 0, 0))
+    x = batch["x"].reshape(2, 3, 3).at[1, 2, 0].set(NAN).at[0, 0, 0].set(NAN)
+    out = f(params, x, batch["y"].reshape(2, 3, 2))
+    assert out.shape == (2, 3)
+    (rec,) = REC.take()
+    assert rec.leaves == {"batch['x']": (2, 0, 0)} and rec.examples == (2, 6)
+
+
+def test_grad_of_grad_is_exact_and_checked():
+    params, batch = make()
+
+    def outer(loss):
+        return lambda s: jnp.sum(jax.grad(loss)({**params, "s": s}, batch)["w"])
+
+    want = jax.grad(outer(plain_loss))(params["s"])
+    got = jax.grad(outer(rec_loss))(params["s"])
+    assert got == want and REC.take() == []
+    h = jnp.tanh(batch["x"] @ params["w"] + params["b"])
+    batch["y"] = batch["y"].at[0, 1].set(h[0, 1])
+    jax.grad(outer(rec_loss))(params["s"])
+    recs = REC.take()
+    assert recs and {r.phase for r in recs} == {"backward"}
+
+
+def test_inside_lax_scan():
+    params, batch = make(n=12)
+    xs = batch["x"].reshape(3, 4, 3)
+    ys = batch["y"].reshape(3, 4, 2)
+
+    def run(loss):
+        def body(p, xy):
+            v, g = jax.value_and_grad(loss)(p, {"x": xy[0], "y": xy[1]})
+            return jax.tree_util.tree_map(lambda a, b: a - 0.1 * b, p, g), v
+
+        return jax.jit(lambda p, xs, ys: lax.scan(body, p, (xs, ys)))
+
+    # Not bit for bit: XLA compiles a loop body that holds a conditional
+    # differently (here the plain scan differs by 1 ulp from the plain jit).
+    chex.assert_trees_all_close(
+        run(rec_loss)(params, xs, ys), run(plain_loss)(params, xs, ys), rtol=1e-6
+    )
+    assert REC.take() == []
+    run(rec_loss)(params, xs.at[1, 0, 0].set(NAN), ys)
+    recs = REC.take()
+    # Batch 1 is bad; its NaN gradient poisons the params of batch 2.
+    phases = ["forward-inputs", "backward"] * 2
+    assert [r.phase for r in recs] == phases
+    assert recs[0].leaves == {"batch['x']": (1, 0, 0)}
+    assert set(recs[2].leaves) == {"params['w']", "params['b']", "params['s']"}
+
+
+def test_remat():
+    params, batch = make()
+    f = jax.jit(jax.value_and_grad(jax.checkpoint(rec_loss)))
+    chex.assert_trees_all_equal(f(params, batch), VG_PLAIN(params, batch))
+    assert REC.take() == []
+    h = jnp.tanh(batch["x"] @ params["w"] + params["b"])
+    batch["y"] = batch["y"].at[3, 1].set(h[3, 1])
+    f(params, batch)
+    assert [r.phase for r in REC.take()] == ["backward"]
+
+
+def test_sharded_jit_reports_once(mesh8):
+    del mesh8
+    mesh = Mesh(jax.devices()[:8], ("d",))
+    params, batch = make(n=8)
+    batch = jax.device_put(batch, NamedSharding(mesh, P("d")))
+    chex.assert_trees_all_equal(VG_REC(params, batch), VG_PLAIN(params, batch))
+    assert REC.take() == []
+    batch["x"] = batch["x"].at[5, 1].set(NAN)
+    VG_REC(params, batch)
+    assert [r.phase for r in REC.take()] == ["forward-inputs", "backward"]
+
+
+# --------------------------------------------------------------------------
+# Non-float, static and keyword arguments.
+
+
+def loss_with_extras(params, batch, step, *, scale=2.0, train=True):
+    y = batch["x"] @ params["w"]
+    if train:
+        y = y * scale
+    return jnp.sum(jnp.sqrt(jnp.abs(y))) + step.astype(jnp.float32)
+
+
+def test_integer_static_and_keyword_arguments():
+    params, batch = make()
+    step = jnp.int32(3)
+    rec = Recorder()
+    f = jaxnan.checked(loss_with_extras, on_nonfinite=rec)
+    plain = jax.jit(jax.value_and_grad(loss_with_extras), static_argnames="train")
+    fast = jax.jit(jax.value_and_grad(f), static_argnames="train")
+    for train in (True, False):
+        want = plain(params, batch, step, scale=jnp.float32(0.5), train=train)
+        got = fast(params, batch, step, scale=jnp.float32(0.5), train=train)
+        chex.assert_trees_all_equal(got, want)
+    assert jax.grad(f)(params, batch, jnp.int32(1), train=False)["w"].shape == (3, 2)
+    assert rec.take() == []
+    fast(params, batch, step, scale=jnp.float32(NAN), train=True)
+    recs = rec.take()
+    assert [r.phase for r in recs] == ["forward-inputs", "backward"]
+    assert recs[0].leaves == {"scale": (1, 0, 0)}
+    assert recs[0].message.endswith(
+        "jaxnan.locate(loss_with_extras)(params, batch, step, scale=scale, train=train)"
+    )
+
+
+# --------------------------------------------------------------------------
+# Policies and drop-in grad functions.
+
+
+def test_warn_once_per_distinct_message():
+    f = jaxnan.checked(lambda x: jnp.log(x), on_nonfinite="warn")
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        f(jnp.array([0.0, 1.0]))
+        f(jnp.array([0.0, 1.0]))
+        f(jnp.array([0.0, 0.0]))
+        jax.effects_barrier()
+    got = [w for w in got if "jaxnan" in str(w.message)]
+    assert [w.category for w in got] == [RuntimeWarning] * 2
+    assert "output: 1 -inf" in str(got[0].message)
+    assert "output: 2 -inf" in str(got[1].message)
+
+
+def test_ignore_is_a_passthrough():
+    f = jaxnan.checked(lambda x: jnp.log(x), on_nonfinite="ignore")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert jnp.isneginf(f(jnp.float32(0.0)))
+
+
+def test_checked_grad_and_value_and_grad_are_drop_in():
+    params, batch = make()
+    want = jax.jit(jax.grad(plain_loss, argnums=(0, 1)))(params, batch)
+    got = jax.jit(jaxnan.checked_grad(plain_loss, argnums=(0, 1)))(params, batch)
+    chex.assert_trees_all_equal(got, want)
+
+    def with_aux(params, batch):
+        v = plain_loss(params, batch)
+        return v, {"v2": v * 2}
+
+    want = jax.value_and_grad(with_aux, has_aux=True)(params, batch)
+    got = jaxnan.checked_value_and_grad(with_aux, has_aux=True)(params, batch)
+    chex.assert_trees_all_equal(got, want)
+
+    h = jnp.tanh(batch["x"] @ params["w"] + params["b"])
+    batch["y"] = batch["y"].at[0, 0].set(h[0, 0])
+    rec = Recorder()
+    vg = jaxnan.checked_value_and_grad(plain_loss, argnums=1, on_nonfinite=rec)
+    value, g = vg(params, batch)
+    assert jnp.isfinite(value)
+    (r,) = rec.take()
+    assert r.phase == "backward" and set(r.leaves) == {"batch['x']", "batch['y']"}
+    assert r.leaves["batch['y']"] == (0, 0, 1)
+    assert r.message.endswith(
+        "jax.value_and_grad(plain_loss, argnums=1))(params, batch)"
+    )
+    with pytest.raises(jaxnan.NonFiniteError, match=msg("batch['y']: 1 -inf")):
+        jaxnan.checked_grad(plain_loss, argnums=1)(params, batch)
+
+
+def test_forward_mode_needs_grads_false():
+    f = jaxnan.checked(jnp.sin, grads=False)
+    out, tangent = jax.jvp(f, (jnp.float32(0.0),), (jnp.float32(1.0),))
+    assert (out, tangent) == (0.0, 1.0)
+
+
+# --------------------------------------------------------------------------
+# Misuse.
+
+
+def test_bad_arguments_raise_clear_errors():
+    with pytest.raises(ValueError, match=msg("on_nonfinite='explode' is not")):
+        jaxnan.checked(jnp.sin, on_nonfinite="explode")
+    with pytest.raises(ValueError, match=msg("on_nonfinite='explode' is not")):
+        jaxnan.checked(on_nonfinite="explode")
+    with pytest.raises(TypeError, match=msg("jaxnan.checked: fn must be callable")):
+        jaxnan.checked(3)
+    with pytest.raises(TypeError, match=msg("jaxnan.checked: inputs='yes' must")):
+        jaxnan.checked(jnp.sin, inputs="yes")
+    with pytest.raises(TypeError, match=msg("jaxnan.checked_grad: fn must be")):
+        jaxnan.checked_grad(None)
+    with pytest.raises(TypeError, match=msg("checked_value_and_grad: fn must be")):
+        jaxnan.checked_value_and_grad("loss")
+
+
+def test_partial_function_name():
+    f = jaxnan.checked(functools.partial(plain_loss), on_nonfinite="raise")
+    params, batch = make()
+    batch["y"] = batch["y"].at[0, 0].set(INF)
+    with pytest.raises(jaxnan.NonFiniteError, match=msg("inputs of `plain_loss`")):
+        f(params, batch)
+    assert np.isfinite(np.asarray(plain_loss(*make())))
