@@ -16,6 +16,7 @@ operation is one more pass over that gradient (or parameter) memory.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import random
 import re
@@ -24,6 +25,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import optax
 from jax.experimental import checkify
 
@@ -87,6 +89,11 @@ def variants(loss_fn):
             ),
             None,
         ),
+        "ablation: skip by where-selects, loss checked": (
+            make_step(loss_fn, skip_by_select(adamw()), pass_loss=True),
+            skip_by_select(adamw()),
+            None,
+        ),
         "checkify nan_checks": (make_step(loss_fn, adamw()), adamw(), "nan"),
         "checkify float_checks": (make_step(loss_fn, adamw()), adamw(), "float"),
         "jax_debug_nans": (make_step(loss_fn, adamw()), adamw(), "debug_nans"),
@@ -103,42 +110,98 @@ BASELINE = {
 
 
 def build(step, kind):
+    """The jitted step; params and optimizer state are donated, as in training."""
     if kind == "nan":
-        return jax.jit(checkify.checkify(step, errors=checkify.nan_checks))
-    if kind == "float":
-        return jax.jit(checkify.checkify(step, errors=checkify.float_checks))
-    return jax.jit(step)
+        fn = checkify.checkify(step, errors=checkify.nan_checks)
+    elif kind == "float":
+        fn = checkify.checkify(step, errors=checkify.float_checks)
+    else:
+        fn = step
+    return jax.jit(fn, donate_argnums=(0, 1))
 
 
 def call(fn, kind, args):
+    """One step; returns (params, opt_state) to feed the next one."""
     if kind == "debug_nans":
         with jax.debug_nans(True):
-            return fn(*args)
-    return fn(*args)
+            out = fn(*args)
+    else:
+        out = fn(*args)
+    if kind in ("nan", "float"):
+        out = out[1]  # (error, outputs): the error is left on device
+    return out[0], out[1]
+
+
+def skip_by_select(inner):
+    """Ablation: skip with where-selects on updates and state (no lax.cond)."""
+    inner = optax.with_extra_args_support(inner)
+
+    def update(updates, state, params=None, **extra):
+        new_u, new_s = inner.update(updates, state, params, **extra)
+        ok = jaxnan.all_finite(updates) & jaxnan.all_finite(extra.get("loss", 0.0))
+        new_u = jax.tree.map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), new_u)
+        new_s = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_s, state)
+        return new_u, new_s
+
+    return optax.GradientTransformationExtraArgs(inner.init, update)
+
+
+def _computations(hlo: str) -> tuple[str, dict[str, list[str]]]:
+    """(entry name, {computation name: instruction lines}) of an HLO module."""
+    comps, name, entry = {}, None, None
+    for ln in hlo.splitlines():
+        m = re.match(r"(ENTRY )?%([\w.\-]+) .*\{$", ln)
+        if m:
+            name = m.group(2)
+            comps[name] = []
+            if m.group(1):
+                entry = name
+        elif ln.startswith("}"):
+            name = None
+        elif name is not None:
+            comps[name].append(ln)
+    return entry, comps
 
 
 def count_big_reads(hlo: str, shape: tuple[int, ...]) -> int:
-    """Top-level ENTRY instructions that read an array of `shape` (f32)."""
+    """Unfused instructions that read an f32 array of `shape`.
+
+    Looks at the entry computation and, recursively, at the branches of
+    conditionals and the bodies of loops (not inside fusions: a fusion reads
+    its operands once, however many instructions it holds).
+    """
     target = "f32[" + ",".join(map(str, shape)) + "]"
-    entry = hlo[hlo.index("\nENTRY") :].split("\n}\n")[0].splitlines()[1:]
-    shapes = {}
-    for ln in entry:
-        m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = (\S+?)(?:\{[^}]*\})? ", ln)
-        if m:
-            shapes[m.group(1)] = m.group(2)
-    n = 0
-    for ln in entry:
-        m = re.match(r"\s*(?:ROOT )?%[\w.\-]+ = \S+ (\w[\w\-]*)\((.*?)\)", ln)
-        if not m or m.group(1) in (
-            "parameter",
-            "tuple",
-            "get-tuple-element",
-            "bitcast",
-        ):
+    entry, comps = _computations(hlo)
+    todo, seen, n = [entry], set(), 0
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in comps:
             continue
-        ops = re.findall(r"%([\w.\-]+)", m.group(2))
-        if any(shapes.get(o) == target for o in ops):
-            n += 1
+        seen.add(name)
+        lines = comps[name]
+        shapes = {}
+        for ln in lines:
+            m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = (\S+?)(?:\{[^}]*\})? ", ln)
+            if m:
+                shapes[m.group(1)] = m.group(2)
+        for ln in lines:
+            for attr in re.findall(
+                r"(?:branch_computations|body|condition|true_computation"
+                r"|false_computation)=(\{[^}]*\}|%[\w.\-]+)",
+                ln,
+            ):
+                todo += [c.strip(" {}%") for c in attr.split(",")]
+            m = re.match(r"\s*(?:ROOT )?%[\w.\-]+ = \S+ (\w[\w\-]*)\((.*?)\)", ln)
+            if not m or m.group(1) in (
+                "parameter",
+                "tuple",
+                "get-tuple-element",
+                "bitcast",
+            ):
+                continue
+            ops = re.findall(r"%([\w.\-]+)", m.group(2))
+            if any(shapes.get(o) == target for o in ops):
+                n += 1
     return n
 
 
@@ -148,40 +211,45 @@ def run_model(name, rounds, steps, compiles):
     batch = batch_fn(jax.random.PRNGKey(1))
     big = max(jax.tree_util.tree_leaves(params), key=lambda x: x.size).shape
     vs = variants(loss_fn)
-    fns, states, compile_times, passes = {}, {}, {k: [] for k in vs}, {}
-    jax.jit(vs["plain adamw"][0]).lower(
+    compile_times, passes, temp = {k: [] for k in vs}, {}, {}
+    build(vs["plain adamw"][0], None).lower(
         params, optax.adamw(LR).init(params), batch
-    ).compile()
+    ).compile()  # warm-up: the first compile of a process pays extra
     for c in range(compiles):
         for key in random.sample(list(vs), len(vs)):
             step, tx, kind = vs[key]
             state = tx.init(params)
             t0 = time.perf_counter()
+            fresh = functools.wraps(step)(lambda *a, _s=step: _s(*a))  # no cache hit
             if kind == "debug_nans":
                 with jax.debug_nans(True):
-                    lowered = jax.jit(step).lower(params, state, batch)
+                    lowered = build(fresh, kind).lower(params, state, batch)
             else:
-                lowered = build(step, kind).lower(params, state, batch)
+                lowered = build(fresh, kind).lower(params, state, batch)
             compiled = lowered.compile()
             compile_times[key].append(time.perf_counter() - t0)
             if c == 0:
                 passes[key] = count_big_reads(compiled.as_text(), big)
+                mem = compiled.memory_analysis()
+                temp[key] = getattr(mem, "temp_size_in_bytes", 0) if mem else 0
+    fns, carry = {}, {}
     for key, (step, tx, kind) in vs.items():
         fns[key] = build(step, kind)
-        states[key] = tx.init(params)
-        jax.block_until_ready(call(fns[key], kind, (params, states[key], batch)))
+        p = jax.tree.map(jnp.copy, params)
+        carry[key] = call(fns[key], kind, (p, tx.init(p), batch))
+        jax.block_until_ready(carry[key])
     ratios = {k: [] for k in vs}
     for _ in range(rounds):
         times = {}
         for key in random.sample(list(vs), len(vs)):
             kind = vs[key][2]
-            args = (params, states[key], batch)
-            jax.block_until_ready(call(fns[key], kind, args))
+            p, s = carry[key]
             t0 = time.perf_counter()
             for _ in range(steps):
-                out = call(fns[key], kind, args)
-            jax.block_until_ready(out)
+                p, s = call(fns[key], kind, (p, s, batch))
+            jax.block_until_ready((p, s))
             times[key] = (time.perf_counter() - t0) / steps
+            carry[key] = (p, s)
         for key in vs:
             ratios[key].append(times[key] / times["plain adamw"])
     rows = []
@@ -196,10 +264,15 @@ def run_model(name, rounds, steps, compiles):
                 statistics.median(per_round),
                 statistics.median(ctimes),
                 passes[key] - passes[base],
+                (temp[key] - temp[base]) / param_bytes(params),
             )
         )
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
     return rows, n_params, statistics.median(compile_times["plain adamw"])
+
+
+def param_bytes(params):
+    return sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
 
 
 def main(argv=None):
@@ -216,11 +289,13 @@ def main(argv=None):
         print(f"### {name} ({n / 1e6:.2f}M params, adamw), plain compile {c0:.2f}s\n")
         print(
             "| variant | baseline | step time | compile time "
-            "| extra passes over the largest gradient |"
+            "| extra passes over the largest gradient | extra temp memory |"
         )
-        print("|---|---|---|---|---|")
-        for key, base, r, c, p in rows:
-            print(f"| {key} | {base} | {r:.3f}x | {c:.2f}x | {p:+d} |")
+        print("|---|---|---|---|---|---|")
+        for key, base, r, c, p, m in rows:
+            print(
+                f"| {key} | {base} | {r:.3f}x | {c:.2f}x | {p:+d} | {m:+.2f}x params |"
+            )
         print()
 
 
