@@ -3,7 +3,10 @@
 from jaxnan._src.base import ArrayTree as ArrayTree
 from jaxnan._src.checks import Report as Report
 from jaxnan._src.checks import check as check
+from jaxnan._src.locate import Diagnosis as Diagnosis
+from jaxnan._src.locate import locate as locate
 from jaxnan._src.report import NonFiniteError as NonFiniteError
+from jaxnan._src.rules import register_rule as register_rule
 from jaxnan._src.transforms import ClipByGlobalNormState as ClipByGlobalNormState
 from jaxnan._src.transforms import SkipNonfiniteState as SkipNonfiniteState
 from jaxnan._src.transforms import ZeroNonfiniteState as ZeroNonfiniteState
@@ -19,6 +22,7 @@ __version__ = "0.1.0"
 __all__ = (
     "ArrayTree",
     "ClipByGlobalNormState",
+    "Diagnosis",
     "NonFiniteError",
     "NonfiniteCounts",
     "Report",
@@ -27,7 +31,9 @@ __all__ = (
     "all_finite",
     "check",
     "clip_by_global_norm",
+    "locate",
     "nonfinite_counts",
+    "register_rule",
     "skip_nonfinite",
     "zero_nonfinite",
 )
