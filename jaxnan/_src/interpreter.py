@@ -179,8 +179,18 @@ def _aval(v: Any) -> Any:
     return v.aval
 
 
+# First-order primitives whose params hold a small jaxpr (a combiner applied
+# elementwise, not a nested computation to interpret): bound as they are.
+_COMBINER_PRIMITIVES = frozenset(
+    {"reduce", "reduce_window", "select_and_scatter", "select_and_gather_add"}
+)
+
+
 def is_higher_order(eqn: Any) -> bool:
     """True when an equation's params hold a jaxpr (a nested computation)."""
+    name = eqn.primitive.name
+    if name.startswith("scatter") or name in _COMBINER_PRIMITIVES:
+        return False
     return any(_is_jaxpr_param(v) for v in eqn.params.values())
 
 
@@ -209,7 +219,7 @@ def loop_depth(jaxpr: Any) -> int:
     best = 0
     for eqn in jaxpr.eqns:
         inner = max((loop_depth(j) for j in _sub_jaxprs(eqn)), default=0)
-        if eqn.primitive.name in ("scan", "while"):
+        if eqn.primitive.name in ("scan", "while"):  # one iteration index each
             inner += 1
         best = max(best, inner)
     return best
