@@ -113,6 +113,8 @@ class Node:
             `shard_map`).
         out_avals: abstract values of the outputs.
         shard: ``(mesh, axes)`` of the enclosing `shard_map`, else None.
+        callers: the enclosing higher-order equations, outermost first (their
+            source lines stand in when a body's traceback stops at a `jit`).
     """
 
     index: int
@@ -125,6 +127,7 @@ class Node:
     in_avals: tuple
     out_avals: tuple
     shard: Any = None
+    callers: tuple = ()
 
 
 class _Cell:
@@ -302,6 +305,7 @@ class Ctx:
         self.unit = unit
         self.shard = shard
         self.pending: list[tuple[Any, int]] = []
+        self.callers: tuple = ()
         self._info: _EqnInfo | None = None
 
     @property
@@ -326,6 +330,7 @@ class Ctx:
                 in_avals=(),
                 out_avals=(),
                 shard=self.shard,
+                callers=self.callers,
             )
             info.unit = node.index
         return info.unit
@@ -348,7 +353,7 @@ class Ctx:
         ns = self.name_stack
         if eqn is not None:
             ns = _join(ns, str(eqn.source_info.name_stack))
-        return Ctx(
+        sub = Ctx(
             self.interp,
             state,
             iters=self.iters if iters is None else iters,
@@ -356,6 +361,8 @@ class Ctx:
             unit=self._unit_index(),
             shard=self.shard if shard is None else shard,
         )
+        sub.callers = self.callers + ((eqn,) if eqn is not None else ())
+        return sub
 
     def flush(self) -> None:
         """Folds the pending created flags into the record (detect mode)."""
@@ -409,12 +416,14 @@ class Ctx:
             ns = _join(ns, str(info.eqn.source_info.name_stack))
             if len(args) == len(info.in_cells):
                 cells, prods = info.in_cells, info.in_prods
-        outer_ns, outer_info = self.name_stack, self._info
+        outer = self.name_stack, self._info, self.callers
         self.name_stack, self._info = ns, None
+        if info is not None:
+            self.callers = self.callers + (info.eqn,)
         try:
             outs, ocells, oprods = self._eval(jaxpr, consts, args, cells, prods)
         finally:
-            self.name_stack, self._info = outer_ns, outer_info
+            self.name_stack, self._info, self.callers = outer
         if info is not None:
             info.out_cells, info.out_prods = ocells, oprods
         return outs
@@ -554,6 +563,7 @@ class Ctx:
             in_avals=tuple(_aval(v) for v in eqn.invars),
             out_avals=tuple(_aval(v) for v in eqn.outvars),
             shard=self.shard,
+            callers=self.callers,
         )
 
     def _capture(self, invals, outs, top: bool) -> None:

@@ -210,6 +210,7 @@ def _library_of(file_name: str) -> str | None:
 _STDLIB_WRAPPERS = ("contextlib.py", "functools.py")
 
 _API_PREFIXES = (
+    ("jax", "_src/numpy/linalg", "jnp.linalg."),
     ("jax", "_src/numpy/", "jnp."),
     ("jax", "_src/nn/", "jax.nn."),
     ("jax", "_src/lax/", "lax."),
@@ -244,23 +245,43 @@ def _api_name(frame: Any) -> str | None:
 
 
 def user_frame(source_info: Any) -> tuple[Any, str | None]:
-    """(innermost user frame or None, the library function it called)."""
+    """(innermost user frame or None, the library function it called).
+
+    Without a user frame (the traceback of an equation inside a `jit`-ed
+    library function stops at the `jit`), the library function is the
+    outermost one the traceback shows.
+    """
     tb = getattr(source_info, "traceback", None)
     if tb is None:
         return None, None
     frames = list(tb.frames)  # innermost first
+    k = len(frames)
+    user = None
     for k, f in enumerate(frames):
-        if _library_of(f.file_name) is not None:
-            continue
-        if f.file_name.endswith(_STDLIB_WRAPPERS):
-            continue
-        api = None
-        for inner in reversed(frames[:k]):
-            api = _api_name(inner)
-            if api is not None:
-                break
-        return f, api
-    return None, None
+        if _library_of(f.file_name) is None and not f.file_name.endswith(
+            _STDLIB_WRAPPERS
+        ):
+            user = f
+            break
+    else:
+        k = len(frames)
+    api = None
+    for inner in reversed(frames[:k]):
+        api = _api_name(inner)
+        if api is not None:
+            break
+    return user, api
+
+
+def node_frame(node: Any) -> tuple[Any, str | None]:
+    """The user frame of a node, falling back on its enclosing equations."""
+    frame, api = user_frame(node.eqn.source_info)
+    for caller in reversed(node.callers):
+        if frame is not None:
+            break
+        frame, outer_api = user_frame(caller.source_info)
+        api = api or outer_api
+    return frame, api
 
 
 _PRIMITIVE_NAMES = {
@@ -545,7 +566,7 @@ def _locate(fn, name, static, args, kwargs) -> Diagnosis:
 
     inputs, outputs = _capture(closed, consts, leaves, depth, node, iteration, device_pos)
     eqn = node.eqn
-    frame, api = user_frame(eqn.source_info)
+    frame, api = node_frame(node)
     api = _user_function(node, interp.nodes, api)
     file = line = function = code = None
     if frame is not None:
