@@ -485,7 +485,7 @@ def locate(
         static_argnums = (static_argnums,)
     try:
         static = tuple(int(i) for i in static_argnums)
-    except TypeError:
+    except (TypeError, ValueError):
         raise TypeError(
             f"jaxnan.locate got static_argnums={static_argnums!r}; pass an int "
             "or a tuple of ints (the positions of non-array arguments)."
