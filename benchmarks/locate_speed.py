@@ -40,8 +40,13 @@ def init(key):
         }
         for _ in range(LAYERS)
     ]
-    return {"embed": n((VOCAB, D)), "pos": n((SEQ, D)), "layers": layers,
-            "ln_f": jnp.ones(D), "head": n((D, VOCAB))}
+    return {
+        "embed": n((VOCAB, D)),
+        "pos": n((SEQ, D)),
+        "layers": layers,
+        "ln_f": jnp.ones(D),
+        "head": n((D, VOCAB)),
+    }
 
 
 def layer_norm(x, g, eps=1e-5):

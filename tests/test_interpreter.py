@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax import lax
 from jax.extend.core import Primitive
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxnan
@@ -18,7 +18,9 @@ _SRC = open(__file__).read().splitlines()
 
 
 def marker(tag):
-    hits = [i + 1 for i, line in enumerate(_SRC) if line.rstrip().endswith(f"# <- {tag}")]
+    hits = [
+        i + 1 for i, line in enumerate(_SRC) if line.rstrip().endswith(f"# <- {tag}")
+    ]
     assert len(hits) == 1, tag
     return hits[0]
 
@@ -66,7 +68,10 @@ def test_custom_jvp_primal_body_and_nn_functions():
         return jax.nn.relu(jnp.exp(x)) + jax.nn.softplus(x)  # <- nn
 
     check(jaxnan.locate(f)(jnp.array([1.0, 100.0])), "exp", "nn")
-    assert jaxnan.locate(jax.grad(lambda x: jnp.sum(jax.nn.relu(x))))(jnp.zeros(3)).found is False
+    assert (
+        jaxnan.locate(jax.grad(lambda x: jnp.sum(jax.nn.relu(x))))(jnp.zeros(3)).found
+        is False
+    )
 
 
 def test_custom_vjp_backward():
@@ -81,15 +86,21 @@ def test_custom_vjp_backward():
 
     d = jaxnan.locate(jax.value_and_grad(loss))(jnp.array([1.0, 0.0]))
     assert (d.primitive, d.phase) == ("div", "backward"), str(d)
+
     # the primal body (sin) is evaluated and checked too
-    check(jaxnan.locate(lambda x: jnp.log(f(x)))(jnp.zeros(1)), "log", "cvjp_primal")  # <- cvjp_primal
+    def g(x):
+        return jnp.log(f(x))  # <- cvjp_primal
+
+    check(jaxnan.locate(g)(jnp.zeros(1)), "log", "cvjp_primal")
 
 
 def test_remat():
     def loss(x):
         return jnp.sum(jax.checkpoint(lambda z: jnp.sqrt(z))(x))  # <- remat
 
-    check(jaxnan.locate(jax.value_and_grad(loss))(jnp.array([-1.0, 1.0])), "sqrt", "remat")
+    check(
+        jaxnan.locate(jax.value_and_grad(loss))(jnp.array([-1.0, 1.0])), "sqrt", "remat"
+    )
     d = jaxnan.locate(jax.value_and_grad(loss))(jnp.array([0.0, 1.0]))
     check(d, "div", "remat", phase="backward")
 
@@ -111,6 +122,7 @@ def test_scan_reports_iteration():
     def f(xs):
         def body(c, x):
             return c + jnp.log(x), c  # <- scan
+
         return lax.scan(body, 0.0, xs)[0]
 
     xs = jnp.array([1.0, 2.0, 3.0, 0.0, 5.0])
@@ -125,7 +137,9 @@ def test_nested_scan_iterations():
         def outer(c, row):
             def inner(c2, x):
                 return c2 + jnp.sqrt(x), None  # <- nested
+
             return lax.scan(inner, c, row)[0], None
+
         return lax.scan(outer, 0.0, xs)[0]
 
     xs = jnp.ones((3, 4)).at[2, 1].set(-1.0)
@@ -140,7 +154,9 @@ def test_while_and_fori_loop():
 
     def g(x, n):
         return lax.while_loop(
-            lambda c: c[0] < n, lambda c: (c[0] + 1, jnp.log(c[1] - 0.7)), (0, x)  # <- while
+            lambda c: c[0] < n,
+            lambda c: (c[0] + 1, jnp.log(c[1] - 0.7)),  # <- while
+            (0, x),
         )[1]
 
     check(jaxnan.locate(g)(jnp.float32(3.0), 5), "log", "while", iteration=(2,))
@@ -189,6 +205,7 @@ def test_register_rule_first_order():
         return ctx, x * 1e38
 
     try:
+
         def f(x):
             return twice_p.bind(x)  # <- rule
 
@@ -229,5 +246,7 @@ def test_unknown_higher_order_primitive_raises_then_rule_works():
 
 
 def test_register_rule_type_error():
-    with pytest.raises(TypeError, match=re.escape("jaxnan.register_rule(primitive) needs")):
+    with pytest.raises(
+        TypeError, match=re.escape("jaxnan.register_rule(primitive) needs")
+    ):
         jaxnan.register_rule("exp")

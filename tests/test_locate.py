@@ -15,7 +15,9 @@ _SRC = open(__file__).read().splitlines()
 
 def marker(tag):
     """The line number of the line carrying `# <- tag`."""
-    hits = [i + 1 for i, line in enumerate(_SRC) if line.rstrip().endswith(f"# <- {tag}")]
+    hits = [
+        i + 1 for i, line in enumerate(_SRC) if line.rstrip().endswith(f"# <- {tag}")
+    ]
     assert len(hits) == 1, tag
     return hits[0]
 
@@ -58,8 +60,14 @@ def test_str_and_to_dict(log_diag):
     line = marker("log")
     assert text.startswith("jaxnan: `log` created the first nonfinite value (1 -inf)")
     assert f"test_locate.py:{line} (`jnp.log`)" in text
-    for part in ("phase:   forward", "cause:   unsafe_op", "inputs:  log received 0.0",
-                 "nonfinite outputs:", "output[0]: 1 +inf", "in xent: return"):
+    for part in (
+        "phase:   forward",
+        "cause:   unsafe_op",
+        "inputs:  log received 0.0",
+        "nonfinite outputs:",
+        "output[0]: 1 +inf",
+        "in xent: return",
+    ):
         assert part in text, part
     d = log_diag.to_dict()
     assert d["primitive"] == "log" and d["line"] == line and d["phase"] == "forward"
@@ -167,7 +175,9 @@ def test_integers_pass_unchecked():
 
 
 def test_errors():
-    with pytest.raises(TypeError, match=re.escape("jaxnan.locate(fn) needs a callable")):
+    with pytest.raises(
+        TypeError, match=re.escape("jaxnan.locate(fn) needs a callable")
+    ):
         jaxnan.locate(3)
     with pytest.raises(TypeError, match=re.escape("static_argnums='a'")):
         jaxnan.locate(xent, static_argnums="a")

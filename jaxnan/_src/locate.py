@@ -95,9 +95,7 @@ class Diagnosis:
     device: int | None = None
     name_stack: str = ""
     dtype: str | None = None
-    shapes: dict[str, list[tuple[int, ...]]] = dataclasses.field(
-        default_factory=dict
-    )
+    shapes: dict[str, list[tuple[int, ...]]] = dataclasses.field(default_factory=dict)
     user_function: str | None = None
     fn_name: str = ""
     created: tuple[int, int, int] | None = None
@@ -255,16 +253,16 @@ def user_frame(source_info: Any) -> tuple[Any, str | None]:
     if tb is None:
         return None, None
     frames = list(tb.frames)  # innermost first
-    k = len(frames)
-    user = None
-    for k, f in enumerate(frames):
-        if _library_of(f.file_name) is None and not f.file_name.endswith(
-            _STDLIB_WRAPPERS
-        ):
-            user = f
-            break
-    else:
-        k = len(frames)
+    k = next(
+        (
+            i
+            for i, f in enumerate(frames)
+            if _library_of(f.file_name) is None
+            and not f.file_name.endswith(_STDLIB_WRAPPERS)
+        ),
+        len(frames),
+    )
+    user = frames[k] if k < len(frames) else None
     api = None
     for inner in reversed(frames[:k]):
         api = _api_name(inner)
@@ -387,9 +385,7 @@ def phases(nodes: Sequence[interpreter.Node], out_producers: Sequence[int]):
 
 def _rows(counts: Any, paths: Sequence[str]) -> dict[str, tuple[int, int, int]]:
     c = np.asarray(counts).reshape(-1, 3)
-    return {
-        p: tuple(int(v) for v in row) for p, row in zip(paths, c) if row.any()
-    }
+    return {p: tuple(int(v) for v in row) for p, row in zip(paths, c) if row.any()}
 
 
 def _host_counts(values: Sequence[np.ndarray]) -> tuple[int, int, int]:
@@ -470,7 +466,7 @@ def locate(
         >>> d.primitive, d.phase, d.function, d.cause
         ('log', 'forward', 'loss', 'unsafe_op')
         >>> d.nonfinite_outputs
-        {'output[0]': (0, 0, 1), 'output[1]': (0, 1, 0)}
+        {'output[0]': (0, 0, 1), 'output[1]': (1, 0, 0)}
         >>> jaxnan.locate(loss)(jnp.ones(3), jnp.ones(3)).found
         False
 
@@ -564,7 +560,9 @@ def _locate(fn, name, static, args, kwargs) -> Diagnosis:
             device = int(mesh.devices.flat[device_pos].id)
     phase = phases(interp.nodes, interp.out_producers)(node)
 
-    inputs, outputs = _capture(closed, consts, leaves, depth, node, iteration, device_pos)
+    inputs, outputs = _capture(
+        closed, consts, leaves, depth, node, iteration, device_pos
+    )
     eqn = node.eqn
     frame, api = node_frame(node)
     api = _user_function(node, interp.nodes, api)
