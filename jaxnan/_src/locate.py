@@ -146,7 +146,8 @@ class Diagnosis:
                 via = f" (`{self.user_function}`)" if self.user_function else ""
                 lines.append(f"  where:   {where}{via}")
             if self.function:
-                lines.append(f"           in {self.function}: {self.code or ''}")
+                code = f": {self.code}" if self.code else ""
+                lines.append(f"           in {self.function}{code}")
             lines.append(f"  phase:   {self.phase}")
             if self.iteration:
                 lines.append(f"  iteration: {self.iteration}")
