@@ -17,7 +17,8 @@ primitive* / *right line* = the primitive / the line of the first creating
 equation (for a case whose NaN is already in the arguments, "right" means
 naming the input leaf: only a tool that checks the arguments can);
 *right phase* = the tool reports forward / backward / update / input and it
-is the expected one (checkify and jax_debug_nans report no phase).
+is the expected one; *right cause* = the cause from jaxnan's taxonomy
+(checkify and jax_debug_nans report neither phase nor cause).
 
 Usage: python benchmarks/locate_accuracy.py [--details] [--only NAME ...]
 """
@@ -33,13 +34,15 @@ import time
 import traceback
 import warnings
 
-import jax
-import jax.numpy as jnp
-from jax.experimental import checkify
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # this checkout's jaxnan, not an installed one
 
-import jaxnan
+import jax  # noqa: E402
+from jax.experimental import checkify  # noqa: E402
 
-CASES_DIR = pathlib.Path(__file__).resolve().parent.parent / "tests" / "cases"
+import jaxnan  # noqa: E402
+
+CASES_DIR = ROOT / "tests" / "cases"
 MARKER = "# <- creates"
 TOOLS = (
     "checkify (float_checks)",
@@ -54,9 +57,7 @@ def load_case(path):
     spec = importlib.util.spec_from_file_location(f"bench_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    lines = [
-        i for i, t in enumerate(path.read_text().splitlines(), 1) if MARKER in t
-    ]
+    lines = [i for i, t in enumerate(path.read_text().splitlines(), 1) if MARKER in t]
     return module, (lines[0] if lines else None)
 
 
@@ -117,6 +118,7 @@ def run_locate(fn, args, case_file):
         "line": line,
         "phase": d.phase,
         "leaf": list(d.nonfinite_inputs),
+        "cause": d.cause,
     }
 
 
@@ -155,7 +157,9 @@ def main(argv=None):
     if opts.only:
         paths = [p for p in paths if p.stem[5:] in opts.only]
     totals = {t: [0, 0, 0, 0] for t in TOOLS}
+    causes = 0
     rows = []
+    print(f"jaxnan from {jaxnan.__file__}", file=sys.stderr)
     t0 = time.perf_counter()
     for path in paths:
         module, line = load_case(path)
@@ -173,6 +177,8 @@ def main(argv=None):
             s = score(expect, line, got)
             for i, ok in enumerate(s):
                 totals[tool][i] += ok
+            if got is not None and got.get("cause") == expect["cause"]:
+                causes += 1
             mark = "".join("✓" if ok else "·" for ok in s)
             desc = "—" if got is None else f"{got['primitive']}:{got['line']}"
             row.append(f"{mark} {desc}")
@@ -183,14 +189,20 @@ def main(argv=None):
         f"\nAccuracy over {n} scenarios (tests/cases/), CPU, "
         f"jax {jax.__version__}, {time.perf_counter() - t0:.0f} s in all\n"
     )
-    print("| tool | detected | right primitive | right line | right phase |")
-    print("|---|---|---|---|---|")
+    print(
+        "| tool | detected | right primitive | right line | right phase | right cause |"
+    )
+    print("|---|---|---|---|---|---|")
     for tool in TOOLS:
         d, p, ln, ph = totals[tool]
-        phase = f"{ph}/{n}" if tool == "jaxnan.locate" else "not reported"
-        print(f"| {tool} | {d}/{n} | {p}/{n} | {ln}/{n} | {phase} |")
+        ours = tool == "jaxnan.locate"
+        phase = f"{ph}/{n}" if ours else "not reported"
+        cause = f"{causes}/{n}" if ours else "not reported"
+        print(f"| {tool} | {d}/{n} | {p}/{n} | {ln}/{n} | {phase} | {cause} |")
     if opts.details:
-        print("\nPer case: detected, primitive, line, phase (✓/·), then what it named\n")
+        print(
+            "\nPer case: detected, primitive, line, phase (✓/·), then what it named\n"
+        )
         print("| case | " + " | ".join(TOOLS) + " |")
         print("|---" * (len(TOOLS) + 1) + "|")
         for row in rows:
@@ -199,5 +211,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     jax.config.update("jax_platforms", "cpu")
-    del jnp
     main()

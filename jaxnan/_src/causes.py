@@ -739,7 +739,19 @@ def _classify(event: Event) -> tuple[str, str, str]:
     )
     seen = specific[2] if specific is not None else generic_seen
     if event.phase == "update":
-        return "update", FIXES["update"], seen
+        fix = FIXES["update"]
+        if specific is not None and specific[0] == "unsafe_op":
+            fix = (
+                "The update leaves the domain while the gradients are finite: "
+                "raise the optimizer epsilon (e.g. optax.adam(learning_rate, "
+                "eps=1e-8)) or guard the denominator (jnp.maximum(norm, 1e-12))."
+            )
+        elif specific is not None:
+            fix = (
+                "The update overflows while the gradients are finite: lower the "
+                "learning rate and clip the gradients (optax.clip_by_global_norm)."
+            )
+        return "update", fix, seen
     if _refloat32(event):
         dt = _out_dtype(event)
         return (
