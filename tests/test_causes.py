@@ -131,6 +131,8 @@ def test_rsqrt_in_backward_of_arccos_at_one():
         "rsqrt received 0.0 at 2 of 2 positions (gradient of jnp.arccos"
     )
     assert "jnp.clip(x, -1 + 1e-6, 1 - 1e-6)" in fix
+    ev.user_function = "lax.rsqrt"
+    assert "double-where" in classify(ev)[1]
 
 
 def test_pow_negative_base_and_zero_base_in_backward():
@@ -253,7 +255,7 @@ def test_sum_and_dot_overflow_forward_and_backward():
         "reduce_sum received max |x| 2e+38 and overflowed float32 (max 3.4e+38) "
         "at 1 of 1 position"
     )
-    assert "float32" in fix
+    assert fix == FIXES["overflow"]
     a = np.full((2, 2), 3e19, np.float32)
     ev = event(jnp.dot, a, a, primitive="dot_general", inputs=[a, a], phase="backward")
     cause, fix, seen = classify(ev)
@@ -371,3 +373,20 @@ def test_classify_inputs(paths, cause):
     assert got == cause
     first = next(iter(p for p in paths if (cause == "input_data") or "batch" not in p))
     assert re.search(re.escape(first), fix)
+
+
+def test_logsumexp_of_all_minus_inf_gets_its_own_fix():
+    z = np.zeros(3, np.float32)
+    ev = event(
+        jnp.log, z, primitive="log", inputs=[z], user_function="jax.ops.logsumexp"
+    )
+    cause, fix, seen = classify(ev)
+    assert (cause, seen) == ("unsafe_op", "log received 0.0 at 3 of 3 positions")
+    assert fix.startswith("logsumexp of a row that is all -inf")
+
+
+def test_bfloat16_sum_overflow_that_float32_shares_is_overflow():
+    # bfloat16 has float32's range: a bf16 sum past 3.4e38 is not "precision"
+    big = np.full(2, 2e38, jnp.bfloat16)
+    ev = event(jnp.sum, big, primitive="reduce_sum", inputs=[big])
+    assert classify(ev)[:2] == ("overflow", FIXES["overflow"])

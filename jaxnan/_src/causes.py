@@ -57,8 +57,8 @@ FIXES: dict[str, str] = {
     ),
     "overflow": (
         "Activations exceed the float range: normalize or scale them (layer "
-        "norm, smaller initialization), subtract the max before exp, or "
-        "accumulate in float32."
+        "norm, smaller initialization), subtract the max before exp, and lower "
+        "the learning rate if they grew over the training steps."
     ),
     "exploding_gradient": (
         "Clip the gradients (optax.clip_by_global_norm(1.0)), lower the "
@@ -282,11 +282,18 @@ def _rule_log(event: Event):
             f"{event.primitive} received values below {at} (min {_fmt(x.min())}) "
             f"{_positions(below, x.size)}"
         )
-    fix = (
-        f"Keep the argument of {event.primitive} above {at}: use "
-        "jax.nn.log_softmax (or optax.softmax_cross_entropy) instead of "
-        "log(softmax(.)), or clamp it with jnp.maximum(x, 1e-12)."
-    )
+    if "logsumexp" in (event.user_function or ""):
+        fix = (
+            "logsumexp of a row that is all -inf is -inf (and its gradient NaN): "
+            "keep at least one finite entry per row, or replace fully masked "
+            "rows with jnp.where before and after the logsumexp."
+        )
+    else:
+        fix = (
+            f"Keep the argument of {event.primitive} above {at}: use "
+            "jax.nn.log_softmax (or optax.softmax_cross_entropy) instead of "
+            "log(softmax(.)), or clamp it with jnp.maximum(x, 1e-12)."
+        )
     return "unsafe_op", fix, "; ".join(seen)
 
 
@@ -313,11 +320,19 @@ def _rule_sqrt(event: Event):
         if event.phase == "backward":
             what = _gradient_of(event, "a function with a square-root derivative")
             seen += f" ({what}: infinite at the domain boundary)"
-            fix = (
-                "The derivative is infinite at the boundary of the domain: clip "
-                "the argument into the open domain, e.g. "
-                "jnp.clip(x, -1 + 1e-6, 1 - 1e-6) before jnp.arccos/jnp.arcsin."
-            )
+            uf = (event.user_function or "").lower()
+            if any(k in uf for k in ("arccos", "arcsin", "acos", "asin")):
+                fix = (
+                    "The derivative is infinite at the boundary of the domain: "
+                    "clip the argument into the open domain, e.g. "
+                    "jnp.clip(x, -1 + 1e-6, 1 - 1e-6) before jnp.arccos/jnp.arcsin."
+                )
+            else:
+                fix = (
+                    "The derivative is infinite where this argument is 0: add an "
+                    "epsilon to it or use the double-where trick "
+                    "(jnp.where(x > 0, x, 1.0) inside, jnp.where outside)."
+                )
         else:
             fix = "Add an epsilon before rsqrt: jax.lax.rsqrt(var + 1e-5)."
         return "unsafe_op", fix, seen
@@ -443,10 +458,14 @@ def _rule_arc(event: Event):
         seen = f"atanh received +/-1.0 {_positions(edge, x.size)}"
     else:
         return None
+    why = (
+        "a tanh-squashed value clipped to exactly +/-1 needs the margin"
+        if p == "atanh"
+        else "a cosine similarity can exceed 1 by rounding"
+    )
     fix = (
         f"Clip the argument of {p} into the open interval: "
-        "jnp.clip(x, -1 + 1e-6, 1 - 1e-6) (a cosine similarity can exceed 1 "
-        "by rounding)."
+        f"jnp.clip(x, -1 + 1e-6, 1 - 1e-6) ({why})."
     )
     return "unsafe_op", fix, seen
 
@@ -562,34 +581,6 @@ def _rule_inf_arith(event: Event):
     return None
 
 
-_OVERFLOW_PRIMS = frozenset(
-    {
-        "add",
-        "add_any",
-        "sub",
-        "mul",
-        "div",
-        "dot_general",
-        "reduce_sum",
-        "reduce_prod",
-        "cumsum",
-        "cumprod",
-        "integer_pow",
-        "square",
-        "pow",
-        "conv_general_dilated",
-        "psum",
-        "reduce_precision",
-        "convert_element_type",
-        "exp",
-        "exp2",
-        "expm1",
-        "sinh",
-        "cosh",
-    }
-)
-
-
 def _rule_overflow(event: Event):
     """Finite inputs, +/-inf output (and no domain problem): overflow."""
     if not event.outputs:
@@ -611,14 +602,7 @@ def _rule_overflow(event: Event):
     )
     if event.phase == "backward":
         return "exploding_gradient", FIXES["exploding_gradient"], seen
-    fix = FIXES["overflow"]
-    if event.primitive in ("reduce_sum", "dot_general", "cumsum"):
-        fix = (
-            "The sum overflowed: accumulate in float32 "
-            "(preferred_element_type=jnp.float32 or x.astype(jnp.float32)) and "
-            "keep activations normalized."
-        )
-    return "overflow", fix, seen
+    return "overflow", FIXES["overflow"], seen
 
 
 _RULES = {
