@@ -57,7 +57,10 @@ def test_suite_size():
 def test_case_is_well_formed(name):
     module = load_case(name)
     expect = module.EXPECT
+    allowed = {"primitive", "phase", "cause", "leaf", "iteration", "seen"}
+    assert set(expect) <= allowed, set(expect) - allowed
     assert expect["cause"] in CAUSES
+    assert module.__doc__ and callable(module.make)
     assert expect["phase"] in ("input", "forward", "backward", "update")
     lines = marker_line(name)
     if expect["phase"] == "input":
@@ -119,3 +122,5 @@ def test_locate_names_the_creating_equation(name):
         want["iteration"] = tuple(expect["iteration"])
     assert got == want, str(diagnosis)
     assert diagnosis.fix and diagnosis.inputs_seen
+    if "seen" in expect:
+        assert expect["seen"] in diagnosis.inputs_seen, diagnosis.inputs_seen

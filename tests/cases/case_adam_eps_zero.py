@@ -6,7 +6,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-EXPECT = {"primitive": "div", "phase": "update", "cause": "update"}
+EXPECT = {
+    "primitive": "div",
+    "phase": "update",
+    "cause": "update",
+    "seen": "div received a zero denominator: 0/0 at 12 of 24 positions",
+}
 
 tx = optax.adam(1e-2, eps=0.0)
 

@@ -4,7 +4,12 @@ replay-buffer actions clipped to exactly +/-1: arctanh(1) = inf."""
 import jax
 import jax.numpy as jnp
 
-EXPECT = {"primitive": "atanh", "phase": "forward", "cause": "unsafe_op"}
+EXPECT = {
+    "primitive": "atanh",
+    "phase": "forward",
+    "cause": "unsafe_op",
+    "seen": "atanh received +/-1.0 at 1 of 4 positions",
+}
 
 
 def log_prob(params, obs, action):

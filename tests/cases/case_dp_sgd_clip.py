@@ -7,7 +7,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-EXPECT = {"primitive": "div", "phase": "update", "cause": "update"}
+EXPECT = {
+    "primitive": "div",
+    "phase": "update",
+    "cause": "update",
+    "seen": "div received a zero denominator: 0/0 at 6 of 18 positions",
+}
 
 CLIP = 1.0
 tx = optax.sgd(0.1)

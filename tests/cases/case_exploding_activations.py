@@ -5,7 +5,12 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-EXPECT = {"primitive": "dot_general", "phase": "forward", "cause": "overflow"}
+EXPECT = {
+    "primitive": "dot_general",
+    "phase": "forward",
+    "cause": "overflow",
+    "seen": "dot_general received max |x|",
+}
 
 
 class MLP(eqx.Module):

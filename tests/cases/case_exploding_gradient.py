@@ -10,6 +10,7 @@ EXPECT = {
     "primitive": "dot_general",
     "phase": "backward",
     "cause": "exploding_gradient",
+    "seen": "dot_general received max |x|",
 }
 
 

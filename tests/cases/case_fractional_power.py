@@ -4,7 +4,12 @@ negative: a fractional power of a negative number is NaN."""
 import jax
 import jax.numpy as jnp
 
-EXPECT = {"primitive": "pow", "phase": "forward", "cause": "unsafe_op"}
+EXPECT = {
+    "primitive": "pow",
+    "phase": "forward",
+    "cause": "unsafe_op",
+    "seen": "pow received a negative base (min -1.65) with a fractional exponent (1.5)",
+}
 
 
 def model(params, x):

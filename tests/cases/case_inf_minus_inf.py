@@ -4,7 +4,12 @@
 import jax
 import jax.numpy as jnp
 
-EXPECT = {"primitive": "sub", "phase": "forward", "cause": "unsafe_op"}
+EXPECT = {
+    "primitive": "sub",
+    "phase": "forward",
+    "cause": "unsafe_op",
+    "seen": "sub received -inf - -inf at 1 of 2 positions",
+}
 
 
 def log_add(a, b):

@@ -5,7 +5,12 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import gammaln
 
-EXPECT = {"primitive": "lgamma", "phase": "forward", "cause": "unsafe_op"}
+EXPECT = {
+    "primitive": "lgamma",
+    "phase": "forward",
+    "cause": "unsafe_op",
+    "seen": "lgamma received a pole (non-positive integer, e.g. 0.0) at 1 of 6",
+}
 
 
 def dirichlet_nll(params, batch):

@@ -11,6 +11,7 @@ EXPECT = {
     "phase": "forward",
     "cause": "unsafe_op",
     "iteration": (2,),
+    "seen": "log received 0.0 at 3 of 3 positions",
 }
 
 

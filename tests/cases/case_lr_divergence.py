@@ -19,6 +19,7 @@ EXPECT = {
     "phase": "forward",
     "cause": "overflow",
     "iteration": (12,),
+    "seen": "integer_pow received max |x| 2.37e+20 and overflowed float32",
 }
 
 tx = optax.sgd(learning_rate=3.0)

@@ -4,7 +4,12 @@ fully masked score row; with a -inf fill, softmax computes -inf - (-inf) = NaN."
 import jax
 import jax.numpy as jnp
 
-EXPECT = {"primitive": "sub", "phase": "forward", "cause": "unsafe_op"}
+EXPECT = {
+    "primitive": "sub",
+    "phase": "forward",
+    "cause": "unsafe_op",
+    "seen": "sub received -inf - -inf at 20 of 32 positions",
+}
 
 
 def attention(params, x, mask):

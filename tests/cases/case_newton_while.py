@@ -10,6 +10,7 @@ EXPECT = {
     "phase": "forward",
     "cause": "unsafe_op",
     "iteration": (1,),
+    "seen": "div received a zero denominator: x/0 (e.g. 1.0/0) at 1 of 2 positions",
 }
 
 

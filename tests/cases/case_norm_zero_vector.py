@@ -5,7 +5,12 @@ norm at the zero vector is 0.5/sqrt(0) = inf (use optax.safe_norm)."""
 import jax
 import jax.numpy as jnp
 
-EXPECT = {"primitive": "div", "phase": "backward", "cause": "unsafe_op"}
+EXPECT = {
+    "primitive": "div",
+    "phase": "backward",
+    "cause": "unsafe_op",
+    "seen": "div received a zero denominator: x/0 (e.g. 0.5/0) at 1 of 1 position",
+}
 
 
 def embed(params, x):

@@ -5,7 +5,12 @@ but its derivative 0.5/sqrt(0) is inf (and inf * 0 = NaN in the idf grad)."""
 import jax
 import jax.numpy as jnp
 
-EXPECT = {"primitive": "div", "phase": "backward", "cause": "unsafe_op"}
+EXPECT = {
+    "primitive": "div",
+    "phase": "backward",
+    "cause": "unsafe_op",
+    "seen": "div received a zero denominator: x/0 (e.g. 0.5/0) at 3 of 8 positions",
+}
 
 
 def features(params, counts):
