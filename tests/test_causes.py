@@ -390,3 +390,23 @@ def test_bfloat16_sum_overflow_that_float32_shares_is_overflow():
     big = np.full(2, 2e38, jnp.bfloat16)
     ev = event(jnp.sum, big, primitive="reduce_sum", inputs=[big])
     assert classify(ev)[:2] == ("overflow", FIXES["overflow"])
+
+
+def test_rem_by_zero_and_integer_and_bool_inputs():
+    x = np.array([1.0, 2.0], np.float32)
+    z = np.zeros(2, np.float32)
+    ev = event(jnp.fmod, x, z, primitive="rem", inputs=[x, z])
+    assert classify(ev)[2] == (
+        "rem received a zero denominator: x/0 (e.g. 1.0/0) at 2 of 2 positions"
+    )
+    pred = np.array([True, False])
+    a = np.array([1.0, np.nan], np.float32)
+    fn = jax.lax.select_n
+    eqn = eqn_of(fn, pred, a, a, primitive="select_n")
+    ev = Event(eqn, "select_n", "forward", [pred, a, x], [a], None)
+    cause, fix, seen = classify(ev)
+    assert (cause, fix) == ("unsafe_op", FIXES["unsafe_op"])
+    assert seen == (
+        "select_n received bool[2]; float32[2] (min 1.0, max 1.0, 1 nan); "
+        "float32[2] (min 1.0, max 2.0)"
+    )

@@ -360,7 +360,7 @@ def _rule_div(event: Event):
             nz = num[zden & (num != 0)]
             example = _fmt(nz.flat[0]) if nz.size else "x"
             seen.append(f"x/0 (e.g. {example}/0) {_positions(nx0, size)}")
-        text = "div received a zero denominator: " + ", ".join(seen)
+        text = f"{event.primitive} received a zero denominator: " + ", ".join(seen)
         if backward:
             what = _gradient_of(event, "the function on this line")
             text += f" ({what}: its derivative divides by 0 there)"
@@ -381,7 +381,7 @@ def _rule_div(event: Event):
             "unsafe_op",
             "inf/inf is NaN: keep the numerator and denominator finite "
             "(normalize in log space, e.g. jax.nn.softmax).",
-            f"div received inf/inf {_positions(ninf, size)}",
+            f"{event.primitive} received inf/inf {_positions(ninf, size)}",
         )
     return None
 
