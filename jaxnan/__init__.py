@@ -11,7 +11,10 @@ from jaxnan._src.lint import Finding as Finding
 from jaxnan._src.lint import lint as lint
 from jaxnan._src.lint_rules import LINT_RULES as LINT_RULES
 from jaxnan._src.lint_rules import LintRule as LintRule
+from jaxnan._src.locate import Diagnosis as Diagnosis
+from jaxnan._src.locate import locate as locate
 from jaxnan._src.report import NonFiniteError as NonFiniteError
+from jaxnan._src.rules import register_rule as register_rule
 from jaxnan._src.transforms import ClipByGlobalNormState as ClipByGlobalNormState
 from jaxnan._src.transforms import SkipNonfiniteState as SkipNonfiniteState
 from jaxnan._src.transforms import ZeroNonfiniteState as ZeroNonfiniteState
@@ -27,6 +30,7 @@ __version__ = "0.1.0"
 __all__ = (
     "ArrayTree",
     "ClipByGlobalNormState",
+    "Diagnosis",
     "Finding",
     "LINT_RULES",
     "LintRule",
@@ -43,7 +47,9 @@ __all__ = (
     "checked_value_and_grad",
     "clip_by_global_norm",
     "lint",
+    "locate",
     "nonfinite_counts",
+    "register_rule",
     "skip_nonfinite",
     "zero_nonfinite",
 )

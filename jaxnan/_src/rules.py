@@ -1,0 +1,265 @@
+"""The rule table of the `locate` interpreter, and `register_rule`.
+
+A rule has the shape ``rule(ctx, *invals, **params) -> (ctx, outvals)``.
+First-order primitives need no rule: the interpreter binds them and checks
+their floating outputs. Higher-order primitives (those holding a jaxpr) need
+one: the built-in rules below inline calls (`jit`, `closed_call`,
+`custom_jvp_call`, `custom_vjp_call`, `checkpoint`), and evaluate `cond`,
+`scan`, `while` and `shard_map` with an instrumented body that threads the
+fixed-size record through branches, loop carries and devices.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.extend import core as jex_core
+from jax.extend import source_info_util
+from jax.extend.core import primitives as prims
+from jax.sharding import PartitionSpec
+
+from jaxnan._src import compat
+from jaxnan._src.interpreter import Ctx, Record
+
+source_info_util.register_exclusion(__file__)
+
+Rule = Callable[..., tuple[Ctx, Any]]
+
+RULES: dict[Any, Rule] = {}
+"""The rule of each primitive the interpreter treats specially."""
+
+
+def register_rule(primitive: Any) -> Callable[[Rule], Rule]:
+    """Registers how `jaxnan.locate` evaluates a primitive.
+
+    The rule is called as ``rule(ctx, *invals, **params)`` for every equation
+    of `primitive` and returns ``(ctx, outvals)`` (a list of outputs when the
+    primitive has multiple results, else one value). It runs while
+    `jax.jit` traces the instrumented program, so it works on tracers.
+
+    For a first-order primitive the rule only computes the outputs; the
+    interpreter still checks them (an output that is nonfinite while the
+    inputs were finite is a creation event). For a higher-order primitive
+    (one whose params hold a jaxpr) the rule must evaluate the body with
+    ``ctx.eval_jaxpr(jaxpr, consts, args)``, which checks every equation of
+    the body inline, so that events inside are found and named. A
+    higher-order primitive without a rule makes `locate` raise
+    `NotImplementedError`. Registering again replaces the rule.
+
+    Args:
+        primitive: a `jax.extend.core.Primitive`.
+
+    Returns:
+        A decorator that stores the rule and returns it unchanged.
+
+    Raises:
+        TypeError: when `primitive` is not a jax primitive.
+
+    Examples:
+        A primitive with no lowering, evaluated by its rule:
+
+        >>> import jax.numpy as jnp, jaxnan
+        >>> from jax.extend.core import Primitive
+        >>> double_p = Primitive("double")
+        >>> _ = double_p.def_abstract_eval(lambda x: x)
+        >>> @jaxnan.register_rule(double_p)
+        ... def _double_rule(ctx, x):
+        ...     return ctx, x + x
+        >>> def f(x):
+        ...     return jnp.log(double_p.bind(x))
+        >>> jaxnan.locate(f)(jnp.zeros(2)).primitive
+        'log'
+
+    .. versionadded:: 0.1.0
+    """
+    if not isinstance(primitive, jex_core.Primitive):
+        raise TypeError(
+            f"jaxnan.register_rule(primitive) needs a jax primitive "
+            f"(jax.extend.core.Primitive), got {type(primitive).__name__}: "
+            f"{primitive!r}. Pass for example jax.extend.core.primitives.exp_p."
+        )
+
+    def decorator(rule: Rule) -> Rule:
+        RULES[primitive] = rule
+        return rule
+
+    return decorator
+
+
+# -- call-like primitives: inlined ---------------------------------------
+
+
+def _inline(param: str) -> Rule:
+    def rule(ctx: Ctx, *args: Any, **params: Any) -> tuple[Ctx, Any]:
+        body = params[param]
+        if isinstance(body, jex_core.ClosedJaxpr):
+            return ctx, ctx.eval_jaxpr(body.jaxpr, body.consts, args)
+        return ctx, ctx.eval_jaxpr(body, (), args)
+
+    rule.__name__ = f"_inline_{param}_rule"
+    return rule
+
+
+for _p, _param in (
+    (prims.jit_p, "jaxpr"),
+    (prims.closed_call_p, "call_jaxpr"),
+    (prims.custom_jvp_call_p, "call_jaxpr"),  # the primal body
+    (prims.custom_vjp_call_p, "call_jaxpr"),  # the primal body
+    (prims.remat_p, "jaxpr"),
+):
+    register_rule(_p)(_inline(_param))
+
+
+# -- cond / switch -------------------------------------------------------
+
+
+@register_rule(prims.cond_p)
+def _cond_rule(ctx: Ctx, index: Any, *ops: Any, branches: tuple, **_: Any):
+    ctx.flush()
+
+    def make(branch: Any) -> Callable:
+        def run_branch(state: Any, operands: tuple) -> tuple:
+            sub = ctx.child(state)
+            outs = sub.eval_jaxpr(branch.jaxpr, branch.consts, operands)
+            sub.flush()
+            return sub.state, tuple(outs)
+
+        return run_branch
+
+    state, outs = lax.switch(index, [make(b) for b in branches], ctx.state, ops)
+    ctx.state = state
+    return ctx, list(outs)
+
+
+# -- loops ---------------------------------------------------------------
+
+
+@register_rule(prims.scan_p)
+def _scan_rule(
+    ctx: Ctx,
+    *args: Any,
+    jaxpr: Any,
+    length: int,
+    reverse: bool,
+    num_consts: int,
+    num_carry: int,
+    unroll: Any = 1,
+    **_: Any,
+):
+    ctx.flush()
+    consts = args[:num_consts]
+    init = tuple(args[num_consts : num_consts + num_carry])
+    xs = tuple(args[num_consts + num_carry :])
+
+    def body(carry: tuple, x: tuple) -> tuple:
+        i, state, c = carry
+        step = (length - 1 - i) if reverse else i  # the index into xs
+        sub = ctx.child(state, iters=(*ctx.iters, step))
+        outs = sub.eval_jaxpr(jaxpr.jaxpr, jaxpr.consts, (*consts, *c, *x))
+        sub.flush()
+        return (i + 1, sub.state, tuple(outs[:num_carry])), tuple(outs[num_carry:])
+
+    start = (jnp.zeros((), jnp.int32), ctx.state, init)
+    (_, state, carry), ys = lax.scan(
+        body, start, xs, length=length, reverse=reverse, unroll=unroll
+    )
+    ctx.state = state
+    return ctx, [*carry, *ys]
+
+
+@register_rule(prims.while_p)
+def _while_rule(
+    ctx: Ctx,
+    *args: Any,
+    cond_jaxpr: Any,
+    body_jaxpr: Any,
+    cond_nconsts: int,
+    body_nconsts: int,
+    **_: Any,
+):
+    ctx.flush()
+    cconsts = args[:cond_nconsts]
+    bconsts = args[cond_nconsts : cond_nconsts + body_nconsts]
+    init = tuple(args[cond_nconsts + body_nconsts :])
+    cond_fun = jex_core.jaxpr_as_fun(cond_jaxpr)
+
+    def cond(carry: tuple) -> Any:
+        return cond_fun(*cconsts, *carry[2])[0]
+
+    def body(carry: tuple) -> tuple:
+        i, state, c = carry
+        sub = ctx.child(state, iters=(*ctx.iters, i))
+        outs = sub.eval_jaxpr(body_jaxpr.jaxpr, body_jaxpr.consts, (*bconsts, *c))
+        sub.flush()
+        return i + 1, sub.state, tuple(outs)
+
+    _, state, carry = lax.while_loop(
+        cond, body, (jnp.zeros((), jnp.int32), ctx.state, init)
+    )
+    ctx.state = state
+    return ctx, list(carry)
+
+
+# -- shard_map -----------------------------------------------------------
+
+
+@register_rule(compat.shard_map_p)
+def _shard_map_rule(
+    ctx: Ctx,
+    *args: Any,
+    jaxpr: Any,
+    mesh: Any,
+    in_specs: tuple,
+    out_specs: tuple,
+    **params: Any,
+):
+    ctx.flush()
+    manual = params.get("newly_manual_axes", params.get("manual_axes"))
+    manual = set(mesh.axis_names if manual is None else manual)
+    axes = tuple(a for a in mesh.axis_names if a in manual)
+    ndev = math.prod(mesh.shape[a] for a in axes)
+    shard = (mesh, axes)
+
+    def body(state: Any, iters: tuple, *xs: Any) -> tuple:
+        sub = ctx.child(state, iters=iters, shard=shard)
+        if isinstance(jaxpr, jex_core.ClosedJaxpr):
+            outs = sub.eval_jaxpr(jaxpr.jaxpr, jaxpr.consts, xs)
+        else:
+            outs = sub.eval_jaxpr(jaxpr, (), xs)
+        sub.flush()
+        stacked = jax.tree_util.tree_map(lambda s: s[None], sub.state)
+        return stacked, tuple(outs)
+
+    mapped = jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=(PartitionSpec(), PartitionSpec(), *in_specs),
+        out_specs=(PartitionSpec(axes), tuple(out_specs)),
+        axis_names=manual,
+        check_vma=False,
+    )
+    stacked, outs = mapped(ctx.state, tuple(ctx.iters), *args)
+    if ctx.interp.mode == "detect":
+        ctx.state = _first_device(ctx.state, stacked)
+    else:
+        pos = max(ctx.interp.target.device, 0) if ndev > 1 else 0
+        ctx.state = jax.tree_util.tree_map(lambda s: s[pos], stacked)
+    return ctx, list(outs)
+
+
+def _first_device(old: Record, st: Record) -> Record:
+    """The event with the smallest index over devices, with its position."""
+    valid = st.index >= 0
+    key = jnp.where(valid, st.index, jnp.iinfo(jnp.int32).max)
+    pos = jnp.argmin(key).astype(jnp.int32)
+    take = (old.index < 0) & jnp.any(valid)
+    return Record(
+        jnp.where(take, st.index[pos], old.index),
+        jnp.where(take, st.iteration[pos], old.iteration),
+        jnp.where(take, pos, old.device),
+    )

@@ -1,0 +1,252 @@
+"""Tests of the locate interpreter on control flow, sharding and rules."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+from jax.extend.core import Primitive
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jaxnan
+from jaxnan._src import interpreter, rules
+
+_SRC = open(__file__).read().splitlines()
+
+
+def marker(tag):
+    hits = [
+        i + 1 for i, line in enumerate(_SRC) if line.rstrip().endswith(f"# <- {tag}")
+    ]
+    assert len(hits) == 1, tag
+    return hits[0]
+
+
+def check(d, primitive, tag, phase="forward", iteration=None):
+    assert d.found, str(d)
+    assert (d.primitive, d.line, d.phase, d.iteration) == (
+        primitive,
+        marker(tag),
+        phase,
+        iteration,
+    ), str(d)
+    assert d.file == __file__
+
+
+def test_value_codes():
+    code = jax.jit(interpreter.value_code)
+    assert int(code(jnp.ones(5000))) == 0
+    assert int(code(jnp.ones(5000).at[4321].set(jnp.inf))) == 1
+    x = jnp.ones(5000).at[1].set(-jnp.inf).at[4999].set(jnp.nan)
+    assert int(code(x)) == 2  # a float max would skip this NaN on CPU
+    assert int(code(jnp.zeros((0,)))) == 0
+    assert interpreter.host_code(np.float32(-np.inf)) == 1
+    assert interpreter.host_code(3) == 0
+
+
+def test_nested_jit():
+    @jax.jit
+    def inner(x):
+        return jnp.log(x)  # <- jit
+
+    d = jaxnan.locate(jax.jit(lambda x: inner(x) + 1.0))(jnp.array([1.0, 0.0]))
+    check(d, "log", "jit")
+
+
+def test_custom_jvp_primal_body_and_nn_functions():
+    @jax.custom_jvp
+    def safe_log(x):
+        return jnp.log(x)  # <- cjvp
+
+    safe_log.defjvp(lambda p, t: (safe_log(p[0]), t[0] / p[0]))
+    check(jaxnan.locate(safe_log)(jnp.zeros(2)), "log", "cjvp")
+
+    def f(x):
+        return jax.nn.relu(jnp.exp(x)) + jax.nn.softplus(x)  # <- nn
+
+    check(jaxnan.locate(f)(jnp.array([1.0, 100.0])), "exp", "nn")
+    assert (
+        jaxnan.locate(jax.grad(lambda x: jnp.sum(jax.nn.relu(x))))(jnp.zeros(3)).found
+        is False
+    )
+
+
+def test_custom_vjp_backward():
+    @jax.custom_vjp
+    def f(x):
+        return jnp.sin(x)
+
+    f.defvjp(lambda x: (jnp.sin(x), x), lambda r, g: (g / r,))
+
+    def loss(x):
+        return jnp.sum(f(x))  # <- cvjp
+
+    d = jaxnan.locate(jax.value_and_grad(loss))(jnp.array([1.0, 0.0]))
+    assert (d.primitive, d.phase) == ("div", "backward"), str(d)
+
+    # the primal body (sin) is evaluated and checked too
+    def g(x):
+        return jnp.log(f(x))  # <- cvjp_primal
+
+    check(jaxnan.locate(g)(jnp.zeros(1)), "log", "cvjp_primal")
+
+
+def test_remat():
+    def loss(x):
+        return jnp.sum(jax.checkpoint(lambda z: jnp.sqrt(z))(x))  # <- remat
+
+    check(
+        jaxnan.locate(jax.value_and_grad(loss))(jnp.array([-1.0, 1.0])), "sqrt", "remat"
+    )
+    d = jaxnan.locate(jax.value_and_grad(loss))(jnp.array([0.0, 1.0]))
+    check(d, "div", "remat", phase="backward")
+
+
+def test_cond_and_switch_taken_branch_only():
+    def f(x, k):
+        return lax.switch(k, [jnp.sin, lambda z: jnp.log(z), jnp.cos], x)  # <- switch
+
+    check(jaxnan.locate(f)(jnp.zeros(2), 1), "log", "switch")
+    assert not jaxnan.locate(f)(jnp.zeros(2), 0).found
+
+    def g(x):
+        return lax.cond(x[0] > 0, lambda z: z * 2, lambda z: 1.0 / z, x)  # <- cond
+
+    check(jaxnan.locate(g)(jnp.zeros(2)), "div", "cond")
+
+
+def test_scan_reports_iteration():
+    def f(xs):
+        def body(c, x):
+            return c + jnp.log(x), c  # <- scan
+
+        return lax.scan(body, 0.0, xs)[0]
+
+    xs = jnp.array([1.0, 2.0, 3.0, 0.0, 5.0])
+    check(jaxnan.locate(f)(xs), "log", "scan", iteration=(3,))
+    # the reversed scan of the backward pass reports the index into xs too
+    d = jaxnan.locate(jax.grad(f))(jnp.array([1.0, 2.0, 3.0, 4.0]).at[2].set(0.0))
+    check(d, "log", "scan", iteration=(2,))
+
+
+def test_nested_scan_iterations():
+    def f(xs):
+        def outer(c, row):
+            def inner(c2, x):
+                return c2 + jnp.sqrt(x), None  # <- nested
+
+            return lax.scan(inner, c, row)[0], None
+
+        return lax.scan(outer, 0.0, xs)[0]
+
+    xs = jnp.ones((3, 4)).at[2, 1].set(-1.0)
+    check(jaxnan.locate(f)(xs), "sqrt", "nested", iteration=(2, 1))
+
+
+def test_while_and_fori_loop():
+    def f(x):
+        return lax.fori_loop(0, 6, lambda i, c: jnp.log(c - 0.5 * i), x)  # <- fori
+
+    check(jaxnan.locate(f)(jnp.float32(3.0)), "log", "fori", iteration=(2,))
+
+    def g(x, n):
+        return lax.while_loop(
+            lambda c: c[0] < n,
+            lambda c: (c[0] + 1, jnp.log(c[1] - 0.7)),  # <- while
+            (0, x),
+        )[1]
+
+    check(jaxnan.locate(g)(jnp.float32(3.0), 5), "log", "while", iteration=(2,))
+
+
+def test_vmapped_code():
+    def f(x):
+        return jnp.arccos(x)  # <- vmap
+
+    d = jaxnan.locate(jax.vmap(jax.vmap(f)))(jnp.zeros((2, 3)).at[1, 2].set(1.5))
+    check(d, "acos", "vmap")
+
+
+def test_sharded_jit(mesh8):
+    x = jax.device_put(jnp.arange(16.0) - 3.0, NamedSharding(mesh8, P("d")))
+
+    @jax.jit
+    def f(x):
+        return jnp.sum(jnp.sqrt(x))  # <- sharded
+
+    d = jaxnan.locate(f)(x)
+    check(d, "sqrt", "sharded")
+    assert d.device is None
+
+
+def test_shard_map_reports_device(mesh8):
+    def body(x):
+        return jnp.log(x)  # <- shmap
+
+    f = jax.shard_map(body, mesh=mesh8, in_specs=P("d"), out_specs=P("d"))
+    x = jnp.ones(16).at[11].set(0.0).at[13].set(-1.0)  # shards 5 and 6 go bad
+    d = jaxnan.locate(f)(x)
+    check(d, "log", "shmap")
+    assert d.device == mesh8.devices.flat[5].id
+    assert d.shapes == {"inputs": [(2,)], "outputs": [(2,)]}
+    assert "device:  " in str(d)
+
+
+def test_register_rule_first_order():
+    twice_p = Primitive("jaxnan_test_twice")
+    twice_p.def_abstract_eval(lambda x: x)
+
+    @jaxnan.register_rule(twice_p)
+    def _twice_rule(ctx, x):
+        assert ctx.eqn.primitive is twice_p
+        return ctx, x * 1e38
+
+    try:
+
+        def f(x):
+            return twice_p.bind(x)  # <- rule
+
+        check(jaxnan.locate(f)(jnp.array([1.0, 10.0])), "jaxnan_test_twice", "rule")
+    finally:
+        del rules.RULES[twice_p]
+
+
+def _hop_primitive():
+    hop_p = Primitive("jaxnan_test_hop")
+    hop_p.multiple_results = True
+    hop_p.def_abstract_eval(lambda *xs, body: [v.aval for v in body.jaxpr.outvars])
+    return hop_p
+
+
+def test_unknown_higher_order_primitive_raises_then_rule_works():
+    hop_p = _hop_primitive()
+
+    def f(x):
+        body = jax.make_jaxpr(lambda z: jnp.log(z))(x)
+        return hop_p.bind(x, body=body)[0]
+
+    msg = "`jaxnan_test_hop`"
+    with pytest.raises(NotImplementedError, match=re.escape(msg)):
+        jaxnan.locate(f)(jnp.zeros(2))
+    with pytest.raises(NotImplementedError, match=re.escape("jaxnan.register_rule")):
+        jaxnan.locate(f)(jnp.zeros(2))
+
+    @jaxnan.register_rule(hop_p)
+    def _hop_rule(ctx, *args, body):
+        return ctx, ctx.eval_jaxpr(body, (), args)
+
+    try:
+        d = jaxnan.locate(f)(jnp.zeros(2))
+        assert d.primitive == "log"
+    finally:
+        del rules.RULES[hop_p]
+
+
+def test_register_rule_type_error():
+    with pytest.raises(
+        TypeError, match=re.escape("jaxnan.register_rule(primitive) needs")
+    ):
+        jaxnan.register_rule("exp")
