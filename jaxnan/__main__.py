@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return lint_mod.cli(args.target, argnums=args.argnums)
     if args.command == "demo":
-        from jaxnan._src import demo as demo_mod
+        from jaxnan.examples import demo as demo_mod
 
         return demo_mod.run(steps=args.steps)
     return 2  # pragma: no cover

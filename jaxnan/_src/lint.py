@@ -23,6 +23,7 @@ import numpy as np
 from jax.extend import core as jex_core
 from jax.extend import source_info_util
 
+from jaxnan._src import base
 from jaxnan._src.lint_rules import LINT_RULES
 
 source_info_util.register_exclusion(__file__)
@@ -621,27 +622,16 @@ def _chain(v: _Val, depth: int, through: Callable[[_Node], bool]):
 
 
 def _lib_roots() -> tuple[str, ...]:
-    roots = []
-    for mod in ("jax", "jaxlib", "optax", "chex", "flax", "equinox", "jaxnan"):
-        m = sys.modules.get(mod)
-        f = getattr(m, "__file__", None)
-        if f:
-            roots.append(os.path.dirname(os.path.abspath(f)) + os.sep)
-    stdlib = os.path.dirname(os.path.abspath(os.__file__)) + os.sep
-    roots.append(stdlib)
-    return tuple(roots)
+    """The standard library's directory (its frames are never the user's)."""
+    return (os.path.dirname(os.path.abspath(os.__file__)) + os.sep,)
 
 
 def _is_library(path: str, roots: tuple[str, ...]) -> bool:
-    if path.startswith("<"):
+    if path.startswith("<") or base.library_of(path) is not None:
         return True
     ap = os.path.abspath(path)
-    for r in roots:
-        if ap.startswith(r):
-            if r == roots[-1] and "site-packages" in ap[len(r) :]:
-                continue  # an installed user package, not the stdlib
-            return True
-    return False
+    # The standard library, but not an installed user package under it.
+    return any(ap.startswith(r) and "site-packages" not in ap[len(r) :] for r in roots)
 
 
 def _location(nd: _Node, roots) -> tuple[str | None, int | None, str]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
 import linecache
 import os
 from collections.abc import Callable, Sequence
@@ -179,31 +178,8 @@ class Diagnosis:
 
 # -- source frames -------------------------------------------------------
 
-_LIBRARIES = ("jax", "jaxlib", "optax", "chex", "flax", "equinox", "jaxnan")
-
-
-@functools.lru_cache(maxsize=1)
-def _library_dirs() -> dict[str, tuple[str, ...]]:
-    dirs = {}
-    for name in _LIBRARIES:
-        try:
-            spec = importlib.util.find_spec(name)
-        except (ImportError, ValueError):
-            spec = None
-        if spec is not None and spec.submodule_search_locations:
-            dirs[name] = tuple(
-                os.path.join(os.path.realpath(d), "")
-                for d in spec.submodule_search_locations
-            )
-    return dirs
-
-
-def _library_of(file_name: str) -> str | None:
-    path = os.path.realpath(file_name) if os.path.isabs(file_name) else file_name
-    for name, dirs in _library_dirs().items():
-        if any(path.startswith(d) for d in dirs):
-            return name
-    return None
+_library_dirs = base.library_dirs
+_library_of = base.library_of
 
 
 _STDLIB_WRAPPERS = ("contextlib.py", "functools.py")
