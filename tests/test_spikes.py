@@ -414,7 +414,8 @@ def test_zscore_clip_shard_map_one_device_nan_no_replica_updates_stats(mesh8):
     f = shard_map_over(mesh8, per_device, P("d"), (P("d"), P("d")))
     u, states = f(jnp.asarray(g))
     assert (np.asarray(states.zclip_finite_steps) == 3).all()
-    assert (np.asarray(states.zclip_mean) == 1.5).all()
+    # warm-up on steps 0 and 1 (mean 1.5), step 2 skipped, EMA on step 3
+    np.testing.assert_allclose(np.asarray(states.zclip_mean), 0.97 * 1.5 + 0.03)
     assert np.isnan(np.asarray(u)[6, 2]).all() and not np.isnan(np.asarray(u)[5]).any()
     for leaf in jax.tree_util.tree_leaves(states):
         assert (np.asarray(leaf) == np.asarray(leaf)[:1]).all()
