@@ -212,7 +212,7 @@ def main():
     ap.add_argument("--bad-rate", type=float, default=0.02)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--only", nargs="*", help="run only these variants")
-    ap.add_argument("--spike-delta", type=float, default=0.5)
+    ap.add_argument("--spike-delta", type=float, default=0.25)
     ap.add_argument(
         "--png", default=os.path.join(os.path.dirname(__file__), "spikes.png")
     )

@@ -377,23 +377,32 @@ def test_adagc_warmup_is_global_clipping():
     )
 
 
-def test_adagc_shard_map_agrees_on_the_norm(mesh8):
+def test_adagc_shard_map_agrees_per_tensor(mesh8):
     tx = jaxnan.adagc(warmup=1, beta=0.5, relative_threshold=1.0, axis_name="d")
-    params = {"w": jnp.zeros(1)}
+    params = {"v": jnp.zeros(1), "w": jnp.zeros(1)}
 
     def per_device(g):
         state = tx.init(params)
-        _, state = tx.update({"w": jnp.array([0.5])}, state)
-        u, state = tx.update({"w": g[0]}, state)
-        return u["w"][None], state.adagc_gamma["w"][None]
+        _, state = tx.update({"v": jnp.array([0.5]), "w": jnp.array([0.5])}, state)
+        u, state = tx.update({"v": g[0, :1], "w": g[0, 1:]}, state)
+        out = (u["v"], u["w"], state.adagc_gamma["v"], state.adagc_finite_steps)
+        return tuple(x[None] for x in out)
 
-    g = jnp.full((8, 1), 0.4).at[3].set(2.0)  # device 3 sees a spike in w
-    u, gamma = shard_map_over(mesh8, per_device, P("d"), (P("d"), P("d")))(g)
-    # every replica clips by the agreed (largest) norm 2.0 to 0.5
-    np.testing.assert_allclose(
-        np.asarray(u)[:, 0], [0.1] * 3 + [0.5] + [0.1] * 4, rtol=1e-6
-    )
-    assert (np.asarray(gamma) == 0.5).all()
+    f = shard_map_over(mesh8, per_device, P("d"), (P("d"),) * 4)
+    g = jnp.full((8, 2), 0.4).at[3].set(2.0)  # device 3 sees a spike
+    want = [0.1] * 3 + [0.5] + [0.1] * 4
+    # every replica clips by the agreed (largest) norm 2.0 down to 0.5
+    v, w, gamma, steps = f(g)
+    np.testing.assert_allclose(np.asarray(v)[:, 0], want, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(w)[:, 0], want, rtol=1e-6)
+    assert (np.asarray(gamma) == 0.5).all() and (np.asarray(steps) == 2).all()
+    # w NaN on device 5 only: w passes through on every replica, v is still
+    # clipped by its agreed norm, and no replica counts the step
+    v, w, gamma, steps = f(g.at[5, 1].set(jnp.nan))
+    np.testing.assert_allclose(np.asarray(v)[:, 0], want, rtol=1e-6)
+    w = np.asarray(w)[:, 0]
+    assert np.isnan(w[5]) and w[3] == 2.0 and w[0] == np.float32(0.4)
+    assert (np.asarray(gamma) == 0.5).all() and (np.asarray(steps) == 1).all()
 
 
 def test_zscore_clip_shard_map_one_device_nan_no_replica_updates_stats(mesh8):

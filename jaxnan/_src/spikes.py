@@ -621,8 +621,9 @@ def adagc(
 
     Cost: one fused reduction per leaf (its sum of squares) and a select that
     fuses into the optimizer's loops. Collectives: none without `axis_name`;
-    with it, one `lax.pmax` of a float32 vector (one entry per leaf, plus the
-    flag): every replica uses the largest norm of each tensor and keeps
+    with it, one `lax.pmax` of a float32 vector (two entries per leaf: its
+    norm and its nonfinite flag): every replica uses the largest norm of each tensor,
+    passes through the tensors that are nonfinite on any replica, and keeps
     identical :math:`\gamma`.
 
     Args:
@@ -689,10 +690,17 @@ def adagc(
         ]
         norms = [jnp.sqrt(s).astype(jnp.float32) for s in sqs]
         oks = [jnp.isfinite(n) for n in norms]
-        finite = jnp.all(jnp.stack(oks)) if oks else jnp.array(True)
-        finite, norms = _agree_max(finite, norms, axis_name)
         if axis_name is not None:
-            oks = [o & finite for o in oks]
+            # one pmax: per-tensor "bad" flags and finite norms (NaN -> 0 first)
+            k = len(norms)
+            vec = jnp.stack(
+                [jnp.where(o, 0.0, 1.0) for o in oks]
+                + [jnp.where(o, n, 0.0) for o, n in zip(oks, norms)]
+            ).astype(jnp.float32)
+            vec = lax.pmax(vec, axis_name)
+            oks = [vec[i] == 0 for i in range(k)]
+            norms = [jnp.where(oks[i], vec[k + i], jnp.nan) for i in range(k)]
+        finite = jnp.all(jnp.stack(oks)) if oks else jnp.array(True)
 
         steps = state.adagc_finite_steps
         in_warmup = steps < warmup
