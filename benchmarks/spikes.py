@@ -178,9 +178,7 @@ def train(name, tx, seed, steps, batch, sharpness, bad_rate):
     norms = np.asarray(jnp.stack(norms))
     skipped = 0
     if name == "skip_spikes":
-        st = opt_state
-        skipped = int(st.loss_spike_total + st.norm_spike_total)
-        skipped += int(st.spike_nonfinite_total)
+        skipped = int(opt_state.spike_skips_total)
     return losses, norms, skipped, bad, (step, params, opt_state, batches[0])
 
 

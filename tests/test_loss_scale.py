@@ -153,3 +153,19 @@ def test_shard_map_one_device_inf_all_skip_same_scale(mesh8):
     u, scale, skips = f(g)
     assert (np.asarray(u) == 0).all()
     assert (np.asarray(scale) == 8.0).all() and (np.asarray(skips) == 1).all()
+
+
+def test_pmap_nonfinite_loss_on_one_device_all_skip():
+    tx = jaxnan.dynamic_loss_scale(optax.sgd(1.0), init_scale=16.0, axis_name="i")
+    params = {"w": jnp.zeros(1)}
+
+    def per_device(loss):
+        u, state = tx.update({"w": jnp.ones(1)}, tx.init(params), params, loss=loss)
+        return u["w"], state.loss_scale
+
+    losses = jnp.ones(8).at[4].set(jnp.nan)
+    u, scale = jax.pmap(per_device, axis_name="i")(losses)
+    assert (np.asarray(u) == 0).all() and (np.asarray(scale) == 8.0).all()
+    u, scale = jax.pmap(per_device, axis_name="i")(jnp.ones(8))
+    np.testing.assert_array_equal(np.asarray(u), -1.0 / 16.0)
+    assert (np.asarray(scale) == 16.0).all()

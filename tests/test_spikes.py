@@ -184,6 +184,9 @@ def test_skip_spikes_one_nan_and_one_spike_skip_exactly_two_steps(spike_run):
     assert int(states.spike_nonfinite_total[-1]) == 1
     assert int(states.norm_spike_total[-1]) == 1
     assert int(states.loss_spike_total[-1]) == 0
+    np.testing.assert_array_equal(
+        np.asarray(states.spike_skips_total), np.cumsum(zero_rows)
+    )
     assert int(states.last_skip_reason[15]) == jaxnan.SkipReason.NONFINITE
     assert int(states.last_skip_reason[-1]) == jaxnan.SkipReason.NORM_SPIKE
     assert int(states.last_skip_step[-1]) == 20
@@ -441,3 +444,17 @@ def test_zscore_clip_and_adagc_jit_have_no_host_sync():
             for _ in range(3):
                 u, state = update(g, state)
         assert u["w"].shape == (3,)
+
+
+def test_skip_spikes_loss_and_norm_spike_together_record_both_bits():
+    tx = jaxnan.skip_spikes(optax.sgd(1.0), window=8, threshold=3.0, min_history=3)
+    params = {"w": jnp.zeros(1)}
+    state = tx.init(params)
+    for v in [1.0, 1.1, 0.9]:
+        _, state = tx.update({"w": jnp.array([v])}, state, params, loss=jnp.float32(v))
+    u, state = tx.update({"w": jnp.array([9.0])}, state, params, loss=jnp.float32(9.0))
+    both = jaxnan.SkipReason.LOSS_SPIKE | jaxnan.SkipReason.NORM_SPIKE
+    assert int(state.last_skip_reason) == both == 3
+    assert int(state.loss_spike_total) == 1 and int(state.norm_spike_total) == 1
+    assert int(state.last_skip_step) == 3 and float(u["w"][0]) == 0.0
+    assert int(state.spike_skips_total) == 1

@@ -337,6 +337,9 @@ class SkipSpikesState(NamedTuple):
         norm_spike_total: int32 scalar, steps skipped for a norm spike.
         spike_nonfinite_total: int32 scalar, steps skipped for a nonfinite
             loss, update or norm.
+        spike_skips_total: int32 scalar, steps skipped for any reason (a step
+            whose loss and norm both spike counts once here, and once in each
+            of the two totals above).
         last_skip_reason: int32 scalar, the `SkipReason` bits of the last
             skipped step (0 when none was skipped).
         last_skip_step: int32 scalar, index (from 0) of the last skipped
@@ -352,6 +355,7 @@ class SkipSpikesState(NamedTuple):
     loss_spike_total: jax.Array
     norm_spike_total: jax.Array
     spike_nonfinite_total: jax.Array
+    spike_skips_total: jax.Array
     last_skip_reason: jax.Array
     last_skip_step: jax.Array
     spike_step: jax.Array
@@ -475,6 +479,7 @@ def skip_spikes(
             loss_spike_total=_int32(),
             norm_spike_total=_int32(),
             spike_nonfinite_total=_int32(),
+            spike_skips_total=_int32(),
             last_skip_reason=_int32(),
             last_skip_step=_int32(-1),
             spike_step=_int32(),
@@ -560,6 +565,7 @@ def skip_spikes(
             loss_spike_total=bump(state.loss_spike_total, loss_spike),
             norm_spike_total=bump(state.norm_spike_total, norm_spike),
             spike_nonfinite_total=bump(state.spike_nonfinite_total, ~finite),
+            spike_skips_total=bump(state.spike_skips_total, ~accept),
             last_skip_reason=jnp.where(accept, state.last_skip_reason, reason),
             last_skip_step=jnp.where(accept, state.last_skip_step, state.spike_step),
             spike_step=optax.safe_increment(state.spike_step),
