@@ -131,8 +131,12 @@ def variants(lr, b2):
 
 def make_step(tx):
     @jax.jit
-    def step(params, opt_state, seq):
-        loss, grads = jax.value_and_grad(loss_fn)(params, seq)
+    def step(params, opt_state, seq, poison):
+        # poison is 0.0 (x * 1.0 is exact) or NaN: a step whose loss and
+        # gradients are NaN, as from an overflow in the forward pass
+        loss, grads = jax.value_and_grad(lambda p: loss_fn(p, seq) * (1.0 + poison))(
+            params
+        )
         gnorm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, opt_state, params, loss=loss)
         return optax.apply_updates(params, updates), opt_state, loss, gnorm
@@ -151,7 +155,7 @@ def count_spikes(losses, delta, lookback=20):
     return events
 
 
-def train(name, tx, seed, steps, batch, sharpness, bad_rate):
+def train(name, tx, seed, steps, batch, sharpness, bad_rate, nan_at=()):
     key = jax.random.PRNGKey(seed)
     kp, kc, kd = jax.random.split(key, 3)
     params = init_params(kp)
@@ -170,8 +174,10 @@ def train(name, tx, seed, steps, batch, sharpness, bad_rate):
     data = jnp.where(jnp.asarray(bad)[:, None, None], noise, data)
     batches = list(data)  # one device array per step, sliced before the loop
     losses, norms = [], []
+    zero, nan = jnp.float32(0.0), jnp.float32(jnp.nan)
     for t in range(steps):
-        params, opt_state, loss, gnorm = step(params, opt_state, batches[t])
+        poison = nan if t in nan_at else zero
+        params, opt_state, loss, gnorm = step(params, opt_state, batches[t], poison)
         losses.append(loss)
         norms.append(gnorm)
     losses = np.asarray(jnp.stack(losses))
@@ -179,19 +185,20 @@ def train(name, tx, seed, steps, batch, sharpness, bad_rate):
     skipped = 0
     if name == "skip_spikes":
         skipped = int(opt_state.spike_skips_total)
-    return losses, norms, skipped, bad, (step, params, opt_state, batches[0])
+    run = (step, params, opt_state, batches[0], zero)
+    return losses, norms, skipped, bad, run
 
 
 def time_steps(runs, rounds, n):
     """Median per-round ratio of each variant's step time to 'none'."""
     times = {k: [] for k in runs}
     for _ in range(rounds):
-        for name, (step, params, opt_state, key) in runs.items():
-            out = step(params, opt_state, key)
+        for name, (step, *args) in runs.items():
+            out = step(*args)
             jax.block_until_ready(out)
             t0 = time.perf_counter()
             for _ in range(n):
-                out = step(params, opt_state, key)
+                out = step(*args)
             jax.block_until_ready(out)
             times[name].append((time.perf_counter() - t0) / n)
     base = np.asarray(times["none"])
@@ -210,6 +217,9 @@ def main():
     ap.add_argument("--bad-rate", type=float, default=0.02)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--only", nargs="*", help="run only these variants")
+    ap.add_argument(
+        "--nan-at", type=int, nargs="*", default=[], help="steps with a NaN loss"
+    )
     ap.add_argument("--spike-delta", type=float, default=0.25)
     ap.add_argument(
         "--png", default=os.path.join(os.path.dirname(__file__), "spikes.png")
@@ -226,7 +236,14 @@ def main():
     for seed in range(args.seeds):
         for name, tx in txs.items():
             losses, norms, skipped, bad, run = train(
-                name, tx, seed, args.steps, args.batch, args.sharpness, args.bad_rate
+                name,
+                tx,
+                seed,
+                args.steps,
+                args.batch,
+                args.sharpness,
+                args.bad_rate,
+                set(args.nan_at),
             )
             clean = np.where(bad, np.nan, losses)  # spikes/final on clean batches
             last = clean[-50:][~bad[-50:]]
@@ -244,7 +261,8 @@ def main():
 
     print(
         f"\n{args.steps} steps, {args.seeds} seeds, Adam lr={args.lr}, batch "
-        f"{args.batch}x{T}, {jax.devices()[0].platform}, "
+        f"{args.batch}x{T}, NaN loss at steps {args.nan_at}, "
+        f"{jax.devices()[0].platform}, "
         f"{total:.0f} s in all\n"
     )
     print(
