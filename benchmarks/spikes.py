@@ -298,7 +298,9 @@ def main():
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (nats)")
     ax.set_yscale("log")
-    ax.set_title(f"Adam lr={args.lr}, seed 0 (NaN steps are gaps)")
+    ax.set_title(
+        f"Adam lr={args.lr}, seed 0, clean batches (gaps: broken batches, NaN steps)"
+    )
     ax.legend()
     fig.tight_layout()
     fig.savefig(args.png, dpi=110)
