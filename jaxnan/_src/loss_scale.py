@@ -80,7 +80,9 @@ def dynamic_loss_scale(
     restarts; otherwise, after `growth_interval` consecutive finite steps the
     scale is multiplied by `growth_factor` (when the result is finite) and the
     count restarts. The default `init_scale` is 2**15 (torch uses 2**16, which
-    overflows a float16 scaled loss above 1.0).
+    overflows a float16 scaled loss above 1.0). Extra arguments reach `inner`
+    unchanged: pass the *unscaled* loss as ``loss=``, so that a
+    `jaxnan.skip_spikes` inside sees a loss that does not jump with the scale.
 
     Cost: one fused reduction per gradient leaf (the finiteness test) and the
     unscaling multiply, which fuses into the optimizer's elementwise loops.
