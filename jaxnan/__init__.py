@@ -13,8 +13,22 @@ from jaxnan._src.lint_rules import LINT_RULES as LINT_RULES
 from jaxnan._src.lint_rules import LintRule as LintRule
 from jaxnan._src.locate import Diagnosis as Diagnosis
 from jaxnan._src.locate import locate as locate
+from jaxnan._src.loss_scale import DynamicLossScaleState as DynamicLossScaleState
+from jaxnan._src.loss_scale import dynamic_loss_scale as dynamic_loss_scale
+from jaxnan._src.loss_scale import scale_loss as scale_loss
+from jaxnan._src.loss_scale import unscale_grads as unscale_grads
+from jaxnan._src.monitor import MonitorState as MonitorState
+from jaxnan._src.monitor import monitor as monitor
+from jaxnan._src.monitor import monitor_metrics as monitor_metrics
 from jaxnan._src.report import NonFiniteError as NonFiniteError
 from jaxnan._src.rules import register_rule as register_rule
+from jaxnan._src.spikes import AdaGCState as AdaGCState
+from jaxnan._src.spikes import SkipReason as SkipReason
+from jaxnan._src.spikes import SkipSpikesState as SkipSpikesState
+from jaxnan._src.spikes import ZScoreClipState as ZScoreClipState
+from jaxnan._src.spikes import adagc as adagc
+from jaxnan._src.spikes import skip_spikes as skip_spikes
+from jaxnan._src.spikes import zscore_clip as zscore_clip
 from jaxnan._src.transforms import ClipByGlobalNormState as ClipByGlobalNormState
 from jaxnan._src.transforms import SkipNonfiniteState as SkipNonfiniteState
 from jaxnan._src.transforms import ZeroNonfiniteState as ZeroNonfiniteState
@@ -28,28 +42,42 @@ from jaxnan._src.tree import nonfinite_counts as nonfinite_counts
 __version__ = "0.1.0"
 
 __all__ = (
+    "AdaGCState",
     "ArrayTree",
     "ClipByGlobalNormState",
     "Diagnosis",
+    "DynamicLossScaleState",
     "Finding",
     "LINT_RULES",
     "LintRule",
+    "MonitorState",
     "NonFiniteError",
     "NonfiniteCounts",
     "NonfiniteRecord",
     "Report",
     "SkipNonfiniteState",
+    "SkipReason",
+    "SkipSpikesState",
+    "ZScoreClipState",
     "ZeroNonfiniteState",
+    "adagc",
     "all_finite",
     "check",
     "checked",
     "checked_grad",
     "checked_value_and_grad",
     "clip_by_global_norm",
+    "dynamic_loss_scale",
     "lint",
     "locate",
+    "monitor",
+    "monitor_metrics",
     "nonfinite_counts",
     "register_rule",
+    "scale_loss",
     "skip_nonfinite",
+    "skip_spikes",
+    "unscale_grads",
     "zero_nonfinite",
+    "zscore_clip",
 )

@@ -1,0 +1,105 @@
+"""monitor and monitor_metrics: exact per-leaf values, NaN never dropped."""
+
+import math
+import re
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import P, shard_map_over
+
+import jaxnan
+
+
+@pytest.fixture(scope="module")
+def jit_update():
+    tx = jaxnan.monitor()
+    return tx, jax.jit(tx.update)
+
+
+def test_passes_updates_through_and_records_exact_stats(jit_update):
+    tx, update = jit_update
+    params = {"a": jnp.zeros(2), "b": {"c": jnp.zeros((2, 2))}}
+    g = {
+        "a": jnp.array([3.0, -4.0]),
+        "b": {"c": jnp.array([[1.0, -jnp.inf], [2.0, 0.0]])},
+    }
+    u, state = update(g, tx.init(params))
+    chex.assert_trees_all_equal(u, g)
+    assert float(state.monitor_grad_norm["a"]) == 5.0
+    assert float(state.monitor_grad_max_abs["a"]) == 4.0
+    assert int(state.monitor_grad_nonfinite["a"]) == 0
+    assert float(state.monitor_grad_norm["b"]["c"]) == math.inf
+    assert float(state.monitor_grad_max_abs["b"]["c"]) == math.inf
+    assert int(state.monitor_grad_nonfinite["b"]["c"]) == 1
+
+
+def test_nan_in_a_large_leaf_is_reported_under_jit(jit_update):
+    # jnp.max drops NaN on CPU for >= 4096 float32 elements; monitor must not
+    tx, update = jit_update
+    big = jnp.ones(1 << 13).at[5].set(jnp.nan).at[7].set(jnp.nan)
+    _, state = update({"w": big}, tx.init({"w": big}))
+    assert math.isnan(float(state.monitor_grad_max_abs["w"]))
+    assert math.isnan(float(state.monitor_grad_norm["w"]))
+    assert int(state.monitor_grad_nonfinite["w"]) == 2
+
+
+def test_wrapping_inner_records_update_norms_and_no_host_sync():
+    tx = jaxnan.monitor(optax.sgd(0.5))
+    params = {"w": jnp.zeros(2)}
+    update = jax.jit(tx.update)
+    state = tx.init(params)
+    g = {"w": jnp.array([6.0, 8.0])}
+    update(g, state, params)
+    with jax.transfer_guard("disallow"):
+        u, state = update(g, state, params)
+    chex.assert_trees_all_equal(u, {"w": jnp.array([-3.0, -4.0])})
+    assert float(state.monitor_grad_norm["w"]) == 10.0
+    assert float(state.monitor_update_norm["w"]) == 5.0
+
+
+def test_monitor_metrics_flat_dict():
+    tx = optax.chain(jaxnan.monitor(), optax.sgd(0.1))
+    params = {"enc": {"w": jnp.zeros(2)}, "b": jnp.zeros(1)}
+    state = tx.init(params)
+    g = {"enc": {"w": jnp.array([3.0, jnp.nan])}, "b": jnp.array([4.0])}
+    _, state = tx.update(g, state)
+    m = jaxnan.monitor_metrics(state, prefix="opt/")
+    assert set(m) == {
+        f"opt/{k}{p}"
+        for k in ("grad_norm", "grad_max_abs", "grad_nonfinite", "update_norm")
+        for p in ("", "/b", "/enc/w")
+    }
+    assert float(m["opt/grad_norm/b"]) == 4.0
+    assert int(m["opt/grad_nonfinite"]) == 1
+    assert math.isnan(float(m["opt/grad_max_abs"]))
+    assert all(v.shape == () for v in m.values())
+    msg = "jaxnan.monitor_metrics: expected exactly one MonitorState"
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        jaxnan.monitor_metrics(optax.sgd(1.0).init(params))
+
+
+def test_shard_map_counts_summed_norms_maxed(mesh8):
+    tx = jaxnan.monitor(axis_name="d")
+    params = {"w": jnp.zeros(2)}
+
+    def per_device(g):
+        _, s = tx.update({"w": g[0]}, tx.init(params))
+        return jax.tree_util.tree_map(lambda x: x[None], s)
+
+    g = jnp.ones((8, 2)).at[3, 1].set(5.0).at[6, 0].set(jnp.nan).at[7, 0].set(jnp.inf)
+    s = shard_map_over(mesh8, per_device, P("d"), P("d"))(g)
+    assert (np.asarray(s.monitor_grad_nonfinite["w"]) == 2).all()
+    assert np.isnan(np.asarray(s.monitor_grad_max_abs["w"])).all()
+    assert np.isnan(np.asarray(s.monitor_grad_norm["w"])).all()
+    g = jnp.ones((8, 2)).at[3, 1].set(5.0).at[7, 0].set(jnp.inf)
+    s = shard_map_over(mesh8, per_device, P("d"), P("d"))(g)
+    assert (np.asarray(s.monitor_grad_nonfinite["w"]) == 1).all()
+    assert (np.asarray(s.monitor_grad_max_abs["w"]) == np.inf).all()
+    g = jnp.ones((8, 2)).at[3, 1].set(5.0)
+    s = shard_map_over(mesh8, per_device, P("d"), P("d"))(g)
+    assert (np.asarray(s.monitor_grad_max_abs["w"]) == 5.0).all()
+    np.testing.assert_allclose(np.asarray(s.monitor_grad_norm["w"]), math.sqrt(26.0))
