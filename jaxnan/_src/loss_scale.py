@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from jax.extend import source_info_util
 
-from jaxnan._src import base, tree
+from jaxnan._src import base, transforms, tree
 from jaxnan._src.spikes import _check_inner, _check_int, _check_number
 from jaxnan._src.transforms import _agree
 
@@ -166,16 +166,8 @@ def dynamic_loss_scale(
         if loss is not None:
             finite = finite & tree.all_finite(loss)
         finite = _agree(finite, axis_name)
-        new_updates, new_inner = inner.update(
-            grads, state.loss_scale_inner_state, params, **extra_args
-        )
-        out = jax.tree_util.tree_map(
-            lambda u: jnp.where(finite, u, jnp.zeros_like(u)), new_updates
-        )
-        kept_inner = jax.tree_util.tree_map(
-            lambda n, o: jnp.where(finite, n, o).astype(jnp.result_type(o)),
-            new_inner,
-            state.loss_scale_inner_state,
+        out, kept_inner = transforms.guarded_update(
+            inner, finite, grads, state.loss_scale_inner_state, params, extra_args
         )
         scale = state.loss_scale
         good = optax.safe_increment(state.loss_scale_good_steps)

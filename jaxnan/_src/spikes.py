@@ -24,8 +24,7 @@ import optax
 from jax import lax
 from jax.extend import source_info_util
 
-from jaxnan._src import base, tree
-from jaxnan._src.transforms import ClipByGlobalNormState
+from jaxnan._src import base, transforms, tree
 
 source_info_util.register_exclusion(__file__)
 
@@ -362,19 +361,6 @@ class SkipSpikesState(NamedTuple):
     spike_inner_state: optax.OptState
 
 
-def _leading_clip_state(inner_state: optax.OptState) -> ClipByGlobalNormState | None:
-    """The state of a `jaxnan.clip_by_global_norm` that saw the raw updates."""
-    if isinstance(inner_state, ClipByGlobalNormState):
-        return inner_state
-    if (
-        type(inner_state) is tuple
-        and inner_state
-        and isinstance(inner_state[0], ClipByGlobalNormState)
-    ):
-        return inner_state[0]
-    return None
-
-
 def _window_stats(
     buf: jax.Array, fill: jax.Array, window: int
 ) -> tuple[jax.Array, jax.Array]:
@@ -498,18 +484,12 @@ def skip_spikes(
                     f"{loss.shape}. Pass the mean loss of the step."
                 )
             loss = loss.reshape(()).astype(jnp.float32)
-        new_updates, new_inner = inner.update(
-            updates, state.spike_inner_state, params, **extra_args
+        # One pass: the norm, exact finiteness, and the norm handed on to a
+        # leading jaxnan.clip_by_global_norm.
+        sq, finite, extra_args = transforms.sum_of_squares_for_inner(
+            updates, extra_args
         )
-        clip_state = _leading_clip_state(new_inner)
-        if clip_state is not None:
-            norm = clip_state.global_norm
-            finite = clip_state.clip_input_finite & jnp.isfinite(norm)
-        else:
-            leaves = tree.checked_leaves(updates)
-            sq = sum(tree.sum_of_squares(x) for x in leaves) if leaves else 0.0
-            norm = jnp.sqrt(jnp.asarray(sq, jnp.float32))
-            finite = jnp.isfinite(norm)
+        norm = jnp.sqrt(sq)
         loss_val = jnp.zeros((), jnp.float32) if loss is None else loss
         if loss is not None:
             finite = finite & jnp.isfinite(loss_val)
@@ -526,13 +506,8 @@ def skip_spikes(
             loss_spike = jnp.array(False)
         accept = finite & ~norm_spike & ~loss_spike
 
-        out = jax.tree_util.tree_map(
-            lambda u: jnp.where(accept, u, jnp.zeros_like(u)), new_updates
-        )
-        kept_inner = jax.tree_util.tree_map(
-            lambda n, o: jnp.where(accept, n, o).astype(jnp.result_type(o)),
-            new_inner,
-            state.spike_inner_state,
+        out, kept_inner = transforms.guarded_update(
+            inner, accept, updates, state.spike_inner_state, params, extra_args
         )
         slot = state.spike_window_next
         reason = jnp.where(
