@@ -62,23 +62,6 @@ def _check_inner(fn: str, inner) -> None:
         )
 
 
-def _norm_and_finite(leaves: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
-    """(L2 norm of the finite entries, all entries finite), fast path one pass.
-
-    As in `jaxnan.clip_by_global_norm`: one fused sum of squares per leaf; its
-    finiteness doubles as the nonfinite test; the overflow-safe slow path runs
-    in a scalar `lax.cond` only when that sum is not finite.
-    """
-    if not leaves:
-        return jnp.zeros((), jnp.float32), jnp.array(True)
-    sq = sum(tree.sum_of_squares(x) for x in leaves)
-    return lax.cond(
-        jnp.isfinite(sq),
-        lambda: (jnp.sqrt(sq).astype(jnp.float32), jnp.array(True)),
-        lambda: (tree.finite_global_norm(leaves), tree.all_finite(leaves)),
-    )
-
-
 def _agree_max(
     finite: jax.Array, values: list[jax.Array], axis_name: str | None
 ) -> tuple[jax.Array, list[jax.Array]]:
@@ -245,7 +228,7 @@ def zscore_clip(
         del params, extra_args
         base.validate_state(state, ZScoreClipState, fn_name=name)
         base.validate_updates(updates, fn_name=name)
-        norm, finite = _norm_and_finite(tree.checked_leaves(updates))
+        norm, finite = tree.norm_and_finite(tree.checked_leaves(updates))
         finite, (norm,) = _agree_max(finite, [norm], axis_name)
 
         mean, var = state.zclip_mean, state.zclip_var

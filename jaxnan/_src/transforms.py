@@ -215,16 +215,9 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArg
         pre = extra_args.get(_PRECOMPUTED_SQ)
         if pre is not None and pre[0] == tuple(id(x) for x in leaves):
             sq = pre[1]  # computed by skip_nonfinite on these very updates
-        elif leaves:
-            sq = sum(tree.sum_of_squares(x) for x in leaves)
         else:
-            sq = jnp.float32(0)
-        fast_ok = jnp.isfinite(sq)
-        norm, finite = lax.cond(
-            fast_ok,
-            lambda: (jnp.sqrt(sq).astype(jnp.float32), jnp.array(True)),
-            lambda: (tree.finite_global_norm(leaves), tree.all_finite(leaves)),
-        )
+            sq = None
+        norm, finite = tree.norm_and_finite(leaves, sq)
         trigger = norm < max_norm
 
         def clip(t):

@@ -201,3 +201,24 @@ def finite_global_norm(leaves: list[jax.Array]) -> jax.Array:
     safe = jnp.where(scale > 0, scale, 1.0)
     scaled = safe * jnp.sqrt(sum(jnp.sum(jnp.square(m / safe)) for m in mags))
     return jnp.where(jnp.isfinite(plain), jnp.sqrt(plain), scaled).astype(jnp.float32)
+
+
+def norm_and_finite(
+    leaves: list[jax.Array], sq: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """(float32 L2 norm of the finite entries, whether every entry is finite).
+
+    Fast path: one fused sum of squares per leaf (or `sq`, when the caller has
+    it already); its finiteness doubles as the nonfinite test. The
+    overflow-safe slow path (`finite_global_norm` and an exact `all_finite`)
+    runs in a scalar `lax.cond` only when that sum is not finite.
+    """
+    if not leaves:
+        return jnp.zeros((), jnp.float32), jnp.array(True)
+    if sq is None:
+        sq = sum(sum_of_squares(x) for x in leaves)
+    return jax.lax.cond(
+        jnp.isfinite(sq),
+        lambda: (jnp.sqrt(sq).astype(jnp.float32), jnp.array(True)),
+        lambda: (finite_global_norm(leaves), all_finite(leaves)),
+    )
