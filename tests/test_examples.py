@@ -1,0 +1,27 @@
+import importlib.util
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _load(name):
+    path = ROOT / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod, path
+
+
+def test_data_parallel_guard_skips_once_and_locates():
+    mod, path = _load("data_parallel_guard")
+    out = mod.main(steps=16, bad_step=12)
+    assert out["skipped"] == [12] and out["total"] == 1
+    assert out["params_finite"]
+    d = out["diagnosis"]
+    line = next(
+        i
+        for i, ln in enumerate(path.read_text().splitlines(), 1)
+        if "# scale may be 0" in ln
+    )
+    assert (d.primitive, d.line, d.phase) == ("div", line, "forward")
+    assert d.cause == "unsafe_op"
