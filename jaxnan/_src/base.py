@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import source_info_util
 
+from jaxnan._src import compat
+
 source_info_util.register_exclusion(__file__)
 
 ArrayTree = chex.ArrayTree
@@ -159,6 +161,20 @@ def validate_same_structure(
             f"structures:\n  {name_a}: {ta}\n  {name_b}: {tb}\n"
             f"Pass the {name_a} that match the {name_b} given to init."
         )
+
+
+def validate_inner(inner: Any, *, fn_name: str) -> None:
+    """Raises TypeError when `inner` is not an optax gradient transformation."""
+    if not (hasattr(inner, "init") and hasattr(inner, "update")):
+        raise TypeError(
+            f"jaxnan.{fn_name}: inner must be an optax GradientTransformation, got "
+            f"{type(inner).__name__}. Example: {fn_name}(optax.adamw(1e-3))."
+        )
+
+
+def is_traced(x: Any) -> bool:
+    """True for a tracer (inside jit, vmap, grad or scan), False for a value."""
+    return isinstance(x, compat.Tracer)
 
 
 def validate_state(state: Any, expected: type, *, fn_name: str) -> None:

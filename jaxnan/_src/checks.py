@@ -12,13 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import source_info_util
 
-from jaxnan._src import compat, report, tree
+from jaxnan._src import base, report, tree
 
 source_info_util.register_exclusion(__file__)
-
-
-def _is_traced(x: Any) -> bool:
-    return isinstance(x, compat.Tracer)
 
 
 @jax.tree_util.register_pytree_node_class
@@ -79,7 +75,7 @@ class Report:
         return jnp.sum(self.output_counts, axis=(-2, -1)) == 0
 
     def _host_rows(self, counts: Any, paths: tuple[str, ...]) -> list:
-        if _is_traced(counts):
+        if base.is_traced(counts):
             raise TypeError(
                 "jaxnan: Report.throw() and the Report.nonfinite_* methods read "
                 "the counts on the host, so they cannot run inside jit, vmap, "
@@ -147,7 +143,7 @@ class Report:
             )
 
     def __repr__(self) -> str:
-        if _is_traced(self.input_counts) or _is_traced(self.output_counts):
+        if base.is_traced(self.input_counts) or base.is_traced(self.output_counts):
             return f"Report(fn={self.fn_name!r}, traced)"
         ins, outs = self.nonfinite_inputs(), self.nonfinite_outputs()
         return (

@@ -38,7 +38,7 @@ from jax.custom_batching import custom_vmap
 from jax.custom_derivatives import SymbolicZero
 from jax.extend import source_info_util
 
-from jaxnan._src import base, checks, compat, report, tree
+from jaxnan._src import base, checks, report, tree
 
 source_info_util.register_exclusion(__file__)
 
@@ -215,10 +215,6 @@ class _Reporter:
 # Device side.
 
 
-def _is_traced(x: Any) -> bool:
-    return isinstance(x, compat.Tracer)
-
-
 def _check(
     leaves: list,
     paths: Sequence[str],
@@ -254,7 +250,7 @@ def _check(
         total = _fold_sum((quiet | True).astype(jnp.int32))
         jax.debug.callback(host, counts, bad, total)
 
-    eager = not any(_is_traced(x) for x in xs) and not _is_traced(quiet)
+    eager = not any(base.is_traced(x) for x in xs) and not base.is_traced(quiet)
     try:
         lax.cond(_fold_all(quiet), no_report, do_report, (xs, quiet))
     except Exception:

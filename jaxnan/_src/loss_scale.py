@@ -17,7 +17,7 @@ import optax
 from jax.extend import source_info_util
 
 from jaxnan._src import base, transforms, tree
-from jaxnan._src.spikes import _check_inner, _check_int, _check_number
+from jaxnan._src.spikes import _check_int, _check_number
 from jaxnan._src.transforms import _agree
 
 source_info_util.register_exclusion(__file__)
@@ -139,7 +139,7 @@ def dynamic_loss_scale(
     """
     fn = "dynamic_loss_scale"
     name = "jaxnan.dynamic_loss_scale"
-    _check_inner(fn, inner)
+    base.validate_inner(inner, fn_name=fn)
     _check_number(fn, "init_scale", init_scale, low=0)
     _check_number(fn, "growth_factor", growth_factor, low=1)
     _check_number(fn, "backoff_factor", backoff_factor, low=0, high=1)

@@ -11,7 +11,6 @@ from jax import lax
 from jax.extend import source_info_util
 
 from jaxnan._src import base, tree
-from jaxnan._src.spikes import _check_inner
 
 source_info_util.register_exclusion(__file__)
 
@@ -137,7 +136,7 @@ def monitor(
     """
     name = "jaxnan.monitor"
     if inner is not None:
-        _check_inner("monitor", inner)
+        base.validate_inner(inner, fn_name="monitor")
         inner = optax.with_extra_args_support(inner)
 
     def init(params: optax.Params) -> MonitorState:

@@ -54,14 +54,6 @@ def _check_int(fn: str, name: str, value, *, low: int) -> None:
         raise ValueError(f"jaxnan.{fn}: {name} must be an int >= {low}, got {value!r}.")
 
 
-def _check_inner(fn: str, inner) -> None:
-    if not (hasattr(inner, "init") and hasattr(inner, "update")):
-        raise TypeError(
-            f"jaxnan.{fn}: inner must be an optax GradientTransformation, got "
-            f"{type(inner).__name__}. Example: {fn}(optax.adamw(1e-3))."
-        )
-
-
 def _agree_max(
     finite: jax.Array, values: list[jax.Array], axis_name: str | None
 ) -> tuple[jax.Array, list[jax.Array]]:
@@ -424,7 +416,7 @@ def skip_spikes(
     """
     fn = "skip_spikes"
     name = "jaxnan.skip_spikes"
-    _check_inner(fn, inner)
+    base.validate_inner(inner, fn_name=fn)
     _check_int(fn, "window", window, low=2)
     _check_number(fn, "threshold", threshold, low=0)
     if min_history is None:

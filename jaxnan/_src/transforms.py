@@ -420,13 +420,7 @@ def skip_nonfinite(
     .. versionadded:: 0.1.0
     """
     name = "jaxnan.skip_nonfinite"
-    if not isinstance(inner, optax.GradientTransformation) and not (
-        hasattr(inner, "init") and hasattr(inner, "update")
-    ):
-        raise TypeError(
-            f"jaxnan.skip_nonfinite: inner must be an optax GradientTransformation, "
-            f"got {type(inner).__name__}. Example: skip_nonfinite(optax.adamw(1e-3))."
-        )
+    base.validate_inner(inner, fn_name="skip_nonfinite")
     if max_streak is not None and (
         isinstance(max_streak, bool)
         or not isinstance(max_streak, int)
