@@ -101,6 +101,20 @@ def test_one_pass_in_hlo():
     assert [ln for ln in big if "parameter(" not in ln] == []
 
 
+def test_one_variadic_reduction_per_leaf_in_hlo():
+    # NaN and Inf are counted by one variadic reduction (a tuple-shaped
+    # result) in a single fusion that reads the array: the form XLA's CPU
+    # backend compiles into one vectorized loop.
+    x = jnp.ones((512, 512))
+    hlo = jax.jit(jaxnan.all_finite).lower(x).compile().as_text()
+    entry = hlo[hlo.index("ENTRY") :].splitlines()
+    readers = [
+        ln for ln in entry if "fusion(" in ln and re.search(r"fusion\(%\S+\)", ln)
+    ]
+    assert len(readers) == 1, readers
+    assert re.search(r"= \(s32\[\], s32\[\]\) fusion", readers[0]), readers[0]
+
+
 def test_finite_global_norm_overflow_safe():
     big = jnp.array([3e30, 4e30, jnp.nan], jnp.float32)
     n = tree.finite_global_norm([big])

@@ -103,7 +103,7 @@ def zero_nonfinite() -> optax.GradientTransformationExtraArgs:
         for x in leaves:
             if base.is_checked_leaf(x):
                 bad = ~jnp.isfinite(x)
-                counts.append(tree.count_true(bad))
+                counts.append(tree.leaf_nonfinite_count(x))
                 new.append(jnp.where(bad, jnp.zeros_like(x), x))
             else:
                 counts.append(_int32_zero())

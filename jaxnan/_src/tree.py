@@ -1,11 +1,14 @@
 """Fused reductions over pytrees: finiteness flags, nonfinite counts, norms.
 
-Finiteness is derived from a sum, never from `max`/`min` (the CPU backend's
+Finiteness is derived from counts, never from `max`/`min` (the CPU backend's
 max can skip NaN) and never from `jnp.isfinite(x).all()` (which writes a
-boolean array and reduces it in a second pass on CPU). `sum(x * 0)` is 0 for a
-finite array and NaN as soon as one element is NaN, +Inf or -Inf, and XLA
-compiles it into a single reduction that reads `x` once. Integer and boolean
-leaves are skipped on purpose: they cannot hold a nonfinite value.
+boolean array and reduces it in a second pass on CPU). Each leaf is read once
+by one variadic `lax.reduce` that sums several int32 indicators at a time
+(NaN, and Inf or +Inf and -Inf): XLA compiles it into one vectorized loop.
+Measured on CPU (`benchmarks/pass_floor.py`), this pass costs about half of
+what a single-operand reduction such as `sum(x * 0)` costs, because XLA routes
+single-operand reductions to a slower library or two-stage path. Integer and
+boolean leaves are skipped on purpose: they cannot hold a nonfinite value.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.extend import source_info_util
 
 from jaxnan._src import base
@@ -49,27 +53,54 @@ def paths_and_leaves(tree: Any, prefix: str = "") -> list[tuple[str, Any]]:
     return [(prefix + jax.tree_util.keystr(p), x) for p, x in flat]
 
 
-def _zero_sum(x: jax.Array) -> jax.Array:
-    """0 when `x` is finite, NaN otherwise, in one fused pass (float32 result)."""
+def _sum_indicators(masks: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+    """int32 number of True entries of each mask, in one variadic reduction.
+
+    The masks have one shape and are read in the same loop. With two or more
+    operands XLA's CPU backend emits a single vectorized loop fusion; a
+    single-operand integer sum would materialize the mask first.
+    """
+    ints = tuple(m.astype(jnp.int32) for m in masks)
+    zero = jnp.zeros((), jnp.int32)
+
+    def add(a, b):
+        return tuple(u + v for u, v in zip(a, b))
+
+    dims = tuple(range(ints[0].ndim))
+    return tuple(lax.reduce(ints, (zero,) * len(ints), add, dims))
+
+
+def _nan_inf_counts(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """int32 (NaN, +-Inf) element counts of one floating or complex array."""
     x = jnp.asarray(x)
     if jnp.issubdtype(x.dtype, jnp.complexfloating):
-        x = jnp.real(x) * 0 + jnp.imag(x) * 0
-    # The product is taken in the leaf's dtype (no extra cast pass); the sum of
-    # zeros cannot overflow, so accumulating in that dtype is exact.
-    return jnp.sum(x * 0).astype(jnp.float32)
+        re, im = jnp.real(x), jnp.imag(x)
+        nan = jnp.isnan(re) | jnp.isnan(im)
+        inf = ~nan & (jnp.isinf(re) | jnp.isinf(im))
+    else:
+        nan, inf = jnp.isnan(x), jnp.isinf(x)
+    n, i = _sum_indicators((nan, inf))
+    return n, i
+
+
+def leaf_nonfinite_count(x: jax.Array) -> jax.Array:
+    """int32 number of NaN, +Inf and -Inf elements of one floating array."""
+    n, i = _nan_inf_counts(x)
+    return n + i
 
 
 def leaf_finite(x: jax.Array) -> jax.Array:
     """Bool scalar: every element of the floating array `x` is finite."""
-    return jnp.isfinite(_zero_sum(x))
+    n, i = _nan_inf_counts(x)
+    return (n == 0) & (i == 0)
 
 
 def all_finite(tree: Any) -> jax.Array:
     """Returns a bool scalar: True when no leaf of `tree` holds NaN or +-Inf.
 
     Safe under `jit`, `vmap`, `grad` and `lax.scan`, and it never talks to the
-    host. Each floating leaf is read once, by one fused reduction
-    (`sum(x * 0)` is NaN exactly when an element is nonfinite). Complex
+    host. Each floating leaf is read once, by one fused reduction that counts
+    its NaN and its infinite elements (two int32 sums in one loop). Complex
     leaves are checked on both parts. Integer and boolean leaves are ignored
     on purpose: they cannot be nonfinite. A tree without floating leaves is
     finite.
@@ -87,24 +118,10 @@ def all_finite(tree: Any) -> jax.Array:
         >>> jaxnan.all_finite({"w": jnp.array([1.0, jnp.inf])})
         Array(False, dtype=bool)
     """
-    leaves = checked_leaves(tree)
-    if not leaves:
-        return jnp.array(True)
-    total = sum(_zero_sum(x) for x in leaves)
-    return jnp.isfinite(total)
-
-
-def count_true(mask: jax.Array) -> jax.Array:
-    """int32 number of True entries of `mask`, in one fused reduction.
-
-    XLA's CPU backend fuses a float sum into a single pass but materializes a
-    boolean or integer array before an integer sum, so the count is summed in
-    float32 (exact below 2**24 true entries, float64 when x64 is on) and
-    converted.
-    """
-    acc = jnp.promote_types(jnp.float32, jnp.result_type(float))
-    ones = jnp.where(mask, jnp.ones((), acc), jnp.zeros((), acc))
-    return jnp.sum(ones).astype(jnp.int32)
+    ok = jnp.array(True)
+    for x in checked_leaves(tree):
+        ok = ok & leaf_finite(x)
+    return ok
 
 
 def leaf_counts(x: jax.Array) -> NonfiniteCounts:
@@ -119,11 +136,7 @@ def leaf_counts(x: jax.Array) -> NonfiniteCounts:
         nan = jnp.isnan(x)
         pos = x == jnp.inf
         neg = x == -jnp.inf
-    return NonfiniteCounts(
-        jnp.sum(nan, dtype=jnp.int32),
-        jnp.sum(pos, dtype=jnp.int32),
-        jnp.sum(neg, dtype=jnp.int32),
-    )
+    return NonfiniteCounts(*_sum_indicators((nan, pos, neg)))
 
 
 def _zero_counts() -> NonfiniteCounts:
@@ -161,13 +174,13 @@ def counts_matrix(tree: Any) -> jax.Array:
 
     Non-floating leaves have a row of zeros. Used by `Report`.
     """
-    rows = []
+    counts: list[jax.Array] = []
     for x in jax.tree_util.tree_leaves(tree):
-        c = leaf_counts(x) if base.is_checked_leaf(x) else _zero_counts()
-        rows.append(jnp.stack(c))
-    if not rows:
+        counts += leaf_counts(x) if base.is_checked_leaf(x) else _zero_counts()
+    if not counts:
         return jnp.zeros((0, 3), jnp.int32)
-    return jnp.stack(rows)
+    # One stack of all the scalars: one small kernel, not one per leaf.
+    return jnp.stack(counts).reshape(-1, 3)
 
 
 def sum_of_squares(x: jax.Array) -> jax.Array:
