@@ -147,6 +147,53 @@ def test_skip_bad_update_zero_and_state_untouched(kind, mode):
     chex.assert_trees_all_equal(new_params, params)
 
 
+def _to_bf16():
+    """An inner transform whose updates have another dtype than its input."""
+    return optax.GradientTransformation(
+        lambda params: optax.EmptyState(),
+        lambda u, state, params=None: (
+            jax.tree.map(lambda x: x.astype(jnp.bfloat16), u),
+            state,
+        ),
+    )
+
+
+def test_skip_inner_changing_dtype_gives_zeros_of_its_dtype(mode):
+    params = make_params()
+    tx = jaxnan.skip_nonfinite(_to_bf16())
+    update = maybe_jit(tx.update, mode)
+    u, _ = update(grads_like(params), tx.init(params), params)
+    chex.assert_trees_all_equal(
+        u, jax.tree.map(lambda g: g.astype(jnp.bfloat16), grads_like(params))
+    )
+    u, s = update(poison(grads_like(params), jnp.nan), tx.init(params), params)
+    chex.assert_trees_all_equal(
+        u, jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.bfloat16), params)
+    )
+    assert int(s.nonfinite_total) == 1
+
+
+def _branch_primitives(fn, *args):
+    """Primitive names in each branch of the (only) top-level cond of fn."""
+    jaxpr = jax.make_jaxpr(fn)(*args)
+    (cond,) = [e for e in jaxpr.eqns if e.primitive.name == "cond"]
+    return [[e.primitive.name for e in b.jaxpr.eqns] for b in cond.params["branches"]]
+
+
+def test_skip_branch_hands_back_updates_without_kernels():
+    # When the inner keeps the updates' types, the never-taken skip branch
+    # returns its operands (nothing to compile) and the zeroing is a select
+    # after the conditional; otherwise it builds zeros.
+    params = make_params()
+    g = grads_like(params)
+    tx = jaxnan.skip_nonfinite(optax.adam(1e-3))
+    skip_branch, _ = _branch_primitives(tx.update, g, tx.init(params), params)
+    assert skip_branch == []
+    tx16 = jaxnan.skip_nonfinite(_to_bf16())
+    skip_branch, _ = _branch_primitives(tx16.update, g, tx16.init(params), params)
+    assert "broadcast_in_dim" in skip_branch
+
+
 def test_skip_mixed_leaves():
     params = make_params()
     tx = jaxnan.skip_nonfinite(optax.sgd(0.1))
@@ -512,7 +559,10 @@ def test_skip_reuses_leading_clip_norm_no_extra_pass():
     n_skip = _top_level_reductions(skip_only.update, g, skip_only.init(params), params)
     assert n_plain == n_leaves
     assert n_guarded == n_plain  # no extra pass over the gradients
-    assert n_skip == n_leaves  # one fused reduction per leaf
+    # One fused reduction per shape: leaves of one shape share a reduction.
+    n_shapes = len({x.shape for x in jax.tree_util.tree_leaves(params)})
+    assert n_shapes < n_leaves
+    assert n_skip == n_shapes
 
 
 def test_skip_with_leading_clip_skips_on_nonfinite_only():

@@ -115,6 +115,38 @@ def test_one_variadic_reduction_per_leaf_in_hlo():
     assert re.search(r"= \(s32\[\], s32\[\]\) fusion", readers[0]), readers[0]
 
 
+def test_leaves_of_one_shape_share_reductions_exactly():
+    # 20 leaves of one shape: 3 shared reductions (8 + 8 + 4 leaves), counts
+    # still exact per leaf, in every chunk.
+    leaves = [jnp.full((5, 3), float(i)) for i in range(20)]
+    leaves[13] = leaves[13].at[0, 0].set(jnp.nan).at[4, 2].set(-jnp.inf)
+    leaves[2] = leaves[2].at[1, 1].set(jnp.inf)
+    leaves[19] = leaves[19].at[:, 0].set(jnp.nan)
+    assert not bool(jaxnan.all_finite(leaves))
+    counts = jaxnan.nonfinite_counts(leaves)
+    got = {i: tuple(map(int, c)) for i, c in enumerate(counts) if any(map(int, c))}
+    assert got == {2: (0, 1, 0), 13: (1, 0, 1), 19: (5, 0, 0)}
+    jaxpr = jax.make_jaxpr(jaxnan.all_finite)(leaves)
+    assert [e.primitive.name for e in jaxpr.eqns].count("reduce") == 3
+    clean = [jnp.full((5, 3), 1.0) for _ in range(20)]
+    assert bool(jaxnan.all_finite(clean))
+
+
+def test_shared_reduction_under_vmap_with_unbatched_leaf():
+    # One batched and one unbatched leaf of the same per-example shape share
+    # a reduction; the flag is per example, and the unbatched NaN is seen by
+    # every example.
+    a = jnp.ones((4, 3)).at[2, 1].set(jnp.nan)
+    b = jnp.ones(3)
+    f = jax.vmap(lambda t: jaxnan.all_finite(t), in_axes=({"a": 0, "b": None},))
+    np.testing.assert_array_equal(f({"a": a, "b": b}), [True, True, False, True])
+    f_counts = jax.vmap(jaxnan.nonfinite_counts, in_axes=({"a": 0, "b": None},))
+    c = f_counts({"a": a, "b": b.at[0].set(jnp.inf)})
+    np.testing.assert_array_equal(c["a"].nan, [0, 0, 1, 0])
+    np.testing.assert_array_equal(c["b"].posinf, [1, 1, 1, 1])
+    assert not bool(f({"a": jnp.ones((4, 3)), "b": b.at[0].set(jnp.inf)}).any())
+
+
 def test_finite_global_norm_overflow_safe():
     big = jnp.array([3e30, 4e30, jnp.nan], jnp.float32)
     n = tree.finite_global_norm([big])

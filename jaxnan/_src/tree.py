@@ -70,29 +70,79 @@ def _sum_indicators(masks: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
     return tuple(lax.reduce(ints, (zero,) * len(ints), add, dims))
 
 
-def _nan_inf_counts(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """int32 (NaN, +-Inf) element counts of one floating or complex array."""
+# Leaves of one shape share one variadic reduction (one loop, one kernel), up
+# to this many per reduction; a stack of identical layers is checked by a few
+# kernels instead of one per leaf.
+_GROUP = 8
+
+
+def _kind_masks(x: jax.Array, split_inf: bool) -> tuple[jax.Array, ...]:
+    """Bool masks (NaN, +-Inf) or (NaN, +Inf, -Inf) of one array.
+
+    Complex elements are NaN when either part is NaN, else +Inf (-Inf) when
+    either part is +Inf (-Inf): each nonfinite element is in exactly one mask.
+    """
     x = jnp.asarray(x)
     if jnp.issubdtype(x.dtype, jnp.complexfloating):
         re, im = jnp.real(x), jnp.imag(x)
         nan = jnp.isnan(re) | jnp.isnan(im)
-        inf = ~nan & (jnp.isinf(re) | jnp.isinf(im))
-    else:
-        nan, inf = jnp.isnan(x), jnp.isinf(x)
-    n, i = _sum_indicators((nan, inf))
-    return n, i
+        if not split_inf:
+            return nan, ~nan & (jnp.isinf(re) | jnp.isinf(im))
+        pos = ~nan & ((re == jnp.inf) | (im == jnp.inf))
+        neg = ~nan & ~pos & ((re == -jnp.inf) | (im == -jnp.inf))
+        return nan, pos, neg
+    if not split_inf:
+        return jnp.isnan(x), jnp.isinf(x)
+    return jnp.isnan(x), x == jnp.inf, x == -jnp.inf
+
+
+def _shape_groups(leaves: list) -> list[list[int]]:
+    """Indices of `leaves` grouped by shape, at most `_GROUP` per group."""
+    by_shape: dict[tuple, list[int]] = {}
+    for i, x in enumerate(leaves):
+        by_shape.setdefault(tuple(jnp.shape(x)), []).append(i)
+    return [
+        idx[k : k + _GROUP]
+        for idx in by_shape.values()
+        for k in range(0, len(idx), _GROUP)
+    ]
+
+
+def _grouped_counts(leaves: list) -> list[NonfiniteCounts]:
+    """Exact NaN, +Inf, -Inf counts of every floating leaf, in list order."""
+    out: list[Any] = [None] * len(leaves)
+    for idx in _shape_groups(leaves):
+        masks = [m for i in idx for m in _kind_masks(leaves[i], split_inf=True)]
+        sums = _sum_indicators(tuple(masks))
+        for j, i in enumerate(idx):
+            out[i] = NonfiniteCounts(*sums[3 * j : 3 * j + 3])
+    return out
+
+
+def _grouped_finite(leaves: list) -> jax.Array:
+    """Bool scalar: every element of every floating leaf is finite."""
+    ok = jnp.array(True)
+    for idx in _shape_groups(leaves):
+        # The masks of a group are or-ed elementwise (in the same loop), so
+        # each reduction has two operands whatever the group size.
+        nan, inf = _kind_masks(leaves[idx[0]], split_inf=False)
+        for i in idx[1:]:
+            n, f = _kind_masks(leaves[i], split_inf=False)
+            nan, inf = nan | n, inf | f
+        n_nan, n_inf = _sum_indicators((nan, inf))
+        ok = ok & (n_nan == 0) & (n_inf == 0)
+    return ok
 
 
 def leaf_nonfinite_count(x: jax.Array) -> jax.Array:
     """int32 number of NaN, +Inf and -Inf elements of one floating array."""
-    n, i = _nan_inf_counts(x)
+    n, i = _sum_indicators(_kind_masks(x, split_inf=False))
     return n + i
 
 
 def leaf_finite(x: jax.Array) -> jax.Array:
     """Bool scalar: every element of the floating array `x` is finite."""
-    n, i = _nan_inf_counts(x)
-    return (n == 0) & (i == 0)
+    return _grouped_finite([x])
 
 
 def all_finite(tree: Any) -> jax.Array:
@@ -100,7 +150,8 @@ def all_finite(tree: Any) -> jax.Array:
 
     Safe under `jit`, `vmap`, `grad` and `lax.scan`, and it never talks to the
     host. Each floating leaf is read once, by one fused reduction that counts
-    its NaN and its infinite elements (two int32 sums in one loop). Complex
+    NaN and infinite elements (two int32 sums in one loop; leaves of the same
+    shape share that loop, up to 8 at a time). Complex
     leaves are checked on both parts. Integer and boolean leaves are ignored
     on purpose: they cannot be nonfinite. A tree without floating leaves is
     finite.
@@ -118,25 +169,12 @@ def all_finite(tree: Any) -> jax.Array:
         >>> jaxnan.all_finite({"w": jnp.array([1.0, jnp.inf])})
         Array(False, dtype=bool)
     """
-    ok = jnp.array(True)
-    for x in checked_leaves(tree):
-        ok = ok & leaf_finite(x)
-    return ok
+    return _grouped_finite(checked_leaves(tree))
 
 
 def leaf_counts(x: jax.Array) -> NonfiniteCounts:
     """NaN, +Inf and -Inf counts of one floating or complex array."""
-    x = jnp.asarray(x)
-    if jnp.issubdtype(x.dtype, jnp.complexfloating):
-        re, im = jnp.real(x), jnp.imag(x)
-        nan = jnp.isnan(re) | jnp.isnan(im)
-        pos = ~nan & ((re == jnp.inf) | (im == jnp.inf))
-        neg = ~nan & ~pos & ((re == -jnp.inf) | (im == -jnp.inf))
-    else:
-        nan = jnp.isnan(x)
-        pos = x == jnp.inf
-        neg = x == -jnp.inf
-    return NonfiniteCounts(*_sum_indicators((nan, pos, neg)))
+    return _grouped_counts([x])[0]
 
 
 def _zero_counts() -> NonfiniteCounts:
@@ -164,9 +202,18 @@ def nonfinite_counts(tree: Any) -> Any:
         >>> int(c["w"].nan), int(c["w"].posinf), int(c["w"].neginf)
         (1, 1, 0)
     """
-    return jax.tree_util.tree_map(
-        lambda x: leaf_counts(x) if base.is_checked_leaf(x) else _zero_counts(), tree
-    )
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    return jax.tree_util.tree_unflatten(treedef, _counts_list(leaves))
+
+
+def _counts_list(leaves: list) -> list[NonfiniteCounts]:
+    """Counts of every leaf (zeros for the unchecked ones), in one pass each."""
+    idx = [i for i, x in enumerate(leaves) if base.is_checked_leaf(x)]
+    counts = _grouped_counts([leaves[i] for i in idx])
+    out = [_zero_counts() for _ in leaves]
+    for i, c in zip(idx, counts):
+        out[i] = c
+    return out
 
 
 def counts_matrix(tree: Any) -> jax.Array:
@@ -174,9 +221,7 @@ def counts_matrix(tree: Any) -> jax.Array:
 
     Non-floating leaves have a row of zeros. Used by `Report`.
     """
-    counts: list[jax.Array] = []
-    for x in jax.tree_util.tree_leaves(tree):
-        counts += leaf_counts(x) if base.is_checked_leaf(x) else _zero_counts()
+    counts = [c for row in _counts_list(jax.tree_util.tree_leaves(tree)) for c in row]
     if not counts:
         return jnp.zeros((0, 3), jnp.int32)
     # One stack of all the scalars: one small kernel, not one per leaf.
