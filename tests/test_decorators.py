@@ -334,8 +334,56 @@ def test_sharded_jit_reports_once(mesh8):
     chex.assert_trees_all_equal(VG_REC(params, batch), VG_PLAIN(params, batch))
     assert REC.take() == []
     batch["x"] = batch["x"].at[5, 1].set(NAN)
-    VG_REC(params, batch)
+    # Reports arrive when the program runs (dispatch is asynchronous).
+    jax.block_until_ready(VG_REC(params, batch))
     assert [r.phase for r in REC.take()] == ["forward-inputs", "backward"]
+
+
+# --------------------------------------------------------------------------
+# The callbacks: effect-free, tied into the outputs and the gradients.
+
+
+def test_grads_mode_has_no_effects_and_forward_mode_keeps_them():
+    # grads=True: pure callbacks tied into the values, no JAX effect (so the
+    # jitted step keeps the fast dispatch path). grads=False: debug callbacks.
+    params, batch = make()
+    assert jax.make_jaxpr(jax.value_and_grad(rec_loss))(params, batch).effects == set()
+    assert jax.make_jaxpr(rec_loss)(params, batch).effects == set()
+    fwd_only = jaxnan.checked(plain_loss, on_nonfinite=REC, grads=False)
+    assert jax.make_jaxpr(fwd_only)(params, batch).effects != set()
+
+
+def test_forward_checks_survive_grad_which_drops_the_loss():
+    # jax.grad discards the loss, and with it the forward checks' tie into
+    # the output; they live on through the loss cotangent.
+    params, batch = make()
+    g_plain = jax.jit(jax.grad(plain_loss))
+    g_rec = jax.jit(jax.grad(rec_loss))
+    chex.assert_trees_all_equal(g_rec(params, batch), g_plain(params, batch))
+    batch["x"] = batch["x"].at[1, 2].set(NAN)
+    jax.block_until_ready(g_rec(params, batch))
+    recs = REC.take()
+    assert [r.phase for r in recs] == ["forward-inputs", "backward"]
+    assert recs[0].leaves == {"batch['x']": (1, 0, 0)}
+    # A loss made nonfinite inside (finite inputs) is reported as such.
+    params, batch = make()
+    params["s"] = jnp.float32(3e38)
+    batch["y"] = batch["y"] + 1e30
+    jax.block_until_ready(g_rec(params, batch))
+    assert [r.phase for r in REC.take()][:1] == ["forward-outputs"]
+
+
+def test_output_without_floating_leaves_still_reports_inputs():
+    def count_positive(x):
+        return jnp.sum(x > 0)
+
+    f = jax.jit(jaxnan.checked(count_positive, on_nonfinite=REC))
+    assert int(f(jnp.array([1.0, -1.0]))) == 1
+    assert REC.take() == []
+    jax.block_until_ready(f(jnp.array([1.0, NAN])))
+    assert [(r.phase, r.leaves) for r in REC.take()] == [
+        ("forward-inputs", {"x": (1, 0, 0)})
+    ]
 
 
 # --------------------------------------------------------------------------
