@@ -29,6 +29,13 @@ class Recorder:
         self.records.append(record)
 
     def take(self):
+        # Reports arrive when a program runs (dispatch is asynchronous): wait
+        # for every pending computation (one that failed has nothing to add).
+        for a in jax.live_arrays():
+            try:
+                a.block_until_ready()
+            except Exception:
+                pass
         jax.effects_barrier()
         out, self.records = self.records, []
         return out

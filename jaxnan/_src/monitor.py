@@ -54,10 +54,10 @@ def _stats(leaves: list[jax.Array]) -> tuple[list, list, list]:
         return [z for _ in leaves], [z for _ in leaves]
 
     def count_bad():
-        counts = [tree.leaf_counts(x) for x in leaves]
+        counts = tree.counts_list(leaves)
         return [c.nan for c in counts], [c.nan + c.posinf + c.neginf for c in counts]
 
-    # The counts (two extra passes) are computed only when something is
+    # The counts (one more pass) are computed only when something is
     # nonfinite or a square overflowed.
     nans, bads = lax.cond(jnp.isfinite(total), none_bad, count_bad)
     norms = [jnp.sqrt(s).astype(jnp.float32) for s in sqs]

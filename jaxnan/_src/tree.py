@@ -140,11 +140,6 @@ def leaf_nonfinite_count(x: jax.Array) -> jax.Array:
     return n + i
 
 
-def leaf_finite(x: jax.Array) -> jax.Array:
-    """Bool scalar: every element of the floating array `x` is finite."""
-    return _grouped_finite([x])
-
-
 def all_finite(tree: Any) -> jax.Array:
     """Returns a bool scalar: True when no leaf of `tree` holds NaN or +-Inf.
 
@@ -170,11 +165,6 @@ def all_finite(tree: Any) -> jax.Array:
         Array(False, dtype=bool)
     """
     return _grouped_finite(checked_leaves(tree))
-
-
-def leaf_counts(x: jax.Array) -> NonfiniteCounts:
-    """NaN, +Inf and -Inf counts of one floating or complex array."""
-    return _grouped_counts([x])[0]
 
 
 def _zero_counts() -> NonfiniteCounts:
@@ -203,11 +193,14 @@ def nonfinite_counts(tree: Any) -> Any:
         (1, 1, 0)
     """
     leaves, treedef = jax.tree_util.tree_flatten(tree)
-    return jax.tree_util.tree_unflatten(treedef, _counts_list(leaves))
+    return jax.tree_util.tree_unflatten(treedef, counts_list(leaves))
 
 
-def _counts_list(leaves: list) -> list[NonfiniteCounts]:
-    """Counts of every leaf (zeros for the unchecked ones), in one pass each."""
+def counts_list(leaves: list) -> list[NonfiniteCounts]:
+    """Counts of every leaf (zeros for the unchecked ones).
+
+    Each leaf is read once; leaves of one shape share the reduction.
+    """
     idx = [i for i, x in enumerate(leaves) if base.is_checked_leaf(x)]
     counts = _grouped_counts([leaves[i] for i in idx])
     out = [_zero_counts() for _ in leaves]
@@ -221,7 +214,7 @@ def counts_matrix(tree: Any) -> jax.Array:
 
     Non-floating leaves have a row of zeros. Used by `Report`.
     """
-    counts = [c for row in _counts_list(jax.tree_util.tree_leaves(tree)) for c in row]
+    counts = [c for row in counts_list(jax.tree_util.tree_leaves(tree)) for c in row]
     if not counts:
         return jnp.zeros((0, 3), jnp.int32)
     # One stack of all the scalars: one small kernel, not one per leaf.
