@@ -31,6 +31,8 @@ class Recorder:
     def take(self):
         # Reports arrive when a program runs (dispatch is asynchronous): wait
         # for every pending computation (one that failed has nothing to add).
+        # Callers keep (or block on) the outputs: a discarded output is not a
+        # live array, and its program may still be running.
         for a in jax.live_arrays():
             try:
                 a.block_until_ready()
@@ -149,7 +151,7 @@ def test_nan_batch_leaf_raises_eagerly_and_under_jit():
 def test_nan_batch_leaf_record_and_no_duplicate_output_report():
     params, batch = make()
     batch["x"] = batch["x"].at[2, 1].set(NAN).at[0, 0].set(-INF)
-    VG_REC(params, batch)
+    jax.block_until_ready(VG_REC(params, batch))
     recs = REC.take()
     # The output report is suppressed (the inputs were bad); the gradients
     # flowing back are reported on their own.
@@ -177,7 +179,7 @@ def test_nonfinite_loss_with_finite_inputs():
         loss_fn(params, batch)
     with pytest.raises(Exception, match=msg(want)):
         jax.block_until_ready(VG_CHECKED(params, batch))
-    VG_REC(params, batch)
+    jax.block_until_ready(VG_REC(params, batch))
     grads_ok = bool(jaxnan.all_finite(VG_PLAIN(params, batch)[1]))
     want_phases = ["forward-outputs"] + ([] if grads_ok else ["backward"])
     assert [r.phase for r in REC.take()] == want_phases
@@ -203,7 +205,7 @@ def test_finite_loss_with_nonfinite_gradient():
     assert info.value.details["phase"] == "backward"
     with pytest.raises(Exception, match=msg(want)):
         jax.block_until_ready(VG_CHECKED(params, batch))
-    VG_REC(params, batch)
+    jax.block_until_ready(VG_REC(params, batch))
     (rec,) = REC.take()
     assert rec.phase == "backward"
     assert rec.leaves.keys() <= {"params['w']", "params['b']", "params['s']"}
@@ -224,7 +226,7 @@ def test_only_differentiated_arguments_are_checked():
     rec = Recorder()
     g = jaxnan.checked(f, on_nonfinite=rec)
     w, x = jnp.ones(2), jnp.array([0.0, 1.0])  # d/dx sqrt(0) = inf
-    jax.grad(g)(w, x)
+    jax.block_until_ready(jax.grad(g)(w, x))
     assert rec.take() == []
     jax.grad(g, argnums=1)(w, x)
     (r,) = rec.take()
@@ -249,7 +251,7 @@ def test_vmap_one_bad_example_reports_exactly_once():
     out = VMAPPED(params, batch["x"], batch["y"])
     assert out.shape == (6,) and REC.take() == []
     x = batch["x"].at[4, 0].set(NAN)
-    VMAPPED(params, x, batch["y"])
+    jax.block_until_ready(VMAPPED(params, x, batch["y"]))
     (rec,) = REC.take()
     assert rec.phase == "forward-inputs"
     assert rec.leaves == {"batch['x']": (1, 0, 0)}
@@ -262,7 +264,7 @@ def test_vmap_of_grad_reports_each_phase_once():
     g = VMAPPED_GRAD(params, batch["x"], batch["y"])
     assert g["w"].shape == (6, 3, 2) and REC.take() == []
     x = batch["x"].at[1, 2].set(INF)
-    VMAPPED_GRAD(params, x, batch["y"])
+    jax.block_until_ready(VMAPPED_GRAD(params, x, batch["y"]))
     recs = REC.take()
     assert [r.phase for r in recs] == ["forward-inputs", "backward"]
     assert recs[0].leaves == {"batch['x']": (0, 1, 0)}
@@ -290,7 +292,7 @@ def test_grad_of_grad_is_exact_and_checked():
     assert got == want and REC.take() == []
     h = jnp.tanh(batch["x"] @ params["w"] + params["b"])
     batch["y"] = batch["y"].at[0, 1].set(h[0, 1])
-    jax.grad(outer(rec_loss))(params["s"])
+    jax.block_until_ready(jax.grad(outer(rec_loss))(params["s"]))
     recs = REC.take()
     assert recs and {r.phase for r in recs} == {"backward"}
 
@@ -313,7 +315,7 @@ def test_inside_lax_scan():
         run(rec_loss)(params, xs, ys), run(plain_loss)(params, xs, ys), rtol=1e-6
     )
     assert REC.take() == []
-    run(rec_loss)(params, xs.at[1, 0, 0].set(NAN), ys)
+    jax.block_until_ready(run(rec_loss)(params, xs.at[1, 0, 0].set(NAN), ys))
     recs = REC.take()
     # Batch 1 is bad; its NaN gradient poisons the params of batch 2.
     phases = ["forward-inputs", "backward"] * 2
@@ -329,7 +331,7 @@ def test_remat():
     assert REC.take() == []
     h = jnp.tanh(batch["x"] @ params["w"] + params["b"])
     batch["y"] = batch["y"].at[3, 1].set(h[3, 1])
-    f(params, batch)
+    jax.block_until_ready(f(params, batch))
     assert [r.phase for r in REC.take()] == ["backward"]
 
 

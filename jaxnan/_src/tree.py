@@ -7,8 +7,10 @@ by one variadic `lax.reduce` that sums several int32 indicators at a time
 (NaN, and Inf or +Inf and -Inf): XLA compiles it into one vectorized loop.
 Measured on CPU (`benchmarks/pass_floor.py`), this pass costs about half of
 what a single-operand reduction such as `sum(x * 0)` costs, because XLA routes
-single-operand reductions to a slower library or two-stage path. Integer and
-boolean leaves are skipped on purpose: they cannot hold a nonfinite value.
+single-operand reductions to a slower library or two-stage path. Leaves
+share reductions to save kernels (each costs compile time and a launch):
+large leaves of one size are read by one loop, small ones are packed. Integer
+and boolean leaves are skipped on purpose: they cannot hold a nonfinite value.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.extend import source_info_util
 
@@ -42,6 +45,11 @@ class NonfiniteCounts(NamedTuple):
     neginf: jax.Array
 
 
+def _zero_counts() -> NonfiniteCounts:
+    z = jnp.zeros((), jnp.int32)
+    return NonfiniteCounts(z, z, z)
+
+
 def checked_leaves(tree: Any) -> list[Any]:
     """The floating and complex leaves of `tree`, in flattening order."""
     return [x for x in jax.tree_util.tree_leaves(tree) if base.is_checked_leaf(x)]
@@ -53,10 +61,13 @@ def paths_and_leaves(tree: Any, prefix: str = "") -> list[tuple[str, Any]]:
     return [(prefix + jax.tree_util.keystr(p), x) for p, x in flat]
 
 
-def _sum_indicators(masks: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+def _sum_indicators(
+    masks: tuple[jax.Array, ...], axis: int | None = None
+) -> tuple[jax.Array, ...]:
     """int32 number of True entries of each mask, in one variadic reduction.
 
-    The masks have one shape and are read in the same loop. With two or more
+    Over every axis, or over `axis` only. The masks have one shape and are
+    read in the same loop. With two or more
     operands XLA's CPU backend emits a single vectorized loop fusion; a
     single-operand integer sum would materialize the mask first.
     """
@@ -66,14 +77,22 @@ def _sum_indicators(masks: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
     def add(a, b):
         return tuple(u + v for u, v in zip(a, b))
 
-    dims = tuple(range(ints[0].ndim))
+    ndim = ints[0].ndim
+    dims = tuple(range(ndim)) if axis is None else (axis % ndim,)
     return tuple(lax.reduce(ints, (zero,) * len(ints), add, dims))
 
 
-# Leaves of one shape share one variadic reduction (one loop, one kernel), up
+# Leaves of one size share one variadic reduction (one loop, one kernel), up
 # to this many per reduction; a stack of identical layers is checked by a few
-# kernels instead of one per leaf.
+# kernels instead of one per leaf. A leaf is flattened first (a free bitcast),
+# so a (512, 1024) and a (1024, 512) kernel share a loop.
 _GROUP = 8
+# Leaves of at most this many elements (biases, norm scales, the loss) are
+# packed: concatenated (finiteness) or zero-padded and stacked (counts), so
+# that all the small leaves of a model cost one or a few kernels together.
+_SMALL = 1 << 12
+# At most this many elements in one pack.
+_PACK = 1 << 16
 
 
 def _kind_masks(x: jax.Array, split_inf: bool) -> tuple[jax.Array, ...]:
@@ -96,38 +115,114 @@ def _kind_masks(x: jax.Array, split_inf: bool) -> tuple[jax.Array, ...]:
     return jnp.isnan(x), x == jnp.inf, x == -jnp.inf
 
 
-def _shape_groups(leaves: list) -> list[list[int]]:
-    """Indices of `leaves` grouped by shape, at most `_GROUP` per group."""
-    by_shape: dict[tuple, list[int]] = {}
+def _flat(x: Any) -> jax.Array:
+    """`x` as a 1-D array (a bitcast in XLA's default row-major layout)."""
+    return jnp.reshape(jnp.asarray(x), (-1,))
+
+
+def _size(x: Any) -> int:
+    return int(np.prod(jnp.shape(x), dtype=np.int64))
+
+
+def _split_small(leaves: list) -> tuple[dict, dict]:
+    """Indices of `leaves` by size (large leaves) and by dtype (small ones).
+
+    Empty leaves are left out: they hold nothing to check.
+    """
+    large: dict[int, list[int]] = {}
+    small: dict[Any, list[int]] = {}
     for i, x in enumerate(leaves):
-        by_shape.setdefault(tuple(jnp.shape(x)), []).append(i)
-    return [
-        idx[k : k + _GROUP]
-        for idx in by_shape.values()
+        n = _size(x)
+        if n == 0:
+            continue
+        if n > _SMALL:
+            large.setdefault(n, []).append(i)
+        else:
+            small.setdefault(jnp.result_type(x), []).append(i)
+    return large, small
+
+
+def _chunks(idx: list[int], sizes: list[int], limit: int) -> list[list[int]]:
+    """`idx` cut into consecutive runs whose `sizes` add up to at most `limit`."""
+    out: list[list[int]] = []
+    run: list[int] = []
+    total = 0
+    for i, n in zip(idx, sizes):
+        if run and total + n > limit:
+            out.append(run)
+            run, total = [], 0
+        run.append(i)
+        total += n
+    if run:
+        out.append(run)
+    return out
+
+
+def _finite_groups(leaves: list) -> list[list[jax.Array]]:
+    """1-D arrays holding every element of `leaves`, in groups of one length.
+
+    Each group is read by one reduction: large leaves of one size together
+    (at most `_GROUP`), small leaves of one dtype concatenated into packs.
+    """
+    large, small = _split_small(leaves)
+    groups = [
+        [_flat(leaves[i]) for i in idx[k : k + _GROUP]]
+        for idx in large.values()
         for k in range(0, len(idx), _GROUP)
     ]
+    for idx in small.values():
+        for run in _chunks(idx, [_size(leaves[i]) for i in idx], _PACK):
+            parts = [_flat(leaves[i]) for i in run]
+            groups.append([jnp.concatenate(parts) if len(parts) > 1 else parts[0]])
+    return groups
 
 
 def _grouped_counts(leaves: list) -> list[NonfiniteCounts]:
     """Exact NaN, +Inf, -Inf counts of every floating leaf, in list order."""
-    out: list[Any] = [None] * len(leaves)
-    for idx in _shape_groups(leaves):
-        masks = [m for i in idx for m in _kind_masks(leaves[i], split_inf=True)]
-        sums = _sum_indicators(tuple(masks))
-        for j, i in enumerate(idx):
-            out[i] = NonfiniteCounts(*sums[3 * j : 3 * j + 3])
+    out: list[Any] = [_zero_counts() for _ in leaves]
+    large, small = _split_small(leaves)
+    for idx in large.values():
+        for k in range(0, len(idx), _GROUP):
+            group = idx[k : k + _GROUP]
+            masks = [m for i in group for m in _kind_masks(_flat(leaves[i]), True)]
+            sums = _sum_indicators(tuple(masks))
+            for j, i in enumerate(group):
+                out[i] = NonfiniteCounts(*sums[3 * j : 3 * j + 3])
+    for idx in small.values():
+        # Small leaves of one dtype and a similar size (padded with zeros to
+        # the next power of two) are stacked into one (n, width) array whose
+        # rows are counted by one reduction over the last axis.
+        by_width: dict[int, list[int]] = {}
+        for i in idx:
+            width = 1 << max(_size(leaves[i]) - 1, 0).bit_length()
+            by_width.setdefault(width, []).append(i)
+        for width, same in by_width.items():
+            for run in _chunks(same, [width] * len(same), _PACK):
+                if len(run) == 1:
+                    sums = _sum_indicators(_kind_masks(leaves[run[0]], True))
+                    out[run[0]] = NonfiniteCounts(*sums)
+                    continue
+                rows = jnp.stack(
+                    [
+                        jnp.pad(_flat(leaves[i]), (0, width - _size(leaves[i])))
+                        for i in run
+                    ]
+                )
+                nan, pos, neg = _sum_indicators(_kind_masks(rows, True), axis=-1)
+                for j, i in enumerate(run):
+                    out[i] = NonfiniteCounts(nan[..., j], pos[..., j], neg[..., j])
     return out
 
 
 def _grouped_finite(leaves: list) -> jax.Array:
     """Bool scalar: every element of every floating leaf is finite."""
     ok = jnp.array(True)
-    for idx in _shape_groups(leaves):
+    for group in _finite_groups(leaves):
         # The masks of a group are or-ed elementwise (in the same loop), so
         # each reduction has two operands whatever the group size.
-        nan, inf = _kind_masks(leaves[idx[0]], split_inf=False)
-        for i in idx[1:]:
-            n, f = _kind_masks(leaves[i], split_inf=False)
+        nan, inf = _kind_masks(group[0], split_inf=False)
+        for x in group[1:]:
+            n, f = _kind_masks(x, split_inf=False)
             nan, inf = nan | n, inf | f
         n_nan, n_inf = _sum_indicators((nan, inf))
         ok = ok & (n_nan == 0) & (n_inf == 0)
@@ -145,9 +240,11 @@ def all_finite(tree: Any) -> jax.Array:
 
     Safe under `jit`, `vmap`, `grad` and `lax.scan`, and it never talks to the
     host. Each floating leaf is read once, by one fused reduction that counts
-    NaN and infinite elements (two int32 sums in one loop; leaves of the same
-    shape share that loop, up to 8 at a time). Complex
-    leaves are checked on both parts. Integer and boolean leaves are ignored
+    NaN and infinite elements (two int32 sums in one loop). Large leaves of
+    the same size share that loop, up to 8 at a time; small leaves (at most
+    4096 elements: biases, norm scales, a loss) are concatenated, so that all
+    of them cost one kernel per dtype. Complex leaves are checked on both
+    parts. Integer and boolean leaves are ignored
     on purpose: they cannot be nonfinite. A tree without floating leaves is
     finite.
 
@@ -165,11 +262,6 @@ def all_finite(tree: Any) -> jax.Array:
         Array(False, dtype=bool)
     """
     return _grouped_finite(checked_leaves(tree))
-
-
-def _zero_counts() -> NonfiniteCounts:
-    z = jnp.zeros((), jnp.int32)
-    return NonfiniteCounts(z, z, z)
 
 
 def nonfinite_counts(tree: Any) -> Any:
@@ -199,7 +291,8 @@ def nonfinite_counts(tree: Any) -> Any:
 def counts_list(leaves: list) -> list[NonfiniteCounts]:
     """Counts of every leaf (zeros for the unchecked ones).
 
-    Each leaf is read once; leaves of one shape share the reduction.
+    Each leaf is read once; leaves of one size share a reduction, small
+    leaves are packed (zero-padded and stacked, one reduction per pack).
     """
     idx = [i for i, x in enumerate(leaves) if base.is_checked_leaf(x)]
     counts = _grouped_counts([leaves[i] for i in idx])
