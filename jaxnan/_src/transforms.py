@@ -425,9 +425,9 @@ def skip_nonfinite(
     Cost: one fused reduction over the gradients (large leaves of one size
     share it, small leaves are packed into one), none when `inner` begins
     with `jaxnan.clip_by_global_norm`, whose sum of squares is reused; then
-    one `lax.cond` around `inner`, whose updates XLA writes out before `optax.apply_updates` reads them (outside
-    a conditional it fuses the two). `benchmarks/RESULTS.md` has the
-    figures.
+    one `lax.cond` around `inner`, whose updates XLA writes out before
+    `optax.apply_updates` reads them (outside a conditional it fuses the
+    two). `benchmarks/RESULTS.md` has the figures.
 
     Args:
         inner: the transformation to protect, such as ``optax.adamw(1e-3)``
