@@ -115,49 +115,61 @@ def test_one_variadic_reduction_per_leaf_in_hlo():
     assert re.search(r"= \(s32\[\], s32\[\]\) fusion", readers[0]), readers[0]
 
 
-def test_large_leaves_of_one_size_share_reductions_exactly():
-    # 20 large leaves of one size (two shapes, flattened alike): 3 shared
-    # reductions (8 + 8 + 4 leaves), counts still exact per leaf in every chunk.
-    shapes = [(65, 64) if i % 2 else (64, 65) for i in range(20)]
-    leaves = [jnp.full(s, float(i)) for i, s in enumerate(shapes)]
+def test_leaves_of_one_shape_share_reductions_exactly():
+    # 20 leaves of one shape: 3 shared reductions (8 + 8 + 4 leaves), counts
+    # still exact per leaf, in every chunk. A leaf of another shape (here the
+    # transpose, same size) keeps a reduction of its own.
+    leaves = [jnp.full((5, 3), float(i)) for i in range(20)] + [jnp.ones((3, 5))]
     leaves[13] = leaves[13].at[0, 0].set(jnp.nan).at[4, 2].set(-jnp.inf)
     leaves[2] = leaves[2].at[1, 1].set(jnp.inf)
     leaves[19] = leaves[19].at[:, 0].set(jnp.nan)
+    leaves[20] = leaves[20].at[2, 4].set(jnp.nan)
     assert not bool(jaxnan.all_finite(leaves))
     counts = jaxnan.nonfinite_counts(leaves)
     got = {i: tuple(map(int, c)) for i, c in enumerate(counts) if any(map(int, c))}
-    assert got == {2: (0, 1, 0), 13: (1, 0, 1), 19: (65, 0, 0)}
+    assert got == {2: (0, 1, 0), 13: (1, 0, 1), 19: (5, 0, 0), 20: (1, 0, 0)}
     for fn in (jaxnan.all_finite, jaxnan.nonfinite_counts):
         jaxpr = jax.make_jaxpr(fn)(leaves)
-        assert [e.primitive.name for e in jaxpr.eqns].count("reduce") == 3
-    clean = [jnp.ones(s) for s in shapes]
+        assert [e.primitive.name for e in jaxpr.eqns].count("reduce") == 4
+    clean = [jnp.full((5, 3), 1.0) for _ in range(20)]
     assert bool(jaxnan.all_finite(clean))
-    for leaf in jax.tree_util.tree_leaves(jaxnan.nonfinite_counts(clean)):
-        assert int(leaf) == 0
 
 
-def test_small_leaves_are_packed_and_counted_exactly():
-    # Biases, scales, scalars: one concatenated reduction per dtype for the
-    # flag, one padded stack per dtype and power-of-two width for the counts;
-    # every count is still exact per leaf (the padding zeros count nothing).
-    sizes = [1, 3, 10, 128, 128, 100, 4096, 7, 2, 64]
+def test_packed_counts_of_small_leaves_are_exact():
+    # Reporting branches stack small leaves (zero-padded to a power-of-two
+    # width, per dtype): few reductions, every count still exact per leaf
+    # (the padding zeros count nothing), also under vmap.
+    sizes = [1, 3, 10, 128, 128, 100, 4096, 7, 2, 64, 5000]
     leaves = [jnp.linspace(-1.0, 1.0, n) for n in sizes]
     leaves[0] = jnp.float32(jnp.nan)  # a 0-d leaf, such as a loss
     leaves[4] = leaves[4].at[5].set(jnp.inf).at[6].set(-jnp.inf)
     leaves[6] = leaves[6].at[4095].set(jnp.nan)
-    leaves.append(jnp.ones(5, jnp.bfloat16).at[1].set(jnp.inf))
-    leaves.append(jnp.ones((0, 3)))  # empty: nothing to check
-    counts = jaxnan.nonfinite_counts(leaves)
-    got = {i: tuple(map(int, c)) for i, c in enumerate(counts) if any(map(int, c))}
-    assert got == {0: (1, 0, 0), 4: (0, 1, 1), 6: (1, 0, 0), 10: (0, 1, 0)}
-    jaxpr = jax.make_jaxpr(jaxnan.all_finite)(leaves)
-    assert [e.primitive.name for e in jaxpr.eqns].count("reduce") == 2  # 2 dtypes
-    assert not bool(jaxnan.all_finite(leaves))
-    clean = [jnp.ones(n) for n in sizes] + [jnp.ones(5, jnp.bfloat16)]
-    for i in (0, 4, 6, 10):  # each bad leaf alone in a clean pack is seen
-        one_bad = clean[:i] + [leaves[i]] + clean[i + 1 :]
-        assert not bool(jax.jit(jaxnan.all_finite)(one_bad)), i
-    assert bool(jaxnan.all_finite(clean))
+    leaves[10] = leaves[10].at[0].set(-jnp.inf)  # large: counted on its own
+    leaves += [
+        jnp.ones(5, jnp.bfloat16).at[1].set(jnp.inf),
+        jnp.ones(6, jnp.bfloat16).at[5].set(jnp.nan),
+        jnp.ones((0, 3)),  # empty: nothing to count
+        jnp.arange(3),  # integer: not checked
+    ]
+    want = {0: (1, 0, 0), 4: (0, 1, 1), 6: (1, 0, 0), 10: (0, 0, 1)}
+    want.update({11: (0, 1, 0), 12: (1, 0, 0)})
+
+    def table(counts):
+        return {i: tuple(map(int, c)) for i, c in enumerate(counts) if any(map(int, c))}
+
+    packed = jax.jit(lambda t: tree.counts_list(t, pack=True))(leaves)
+    assert table(packed) == want
+    assert table(tree.counts_list(leaves)) == want
+    jaxpr = jax.make_jaxpr(lambda t: tree.counts_list(t, pack=True))(leaves)
+    n_packed = [e.primitive.name for e in jaxpr.eqns].count("reduce")
+    jaxpr = jax.make_jaxpr(tree.counts_list)(leaves)
+    assert n_packed < [e.primitive.name for e in jaxpr.eqns].count("reduce")
+    # Per example under vmap, with one unbatched leaf in a pack.
+    a = jnp.ones((4, 3)).at[2, 1].set(jnp.nan)
+    f = jax.vmap(lambda a, b: tree.counts_list([a, b], pack=True), in_axes=(0, None))
+    ca, cb = f(a, jnp.ones(2).at[0].set(jnp.inf))
+    np.testing.assert_array_equal(ca.nan, [0, 0, 1, 0])
+    np.testing.assert_array_equal(cb.posinf, [1, 1, 1, 1])
 
 
 def test_shared_reduction_under_vmap_with_unbatched_leaf():

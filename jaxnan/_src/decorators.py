@@ -266,7 +266,7 @@ def _check(
 
     def do_report(operands):
         xs, quiet = operands
-        counts = _fold_sum(tree.counts_matrix(xs))
+        counts = _fold_sum(tree.counts_matrix(xs, pack=True))
         # Batched exactly when `quiet` is, so that vmap sees (and folds) it.
         bad = _fold_sum((~quiet).astype(jnp.int32))
         total = _fold_sum((quiet | True).astype(jnp.int32))

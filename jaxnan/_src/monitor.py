@@ -54,7 +54,7 @@ def _stats(leaves: list[jax.Array]) -> tuple[list, list, list]:
         return [z for _ in leaves], [z for _ in leaves]
 
     def count_bad():
-        counts = tree.counts_list(leaves)
+        counts = tree.counts_list(leaves, pack=True)
         return [c.nan for c in counts], [c.nan + c.posinf + c.neginf for c in counts]
 
     # The counts (one more pass) are computed only when something is

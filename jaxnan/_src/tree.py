@@ -7,10 +7,10 @@ by one variadic `lax.reduce` that sums several int32 indicators at a time
 (NaN, and Inf or +Inf and -Inf): XLA compiles it into one vectorized loop.
 Measured on CPU (`benchmarks/pass_floor.py`), this pass costs about half of
 what a single-operand reduction such as `sum(x * 0)` costs, because XLA routes
-single-operand reductions to a slower library or two-stage path. Leaves
-share reductions to save kernels (each costs compile time and a launch):
-large leaves of one size are read by one loop, small ones are packed. Integer
-and boolean leaves are skipped on purpose: they cannot hold a nonfinite value.
+single-operand reductions to a slower library or two-stage path. Leaves of
+one shape share a reduction, and reporting branches pack small leaves, to
+save kernels (each costs compile time and a launch). Integer and boolean
+leaves are skipped on purpose: they cannot hold a nonfinite value.
 """
 
 from __future__ import annotations
@@ -82,16 +82,19 @@ def _sum_indicators(
     return tuple(lax.reduce(ints, (zero,) * len(ints), add, dims))
 
 
-# Leaves of one size share one variadic reduction (one loop, one kernel), up
+# Leaves of one shape share one variadic reduction (one loop, one kernel), up
 # to this many per reduction; a stack of identical layers is checked by a few
-# kernels instead of one per leaf. A leaf is flattened first (a free bitcast),
-# so a (512, 1024) and a (1024, 512) kernel share a loop.
+# kernels instead of one per leaf. Leaves of different shapes are not merged:
+# a shared loop waits for its last operand, while separate ones overlap with
+# the rest of the backward pass (measured on the MLP step: merging the two
+# large kernels, or concatenating the biases, cost 3-4% more step time).
 _GROUP = 8
-# Leaves of at most this many elements (biases, norm scales, the loss) are
-# packed: concatenated (finiteness) or zero-padded and stacked (counts), so
-# that all the small leaves of a model cost one or a few kernels together.
+# In reporting branches, which never run on a healthy step but are compiled,
+# leaves of at most this many elements (biases, norm scales, a loss) are
+# zero-padded to a power-of-two width and stacked, so that all the small
+# leaves of a model are counted by a few kernels: less compile time.
 _SMALL = 1 << 12
-# At most this many elements in one pack.
+# At most this many elements in one stack.
 _PACK = 1 << 16
 
 
@@ -124,105 +127,80 @@ def _size(x: Any) -> int:
     return int(np.prod(jnp.shape(x), dtype=np.int64))
 
 
-def _split_small(leaves: list) -> tuple[dict, dict]:
-    """Indices of `leaves` by size (large leaves) and by dtype (small ones).
+def _shape_groups(leaves: list, idx: list[int]) -> list[list[int]]:
+    """`idx` grouped by the shape of their leaf, at most `_GROUP` per group."""
+    by_shape: dict[tuple, list[int]] = {}
+    for i in idx:
+        by_shape.setdefault(tuple(jnp.shape(leaves[i])), []).append(i)
+    return [
+        run[k : k + _GROUP]
+        for run in by_shape.values()
+        for k in range(0, len(run), _GROUP)
+    ]
 
-    Empty leaves are left out: they hold nothing to check.
+
+def _small_packs(leaves: list) -> tuple[list[int], list[list[int]]]:
+    """(indices counted alone or by shape, packs of small leaves to stack).
+
+    A pack holds leaves of one dtype whose sizes round up to the same power
+    of two, at most `_PACK` elements once padded; single leaves stay out.
     """
-    large: dict[int, list[int]] = {}
-    small: dict[Any, list[int]] = {}
+    rest: list[int] = []
+    buckets: dict[tuple, list[int]] = {}
     for i, x in enumerate(leaves):
         n = _size(x)
-        if n == 0:
-            continue
-        if n > _SMALL:
-            large.setdefault(n, []).append(i)
+        if 0 < n <= _SMALL:
+            width = 1 << (n - 1).bit_length()
+            buckets.setdefault((jnp.result_type(x), width), []).append(i)
         else:
-            small.setdefault(jnp.result_type(x), []).append(i)
-    return large, small
+            rest.append(i)
+    packs = []
+    for (_, width), idx in buckets.items():
+        step = max(_PACK // width, 1)
+        for k in range(0, len(idx), step):
+            run = idx[k : k + step]
+            if len(run) > 1:
+                packs.append(run)
+            else:
+                rest += run
+    return sorted(rest), packs
 
 
-def _chunks(idx: list[int], sizes: list[int], limit: int) -> list[list[int]]:
-    """`idx` cut into consecutive runs whose `sizes` add up to at most `limit`."""
-    out: list[list[int]] = []
-    run: list[int] = []
-    total = 0
-    for i, n in zip(idx, sizes):
-        if run and total + n > limit:
-            out.append(run)
-            run, total = [], 0
-        run.append(i)
-        total += n
-    if run:
-        out.append(run)
-    return out
+def _grouped_counts(leaves: list, pack: bool = False) -> list[NonfiniteCounts]:
+    """Exact NaN, +Inf, -Inf counts of every floating leaf, in list order.
 
-
-def _finite_groups(leaves: list) -> list[list[jax.Array]]:
-    """1-D arrays holding every element of `leaves`, in groups of one length.
-
-    Each group is read by one reduction: large leaves of one size together
-    (at most `_GROUP`), small leaves of one dtype concatenated into packs.
+    With `pack`, small leaves are zero-padded and stacked into (n, width)
+    arrays whose rows are counted by one reduction over the last axis (the
+    padding zeros count nothing).
     """
-    large, small = _split_small(leaves)
-    groups = [
-        [_flat(leaves[i]) for i in idx[k : k + _GROUP]]
-        for idx in large.values()
-        for k in range(0, len(idx), _GROUP)
-    ]
-    for idx in small.values():
-        for run in _chunks(idx, [_size(leaves[i]) for i in idx], _PACK):
-            parts = [_flat(leaves[i]) for i in run]
-            groups.append([jnp.concatenate(parts) if len(parts) > 1 else parts[0]])
-    return groups
-
-
-def _grouped_counts(leaves: list) -> list[NonfiniteCounts]:
-    """Exact NaN, +Inf, -Inf counts of every floating leaf, in list order."""
     out: list[Any] = [_zero_counts() for _ in leaves]
-    large, small = _split_small(leaves)
-    for idx in large.values():
-        for k in range(0, len(idx), _GROUP):
-            group = idx[k : k + _GROUP]
-            masks = [m for i in group for m in _kind_masks(_flat(leaves[i]), True)]
-            sums = _sum_indicators(tuple(masks))
-            for j, i in enumerate(group):
-                out[i] = NonfiniteCounts(*sums[3 * j : 3 * j + 3])
-    for idx in small.values():
-        # Small leaves of one dtype and a similar size (padded with zeros to
-        # the next power of two) are stacked into one (n, width) array whose
-        # rows are counted by one reduction over the last axis.
-        by_width: dict[int, list[int]] = {}
-        for i in idx:
-            width = 1 << max(_size(leaves[i]) - 1, 0).bit_length()
-            by_width.setdefault(width, []).append(i)
-        for width, same in by_width.items():
-            for run in _chunks(same, [width] * len(same), _PACK):
-                if len(run) == 1:
-                    sums = _sum_indicators(_kind_masks(leaves[run[0]], True))
-                    out[run[0]] = NonfiniteCounts(*sums)
-                    continue
-                rows = jnp.stack(
-                    [
-                        jnp.pad(_flat(leaves[i]), (0, width - _size(leaves[i])))
-                        for i in run
-                    ]
-                )
-                nan, pos, neg = _sum_indicators(_kind_masks(rows, True), axis=-1)
-                for j, i in enumerate(run):
-                    out[i] = NonfiniteCounts(nan[..., j], pos[..., j], neg[..., j])
+    rest, packs = _small_packs(leaves) if pack else (list(range(len(leaves))), [])
+    for group in _shape_groups(leaves, rest):
+        masks = [m for i in group for m in _kind_masks(leaves[i], split_inf=True)]
+        sums = _sum_indicators(tuple(masks))
+        for j, i in enumerate(group):
+            out[i] = NonfiniteCounts(*sums[3 * j : 3 * j + 3])
+    for run in packs:
+        width = max(_size(leaves[i]) for i in run)
+        width = 1 << (width - 1).bit_length()
+        rows = jnp.stack(
+            [jnp.pad(_flat(leaves[i]), (0, width - _size(leaves[i]))) for i in run]
+        )
+        nan, pos, neg = _sum_indicators(_kind_masks(rows, split_inf=True), axis=-1)
+        for j, i in enumerate(run):
+            out[i] = NonfiniteCounts(nan[..., j], pos[..., j], neg[..., j])
     return out
 
 
 def _grouped_finite(leaves: list) -> jax.Array:
     """Bool scalar: every element of every floating leaf is finite."""
     ok = jnp.array(True)
-    for group in _finite_groups(leaves):
+    for group in _shape_groups(leaves, list(range(len(leaves)))):
         # The masks of a group are or-ed elementwise (in the same loop), so
         # each reduction has two operands whatever the group size.
-        nan, inf = _kind_masks(group[0], split_inf=False)
-        for x in group[1:]:
-            n, f = _kind_masks(x, split_inf=False)
+        nan, inf = _kind_masks(leaves[group[0]], split_inf=False)
+        for i in group[1:]:
+            n, f = _kind_masks(leaves[i], split_inf=False)
             nan, inf = nan | n, inf | f
         n_nan, n_inf = _sum_indicators((nan, inf))
         ok = ok & (n_nan == 0) & (n_inf == 0)
@@ -240,11 +218,9 @@ def all_finite(tree: Any) -> jax.Array:
 
     Safe under `jit`, `vmap`, `grad` and `lax.scan`, and it never talks to the
     host. Each floating leaf is read once, by one fused reduction that counts
-    NaN and infinite elements (two int32 sums in one loop). Large leaves of
-    the same size share that loop, up to 8 at a time; small leaves (at most
-    4096 elements: biases, norm scales, a loss) are concatenated, so that all
-    of them cost one kernel per dtype. Complex leaves are checked on both
-    parts. Integer and boolean leaves are ignored
+    NaN and infinite elements (two int32 sums in one loop; leaves of the same
+    shape share that loop, up to 8 at a time). Complex leaves are checked on
+    both parts. Integer and boolean leaves are ignored
     on purpose: they cannot be nonfinite. A tree without floating leaves is
     finite.
 
@@ -288,26 +264,30 @@ def nonfinite_counts(tree: Any) -> Any:
     return jax.tree_util.tree_unflatten(treedef, counts_list(leaves))
 
 
-def counts_list(leaves: list) -> list[NonfiniteCounts]:
+def counts_list(leaves: list, *, pack: bool = False) -> list[NonfiniteCounts]:
     """Counts of every leaf (zeros for the unchecked ones).
 
-    Each leaf is read once; leaves of one size share a reduction, small
-    leaves are packed (zero-padded and stacked, one reduction per pack).
+    Each leaf is read once; leaves of one shape share a reduction. With
+    `pack` (for reporting branches, compiled but run only when something is
+    nonfinite), small leaves are also zero-padded and stacked, one reduction
+    per stack: fewer kernels to compile.
     """
     idx = [i for i, x in enumerate(leaves) if base.is_checked_leaf(x)]
-    counts = _grouped_counts([leaves[i] for i in idx])
+    counts = _grouped_counts([leaves[i] for i in idx], pack)
     out = [_zero_counts() for _ in leaves]
     for i, c in zip(idx, counts):
         out[i] = c
     return out
 
 
-def counts_matrix(tree: Any) -> jax.Array:
+def counts_matrix(tree: Any, *, pack: bool = False) -> jax.Array:
     """int32[num_leaves, 3]: NaN, +Inf, -Inf counts of every leaf of `tree`.
 
-    Non-floating leaves have a row of zeros. Used by `Report`.
+    Non-floating leaves have a row of zeros. Used by `Report`. `pack`: as in
+    `counts_list`.
     """
-    counts = [c for row in counts_list(jax.tree_util.tree_leaves(tree)) for c in row]
+    leaves = jax.tree_util.tree_leaves(tree)
+    counts = [c for row in counts_list(leaves, pack=pack) for c in row]
     if not counts:
         return jnp.zeros((0, 3), jnp.int32)
     # One stack of all the scalars: one small kernel, not one per leaf.
