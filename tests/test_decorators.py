@@ -333,6 +333,17 @@ def test_remat():
     batch["y"] = batch["y"].at[3, 1].set(h[3, 1])
     jax.block_until_ready(f(params, batch))
     assert [r.phase for r in REC.take()] == ["backward"]
+    # A bad batch: value_and_grad under remat runs the forward pass (and its
+    # report) again while differentiating, as JAX does with every callback:
+    # two identical forward records, then the backward one (documented).
+    batch["x"] = batch["x"].at[2, 1].set(NAN)
+    jax.block_until_ready(f(params, batch))
+    recs = REC.take()
+    assert [r.phase for r in recs] == ["forward-inputs"] * 2 + ["backward"]
+    assert recs[0].leaves == recs[1].leaves == {"batch['x']": (1, 0, 0)}
+    g = jax.jit(jax.grad(jax.checkpoint(rec_loss)))  # value dropped: once
+    jax.block_until_ready(g(params, batch))
+    assert [r.phase for r in REC.take()] == ["forward-inputs", "backward"]
 
 
 def test_sharded_jit_reports_once(mesh8):

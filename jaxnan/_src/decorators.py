@@ -473,7 +473,11 @@ def checked(
     Under `vmap` the flag is reduced over the batch first, so a batch with
     one bad example gives exactly one report (counts summed over the batch)
     and a healthy batch gives none. Outside `vmap`, `shard_map` or `pmap`
-    bodies report once per device.
+    bodies report once per device. Under `jax.checkpoint` (remat),
+    `jax.value_and_grad` runs the forward pass a second time while
+    differentiating, and JAX runs the callbacks in it again: a forward report
+    then arrives twice, identical (``"warn"`` prints it once; a callable gets
+    both records); `jax.grad`, which drops the value, reports it once.
 
     The message names the function, the phase, every nonfinite leaf by path
     with its NaN/+Inf/-Inf counts, and ends with the line to run for a full
