@@ -172,6 +172,25 @@ def test_packed_counts_of_small_leaves_are_exact():
     np.testing.assert_array_equal(cb.posinf, [1, 1, 1, 1])
 
 
+def test_packed_flag_sees_every_leaf():
+    # all_finite_packed (function arguments): small leaves of one dtype share
+    # one concatenated reduction, large ones keep theirs; a single bad
+    # element anywhere flips it, also per example under vmap.
+    leaves = [jnp.ones(n) for n in (1, 3, 10, 128, 4096, 5000)]
+    leaves += [jnp.ones(7, jnp.bfloat16), jnp.float32(2.0), jnp.arange(4)]
+    jaxpr = jax.make_jaxpr(tree.all_finite_packed)(leaves)
+    assert [e.primitive.name for e in jaxpr.eqns].count("reduce") == 3
+    assert bool(tree.all_finite_packed(leaves))
+    for i in range(8):
+        for bad in (jnp.nan, jnp.inf, -jnp.inf):
+            one = list(leaves)
+            one[i] = jnp.asarray(one[i]).reshape(-1).at[-1].set(bad)
+            assert not bool(jax.jit(tree.all_finite_packed)(one)), (i, bad)
+    a = jnp.ones((4, 3)).at[1, 2].set(jnp.inf)
+    f = jax.vmap(tree.all_finite_packed, in_axes=([0, None],))
+    np.testing.assert_array_equal(f([a, jnp.ones(2)]), [True, False, True, True])
+
+
 def test_shared_reduction_under_vmap_with_unbatched_leaf():
     # One batched and one unbatched leaf of the same per-example shape share
     # a reduction; the flag is per example, and the unbatched NaN is seen by
