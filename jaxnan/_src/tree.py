@@ -67,9 +67,9 @@ def _sum_indicators(
     """int32 number of True entries of each mask, in one variadic reduction.
 
     Over every axis, or over `axis` only. The masks have one shape and are
-    read in the same loop. With two or more
-    operands XLA's CPU backend emits a single vectorized loop fusion; a
-    single-operand integer sum would materialize the mask first.
+    read in the same loop. With two or more operands XLA's CPU backend emits
+    a single vectorized loop fusion; a single-operand integer sum would
+    materialize the mask first.
     """
     ints = tuple(m.astype(jnp.int32) for m in masks)
     zero = jnp.zeros((), jnp.int32)
@@ -139,24 +139,25 @@ def _shape_groups(leaves: list, idx: list[int]) -> list[list[int]]:
     ]
 
 
-def _small_packs(leaves: list) -> tuple[list[int], list[list[int]]]:
-    """(indices counted alone or by shape, packs of small leaves to stack).
+def _small_packs(leaves: list, by_width: bool) -> tuple[list[int], list[list[int]]]:
+    """(indices left to `_shape_groups`, packs of small leaves to merge).
 
-    A pack holds leaves of one dtype whose sizes round up to the same power
-    of two, at most `_PACK` elements once padded; single leaves stay out.
+    A pack holds small leaves of one dtype, and with `by_width` of sizes that
+    round up to the same power of two (to be zero-padded to it and stacked),
+    at most `_PACK` elements in all; a leaf alone in its pack stays out.
     """
     rest: list[int] = []
     buckets: dict[tuple, list[int]] = {}
     for i, x in enumerate(leaves):
         n = _size(x)
         if 0 < n <= _SMALL:
-            width = 1 << (n - 1).bit_length()
+            width = 1 << (n - 1).bit_length() if by_width else _SMALL
             buckets.setdefault((jnp.result_type(x), width), []).append(i)
         else:
             rest.append(i)
     packs = []
     for (_, width), idx in buckets.items():
-        step = max(_PACK // width, 1)
+        step = _PACK // width
         for k in range(0, len(idx), step):
             run = idx[k : k + step]
             if len(run) > 1:
@@ -174,7 +175,8 @@ def _grouped_counts(leaves: list, pack: bool = False) -> list[NonfiniteCounts]:
     padding zeros count nothing).
     """
     out: list[Any] = [_zero_counts() for _ in leaves]
-    rest, packs = _small_packs(leaves) if pack else (list(range(len(leaves))), [])
+    everything = list(range(len(leaves)))
+    rest, packs = _small_packs(leaves, by_width=True) if pack else (everything, [])
     for group in _shape_groups(leaves, rest):
         masks = [m for i in group for m in _kind_masks(leaves[i], split_inf=True)]
         sums = _sum_indicators(tuple(masks))
@@ -199,18 +201,9 @@ def _grouped_finite(leaves: list, pack: bool = False) -> jax.Array:
     reduction (for trees whose leaves are all available at once, such as
     function arguments: a pack waits for its last leaf).
     """
-    groups: list[list[jax.Array]] = []
-    rest = list(range(len(leaves)))
-    if pack:
-        small: dict[Any, list[int]] = {}
-        for i, x in enumerate(leaves):
-            if _size(x) <= _SMALL:
-                small.setdefault(jnp.result_type(x), []).append(i)
-        rest = sorted(set(rest) - {i for idx in small.values() for i in idx})
-        for idx in small.values():
-            for k in range(0, len(idx), _PACK // _SMALL):
-                parts = [_flat(leaves[i]) for i in idx[k : k + _PACK // _SMALL]]
-                groups.append([jnp.concatenate(parts) if len(parts) > 1 else parts[0]])
+    everything = list(range(len(leaves)))
+    rest, packs = _small_packs(leaves, by_width=False) if pack else (everything, [])
+    groups = [[jnp.concatenate([_flat(leaves[i]) for i in run])] for run in packs]
     groups += [[leaves[i] for i in g] for g in _shape_groups(leaves, rest)]
     ok = jnp.array(True)
     for group in groups:
@@ -238,9 +231,8 @@ def all_finite(tree: Any) -> jax.Array:
     host. Each floating leaf is read once, by one fused reduction that counts
     NaN and infinite elements (two int32 sums in one loop; leaves of the same
     shape share that loop, up to 8 at a time). Complex leaves are checked on
-    both parts. Integer and boolean leaves are ignored
-    on purpose: they cannot be nonfinite. A tree without floating leaves is
-    finite.
+    both parts. Integer and boolean leaves are ignored on purpose: they
+    cannot be nonfinite. A tree without floating leaves is finite.
 
     Args:
         tree: a pytree of arrays.
