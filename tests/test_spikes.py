@@ -239,6 +239,29 @@ def test_skip_spikes_before_min_history_only_nonfinite_skips():
     assert int(state.spike_nonfinite_total) == 1 and int(state.norm_spike_total) == 0
 
 
+def test_skip_spikes_overflowing_squares_never_enter_the_window():
+    # Finite entries whose float32 squares overflow: the one-pass norm is +Inf.
+    huge = {"w": jnp.array([3e25, 4e25], jnp.float32)}
+    ok = {"w": jnp.array([0.3, 0.4], jnp.float32)}
+    params = {"w": jnp.zeros(2)}
+    tx = jaxnan.skip_spikes(optax.sgd(1.0), window=8, min_history=3)
+    state = tx.init(params)
+    for g in [ok, huge, ok]:
+        u, state = tx.update(g, state, params)
+    assert int(state.spike_window_fill) == 2  # the huge step was skipped
+    assert int(state.spike_nonfinite_total) == 1
+    np.testing.assert_array_equal(np.asarray(state.spike_norm_window[:2]), [0.5, 0.5])
+    # A leading clip supplies its overflow-safe norm (5e25): finite, accepted
+    # before min_history (not a spike yet), and then clipped to norm 1.
+    inner = optax.chain(jaxnan.clip_by_global_norm(1.0), optax.sgd(1.0))
+    tx = jaxnan.skip_spikes(inner, window=8, min_history=3)
+    state = tx.init(params)
+    u, state = tx.update(huge, state, params)
+    assert int(state.spike_window_fill) == 1 and int(state.spike_skips_total) == 0
+    np.testing.assert_allclose(float(state.spike_norm_window[0]), 5e25, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(u["w"]), [-0.6, -0.8], rtol=1e-6)
+
+
 def test_skip_spikes_reuses_a_leading_clip_norm():
     losses, grads = spike_sequence()
     inner = optax.chain(jaxnan.clip_by_global_norm(1e9), optax.sgd(0.1))

@@ -213,6 +213,36 @@ def test_finite_global_norm_overflow_safe():
     assert float(tree.finite_global_norm([jnp.array([jnp.nan])])) == 0.0
 
 
+@pytest.mark.parametrize("mode", ["eager", "jit"])
+def test_finite_norm_and_flag_against_float64(mode):
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(5, 7)).astype(np.float32) * 1e30  # squares overflow
+    b = rng.normal(size=(300,)).astype(np.float16)
+    c = (rng.normal(size=(4,)) + 1j * rng.normal(size=(4,))).astype(np.complex64)
+    a[1, 2], b[7] = np.nan, -np.inf
+    fn = (
+        tree.finite_norm_and_flag
+        if mode == "eager"
+        else jax.jit(tree.finite_norm_and_flag)
+    )
+    norm, finite = fn([jnp.asarray(a), jnp.asarray(b), jnp.asarray(c)])
+    parts = [x.astype(np.complex128).ravel() for x in (a, b, c)]
+    ref = np.sqrt(sum(np.sum(np.abs(p[np.isfinite(p)]) ** 2) for p in parts))
+    np.testing.assert_allclose(float(norm), ref, rtol=1e-5)
+    assert not bool(finite)
+    # No overflow: exactly the one-pass norm of the tree with the bad entries
+    # at 0; and the flag is True for a finite tree.
+    small = [jnp.asarray(a / 1e30), jnp.asarray(b)]
+    zeroed = [jnp.where(jnp.isfinite(x), x, 0) for x in small]
+    norm, finite = fn(small)
+    assert float(norm) == float(
+        jnp.sqrt(sum(tree.sum_of_squares(x) for x in zeroed)).astype(jnp.float32)
+    )
+    assert not bool(finite)
+    assert bool(fn([jnp.asarray(a / 1e30).at[1, 2].set(0.0)])[1])
+    assert float(fn([jnp.zeros(3)])[0]) == 0.0
+
+
 @settings(max_examples=30, deadline=None)
 @given(
     shapes=st.lists(st.integers(1, 7), min_size=1, max_size=4),

@@ -363,9 +363,11 @@ def skip_spikes(
     when its loss (the extra argument ``loss=``) exceeds
     :math:`m + \text{threshold}\cdot s`, or its gradient norm does, once
     `min_history` accepted steps are in the window. A step whose loss or
-    updates hold a NaN, +Inf or -Inf (or whose sum of squares overflows) is
-    skipped too. Skipped steps never enter the window, so a spike or a NaN
-    costs exactly one step, never a run of them.
+    updates hold a NaN, +Inf or -Inf is skipped too, and so is one whose
+    float32 sum of squares overflows, unless `inner` begins with
+    `jaxnan.clip_by_global_norm` (whose overflow-safe norm is then used).
+    Skipped steps never enter the window, so a spike or a NaN costs exactly
+    one step, never a run of them.
 
     A skipped step returns updates that are exactly 0 (a `where`-select, no
     0 * NaN) and leaves the inner state bit for bit unchanged; the state
@@ -461,10 +463,13 @@ def skip_spikes(
             loss = loss.reshape(()).astype(jnp.float32)
         # One pass: the norm, exact finiteness, and the norm handed on to a
         # leading jaxnan.clip_by_global_norm.
-        sq, finite, extra_args = transforms.sum_of_squares_for_inner(
-            updates, extra_args
+        norm, finite, extra_args = transforms.norm_for_inner(
+            updates, extra_args, state.spike_inner_state
         )
-        norm = jnp.sqrt(sq)
+        # Without a leading clip the norm is the one-pass one, +Inf when
+        # finite squares overflow: such a step is skipped too, so that no
+        # Inf ever enters the window (it would poison its statistics).
+        finite = finite & jnp.isfinite(norm)
         loss_val = jnp.zeros((), jnp.float32) if loss is None else loss
         if loss is not None:
             finite = finite & jnp.isfinite(loss_val)

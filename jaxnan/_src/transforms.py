@@ -124,10 +124,11 @@ def zero_nonfinite() -> optax.GradientTransformationExtraArgs:
 # --------------------------------------------------------------------------
 # clip_by_global_norm
 
-# Extra-argument key through which `skip_nonfinite` hands the sum of squares
-# of the updates to a `clip_by_global_norm` that receives the same updates
-# (checked by object identity at trace time), so that it is computed once.
-_PRECOMPUTED_SQ = "_jaxnan_precomputed_sum_of_squares"
+# Extra-argument key through which `skip_nonfinite` hands the global norm of
+# the updates (and whether they were all finite) to a `clip_by_global_norm`
+# that receives the same updates (checked by object identity at trace time),
+# so that it is computed once, with one overflow-safe slow path, not two.
+_PRECOMPUTED_NORM = "_jaxnan_precomputed_norm"
 
 
 class ClipByGlobalNormState(NamedTuple):
@@ -213,12 +214,11 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArg
         base.validate_state(state, ClipByGlobalNormState, fn_name=name)
         base.validate_updates(updates, fn_name=name)
         leaves = tree.checked_leaves(updates)
-        pre = extra_args.get(_PRECOMPUTED_SQ)
+        pre = extra_args.get(_PRECOMPUTED_NORM)
         if pre is not None and pre[0] == tuple(id(x) for x in leaves):
-            sq = pre[1]  # computed by skip_nonfinite on these very updates
+            _, norm, finite = pre  # computed by skip_nonfinite on these updates
         else:
-            sq = None
-        norm, finite = tree.norm_and_finite(leaves, sq)
+            norm, finite = tree.norm_and_finite(leaves)
         trigger = norm < max_norm
 
         def clip(t):
@@ -276,8 +276,8 @@ def _leads_with_clip(inner_state: optax.OptState) -> bool:
     """Whether `inner` is `jaxnan.clip_by_global_norm` or a chain starting with it.
 
     Decided from the state's structure: such a clip receives exactly the
-    updates that `skip_nonfinite` receives, so the sum of squares computed for
-    the finiteness test can be handed to it (`_PRECOMPUTED_SQ`).
+    updates that `skip_nonfinite` receives, so the norm computed for the
+    finiteness test can be handed to it (`_PRECOMPUTED_NORM`).
     """
     if isinstance(inner_state, ClipByGlobalNormState):
         return True
@@ -288,29 +288,37 @@ def _leads_with_clip(inner_state: optax.OptState) -> bool:
     )
 
 
-def sum_of_squares_for_inner(
-    updates: optax.Updates, extra_args: dict
+def norm_for_inner(
+    updates: optax.Updates, extra_args: dict, inner_state: optax.OptState
 ) -> tuple[jax.Array, jax.Array, dict]:
-    """One pass over `updates`: their sum of squares and exact finiteness.
+    """One pass over `updates`: their global norm and exact finiteness.
 
-    Returns ``(sq, finite, extra_args)``: `sq` is the float32 sum of squares
-    (its square root is the global norm), `finite` says whether every entry
-    is finite (exact: an overflowing sum of finite squares is told apart from
-    a nonfinite entry by a slow path that runs only then), and `extra_args`
-    carries `sq` to a `clip_by_global_norm` that receives these very updates,
-    so that it does not compute it again.
+    Returns ``(norm, finite, extra_args)``. `finite` says whether every entry
+    is finite; it is exact (an overflowing sum of finite squares is told
+    apart from a nonfinite entry by a slow path that runs only then). When
+    `inner_state` is that of a `jaxnan.clip_by_global_norm` (or a chain
+    starting with one), `norm` is the clip's norm (overflow-safe, over the
+    finite entries) and `extra_args` hands it on, so that the clip neither
+    reads the updates again nor compiles a second slow path. Otherwise `norm`
+    is the square root of the float32 sum of squares (+Inf when the squares
+    overflow) and the slow path only decides finiteness.
     """
     leaves = tree.checked_leaves(updates)
     if not leaves:
         return jnp.zeros((), jnp.float32), jnp.array(True), extra_args
+    if _leads_with_clip(inner_state):
+        norm, finite = tree.norm_and_finite(leaves)
+        ids = tuple(id(x) for x in leaves)
+        return norm, finite, {**extra_args, _PRECOMPUTED_NORM: (ids, norm, finite)}
     sq = sum(tree.sum_of_squares(x) for x in leaves).astype(jnp.float32)
     finite = lax.cond(
         jnp.isfinite(sq),
         lambda: jnp.array(True),
-        lambda: tree.all_finite(leaves),
+        # Compiled into every step, run only when `sq` is not finite: the
+        # small leaves share one reduction (fewer kernels to compile).
+        lambda: tree.all_finite_packed(leaves),
     )
-    extra_args = {**extra_args, _PRECOMPUTED_SQ: (tuple(id(x) for x in leaves), sq)}
-    return sq, finite, extra_args
+    return jnp.sqrt(sq), finite, extra_args
 
 
 def guarded_update(
@@ -422,9 +430,9 @@ def skip_nonfinite(
     one int32 `lax.psum`: if any replica sees a nonfinite value, all skip.
     Under sharded `jit` no collective is needed: the reduction is global.
 
-    Cost: one fused reduction over the gradients (large leaves of one size
-    share it, small leaves are packed into one), none when `inner` begins
-    with `jaxnan.clip_by_global_norm`, whose sum of squares is reused; then
+    Cost: one fused reduction over the gradients (leaves of one shape share
+    it), none when `inner` begins with `jaxnan.clip_by_global_norm`, whose
+    norm and finiteness are computed here once and handed to it; then
     one `lax.cond` around `inner`, whose updates XLA writes out before
     `optax.apply_updates` reads them (outside a conditional it fuses the
     two). `benchmarks/RESULTS.md` has the figures.
@@ -491,7 +499,9 @@ def skip_nonfinite(
                 updates, params, name_a="updates", name_b="params", fn_name=name
             )
         if _leads_with_clip(state.inner_state):
-            _, finite, extra_args = sum_of_squares_for_inner(updates, extra_args)
+            _, finite, extra_args = norm_for_inner(
+                updates, extra_args, state.inner_state
+            )
         else:
             finite = tree.all_finite(updates)
         loss = extra_args.get("loss")

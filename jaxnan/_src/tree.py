@@ -325,26 +325,78 @@ def sum_of_squares(x: jax.Array) -> jax.Array:
     return jnp.sum(x * x)
 
 
+def _scaled_sum_of_squares(x: jax.Array) -> tuple[jax.Array, ...]:
+    """(scale, ssq, bad) of one array, in one variadic reduction.
+
+    `scale` is the largest finite magnitude, ``scale * sqrt(ssq)`` the L2 norm
+    of the finite elements (nonfinite ones count as 0), computed without
+    squaring anything larger than 1 (so it cannot overflow when the norm is
+    representable), and `bad` the int32 number of nonfinite elements. The
+    pairs (scale, ssq) combine as in LAPACK's scaled sum of squares: the
+    larger scale wins and the other sum is rescaled by the squared ratio.
+    """
+    x = jnp.asarray(x)
+    acc = jnp.promote_types(jnp.real(x).dtype, jnp.float32)
+    fin = jnp.isfinite(x)
+    mag = jnp.where(fin, jnp.abs(x), 0).astype(acc)
+    ones = (mag > 0).astype(acc)
+
+    def combine(a, b):
+        (s1, q1, c1), (s2, q2, c2) = a, b
+        s = jnp.maximum(s1, s2)
+        d = jnp.where(s > 0, s, 1)
+        r1, r2 = s1 / d, s2 / d
+        return s, q1 * (r1 * r1) + q2 * (r2 * r2), c1 + c2
+
+    zero = jnp.zeros((), acc)
+    return tuple(
+        lax.reduce(
+            (mag, ones, (~fin).astype(jnp.int32)),
+            (zero, zero, jnp.zeros((), jnp.int32)),
+            combine,
+            tuple(range(x.ndim)),
+        )
+    )
+
+
+def finite_norm_and_flag(leaves: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """(L2 norm of the finite elements, whether every element is finite).
+
+    Robust to overflow; the slow path of `norm_and_finite`. Nonfinite
+    elements count as 0. When the plain sum of squares of the finite elements
+    is finite, the norm is exactly its square root (so it equals the one-pass
+    norm of the same tree with those elements zeroed); otherwise it is the
+    scaled sum of squares, whose terms are all at most 1. Two reductions per
+    leaf (the plain sum, and one variadic reduction for the scaled sum, the
+    largest magnitude and the nonfinite count): this branch is compiled into
+    every step that clips, though it runs only when the fast sum is not
+    finite, so it is kept small.
+    """
+    if not leaves:
+        return jnp.zeros((), jnp.float32), jnp.array(True)
+    plain = sum(
+        sum_of_squares(jnp.where(jnp.isfinite(x), x, jnp.zeros_like(x))) for x in leaves
+    )
+    parts = [_scaled_sum_of_squares(x) for x in leaves]
+    scale = parts[0][0]
+    for s, _, _ in parts[1:]:
+        scale = jnp.maximum(scale, s)
+    safe = jnp.where(scale > 0, scale, 1).astype(jnp.float32)
+    ssq = sum((q * jnp.square(s / safe)).astype(jnp.float32) for s, q, _ in parts)
+    scaled = safe * jnp.sqrt(ssq)
+    finite = jnp.array(True)
+    for _, _, bad in parts:
+        finite = finite & (bad == 0)
+    norm = jnp.where(jnp.isfinite(plain), jnp.sqrt(plain), scaled)
+    return norm.astype(jnp.float32), finite
+
+
 def finite_global_norm(leaves: list[jax.Array]) -> jax.Array:
     """L2 norm of the finite elements of `leaves`, robust to overflow.
 
-    Nonfinite elements count as 0. When the plain sum of squares of the
-    finite elements is finite, the result is exactly its square root (so it
-    equals the one-pass norm of the same tree with those elements zeroed);
-    otherwise the norm is computed relative to the largest finite magnitude,
-    so finite values whose squares overflow still give a finite norm when the
-    norm itself is representable. This is the slow path; callers reach it
-    only when the fast one-pass norm is not finite.
+    See `finite_norm_and_flag`, which also says whether all were finite.
     """
-    if not leaves:
-        return jnp.zeros((), jnp.float32)
-    clean = [jnp.where(jnp.isfinite(x), x, jnp.zeros_like(x)) for x in leaves]
-    plain = sum(sum_of_squares(c) for c in clean)
-    mags = [jnp.abs(c).astype(jnp.float32) for c in clean]
-    scale = jnp.max(jnp.stack([jnp.max(m) if m.size else jnp.float32(0) for m in mags]))
-    safe = jnp.where(scale > 0, scale, 1.0)
-    scaled = safe * jnp.sqrt(sum(jnp.sum(jnp.square(m / safe)) for m in mags))
-    return jnp.where(jnp.isfinite(plain), jnp.sqrt(plain), scaled).astype(jnp.float32)
+    return finite_norm_and_flag(leaves)[0]
 
 
 def norm_and_finite(
@@ -354,8 +406,9 @@ def norm_and_finite(
 
     Fast path: one fused sum of squares per leaf (or `sq`, when the caller has
     it already); its finiteness doubles as the nonfinite test. The
-    overflow-safe slow path (`finite_global_norm` and an exact `all_finite`)
-    runs in a scalar `lax.cond` only when that sum is not finite.
+    overflow-safe slow path (`finite_norm_and_flag`: the norm of the finite
+    entries and an exact flag) runs in a scalar `lax.cond` only when that sum
+    is not finite.
     """
     if not leaves:
         return jnp.zeros((), jnp.float32), jnp.array(True)
@@ -364,5 +417,5 @@ def norm_and_finite(
     return jax.lax.cond(
         jnp.isfinite(sq),
         lambda: (jnp.sqrt(sq).astype(jnp.float32), jnp.array(True)),
-        lambda: (finite_global_norm(leaves), all_finite(leaves)),
+        lambda: finite_norm_and_flag(leaves),
     )
