@@ -92,6 +92,36 @@ def test_healthy_outputs_and_grads_bit_exact_eager_and_jit():
     assert REC.take() == []
 
 
+def _tiny_lm_loss(params, tokens):
+    """A one-layer causal attention LM with layer norm and learned positions."""
+    t = tokens.shape[1]
+    x = params["embed"][tokens] + params["pos"][:t]
+    mu = x.mean(-1, keepdims=True)
+    h = (x - mu) * lax.rsqrt(((x - mu) ** 2).mean(-1, keepdims=True) + 1e-5)
+    q, k, v = jnp.split(h @ params["qkv"], 3, axis=-1)
+    att = jnp.einsum("btd,bsd->bts", q, k) / 4.0
+    att = jnp.where(jnp.tril(jnp.ones((t, t), bool)), att, -1e9)
+    x = x + jax.nn.softmax(att, axis=-1) @ v @ params["proj"]
+    logp = jax.nn.log_softmax((x @ params["out"])[:, :-1])
+    return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
+
+
+def test_transformer_value_and_grad_bit_exact_jit():
+    ks = jax.random.split(jax.random.PRNGKey(3), 6)
+    d, vocab, seq = 16, 32, 8
+    params = {
+        "embed": jax.random.normal(ks[0], (vocab, d)),
+        "pos": jax.random.normal(ks[1], (seq, d)),
+        "qkv": jax.random.normal(ks[2], (d, 3 * d)) / 4,
+        "proj": jax.random.normal(ks[3], (d, d)) / 4,
+        "out": jax.random.normal(ks[4], (d, vocab)) / 4,
+    }
+    tokens = jax.random.randint(ks[5], (4, seq), 0, vocab)
+    want = jax.jit(jax.value_and_grad(_tiny_lm_loss))(params, tokens)
+    got = jax.jit(jax.value_and_grad(jaxnan.checked(_tiny_lm_loss)))(params, tokens)
+    chex.assert_trees_all_equal(got, want)
+
+
 def test_wraps_keeps_name_signature_and_doc():
     def f(params, batch, *, scale=1.0):
         """Doc of f."""
