@@ -391,14 +391,6 @@ def finite_norm_and_flag(leaves: list[jax.Array]) -> tuple[jax.Array, jax.Array]
     return norm.astype(jnp.float32), finite
 
 
-def finite_global_norm(leaves: list[jax.Array]) -> jax.Array:
-    """L2 norm of the finite elements of `leaves`, robust to overflow.
-
-    See `finite_norm_and_flag`, which also says whether all were finite.
-    """
-    return finite_norm_and_flag(leaves)[0]
-
-
 def norm_and_finite(
     leaves: list[jax.Array], sq: jax.Array | None = None
 ) -> tuple[jax.Array, jax.Array]:
