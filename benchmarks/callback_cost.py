@@ -78,14 +78,7 @@ def make_step(kind, loss_fn):
         if kind == "debug.callback":
             lax.cond(ok, lambda: None, lambda: jax.debug.callback(_host_effect, ok))
             return new_p, loss
-        r = lax.cond(
-            ok,
-            lambda: jnp.zeros((), jnp.float32),
-            lambda: jax.pure_callback(
-                _host_pure, jax.ShapeDtypeStruct((), jnp.float32), ok
-            ),
-        )
-        return new_p, loss - r * 0
+        return new_p, loss - _untaken(ok, ok, callback=True) * 0
 
     return jax.jit(step)
 
@@ -103,13 +96,12 @@ KINDS = [
 def bench(model, rounds):
     setup, loss_fn = MODELS[model]
     params, batch = setup(jax.random.PRNGKey(0))
-    kinds = KINDS
-    fns = {k: make_step(k, loss_fn) for k in kinds}
+    fns = {k: make_step(k, loss_fn) for k in KINDS}
     for f in fns.values():
         jax.block_until_ready(f(params, batch))
-    times = {k: [] for k in kinds}
+    times = {k: [] for k in KINDS}
     for _ in range(rounds):
-        for k in random.sample(kinds, len(kinds)):
+        for k in random.sample(KINDS, len(KINDS)):
             f, p = fns[k], params
             t0 = time.perf_counter()
             for _ in range(10):
@@ -119,7 +111,7 @@ def bench(model, rounds):
     print(f"\n{model}: plain step {statistics.median(times['plain']) * 1e3:.2f} ms")
     print("| check | step time (median per-round ratio) | per step |")
     print("|---|---|---|")
-    for k in kinds[1:]:
+    for k in KINDS[1:]:
         ratios = [a / b for a, b in zip(times[k], times["plain"])]
         extra = [1e6 * (a - b) for a, b in zip(times[k], times["plain"])]
         print(

@@ -391,21 +391,17 @@ def finite_norm_and_flag(leaves: list[jax.Array]) -> tuple[jax.Array, jax.Array]
     return norm.astype(jnp.float32), finite
 
 
-def norm_and_finite(
-    leaves: list[jax.Array], sq: jax.Array | None = None
-) -> tuple[jax.Array, jax.Array]:
+def norm_and_finite(leaves: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
     """(float32 L2 norm of the finite entries, whether every entry is finite).
 
-    Fast path: one fused sum of squares per leaf (or `sq`, when the caller has
-    it already); its finiteness doubles as the nonfinite test. The
-    overflow-safe slow path (`finite_norm_and_flag`: the norm of the finite
-    entries and an exact flag) runs in a scalar `lax.cond` only when that sum
-    is not finite.
+    Fast path: one fused sum of squares per leaf; its finiteness doubles as
+    the nonfinite test. The overflow-safe slow path (`finite_norm_and_flag`:
+    the norm of the finite entries and an exact flag) runs in a scalar
+    `lax.cond` only when that sum is not finite.
     """
     if not leaves:
         return jnp.zeros((), jnp.float32), jnp.array(True)
-    if sq is None:
-        sq = sum(sum_of_squares(x) for x in leaves)
+    sq = sum(sum_of_squares(x) for x in leaves)
     return jax.lax.cond(
         jnp.isfinite(sq),
         lambda: (jnp.sqrt(sq).astype(jnp.float32), jnp.array(True)),
