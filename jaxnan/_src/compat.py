@@ -6,12 +6,9 @@ upgrade that moves a private symbol breaks exactly one file.
 
 from __future__ import annotations
 
-import jax
 from jax.extend import source_info_util
 
 source_info_util.register_exclusion(__file__)
-
-JAX_VERSION = tuple(int(p) for p in jax.__version__.split(".")[:3] if p.isdigit())
 
 try:  # jax >= 0.6
     from jax._src.shard_map import shard_map_p  # noqa: F401

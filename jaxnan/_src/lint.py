@@ -23,7 +23,7 @@ import numpy as np
 from jax.extend import core as jex_core
 from jax.extend import source_info_util
 
-from jaxnan._src import base
+from jaxnan._src import base, primitives
 from jaxnan._src.lint_rules import LINT_RULES
 
 source_info_util.register_exclusion(__file__)
@@ -75,24 +75,12 @@ class Finding:
 # The inlined graph.
 
 POS, NONNEG, NONZERO, ANY = "pos", "nonneg", "nonzero", "any"
-_LOW = (np.dtype("float16"), np.dtype(jax.numpy.bfloat16))
-_PASS = frozenset(
-    {
-        "broadcast_in_dim",
-        "reshape",
-        "squeeze",
-        "expand_dims",
-        "transpose",
-        "copy",
-        "copy_p",
-        "reduce_precision",
-        "slice",
-        "dynamic_slice",
-        "gather",
-        "rev",
-        "scan_slice",
-        "optimization_barrier",
-    }
+_LOW = primitives.LOW_PRECISION
+# Ops that keep the values (and so the sign) of their first input.
+_PASS = (
+    primitives.REARRANGING
+    | primitives.SUBSETTING
+    | {"reduce_precision", "scan_slice"}  # scan_slice: one step of a scanned xs
 )
 _CALL_PARAMS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
 
@@ -656,23 +644,19 @@ class _Ctx:
     claimed: set[int]  # ids of nodes already reported by an earlier rule
 
 
-_UNSAFE = {
-    "sqrt": (0,),
-    "rsqrt": (0,),
-    "log": (0,),
-    "log1p": (0,),
-    "div": (1,),
-    "pow": (0,),
-    "atan2": (0, 1),
-    "acos": (0,),
-    "asin": (0,),
-}
+# The primitives where-nan-grad looks for under a where (integer_pow too,
+# with a negative exponent); their guarded operands are in `primitives.DOMAINS`.
+_WHERE_GUARDED = frozenset(
+    {"sqrt", "rsqrt", "log", "log1p", "div", "pow", "atan2", "acos", "asin"}
+)
 
 
 def _unsafe_operands(nd: _Node) -> tuple[int, ...]:
     if nd.prim == "integer_pow":
         return (0,) if nd.params["y"] < 0 else ()
-    return _UNSAFE.get(nd.prim, ())
+    if nd.prim not in _WHERE_GUARDED:
+        return ()
+    return primitives.DOMAINS[nd.prim].operands
 
 
 def _is_guarded(v: _Val) -> bool:
