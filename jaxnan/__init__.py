@@ -7,10 +7,10 @@ from jaxnan._src.decorators import NonfiniteRecord as NonfiniteRecord
 from jaxnan._src.decorators import checked as checked
 from jaxnan._src.decorators import checked_grad as checked_grad
 from jaxnan._src.decorators import checked_value_and_grad as checked_value_and_grad
+from jaxnan._src.lint import LINT_RULES as LINT_RULES
 from jaxnan._src.lint import Finding as Finding
+from jaxnan._src.lint import LintRule as LintRule
 from jaxnan._src.lint import lint as lint
-from jaxnan._src.lint_rules import LINT_RULES as LINT_RULES
-from jaxnan._src.lint_rules import LintRule as LintRule
 from jaxnan._src.locate import Diagnosis as Diagnosis
 from jaxnan._src.locate import locate as locate
 from jaxnan._src.loss_scale import DynamicLossScaleState as DynamicLossScaleState

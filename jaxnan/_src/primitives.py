@@ -237,9 +237,12 @@ _HIGHER_ORDER: dict[str, tuple[tuple[str, Role], ...]] = {
 }
 
 
+_JAXPR_TYPES = (jex_core.Jaxpr, jex_core.ClosedJaxpr)
+
+
 def _jaxprs_in(value: Any) -> list:
     items = value if isinstance(value, tuple | list) else (value,)
-    return [b for b in items if isinstance(b, jex_core.Jaxpr | jex_core.ClosedJaxpr)]
+    return [b for b in items if isinstance(b, _JAXPR_TYPES)]
 
 
 def is_higher_order(eqn: Any) -> bool:
@@ -259,7 +262,15 @@ def is_higher_order(eqn: Any) -> bool:
     name = eqn.primitive.name
     if name.startswith("scatter") or name in _COMBINERS:
         return False
-    return any(_jaxprs_in(v) for v in eqn.params.values())
+    return any(map(_holds_jaxpr, eqn.params.values()))
+
+
+def _holds_jaxpr(value: Any) -> bool:
+    if isinstance(value, _JAXPR_TYPES):
+        return True
+    if isinstance(value, tuple | list):  # namedtuples too (custom_linear_solve)
+        return any(isinstance(b, _JAXPR_TYPES) for b in value)
+    return False
 
 
 def _open(body: Any) -> tuple[Any, tuple]:
@@ -306,7 +317,9 @@ def sub_jaxprs(eqn: Any, *, strict: bool = True) -> tuple[SubJaxpr, ...]:
                 "(jaxnan/_src/primitives.py, _HIGHER_ORDER); add it there with "
                 "the role of each body."
             )
-        spec = tuple((k, Role.UNKNOWN) for k, v in eqn.params.items() if _jaxprs_in(v))
+        spec = tuple(
+            (k, Role.UNKNOWN) for k, v in eqn.params.items() if _holds_jaxpr(v)
+        )
     out = []
     for param, role in spec:
         for body in _jaxprs_in(eqn.params.get(param)):
