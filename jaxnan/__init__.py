@@ -7,6 +7,14 @@ from jaxnan._src.decorators import NonfiniteRecord as NonfiniteRecord
 from jaxnan._src.decorators import checked as checked
 from jaxnan._src.decorators import checked_grad as checked_grad
 from jaxnan._src.decorators import checked_value_and_grad as checked_value_and_grad
+from jaxnan._src.inspect.impute import ImputeReport as ImputeReport
+from jaxnan._src.inspect.impute import impute as impute
+from jaxnan._src.inspect.impute import impute_stats as impute_stats
+from jaxnan._src.inspect.outliers import ClipReport as ClipReport
+from jaxnan._src.inspect.outliers import clip_outliers as clip_outliers
+from jaxnan._src.inspect.rows import DropReport as DropReport
+from jaxnan._src.inspect.rows import drop_nonfinite_rows as drop_nonfinite_rows
+from jaxnan._src.inspect.vocab import Strategy as Strategy
 from jaxnan._src.lint import Finding as Finding
 from jaxnan._src.lint import lint as lint
 from jaxnan._src.lint_rules import LINT_RULES as LINT_RULES
@@ -45,9 +53,12 @@ __all__ = (
     "AdaGCState",
     "ArrayTree",
     "ClipByGlobalNormState",
+    "ClipReport",
     "Diagnosis",
+    "DropReport",
     "DynamicLossScaleState",
     "Finding",
+    "ImputeReport",
     "LINT_RULES",
     "LintRule",
     "MonitorState",
@@ -58,6 +69,7 @@ __all__ = (
     "SkipNonfiniteState",
     "SkipReason",
     "SkipSpikesState",
+    "Strategy",
     "ZScoreClipState",
     "ZeroNonfiniteState",
     "adagc",
@@ -67,7 +79,11 @@ __all__ = (
     "checked_grad",
     "checked_value_and_grad",
     "clip_by_global_norm",
+    "clip_outliers",
+    "drop_nonfinite_rows",
     "dynamic_loss_scale",
+    "impute",
+    "impute_stats",
     "lint",
     "locate",
     "monitor",
