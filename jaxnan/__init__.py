@@ -10,6 +10,10 @@ from jaxnan._src.decorators import checked_value_and_grad as checked_value_and_g
 from jaxnan._src.inspect.impute import ImputeReport as ImputeReport
 from jaxnan._src.inspect.impute import impute as impute
 from jaxnan._src.inspect.impute import impute_stats as impute_stats
+from jaxnan._src.inspect.leaf_stats import GradStats as GradStats
+from jaxnan._src.inspect.leaf_stats import ParamStats as ParamStats
+from jaxnan._src.inspect.leaf_stats import grad_stats as grad_stats
+from jaxnan._src.inspect.leaf_stats import param_stats as param_stats
 from jaxnan._src.inspect.outliers import ClipReport as ClipReport
 from jaxnan._src.inspect.outliers import clip_outliers as clip_outliers
 from jaxnan._src.inspect.rows import DropReport as DropReport
@@ -58,6 +62,7 @@ __all__ = (
     "DropReport",
     "DynamicLossScaleState",
     "Finding",
+    "GradStats",
     "ImputeReport",
     "LINT_RULES",
     "LintRule",
@@ -65,6 +70,7 @@ __all__ = (
     "NonFiniteError",
     "NonfiniteCounts",
     "NonfiniteRecord",
+    "ParamStats",
     "Report",
     "SkipNonfiniteState",
     "SkipReason",
@@ -82,6 +88,7 @@ __all__ = (
     "clip_outliers",
     "drop_nonfinite_rows",
     "dynamic_loss_scale",
+    "grad_stats",
     "impute",
     "impute_stats",
     "lint",
@@ -89,6 +96,7 @@ __all__ = (
     "monitor",
     "monitor_metrics",
     "nonfinite_counts",
+    "param_stats",
     "register_rule",
     "scale_loss",
     "skip_nonfinite",
