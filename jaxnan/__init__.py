@@ -7,6 +7,8 @@ from jaxnan._src.decorators import NonfiniteRecord as NonfiniteRecord
 from jaxnan._src.decorators import checked as checked
 from jaxnan._src.decorators import checked_grad as checked_grad
 from jaxnan._src.decorators import checked_value_and_grad as checked_value_and_grad
+from jaxnan._src.inspect.activations import LayerStats as LayerStats
+from jaxnan._src.inspect.activations import activation_stats as activation_stats
 from jaxnan._src.inspect.impute import ImputeReport as ImputeReport
 from jaxnan._src.inspect.impute import impute as impute
 from jaxnan._src.inspect.impute import impute_stats as impute_stats
@@ -65,6 +67,7 @@ __all__ = (
     "GradStats",
     "ImputeReport",
     "LINT_RULES",
+    "LayerStats",
     "LintRule",
     "MonitorState",
     "NonFiniteError",
@@ -78,6 +81,7 @@ __all__ = (
     "Strategy",
     "ZScoreClipState",
     "ZeroNonfiniteState",
+    "activation_stats",
     "adagc",
     "all_finite",
     "check",
