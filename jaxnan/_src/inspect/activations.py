@@ -165,10 +165,10 @@ def _bind(eqn: Any, invals: list) -> Any:
         return eqn.primitive.bind(*subfuns, *invals, **params)
 
 
-# Provenance of a value: _DATA (depends on a non-parameter argument), _CONST
+# Provenance of a value: DATA (depends on a non-parameter argument), CONST
 # (literals and constants only) or the name of the parameter's layer.
-_DATA = None
-_CONST = ""
+DATA = None
+CONST = ""
 
 
 class _Entry(NamedTuple):
@@ -203,13 +203,13 @@ class Walker:
     def _walk(self, jaxpr, consts, args, provs, scope, backward, outer):
         env: dict[Any, tuple[Any, Any]] = {}
         for v, x in zip(jaxpr.constvars, consts):
-            env[v] = (x, _CONST)
+            env[v] = (x, CONST)
         for v, x, p in zip(jaxpr.invars, args, provs):
             env[v] = (x, p)
 
         def read(v):
             if isinstance(v, jex_core.Literal):
-                return v.val, _CONST
+                return v.val, CONST
             return env[v]
 
         for eqn in jaxpr.eqns:
@@ -234,11 +234,11 @@ class Walker:
             outs = _bind(eqn, invals)
             if not eqn.primitive.multiple_results:
                 outs = [outs]
-            data = any(p is _DATA for p in in_provs) or not eqn.invars
+            data = any(p is DATA for p in in_provs) or not eqn.invars
             if data:
-                out_prov = _DATA
+                out_prov = DATA
             else:
-                out_prov = next((p for p in in_provs if p), _CONST)
+                out_prov = next((p for p in in_provs if p), CONST)
             for v, x in zip(eqn.outvars, outs):
                 env[v] = (x, out_prov)
             if data and eqn.invars and eqn.primitive.name not in layers.STRUCTURAL:
@@ -330,7 +330,7 @@ def trace(fn: Callable, args: tuple, kwargs: dict, argnums: tuple[int, ...]):
         path = flat[i][0]
         arg = getattr(path[1], "idx", None)
         is_param = getattr(path[0], "idx", None) == 0 and arg in argnums
-        provs.append((layers.param_layer(path[2:]) or _CONST) if is_param else _DATA)
+        provs.append((layers.param_layer(path[2:]) or CONST) if is_param else DATA)
 
     def flat_fn(*xs):
         full = list(leaves)
