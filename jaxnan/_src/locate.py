@@ -22,6 +22,7 @@ import numpy as np
 from jax.extend import source_info_util
 
 from jaxnan._src import base, checks, interpreter, primitives, report, tree
+from jaxnan._src.inspect import locate_text
 
 source_info_util.register_exclusion(__file__)
 
@@ -72,6 +73,8 @@ class Diagnosis:
         user_function: the library function called at the user line, when
             known (``"jnp.sqrt"``, ``"jax.nn.softmax"``).
         fn_name: the name of the located function.
+        layer_stats: the activation (and gradient) statistics of the layer
+            holding the creating equation (see `jaxnan.activation_stats`).
     """
 
     found: bool
@@ -98,6 +101,7 @@ class Diagnosis:
     user_function: str | None = None
     fn_name: str = ""
     created: tuple[int, int, int] | None = None
+    layer_stats: str | None = None
 
     @property
     def where(self) -> str | None:
@@ -160,6 +164,8 @@ class Diagnosis:
                 lines.append(f"  name stack: {self.name_stack}")
             if self.inputs_seen:
                 lines.append(f"  inputs:  {self.inputs_seen}")
+            if self.layer_stats:
+                lines += [f"  {t}" for t in self.layer_stats.splitlines()]
         if self.cause:
             lines.append(f"  cause:   {self.cause}")
         if self.fix:
@@ -546,7 +552,15 @@ def _locate(fn, name, static, args, kwargs) -> Diagnosis:
         user_function=api,
         fn_name=name,
         created=_host_counts(outputs),
+        layer_stats=_layer_text(closed, leaves, ([args[i] for i in dyn], kwargs), eqn),
     )
+
+
+def _layer_text(closed, leaves, dyn_tree, eqn) -> str | None:
+    try:
+        return locate_text.layer_text(closed, leaves, dyn_tree, eqn)
+    except Exception as e:  # the statistics must never hide the diagnosis
+        return f"layer statistics unavailable ({type(e).__name__}: {e})"
 
 
 def _capture(closed, consts, leaves, depth, node, iteration, device_pos):
