@@ -7,6 +7,7 @@ from jaxnan._src.decorators import NonfiniteRecord as NonfiniteRecord
 from jaxnan._src.decorators import checked as checked
 from jaxnan._src.decorators import checked_grad as checked_grad
 from jaxnan._src.decorators import checked_value_and_grad as checked_value_and_grad
+from jaxnan._src.decorators import nonfinite_errors as nonfinite_errors
 from jaxnan._src.lint import Finding as Finding
 from jaxnan._src.lint import lint as lint
 from jaxnan._src.lint_rules import LINT_RULES as LINT_RULES
@@ -73,6 +74,7 @@ __all__ = (
     "monitor",
     "monitor_metrics",
     "nonfinite_counts",
+    "nonfinite_errors",
     "register_rule",
     "scale_loss",
     "skip_nonfinite",

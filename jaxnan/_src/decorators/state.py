@@ -52,7 +52,7 @@ def _nnx_sync() -> StateSync | None:
         return None
 
     def matches(x: Any) -> bool:
-        return isinstance(x, nnx.Variable) or nnx.is_graph_node(x)
+        return isinstance(x, (nnx.Variable, nnx.Pytree))
 
     def sync(original: Any, copy: Any, originals: dict[int, Any]) -> None:
         def back(x: Any) -> Any:
