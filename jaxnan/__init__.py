@@ -7,6 +7,7 @@ from jaxnan._src.decorators import NonfiniteRecord as NonfiniteRecord
 from jaxnan._src.decorators import checked as checked
 from jaxnan._src.decorators import checked_grad as checked_grad
 from jaxnan._src.decorators import checked_value_and_grad as checked_value_and_grad
+from jaxnan._src.decorators import nonfinite_errors as nonfinite_errors
 from jaxnan._src.inspect.activations import LayerStats as LayerStats
 from jaxnan._src.inspect.activations import activation_stats as activation_stats
 from jaxnan._src.inspect.impute import ImputeReport as ImputeReport
@@ -100,6 +101,7 @@ __all__ = (
     "monitor",
     "monitor_metrics",
     "nonfinite_counts",
+    "nonfinite_errors",
     "param_stats",
     "register_rule",
     "scale_loss",

@@ -584,7 +584,8 @@ def test_errors_name_the_argument():
         tx.init({})
     with pytest.raises(ValueError, match=re.escape("updates=None")):
         tx.update(None, tx.init(params), params)
-    with pytest.raises(ValueError, match=re.escape("found None at updates['out']")):
+    # None is an empty subtree (eqx.filter); an extra one changes the structure.
+    with pytest.raises(ValueError, match=re.escape("different tree structures")):
         tx.update({**grads_like(params), "out": None}, tx.init(params), params)
     with pytest.raises(ValueError, match=re.escape("different tree structures")):
         tx.update({"dense": grads_like(params)["dense"]}, tx.init(params), params)

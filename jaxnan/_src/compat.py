@@ -15,4 +15,9 @@ try:  # jax >= 0.6
 except ImportError:  # pragma: no cover - older layouts
     from jax.experimental.shard_map import shard_map_p  # type: ignore # noqa: F401
 
+# The primitives `jaxnan.checked` lowers to: `locate` inlines the first and
+# evaluates jaxnan's own report callbacks as no-ops.
+from jax._src.callback import pure_callback_p  # noqa: E402,F401
 from jax._src.core import Tracer  # noqa: E402,F401
+from jax._src.custom_batching import custom_vmap_p  # noqa: E402,F401
+from jax._src.debugging import debug_callback_p  # noqa: E402,F401

@@ -441,6 +441,21 @@ def locate(
     return run
 
 
+def _is_array_leaf(x: Any) -> bool:
+    """An array, or a Python number the caller passed as an argument's leaf.
+
+    A Python float that is ±inf is a constant of the model (the ``-inf``
+    initial value of `eqx.nn.MaxPool2d`), not data: it stays static.
+    """
+    if isinstance(x, (jax.Array, np.ndarray, np.generic)):
+        return True
+    if isinstance(x, (bool, int)):
+        return True
+    if isinstance(x, (float, complex)):
+        return not np.isinf(x)
+    return False
+
+
 def _locate(fn, name, static, args, kwargs) -> Diagnosis:
     static = tuple(i % len(args) for i in static if -len(args) <= i < len(args))
     dyn = [i for i in range(len(args)) if i not in static]
@@ -450,10 +465,18 @@ def _locate(fn, name, static, args, kwargs) -> Diagnosis:
         in_paths += [p for p, _ in tree.paths_and_leaves(args[i], names[i])]
     for k in sorted(kwargs):
         in_paths += [p for p, _ in tree.paths_and_leaves(kwargs[k], k)]
-    leaves, treedef = jax.tree_util.tree_flatten(([args[i] for i in dyn], kwargs))
+    every, treedef = jax.tree_util.tree_flatten(([args[i] for i in dyn], kwargs))
+    # Arrays are traced; other leaves (the functions, `custom_jvp`s and float
+    # constants an Equinox module holds) are closed over, as static values.
+    traced = [i for i, x in enumerate(every) if _is_array_leaf(x)]
+    leaves = [every[i] for i in traced]
+    in_paths = [in_paths[i] for i in traced] if len(in_paths) == len(every) else []
 
     def flat_fn(*flat):
-        dargs, kw = jax.tree_util.tree_unflatten(treedef, flat)
+        full_leaves = list(every)
+        for i, x in zip(traced, flat):
+            full_leaves[i] = x
+        dargs, kw = jax.tree_util.tree_unflatten(treedef, full_leaves)
         full = list(args)
         for i, a in zip(dyn, dargs):
             full[i] = a
