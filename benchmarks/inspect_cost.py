@@ -105,17 +105,27 @@ def impute_section(rounds):
         )
 
 
+def f16_mlp(params, x):
+    for i, w in enumerate(params):
+        with jax.named_scope(f"layer_{i}"):
+            x = x @ w
+            x = jax.nn.relu(x) if i < len(params) - 1 else x
+    return x
+
+
 def png(path):
-    key = jax.random.key(0)
-    params = jax.tree_util.tree_map(
-        lambda a: a.astype(jnp.float16), models.lm_params(key)
-    )
-    params["blocks"][1]["ff2"] = params["blocks"][1]["ff2"] * 400  # a hot MLP
-    tokens = models.lm_batch(key)["tokens"][:, :-1]
-    stats = jaxnan.activation_stats(models.lm_logits)(params, tokens)
-    jaxnan.plot_stats(
-        stats, path, title="float16 transformer LM: block 1 MLP scaled 400x"
-    )
+    """A float16 MLP whose weights grow with depth: layer 4 nears overflow."""
+    keys = jax.random.split(jax.random.key(0), 6)
+    gains = [1.0, 2.0, 4.0, 8.0, 500.0, 0.001]
+    params = [
+        (jax.random.normal(k, (256, 256)) * g / 16).astype(jnp.float16)
+        for k, g in zip(keys, gains)
+    ]
+    x = jax.random.normal(jax.random.key(1), (64, 256)).astype(jnp.float16)
+    stats = jaxnan.activation_stats(f16_mlp)(params, x)
+    for name, s in stats.items():
+        print(f"  {name}: {s}")
+    jaxnan.plot_stats(stats, path, title="float16 MLP, weights growing with depth")
     print("wrote", path)
 
 

@@ -34,8 +34,8 @@ def plot_stats(
     """Draws per-layer max |x| and headroom to overflow as bars, saved to PNG.
 
     Left panel: the largest finite |x| of each layer (log scale). Right
-    panel: the headroom in doublings, ``log2(headroom)``: how many times
-    the values can double before they overflow their dtype. Layers flagged
+    panel: `LayerStats.headroom`, how many times the values can double
+    before they overflow their dtype. Layers flagged
     `LayerStats.near_overflow` are red, layers holding a nonfinite value are
     marked and labelled with the count. The figure is drawn without
     `pyplot` (no global state, no window), with matplotlib imported only
@@ -76,7 +76,7 @@ def plot_stats(
     rows = [stats[k] for k in names]
     maxabs = np.array([float(s.max_abs) for s in rows])
     room = np.array([float(s.headroom) for s in rows])
-    doublings = np.where(np.isfinite(room), np.log2(np.maximum(room, 1.0)), 0.0)
+    doublings = np.where(np.isfinite(room), np.maximum(room, 0.0), 0.0)
     hot = [bool(s.near_overflow) for s in rows]
     bad = [int(s.nonfinite) for s in rows]
     colors = ["#d62728" if h or b else "#1f77b4" for h, b in zip(hot, bad)]
@@ -92,15 +92,19 @@ def plot_stats(
     left.invert_yaxis()
     left.set_xlabel("largest finite |x| (log scale)")
     right.barh(y, doublings, color=colors)
-    right.set_xlabel("headroom: doublings left before overflow, log2(max / max |x|)")
-    for i, (d, b, r) in enumerate(zip(doublings, bad, room)):
+    right.set_xlabel(
+        "headroom: doublings left before overflow, log2(dtype max / max |x|)"
+    )
+    for i, (d, b, r, s) in enumerate(zip(doublings, bad, room, rows)):
         text = f" {b} nonfinite" if b else ("" if math.isfinite(r) else " all zero")
+        if hot[i] and not b:
+            text = f" {float(s.range_used):.0%} of the {s.dtype} range"
         if text:
             right.text(d, i, text, va="center", fontsize=8, color="#d62728")
     for ax in (left, right):
         ax.grid(axis="x", alpha=0.3)
-    if title:
-        fig.suptitle(title)
+    note = "red: near overflow or nonfinite"
+    fig.suptitle(f"{title}  ({note})" if title else note)
     out = os.fspath(path)
     fig.savefig(out, dpi=110)
     return out
