@@ -8,6 +8,7 @@ from jaxnan._src.decorators import checked as checked
 from jaxnan._src.decorators import checked_grad as checked_grad
 from jaxnan._src.decorators import checked_value_and_grad as checked_value_and_grad
 from jaxnan._src.decorators import nonfinite_errors as nonfinite_errors
+from jaxnan._src.inspect.activations import ActivationStats as ActivationStats
 from jaxnan._src.inspect.activations import LayerStats as LayerStats
 from jaxnan._src.inspect.activations import activation_stats as activation_stats
 from jaxnan._src.inspect.impute import ImputeReport as ImputeReport
@@ -19,6 +20,7 @@ from jaxnan._src.inspect.leaf_stats import grad_stats as grad_stats
 from jaxnan._src.inspect.leaf_stats import param_stats as param_stats
 from jaxnan._src.inspect.outliers import ClipReport as ClipReport
 from jaxnan._src.inspect.outliers import clip_outliers as clip_outliers
+from jaxnan._src.inspect.plot import plot_stats as plot_stats
 from jaxnan._src.inspect.rows import DropReport as DropReport
 from jaxnan._src.inspect.rows import drop_nonfinite_rows as drop_nonfinite_rows
 from jaxnan._src.inspect.vocab import Strategy as Strategy
@@ -57,6 +59,7 @@ from jaxnan._src.tree import nonfinite_counts as nonfinite_counts
 __version__ = "0.1.0"
 
 __all__ = (
+    "ActivationStats",
     "AdaGCState",
     "ArrayTree",
     "ClipByGlobalNormState",
@@ -103,6 +106,7 @@ __all__ = (
     "nonfinite_counts",
     "nonfinite_errors",
     "param_stats",
+    "plot_stats",
     "register_rule",
     "scale_loss",
     "skip_nonfinite",
