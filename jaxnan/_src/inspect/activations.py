@@ -256,8 +256,6 @@ class Walker:
 
         for eqn in jaxpr.eqns:
             ins = [read(v) for v in eqn.invars]
-            invals = [x for x, _ in ins]
-            in_provs = [p for _, p in ins]
             bwd = backward or layers.is_backward(eqn.source_info.name_stack)
             where = layers.call_site(eqn.source_info)
             if where is None:  # inside a library jit traced elsewhere
@@ -267,47 +265,51 @@ class Walker:
             )
             sub = _sub_jaxpr(eqn)
             if sub is not None:
+                invals, in_provs = [x for x, _ in ins], [p for _, p in ins]
                 outs = self._walk(
                     sub[0], sub[1], invals, in_provs, eqn_scope, bwd, where
                 )
-                for v, (x, p) in zip(eqn.outvars, outs):
-                    env[v] = (x, p)
-                continue
-            outs = _bind(eqn, invals)
-            if not eqn.primitive.multiple_results:
-                outs = [outs]
-            data = any(p is DATA for p in in_provs) or not eqn.invars
-            if data:
-                out_prov = DATA
             else:
-                out_prov = next((p for p in in_provs if p), CONST)
-            for v, x in zip(eqn.outvars, outs):
-                env[v] = (x, out_prov)
-            param = next((p for p in in_provs if p), "")
-            entry = None
-            if data and eqn.invars and eqn.primitive.name not in layers.STRUCTURAL:
-                floats = [
-                    x
-                    for v, x in zip(eqn.outvars, outs)
-                    if _float_dtype(v.aval) and x.size
-                ]
-                if floats:
-                    entry = len(self.entries)
-                    self.entries.append(
-                        _Entry(eqn, eqn_scope, param, where, bwd, floats)
-                    )
-            if where is not None:
-                direct = param if where.direct else ""
-                self.flow.append(
-                    (
-                        [id(x) for x in invals],
-                        [id(x) for x in outs],
-                        (bwd, where.chain),
-                        direct,
-                        entry,
-                    )
-                )
+                outs = self._first_order(eqn, ins, eqn_scope, bwd, where)
+            for v, (x, p) in zip(eqn.outvars, outs):
+                env[v] = (x, p)
         return [read(v) for v in jaxpr.outvars]
+
+    def _first_order(self, eqn, ins, scope, backward, where):
+        """Binds one first-order equation, measures it; its (value, prov)s."""
+        invals = [x for x, _ in ins]
+        in_provs = [p for _, p in ins]
+        outs = _bind(eqn, invals)
+        if not eqn.primitive.multiple_results:
+            outs = [outs]
+        data = any(p is DATA for p in in_provs) or not eqn.invars
+        out_prov = DATA if data else next((p for p in in_provs if p), CONST)
+        param = next((p for p in in_provs if p), "")
+        entry = None
+        if data and eqn.invars and eqn.primitive.name not in layers.STRUCTURAL:
+            entry = self._measure(eqn, outs, scope, param, where, backward)
+        if where is not None:
+            direct = param if where.direct else ""
+            self.flow.append(
+                (
+                    [id(x) for x in invals],
+                    [id(x) for x in outs],
+                    (backward, where.chain),
+                    direct,
+                    entry,
+                )
+            )
+        return [(x, out_prov) for x in outs]
+
+    def _measure(self, eqn, outs, scope, param, where, backward) -> int | None:
+        """Records the equation's nonempty float outputs; its entry index."""
+        floats = [
+            x for v, x in zip(eqn.outvars, outs) if _float_dtype(v.aval) and x.size
+        ]
+        if not floats:
+            return None
+        self.entries.append(_Entry(eqn, scope, param, where, backward, floats))
+        return len(self.entries) - 1
 
     def _name(self, e: _Entry, site_params: dict, next_param: str) -> str:
         site = e.site.key if e.site is not None else None
