@@ -86,12 +86,13 @@ def dynamic_loss_scale(
     unchanged: pass the *unscaled* loss as ``loss=``, so that a
     `jaxnan.skip_spikes` inside sees a loss that does not jump with the scale.
 
-    Cost: one fused reduction per gradient leaf (the finiteness test) and the
-    unscaling multiply, which fuses into the optimizer's elementwise loops;
-    the outgoing check (one fused reduction over the new params and state).
-    Collectives: none without `axis_name`; with it, one int32 `lax.psum` so
-    that all replicas skip together and keep the same scale, and one more on
-    an accepted step for the outgoing check.
+    Cost: the unscaling multiply, which fuses into the optimizer's
+    elementwise loops, and one fused reduction per leaf shape that reads the
+    gradients, the optimizer state and the params: the finiteness of the
+    gradients and the outgoing check in one loop.
+    Collectives: none without `axis_name`; with it, one int32 `lax.psum` (of
+    two flags: the gradients, and the outgoing check) so that all replicas
+    skip together and keep the same scale.
 
     Args:
         inner: the transformation that gets the unscaled gradients.
@@ -173,12 +174,12 @@ def dynamic_loss_scale(
             updates, params, extra_args, fn_name=name
         )
         grads = unscale_grads(updates, state)
-        finite = tree.all_finite(grads)
+        finite = jnp.array(True)
         loss = extra_args.get("loss")
         if loss is not None:
-            finite = finite & tree.all_finite(loss)
-        finite = base.agree(finite, axis_name)
-        out, kept_inner, inner_ok = transforms.guarded_update(
+            finite = tree.all_finite(loss)
+        # The unscaled gradients are checked in the loops of the outgoing check.
+        out, kept_inner, finite, inner_ok = transforms.guarded_update(
             inner,
             finite,
             grads,
@@ -186,6 +187,7 @@ def dynamic_loss_scale(
             params,
             extra_args,
             axis_name,
+            incoming=tree.checked_leaves(grads),
         )
         applied = finite & inner_ok
         scale = state.loss_scale
@@ -202,7 +204,7 @@ def dynamic_loss_scale(
             return jnp.where(flag, optax.safe_increment(counter), counter)
 
         skips = bump(state.loss_scale_skips, ~applied)
-        inner_skips = bump(state.loss_scale_inner_skips, ~inner_ok)
+        inner_skips = bump(state.loss_scale_inner_skips, finite & ~inner_ok)
         new_state = DynamicLossScaleState(
             loss_scale=new_scale.astype(jnp.float32),
             loss_scale_good_steps=new_good,

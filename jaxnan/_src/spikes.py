@@ -124,6 +124,9 @@ def zscore_clip(
     entries, finite entries are clipped by it and nonfinite ones pass through
     unchanged, for a later `jaxnan.skip_nonfinite` to catch. Such a step
     changes no statistic and does not count as a warm-up step.
+    Float16 and bfloat16 norms are taken in float32 and float64 ones in
+    float64; the statistics are float32. Differentiable (`jax.grad`,
+    `jax.jvp`, `jax.vmap`).
 
     Cost: one fused reduction per leaf (the sum of squares); an overflow-safe
     second pass only on a nonfinite step (a scalar `lax.cond`); the scaling is
@@ -388,7 +391,7 @@ def skip_spikes(
     float32 scalars (the flag, the loss and the norm): a replica that sees a
     spike or a NaN makes all replicas skip, and every window holds the
     largest value over replicas, so the states stay identical; and one int32
-    `lax.psum` on an accepted step, for the outgoing check.
+    `lax.psum` of the outgoing check.
 
     Args:
         inner: the transformation to protect, e.g. ``optax.adamw(1e-3)``.
@@ -496,7 +499,7 @@ def skip_spikes(
             loss_spike = jnp.array(False)
         wanted = finite & ~norm_spike & ~loss_spike
 
-        out, kept_inner, inner_ok = transforms.guarded_update(
+        out, kept_inner, _, inner_ok = transforms.guarded_update(
             inner,
             wanted,
             updates,
@@ -511,7 +514,7 @@ def skip_spikes(
             finite,
             jnp.where(loss_spike, int(SkipReason.LOSS_SPIKE), 0)
             | jnp.where(norm_spike, int(SkipReason.NORM_SPIKE), 0)
-            | jnp.where(inner_ok, 0, int(SkipReason.INNER_NONFINITE)),
+            | jnp.where(wanted & ~inner_ok, int(SkipReason.INNER_NONFINITE), 0),
             int(SkipReason.NONFINITE),
         ).astype(jnp.int32)
 
@@ -539,7 +542,7 @@ def skip_spikes(
             norm_spike_total=bump(state.norm_spike_total, norm_spike),
             spike_nonfinite_total=bump(state.spike_nonfinite_total, ~finite),
             spike_inner_nonfinite_total=bump(
-                state.spike_inner_nonfinite_total, ~inner_ok
+                state.spike_inner_nonfinite_total, wanted & ~inner_ok
             ),
             spike_skips_total=bump(state.spike_skips_total, ~accept),
             last_skip_reason=jnp.where(accept, state.last_skip_reason, reason),
@@ -600,6 +603,9 @@ def adagc(
     through unchanged (for a later `jaxnan.skip_nonfinite` to catch) and is
     left out of the warm-up global norm; such a step changes no
     :math:`\gamma_i` and does not count as a step.
+    Norms are overflow-safe: a finite spike whose squares overflow float32
+    (``[1e20, 0, 0, 0]``) has norm 1e20 and is clipped, during warm-up and
+    after.
 
     Cost: one fused reduction per leaf (its sum of squares) and a select that
     fuses into the optimizer's loops. Collectives: none without `axis_name`;

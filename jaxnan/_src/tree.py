@@ -476,3 +476,44 @@ def leaf_norms_and_flags(
         return [n for n, _ in pairs], [f for _, f in pairs]
 
     return jax.lax.cond(total_ok, fast, slow)
+
+
+def finite_flags(sets: list[list[Any]]) -> list[jax.Array]:
+    """For each list of leaves, a bool scalar: all its floating leaves finite.
+
+    Leaves of one shape, whichever list they belong to, are read in one
+    variadic reduction that keeps one count per list: a guard's incoming
+    check (the gradients) and outgoing check (what the optimizer made of
+    them, which XLA computes inside the same loop from the same inputs) cost
+    one loop per shape, not one per list.
+    """
+    flat = [(k, x) for k, leaves in enumerate(sets) for x in leaves]
+    flat = [(k, x) for k, x in flat if base.is_checked_leaf(x)]
+    ok = [jnp.array(True) for _ in sets]
+    by_shape: dict[tuple, list[int]] = {}
+    for i, (_, x) in enumerate(flat):
+        by_shape.setdefault(tuple(jnp.shape(x)), []).append(i)
+    for run in by_shape.values():
+        for g in range(0, len(run), 2 * _GROUP):
+            group = run[g : g + 2 * _GROUP]
+            owners = sorted({flat[i][0] for i in group})
+            masks = []
+            for k in owners:
+                nan = inf = None
+                for i in group:
+                    if flat[i][0] != k:
+                        continue
+                    n, f = _kind_masks(flat[i][1], split_inf=False)
+                    nan = n if nan is None else nan | n
+                    inf = f if inf is None else inf | f
+                if len(owners) == 1:
+                    masks += [nan, inf]  # two operands: XLA's fast path
+                else:
+                    masks.append(nan | inf)
+            sums = _sum_indicators(tuple(masks))
+            for j, k in enumerate(owners):
+                if len(owners) == 1:
+                    ok[k] = ok[k] & (sums[0] == 0) & (sums[1] == 0)
+                else:
+                    ok[k] = ok[k] & (sums[j] == 0)
+    return ok
