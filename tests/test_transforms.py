@@ -835,6 +835,11 @@ def test_grad_and_jvp_through_skip_nonfinite_of_chain_with_clip():
     chex.assert_trees_all_close(
         jax.jvp(f, (g,), (g,)), jax.jvp(f_ref, (g,), (g,)), rtol=1e-6
     )
+    batch = jnp.stack([g, 0.1 * g, g.at[0].set(jnp.nan)])
+    got = jax.vmap(f)(batch)
+    np.testing.assert_allclose(
+        np.asarray(got), [f_ref(g), f_ref(0.1 * g), 0.0], rtol=1e-6
+    )  # the NaN row is skipped: zero updates
 
 
 # ----------------------------------------- Python-float leaves (issue 13)

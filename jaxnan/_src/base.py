@@ -236,6 +236,17 @@ def agree(finite: jax.Array, axis_name: str | None) -> jax.Array:
     return bad == 0
 
 
+def scale_where(t: Any, clip: jax.Array, factor: jax.Array) -> Any:
+    """`t * factor` where `clip`, else `t` bit for bit (a select, never 0*NaN).
+
+    Non-floating leaves pass through.
+    """
+    if not is_checked_leaf(t):
+        return t
+    t = jnp.asarray(t)
+    return lax.select(clip, t * factor.astype(t.dtype), t)
+
+
 # --------------------------------------------------------------------------
 # Hyperparameter validation, whatever the Python or array type of the value.
 
