@@ -1,5 +1,7 @@
 """jaxnan: find, explain and survive NaN/Inf in JAX training."""
 
+from jaxnan._src.adagc import AdaGCState as AdaGCState
+from jaxnan._src.adagc import adagc as adagc
 from jaxnan._src.base import ArrayTree as ArrayTree
 from jaxnan._src.checks import Report as Report
 from jaxnan._src.checks import check as check
@@ -39,11 +41,9 @@ from jaxnan._src.monitor import monitor as monitor
 from jaxnan._src.monitor import monitor_metrics as monitor_metrics
 from jaxnan._src.report import NonFiniteError as NonFiniteError
 from jaxnan._src.rules import register_rule as register_rule
-from jaxnan._src.spikes import AdaGCState as AdaGCState
 from jaxnan._src.spikes import SkipReason as SkipReason
 from jaxnan._src.spikes import SkipSpikesState as SkipSpikesState
 from jaxnan._src.spikes import ZScoreClipState as ZScoreClipState
-from jaxnan._src.spikes import adagc as adagc
 from jaxnan._src.spikes import skip_spikes as skip_spikes
 from jaxnan._src.spikes import zscore_clip as zscore_clip
 from jaxnan._src.transforms import ClipByGlobalNormState as ClipByGlobalNormState
