@@ -7,6 +7,10 @@ from jaxnan._src.decorators import NonfiniteRecord as NonfiniteRecord
 from jaxnan._src.decorators import checked as checked
 from jaxnan._src.decorators import checked_grad as checked_grad
 from jaxnan._src.decorators import checked_value_and_grad as checked_value_and_grad
+from jaxnan._src.guard.host import GuardedStep as GuardedStep
+from jaxnan._src.guard.host import guard as guard
+from jaxnan._src.guard.records import Incident as Incident
+from jaxnan._src.guard.records import Policy as Policy
 from jaxnan._src.lint import Finding as Finding
 from jaxnan._src.lint import lint as lint
 from jaxnan._src.lint_rules import LINT_RULES as LINT_RULES
@@ -48,12 +52,15 @@ __all__ = (
     "Diagnosis",
     "DynamicLossScaleState",
     "Finding",
+    "GuardedStep",
+    "Incident",
     "LINT_RULES",
     "LintRule",
     "MonitorState",
     "NonFiniteError",
     "NonfiniteCounts",
     "NonfiniteRecord",
+    "Policy",
     "Report",
     "SkipNonfiniteState",
     "SkipReason",
@@ -68,6 +75,7 @@ __all__ = (
     "checked_value_and_grad",
     "clip_by_global_norm",
     "dynamic_loss_scale",
+    "guard",
     "lint",
     "locate",
     "monitor",

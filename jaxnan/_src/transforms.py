@@ -8,6 +8,9 @@ and clipping by `where`-selects (never a multiply by a 0/1 mask, since
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import jax
@@ -19,6 +22,30 @@ from jax.extend import source_info_util
 from jaxnan._src import base, tree
 
 source_info_util.register_exclusion(__file__)
+
+
+# Trace-time tap through which `jaxnan.guard` collects the global norm of the
+# updates that `skip_nonfinite` sees (a list while a guard traces a step,
+# None otherwise). Unset, `skip_nonfinite` compiles exactly as before.
+_NORM_TAP: contextvars.ContextVar[list | None] = contextvars.ContextVar(
+    "jaxnan_norm_tap", default=None
+)
+
+
+@contextlib.contextmanager
+def collect_update_norms() -> Iterator[list]:
+    """Collects, while tracing, the global norm of each `skip_nonfinite` update.
+
+    Inside the block every `skip_nonfinite` update computes its finiteness
+    from the float32 sum of squares (one pass, as with a leading clip) and
+    appends the norm (a traced float32 scalar) to the yielded list.
+    """
+    norms: list = []
+    token = _NORM_TAP.set(norms)
+    try:
+        yield norms
+    finally:
+        _NORM_TAP.reset(token)
 
 
 def _int32_zero() -> jax.Array:
@@ -498,10 +525,13 @@ def skip_nonfinite(
             base.validate_same_structure(
                 updates, params, name_a="updates", name_b="params", fn_name=name
             )
-        if _leads_with_clip(state.inner_state):
-            _, finite, extra_args = norm_for_inner(
+        tap = _NORM_TAP.get()
+        if tap is not None or _leads_with_clip(state.inner_state):
+            norm, finite, extra_args = norm_for_inner(
                 updates, extra_args, state.inner_state
             )
+            if tap is not None:
+                tap.append(norm)
         else:
             finite = tree.all_finite(updates)
         loss = extra_args.get("loss")
