@@ -24,28 +24,30 @@ from jaxnan._src import base, tree
 source_info_util.register_exclusion(__file__)
 
 
-# Trace-time tap through which `jaxnan.guard` collects the global norm of the
-# updates that `skip_nonfinite` sees (a list while a guard traces a step,
+# Trace-time tap through which `jaxnan.guard` collects, for each
+# `skip_nonfinite` update traced inside its step, the global norm of the
+# updates and the params it was given (a list while a guard traces a step,
 # None otherwise). Unset, `skip_nonfinite` compiles exactly as before.
-_NORM_TAP: contextvars.ContextVar[list | None] = contextvars.ContextVar(
-    "jaxnan_norm_tap", default=None
+_UPDATE_TAP: contextvars.ContextVar[list | None] = contextvars.ContextVar(
+    "jaxnan_update_tap", default=None
 )
 
 
 @contextlib.contextmanager
-def collect_update_norms() -> Iterator[list]:
-    """Collects, while tracing, the global norm of each `skip_nonfinite` update.
+def collect_updates() -> Iterator[list]:
+    """Collects, while tracing, ``(norm, params)`` of each `skip_nonfinite` update.
 
     Inside the block every `skip_nonfinite` update computes its finiteness
     from the float32 sum of squares (one pass, as with a leading clip) and
-    appends the norm (a traced float32 scalar) to the yielded list.
+    appends the norm (a traced float32 scalar) and its `params` argument
+    (None when not given) to the yielded list.
     """
-    norms: list = []
-    token = _NORM_TAP.set(norms)
+    records: list = []
+    token = _UPDATE_TAP.set(records)
     try:
-        yield norms
+        yield records
     finally:
-        _NORM_TAP.reset(token)
+        _UPDATE_TAP.reset(token)
 
 
 def _int32_zero() -> jax.Array:
@@ -525,13 +527,13 @@ def skip_nonfinite(
             base.validate_same_structure(
                 updates, params, name_a="updates", name_b="params", fn_name=name
             )
-        tap = _NORM_TAP.get()
+        tap = _UPDATE_TAP.get()
         if tap is not None or _leads_with_clip(state.inner_state):
             norm, finite, extra_args = norm_for_inner(
                 updates, extra_args, state.inner_state
             )
             if tap is not None:
-                tap.append(norm)
+                tap.append((norm, params))
         else:
             finite = tree.all_finite(updates)
         loss = extra_args.get("loss")

@@ -62,6 +62,24 @@ def nonfinite_rows(
     return None, ()
 
 
+def input_counts(
+    inputs: Sequence[Any], paths: Sequence[str]
+) -> dict[str, tuple[int, int, int]]:
+    """``{path: (nan, +inf, -inf)}`` for the nonfinite input leaves (host)."""
+    out = {}
+    for x, path in zip(inputs, paths):
+        if _is_key(x):
+            continue
+        values = np.asarray(x)
+        if not np.issubdtype(values.dtype, np.inexact) or np.isfinite(values).all():
+            continue
+        nan = int(np.isnan(values).sum())
+        pos = int(np.isposinf(values).sum())
+        neg = int(np.isneginf(values).sum())
+        out[path] = (nan, pos, neg)
+    return out
+
+
 def standout_leaf(
     inputs: Sequence[Any],
     paths: Sequence[str],

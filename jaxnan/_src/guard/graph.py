@@ -80,8 +80,12 @@ def is_graph_node(x: Any) -> bool:
 
 
 def is_array(x: Any) -> bool:
-    """Array leaves travel through the program; other leaves are static."""
-    return isinstance(x, (jax.Array, np.ndarray, np.generic))
+    """Arrays and numbers travel through the program; other leaves are static.
+
+    A Python number in the state (linen's ``TrainState.step`` starts as 0)
+    becomes an array after the first step, so it is an array from the start.
+    """
+    return isinstance(x, (jax.Array, np.ndarray, np.generic, int, float, complex))
 
 
 class Static:
@@ -372,10 +376,18 @@ def _ratio(old: Sequence[Any], new: Sequence[Any]) -> jax.Array:
     return jnp.sqrt(du) / jnp.maximum(jnp.sqrt(dp), jnp.finfo(jnp.float32).tiny)
 
 
-def _select(bad: jax.Array, old: Any, new: Any) -> Any:
-    if new is old:
-        return new
-    return lax.select(jnp.broadcast_to(bad, jnp.shape(new)), old, new)
+def select_back(bad: jax.Array, old: Sequence[Any], new: Sequence[Any]) -> list:
+    """`old` on a bad step, else `new`, by one `lax.cond` over all the leaves.
+
+    A conditional, not a `where`: XLA fuses a select into the computation of
+    `new` and may then round it differently (a fused select changed the last
+    bit of a BatchNorm running mean; an optimization barrier did not help).
+    The conditional copies the chosen leaves; only small state (statistics,
+    counters) goes through it, never the parameters.
+    """
+    if not new:
+        return []
+    return list(lax.cond(bad, lambda: list(old), lambda: list(new)))
 
 
 def guarded_body(
@@ -403,26 +415,38 @@ def guarded_body(
                 "and leaves the optimizer's own skip in place."
             )
         old_totals = [first_leaf(s.nonfinite_total) for s in old_skip]
-        with transforms.collect_update_norms() as norms:
+        with transforms.collect_updates() as tapped:
             out = fn(*args)
         new_state, metrics = read_new_state(layout, args, out, fn_name)
         holders = [args[i] for i in layout.graph_args]
         if layout.state_args:
             holders += list(out[: len(layout.state_args)])
         new_skip = skip_states(holders)
+        # skip_nonfinite's own state advances on a bad step (its counters),
+        # and the params it guards get exactly zero updates: neither is
+        # selected back. Everything else the step wrote is.
         protected = {id(x) for s in new_skip for x in jax.tree_util.tree_leaves(s)}
+        params = {id(x) for _, p in tapped for x in jax.tree_util.tree_leaves(p)}
         skipped = jnp.array(False)
         for s, total in zip(new_skip, old_totals):
             skipped = skipped | (first_leaf(s.nonfinite_total) > total)
         value = loss_of(metrics, loss, fn_name)
         loss_ok = jnp.all(jnp.isfinite(value))
         bad = skipped | ~loss_ok
-        kept = [
-            n if id(n) in protected else _select(bad, o, n)
-            for o, n in zip(state, new_state)
+        chosen = [
+            j
+            for j, (o, n) in enumerate(zip(state, new_state))
+            if n is not o and id(n) not in protected and id(o) not in params
         ]
+        kept = list(new_state)
+        picked = select_back(
+            bad, [state[j] for j in chosen], [new_state[j] for j in chosen]
+        )
+        for j, x in zip(chosen, picked):
+            kept[j] = x
         touched = [(o, n) for o, n in zip(state, new_state) if id(n) not in protected]
         ratio = _ratio([o for o, _ in touched], [n for _, n in touched])
+        norms = [n for n, _ in tapped]
         if norms:
             gnorm = jnp.sqrt(sum(jnp.square(x) for x in norms))
         else:

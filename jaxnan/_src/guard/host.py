@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import source_info_util
 
-from jaxnan._src import checks
+from jaxnan._src import causes, checks
 from jaxnan._src.guard import examples, graph, history, records
 from jaxnan._src.locate import Diagnosis, locate
 from jaxnan._src.report import NonFiniteError
@@ -355,7 +355,7 @@ class GuardedStep:
                 loss=loss,
                 grad_norm=gnorm,
             )
-        diagnosis, failure = self._locate(entry, state, previous.inputs)
+        diagnosis, failure = self._diagnose(entry, state, previous.inputs)
         leaf, rows = self._rows(entry, state, previous.inputs, diagnosis)
         grown = self.history.recent(step)
         cause = diagnosis.cause if diagnosis is not None else None
@@ -387,6 +387,31 @@ class GuardedStep:
             grad_norm=gnorm,
             diagnosis=diagnosis,
         )
+
+    def _diagnose(
+        self, entry: _Entry, state: list, inputs: list
+    ) -> tuple[Diagnosis | None, str]:
+        """What `jaxnan.locate` says about the step (its input check on the host).
+
+        A batch that already holds NaN/Inf is the root cause whatever the
+        step does with it; that is read on the host without compiling the
+        instrumented replay.
+        """
+        counts = examples.input_counts(inputs, entry.input_paths)
+        if counts:
+            cause, fix = causes.classify_inputs(counts)
+            return (
+                Diagnosis(
+                    found=True,
+                    phase="input",
+                    cause=cause,
+                    fix=fix,
+                    nonfinite_inputs=counts,
+                    fn_name=self.name,
+                ),
+                "",
+            )
+        return self._locate(entry, state, inputs)
 
     def _locate(
         self, entry: _Entry, state: list, inputs: list
