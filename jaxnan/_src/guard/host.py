@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import logging
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -192,6 +193,8 @@ class GuardedStep:
         state, inputs = graph.flatten(entry.layout, args)
         hold = self._false if self._pending is None else self._pending.health[0] > 0
         new_state, metrics, health = entry.compiled(hold, state, inputs)
+        if records.LOGGER.isEnabledFor(logging.DEBUG):
+            records.LOGGER.debug("dispatched step %d", self.steps)
         current = _Pending(self.steps, entry, inputs, health)
         self.steps += 1
         previous, self._pending = self._pending, current
@@ -200,6 +203,16 @@ class GuardedStep:
         self._last = (new_state, list(args))
         self._snapshot(current.step, new_state)
         return self._outputs(entry, args, new_state, metrics)
+
+    def lower(self, *args: Any) -> jax.stages.Lowered:
+        """The guarded program for `args`, lowered (nothing runs or is donated).
+
+        ``"callback" in step.lower(*args).as_text()`` is False for a step
+        without callbacks of its own: the guard adds no host callback.
+        """
+        entry = self._entry(args)
+        state, inputs = graph.flatten(entry.layout, args)
+        return entry.compiled.lower(self._false, state, inputs)
 
     def _outputs(self, entry: _Entry, args: Sequence[Any], state: list, metrics):
         layout = entry.layout
