@@ -113,10 +113,15 @@ def standout_leaf(
     return best if best_score >= 10.0 else None
 
 
-def describe(rows: Sequence[int], leaf: str | None, step: int) -> str:
+def describe(rows: Sequence[int], leaf: str | None, step: int, size: int = 0) -> str:
     """``"rows 6 and 19 of batch['x'] (batch 41)"``."""
     if not rows:
         return f"no single example of batch {step} is bad on its own"
+    if size and len(rows) == size:
+        return (
+            f"every example of batch {step} is bad on its own: not a data "
+            "problem, the model or the optimizer state is"
+        )
     if len(rows) == 1:
         which = f"row {rows[0]}"
     else:

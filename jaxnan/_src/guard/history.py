@@ -16,6 +16,7 @@ import collections
 import dataclasses
 import math
 
+import numpy as np
 from jax.extend import source_info_util
 
 source_info_util.register_exclusion(__file__)
@@ -25,21 +26,21 @@ FIGURES = ("loss", "grad_norm", "update_ratio")
 
 @dataclasses.dataclass(frozen=True)
 class Growth:
-    """One figure that grew: its name, first and last value, over how many steps."""
+    """A figure that grew: its last value against its median over the window."""
 
     figure: str
-    first: float
+    median: float
     last: float
     steps: int
 
     @property
     def factor(self) -> float:
-        return self.last / self.first
+        return self.last / self.median
 
     def __str__(self) -> str:
         return (
-            f"{self.figure} {self.first:.3g} -> {self.last:.3g} "
-            f"(x{self.factor:.3g}) over {self.steps} steps"
+            f"{self.figure} {self.last:.3g}, x{self.factor:.3g} its median "
+            f"{self.median:.3g} over the {self.steps} steps before"
         )
 
 
@@ -64,7 +65,11 @@ class History:
         self.warned = []
 
     def growing(self) -> list[Growth]:
-        """Figures that grew `growth`-fold over the window, rising on most steps."""
+        """Figures whose last value is `growth` times their window median or more.
+
+        That catches a steady climb over the window (loss x10 per step) and a
+        sudden jump (an update ratio x1000 from a learning-rate surge).
+        """
         if len(self.rows) < 3:
             return []
         found = []
@@ -72,14 +77,11 @@ class History:
             values = [r[k] for r in self.rows]
             if not all(math.isfinite(v) for v in values):
                 continue
-            low = min(values[: len(values) // 2 + 1])
+            base = float(np.median(values[:-1]))
             last = values[-1]
-            if low <= 0 or last < self.growth * low:
+            if base <= 0 or last < self.growth * base:
                 continue
-            rises = sum(b > a for a, b in zip(values, values[1:]))
-            if rises * 3 >= 2 * (len(values) - 1):
-                start = values.index(low)
-                found.append(Growth(name, low, last, len(values) - 1 - start))
+            found.append(Growth(name, base, last, len(values) - 1))
         return found
 
     def check(self, step: int) -> list[Growth]:

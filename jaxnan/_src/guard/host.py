@@ -347,34 +347,41 @@ class GuardedStep:
                 grad_norm=gnorm,
                 deterministic=False,
             )
-        if self._streak > 1:
-            first = next(
-                (
-                    i
-                    for i in reversed(self.incidents)
-                    if i.action is not records.Action.WARNED
-                ),
-                None,
-            )
-            cause = first.cause if first else "unknown"
-            return records.Incident(
+        last_bad = next(
+            (
+                i
+                for i in reversed(self.incidents)
+                if i.action is not records.Action.WARNED and i.deterministic
+            ),
+            None,
+        )
+        if last_bad is not None and step - last_bad.step <= self.history.window:
+            # A repeat: the same diagnosis, without a second replay.
+            return dataclasses.replace(
+                last_bad,
                 step=step,
-                action=records.Action.SKIPPED,
-                cause=cause,
                 message=(
-                    f"jaxnan.guard: step {step} nonfinite again ({self._streak} in "
-                    f"a row; same cause as step {first.step if first else '?'})."
+                    f"jaxnan.guard: step {step} nonfinite again (loss {loss:.4g}"
+                    + (f", {self._streak} in a row" if self._streak > 1 else "")
+                    + f"): as at step {last_bad.step}, {last_bad.cause} at "
+                    f"{last_bad.where or 'the same place'}."
                 ),
+                rows=(),
+                leaf=None,
                 loss=loss,
                 grad_norm=gnorm,
+                restored_step=None,
             )
         diagnosis, failure = self._diagnose(entry, state, previous.inputs)
         leaf, rows = self._rows(entry, state, previous.inputs, diagnosis)
         grown = self.history.recent(step)
         cause = diagnosis.cause if diagnosis is not None else None
         lines = [f"jaxnan.guard: step {step} went nonfinite (loss {loss:.4g})."]
+        size, _ = examples.batch_axes(previous.inputs)
         if rows or leaf:
-            lines.append(f"  examples: {examples.describe(rows, leaf, step)}")
+            lines.append(f"  examples: {examples.describe(rows, leaf, step, size)}")
+        if size and len(rows) == size:  # not a property of some examples
+            leaf, rows = None, ()
         if grown and cause not in ("input_data", "poisoned_state"):
             cause = records.Cause.LEARNING_RATE.value
             figures = "; ".join(str(g) for g in grown)
@@ -501,8 +508,6 @@ class GuardedStep:
                     f"steps {restored + 1}-{previous.step} undone, batch "
                     f"{previous.step} skipped.",
                 )
-                self.history.reset()
-                self._streak = 0
                 self.log.add(incident)
                 del entry
                 return _copy(snap)
@@ -613,7 +618,8 @@ def guard(
         growth: growth factor over `window` steps that triggers a warning.
         donate: donate the state to the compiled step (as `jax.jit`'s
             ``donate_argnums``); the arguments passed in are then consumed.
-        verbose: print incidents when Python logging is not configured.
+        verbose: print each incident once (they always go to the
+            ``jaxnan.guard`` logger at WARNING too).
 
     Returns:
         A `jaxnan.GuardedStep`, called like `step_fn`; ``.summary()``,

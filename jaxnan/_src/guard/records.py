@@ -22,6 +22,7 @@ from jaxnan._src.locate import Diagnosis
 source_info_util.register_exclusion(__file__)
 
 LOGGER = logging.getLogger("jaxnan.guard")
+LOGGER.addHandler(logging.NullHandler())  # no stderr fallback when unconfigured
 
 
 class Policy(str, enum.Enum):
@@ -134,16 +135,15 @@ class IncidentLog:
         self._file: IO[str] | None = None
 
     def add(self, incident: Incident) -> None:
-        """Records `incident` once: the list, the file, and the logger or stdout.
+        """Records `incident`: the list, the logger, the file, stdout if verbose.
 
-        With logging configured (a handler on ``jaxnan.guard`` or above) the
-        message goes to the logger at WARNING; otherwise, when verbose, it is
-        printed. Never both.
+        The ``jaxnan.guard`` logger gets every incident at WARNING (it has a
+        `logging.NullHandler`, so nothing reaches stderr unless logging is
+        configured); with `verbose` the message is also printed, once.
         """
         self.incidents.append(incident)
-        if LOGGER.hasHandlers():  # the user set up logging: it prints
-            LOGGER.warning("%s", incident.message)
-        elif self.verbose:
+        LOGGER.warning("%s", incident.message)
+        if self.verbose:
             print(incident.message, flush=True)
         if self.path is not None:
             if self._file is None:
