@@ -77,10 +77,8 @@ def test_healthy_step_has_no_host_callback_and_matches_plain():
 def test_host_dispatches_next_step_before_previous_finished(caplog):
     tx = jaxnan.skip_nonfinite(optax.sgd(0.1))
 
-    def slow_loss(params, batch):  # about 0.1-0.5 s of matmuls per step
-        h = jax.lax.fori_loop(
-            0, 40, lambda _, h: jnp.tanh(batch["m"] @ h), batch["m"][:, :64]
-        )
+    def slow_loss(params, batch):  # 2 GFLOP of matmuls: about 0.5 s a step
+        h = jax.lax.fori_loop(0, 60, lambda _, h: jnp.tanh(batch["m"] @ h), batch["m"])
         return _loss(params, batch) + 0.0 * jnp.sum(h)
 
     step = jaxnan.guard(_make_step(tx, slow_loss))
@@ -192,8 +190,8 @@ def test_learning_rate_surge_is_warned_before_the_first_nan():
     warning = step.incidents[0]
     first_bad = next(i for i in step.incidents if i.action != "warned")
     assert warning.action == "warned" and warning.cause == "growth"
-    assert surge < warning.step < first_bad.step
-    assert "grad_norm" in warning.message and "zscore_clip" in warning.message
+    assert surge <= warning.step < first_bad.step  # the surge step itself
+    assert "update_ratio" in warning.message and "zscore_clip" in warning.message
     assert first_bad.cause == "learning_rate"
     assert "learning rate too high" in first_bad.message
     figures = [f for f in step.figures if f[0] < first_bad.step]
