@@ -24,28 +24,42 @@ from jaxnan._src import base, tree
 source_info_util.register_exclusion(__file__)
 
 
-# Trace-time tap through which `jaxnan.guard` collects, for each
-# `skip_nonfinite` update traced inside its step, the global norm of the
-# updates and the params it was given (a list while a guard traces a step,
-# None otherwise). Unset, `skip_nonfinite` compiles exactly as before.
-_UPDATE_TAP: contextvars.ContextVar[list | None] = contextvars.ContextVar(
+# Trace-time tap through which `jaxnan.guard` talks to the `skip_nonfinite`
+# updates traced inside its step (None outside a guard). Unset,
+# `skip_nonfinite` compiles exactly as before.
+class UpdateTap(NamedTuple):
+    """What `jaxnan.guard` hands to, and collects from, `skip_nonfinite`.
+
+    Attributes:
+        hold: traced bool scalar: when true, skip the update without
+            counting it as nonfinite (the guard holds this step).
+        records: ``(norm, params, updates)`` appended by each update: the
+            global norm of the incoming updates, its `params` argument (None
+            if absent) and the updates it returns.
+    """
+
+    hold: Any
+    records: list
+
+
+_UPDATE_TAP: contextvars.ContextVar[UpdateTap | None] = contextvars.ContextVar(
     "jaxnan_update_tap", default=None
 )
 
 
 @contextlib.contextmanager
-def collect_updates() -> Iterator[list]:
-    """Collects, while tracing, ``(norm, params)`` of each `skip_nonfinite` update.
+def collect_updates(hold: Any) -> Iterator[list]:
+    """Inside the block, `skip_nonfinite` updates report to the guard.
 
-    Inside the block every `skip_nonfinite` update computes its finiteness
-    from the float32 sum of squares (one pass, as with a leading clip) and
-    appends the norm (a traced float32 scalar) and its `params` argument
-    (None when not given) to the yielded list.
+    Each update computes its finiteness from the float32 sum of squares (one
+    pass, as with a leading clip), appends ``(norm, params, updates)`` to the
+    yielded list, and skips the inner update when `hold` is true, leaving its
+    nonfinite counters as they are.
     """
-    records: list = []
-    token = _UPDATE_TAP.set(records)
+    tap = UpdateTap(hold, [])
+    token = _UPDATE_TAP.set(tap)
     try:
-        yield records
+        yield tap.records
     finally:
         _UPDATE_TAP.reset(token)
 
@@ -532,17 +546,18 @@ def skip_nonfinite(
             norm, finite, extra_args = norm_for_inner(
                 updates, extra_args, state.inner_state
             )
-            if tap is not None:
-                tap.append((norm, params))
         else:
             finite = tree.all_finite(updates)
         loss = extra_args.get("loss")
         if loss is not None:
             finite = finite & tree.all_finite(loss)
         finite = _agree(finite, axis_name)
+        accept = finite if tap is None else finite & ~tap.hold
         out, kept_inner = guarded_update(
-            inner, finite, updates, state.inner_state, params, extra_args
+            inner, accept, updates, state.inner_state, params, extra_args
         )
+        if tap is not None:
+            tap.records.append((norm, params, out))
         streak = jnp.where(
             finite,
             jnp.zeros_like(state.nonfinite_streak),

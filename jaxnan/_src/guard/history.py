@@ -16,7 +16,6 @@ import collections
 import dataclasses
 import math
 
-import numpy as np
 from jax.extend import source_info_util
 
 source_info_util.register_exclusion(__file__)
@@ -77,7 +76,8 @@ class History:
             values = [r[k] for r in self.rows]
             if not all(math.isfinite(v) for v in values):
                 continue
-            base = float(np.median(values[:-1]))
+            earlier = sorted(values[:-1])
+            base = earlier[len(earlier) // 2]
             last = values[-1]
             if base <= 0 or last < self.growth * base:
                 continue

@@ -132,7 +132,7 @@ class GuardedStep:
         self._last: tuple[list, list[Any]] | None = None  # (state leaves, args)
         self._candidate: tuple[int, list] | None = None
         self._good: tuple[int, list] | None = None
-        self._false = jnp.array(False)
+        self._zeros = jnp.zeros((graph.HEALTH_SIZE,), jnp.float32)
         functools.update_wrapper(self, self.fn)
 
     @property
@@ -191,8 +191,8 @@ class GuardedStep:
             )
         entry = self._entry(args)
         state, inputs = graph.flatten(entry.layout, args)
-        hold = self._false if self._pending is None else self._pending.health[0] > 0
-        new_state, metrics, health = entry.compiled(hold, state, inputs)
+        before = self._zeros if self._pending is None else self._pending.health
+        new_state, metrics, health = entry.compiled(before, state, inputs)
         if records.LOGGER.isEnabledFor(logging.DEBUG):
             records.LOGGER.debug("dispatched step %d", self.steps)
         current = _Pending(self.steps, entry, inputs, health)
@@ -212,7 +212,7 @@ class GuardedStep:
         """
         entry = self._entry(args)
         state, inputs = graph.flatten(entry.layout, args)
-        return entry.compiled.lower(self._false, state, inputs)
+        return entry.compiled.lower(self._zeros, state, inputs)
 
     def _outputs(self, entry: _Entry, args: Sequence[Any], state: list, metrics):
         layout = entry.layout
@@ -256,7 +256,7 @@ class GuardedStep:
         incident = self._incident(previous, state, h)
         state = self._apply(incident, previous, current, state)
         new_state, metrics, health = current.entry.compiled(
-            self._false, state, current.inputs
+            self._zeros, state, current.inputs
         )
         current.health = health
         return new_state, metrics
@@ -282,7 +282,9 @@ class GuardedStep:
                     grad_norm=float(h[graph.GRAD_NORM]),
                 )
             )
-        if self._candidate is not None and self._candidate[0] == step:
+        # A snapshot of the state after step s is good once step s + 1, which
+        # ran on it, was healthy (and nothing was growing).
+        if self._candidate is not None and self._candidate[0] == step - 1:
             if not self.history.growing_at(step):
                 self._good = self._candidate
             self._candidate = None
@@ -332,7 +334,7 @@ class GuardedStep:
     ) -> records.Incident:
         entry, step = previous.entry, previous.step
         loss, gnorm = float(h[graph.LOSS]), float(h[graph.GRAD_NORM])
-        _, _, again = entry.compiled(self._false, _copy(state), previous.inputs)
+        _, _, again = entry.compiled(self._zeros, _copy(state), previous.inputs)
         if not bool(np.asarray(again)[graph.BAD] > 0):
             return records.Incident(
                 step=step,
