@@ -27,6 +27,7 @@ bad step's input and the host can replay the bad step on exactly it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -141,13 +142,26 @@ class Layout:
     treedefs: tuple[Any, ...]
     statics: tuple[tuple[Any, ...], ...]
 
-    @property
+    @functools.cached_property
     def tree_args(self) -> tuple[int, ...]:
         return tuple(i for i in range(self.nargs) if i not in self.graph_args)
 
-    @property
+    @functools.cached_property
     def input_args(self) -> tuple[int, ...]:
         return tuple(i for i in self.tree_args if i not in self.state_args)
+
+    @functools.cached_property
+    def positions(self) -> dict[int, int]:
+        """Argument index -> index into `treedefs` / `statics`."""
+        return {i: k for k, i in enumerate(self.tree_args)}
+
+    @functools.cached_property
+    def counts(self) -> dict[int, int]:
+        """Argument index -> number of array leaves (non-graph arguments)."""
+        return {
+            i: sum(s is None for s in self.statics[k])
+            for i, k in self.positions.items()
+        }
 
     @property
     def mutates(self) -> bool:
@@ -182,7 +196,7 @@ def make_layout(args: Sequence[Any], state_args: tuple[int, ...]) -> Layout:
 
 
 def _tree_position(layout: Layout, i: int) -> int:
-    return layout.tree_args.index(i)
+    return layout.positions[i]
 
 
 def flatten_arg(layout: Layout, args: Sequence[Any], i: int) -> list[Any]:
@@ -213,7 +227,7 @@ def _unflatten_arg(layout: Layout, i: int, leaves: Any) -> Any:
 
 
 def _count_arrays(layout: Layout, i: int) -> int:
-    return sum(s is None for s in layout.statics[_tree_position(layout, i)])
+    return layout.counts[i]
 
 
 def split_state(layout: Layout, state: Sequence[Any]) -> tuple[list, list]:
