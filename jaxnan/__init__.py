@@ -10,6 +10,10 @@ from jaxnan._src.decorators import checked as checked
 from jaxnan._src.decorators import checked_grad as checked_grad
 from jaxnan._src.decorators import checked_value_and_grad as checked_value_and_grad
 from jaxnan._src.decorators import nonfinite_errors as nonfinite_errors
+from jaxnan._src.guard.host import GuardedStep as GuardedStep
+from jaxnan._src.guard.host import guard as guard
+from jaxnan._src.guard.records import Incident as Incident
+from jaxnan._src.guard.records import Policy as Policy
 from jaxnan._src.inspect.activations import ActivationStats as ActivationStats
 from jaxnan._src.inspect.activations import LayerStats as LayerStats
 from jaxnan._src.inspect.activations import activation_stats as activation_stats
@@ -69,7 +73,9 @@ __all__ = (
     "DynamicLossScaleState",
     "Finding",
     "GradStats",
+    "GuardedStep",
     "ImputeReport",
+    "Incident",
     "LINT_RULES",
     "LayerStats",
     "LintRule",
@@ -78,6 +84,7 @@ __all__ = (
     "NonfiniteCounts",
     "NonfiniteRecord",
     "ParamStats",
+    "Policy",
     "Report",
     "SkipNonfiniteState",
     "SkipReason",
@@ -97,6 +104,7 @@ __all__ = (
     "drop_nonfinite_rows",
     "dynamic_loss_scale",
     "grad_stats",
+    "guard",
     "impute",
     "impute_stats",
     "lint",

@@ -10,8 +10,51 @@ def main(argv: list[str] | None = None) -> int:
     """Runs the jaxnan command line and returns its exit status."""
     parser = argparse.ArgumentParser(prog="python -m jaxnan")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="a training run that goes nonfinite, kept alive")
-    demo.add_argument("--steps", type=int, default=60)
+    demo = sub.add_parser(
+        "demo",
+        help="a guarded training run that goes nonfinite three ways, kept alive",
+        description=(
+            "Train a small MLP under jaxnan.guard on synthetic data with a NaN "
+            "row, an outlier row and a learning-rate surge; print one diagnosis "
+            "per incident, a summary table and a plot."
+        ),
+    )
+    demo.add_argument(
+        "--steps", type=int, default=60, help="training steps (default 60)"
+    )
+    demo.add_argument(
+        "--policy",
+        choices=["skip", "raise", "rollback"],
+        default="rollback",
+        help="what the guard does with a bad step (default rollback)",
+    )
+    demo.add_argument(
+        "--snapshot-every",
+        type=int,
+        default=5,
+        help="steps between on-device snapshots for rollback (default 5)",
+    )
+    demo.add_argument(
+        "--plot",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="write a PNG of loss and gradient norm, bad steps marked "
+        "(needs matplotlib; default on)",
+    )
+    demo.add_argument(
+        "--plot-file",
+        default="jaxnan_demo.png",
+        help="where to write the plot (default jaxnan_demo.png)",
+    )
+    demo.add_argument(
+        "--log", metavar="FILE", default=None, help="append incidents as JSON lines"
+    )
+    demo.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="progress bar and table with rich when installed (default on)",
+    )
     lint = sub.add_parser(
         "lint",
         help="lint a loss for NaN-prone code; exit 1 on error-severity findings",
@@ -30,7 +73,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from jaxnan.examples import demo as demo_mod
 
-        return demo_mod.run(steps=args.steps)
+        return demo_mod.run(
+            steps=args.steps,
+            plot_path=args.plot_file if args.plot else None,
+            log=args.log,
+            progress=args.progress,
+            policy=args.policy,
+            snapshot_every=args.snapshot_every,
+        )
     return 2  # pragma: no cover
 
 

@@ -8,6 +8,9 @@ and clipping by `where`-selects (never a multiply by a 0/1 mask, since
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import jax
@@ -19,6 +22,46 @@ from jax.extend import source_info_util
 from jaxnan._src import base, tree
 
 source_info_util.register_exclusion(__file__)
+
+
+# Trace-time tap through which `jaxnan.guard` talks to the `skip_nonfinite`
+# updates traced inside its step (None outside a guard). Unset,
+# `skip_nonfinite` compiles exactly as before.
+class UpdateTap(NamedTuple):
+    """What `jaxnan.guard` hands to, and collects from, `skip_nonfinite`.
+
+    Attributes:
+        hold: traced bool scalar: when true, skip the update without
+            counting it as nonfinite (the guard holds this step).
+        records: ``(norm, params, updates)`` appended by each update: the
+            global norm of the incoming updates, its `params` argument (None
+            if absent) and the updates it returns.
+    """
+
+    hold: Any
+    records: list
+
+
+_UPDATE_TAP: contextvars.ContextVar[UpdateTap | None] = contextvars.ContextVar(
+    "jaxnan_update_tap", default=None
+)
+
+
+@contextlib.contextmanager
+def collect_updates(hold: Any) -> Iterator[list]:
+    """Inside the block, `skip_nonfinite` updates report to the guard.
+
+    Each update computes its finiteness from the float32 sum of squares (one
+    pass, as with a leading clip), appends ``(norm, params, updates)`` to the
+    yielded list, and skips the inner update when `hold` is true, leaving its
+    nonfinite counters as they are.
+    """
+    tap = UpdateTap(hold, [])
+    token = _UPDATE_TAP.set(tap)
+    try:
+        yield tap.records
+    finally:
+        _UPDATE_TAP.reset(token)
 
 
 def _int32_zero() -> jax.Array:
@@ -650,8 +693,10 @@ def skip_nonfinite(
         base.validate_state(state, SkipNonfiniteState, fn_name=name)
         updates = validate_guard_input(updates, params, extra_args, fn_name=name)
         incoming: list[Any] = []
-        if _leads_with_clip(state.inner_state):
-            _, finite, extra_args = norm_for_inner(
+        tap = _UPDATE_TAP.get()
+        norm = None
+        if tap is not None or _leads_with_clip(state.inner_state):
+            norm, finite, extra_args = norm_for_inner(
                 updates, extra_args, state.inner_state
             )
         else:
@@ -660,9 +705,10 @@ def skip_nonfinite(
         loss = extra_args.get("loss")
         if loss is not None:
             finite = finite & tree.all_finite(loss)
+        hold = jnp.array(False) if tap is None else tap.hold
         out, kept_inner, finite, inner_ok = guarded_update(
             inner,
-            finite,
+            finite & ~hold,
             updates,
             state.inner_state,
             params,
@@ -670,19 +716,21 @@ def skip_nonfinite(
             axis_name,
             incoming=incoming,
         )
+        if tap is not None:
+            tap.records.append((norm, params, out))
         applied = finite & inner_ok
 
-        def bump(counter, flag):
-            return jnp.where(flag, optax.safe_increment(counter), counter)
+        def bump(counter, flag):  # a step the guard holds changes no counter
+            return jnp.where(flag & ~hold, optax.safe_increment(counter), counter)
 
         streak = jnp.where(
             applied,
             jnp.zeros_like(state.nonfinite_streak),
-            optax.safe_increment(state.nonfinite_streak),
+            bump(state.nonfinite_streak, True),
         )
         total = bump(state.nonfinite_total, ~applied)
         inner_total = bump(state.inner_nonfinite_total, finite & ~inner_ok)
-        last = jnp.where(applied, state.last_nonfinite_step, state.skip_step)
+        last = jnp.where(applied | hold, state.last_nonfinite_step, state.skip_step)
         gave_up = state.gave_up
         if max_streak is not None:
             gave_up = gave_up | (streak >= max_streak)

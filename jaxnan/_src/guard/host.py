@@ -1,0 +1,696 @@
+"""`jaxnan.guard`: wrap a train step once; every bad step is skipped and explained.
+
+The host half. Each call dispatches the compiled step (`graph.guarded_body`)
+and only then reads the health of the *previous* step, which has finished or
+is about to: the device always has the step in flight queued behind it. When
+the previous step was bad, the step just dispatched was held in the graph
+(its state is the bad step's input, bit for bit), so the guard:
+
+1. replays the bad step once on a copy of that state with the same batch
+   and RNG (a failure that does not come back is reported as
+   nondeterministic);
+2. runs `jaxnan.locate` on it and finds the examples at fault;
+3. applies the policy (skip, raise, roll back to the last good snapshot),
+   records the incident, and dispatches the held batch again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import logging
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend import source_info_util
+
+from jaxnan._src import causes, checks
+from jaxnan._src.guard import examples, graph, history, records
+from jaxnan._src.locate import Diagnosis, locate
+from jaxnan._src.report import NonFiniteError
+
+source_info_util.register_exclusion(__file__)
+
+_FIXES = {
+    "growth": (
+        "lower the learning rate, or guard the optimizer with "
+        "jaxnan.skip_spikes / jaxnan.zscore_clip / jaxnan.clip_by_global_norm"
+    ),
+    "nondeterministic": (
+        "the same step on the same state, batch and RNG was finite on replay: "
+        "suspect hardware, an unseeded random op or a race (a host callback, "
+        "asynchronous data loading writing into the batch)"
+    ),
+}
+
+
+@dataclasses.dataclass
+class _Entry:
+    """A compiled step for one argument layout."""
+
+    layout: graph.Layout
+    compiled: Callable
+    run: Callable
+    out_len: int
+    input_paths: list[str]
+    per_example: Callable | None = None
+
+
+@dataclasses.dataclass
+class _Pending:
+    """A dispatched step whose health the host has not read yet."""
+
+    step: int
+    entry: _Entry
+    inputs: list[Any]
+    health: jax.Array
+
+
+@functools.partial(jax.jit)
+def _copy(leaves: list) -> list:
+    return [jnp.copy(x) for x in leaves]
+
+
+def _names(fn: Callable, n: int) -> list[str]:
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        params = []
+    out = []
+    for i in range(n):
+        ok = i < len(params) and params[i].kind in (
+            inspect.Parameter.POSITIONAL_ONLY,
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        )
+        out.append(params[i].name if ok else f"args[{i}]")
+    return out
+
+
+class GuardedStep:
+    """A train step wrapped by `jaxnan.guard`; call it as the step itself.
+
+    Attributes:
+        incidents: every `jaxnan.Incident` so far (bad steps and warnings).
+        figures: one ``(step, loss, grad_norm, update_ratio, bad)`` tuple
+            per step whose health was read (for plots).
+        steps: the number of calls so far.
+    """
+
+    def __init__(
+        self,
+        fn: Callable,
+        *,
+        policy: records.Policy,
+        loss: str | Callable | None,
+        max_streak: int,
+        snapshot_every: int,
+        log: str | os.PathLike | None,
+        window: int,
+        growth: float,
+        donate: bool,
+        verbose: bool,
+    ):
+        self.fn = graph.unwrap_jit(fn)
+        self.name = checks.function_name(self.fn)
+        self.policy = policy
+        self.loss = loss
+        self.max_streak = max_streak
+        self.snapshot_every = snapshot_every
+        self.donate = donate
+        self.history = history.History(window, growth)
+        self.log = records.IncidentLog(log, verbose)
+        self.figures: list[tuple[int, float, float, float, bool]] = []
+        self.steps = 0
+        self._entries: dict[graph.Layout, _Entry] = {}
+        self._pending: _Pending | None = None
+        self._streak = 0
+        self._last: tuple[list, list[Any]] | None = None  # (state leaves, args)
+        self._candidate: tuple[int, list] | None = None
+        self._good: tuple[int, list] | None = None
+        self._zeros = jnp.zeros((graph.HEALTH_SIZE,), jnp.float32)
+        functools.update_wrapper(self, self.fn)
+
+    @property
+    def incidents(self) -> list[records.Incident]:
+        return self.log.incidents
+
+    # -- compiling ------------------------------------------------------
+
+    def _entry(self, args: Sequence[Any]) -> _Entry:
+        probe = graph.make_layout(args, ())
+        entry = self._entries.get(probe)
+        if entry is not None:
+            return entry
+        state_args: tuple[int, ...] = ()
+        out_len = 0
+        if not probe.graph_args:
+            outs: list[Any] = []
+
+            def shapes(inputs):
+                out = self.fn(*graph.rebuild(probe, [], inputs))
+                outs.append(graph.output_structure(out))
+
+            jax.eval_shape(shapes, graph.flatten(probe, args)[1])
+            state_args = graph.infer_state_args(args, outs[0])
+            out_len = len(outs[0]) if state_args else 0
+        layout = graph.make_layout(args, state_args)
+        names = _names(self.fn, len(args))
+        paths = []
+        for i in layout.input_args:
+            flat, _ = jax.tree_util.tree_flatten_with_path(args[i])
+            for p, x in flat:
+                where = f"{names[i]}{jax.tree_util.keystr(p)}"
+                if not graph.is_array(x):
+                    raise TypeError(
+                        f"jaxnan.guard: argument `{names[i]}` of `{self.name}` "
+                        f"holds a {type(x).__name__} at {where} ({x!r}). The "
+                        "guard compiles the step once and keeps the batch for "
+                        "replay: pass arrays (numpy or jax), or bind constants "
+                        "with functools.partial before jaxnan.guard."
+                    )
+                paths.append(where)
+        body, run = graph.guarded_body(self.fn, layout, self.loss, self.name)
+        compiled = jax.jit(body, donate_argnums=(1,) if self.donate else ())
+        entry = _Entry(layout, compiled, run, out_len, paths)
+        self._entries[probe] = entry
+        return entry
+
+    # -- the call -------------------------------------------------------
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Runs one guarded step; returns what the step returns."""
+        if kwargs:
+            raise TypeError(
+                f"jaxnan.guard: pass the arguments of `{self.name}` positionally "
+                f"(got keywords {sorted(kwargs)})."
+            )
+        entry = self._entry(args)
+        state, inputs = graph.flatten(entry.layout, args)
+        before = self._zeros if self._pending is None else self._pending.health
+        new_state, metrics, health = entry.compiled(before, state, inputs)
+        if records.LOGGER.isEnabledFor(logging.DEBUG):
+            records.LOGGER.debug("dispatched step %d", self.steps)
+        current = _Pending(self.steps, entry, inputs, health)
+        self.steps += 1
+        previous, self._pending = self._pending, current
+        if previous is not None:
+            new_state, metrics = self._settle(previous, current, new_state, metrics)
+        self._last = (new_state, list(args))
+        self._snapshot(current.step, new_state)
+        return self._outputs(entry, args, new_state, metrics)
+
+    def lower(self, *args: Any) -> jax.stages.Lowered:
+        """The guarded program for `args`, lowered (nothing runs or is donated).
+
+        ``"callback" in step.lower(*args).as_text()`` is False for a step
+        without callbacks of its own: the guard adds no host callback.
+        """
+        entry = self._entry(args)
+        state, inputs = graph.flatten(entry.layout, args)
+        return entry.compiled.lower(self._zeros, state, inputs)
+
+    def _outputs(self, entry: _Entry, args: Sequence[Any], state: list, metrics):
+        layout = entry.layout
+        graph_leaves, per_arg = graph.split_state(layout, state)
+        if layout.graph_args:
+            from flax import nnx
+
+            new = jax.tree_util.tree_unflatten(layout.graph_treedef, graph_leaves)
+            nnx.update(tuple(args[i] for i in layout.graph_args), new)
+            return metrics
+        outs = graph.rebuild_state_args(layout, state)
+        if entry.out_len == len(outs) + 1:
+            return (*outs, metrics)
+        return (*outs, *metrics)
+
+    def _snapshot(self, step: int, state: list) -> None:
+        if self.policy is not records.Policy.ROLLBACK:
+            return
+        if step % self.snapshot_every == 0:
+            self._candidate = (step, _copy(state))
+
+    # -- reading health one step late -----------------------------------
+
+    def _settle(self, previous: _Pending, current: _Pending, state, metrics):
+        h = np.asarray(previous.health)
+        bad = bool(h[graph.BAD] > 0)
+        self.figures.append(
+            (
+                previous.step,
+                float(h[graph.LOSS]),
+                float(h[graph.GRAD_NORM]),
+                float(h[graph.RATIO]),
+                bad,
+            )
+        )
+        if not bad:
+            self._healthy(previous.step, h)
+            return state, metrics
+        # `current` was held in the graph: `state` is `previous`'s input.
+        self._streak += 1
+        incident = self._incident(previous, state, h)
+        state = self._apply(incident, previous, current, state)
+        new_state, metrics, health = current.entry.compiled(
+            self._zeros, state, current.inputs
+        )
+        current.health = health
+        return new_state, metrics
+
+    def _healthy(self, step: int, h: np.ndarray) -> None:
+        self._streak = 0
+        self.history.add(
+            step, float(h[graph.LOSS]), float(h[graph.GRAD_NORM]), float(h[graph.RATIO])
+        )
+        grown = self.history.check(step)
+        if grown:
+            figures = "; ".join(str(g) for g in grown)
+            self.log.add(
+                records.Incident(
+                    step=step,
+                    action=records.Action.WARNED,
+                    cause=records.Cause.GROWTH.value,
+                    message=(
+                        f"jaxnan.guard: warning at step {step}, before any NaN: "
+                        f"{figures}. Training is diverging: {_FIXES['growth']}."
+                    ),
+                    loss=float(h[graph.LOSS]),
+                    grad_norm=float(h[graph.GRAD_NORM]),
+                )
+            )
+        # A snapshot of the state after step s is good once step s + 1, which
+        # ran on it, was healthy (and nothing was growing).
+        if self._candidate is not None and self._candidate[0] == step - 1:
+            if not self.history.growing_at(step):
+                self._good = self._candidate
+            self._candidate = None
+
+    def finish(self) -> None:
+        """Reads the health of the last step (blocking) and handles it.
+
+        Call it after the loop (`summary` calls it). A bad last step is
+        diagnosed and recorded; with policy ``"raise"`` it raises.
+        """
+        previous, self._pending = self._pending, None
+        if previous is None or self._last is None:
+            return
+        h = np.asarray(previous.health)
+        bad = bool(h[graph.BAD] > 0)
+        self.figures.append(
+            (
+                previous.step,
+                float(h[graph.LOSS]),
+                float(h[graph.GRAD_NORM]),
+                float(h[graph.RATIO]),
+                bad,
+            )
+        )
+        if not bad:
+            self._healthy(previous.step, h)
+            return
+        self._streak += 1
+        state, args = self._last
+        incident = self._incident(previous, state, h, last=True)
+        if self.policy is records.Policy.RAISE:
+            self._raise(incident, previous.entry, args, state)
+        self.log.add(incident)
+
+    def summary(self) -> dict[str, Any]:
+        """Counts for loggers: steps, bad steps, skipped, rolled back, causes.
+
+        Reads the last step's health first (`finish`).
+        """
+        self.finish()
+        return self.log.summary(self.steps)
+
+    # -- an incident ----------------------------------------------------
+
+    def _incident(
+        self, previous: _Pending, state: list, h: np.ndarray, last: bool = False
+    ) -> records.Incident:
+        entry, step = previous.entry, previous.step
+        loss, gnorm = float(h[graph.LOSS]), float(h[graph.GRAD_NORM])
+        _, _, again = entry.compiled(self._zeros, _copy(state), previous.inputs)
+        if not bool(np.asarray(again)[graph.BAD] > 0):
+            return records.Incident(
+                step=step,
+                action=records.Action.SKIPPED,
+                cause=records.Cause.NONDETERMINISTIC.value,
+                message=(
+                    f"jaxnan.guard: step {step} was nonfinite (loss {loss:.4g}) but "
+                    f"its replay was finite: nondeterministic. "
+                    f"{_FIXES['nondeterministic']}."
+                ),
+                loss=loss,
+                grad_norm=gnorm,
+                deterministic=False,
+            )
+        last_bad = next(
+            (
+                i
+                for i in reversed(self.incidents)
+                if i.action is not records.Action.WARNED and i.deterministic
+            ),
+            None,
+        )
+        if last_bad is not None and step - last_bad.step <= self.history.window:
+            # A repeat: the same diagnosis, without a second replay.
+            return dataclasses.replace(
+                last_bad,
+                step=step,
+                message=(
+                    f"jaxnan.guard: step {step} nonfinite again (loss {loss:.4g}"
+                    + (f", {self._streak} in a row" if self._streak > 1 else "")
+                    + f"): as at step {last_bad.step}, {last_bad.cause} at "
+                    f"{last_bad.where or 'the same place'}."
+                ),
+                rows=(),
+                leaf=None,
+                loss=loss,
+                grad_norm=gnorm,
+                restored_step=None,
+            )
+        diagnosis, failure = self._diagnose(entry, state, previous.inputs)
+        leaf, rows = self._rows(entry, state, previous.inputs, diagnosis)
+        grown = self.history.recent(step)
+        cause = diagnosis.cause if diagnosis is not None else None
+        lines = [f"jaxnan.guard: step {step} went nonfinite (loss {loss:.4g})."]
+        size, _ = examples.batch_axes(previous.inputs)
+        if rows or leaf:
+            lines.append(f"  examples: {examples.describe(rows, leaf, step, size)}")
+        if size and len(rows) == size:  # not a property of some examples
+            leaf, rows = None, ()
+        if grown and cause not in ("input_data", "poisoned_state"):
+            cause = records.Cause.LEARNING_RATE.value
+            figures = "; ".join(str(g) for g in grown)
+            lines.append(
+                f"  cause:   learning rate too high / exploding gradients: {figures} "
+                f"before the NaN. Fix: {_FIXES['growth']}."
+            )
+        if diagnosis is not None:
+            lines.append(_indent(str(diagnosis)))
+        elif failure:
+            lines.append(f"  {failure}")
+        return records.Incident(
+            step=step,
+            action=records.Action.SKIPPED,
+            cause=cause or "unknown",
+            message="\n".join(lines),
+            leaf=leaf,
+            rows=tuple(rows),
+            primitive=diagnosis.primitive if diagnosis else None,
+            where=diagnosis.where if diagnosis else None,
+            phase=diagnosis.phase if diagnosis else None,
+            loss=loss,
+            grad_norm=gnorm,
+            diagnosis=diagnosis,
+        )
+
+    def _diagnose(
+        self, entry: _Entry, state: list, inputs: list
+    ) -> tuple[Diagnosis | None, str]:
+        """What `jaxnan.locate` says about the step (its input check on the host).
+
+        A batch that already holds NaN/Inf is the root cause whatever the
+        step does with it; that is read on the host without compiling the
+        instrumented replay.
+        """
+        counts = examples.input_counts(inputs, entry.input_paths)
+        if counts:
+            cause, fix = causes.classify_inputs(counts)
+            return (
+                Diagnosis(
+                    found=True,
+                    phase="input",
+                    cause=cause,
+                    fix=fix,
+                    nonfinite_inputs=counts,
+                    fn_name=self.name,
+                ),
+                "",
+            )
+        return self._locate(entry, state, inputs)
+
+    def _locate(
+        self, entry: _Entry, state: list, inputs: list
+    ) -> tuple[Diagnosis | None, str]:
+        """`jaxnan.locate` on the step, as a pure function of its arguments.
+
+        NNX objects are passed as their `nnx.State` and merged inside;
+        non-array leaves (Equinox functions) are closed over.
+        """
+        layout, fn = entry.layout, self.fn
+        args = graph.rebuild(layout, state, inputs)
+        graphdefs, located = {}, []
+        for i, a in enumerate(args):
+            if i in layout.graph_args:
+                from flax import nnx
+
+                graphdefs[i], pure = nnx.split(a)
+                located.append(pure)
+            else:
+                leaves, treedef = jax.tree_util.tree_flatten(a)
+                keep = [x if graph.is_array(x) else None for x in leaves]
+                located.append(jax.tree_util.tree_unflatten(treedef, keep))
+
+        def replay(*pure):
+            full = list(args)
+            for i in layout.graph_args:
+                from flax import nnx
+
+                full[i] = nnx.merge(graphdefs[i], pure[i])
+            for pos, i in enumerate(layout.tree_args):
+                it = iter(jax.tree_util.tree_leaves(pure[i]))
+                filled = [
+                    next(it) if s is None else s.value for s in layout.statics[pos]
+                ]
+                full[i] = jax.tree_util.tree_unflatten(layout.treedefs[pos], filled)
+            return fn(*full)
+
+        functools.update_wrapper(replay, fn)
+        try:
+            return locate(replay)(*located), ""
+        except Exception as e:  # noqa: BLE001 - the replay is ours, not the user's
+            return None, f"jaxnan.locate could not replay the step: {e!r}"
+
+    def _rows(self, entry, state, inputs, diagnosis):
+        size, axes = examples.batch_axes(inputs)
+        if size == 0:
+            return None, ()
+        if diagnosis is not None and diagnosis.phase == "input":
+            leaf, rows = examples.nonfinite_rows(inputs, entry.input_paths, axes)
+            if rows:
+                return leaf, rows
+        if entry.per_example is None:
+            entry.per_example = jax.jit(graph.per_example_body(entry.run, axes))
+        bad = np.asarray(entry.per_example(state, inputs))
+        rows = tuple(int(i) for i in np.flatnonzero(bad))
+        return examples.standout_leaf(inputs, entry.input_paths, axes, rows), rows
+
+    # -- policy ---------------------------------------------------------
+
+    def _apply(self, incident, previous, current, state):
+        entry = previous.entry
+        args = self._last[1] if self._last is not None else None
+        if self.policy is records.Policy.RAISE or self._streak > self.max_streak:
+            self._raise(incident, current.entry, args, state)
+        if self.policy is records.Policy.ROLLBACK:
+            if self._good is not None:
+                restored, snap = self._good
+                incident = dataclasses.replace(
+                    incident,
+                    action=records.Action.ROLLED_BACK,
+                    restored_step=restored,
+                    message=incident.message
+                    + f"\n  action:  rolled back to the state after step {restored}; "
+                    f"steps {restored + 1}-{previous.step} undone, batch "
+                    f"{previous.step} skipped.",
+                )
+                self.log.add(incident)
+                del entry
+                return _copy(snap)
+            incident = dataclasses.replace(
+                incident,
+                message=incident.message
+                + "\n  action:  skipped (no good snapshot yet to roll back to).",
+            )
+        else:
+            incident = dataclasses.replace(
+                incident,
+                message=incident.message + "\n  action:  skipped; state unchanged.",
+            )
+        self.log.add(incident)
+        return state
+
+    def _raise(self, incident, entry, args, state):
+        incident = dataclasses.replace(incident, action=records.Action.RAISED)
+        gave_up = self._streak > self.max_streak
+        head = (
+            f"jaxnan.guard: gave up after {self._streak} nonfinite steps in a row "
+            f"(max_streak={self.max_streak}).\n"
+            if gave_up
+            else ""
+        )
+        self.log.add(incident)
+        outputs = None
+        if args is not None:
+            outputs = self._outputs(entry, args, state, None)
+        raise NonFiniteError(
+            head + incident.message,
+            {"incident": incident, "diagnosis": incident.diagnosis, "state": outputs},
+        )
+
+
+def _indent(text: str) -> str:
+    return "\n".join("  " + line for line in text.splitlines())
+
+
+def guard(
+    step_fn: Callable,
+    *,
+    policy: str | records.Policy = "skip",
+    loss: str | Callable | None = None,
+    max_streak: int = 10,
+    snapshot_every: int = 100,
+    log: str | os.PathLike | None = None,
+    window: int = 8,
+    growth: float = 100.0,
+    donate: bool = True,
+    verbose: bool = True,
+) -> GuardedStep:
+    """Wraps a train step once: every bad step is skipped, replayed and explained.
+
+    ``step = jaxnan.guard(train_step)`` compiles `train_step` (with or
+    without its own `jax.jit`/`nnx.jit`/`eqx.filter_jit`) into one donated
+    program and is called exactly like it. It reads the steps users write:
+
+    * plain optax: ``(params, opt_state, batch[, rng]) -> (params, opt_state,
+      metrics)``; Equinox: ``(model, opt_state, batch) -> (model, opt_state,
+      loss)``; linen: ``(state, batch) -> (state, metrics)``. The leading
+      outputs whose structure is that of the leading arguments are the new
+      state; the last output holds the metrics.
+    * Flax NNX: ``(model, optimizer, batch) -> metrics``, mutating `model`
+      and `optimizer` in place (the guard updates them after each call).
+
+    The optimizer must be wrapped in `jaxnan.skip_nonfinite`, and the
+    metrics must hold the loss (a scalar, a dict with ``"loss"``, or name it
+    with `loss`). In the compiled step, a step is bad when `skip_nonfinite`
+    skipped the update (a NaN/Inf gradient, or loss given as ``loss=``) or
+    the loss is not finite; a bad step then changes nothing: every state leaf
+    the step wrote (parameters, BatchNorm statistics, RNG counters, step
+    counters) is selected back, bit for bit, while `skip_nonfinite`'s own
+    counters advance. A healthy step is the step unchanged: no copy of the
+    parameters, no host callback.
+
+    On the host the flag is read one step late, after the next step has been
+    dispatched, so the device never waits. The step dispatched right after a
+    bad one is held in the graph, the bad step is replayed once on a copy of
+    its exact inputs (a finite replay is reported as nondeterministic),
+    `jaxnan.locate` names the operation, line and cause, the examples at
+    fault are found (``row 6 of batch['x'] (batch 12)``), the incident is
+    printed once, and `policy` is applied; the held batch then runs again.
+    Every healthy step also records loss, gradient norm and update-to-state
+    ratio; when one grows `growth`-fold over `window` steps the guard warns
+    before the first NaN, and a NaN after such growth is put down to the
+    learning rate / exploding gradients.
+
+    Cost per healthy step: the loss check and a few scalars in the graph, the
+    gradient norm from `skip_nonfinite`'s own pass, a select fused into each
+    state write, and one read of a 5-float health vector on the host
+    (`benchmarks/guard_loop.py`).
+
+    Args:
+        step_fn: the train step.
+        policy: ``"skip"`` (default), ``"raise"`` (a `jaxnan.NonFiniteError`
+            whose ``details`` hold the ``incident``, the ``diagnosis`` and
+            the ``state`` as it was before the bad step) or ``"rollback"``
+            (restore the last good snapshot); a `jaxnan.Policy`.
+        loss: where the loss is in the metrics: a dict key or a function of
+            the metrics. None: the metrics themselves, ``metrics["loss"]`` or
+            ``metrics[0]``.
+        max_streak: raise after this many bad steps in a row.
+        snapshot_every: with ``"rollback"``, copy the state (on device, in
+            its sharding) after every this many steps.
+        log: a file to append one JSON object per incident to.
+        window: healthy steps kept for the early warning.
+        growth: growth factor over `window` steps that triggers a warning.
+        donate: donate the state to the compiled step (as `jax.jit`'s
+            ``donate_argnums``); the arguments passed in are then consumed.
+        verbose: print each incident once (they always go to the
+            ``jaxnan.guard`` logger at WARNING too).
+
+    Returns:
+        A `jaxnan.GuardedStep`, called like `step_fn`; ``.summary()``,
+        ``.incidents`` and ``.figures`` tell what happened.
+
+    Raises:
+        TypeError: when `step_fn` is not callable.
+        ValueError: for an unknown `policy`, `snapshot_every` or `max_streak`
+            below 1, or `window` below 3 (and at the first call, for a step
+            whose outputs, loss or optimizer state the guard cannot read).
+
+    Examples:
+        >>> import jax, jax.numpy as jnp, optax, jaxnan
+        >>> tx = jaxnan.skip_nonfinite(optax.sgd(0.1))
+        >>> def train_step(params, opt_state, batch):
+        ...     loss, g = jax.value_and_grad(
+        ...         lambda p: jnp.mean((batch["x"] * p["w"]) ** 2))(params)
+        ...     updates, opt_state = tx.update(g, opt_state, params, loss=loss)
+        ...     return optax.apply_updates(params, updates), opt_state, loss
+        >>> step = jaxnan.guard(train_step, verbose=False)
+        >>> params = {"w": jnp.ones(2)}
+        >>> opt_state = tx.init(params)
+        >>> for x in ([1.0, 2.0], [jnp.nan, 1.0], [1.0, 1.0]):
+        ...     params, opt_state, loss = step(params, opt_state, {"x": jnp.array(x)})
+        >>> s = step.summary()
+        >>> s["steps"], s["skipped"], s["causes"]
+        (3, 1, {'input_data': 1})
+        >>> step.incidents[0].rows, step.incidents[0].leaf
+        ((0,), "batch['x']")
+
+    .. versionadded:: 0.2.0
+    """
+    if not callable(step_fn):
+        raise TypeError(
+            f"jaxnan.guard(step_fn) needs a callable train step, got "
+            f"{type(step_fn).__name__}. Use it as step = jaxnan.guard(train_step)."
+        )
+    try:
+        policy = records.Policy(policy)
+    except ValueError:
+        raise ValueError(
+            f"jaxnan.guard: unknown policy={policy!r}; use one of "
+            f"{[p.value for p in records.Policy]}."
+        ) from None
+    for name, value, low in (
+        ("snapshot_every", snapshot_every, 1),
+        ("max_streak", max_streak, 1),
+        ("window", window, 3),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(
+                f"jaxnan.guard: {name} must be an int >= {low}, got {value!r}."
+            )
+    if not growth > 1:
+        raise ValueError(f"jaxnan.guard: growth must be > 1, got {growth!r}.")
+    if loss is not None and not (isinstance(loss, str) or callable(loss)):
+        raise TypeError(
+            f"jaxnan.guard: loss must be a metrics key or a function of the "
+            f"metrics, got {type(loss).__name__}."
+        )
+    return GuardedStep(
+        step_fn,
+        policy=policy,
+        loss=loss,
+        max_streak=max_streak,
+        snapshot_every=snapshot_every,
+        log=log,
+        window=window,
+        growth=growth,
+        donate=donate,
+        verbose=verbose,
+    )

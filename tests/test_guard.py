@@ -1,0 +1,240 @@
+"""jaxnan.guard on a plain optax step: policies, replay, early warning, records."""
+
+import json
+import logging
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxnan
+
+
+def _data(steps, bad=(), size=8, seed=0):
+    rng = np.random.default_rng(seed)
+    w_true = rng.normal(size=(3,)).astype(np.float32)
+    out = []
+    for i in range(steps):
+        x = rng.normal(size=(size, 3)).astype(np.float32)
+        if i in bad:
+            x[2, 0] = np.nan
+        out.append({"x": x, "y": (x @ w_true).astype(np.float32)})
+    return out
+
+
+def _loss(params, batch):
+    return jnp.mean((batch["x"] @ params["w"] - batch["y"]) ** 2)
+
+
+def _make_step(tx, loss_fn=_loss):
+    def train_step(params, opt_state, batch):
+        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+        updates, opt_state = tx.update(grads, opt_state, params, loss=loss)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return train_step
+
+
+def _init(tx):
+    params = {"w": jnp.zeros(3)}
+    return params, tx.init(params)
+
+
+def _train(step, tx, batches):
+    params, opt_state = _init(tx)
+    for b in batches:
+        params, opt_state, _ = step(params, opt_state, b)
+    return params, opt_state
+
+
+def test_healthy_step_has_no_host_callback_and_matches_plain():
+    tx = jaxnan.skip_nonfinite(optax.adam(0.1))
+    train_step = _make_step(tx)
+    step = jaxnan.guard(train_step)
+    params, opt_state = _init(tx)
+    batch = _data(1)[0]
+    text = step.lower(params, opt_state, batch).as_text()
+    assert "callback" not in text
+
+    # The search can fail: a step with a callback of its own shows one.
+    def noisy(params, opt_state, batch):
+        jax.debug.callback(lambda: None)
+        return train_step(params, opt_state, batch)
+
+    assert "callback" in jaxnan.guard(noisy).lower(params, opt_state, batch).as_text()
+    batches = _data(5)
+    a = _train(step, tx, batches)
+    b = _train(jax.jit(train_step), tx, batches)
+    chex_equal = jax.tree_util.tree_map(lambda x, y: np.array_equal(x, y), a, b)
+    assert all(jax.tree_util.tree_leaves(chex_equal))
+    assert step.summary()["bad_steps"] == 0
+
+
+def test_host_dispatches_next_step_before_previous_finished(caplog):
+    tx = jaxnan.skip_nonfinite(optax.sgd(0.1))
+
+    def slow_loss(params, batch):  # 2 GFLOP of matmuls: about 0.5 s a step
+        h = jax.lax.fori_loop(0, 60, lambda _, h: jnp.tanh(batch["m"] @ h), batch["m"])
+        return _loss(params, batch) + 0.0 * jnp.sum(h)
+
+    step = jaxnan.guard(_make_step(tx, slow_loss))
+    params, opt_state = _init(tx)
+    rng = np.random.default_rng(0)
+    m = (rng.normal(size=(256, 256)) / 16).astype(np.float32)
+    batches = [{**b, "m": m} for b in _data(4)]
+    finished, threads = {}, []
+
+    def wait(k, value):
+        value.block_until_ready()
+        finished[k] = time.time()
+
+    params, opt_state, loss = step(params, opt_state, batches[0])  # compiles
+    loss.block_until_ready()
+    with caplog.at_level(logging.DEBUG, logger="jaxnan.guard"):
+        for k, b in enumerate(batches[1:], start=1):
+            params, opt_state, loss = step(params, opt_state, b)
+            threads.append(threading.Thread(target=wait, args=(k, loss)))
+            threads[-1].start()
+        step.finish()
+    for t in threads:
+        t.join()
+    dispatched = {
+        int(r.getMessage().split()[-1]): r.created
+        for r in caplog.records
+        if r.getMessage().startswith("dispatched step")
+    }
+    assert sorted(dispatched) == [1, 2, 3] and sorted(finished) == [1, 2, 3]
+    for k in (2, 3):  # step k was queued while step k-1 still ran
+        assert dispatched[k] < finished[k - 1]
+
+
+def test_raise_carries_diagnosis_and_the_state_before_the_bad_step():
+    tx = jaxnan.skip_nonfinite(optax.adam(0.1))
+    step = jaxnan.guard(_make_step(tx), policy="raise")
+    batches = _data(5, bad=(3,))
+    ref_params, _ = _train(jax.jit(_make_step(tx)), tx, batches[:3])
+    params, opt_state = _init(tx)
+    with pytest.raises(jaxnan.NonFiniteError, match="row 2 of batch\\['x'\\]") as e:
+        for b in batches:
+            params, opt_state, _ = step(params, opt_state, b)
+    d = e.value.details
+    assert d["diagnosis"].cause == "input_data"
+    assert d["incident"].action == "raised" and d["incident"].step == 3
+    kept_params = d["state"][0]
+    assert np.array_equal(kept_params["w"], ref_params["w"])
+
+
+def test_rollback_restores_the_snapshot_exactly(tmp_path):
+    tx = jaxnan.skip_nonfinite(optax.adam(0.1))
+    log = tmp_path / "incidents.jsonl"
+    step = jaxnan.guard(_make_step(tx), policy="rollback", snapshot_every=3, log=log)
+    batches = _data(9, bad=(5,))
+    got = _train(step, tx, batches)
+    summary = step.summary()
+    (incident,) = step.incidents
+    assert incident.action == "rolled_back" and incident.restored_step == 3
+    assert "steps 4-5 undone" in incident.message
+    assert summary["rolled_back"] == 1 and summary["causes"] == {"input_data": 1}
+    # Equal to a run that saw batches 0-3 and then 6-8 (batch 4 undone, 5 skipped).
+    kept = batches[:4] + batches[6:]
+    want = _train(jax.jit(_make_step(tx)), tx, kept)
+    assert np.array_equal(got[0]["w"], want[0]["w"])
+    inner = jax.tree_util.tree_leaves(got[1].inner_state)
+    ref = jax.tree_util.tree_leaves(want[1].inner_state)
+    assert all(np.array_equal(a, b) for a, b in zip(inner, ref))
+    (line,) = log.read_text().splitlines()
+    record = json.loads(line)
+    assert record["step"] == 5 and record["rows"] == [2]
+    assert record["action"] == "rolled_back" and record["cause"] == "input_data"
+    assert record["leaf"] == "batch['x']" and record["restored_step"] == 3
+
+
+def test_nondeterministic_failure_is_reported_as_such():
+    tx = jaxnan.skip_nonfinite(optax.sgd(0.1))
+    calls = [0]
+
+    def flaky():  # NaN on its third run only: a "hardware" glitch
+        calls[0] += 1
+        return np.float32(np.nan if calls[0] == 3 else 0.0)
+
+    def train_step(params, opt_state, batch):
+        loss, grads = jax.value_and_grad(_loss)(params, batch)
+        loss = loss + jax.pure_callback(flaky, jax.ShapeDtypeStruct((), jnp.float32))
+        updates, opt_state = tx.update(grads, opt_state, params, loss=loss)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    step = jaxnan.guard(train_step)
+    batches = _data(5)
+    got = _train(step, tx, batches)
+    (incident,) = step.incidents
+    assert incident.step == 2 and incident.cause == "nondeterministic"
+    assert not incident.deterministic and incident.action == "skipped"
+    assert "nondeterministic" in incident.message
+    assert step.summary()["nondeterministic"] == 1
+    want = _train(jax.jit(_make_step(tx)), tx, batches[:2] + batches[3:])
+    assert np.array_equal(got[0]["w"], want[0]["w"])
+
+
+def test_learning_rate_surge_is_warned_before_the_first_nan():
+    surge = 6
+    tx = jaxnan.skip_nonfinite(optax.sgd(lambda n: jnp.where(n >= surge, 20.0, 0.05)))
+    step = jaxnan.guard(_make_step(tx), max_streak=3)
+    params, opt_state = _init(tx)
+    with pytest.raises(jaxnan.NonFiniteError, match="gave up"):
+        for b in _data(60, size=32):
+            params, opt_state, _ = step(params, opt_state, b)
+    warning = step.incidents[0]
+    first_bad = next(i for i in step.incidents if i.action != "warned")
+    assert warning.action == "warned" and warning.cause == "growth"
+    assert surge <= warning.step < first_bad.step  # the surge step itself
+    assert "its median" in warning.message and "zscore_clip" in warning.message
+    assert first_bad.cause == "learning_rate"
+    assert "learning rate too high" in first_bad.message
+    figures = [f for f in step.figures if f[0] < first_bad.step]
+    assert all(np.isfinite(f[1]) for f in figures)  # no NaN before the warning
+
+
+def test_bad_arguments_name_the_argument():
+    tx = jaxnan.skip_nonfinite(optax.sgd(0.1))
+    with pytest.raises(ValueError, match="policy='skp'"):
+        jaxnan.guard(_make_step(tx), policy="skp")
+    with pytest.raises(ValueError, match="snapshot_every must be an int >= 1"):
+        jaxnan.guard(_make_step(tx), snapshot_every=0)
+    with pytest.raises(TypeError, match="needs a callable"):
+        jaxnan.guard(None)
+    params, opt_state = _init(tx)
+    batch = _data(1)[0]
+
+    def no_loss(params, opt_state, batch):
+        params, opt_state, loss = _make_step(tx)(params, opt_state, batch)
+        return params, opt_state, {"mse": loss}
+
+    with pytest.raises(ValueError, match="cannot find the loss.*keys \\['mse'\\]"):
+        jaxnan.guard(no_loss)(params, opt_state, batch)
+    plain = optax.sgd(0.1)
+    with pytest.raises(ValueError, match="holds no jaxnan.skip_nonfinite"):
+        jaxnan.guard(_make_step(plain))(params, plain.init(params), batch)
+
+    def swapped(params, opt_state, batch):
+        params, opt_state, loss = _make_step(tx)(params, opt_state, batch)
+        return opt_state, params, loss
+
+    with pytest.raises(ValueError, match="cannot find the loss|holds no"):
+        jaxnan.guard(swapped)(params, opt_state, batch)
+    with pytest.raises(TypeError, match="argument `batch`.*batch\\['name'\\]"):
+        jaxnan.guard(_make_step(tx))(params, opt_state, {**batch, "name": "b0"})
+
+
+def test_user_exceptions_are_never_swallowed():
+    tx = jaxnan.skip_nonfinite(optax.sgd(0.1))
+
+    def broken(params, opt_state, batch):
+        raise KeyError("my bug")
+
+    params, opt_state = _init(tx)
+    with pytest.raises(KeyError, match="my bug"):
+        jaxnan.guard(broken)(params, opt_state, _data(1)[0])
