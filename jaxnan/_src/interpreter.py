@@ -216,6 +216,20 @@ class _Cell:
         return self.code
 
 
+class Entry(NamedTuple):
+    """One equation of a flattened top-level program (see `run_block`).
+
+    Attributes:
+        eqn: the equation.
+        name_stack: the name stack of the calls it was inlined from.
+        callers: the call equations it was inlined from, outermost first.
+    """
+
+    eqn: Any
+    name_stack: str
+    callers: tuple
+
+
 class Slot(NamedTuple):
     """What the evaluation loop knows about one variable."""
 
@@ -726,6 +740,11 @@ def _fresh_cell(v: Any, x: Any) -> _Cell | None:
     return _Cell(x) if is_float_aval(v.aval) else None
 
 
+def fresh_slot(v: Any, x: Any, producer: int) -> Slot:
+    """A `Slot` for value `x` of variable `v` whose code is not known yet."""
+    return Slot(x, _fresh_cell(v, x), producer)
+
+
 def _read(env: dict, v: Any) -> Slot:
     if isinstance(v, jex_core.Literal):
         cell = _Cell(v.val, host_code(v.val)) if is_float_aval(v.aval) else None
@@ -761,3 +780,39 @@ def run(
     ctx.flush()
     interp.out_producers = tuple(s.producer for s in slots)
     return ctx.state, [s.value for s in slots]
+
+
+def run_block(
+    interp: Interpreter,
+    entries: Sequence[Entry],
+    invars: Sequence[Any],
+    outvars: Sequence[Any],
+    args: Sequence[Any],
+    producers: Sequence[int],
+) -> tuple[Any, list[Slot]]:
+    """Interprets a block of top-level equations (call inside a jit trace).
+
+    Args:
+        interp: the interpreter (strategy, depth, target).
+        entries: the equations, each with the name stack and callers of the
+            calls it was inlined from.
+        invars: the variables the block reads from outside.
+        outvars: the variables (or literals) it returns.
+        args: the values of `invars`.
+        producers: the producer index to give each of `invars`.
+
+    Returns:
+        ``(state, slots)``: the final record (detect) or capture buffers
+        (capture), and the `Slot` of each of `outvars` (empty when the
+        capture pass stopped early).
+    """
+    ctx = Ctx(interp, interp.strategy.initial_state(interp))
+    env = {v: fresh_slot(v, x, p) for v, x, p in zip(invars, args, producers)}
+    try:
+        for e in entries:
+            ctx.name_stack, ctx.callers = e.name_stack, e.callers
+            ctx.step(env, e.eqn)
+    except _Stop:
+        return ctx.state, []
+    ctx.flush()
+    return ctx.state, [_read(env, v) for v in outvars]
