@@ -53,7 +53,19 @@ EXTERNAL = 1 << 40
 
 # Content-defined cutting: a block ends after an equation whose window hash
 # is 0 modulo AVERAGE, once it has MIN_LEN equations; never longer than MAX_LEN.
-WINDOW, AVERAGE, MIN_LEN, MAX_LEN = 4, 24, 8, 96
+WINDOW, AVERAGE, MIN_LEN, MAX_LEN = 4, 16, 8, 64
+
+
+def compiler_options() -> dict[str, Any]:
+    """XLA options of the instrumented blocks.
+
+    On CPU the LLVM backend at optimization level 0 halves the compile time
+    of an instrumented block (its run is a few times slower, and runs once);
+    floating-point semantics do not depend on the level (no fast math).
+    """
+    if jax.default_backend() == "cpu":
+        return {"xla_backend_optimization_level": 0}
+    return {}
 
 
 class Program(NamedTuple):
@@ -264,16 +276,25 @@ def _compile(block: Block, depth: int) -> _Compiled:
     out: _Compiled = _Compiled(None, interp, [], block)
     marks = [EXTERNAL + k for k in range(len(block.invars))]
 
-    def fn(*args: Any) -> tuple:
+    def fn(args: list, codes: list) -> tuple:
         interp.nodes = []  # a retrace (other shardings) builds the same table
         state, slots = interpreter.run_block(
-            interp, block.entries, block.invars, block.outvars, args, marks
+            interp, block.entries, block.invars, block.outvars, args, marks, codes
         )
         out.out_producers = [s.producer for s in slots]
-        return state, [s.value for s in slots]
+        # The codes this block computed anyway spare the next blocks a pass.
+        known = [_known_code(s) for s in slots]
+        return state, [s.value for s in slots], known
 
-    out.fn = jax.jit(fn)
+    out.fn = jax.jit(fn, compiler_options=compiler_options())
     return out
+
+
+def _known_code(slot: interpreter.Slot) -> Any:
+    cell = slot.cell
+    if cell is None or cell.code is None or isinstance(cell.code, int):
+        return None
+    return cell.code
 
 
 def _place(
@@ -327,12 +348,15 @@ def detect(closed: Any, consts: Sequence[Any], args: Sequence[Any]) -> Detection
     nodes: list[Node] = []
     cache: dict = {}
     det = Detection(-1, np.full((depth,), -1, np.int32), -1, nodes, (), [], depth=depth)
+    codes: dict = {}
     for bi, block in enumerate(blocks):
-        compiled = cache.get(block.key)
+        known = [codes.get(v) for v in block.invars]
+        key = (block.key, tuple(c is not None for c in known))
+        compiled = cache.get(key)
         if compiled is None:
-            compiled = cache[block.key] = _compile(block, depth)
+            compiled = cache[key] = _compile(block, depth)
         vals = [env[v] for v in block.invars]
-        rec, outs = compiled.fn(*vals)
+        rec, outs, out_codes = compiled.fn(vals, known)
         ext_prods = [producer.get(v, -1) for v in block.invars]
         placed, out_prods = _place(compiled, block, len(nodes), ext_prods)
         if det.index < 0:
@@ -344,11 +368,14 @@ def detect(closed: Any, consts: Sequence[Any], args: Sequence[Any]) -> Detection
                 det.event_block, det.event_args = block, vals
                 det.event_offset = len(nodes)
         nodes.extend(placed)
-        for v, x, p in zip(block.outvars, outs, out_prods):
+        for v, x, p, c in zip(block.outvars, outs, out_prods, out_codes):
             env[v] = x
             producer[v] = p
+            if c is not None:
+                codes[v] = c
         for v in last_block.get(bi, ()):
             env.pop(v, None)
+            codes.pop(v, None)
     det.outs = [
         v.val if isinstance(v, jex_core.Literal) else env[v] for v in program.outvars
     ]
@@ -396,13 +423,18 @@ def capture(
     interp.target_node = node
     marks = [EXTERNAL + k for k in range(len(block.invars))]
 
-    def fn(*args: Any) -> Any:
+    def fn(args: list) -> Any:
         interp.nodes = []
         state, _ = interpreter.run_block(
             interp, block.entries, block.invars, [], args, marks
         )
         return state
 
-    values = [np.asarray(v) for v in jax.device_get(jax.jit(fn)(*det.event_args))]
+    values = [
+        np.asarray(v)
+        for v in jax.device_get(
+            jax.jit(fn, compiler_options=compiler_options())(det.event_args)
+        )
+    ]
     n_in = len(node.in_avals)
     return values[:n_in], values[n_in:]

@@ -64,6 +64,63 @@ _REARRANGING = frozenset(
     }
 )
 
+# Primitives whose floating output elements are elements of their inputs
+# (selected, negated, clamped, rounded, sorted): an output code never exceeds
+# the input codes, so they cannot create and are not checked. `_can_create`
+# handles the exceptions (complex abs, empty max/min reductions, narrowing
+# converts).
+_SELECTING = frozenset(
+    {
+        "select_n",
+        "max",
+        "min",
+        "neg",
+        "abs",
+        "sign",
+        "floor",
+        "ceil",
+        "round",
+        "concatenate",
+        "pad",
+        "slice",
+        "dynamic_slice",
+        "dynamic_update_slice",
+        "sort",
+        "clamp",
+        "cummax",
+        "cummin",
+        "real",
+        "imag",
+        "conj",
+        "reduce_max",
+        "reduce_min",
+        "convert_element_type",
+    }
+)
+
+
+def _can_create(eqn: Any) -> bool:
+    """False when an equation's outputs hold only (transformed) input elements."""
+    name = eqn.primitive.name
+    if name not in _SELECTING:
+        return True
+    ins = [v.aval for v in eqn.invars]
+    if name in ("abs", "sign"):  # |z| of a complex z can overflow
+        return jnp.issubdtype(ins[0].dtype, jnp.complexfloating)
+    if name in ("reduce_max", "reduce_min"):  # an empty reduction gives -+inf
+        return any(ins[0].shape[a] == 0 for a in eqn.params["axes"])
+    if name == "convert_element_type":  # only widening float converts
+        src, dst = ins[0].dtype, eqn.outvars[0].aval.dtype
+        if not (base.is_inexact_dtype(src) and base.is_inexact_dtype(dst)):
+            return True
+        if jnp.issubdtype(src, jnp.complexfloating) != jnp.issubdtype(
+            dst, jnp.complexfloating
+        ):
+            return True
+        return bool(jnp.finfo(dst).max < jnp.finfo(src).max)
+    return False
+
+
 # -- the rule table --------------------------------------------------------
 
 Rule = Callable[..., tuple[Any, Any]]
@@ -708,7 +765,7 @@ class Ctx:
                 prod = self._add_checked(eqn, ins, checked=False).index
             env[eqn.outvars[0]] = Slot(outs[0], ins[0].cell, prod)
             return
-        checked = any(float_outs)
+        checked = any(float_outs) and _can_create(eqn)
         node = self._add_checked(eqn, ins, checked=checked)
         prod = node.index if top else self.unit
         cells = []
@@ -789,6 +846,7 @@ def run_block(
     outvars: Sequence[Any],
     args: Sequence[Any],
     producers: Sequence[int],
+    codes: Sequence[Any] | None = None,
 ) -> tuple[Any, list[Slot]]:
     """Interprets a block of top-level equations (call inside a jit trace).
 
@@ -800,6 +858,8 @@ def run_block(
         outvars: the variables (or literals) it returns.
         args: the values of `invars`.
         producers: the producer index to give each of `invars`.
+        codes: the code of each of `invars` when already known (a traced
+            int8 scalar), else None.
 
     Returns:
         ``(state, slots)``: the final record (detect) or capture buffers
@@ -808,6 +868,9 @@ def run_block(
     """
     ctx = Ctx(interp, interp.strategy.initial_state(interp))
     env = {v: fresh_slot(v, x, p) for v, x, p in zip(invars, args, producers)}
+    for v, c in zip(invars, codes or ()):
+        if c is not None and env[v].cell is not None:
+            env[v].cell.code = c
     try:
         for e in entries:
             ctx.name_stack, ctx.callers = e.name_stack, e.callers
