@@ -235,13 +235,23 @@ def cut(program: Program) -> list[Block]:
     for v in program.outvars:
         if not isinstance(v, jex_core.Literal):
             last_use[v] = n
-    bounds, start = [], 0
-    for i in range(n):
+    hashes = [hash(tuple(ids[max(0, i - WINDOW + 1) : i + 1])) for i in range(n)]
+    bounds, start, i = [], 0, 0
+    while i < n:
         length = i - start + 1
-        h = hash(tuple(ids[max(0, i - WINDOW + 1) : i + 1]))
-        if (length >= MIN_LEN and h % AVERAGE == 0) or length >= MAX_LEN or i == n - 1:
-            bounds.append((start, i + 1))
-            start = i + 1
+        end = None
+        if (length >= MIN_LEN and hashes[i] % AVERAGE == 0) or i == n - 1:
+            end = i + 1
+        elif length >= MAX_LEN:
+            # No natural cut (a short period): cut after the smallest hash of
+            # the span, the same phase of every period, so blocks still align.
+            span = range(start + MIN_LEN - 1, i + 1)
+            end = min(span, key=lambda j: (hashes[j] % AVERAGE, j)) + 1
+        if end is not None:
+            bounds.append((start, end))
+            start = i = end
+        else:
+            i += 1
     return [_block(entries, ids, last_use, a, b) for a, b in bounds]
 
 
@@ -403,9 +413,25 @@ def _last_block(blocks: Sequence[Block], outvars: Sequence[Any]) -> dict:
     return out
 
 
-def capture(
+class Captured(NamedTuple):
+    """The concrete values of the event equation (see `capture_event`).
+
+    Attributes:
+        inputs: its inputs, as numpy arrays.
+        outputs: its outputs, as numpy arrays.
+        device: under a sharded `jit`, the id of the device holding the first
+            nonfinite element of its outputs; None when they are not split
+            over devices.
+    """
+
+    inputs: list[np.ndarray]
+    outputs: list[np.ndarray]
+    device: int | None
+
+
+def capture_event(
     det: Detection, node: Node, iteration: Sequence[int], device: int
-) -> tuple[list[np.ndarray], list[np.ndarray]]:
+) -> Captured:
     """Concrete inputs and outputs of the event equation (its block re-run).
 
     Args:
@@ -415,7 +441,8 @@ def capture(
         device: the device position of the event, -1 outside device maps.
 
     Returns:
-        ``(inputs, outputs)`` as numpy arrays.
+        The `Captured` values, and the device of the first nonfinite output
+        element under a sharded `jit`.
     """
     block = det.event_block
     target = interpreter.Target(node.index - det.event_offset, tuple(iteration), device)
@@ -430,11 +457,39 @@ def capture(
         )
         return state
 
-    values = [
-        np.asarray(v)
-        for v in jax.device_get(
-            jax.jit(fn, compiler_options=compiler_options())(det.event_args)
-        )
-    ]
+    arrays = jax.jit(fn, compiler_options=compiler_options())(det.event_args)
+    values = [np.asarray(v) for v in jax.device_get(arrays)]
     n_in = len(node.in_avals)
-    return values[:n_in], values[n_in:]
+    holder = None
+    if node.shard is None:
+        holder = _first_nonfinite_device(arrays[n_in:], values[n_in:])
+    return Captured(values[:n_in], values[n_in:], holder)
+
+
+def capture(
+    det: Detection, node: Node, iteration: Sequence[int], device: int
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """``(inputs, outputs)`` of the event equation (see `capture_event`)."""
+    got = capture_event(det, node, iteration, device)
+    return got.inputs, got.outputs
+
+
+def _first_nonfinite_device(arrays: Sequence[Any], values: Sequence[Any]) -> Any:
+    """Id of the device holding the first nonfinite element, if split."""
+    for arr, val in zip(arrays, values):
+        if not np.issubdtype(val.dtype, np.inexact):
+            continue
+        bad = np.flatnonzero(~np.isfinite(val))
+        if bad.size == 0:
+            continue
+        sharding = getattr(arr, "sharding", None)
+        if sharding is None or sharding.is_fully_replicated:
+            return None
+        where = np.unravel_index(int(bad[0]), val.shape)
+        holders = [
+            d.id
+            for d, idx in sharding.devices_indices_map(val.shape).items()
+            if all(i in range(*s.indices(n)) for i, s, n in zip(where, idx, val.shape))
+        ]
+        return min(holders) if holders else None
+    return None

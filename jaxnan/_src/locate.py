@@ -530,7 +530,10 @@ def _locate(fn, name, static, args, kwargs) -> Diagnosis:
             device = int(mesh.devices.flat[device_pos].id)
     phase = phases(det.nodes, det.out_producers)(node)
 
-    inputs, outputs = blocks.capture(det, node, iteration, device_pos)
+    captured = blocks.capture_event(det, node, iteration, device_pos)
+    inputs, outputs = captured.inputs, captured.outputs
+    if device is None:  # a sharded jit: the device holding the element
+        device = captured.device
     eqn = node.eqn
     frame, api = node_frame(node)
     api = _user_function(node, det.nodes, api)

@@ -165,6 +165,9 @@ def _shard_map_rule(
     axes = tuple(a for a in mesh.axis_names if a in manual)
     ndev = math.prod(mesh.shape[a] for a in axes)
     shard = (mesh, axes)
+    # Replay with the body's own varying-axes typing: its collectives (psum
+    # of a per-shard statistic) were traced under it and check it again.
+    check_vma = bool(params.get("check_vma", False))
 
     def body(state: Any, iters: tuple, *xs: Any) -> tuple:
         sub = ctx.child(state, iters=iters, shard=shard)
@@ -173,7 +176,10 @@ def _shard_map_rule(
         else:
             outs = sub.eval_jaxpr(jaxpr, (), xs)
         sub.flush()
-        stacked = jax.tree_util.tree_map(lambda s: s[None], sub.state)
+        st = sub.state
+        if check_vma:  # the per-device state leaves as varying values
+            st = jax.tree_util.tree_map(lambda s: _varying(s, axes), st)
+        stacked = jax.tree_util.tree_map(lambda s: s[None], st)
         return stacked, tuple(outs)
 
     mapped = jax.shard_map(
@@ -182,8 +188,18 @@ def _shard_map_rule(
         in_specs=(PartitionSpec(), PartitionSpec(), *in_specs),
         out_specs=(PartitionSpec(axes), tuple(out_specs)),
         axis_names=manual,
-        check_vma=False,
+        check_vma=check_vma,
     )
     stacked, outs = mapped(ctx.state, tuple(ctx.iters), *args)
     ctx.merge_devices(stacked, ndev)
     return ctx, list(outs)
+
+
+def _varying(x: Any, axes: tuple) -> Any:
+    """`x` marked varying over `axes` (a no-op for the axes it varies over)."""
+    t = jax.typeof(x)
+    vma = getattr(getattr(t, "mat", None), "varying", None)  # jax >= 0.9
+    if vma is None:
+        vma = getattr(t, "vma", frozenset())
+    missing = tuple(a for a in axes if a not in vma)
+    return lax.pcast(x, missing, to="varying") if missing else x
