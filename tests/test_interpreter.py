@@ -12,17 +12,13 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxnan
-from jaxnan._src import blocks, interpreter, rules
-
-_SRC = open(__file__).read().splitlines()
+from jaxnan._src import blocks, interpreter, records, rules
+from tests import helpers
 
 
 def marker(tag):
-    hits = [
-        i + 1 for i, line in enumerate(_SRC) if line.rstrip().endswith(f"# <- {tag}")
-    ]
-    assert len(hits) == 1, tag
-    return hits[0]
+    """The number of the line of this file ending with ``# <- tag``."""
+    return helpers.tagged_line(__file__, tag)
 
 
 def check(d, primitive, tag, phase="forward", iteration=None):
@@ -37,14 +33,14 @@ def check(d, primitive, tag, phase="forward", iteration=None):
 
 
 def test_value_codes():
-    code = jax.jit(interpreter.value_code)
+    code = jax.jit(records.value_code)
     assert int(code(jnp.ones(5000))) == 0
     assert int(code(jnp.ones(5000).at[4321].set(jnp.inf))) == 1
     x = jnp.ones(5000).at[1].set(-jnp.inf).at[4999].set(jnp.nan)
     assert int(code(x)) == 2  # a float max would skip this NaN on CPU
     assert int(code(jnp.zeros((0,)))) == 0
-    assert interpreter.host_code(np.float32(-np.inf)) == 1
-    assert interpreter.host_code(3) == 0
+    assert records.host_code(np.float32(-np.inf)) == 1
+    assert records.host_code(3) == 0
 
 
 def test_nested_jit():

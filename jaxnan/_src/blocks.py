@@ -42,8 +42,8 @@ import numpy as np
 from jax.extend import core as jex_core
 from jax.extend import source_info_util
 
-from jaxnan._src import interpreter, rules
-from jaxnan._src.interpreter import Entry, Node
+from jaxnan._src import interpreter, primitives, records, rules
+from jaxnan._src.records import Entry, Node
 
 source_info_util.register_exclusion(__file__)
 
@@ -282,7 +282,7 @@ def _block(entries, ids, last_use, a: int, b: int) -> Block:
 
 
 def _compile(block: Block, depth: int) -> _Compiled:
-    interp = interpreter.Interpreter(interpreter.Detect(), depth)
+    interp = interpreter.Interpreter(records.Detect(), depth)
     out: _Compiled = _Compiled(None, interp, [], block)
     marks = [EXTERNAL + k for k in range(len(block.invars))]
 
@@ -300,7 +300,7 @@ def _compile(block: Block, depth: int) -> _Compiled:
     return out
 
 
-def _known_code(slot: interpreter.Slot) -> Any:
+def _known_code(slot: records.Slot) -> Any:
     cell = slot.cell
     if cell is None or cell.code is None or isinstance(cell.code, int):
         return None
@@ -347,7 +347,7 @@ def detect(closed: Any, consts: Sequence[Any], args: Sequence[Any]) -> Detection
     Returns:
         The `Detection`: first event, node table, output values.
     """
-    depth = interpreter.loop_depth(closed.jaxpr)
+    depth = primitives.loop_depth(closed.jaxpr)
     program = flatten(closed)
     blocks = cut(program)
     env: dict = dict(zip(closed.jaxpr.constvars, consts))
@@ -445,8 +445,8 @@ def capture_event(
         element under a sharded `jit`.
     """
     block = det.event_block
-    target = interpreter.Target(node.index - det.event_offset, tuple(iteration), device)
-    interp = interpreter.Interpreter(interpreter.Capture(target), det.depth)
+    target = records.Target(node.index - det.event_offset, tuple(iteration), device)
+    interp = interpreter.Interpreter(records.Capture(target), det.depth)
     interp.target_node = node
     marks = [EXTERNAL + k for k in range(len(block.invars))]
 

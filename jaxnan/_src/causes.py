@@ -29,6 +29,9 @@ from typing import Any
 import numpy as np
 from jax.extend import source_info_util
 
+from jaxnan._src import primitives
+from jaxnan._src.primitives import Domain
+
 source_info_util.register_exclusion(__file__)
 
 CAUSES: tuple[str, ...] = (
@@ -75,8 +78,6 @@ FIXES: dict[str, str] = {
     ),
 }
 """The default fix sentence for each cause; `classify` is more specific."""
-
-_LOW_PRECISION = ("float16", "bfloat16")
 
 _STATE_WORDS = (
     "param",
@@ -605,28 +606,17 @@ def _rule_overflow(event: Event):
     return "overflow", FIXES["overflow"], seen
 
 
-_RULES = {
-    "log": _rule_log,
-    "log1p": _rule_log,
-    "sqrt": _rule_sqrt,
-    "rsqrt": _rule_sqrt,
-    "div": _rule_div,
-    "rem": _rule_div,
-    "pow": _rule_pow,
-    "integer_pow": _rule_integer_pow,
-    "acos": _rule_arc,
-    "asin": _rule_arc,
-    "atanh": _rule_arc,
-    "lgamma": _rule_poles,
-    "digamma": _rule_poles,
-    "cholesky": _rule_cholesky,
-    "exp": _rule_exp,
-    "exp2": _rule_exp,
-    "expm1": _rule_exp,
-    "sub": _rule_inf_arith,
-    "add": _rule_inf_arith,
-    "add_any": _rule_inf_arith,
-    "mul": _rule_inf_arith,
+_RULES = {  # by the domain of the primitive (`primitives.DOMAINS`)
+    Domain.LOG: _rule_log,
+    Domain.ROOT: _rule_sqrt,
+    Domain.DIVISION: _rule_div,
+    Domain.POWER: _rule_pow,
+    Domain.INTEGER_POWER: _rule_integer_pow,
+    Domain.INVERSE_TRIG: _rule_arc,
+    Domain.POLE: _rule_poles,
+    Domain.FACTORIZATION: _rule_cholesky,
+    Domain.EXP: _rule_exp,
+    Domain.INF_ARITHMETIC: _rule_inf_arith,
 }
 
 
@@ -639,7 +629,8 @@ def _refloat32(event: Event) -> bool | None:
     if event.eqn is None:
         return None
     if not any(
-        _is_float(o) and _dtype_name(o) in _LOW_PRECISION for o in event.outputs
+        _is_float(o) and _dtype_name(o) in primitives.LOW_PRECISION_NAMES
+        for o in event.outputs
     ):
         return None
     try:
@@ -649,13 +640,13 @@ def _refloat32(event: Event) -> bool | None:
         args = []
         for a in event.inputs:
             arr = np.asarray(a)
-            if _is_float(arr) and arr.dtype.name in _LOW_PRECISION:
+            if _is_float(arr) and arr.dtype.name in primitives.LOW_PRECISION_NAMES:
                 args.append(jnp.asarray(arr.astype(np.float32)))
             else:
                 args.append(jnp.asarray(arr))
         params = dict(event.eqn.params)
         for key in ("preferred_element_type", "new_dtype", "dtype"):
-            if key in params and str(params[key]) in _LOW_PRECISION:
+            if key in params and str(params[key]) in primitives.LOW_PRECISION_NAMES:
                 params[key] = jnp.float32
         with jax.ensure_compile_time_eval():
             out = event.eqn.primitive.bind(*args, **params)
@@ -714,7 +705,7 @@ def classify(event: Event) -> tuple[str, str, str]:
 
 
 def _classify(event: Event) -> tuple[str, str, str]:
-    rule = _RULES.get(event.primitive)
+    rule = _RULES.get(primitives.domain_of(event.primitive))
     specific = rule(event) if rule is not None else None
     if specific is None:
         specific = _rule_overflow(event)

@@ -31,95 +31,26 @@ rules live in `rules.py`, which registers them here.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 from jax.extend import core as jex_core
 from jax.extend import source_info_util
 
-from jaxnan._src import base
+from jaxnan._src import base, primitives
+from jaxnan._src.records import (
+    Capture,
+    Cell,
+    Detect,
+    Entry,
+    Node,
+    Slot,
+    Stop,
+    Target,
+    host_code,
+)
 
 source_info_util.register_exclusion(__file__)
-
-CODE_FINITE, CODE_INF, CODE_NAN = 0, 1, 2
-
-# Primitives whose output holds exactly the elements of their first input,
-# rearranged: they cannot create a nonfinite value and share the input's code.
-_REARRANGING = frozenset(
-    {
-        "reshape",
-        "squeeze",
-        "expand_dims",
-        "broadcast_in_dim",
-        "transpose",
-        "copy",
-        "copy_p",
-        "rev",
-        "optimization_barrier",
-    }
-)
-
-# Primitives whose floating output elements are elements of their inputs
-# (selected, negated, clamped, rounded, sorted): an output code never exceeds
-# the input codes, so they cannot create and are not checked. `_can_create`
-# handles the exceptions (complex abs, empty max/min reductions, narrowing
-# converts).
-_SELECTING = frozenset(
-    {
-        "select_n",
-        "max",
-        "min",
-        "neg",
-        "abs",
-        "sign",
-        "floor",
-        "ceil",
-        "round",
-        "concatenate",
-        "pad",
-        "slice",
-        "dynamic_slice",
-        "dynamic_update_slice",
-        "sort",
-        "clamp",
-        "cummax",
-        "cummin",
-        "real",
-        "imag",
-        "conj",
-        "reduce_max",
-        "reduce_min",
-        "convert_element_type",
-    }
-)
-
-
-def _can_create(eqn: Any) -> bool:
-    """False when an equation's outputs hold only (transformed) input elements."""
-    name = eqn.primitive.name
-    if name not in _SELECTING:
-        return True
-    ins = [v.aval for v in eqn.invars]
-    if name in ("abs", "sign"):  # |z| of a complex z can overflow
-        return jnp.issubdtype(ins[0].dtype, jnp.complexfloating)
-    if name in ("reduce_max", "reduce_min"):  # an empty reduction gives -+inf
-        return any(ins[0].shape[a] == 0 for a in eqn.params["axes"])
-    if name == "convert_element_type":  # only widening float converts
-        src, dst = ins[0].dtype, eqn.outvars[0].aval.dtype
-        if not (base.is_inexact_dtype(src) and base.is_inexact_dtype(dst)):
-            return True
-        if jnp.issubdtype(src, jnp.complexfloating) != jnp.issubdtype(
-            dst, jnp.complexfloating
-        ):
-            return True
-        return bool(jnp.finfo(dst).max < jnp.finfo(src).max)
-    return False
-
 
 # -- the rule table --------------------------------------------------------
 
@@ -186,193 +117,9 @@ def register_rule(primitive: Any) -> Callable[[Rule], Rule]:
     return decorator
 
 
-# -- records and nodes -----------------------------------------------------
-
-
-class Record(NamedTuple):
-    """The fixed-size record of the first creation event (detect mode).
-
-    Attributes:
-        index: int32 scalar, the node index of the first event, -1 if none.
-        iteration: int32[depth], the enclosing loop iterations, outermost
-            first, -1 padded.
-        device: int32 scalar, the position inside the device grid of the
-            enclosing `shard_map`/`pmap` where the event happened first, -1
-            outside them.
-    """
-
-    index: jax.Array
-    iteration: jax.Array
-    device: jax.Array
-
-    @classmethod
-    def empty(cls, depth: int) -> Record:
-        """A record holding no event."""
-        return cls(
-            jnp.full((), -1, jnp.int32),
-            jnp.full((depth,), -1, jnp.int32),
-            jnp.full((), -1, jnp.int32),
-        )
-
-
-class Target(NamedTuple):
-    """Where the capture pass stops to read values (all static)."""
-
-    index: int
-    iteration: tuple[int, ...]
-    device: int
-
-
-@dataclasses.dataclass
-class Node:
-    """Static facts about one equation instance of the interpreted program.
-
-    Attributes:
-        index: position in `Interpreter.nodes` (the event index).
-        eqn: the jaxpr equation.
-        name_stack: the full name stack, outer levels included.
-        unit: index of the top-level node containing this one (itself for an
-            equation of the top-level graph, with calls inlined).
-        producers: for a top-level node, the nodes producing its inputs.
-        loop_depth: number of enclosing `scan`/`while` loops.
-        checked: whether the node has a created flag (False for the unit
-            nodes standing for loops, conds and shard_maps).
-        in_avals: abstract values of the inputs (per device inside
-            `shard_map`).
-        out_avals: abstract values of the outputs.
-        shard: ``(mesh, axes)`` of the enclosing `shard_map`, else None.
-        callers: the enclosing higher-order equations, outermost first (their
-            source lines stand in when a body's traceback stops at a `jit`).
-    """
-
-    index: int
-    eqn: Any
-    name_stack: str
-    unit: int
-    producers: tuple[int, ...]
-    loop_depth: int
-    checked: bool
-    in_avals: tuple
-    out_avals: tuple
-    shard: Any = None
-    callers: tuple = ()
-
-
-class _Cell:
-    """The lazily computed code of one floating value (shared by aliases)."""
-
-    __slots__ = ("x", "code")
-
-    def __init__(self, x: Any, code: Any = None):
-        self.x = x
-        self.code = code
-
-    def get(self) -> Any:
-        if self.code is None:
-            self.code = value_code(self.x)
-        return self.code
-
-
-class Entry(NamedTuple):
-    """One equation of a flattened top-level program (see `run_block`).
-
-    Attributes:
-        eqn: the equation.
-        name_stack: the name stack of the calls it was inlined from.
-        callers: the call equations it was inlined from, outermost first.
-    """
-
-    eqn: Any
-    name_stack: str
-    callers: tuple
-
-
-class Slot(NamedTuple):
-    """What the evaluation loop knows about one variable."""
-
-    value: Any
-    cell: _Cell | None  # None for non-floating values
-    producer: int  # node index of the top-level producer, -1 for inputs
-
-
-class _Stop(Exception):
-    """Raised by the capture pass once a top-level event has been read."""
-
-
-def value_code(x: Any) -> jax.Array:
-    """int8 scalar: 0 finite, 1 some +-Inf and no NaN, 2 some NaN (one pass)."""
-    x = jnp.asarray(x)
-    c = jnp.where(
-        jnp.isnan(x),
-        jnp.int8(CODE_NAN),
-        jnp.where(jnp.isinf(x), jnp.int8(CODE_INF), jnp.int8(CODE_FINITE)),
-    )
-    if c.ndim == 0:
-        return c
-    return jnp.max(c, initial=jnp.int8(0))
-
-
-def host_code(x: Any) -> int:
-    """The code of a concrete (literal) value, computed on the host."""
-    a = np.asarray(x)
-    if not base.is_inexact_dtype(a.dtype):
-        return CODE_FINITE
-    if np.isnan(a).any():
-        return CODE_NAN
-    if np.isinf(a).any():
-        return CODE_INF
-    return CODE_FINITE
-
-
 def is_float_aval(aval: Any) -> bool:
     """Whether an abstract value is floating (real or complex)."""
     return base.is_inexact_dtype(getattr(aval, "dtype", None))
-
-
-# First-order primitives whose params hold a small jaxpr (a combiner applied
-# elementwise, not a nested computation to interpret): bound as they are.
-_COMBINER_PRIMITIVES = frozenset(
-    {"reduce", "reduce_window", "select_and_scatter", "select_and_gather_add"}
-)
-
-
-def is_higher_order(eqn: Any) -> bool:
-    """True when an equation's params hold a jaxpr (a nested computation)."""
-    name = eqn.primitive.name
-    if name.startswith("scatter") or name in _COMBINER_PRIMITIVES:
-        return False
-    return any(_is_jaxpr_param(v) for v in eqn.params.values())
-
-
-def _is_jaxpr_param(v: Any) -> bool:
-    if isinstance(v, jex_core.Jaxpr | jex_core.ClosedJaxpr):
-        return True
-    if isinstance(v, tuple | list):
-        return any(isinstance(b, jex_core.Jaxpr | jex_core.ClosedJaxpr) for b in v)
-    return False
-
-
-def _sub_jaxprs(eqn: Any) -> list:
-    out = []
-    for v in eqn.params.values():
-        items = v if isinstance(v, tuple | list) else (v,)
-        for b in items:
-            if isinstance(b, jex_core.ClosedJaxpr):
-                out.append(b.jaxpr)
-            elif isinstance(b, jex_core.Jaxpr):
-                out.append(b)
-    return out
-
-
-def loop_depth(jaxpr: Any) -> int:
-    """The deepest nesting of `scan`/`while` loops in `jaxpr`."""
-    best = 0
-    for eqn in jaxpr.eqns:
-        inner = max((loop_depth(j) for j in _sub_jaxprs(eqn)), default=0)
-        if eqn.primitive.name in ("scan", "while"):  # one iteration index each
-            inner += 1
-        best = max(best, inner)
-    return best
 
 
 def join_names(a: str, b: str) -> str:
@@ -382,112 +129,6 @@ def join_names(a: str, b: str) -> str:
     if not a:
         return b
     return f"{a}/{b}"
-
-
-# -- strategies ------------------------------------------------------------
-
-
-class Detect:
-    """Strategy of the first pass: thread a `Record` of the first event."""
-
-    def initial_state(self, interp: Interpreter) -> Record:
-        """The record before any equation ran."""
-        return Record.empty(interp.depth)
-
-    def on_checked(self, ctx: Ctx, node: Node, ins, cells, invals, outs) -> None:
-        """Queues the created flag of a checked equation."""
-        in_codes = [s.cell.get() for s in ins if s.cell is not None]
-        static_in = [c for c in in_codes if isinstance(c, int)]
-        if static_in and max(static_in) >= CODE_NAN:
-            return  # a NaN literal came in: nothing can be created here
-        out_codes = [c.get() for c in cells if c is not None]
-        cout = functools.reduce(jnp.maximum, out_codes)
-        cin = functools.reduce(jnp.maximum, in_codes) if in_codes else 0
-        ctx.pending.append((cout > cin, node.index))
-
-    def flush(self, ctx: Ctx) -> None:
-        """Folds the pending created flags of `ctx` into its record."""
-        if not ctx.pending:
-            return
-        flags = [f for f, _ in ctx.pending]
-        idxs = np.asarray([i for _, i in ctx.pending], np.int32)
-        ctx.pending = []
-        if len(flags) == 1:
-            hit, first = flags[0], jnp.int32(idxs[0])
-        else:
-            stacked = jnp.stack(flags)
-            hit = jnp.any(stacked)
-            first = jnp.asarray(idxs)[jnp.argmax(stacked)]
-        st = ctx.state
-        take = (st.index < 0) & hit
-        its = list(ctx.iters) + [-1] * (ctx.interp.depth - len(ctx.iters))
-        it = (
-            jnp.stack([jnp.asarray(i, jnp.int32) for i in its])
-            if its
-            else jnp.zeros((0,), jnp.int32)
-        )
-        ctx.state = Record(
-            jnp.where(take, first, st.index),
-            jnp.where(take, it, st.iteration),
-            st.device,
-        )
-
-    def merge_devices(self, ctx: Ctx, stacked: Record, ndev: int) -> Record:
-        """The event with the smallest index over devices, with its position."""
-        del ndev
-        old = ctx.state
-        valid = stacked.index >= 0
-        key = jnp.where(valid, stacked.index, jnp.iinfo(jnp.int32).max)
-        pos = jnp.argmin(key).astype(jnp.int32)
-        take = (old.index < 0) & jnp.any(valid)
-        return Record(
-            jnp.where(take, stacked.index[pos], old.index),
-            jnp.where(take, stacked.iteration[pos], old.iteration),
-            jnp.where(take, pos, old.device),
-        )
-
-
-class Capture:
-    """Strategy of the second pass: read the values of the target equation."""
-
-    def __init__(self, target: Target):
-        self.target = target
-
-    def initial_state(self, interp: Interpreter) -> tuple:
-        """Zero buffers shaped like the target equation's inputs/outputs."""
-        node = interp.target_node
-        return tuple(
-            jnp.zeros(a.shape, a.dtype) for a in node.in_avals + node.out_avals
-        )
-
-    def on_checked(self, ctx: Ctx, node: Node, ins, cells, invals, outs) -> None:
-        """Stores the values when `node` is the target."""
-        if node.index != self.target.index:
-            return
-        vals = tuple(
-            jnp.asarray(x, dtype=b.dtype).reshape(b.shape)
-            for x, b in zip(list(invals) + list(outs), ctx.state)
-        )
-        if ctx.iters:
-            want = self.target.iteration[: len(ctx.iters)]
-            match = jnp.all(
-                jnp.stack([jnp.asarray(i, jnp.int32) for i in ctx.iters])
-                == jnp.asarray(want, jnp.int32)
-            )
-            ctx.state = tuple(jnp.where(match, v, s) for v, s in zip(vals, ctx.state))
-        else:
-            ctx.state = vals
-        if ctx.unit is None and ctx.shard is None:
-            raise _Stop
-
-    def flush(self, ctx: Ctx) -> None:
-        """Nothing is pending in the capture pass."""
-        ctx.pending = []
-
-    def merge_devices(self, ctx: Ctx, stacked: tuple, ndev: int) -> tuple:
-        """The buffers of the device where the event happened."""
-        pos = max(self.target.device, 0) if ndev > 1 else 0
-        return jax.tree_util.tree_map(lambda s: s[pos], stacked)
 
 
 class Interpreter:
@@ -703,7 +344,7 @@ class Ctx:
         invals = [s.value for s in ins]
         prim = eqn.primitive
         rule = RULES.get(prim)
-        higher = is_higher_order(eqn)
+        higher = primitives.is_higher_order(eqn)
         if rule is None and higher:
             raise NotImplementedError(
                 f"jaxnan: locate has no rule for the higher-order primitive "
@@ -753,7 +394,7 @@ class Ctx:
         top = self.unit is None
         float_outs = [is_float_aval(v.aval) for v in eqn.outvars]
         if (
-            eqn.primitive.name in _REARRANGING
+            eqn.primitive.name in primitives.REARRANGING
             and len(eqn.outvars) == 1
             and ins
             and ins[0].cell is not None
@@ -765,12 +406,12 @@ class Ctx:
                 prod = self._add_checked(eqn, ins, checked=False).index
             env[eqn.outvars[0]] = Slot(outs[0], ins[0].cell, prod)
             return
-        checked = any(float_outs) and _can_create(eqn)
+        checked = any(float_outs) and primitives.can_create(eqn)
         node = self._add_checked(eqn, ins, checked=checked)
         prod = node.index if top else self.unit
         cells = []
         for v, x, is_f in zip(eqn.outvars, outs, float_outs):
-            cell = _Cell(x) if is_f else None
+            cell = Cell(x) if is_f else None
             cells.append(cell)
             env[v] = Slot(x, cell, prod)
         if checked:
@@ -793,8 +434,8 @@ class Ctx:
         )
 
 
-def _fresh_cell(v: Any, x: Any) -> _Cell | None:
-    return _Cell(x) if is_float_aval(v.aval) else None
+def _fresh_cell(v: Any, x: Any) -> Cell | None:
+    return Cell(x) if is_float_aval(v.aval) else None
 
 
 def fresh_slot(v: Any, x: Any, producer: int) -> Slot:
@@ -804,7 +445,7 @@ def fresh_slot(v: Any, x: Any, producer: int) -> Slot:
 
 def _read(env: dict, v: Any) -> Slot:
     if isinstance(v, jex_core.Literal):
-        cell = _Cell(v.val, host_code(v.val)) if is_float_aval(v.aval) else None
+        cell = Cell(v.val, host_code(v.val)) if is_float_aval(v.aval) else None
         return Slot(v.val, cell, -1)
     return env[v]
 
@@ -832,7 +473,7 @@ def run(
     ctx = Ctx(interp, interp.strategy.initial_state(interp))
     try:
         slots = ctx.eval_slots(closed.jaxpr, consts, args)
-    except _Stop:
+    except Stop:
         return ctx.state, []
     ctx.flush()
     interp.out_producers = tuple(s.producer for s in slots)
@@ -875,7 +516,7 @@ def run_block(
         for e in entries:
             ctx.name_stack, ctx.callers = e.name_stack, e.callers
             ctx.step(env, e.eqn)
-    except _Stop:
+    except Stop:
         return ctx.state, []
     ctx.flush()
     return ctx.state, [_read(env, v) for v in outvars]

@@ -21,7 +21,8 @@ import jax
 import numpy as np
 from jax.extend import source_info_util
 
-from jaxnan._src import base, blocks, checks, interpreter, report, tree
+from jaxnan._src import base, blocks, checks, interpreter, primitives, report, tree
+from jaxnan._src.inspect import locate_text
 
 source_info_util.register_exclusion(__file__)
 
@@ -72,6 +73,8 @@ class Diagnosis:
         user_function: the library function called at the user line, when
             known (``"jnp.sqrt"``, ``"jax.nn.softmax"``).
         fn_name: the name of the located function.
+        layer_stats: the activation (and gradient) statistics of the layer
+            holding the creating equation (see `jaxnan.activation_stats`).
     """
 
     found: bool
@@ -98,6 +101,7 @@ class Diagnosis:
     user_function: str | None = None
     fn_name: str = ""
     created: tuple[int, int, int] | None = None
+    layer_stats: str | None = None
 
     @property
     def where(self) -> str | None:
@@ -160,6 +164,8 @@ class Diagnosis:
                 lines.append(f"  name stack: {self.name_stack}")
             if self.inputs_seen:
                 lines.append(f"  inputs:  {self.inputs_seen}")
+            if self.layer_stats:
+                lines += [f"  {t}" for t in self.layer_stats.splitlines()]
         if self.cause:
             lines.append(f"  cause:   {self.cause}")
         if self.fix:
@@ -259,43 +265,6 @@ def node_frame(node: Any) -> tuple[Any, str | None]:
     return frame, api
 
 
-_PRIMITIVE_NAMES = {
-    "div": "/",
-    "mul": "*",
-    "add": "+",
-    "sub": "-",
-    "integer_pow": "**",
-    "pow": "jnp.power",
-    "atan2": "jnp.arctan2",
-    "acos": "jnp.arccos",
-    "asin": "jnp.arcsin",
-    "atanh": "jnp.arctanh",
-    "acosh": "jnp.arccosh",
-    "rsqrt": "lax.rsqrt",
-    "logistic": "jax.nn.sigmoid",
-    "reduce_sum": "jnp.sum",
-    "reduce_prod": "jnp.prod",
-    "reduce_max": "jnp.max",
-    "dot_general": "jnp.dot",
-    "cholesky": "jnp.linalg.cholesky",
-    "lgamma": "jax.scipy.special.gammaln",
-    "digamma": "jax.scipy.special.digamma",
-    "erf_inv": "jax.scipy.special.erfinv",
-}
-_JNP_UNARY = frozenset(
-    "sqrt log log1p exp exp2 expm1 tan tanh sinh cosh cbrt square abs sign".split()
-)
-
-
-def primitive_user_name(name: str) -> str:
-    """The user-level spelling of a primitive (``sqrt`` -> ``jnp.sqrt``)."""
-    if name in _PRIMITIVE_NAMES:
-        return _PRIMITIVE_NAMES[name]
-    if name in _JNP_UNARY:
-        return f"jnp.{name}"
-    return f"lax.{name}"
-
-
 def _user_function(node: Any, nodes: Sequence[Any], api: str | None) -> str:
     """The library function whose (derivative) equation created the value.
 
@@ -310,8 +279,8 @@ def _user_function(node: Any, nodes: Sequence[Any], api: str | None) -> str:
     if tb is not None:
         for other in nodes[: node.index + 1]:  # the primal equation comes first
             if getattr(other.eqn.source_info, "traceback", None) is tb:
-                return primitive_user_name(other.eqn.primitive.name)
-    return primitive_user_name(node.eqn.primitive.name)
+                return primitives.user_spelling(other.eqn.primitive.name)
+    return primitives.user_spelling(node.eqn.primitive.name)
 
 
 # -- phase ---------------------------------------------------------------
@@ -472,6 +441,21 @@ def locate(
     return run
 
 
+def _is_array_leaf(x: Any) -> bool:
+    """An array, or a Python number the caller passed as an argument's leaf.
+
+    A Python float that is ±inf is a constant of the model (the ``-inf``
+    initial value of `eqx.nn.MaxPool2d`), not data: it stays static.
+    """
+    if isinstance(x, (jax.Array, np.ndarray, np.generic)):
+        return True
+    if isinstance(x, (bool, int)):
+        return True
+    if isinstance(x, (float, complex)):
+        return not np.isinf(x)
+    return False
+
+
 def _locate(fn, name, static, args, kwargs) -> Diagnosis:
     static = tuple(i % len(args) for i in static if -len(args) <= i < len(args))
     dyn = [i for i in range(len(args)) if i not in static]
@@ -481,10 +465,18 @@ def _locate(fn, name, static, args, kwargs) -> Diagnosis:
         in_paths += [p for p, _ in tree.paths_and_leaves(args[i], names[i])]
     for k in sorted(kwargs):
         in_paths += [p for p, _ in tree.paths_and_leaves(kwargs[k], k)]
-    leaves, treedef = jax.tree_util.tree_flatten(([args[i] for i in dyn], kwargs))
+    every, treedef = jax.tree_util.tree_flatten(([args[i] for i in dyn], kwargs))
+    # Arrays are traced; other leaves (the functions, `custom_jvp`s and float
+    # constants an Equinox module holds) are closed over, as static values.
+    traced = [i for i, x in enumerate(every) if _is_array_leaf(x)]
+    leaves = [every[i] for i in traced]
+    in_paths = [in_paths[i] for i in traced] if len(in_paths) == len(every) else []
 
     def flat_fn(*flat):
-        dargs, kw = jax.tree_util.tree_unflatten(treedef, flat)
+        full_leaves = list(every)
+        for i, x in zip(traced, flat):
+            full_leaves[i] = x
+        dargs, kw = jax.tree_util.tree_unflatten(treedef, full_leaves)
         full = list(args)
         for i, a in zip(dyn, dargs):
             full[i] = a
@@ -577,12 +569,20 @@ def _locate(fn, name, static, args, kwargs) -> Diagnosis:
         user_function=api,
         fn_name=name,
         created=_host_counts(outputs),
+        layer_stats=_layer_text(closed, leaves, ([args[i] for i in dyn], kwargs), eqn),
     )
 
 
 @jax.jit
 def _leaf_counts(x: Any) -> jax.Array:
     return tree.counts_matrix([x])[0]
+
+
+def _layer_text(closed, leaves, dyn_tree, eqn) -> str | None:
+    try:
+        return locate_text.layer_text(closed, leaves, dyn_tree, eqn)
+    except Exception as e:  # the statistics must never hide the diagnosis
+        return f"layer statistics unavailable ({type(e).__name__}: {e})"
 
 
 def _dtype(v: Any) -> Any:
