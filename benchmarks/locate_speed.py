@@ -156,7 +156,7 @@ def _warm():
     jax.block_until_ready(jax.jit(lambda x: jnp.sin(x) @ x)(jnp.ones((4, 4))))
 
 
-def point(layers, rounds):
+def point(layers, rounds, event=True):
     """One depth, in this (child) process: prints one JSON line."""
     vg, params, bad, batch = _lm(layers)
     _warm()
@@ -167,9 +167,11 @@ def point(layers, rounds):
     for _ in range(rounds):
         tp = time_plain(vg, (params, batch))
         tf, d_ok = time_locate(vg, (params, batch))
-        te, d_bad = time_locate(vg, (bad, batch))
         assert not d_ok.found, str(d_ok)
-        found = f"{d_bad.primitive} line {d_bad.line} {d_bad.phase}"
+        te = float("nan")
+        if event:
+            te, d_bad = time_locate(vg, (bad, batch))
+            found = f"{d_bad.primitive} line {d_bad.line} {d_bad.phase}"
         rows["plain"].append(tp)
         rows["finite"].append(tf)
         rows["event"].append(te)
@@ -211,7 +213,7 @@ def _child(args, limit):
     raise RuntimeError(f"child {args} failed:\n{res.stderr[-3000:]}")
 
 
-def sweep(depths, rounds, limit, mem):
+def sweep(depths, rounds, limit, mem, event):
     print(
         "| layers | eqns | plain jit compile+run | locate, finite | ratio "
         "| locate, event in layer L/2 | ratio | peak RSS rise plain / locate "
@@ -219,7 +221,8 @@ def sweep(depths, rounds, limit, mem):
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for layers in depths:
-        r = _child(["--point", str(layers), "--rounds", str(rounds)], limit)
+        args = ["--point", str(layers), "--rounds", str(rounds)]
+        r = _child(args + ([] if event else ["--no-event"]), limit)
         if r is None:
             print(
                 f"| {layers} | | stopped: over the {limit:.0f} s limit per depth "
@@ -248,18 +251,19 @@ def main():
     ap.add_argument("--depths", default="2,4,8,16,24")
     ap.add_argument("--limit", type=float, default=240.0, help="seconds per depth")
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--no-event", action="store_true", help="finite step only")
     ap.add_argument("--point", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--memory", nargs=2, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.point is not None:
-        point(a.point, a.rounds)
+        point(a.point, a.rounds, not a.no_event)
     elif a.memory is not None:
         memory(int(a.memory[0]), a.memory[1])
     elif a.mode == "single":
         single(a.rounds)
     else:
         depths = [int(x) for x in a.depths.split(",")]
-        sweep(depths, a.rounds, a.limit, not a.no_memory)
+        sweep(depths, a.rounds, a.limit, not a.no_memory, not a.no_event)
 
 
 if __name__ == "__main__":

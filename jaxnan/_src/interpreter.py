@@ -9,9 +9,12 @@ value when the largest code of its floating outputs exceeds the largest code
 of its floating inputs: an Inf or NaN out of finite inputs, or a NaN out of
 inputs without NaN (``inf - inf``, ``0 * inf``). Equations whose output is a
 pure rearrangement of one input (reshape, transpose, broadcast, ...) cannot
-create anything: their output shares the input's code and costs nothing.
+create anything: their output shares the input's code and costs nothing;
+equations whose outputs are selected input elements (`select_n`, `max`,
+`slice`, widening converts: `primitives.SELECTING`) cannot either and are not
+checked.
 
-Two strategies share the walk:
+Two strategies (in `records.py`) share the walk:
 
 - `Detect` threads a fixed-size `Record` (first event index, loop
   iterations, device position) through the program, updated with
@@ -26,7 +29,9 @@ Two strategies share the walk:
 Everything static (the equation, name stack, nesting, producers for the
 phase analysis) lives in `Interpreter.nodes`, indexed by the event index.
 The interpreter owns the rule table (`RULES`, `register_rule`); the built-in
-rules live in `rules.py`, which registers them here.
+rules live in `rules.py`, which registers them here. `run` interprets a whole
+program; `run_block` a block of flattened top-level equations, which is how
+`blocks.py` runs deep models (each distinct block compiled once).
 """
 
 from __future__ import annotations
