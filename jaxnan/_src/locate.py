@@ -459,7 +459,7 @@ def _is_array_leaf(x: Any) -> bool:
 def _locate(fn, name, static, args, kwargs) -> Diagnosis:
     static = tuple(i % len(args) for i in static if -len(args) <= i < len(args))
     dyn = [i for i in range(len(args)) if i not in static]
-    names = checks._argument_names(fn, len(args))
+    names = base.argument_names(fn, len(args))
     in_paths: list[str] = []
     for i in dyn:
         in_paths += [p for p, _ in tree.paths_and_leaves(args[i], names[i])]
