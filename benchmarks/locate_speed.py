@@ -1,20 +1,40 @@
 """Time `jaxnan.locate` against compiling and running the plain jitted function.
 
-Model: a 4-layer pre-LN transformer LM (d_model 256, 4 heads, MLP 1024,
-vocab 512, batch 8 x 64 tokens), `jax.value_and_grad` of its cross-entropy
-loss written by hand (log of softmax, so a too-confident head underflows to
-log(0) = -inf). Each round, interleaved, times (a) a fresh `jax.jit` of the
-function: compile + one run, and (b) a fresh `jaxnan.locate` of it: trace,
-compile and run the instrumented program (+ the capture program when an
-event is found). Compile caches are fresh per round (new function objects).
+Two benchmarks, both on `jax.value_and_grad` of a hand-written transformer LM
+cross-entropy loss:
 
-Usage: python benchmarks/locate_speed.py [--rounds 5]
+- ``--mode single`` (the 0.1 benchmark): a 4-layer pre-LN LM (d_model 256,
+  4 heads, MLP 1024, vocab 512, batch 8 x 64 tokens), all finite and with a
+  log(0) in the loss.
+- ``--mode sweep`` (default): the depth sweep of issue 16. The unrolled LM of
+  `benchmarks/models.py` (d_model 128, 4 heads, MLP 512, vocab 256, batch
+  8 x 64) at 2, 4, 8, 16 and 24 layers. Each depth runs in a child process
+  (killed after ``--limit`` seconds; the sweep stops at the first depth that
+  exceeds it and says so). In the child, interleaved, warm (one tiny
+  throw-away compile first), fresh functions each round: (a) plain
+  ``jax.jit`` compile + one run, (b) `jaxnan.locate` of the finite step,
+  (c) `jaxnan.locate` with an overflow planted in the middle layer. Ratios
+  are medians of per-round ratios. Peak memory: two more child processes
+  per depth report the rise of the peak resident set (``ru_maxrss``, host
+  memory: on CPU the device buffers and the compiler live there) over the
+  resident set after building the inputs, one for plain jit, one for
+  locate.
+
+Usage:
+    python benchmarks/locate_speed.py [--depths 2,4,8,16,24] [--rounds 1]
+        [--limit 240]
+    python benchmarks/locate_speed.py --mode single [--rounds 5]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import resource
 import statistics
+import subprocess
+import sys
 import time
 
 import jax
@@ -93,10 +113,7 @@ def time_locate(fn, args):
     return time.perf_counter() - t0, d
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=5)
-    a = ap.parse_args()
+def single(rounds):
     params = init(jax.random.PRNGKey(0))
     tokens = jax.random.randint(jax.random.PRNGKey(1), (BATCH, SEQ), 0, VOCAB)
     bad = dict(params, head=params["head"] * 3e4)  # log(0) in the loss
@@ -106,7 +123,7 @@ def main():
     for label, p in (("finite", params), ("nonfinite", bad)):
         plain, loc, ratios = [], [], []
         d = None
-        for _ in range(a.rounds):
+        for _ in range(rounds):
             tp = time_plain(vg, (p, tokens))
             tl, d = time_locate(vg, (p, tokens))
             plain.append(tp)
@@ -115,9 +132,138 @@ def main():
         print(
             f"{label:9s}: plain jit compile+run {statistics.median(plain):.2f} s, "
             f"locate {statistics.median(loc):.2f} s, ratio "
-            f"{statistics.median(ratios):.2f}x (median of {a.rounds}); "
+            f"{statistics.median(ratios):.2f}x (median of {rounds}); "
             f"found={d.found} primitive={d.primitive} line={d.line} phase={d.phase}"
         )
+
+
+# -- depth sweep ---------------------------------------------------------
+
+
+def _lm(layers):
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from models import lm_batch, lm_loss, lm_params
+
+    params = lm_params(jax.random.PRNGKey(0), layers=layers, d=128)
+    batch = lm_batch(jax.random.PRNGKey(1))
+    bad = jax.tree_util.tree_map(lambda x: x, params)
+    mid = bad["blocks"][layers // 2]
+    mid["ff1"] = mid["ff1"] * 1e37  # the MLP matmul of the middle layer overflows
+    return jax.value_and_grad(lm_loss), params, bad, batch
+
+
+def _warm():
+    jax.block_until_ready(jax.jit(lambda x: jnp.sin(x) @ x)(jnp.ones((4, 4))))
+
+
+def point(layers, rounds, event=True):
+    """One depth, in this (child) process: prints one JSON line."""
+    vg, params, bad, batch = _lm(layers)
+    _warm()
+    n_eqns = len(jax.make_jaxpr(vg)(params, batch).eqns)
+    rows = {"plain": [], "finite": [], "event": []}
+    ratios = {"finite": [], "event": []}
+    found = None
+    for _ in range(rounds):
+        tp = time_plain(vg, (params, batch))
+        tf, d_ok = time_locate(vg, (params, batch))
+        assert not d_ok.found, str(d_ok)
+        te = float("nan")
+        if event:
+            te, d_bad = time_locate(vg, (bad, batch))
+            found = f"{d_bad.primitive} line {d_bad.line} {d_bad.phase}"
+        rows["plain"].append(tp)
+        rows["finite"].append(tf)
+        rows["event"].append(te)
+        ratios["finite"].append(tf / tp)
+        ratios["event"].append(te / tp)
+    med = {k: statistics.median(v) for k, v in rows.items()}
+    out = {
+        "layers": layers,
+        "eqns": n_eqns,
+        **{f"{k}_s": round(v, 2) for k, v in med.items()},
+        **{f"ratio_{k}": round(statistics.median(v), 2) for k, v in ratios.items()},
+        "event": found,
+    }
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def memory(layers, which):
+    """Peak resident set rise (MiB) of one plain jit or one locate (child)."""
+    vg, params, _, batch = _lm(layers)
+    _warm()
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if which == "plain":
+        time_plain(vg, (params, batch))
+    else:
+        time_locate(vg, (params, batch))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print("RESULT " + json.dumps({"mib": round((peak - base) / 1024, 1)}), flush=True)
+
+
+def _child(args, limit):
+    cmd = [sys.executable, os.path.abspath(__file__), *args]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=limit)
+    except subprocess.TimeoutExpired:
+        return None
+    for line in res.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT ") :])
+    raise RuntimeError(f"child {args} failed:\n{res.stderr[-3000:]}")
+
+
+def sweep(depths, rounds, limit, mem, event):
+    print(
+        "| layers | eqns | plain jit compile+run | locate, finite | ratio "
+        "| locate, event in layer L/2 | ratio | peak RSS rise plain / locate "
+        "| event found |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for layers in depths:
+        args = ["--point", str(layers), "--rounds", str(rounds)]
+        r = _child(args + ([] if event else ["--no-event"]), limit)
+        if r is None:
+            print(
+                f"| {layers} | | stopped: over the {limit:.0f} s limit per depth "
+                "| | | | | | |"
+            )
+            break
+        m = ""
+        if mem:
+            mp = _child(["--memory", str(layers), "plain"], limit)
+            ml = _child(["--memory", str(layers), "locate"], limit)
+            if mp and ml:
+                ratio = ml["mib"] / max(mp["mib"], 1.0)
+                m = f"{mp['mib']:.0f} / {ml['mib']:.0f} MiB ({ratio:.2f}x)"
+        print(
+            f"| {layers} | {r['eqns']} | {r['plain_s']:.2f} s | {r['finite_s']:.2f} s "
+            f"| {r['ratio_finite']:.2f}x | {r['event_s']:.2f} s "
+            f"| {r['ratio_event']:.2f}x | {m} | {r['event']} |",
+            flush=True,
+        )
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mode", choices=("sweep", "single"), default="sweep")
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--depths", default="2,4,8,16,24")
+    ap.add_argument("--limit", type=float, default=240.0, help="seconds per depth")
+    ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--no-event", action="store_true", help="finite step only")
+    ap.add_argument("--point", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--memory", nargs=2, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.point is not None:
+        point(a.point, a.rounds, not a.no_event)
+    elif a.memory is not None:
+        memory(int(a.memory[0]), a.memory[1])
+    elif a.mode == "single":
+        single(a.rounds)
+    else:
+        depths = [int(x) for x in a.depths.split(",")]
+        sweep(depths, a.rounds, a.limit, not a.no_memory, not a.no_event)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxnan
-from jaxnan._src import interpreter, rules
+from jaxnan._src import blocks, interpreter, records, rules
 from tests import helpers
 
 
@@ -33,14 +33,14 @@ def check(d, primitive, tag, phase="forward", iteration=None):
 
 
 def test_value_codes():
-    code = jax.jit(interpreter.value_code)
+    code = jax.jit(records.value_code)
     assert int(code(jnp.ones(5000))) == 0
     assert int(code(jnp.ones(5000).at[4321].set(jnp.inf))) == 1
     x = jnp.ones(5000).at[1].set(-jnp.inf).at[4999].set(jnp.nan)
     assert int(code(x)) == 2  # a float max would skip this NaN on CPU
     assert int(code(jnp.zeros((0,)))) == 0
-    assert interpreter.host_code(np.float32(-np.inf)) == 1
-    assert interpreter.host_code(3) == 0
+    assert records.host_code(np.float32(-np.inf)) == 1
+    assert records.host_code(3) == 0
 
 
 def test_nested_jit():
@@ -166,8 +166,9 @@ def test_vmapped_code():
     check(d, "acos", "vmap")
 
 
-def test_sharded_jit(mesh8):
-    x = jax.device_put(jnp.arange(16.0) - 3.0, NamedSharding(mesh8, P("d")))
+def test_sharded_jit_reports_the_device_holding_the_element(mesh8):
+    x = jnp.arange(16.0).at[11].set(-1.0)  # element 11: the shard of device 5
+    x = jax.device_put(x, NamedSharding(mesh8, P("d")))
 
     @jax.jit
     def f(x):
@@ -175,7 +176,37 @@ def test_sharded_jit(mesh8):
 
     d = jaxnan.locate(f)(x)
     check(d, "sqrt", "sharded")
-    assert d.device is None
+    assert d.device == mesh8.devices.flat[5].id
+    # unsharded: no device
+    assert jaxnan.locate(f)(jnp.arange(16.0).at[11].set(-1.0)).device is None
+
+
+def test_pmap_reports_device():
+    f = jax.pmap(lambda x: jnp.log(x) + lax.psum(x, "i"), axis_name="i")  # <- pmap
+    d = jaxnan.locate(f)(jnp.ones((8, 2)).at[3, 1].set(0.0))
+    check(d, "log", "pmap")
+    assert d.device == jax.devices()[3].id
+    assert d.nonfinite_outputs == {"output": (0, 0, 1)}
+
+
+def test_shard_map_collectives(mesh8):
+    perm = [(i, (i + 1) % 8) for i in range(8)]
+
+    def body(x):
+        total = lax.psum(jnp.sum(x), "d")  # per-shard statistics, reduced
+        mean = lax.pmean(jnp.mean(x), "d")
+        every = lax.all_gather(x, "d")
+        left = lax.ppermute(x, "d", perm)  # device k gets the shard of k - 1
+        one = (every.sum() / total) * (mean * 16.0 / total)
+        return jnp.log(left * one)  # <- collectives
+
+    f = jax.shard_map(body, mesh=mesh8, in_specs=P("d"), out_specs=P("d"))
+    x = jnp.arange(1.0, 17.0).at[8].set(0.0)  # shard 4; after ppermute: device 5
+    d = jaxnan.locate(f)(x)
+    check(d, "log", "collectives")
+    assert d.device == mesh8.devices.flat[5].id
+    assert d.nonfinite_outputs == {"output": (0, 0, 1)}
+    assert not jaxnan.locate(f)(jnp.arange(1.0, 17.0)).found
 
 
 def test_shard_map_reports_device(mesh8):
@@ -246,3 +277,45 @@ def test_register_rule_type_error():
         TypeError, match=re.escape("jaxnan.register_rule(primitive) needs")
     ):
         jaxnan.register_rule("exp")
+
+
+def _deep_loss(ws, x):
+    for w in ws:
+        x = jnp.tanh(x @ w)  # <- deep
+    return jnp.mean(x**2)
+
+
+def test_blocks_reuse_repeated_layers_and_match_one_program():
+    ws = [jnp.eye(4) * 1.5 for _ in range(24)]
+    ws[17] = jnp.full((4, 4), 3e38)  # x @ w overflows; tanh(inf) = 1 masks it
+    x = jnp.linspace(0.5, 0.9, 8).reshape(2, 4)
+    fn = jax.value_and_grad(_deep_loss)
+    leaves = jax.tree_util.tree_leaves((ws, x))
+    closed = jax.make_jaxpr(lambda *a: fn(a[:-1], a[-1]))(*leaves)
+    det = blocks.detect(closed, closed.consts, leaves)
+    one = interpreter.Interpreter("detect", 0)
+    rec, _ = jax.jit(lambda c, a: interpreter.run(one, closed, c, a))(
+        closed.consts, leaves
+    )
+    assert det.compiled < det.blocks  # identical layers share a compiled block
+    assert det.index == int(rec.index) >= 0
+    assert det.out_producers == one.out_producers
+
+    def facts(n):
+        return (
+            n.index,
+            n.eqn.primitive.name,
+            n.eqn.source_info.traceback,
+            n.name_stack,
+            n.unit,
+            n.producers,
+            n.loop_depth,
+            n.checked,
+            n.in_avals,
+            tuple(c.source_info.traceback for c in n.callers),
+        )
+
+    assert [facts(n) for n in det.nodes] == [facts(n) for n in one.nodes]
+    d = jaxnan.locate(fn)(ws, x)
+    check(d, "dot_general", "deep")
+    assert d.nonfinite_outputs == {}

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from jax.extend import source_info_util
 
-from jaxnan._src import base, checks, interpreter, primitives, report, tree
+from jaxnan._src import base, blocks, checks, interpreter, primitives, report, tree
 from jaxnan._src.inspect import locate_text
 
 source_info_util.register_exclusion(__file__)
@@ -484,19 +484,12 @@ def _locate(fn, name, static, args, kwargs) -> Diagnosis:
 
     closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*leaves)
     out_paths = [p for p, _ in tree.paths_and_leaves(out_shape, "output")]
-    depth = primitives.loop_depth(closed.jaxpr)
     consts = list(closed.consts)
-
-    interp = interpreter.Interpreter("detect", depth)
-
-    def detect(consts, flat):
-        rec, outs = interpreter.run(interp, closed, consts, flat)
-        return rec, tree.counts_matrix(list(flat)), tree.counts_matrix(outs)
-
-    rec, in_counts, out_counts = jax.device_get(jax.jit(detect)(consts, leaves))
+    det = blocks.detect(closed, consts, leaves)
+    in_counts, out_counts = _counts(leaves), _counts(det.outs)
     nonfinite_inputs = _rows(in_counts, in_paths)
     nonfinite_outputs = _rows(out_counts, out_paths)
-    index = int(rec.index)
+    index = det.index
 
     if nonfinite_inputs:
         from jaxnan._src import causes
@@ -518,23 +511,24 @@ def _locate(fn, name, static, args, kwargs) -> Diagnosis:
             fn_name=name,
         )
 
-    node = interp.nodes[index]
-    iteration = tuple(int(i) for i in np.asarray(rec.iteration)[: node.loop_depth])
-    device_pos = int(rec.device)
+    node = det.nodes[index]
+    iteration = tuple(int(i) for i in det.iteration[: node.loop_depth])
+    device_pos = det.device
     device = None
     if node.shard is not None and device_pos >= 0:
         mesh, axes = node.shard
         device = device_pos
         if tuple(axes) == tuple(mesh.axis_names):
             device = int(mesh.devices.flat[device_pos].id)
-    phase = phases(interp.nodes, interp.out_producers)(node)
+    phase = phases(det.nodes, det.out_producers)(node)
 
-    inputs, outputs = _capture(
-        closed, consts, leaves, depth, node, iteration, device_pos
-    )
+    captured = blocks.capture_event(det, node, iteration, device_pos)
+    inputs, outputs = captured.inputs, captured.outputs
+    if device is None:  # a sharded jit: the device holding the element
+        device = captured.device
     eqn = node.eqn
     frame, api = node_frame(node)
-    api = _user_function(node, interp.nodes, api)
+    api = _user_function(node, det.nodes, api)
     file = line = function = code = None
     if frame is not None:
         file, line = frame.file_name, frame.line_num
@@ -579,6 +573,11 @@ def _locate(fn, name, static, args, kwargs) -> Diagnosis:
     )
 
 
+@jax.jit
+def _leaf_counts(x: Any) -> jax.Array:
+    return tree.counts_matrix([x])[0]
+
+
 def _layer_text(closed, leaves, dyn_tree, eqn) -> str | None:
     try:
         return locate_text.layer_text(closed, leaves, dyn_tree, eqn)
@@ -586,17 +585,14 @@ def _layer_text(closed, leaves, dyn_tree, eqn) -> str | None:
         return f"layer statistics unavailable ({type(e).__name__}: {e})"
 
 
-def _capture(closed, consts, leaves, depth, node, iteration, device_pos):
-    """Second compiled pass: the event equation's concrete inputs/outputs."""
-    target = interpreter.Target(node.index, iteration, device_pos)
-    interp = interpreter.Interpreter("capture", depth, target)
-    interp.target_node = node
+def _dtype(v: Any) -> Any:
+    return v.dtype if hasattr(v, "dtype") else np.result_type(v)
 
-    def capture(consts, flat):
-        state, _ = interpreter.run(interp, closed, consts, flat)
-        return state
 
-    values = jax.device_get(jax.jit(capture)(consts, leaves))
-    values = [np.asarray(v) for v in values]
-    n_in = len(node.in_avals)
-    return values[:n_in], values[n_in:]
+def _counts(values: Sequence[Any]) -> np.ndarray:
+    """NaN, +Inf, -Inf counts of each value (one small cached kernel per shape)."""
+    rows = [
+        _leaf_counts(v) if base.is_inexact_dtype(_dtype(v)) else (0, 0, 0)
+        for v in values
+    ]
+    return np.array([np.asarray(r) for r in rows], np.int64).reshape(-1, 3)

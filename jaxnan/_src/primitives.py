@@ -123,6 +123,67 @@ SUBSETTING = frozenset({"slice", "dynamic_slice", "gather"})
 # ----------------------------------------------------------------------------
 # Dtypes.
 
+# Primitives whose floating output elements are elements of their inputs
+# (selected, negated, clamped, rounded, sorted): an output code never exceeds
+# the input codes, so they cannot create and are not checked. `can_create`
+# handles the exceptions (complex abs, empty max/min reductions, narrowing
+# converts).
+SELECTING = frozenset(
+    {
+        "select_n",
+        "max",
+        "min",
+        "neg",
+        "abs",
+        "sign",
+        "floor",
+        "ceil",
+        "round",
+        "concatenate",
+        "pad",
+        "slice",
+        "dynamic_slice",
+        "dynamic_update_slice",
+        "sort",
+        "clamp",
+        "cummax",
+        "cummin",
+        "real",
+        "imag",
+        "conj",
+        "reduce_max",
+        "reduce_min",
+        "convert_element_type",
+    }
+)
+
+
+def _is_inexact(dtype: Any) -> bool:
+    return dtype is not None and bool(jnp.issubdtype(dtype, jnp.inexact))
+
+
+def can_create(eqn: Any) -> bool:
+    """False when an equation's outputs hold only (transformed) input elements."""
+    name = eqn.primitive.name
+    if name not in SELECTING:
+        return True
+    ins = [v.aval for v in eqn.invars]
+    if name in ("abs", "sign"):  # |z| of a complex z can overflow
+        return jnp.issubdtype(ins[0].dtype, jnp.complexfloating)
+    if name in ("reduce_max", "reduce_min"):  # an empty reduction gives -+inf
+        return any(ins[0].shape[a] == 0 for a in eqn.params["axes"])
+    if name == "convert_element_type":  # only widening float converts
+        src, dst = ins[0].dtype, eqn.outvars[0].aval.dtype
+        if not (_is_inexact(src) and _is_inexact(dst)):
+            return True
+        if jnp.issubdtype(src, jnp.complexfloating) != jnp.issubdtype(
+            dst, jnp.complexfloating
+        ):
+            return True
+        return bool(jnp.finfo(dst).max < jnp.finfo(src).max)
+    return False
+
+
 LOW_PRECISION_NAMES = ("float16", "bfloat16")
 """The names of the 16-bit float dtypes."""
 

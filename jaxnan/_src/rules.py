@@ -1,4 +1,4 @@
-"""The rule table of the `locate` interpreter, and `register_rule`.
+"""The built-in rules of the `locate` interpreter.
 
 A rule has the shape ``rule(ctx, *invals, **params) -> (ctx, outvals)``.
 First-order primitives need no rule: the interpreter binds them and checks
@@ -6,7 +6,8 @@ their floating outputs. Higher-order primitives (those holding a jaxpr) need
 one: the built-in rules below inline calls (`jit`, `closed_call`,
 `custom_jvp_call`, `custom_vjp_call`, `checkpoint`), and evaluate `cond`,
 `scan`, `while` and `shard_map` with an instrumented body that threads the
-fixed-size record through branches, loop carries and devices.
+fixed-size record through branches, loop carries and devices. The table and
+`register_rule` live in `interpreter.py` (re-exported here).
 """
 
 from __future__ import annotations
@@ -24,72 +25,11 @@ from jax.extend.core import primitives as prims
 from jax.sharding import PartitionSpec
 
 from jaxnan._src import compat
-from jaxnan._src.interpreter import Ctx, Record
+from jaxnan._src.interpreter import RULES, Ctx, Rule, register_rule
 
 source_info_util.register_exclusion(__file__)
 
-Rule = Callable[..., tuple[Ctx, Any]]
-
-RULES: dict[Any, Rule] = {}
-"""The rule of each primitive the interpreter treats specially."""
-
-
-def register_rule(primitive: Any) -> Callable[[Rule], Rule]:
-    """Registers how `jaxnan.locate` evaluates a primitive.
-
-    The rule is called as ``rule(ctx, *invals, **params)`` for every equation
-    of `primitive` and returns ``(ctx, outvals)`` (a list of outputs when the
-    primitive has multiple results, else one value). It runs while
-    `jax.jit` traces the instrumented program, so it works on tracers.
-
-    For a first-order primitive the rule only computes the outputs; the
-    interpreter still checks them (an output that is nonfinite while the
-    inputs were finite is a creation event). For a higher-order primitive
-    (one whose params hold a jaxpr) the rule must evaluate the body with
-    ``ctx.eval_jaxpr(jaxpr, consts, args)``, which checks every equation of
-    the body inline, so that events inside are found and named. A
-    higher-order primitive without a rule makes `locate` raise
-    `NotImplementedError`. Registering again replaces the rule.
-
-    Args:
-        primitive: a `jax.extend.core.Primitive`.
-
-    Returns:
-        A decorator that stores the rule and returns it unchanged.
-
-    Raises:
-        TypeError: when `primitive` is not a jax primitive.
-
-    Examples:
-        A primitive with no lowering, evaluated by its rule:
-
-        >>> import jax.numpy as jnp, jaxnan
-        >>> from jax.extend.core import Primitive
-        >>> double_p = Primitive("double")
-        >>> _ = double_p.def_abstract_eval(lambda x: x)
-        >>> @jaxnan.register_rule(double_p)
-        ... def _double_rule(ctx, x):
-        ...     return ctx, x + x
-        >>> def f(x):
-        ...     return jnp.log(double_p.bind(x))
-        >>> jaxnan.locate(f)(jnp.zeros(2)).primitive
-        'log'
-
-    .. versionadded:: 0.1.0
-    """
-    if not isinstance(primitive, jex_core.Primitive):
-        raise TypeError(
-            f"jaxnan.register_rule(primitive) needs a jax primitive "
-            f"(jax.extend.core.Primitive), got {type(primitive).__name__}: "
-            f"{primitive!r}. Pass for example jax.extend.core.primitives.exp_p."
-        )
-
-    def decorator(rule: Rule) -> Rule:
-        RULES[primitive] = rule
-        return rule
-
-    return decorator
-
+__all__ = ["RULES", "Rule", "register_rule"]
 
 # -- call-like primitives: inlined ---------------------------------------
 
@@ -102,6 +42,7 @@ def _inline(param: str) -> Rule:
         return ctx, ctx.eval_jaxpr(body, (), args)
 
     rule.__name__ = f"_inline_{param}_rule"
+    rule.inline_param = param  # type: ignore[attr-defined]  # blocks.py flattens
     return rule
 
 
@@ -248,6 +189,9 @@ def _shard_map_rule(
     axes = tuple(a for a in mesh.axis_names if a in manual)
     ndev = math.prod(mesh.shape[a] for a in axes)
     shard = (mesh, axes)
+    # Replay with the body's own varying-axes typing: its collectives (psum
+    # of a per-shard statistic) were traced under it and check it again.
+    check_vma = bool(params.get("check_vma", False))
 
     def body(state: Any, iters: tuple, *xs: Any) -> tuple:
         sub = ctx.child(state, iters=iters, shard=shard)
@@ -256,7 +200,10 @@ def _shard_map_rule(
         else:
             outs = sub.eval_jaxpr(jaxpr, (), xs)
         sub.flush()
-        stacked = jax.tree_util.tree_map(lambda s: s[None], sub.state)
+        st = sub.state
+        if check_vma:  # the per-device state leaves as varying values
+            st = jax.tree_util.tree_map(lambda s: _varying(s, axes), st)
+        stacked = jax.tree_util.tree_map(lambda s: s[None], st)
         return stacked, tuple(outs)
 
     mapped = jax.shard_map(
@@ -265,25 +212,18 @@ def _shard_map_rule(
         in_specs=(PartitionSpec(), PartitionSpec(), *in_specs),
         out_specs=(PartitionSpec(axes), tuple(out_specs)),
         axis_names=manual,
-        check_vma=False,
+        check_vma=check_vma,
     )
     stacked, outs = mapped(ctx.state, tuple(ctx.iters), *args)
-    if ctx.interp.mode == "detect":
-        ctx.state = _first_device(ctx.state, stacked)
-    else:
-        pos = max(ctx.interp.target.device, 0) if ndev > 1 else 0
-        ctx.state = jax.tree_util.tree_map(lambda s: s[pos], stacked)
+    ctx.merge_devices(stacked, ndev)
     return ctx, list(outs)
 
 
-def _first_device(old: Record, st: Record) -> Record:
-    """The event with the smallest index over devices, with its position."""
-    valid = st.index >= 0
-    key = jnp.where(valid, st.index, jnp.iinfo(jnp.int32).max)
-    pos = jnp.argmin(key).astype(jnp.int32)
-    take = (old.index < 0) & jnp.any(valid)
-    return Record(
-        jnp.where(take, st.index[pos], old.index),
-        jnp.where(take, st.iteration[pos], old.iteration),
-        jnp.where(take, pos, old.device),
-    )
+def _varying(x: Any, axes: tuple) -> Any:
+    """`x` marked varying over `axes` (a no-op for the axes it varies over)."""
+    t = jax.typeof(x)
+    vma = getattr(getattr(t, "mat", None), "varying", None)  # jax >= 0.9
+    if vma is None:
+        vma = getattr(t, "vma", frozenset())
+    missing = tuple(a for a in axes if a not in vma)
+    return lax.pcast(x, missing, to="varying") if missing else x

@@ -1,0 +1,495 @@
+"""Block-wise detection: compile each distinct block of a program once.
+
+Instrumenting every value of a deep model in one program makes XLA compile a
+graph several times the size of the plain one, and its compile time grows
+faster than the graph (28x the plain compile at 8 transformer layers). An
+unrolled model repeats itself, so `detect` cuts the program into blocks and
+compiles each *distinct* block once:
+
+1. `flatten`: the top-level calls that the built-in rules inline anyway
+   (`jit`, `closed_call`, `checkpoint`, `custom_jvp_call`, `custom_vjp_call`)
+   are inlined into one list of `Entry` (equation, name stack, callers), the
+   body variables renamed per call site.
+2. `cut`: content-defined cut points (a hash of the last few equation
+   signatures, as rsync and deduplicating stores cut files) make the blocks
+   of layer k and layer k+1 start at the same relative equations, so that
+   they are equal.
+3. Each block has a key: the signatures of its equations (primitive, params,
+   abstract values, literals, name stacks), its wiring (which output of which
+   equation feeds which input, inputs from outside numbered by first use)
+   and which of its values are used later. Blocks with equal keys compute
+   the same function of their inputs: one instrumented `jax.jit` (traced by
+   `interpreter.run_block` with the `Detect` strategy) serves them all, and
+   its node table is copied with the equations and producers of each block.
+4. The blocks run in program order on the values of the previous ones,
+   dead values freed as they go; the first block whose record holds an event
+   holds the first event of the program. Its inputs are kept, and `capture`
+   re-runs that block alone with the `Capture` strategy.
+
+The answer is the one a single instrumented program gives: the same creation
+test on the same equations in the same order. Only fusion across block
+boundaries differs, as it differs between any two XLA programs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+from jax.extend import core as jex_core
+from jax.extend import source_info_util
+
+from jaxnan._src import interpreter, primitives, records, rules
+from jaxnan._src.records import Entry, Node
+
+source_info_util.register_exclusion(__file__)
+
+# Producer indices at or above this mark a block input: EXTERNAL + k is the
+# k-th input of the block (resolved when the node table is placed).
+EXTERNAL = 1 << 40
+
+# Content-defined cutting: a block ends after an equation whose window hash
+# is 0 modulo AVERAGE, once it has MIN_LEN equations; never longer than MAX_LEN.
+WINDOW, AVERAGE, MIN_LEN, MAX_LEN = 4, 16, 8, 64
+
+
+def compiler_options() -> dict[str, Any]:
+    """XLA options of the instrumented blocks.
+
+    On CPU the LLVM backend at optimization level 0 halves the compile time
+    of an instrumented block (its run is a few times slower, and runs once);
+    floating-point semantics do not depend on the level (no fast math).
+    """
+    if jax.default_backend() == "cpu":
+        return {"xla_backend_optimization_level": 0}
+    return {}
+
+
+class Program(NamedTuple):
+    """A top-level program with its calls inlined."""
+
+    entries: list[Entry]
+    invars: list  # the function's arguments
+    constvars: list  # top-level and inlined constants
+    const_values: list
+    outvars: list  # variables or literals
+
+
+class Block(NamedTuple):
+    """A run of consecutive entries of a `Program`."""
+
+    start: int  # position of the first entry in the program
+    entries: list[Entry]
+    invars: list  # read from outside, numbered by first use
+    outvars: list  # used after the block or returned by the program
+    key: Any
+
+
+@dataclasses.dataclass
+class _Compiled:
+    fn: Any
+    interp: interpreter.Interpreter
+    out_producers: list
+    block: Block  # the block it was traced on (its equations are in nodes)
+
+
+@dataclasses.dataclass
+class Detection:
+    """What the block-wise detect pass found.
+
+    Attributes:
+        index: node index of the first creation event, -1 if none.
+        iteration: int32 loop iterations of the event (outermost first).
+        device: device position inside `shard_map`/`pmap`, -1 elsewhere.
+        nodes: the node table of the whole program.
+        out_producers: the producer node of each output of the program.
+        outs: the output values.
+        blocks: number of blocks run; compiled: how many were compiled.
+    """
+
+    index: int
+    iteration: np.ndarray
+    device: int
+    nodes: list[Node]
+    out_producers: tuple[int, ...]
+    outs: list
+    blocks: int = 0
+    compiled: int = 0
+    depth: int = 0
+    event_block: Block | None = None
+    event_args: list | None = None
+    event_offset: int = 0
+
+
+# -- flattening ----------------------------------------------------------
+
+
+def _inline_param(eqn: Any) -> str | None:
+    rule = rules.RULES.get(eqn.primitive)
+    return getattr(rule, "inline_param", None)
+
+
+def flatten(closed: Any) -> Program:
+    """Inlines the top-level calls of `closed` into one list of entries."""
+    entries: list[Entry] = []
+    constvars = list(closed.jaxpr.constvars)
+    const_values = list(closed.consts)
+
+    def atom(sub: dict, v: Any) -> Any:
+        if isinstance(v, jex_core.Literal):
+            return v
+        return sub.get(v, v)
+
+    def walk(jaxpr: Any, sub: dict, ns: str, callers: tuple, fresh: bool) -> None:
+        for eqn in jaxpr.eqns:
+            invars = [atom(sub, v) for v in eqn.invars]
+            param = _inline_param(eqn)
+            if param is not None:
+                body = eqn.params[param]
+                consts = ()
+                if isinstance(body, jex_core.ClosedJaxpr):
+                    body, consts = body.jaxpr, body.consts
+                inner: dict = {}
+                for v, c in zip(body.constvars, consts):
+                    nv = jex_core.Var(v.aval)
+                    constvars.append(nv)
+                    const_values.append(c)
+                    inner[v] = nv
+                inner.update(zip(body.invars, invars))
+                name = interpreter.join_names(ns, str(eqn.source_info.name_stack))
+                walk(body, inner, name, (*callers, eqn), True)
+                for o, bo in zip(eqn.outvars, body.outvars):
+                    sub[o] = atom(inner, bo)
+                continue
+            outvars = eqn.outvars
+            if fresh:
+                outvars = [
+                    v if isinstance(v, jex_core.DropVar) else jex_core.Var(v.aval)
+                    for v in eqn.outvars
+                ]
+                sub.update(zip(eqn.outvars, outvars))
+            if fresh or any(a is not b for a, b in zip(invars, eqn.invars)):
+                eqn = eqn.replace(invars=invars, outvars=outvars)
+            entries.append(Entry(eqn, ns, callers))
+
+    top: dict = {}
+    walk(closed.jaxpr, top, "", (), False)
+    outvars = [atom(top, v) for v in closed.jaxpr.outvars]
+    return Program(entries, list(closed.jaxpr.invars), constvars, const_values, outvars)
+
+
+# -- keys and cuts -------------------------------------------------------
+
+
+def _param_key(v: Any) -> Any:
+    if isinstance(v, jex_core.Jaxpr | jex_core.ClosedJaxpr):
+        return ("jaxpr", id(v))  # bodies are shared objects: identity
+    if isinstance(v, tuple | list):
+        return (type(v).__name__, tuple(_param_key(x) for x in v))
+    if isinstance(v, dict):
+        return ("dict", tuple(sorted((k, _param_key(x)) for k, x in v.items())))
+    if isinstance(v, np.ndarray):
+        return ("array", v.dtype.str, v.shape, v.tobytes())
+    try:
+        hash(v)
+    except TypeError:
+        return ("id", id(v))
+    return (type(v), v)
+
+
+def _signature(e: Entry) -> Any:
+    eqn = e.eqn
+    ins = tuple(
+        ("literal", v.aval, np.asarray(v.val).tobytes())
+        if isinstance(v, jex_core.Literal)
+        else v.aval
+        for v in eqn.invars
+    )
+    outs = tuple((v.aval, isinstance(v, jex_core.DropVar)) for v in eqn.outvars)
+    return (
+        eqn.primitive,
+        _param_key(eqn.params),
+        ins,
+        outs,
+        e.name_stack,
+        str(eqn.source_info.name_stack),
+        len(e.callers),
+        frozenset(eqn.effects),
+    )
+
+
+def cut(program: Program) -> list[Block]:
+    """Cuts a program into blocks at content-defined points, with their keys."""
+    entries = program.entries
+    n = len(entries)
+    interned: dict = {}
+    ids = [interned.setdefault(_signature(e), len(interned)) for e in entries]
+    last_use: dict = {}
+    for pos, e in enumerate(entries):
+        for v in e.eqn.invars:
+            if not isinstance(v, jex_core.Literal):
+                last_use[v] = pos
+    for v in program.outvars:
+        if not isinstance(v, jex_core.Literal):
+            last_use[v] = n
+    hashes = [hash(tuple(ids[max(0, i - WINDOW + 1) : i + 1])) for i in range(n)]
+    bounds, start, i = [], 0, 0
+    while i < n:
+        length = i - start + 1
+        end = None
+        if (length >= MIN_LEN and hashes[i] % AVERAGE == 0) or i == n - 1:
+            end = i + 1
+        elif length >= MAX_LEN:
+            # No natural cut (a short period): cut after the smallest hash of
+            # the span, the same phase of every period, so blocks still align.
+            span = range(start + MIN_LEN - 1, i + 1)
+            end = min(span, key=lambda j: (hashes[j] % AVERAGE, j)) + 1
+        if end is not None:
+            bounds.append((start, end))
+            start = i = end
+        else:
+            i += 1
+    return [_block(entries, ids, last_use, a, b) for a, b in bounds]
+
+
+def _block(entries, ids, last_use, a: int, b: int) -> Block:
+    local: dict = {}
+    ext: dict = {}
+    wiring = []
+    for pos in range(a, b):
+        eqn = entries[pos].eqn
+        w = []
+        for v in eqn.invars:
+            if isinstance(v, jex_core.Literal):
+                w.append(None)
+            elif v in local:
+                w.append(local[v])
+            else:
+                w.append(-1 - ext.setdefault(v, len(ext)))
+        wiring.append(tuple(w))
+        for j, o in enumerate(eqn.outvars):
+            if not isinstance(o, jex_core.DropVar):
+                local[o] = (pos - a, j)
+    live = [v for v in local if last_use.get(v, -1) >= b]
+    key = (tuple(ids[a:b]), tuple(wiring), tuple(local[v] for v in live))
+    return Block(a, entries[a:b], list(ext), live, key)
+
+
+# -- detect --------------------------------------------------------------
+
+
+def _compile(block: Block, depth: int) -> _Compiled:
+    interp = interpreter.Interpreter(records.Detect(), depth)
+    out: _Compiled = _Compiled(None, interp, [], block)
+    marks = [EXTERNAL + k for k in range(len(block.invars))]
+
+    def fn(args: list, codes: list) -> tuple:
+        interp.nodes = []  # a retrace (other shardings) builds the same table
+        state, slots = interpreter.run_block(
+            interp, block.entries, block.invars, block.outvars, args, marks, codes
+        )
+        out.out_producers = [s.producer for s in slots]
+        # The codes this block computed anyway spare the next blocks a pass.
+        known = [_known_code(s) for s in slots]
+        return state, [s.value for s in slots], known
+
+    out.fn = jax.jit(fn, compiler_options=compiler_options())
+    return out
+
+
+def _known_code(slot: records.Slot) -> Any:
+    cell = slot.cell
+    if cell is None or cell.code is None or isinstance(cell.code, int):
+        return None
+    return cell.code
+
+
+def _place(
+    compiled: _Compiled, block: Block, offset: int, ext_prods: Sequence[int]
+) -> tuple[list[Node], list[int]]:
+    """The compiled block's node table, for `block` at `offset`."""
+    same: dict[int, Any] = {}
+    for rep, cur in zip(compiled.block.entries, block.entries):
+        same[id(rep.eqn)] = cur.eqn
+        for a, b in zip(rep.callers, cur.callers):
+            same[id(a)] = b
+
+    def prod(p: int) -> int:
+        return ext_prods[p - EXTERNAL] if p >= EXTERNAL else p + offset
+
+    nodes = []
+    for n in compiled.interp.nodes:
+        producers = tuple(q for q in (prod(p) for p in n.producers) if q >= 0)
+        nodes.append(
+            dataclasses.replace(
+                n,
+                index=n.index + offset,
+                unit=n.unit + offset,
+                eqn=same.get(id(n.eqn), n.eqn),
+                producers=producers,
+                callers=tuple(same.get(id(c), c) for c in n.callers),
+            )
+        )
+    return nodes, [prod(p) if p >= 0 else -1 for p in compiled.out_producers]
+
+
+def detect(closed: Any, consts: Sequence[Any], args: Sequence[Any]) -> Detection:
+    """Runs the instrumented program block by block (see the module doc).
+
+    Args:
+        closed: the `ClosedJaxpr` of the function.
+        consts: its constant values.
+        args: the flat argument values.
+
+    Returns:
+        The `Detection`: first event, node table, output values.
+    """
+    depth = primitives.loop_depth(closed.jaxpr)
+    program = flatten(closed)
+    blocks = cut(program)
+    env: dict = dict(zip(closed.jaxpr.constvars, consts))
+    env.update(zip(program.constvars, program.const_values))
+    env.update(zip(program.invars, args))
+    last_block = _last_block(blocks, program.outvars)
+    producer: dict = {}
+    nodes: list[Node] = []
+    cache: dict = {}
+    det = Detection(-1, np.full((depth,), -1, np.int32), -1, nodes, (), [], depth=depth)
+    codes: dict = {}
+    for bi, block in enumerate(blocks):
+        known = [codes.get(v) for v in block.invars]
+        key = (block.key, tuple(c is not None for c in known))
+        compiled = cache.get(key)
+        if compiled is None:
+            compiled = cache[key] = _compile(block, depth)
+        vals = [env[v] for v in block.invars]
+        rec, outs, out_codes = compiled.fn(vals, known)
+        ext_prods = [producer.get(v, -1) for v in block.invars]
+        placed, out_prods = _place(compiled, block, len(nodes), ext_prods)
+        if det.index < 0:
+            local = int(rec.index)  # waits for this block only
+            if local >= 0:
+                det.index = local + len(nodes)
+                det.iteration = np.asarray(rec.iteration)
+                det.device = int(rec.device)
+                det.event_block, det.event_args = block, vals
+                det.event_offset = len(nodes)
+        nodes.extend(placed)
+        for v, x, p, c in zip(block.outvars, outs, out_prods, out_codes):
+            env[v] = x
+            producer[v] = p
+            if c is not None:
+                codes[v] = c
+        for v in last_block.get(bi, ()):
+            env.pop(v, None)
+            codes.pop(v, None)
+    det.outs = [
+        v.val if isinstance(v, jex_core.Literal) else env[v] for v in program.outvars
+    ]
+    det.out_producers = tuple(
+        -1 if isinstance(v, jex_core.Literal) else producer.get(v, -1)
+        for v in program.outvars
+    )
+    det.blocks, det.compiled = len(blocks), len(cache)
+    return det
+
+
+def _last_block(blocks: Sequence[Block], outvars: Sequence[Any]) -> dict:
+    """Block index -> the variables no later block reads (freed after it)."""
+    last: dict = {}
+    for bi, block in enumerate(blocks):
+        for v in block.invars:
+            last[v] = bi
+        for v in block.outvars:
+            last.setdefault(v, bi)
+    keep = {v for v in outvars if not isinstance(v, jex_core.Literal)}
+    out: dict = {}
+    for v, bi in last.items():
+        if v not in keep:
+            out.setdefault(bi, []).append(v)
+    return out
+
+
+class Captured(NamedTuple):
+    """The concrete values of the event equation (see `capture_event`).
+
+    Attributes:
+        inputs: its inputs, as numpy arrays.
+        outputs: its outputs, as numpy arrays.
+        device: under a sharded `jit`, the id of the device holding the first
+            nonfinite element of its outputs; None when they are not split
+            over devices.
+    """
+
+    inputs: list[np.ndarray]
+    outputs: list[np.ndarray]
+    device: int | None
+
+
+def capture_event(
+    det: Detection, node: Node, iteration: Sequence[int], device: int
+) -> Captured:
+    """Concrete inputs and outputs of the event equation (its block re-run).
+
+    Args:
+        det: the `Detection` holding the event.
+        node: the event node (`det.nodes[det.index]`).
+        iteration: the loop iterations of the event.
+        device: the device position of the event, -1 outside device maps.
+
+    Returns:
+        The `Captured` values, and the device of the first nonfinite output
+        element under a sharded `jit`.
+    """
+    block = det.event_block
+    target = records.Target(node.index - det.event_offset, tuple(iteration), device)
+    interp = interpreter.Interpreter(records.Capture(target), det.depth)
+    interp.target_node = node
+    marks = [EXTERNAL + k for k in range(len(block.invars))]
+
+    def fn(args: list) -> Any:
+        interp.nodes = []
+        state, _ = interpreter.run_block(
+            interp, block.entries, block.invars, [], args, marks
+        )
+        return state
+
+    arrays = jax.jit(fn, compiler_options=compiler_options())(det.event_args)
+    values = [np.asarray(v) for v in jax.device_get(arrays)]
+    n_in = len(node.in_avals)
+    holder = None
+    if node.shard is None:
+        holder = _first_nonfinite_device(arrays[n_in:], values[n_in:])
+    return Captured(values[:n_in], values[n_in:], holder)
+
+
+def capture(
+    det: Detection, node: Node, iteration: Sequence[int], device: int
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """``(inputs, outputs)`` of the event equation (see `capture_event`)."""
+    got = capture_event(det, node, iteration, device)
+    return got.inputs, got.outputs
+
+
+def _first_nonfinite_device(arrays: Sequence[Any], values: Sequence[Any]) -> Any:
+    """Id of the device holding the first nonfinite element, if split."""
+    for arr, val in zip(arrays, values):
+        if not np.issubdtype(val.dtype, np.inexact):
+            continue
+        bad = np.flatnonzero(~np.isfinite(val))
+        if bad.size == 0:
+            continue
+        sharding = getattr(arr, "sharding", None)
+        if sharding is None or sharding.is_fully_replicated:
+            return None
+        where = np.unravel_index(int(bad[0]), val.shape)
+        holders = [
+            d.id
+            for d, idx in sharding.devices_indices_map(val.shape).items()
+            if all(i in range(*s.indices(n)) for i, s, n in zip(where, idx, val.shape))
+        ]
+        return min(holders) if holders else None
+    return None
