@@ -47,7 +47,7 @@ CODE_FINITE, CODE_INF, CODE_NAN = 0, 1, 2
 
 # Primitives whose output holds exactly the elements of their first input,
 # rearranged: they cannot create a nonfinite value and share the input's code.
-_REARRANGING = frozenset(
+REARRANGING = frozenset(
     {
         "reshape",
         "squeeze",
@@ -248,6 +248,10 @@ class Interpreter:
         self.target_node: Node | None = None
         self.nodes: list[Node] = []
         self.out_producers: tuple[int, ...] = ()
+        # Detect mode only: which nodes may hold the event (None: all), and
+        # the smallest code an event must create (CODE_NAN: NaN events only).
+        self.allow: Any = None
+        self.min_code: int = CODE_INF
 
     def add_node(self, **kw: Any) -> Node:
         """Appends a node to the table and returns it."""
@@ -516,7 +520,7 @@ class Ctx:
         float_outs = [_is_float_aval(v.aval) for v in eqn.outvars]
         name = eqn.primitive.name
         if (
-            name in _REARRANGING
+            name in REARRANGING
             and len(eqn.outvars) == 1
             and ins
             and ins[0][1] is not None
@@ -544,10 +548,15 @@ class Ctx:
             static_in = [c for c in in_codes if isinstance(c, int)]
             if static_in and max(static_in) >= CODE_NAN:
                 return  # a NaN literal came in: nothing can be created here
+            if self.interp.allow is not None and not self.interp.allow(node):
+                return
             out_codes = [c.get() for c in cells if c is not None]
             cout = functools.reduce(jnp.maximum, out_codes)
             cin = functools.reduce(jnp.maximum, in_codes) if in_codes else 0
-            self.pending.append((cout > cin, node.index))
+            created = cout > cin
+            if self.interp.min_code > CODE_INF:
+                created = created & (cout >= self.interp.min_code)
+            self.pending.append((created, node.index))
         elif node.index == self.interp.target.index:
             self._capture(invals, outs, top)
 
