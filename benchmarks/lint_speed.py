@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 
 import jaxnan  # noqa: E402
-from jaxnan._src import lint as lint_mod  # noqa: E402
+from jaxnan._src.lint import graph as lint_graph  # noqa: E402
 
 
 def main():
@@ -32,7 +32,7 @@ def main():
             t0 = time.perf_counter()
             jaxnan.lint(fn, *args)
             times.append(time.perf_counter() - t0)
-        g, _ = lint_mod._build(fn, args)
+        g, _ = lint_graph.build(fn, args)
         warm = statistics.median(times)
         print(
             f"{name:15s} first {first:6.2f} s  warm median {warm:6.2f} s"

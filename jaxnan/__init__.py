@@ -7,10 +7,25 @@ from jaxnan._src.decorators import NonfiniteRecord as NonfiniteRecord
 from jaxnan._src.decorators import checked as checked
 from jaxnan._src.decorators import checked_grad as checked_grad
 from jaxnan._src.decorators import checked_value_and_grad as checked_value_and_grad
+from jaxnan._src.decorators import nonfinite_errors as nonfinite_errors
+from jaxnan._src.inspect.activations import LayerStats as LayerStats
+from jaxnan._src.inspect.activations import activation_stats as activation_stats
+from jaxnan._src.inspect.impute import ImputeReport as ImputeReport
+from jaxnan._src.inspect.impute import impute as impute
+from jaxnan._src.inspect.impute import impute_stats as impute_stats
+from jaxnan._src.inspect.leaf_stats import GradStats as GradStats
+from jaxnan._src.inspect.leaf_stats import ParamStats as ParamStats
+from jaxnan._src.inspect.leaf_stats import grad_stats as grad_stats
+from jaxnan._src.inspect.leaf_stats import param_stats as param_stats
+from jaxnan._src.inspect.outliers import ClipReport as ClipReport
+from jaxnan._src.inspect.outliers import clip_outliers as clip_outliers
+from jaxnan._src.inspect.rows import DropReport as DropReport
+from jaxnan._src.inspect.rows import drop_nonfinite_rows as drop_nonfinite_rows
+from jaxnan._src.inspect.vocab import Strategy as Strategy
+from jaxnan._src.lint import LINT_RULES as LINT_RULES
 from jaxnan._src.lint import Finding as Finding
+from jaxnan._src.lint import LintRule as LintRule
 from jaxnan._src.lint import lint as lint
-from jaxnan._src.lint_rules import LINT_RULES as LINT_RULES
-from jaxnan._src.lint_rules import LintRule as LintRule
 from jaxnan._src.locate import Diagnosis as Diagnosis
 from jaxnan._src.locate import locate as locate
 from jaxnan._src.loss_scale import DynamicLossScaleState as DynamicLossScaleState
@@ -45,21 +60,29 @@ __all__ = (
     "AdaGCState",
     "ArrayTree",
     "ClipByGlobalNormState",
+    "ClipReport",
     "Diagnosis",
+    "DropReport",
     "DynamicLossScaleState",
     "Finding",
+    "GradStats",
+    "ImputeReport",
     "LINT_RULES",
+    "LayerStats",
     "LintRule",
     "MonitorState",
     "NonFiniteError",
     "NonfiniteCounts",
     "NonfiniteRecord",
+    "ParamStats",
     "Report",
     "SkipNonfiniteState",
     "SkipReason",
     "SkipSpikesState",
+    "Strategy",
     "ZScoreClipState",
     "ZeroNonfiniteState",
+    "activation_stats",
     "adagc",
     "all_finite",
     "check",
@@ -67,12 +90,19 @@ __all__ = (
     "checked_grad",
     "checked_value_and_grad",
     "clip_by_global_norm",
+    "clip_outliers",
+    "drop_nonfinite_rows",
     "dynamic_loss_scale",
+    "grad_stats",
+    "impute",
+    "impute_stats",
     "lint",
     "locate",
     "monitor",
     "monitor_metrics",
     "nonfinite_counts",
+    "nonfinite_errors",
+    "param_stats",
     "register_rule",
     "scale_loss",
     "skip_nonfinite",

@@ -17,6 +17,7 @@ import pytest
 
 import jaxnan
 from jaxnan._src.causes import CAUSES
+from tests import helpers
 
 CASES_DIR = pathlib.Path(__file__).parent / "cases"
 CASE_FILES = sorted(CASES_DIR.glob("case_*.py"))
@@ -34,11 +35,7 @@ def load_case(name):
 
 
 def marker_line(name):
-    path = CASES_DIR / f"case_{name}.py"
-    lines = [
-        i for i, text in enumerate(path.read_text().splitlines(), 1) if MARKER in text
-    ]
-    return lines
+    return helpers.marker_lines(CASES_DIR / f"case_{name}.py", MARKER)
 
 
 def _float_leaves(tree):

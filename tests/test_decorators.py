@@ -183,16 +183,13 @@ def test_nan_batch_leaf_record_and_no_duplicate_output_report():
     batch["x"] = batch["x"].at[2, 1].set(NAN).at[0, 0].set(-INF)
     jax.block_until_ready(VG_REC(params, batch))
     recs = REC.take()
-    # The output report is suppressed (the inputs were bad); the gradients
-    # flowing back are reported on their own.
-    assert [r.phase for r in recs] == ["forward-inputs", "backward"]
+    # One bad batch, one report: the outputs and the gradients it made are
+    # not reported again.
+    assert [r.phase for r in recs] == ["forward-inputs"]
     assert recs[0].function == "plain_loss"
     assert recs[0].leaves == {"batch['x']": (1, 0, 1)}
     assert recs[0].examples == (1, 1)
-    assert set(recs[1].leaves) == {"params['w']", "params['b']", "params['s']"}
-    assert recs[1].message.endswith(
-        "jaxnan.locate(jax.value_and_grad(plain_loss))(params, batch)"
-    )
+    assert recs[0].message.endswith("jaxnan.locate(plain_loss)(params, batch)")
 
 
 def test_nonfinite_loss_with_finite_inputs():
@@ -296,9 +293,10 @@ def test_vmap_of_grad_reports_each_phase_once():
     x = batch["x"].at[1, 2].set(INF)
     jax.block_until_ready(VMAPPED_GRAD(params, x, batch["y"]))
     recs = REC.take()
-    assert [r.phase for r in recs] == ["forward-inputs", "backward"]
+    # The bad example's gradients are not reported again (one report).
+    assert [r.phase for r in recs] == ["forward-inputs"]
     assert recs[0].leaves == {"batch['x']": (0, 1, 0)}
-    assert recs[1].examples == (1, 6)
+    assert recs[0].examples == (1, 6)
 
 
 def test_nested_vmap_folds_both_axes():
@@ -348,10 +346,10 @@ def test_inside_lax_scan():
     jax.block_until_ready(run(rec_loss)(params, xs.at[1, 0, 0].set(NAN), ys))
     recs = REC.take()
     # Batch 1 is bad; its NaN gradient poisons the params of batch 2.
-    phases = ["forward-inputs", "backward"] * 2
-    assert [r.phase for r in recs] == phases
+    # One report per bad step: the inputs of each.
+    assert [r.phase for r in recs] == ["forward-inputs"] * 2
     assert recs[0].leaves == {"batch['x']": (1, 0, 0)}
-    assert set(recs[2].leaves) == {"params['w']", "params['b']", "params['s']"}
+    assert set(recs[1].leaves) == {"params['w']", "params['b']", "params['s']"}
 
 
 def test_remat():
@@ -365,15 +363,16 @@ def test_remat():
     assert [r.phase for r in REC.take()] == ["backward"]
     # A bad batch: value_and_grad under remat runs the forward pass (and its
     # report) again while differentiating, as JAX does with every callback:
-    # two identical forward records, then the backward one (documented).
+    # two identical forward records (documented); the gradients of the bad
+    # batch are not reported again.
     batch["x"] = batch["x"].at[2, 1].set(NAN)
     jax.block_until_ready(f(params, batch))
     recs = REC.take()
-    assert [r.phase for r in recs] == ["forward-inputs"] * 2 + ["backward"]
+    assert [r.phase for r in recs] == ["forward-inputs"] * 2
     assert recs[0].leaves == recs[1].leaves == {"batch['x']": (1, 0, 0)}
     g = jax.jit(jax.grad(jax.checkpoint(rec_loss)))  # value dropped: once
     jax.block_until_ready(g(params, batch))
-    assert [r.phase for r in REC.take()] == ["forward-inputs", "backward"]
+    assert [r.phase for r in REC.take()] == ["forward-inputs"]
 
 
 def test_sharded_jit_reports_once(mesh8):
@@ -386,7 +385,7 @@ def test_sharded_jit_reports_once(mesh8):
     batch["x"] = batch["x"].at[5, 1].set(NAN)
     # Reports arrive when the program runs (dispatch is asynchronous).
     jax.block_until_ready(VG_REC(params, batch))
-    assert [r.phase for r in REC.take()] == ["forward-inputs", "backward"]
+    assert [r.phase for r in REC.take()] == ["forward-inputs"]  # one report
 
 
 # --------------------------------------------------------------------------
@@ -413,7 +412,7 @@ def test_forward_checks_survive_grad_which_drops_the_loss():
     batch["x"] = batch["x"].at[1, 2].set(NAN)
     jax.block_until_ready(g_rec(params, batch))
     recs = REC.take()
-    assert [r.phase for r in recs] == ["forward-inputs", "backward"]
+    assert [r.phase for r in recs] == ["forward-inputs"]  # one report per step
     assert recs[0].leaves == {"batch['x']": (1, 0, 0)}
     # A loss made nonfinite inside (finite inputs) is reported as such.
     params, batch = make()
@@ -462,7 +461,7 @@ def test_integer_static_and_keyword_arguments():
     assert rec.take() == []
     fast(params, batch, step, scale=jnp.float32(NAN), train=True)
     recs = rec.take()
-    assert [r.phase for r in recs] == ["forward-inputs", "backward"]
+    assert [r.phase for r in recs] == ["forward-inputs"]  # one report per step
     assert recs[0].leaves == {"scale": (1, 0, 0)}
     assert recs[0].message.endswith(
         "jaxnan.locate(loss_with_extras)(params, batch, step, scale=scale, train=train)"
@@ -473,18 +472,32 @@ def test_integer_static_and_keyword_arguments():
 # Policies and drop-in grad functions.
 
 
-def test_warn_once_per_distinct_message():
+def test_warn_at_the_user_line_once_per_bad_step():
     f = jaxnan.checked(lambda x: jnp.log(x), on_nonfinite="warn")
+    step = jax.jit(jax.value_and_grad(f))
     with warnings.catch_warnings(record=True) as got:
         warnings.simplefilter("always")
-        f(jnp.array([0.0, 1.0]))
-        f(jnp.array([0.0, 1.0]))
-        f(jnp.array([0.0, 0.0]))
+        jax.block_until_ready(step(jnp.float32(0.0)))  # loss and gradient bad
+        line = inspect.currentframe().f_lineno - 1
+        jax.block_until_ready(step(jnp.float32(1.0)))
+        jax.block_until_ready(step(jnp.float32(jnp.nan)))  # a bad input
         jax.effects_barrier()
     got = [w for w in got if "jaxnan" in str(w.message)]
+    # One warning per bad step, at the user's line: the gradient of the
+    # reported -inf loss is not reported again.
     assert [w.category for w in got] == [RuntimeWarning] * 2
-    assert "output: 1 -inf" in str(got[0].message)
-    assert "output: 2 -inf" in str(got[1].message)
+    assert [w.filename for w in got] == [__file__] * 2
+    assert got[0].lineno == line  # where `step` first traced `f`
+    assert "[phase forward-outputs]:\n  output: 1 -inf" in str(got[0].message)
+    assert "[phase forward-inputs]:\n  x: 1 nan" in str(got[1].message)
+    # Python's default filter shows a repeated message at one line once.
+    g = jaxnan.checked(lambda x: jnp.log(x), on_nonfinite="warn")
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("default")
+        for _ in range(3):
+            g(jnp.array([0.0, 1.0]))
+        jax.effects_barrier()
+    assert len([w for w in got if "jaxnan" in str(w.message)]) == 1
 
 
 def test_ignore_is_a_passthrough():

@@ -4,6 +4,7 @@ import pathlib
 
 import jaxnan
 from jaxnan.__main__ import main
+from tests import helpers
 
 
 def test_demo_survives_and_names_the_line():
@@ -12,11 +13,7 @@ def test_demo_survives_and_names_the_line():
         assert main(["demo"]) == 0
     text = out.getvalue()
     src = pathlib.Path(jaxnan.__file__).parent / "examples" / "demo.py"
-    line = next(
-        i
-        for i, ln in enumerate(src.read_text().splitlines(), 1)
-        if "jnp.log(probs)" in ln
-    )
+    line = helpers.marker_line(src, "jnp.log(probs)")
     assert "finished: 60 steps, 3 skipped" in text
     assert "params finite: True" in text
     assert "`log` created the first nonfinite value" in text

@@ -1,6 +1,8 @@
 import importlib.util
 import pathlib
 
+from tests import helpers
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -18,10 +20,6 @@ def test_data_parallel_guard_skips_once_and_locates():
     assert out["skipped"] == [12] and out["total"] == 1
     assert out["params_finite"]
     d = out["diagnosis"]
-    line = next(
-        i
-        for i, ln in enumerate(path.read_text().splitlines(), 1)
-        if "# scale may be 0" in ln
-    )
+    line = helpers.marker_line(path, "# scale may be 0")
     assert (d.primitive, d.line, d.phase) == ("div", line, "forward")
     assert d.cause == "unsafe_op"

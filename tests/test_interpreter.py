@@ -13,16 +13,12 @@ from jax.sharding import PartitionSpec as P
 
 import jaxnan
 from jaxnan._src import interpreter, rules
-
-_SRC = open(__file__).read().splitlines()
+from tests import helpers
 
 
 def marker(tag):
-    hits = [
-        i + 1 for i, line in enumerate(_SRC) if line.rstrip().endswith(f"# <- {tag}")
-    ]
-    assert len(hits) == 1, tag
-    return hits[0]
+    """The number of the line of this file ending with ``# <- tag``."""
+    return helpers.tagged_line(__file__, tag)
 
 
 def check(d, primitive, tag, phase="forward", iteration=None):

@@ -15,6 +15,7 @@ import pytest
 import jaxnan
 from jaxnan.__main__ import main
 from jaxnan._src import lint as lint_mod
+from jaxnan._src.lint import graph as lint_graph
 from tests import lint_cases as C
 
 X = jnp.linspace(0.1, 1.0, 32).reshape(8, 4)
@@ -79,6 +80,42 @@ def test_rule_docs_are_complete():
     assert sev <= {"error", "warning", "info"}
     for r in jaxnan.LINT_RULES.values():
         assert r.summary and r.fix and r.bad and r.good and r.bad != r.good
+
+
+# Each rule's `bad` and `good` examples, linted: the names they use.
+_EXAMPLE_ARGS = {
+    "x": jnp.ones((8, 4)),
+    "w": jnp.ones((4, 3)),
+    "x16": jnp.ones((8, 4), jnp.float16),
+    "logits": jnp.ones((8, 4)),
+    "y": jnp.ones((8, 4)),
+    "mask": MASK,
+    "m": MASK,
+}
+
+
+def _example(expr):
+    """``example(x, w, ...) = sum(expr)`` as float32, compiled from the text."""
+    import optax
+
+    src = (
+        f"def example({', '.join(_EXAMPLE_ARGS)}):\n"
+        f"    return jnp.sum(({expr}).astype(jnp.float32))\n"
+    )
+    namespace = {"jax": jax, "jnp": jnp, "optax": optax}
+    exec(compile(src, "<lint-rule-example>", "exec"), namespace)
+    return namespace["example"]
+
+
+@pytest.mark.parametrize("rule", list(jaxnan.LINT_RULES))
+def test_rule_examples_are_linted(rule):
+    """The bad example of each rule is reported by it; the good one is clean."""
+    info = jaxnan.LINT_RULES[rule]
+    args = tuple(_EXAMPLE_ARGS.values())
+    differentiated = (0, 1, 2, 3)  # the float parameters
+    bad = jaxnan.lint(_example(info.bad), *args, argnums=differentiated)
+    assert rule in {f.rule for f in bad}, info.bad
+    assert jaxnan.lint(_example(info.good), *args, argnums=differentiated) == []
 
 
 def test_bfloat16_overflow_is_info():
@@ -251,6 +288,22 @@ def test_nothing_is_executed():
     assert [f.rule for f in findings] == ["sqrt-zero-grad"] and calls == []
 
 
+def test_unknown_higher_order_primitive_raises():
+    """Like locate, lint refuses a nested jaxpr it cannot walk (not opaque)."""
+    from jax.extend.core import Primitive
+
+    hop_p = Primitive("jaxnan_test_lint_hop")
+    hop_p.multiple_results = True
+    hop_p.def_abstract_eval(lambda *xs, body: [v.aval for v in body.jaxpr.outvars])
+
+    def loss(x):
+        body = jax.make_jaxpr(lambda z: jnp.where(z > 0, jnp.sqrt(z), 0.0))(x)
+        return jnp.sum(hop_p.bind(x, body=body)[0])
+
+    with pytest.raises(NotImplementedError, match=re.escape("`jaxnan_test_lint_hop`")):
+        jaxnan.lint(loss, X)
+
+
 def test_finding_str():
     f = jaxnan.Finding("log-softmax", "warning", "jaxnan: m", "fix it", "a.py", 3, "c")
     assert str(f) == "a.py:3: warning [log-softmax] jaxnan: m\n    c\n    fix: fix it"
@@ -285,7 +338,7 @@ def test_corpus_bug_is_found():
 
     (f,) = jaxnan.lint(buggy, params, tokens)
     assert f.rule == "sqrt-zero-grad" and f.code.endswith("# plant")
-    g, _ = lint_mod._build(fn, (params, tokens))
+    g, _ = lint_graph.build(fn, (params, tokens))
     prims = {nd.prim for nd in g.nodes}
     assert {"exp", "rsqrt", "select_n", "dot_general", "iota"} <= prims
 

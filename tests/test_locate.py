@@ -9,17 +9,12 @@ import optax
 import pytest
 
 import jaxnan
-
-_SRC = open(__file__).read().splitlines()
+from tests import helpers
 
 
 def marker(tag):
-    """The line number of the line carrying `# <- tag`."""
-    hits = [
-        i + 1 for i, line in enumerate(_SRC) if line.rstrip().endswith(f"# <- {tag}")
-    ]
-    assert len(hits) == 1, tag
-    return hits[0]
+    """The number of the line of this file ending with ``# <- tag``."""
+    return helpers.tagged_line(__file__, tag)
 
 
 def xent(params, batch):

@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import P, shard_map_over
 from jax import lax
 
 import jaxnan
+from tests.helpers import P, shard_map_over
 
 
 def torch_gradscaler_schedule(finite, *, init, growth, backoff, interval):

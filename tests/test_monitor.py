@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import P, shard_map_over
 
 import jaxnan
+from tests.helpers import P, shard_map_over
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import P, shard_map_over
 from jax import lax
 
 import jaxnan
+from tests.helpers import P, shard_map_over
 
 NAN = float("nan")
 

@@ -119,7 +119,7 @@ def validate_updates(
             "(for example the second output of jax.value_and_grad)."
         )
     flat, _ = jax.tree_util.tree_flatten_with_path(updates, is_leaf=_none_is_leaf)
-    if not flat and not allow_empty:
+    if not any(leaf is not None for _, leaf in flat) and not allow_empty:
         raise ValueError(
             f"jaxnan: {fn_name} got an empty {argname} tree "
             f"({jax.tree_util.tree_structure(updates)}). Pass the gradient pytree; "
@@ -128,10 +128,9 @@ def validate_updates(
     for path, leaf in flat:
         where = f"{argname}{jax.tree_util.keystr(path)}"
         if leaf is None:
-            raise ValueError(
-                f"jaxnan: {fn_name} found None at {where}. Remove the entry, or "
-                "use optax.masked / optax.multi_transform to leave it out."
-            )
+            # An empty subtree, as optax treats it: what `eqx.filter` leaves
+            # where a model holds no array (an activation, a pooling init).
+            continue
         dtype = leaf_dtype(leaf)
         if dtype is None:
             raise TypeError(

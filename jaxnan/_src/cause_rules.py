@@ -17,6 +17,7 @@ from jax.extend import source_info_util
 
 from jaxnan._src import causes
 from jaxnan._src.causes import Cause, Classification
+from jaxnan._src.primitives import Domain
 
 source_info_util.register_exclusion(__file__)
 
@@ -30,7 +31,7 @@ def _unary(event: causes.Event) -> np.ndarray | None:
     return causes.as_f64(floats[0]) if floats else None
 
 
-@causes.rule("log", "log1p")
+@causes.rule(Domain.LOG)
 def _rule_log(event: causes.Event):
     x = _unary(event)
     if x is None:
@@ -66,7 +67,7 @@ def _rule_log(event: causes.Event):
     return Classification(Cause.UNSAFE_OP, fix, "; ".join(seen))
 
 
-@causes.rule("sqrt", "rsqrt")
+@causes.rule(Domain.ROOT)
 def _rule_sqrt(event: causes.Event):
     x = _unary(event)
     if x is None:
@@ -109,7 +110,7 @@ def _rule_sqrt(event: causes.Event):
     return None
 
 
-@causes.rule("div", "rem")
+@causes.rule(Domain.DIVISION)
 def _rule_div(event: causes.Event):
     if len(event.inputs) < 2:
         return None
@@ -159,7 +160,7 @@ def _rule_div(event: causes.Event):
     return None
 
 
-@causes.rule("pow")
+@causes.rule(Domain.POWER)
 def _rule_pow(event: causes.Event):
     if len(event.inputs) < 2:
         return None
@@ -200,7 +201,7 @@ def _rule_pow(event: causes.Event):
     return None
 
 
-@causes.rule("integer_pow")
+@causes.rule(Domain.INTEGER_POWER)
 def _rule_integer_pow(event: causes.Event):
     x = _unary(event)
     y = event.eqn.params.get("y") if event.eqn is not None else None
@@ -221,7 +222,7 @@ def _rule_integer_pow(event: causes.Event):
     return Classification(Cause.UNSAFE_OP, fix, seen)
 
 
-@causes.rule("acos", "asin", "atanh")
+@causes.rule(Domain.INVERSE_TRIG)
 def _rule_arc(event: causes.Event):
     x = _unary(event)
     if x is None:
@@ -250,7 +251,7 @@ def _rule_arc(event: causes.Event):
     return Classification(Cause.UNSAFE_OP, fix, seen)
 
 
-@causes.rule("lgamma", "digamma")
+@causes.rule(Domain.POLE)
 def _rule_poles(event: causes.Event):
     x = _unary(event)
     if x is None:
@@ -270,7 +271,7 @@ def _rule_poles(event: causes.Event):
     return Classification(Cause.UNSAFE_OP, fix, seen)
 
 
-@causes.rule("cholesky")
+@causes.rule(Domain.FACTORIZATION)
 def _rule_cholesky(event: causes.Event):
     x = _unary(event)
     if x is None or x.ndim < 2:
@@ -293,7 +294,7 @@ def _rule_cholesky(event: causes.Event):
     return Classification(Cause.UNSAFE_OP, fix, seen)
 
 
-@causes.rule("exp", "exp2", "expm1")
+@causes.rule(Domain.EXP)
 def _rule_exp(event: causes.Event):
     x = _unary(event)
     if x is None:
@@ -327,7 +328,7 @@ def _rule_exp(event: causes.Event):
     return Classification(Cause.OVERFLOW, fix, seen)
 
 
-@causes.rule("sub", "add", "add_any", "mul")
+@causes.rule(Domain.INF_ARITHMETIC)
 def _rule_inf_arith(event: causes.Event):
     """NaN made from infinities that came in: inf - inf, 0 * inf."""
     p = event.primitive
@@ -514,7 +515,7 @@ def classify(event: causes.Event) -> Classification:
 
 
 def _classify(event: causes.Event) -> Classification:
-    rule = causes.RULES.get(event.primitive)
+    rule = causes.rule_for(event.primitive)
     specific = rule(event) if rule is not None else None
     if specific is None:
         specific = _rule_overflow(event)

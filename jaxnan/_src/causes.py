@@ -33,6 +33,9 @@ from typing import Any, NamedTuple
 import numpy as np
 from jax.extend import source_info_util
 
+from jaxnan._src import primitives
+from jaxnan._src.primitives import Domain
+
 source_info_util.register_exclusion(__file__)
 
 
@@ -142,7 +145,7 @@ class Classification(NamedTuple):
     seen: str
 
 
-LOW_PRECISION = ("float16", "bfloat16")
+LOW_PRECISION = primitives.LOW_PRECISION_NAMES
 
 _STATE_WORDS = (
     "param",
@@ -226,39 +229,42 @@ class Event:
 
 Rule = Callable[[Event], "Classification | None"]
 
-RULES: dict[str, Rule] = {}
-"""The classification rule of each primitive (see `rule`)."""
+RULES: dict[Domain, Rule] = {}
+"""The classification rule of each domain of primitives (see `rule`)."""
 
 
-def rule(*primitives: str) -> Callable[[Rule], Rule]:
-    """Registers a classification rule for the named primitives.
+def rule(domain: Domain) -> Callable[[Rule], Rule]:
+    """Registers the classification rule of a domain (`primitives.Domain`).
 
-    A rule reads the concrete values of an `Event` and returns a
-    `Classification`, or None when its primitive was not outside its domain
-    (the generic overflow rule then applies).
+    The primitives of the domain are listed once, in `primitives.DOMAINS`
+    (``log`` and ``log1p`` have `Domain.LOG`). A rule reads the concrete
+    values of an `Event` and returns a `Classification`, or None when the
+    primitive was not outside its domain (the generic overflow rule then
+    applies).
 
     Args:
-        *primitives: primitive names (``"log"``, ``"log1p"``).
+        domain: the `primitives.Domain` the rule explains.
 
     Returns:
         A decorator that stores the rule and returns it unchanged.
 
     Examples:
         >>> from jaxnan._src import causes
-        >>> @causes.rule("my_prim")
-        ... def _my_rule(event):
-        ...     return None
-        >>> causes.RULES["my_prim"] is _my_rule
+        >>> from jaxnan._src.primitives import Domain
+        >>> causes.rule_for("log1p") is causes.RULES.get(Domain.LOG)
         True
-        >>> del causes.RULES["my_prim"]
     """
 
     def decorator(fn: Rule) -> Rule:
-        for p in primitives:
-            RULES[p] = fn
+        RULES[domain] = fn
         return fn
 
     return decorator
+
+
+def rule_for(primitive: str) -> Rule | None:
+    """The registered rule of a primitive's domain, or None."""
+    return RULES.get(primitives.domain_of(primitive))
 
 
 # --------------------------------------------------------------------------

@@ -6,16 +6,18 @@ upgrade that moves a private symbol breaks exactly one file.
 
 from __future__ import annotations
 
-import jax
 from jax.extend import source_info_util
 
 source_info_util.register_exclusion(__file__)
-
-JAX_VERSION = tuple(int(p) for p in jax.__version__.split(".")[:3] if p.isdigit())
 
 try:  # jax >= 0.6
     from jax._src.shard_map import shard_map_p  # noqa: F401
 except ImportError:  # pragma: no cover - older layouts
     from jax.experimental.shard_map import shard_map_p  # type: ignore # noqa: F401
 
+# The primitives `jaxnan.checked` lowers to: `locate` inlines the first and
+# evaluates jaxnan's own report callbacks as no-ops.
+from jax._src.callback import pure_callback_p  # noqa: E402,F401
 from jax._src.core import Tracer  # noqa: E402,F401
+from jax._src.custom_batching import custom_vmap_p  # noqa: E402,F401
+from jax._src.debugging import debug_callback_p  # noqa: E402,F401

@@ -16,7 +16,7 @@ from typing import Any
 
 from jax.extend import source_info_util
 
-from jaxnan._src import base
+from jaxnan._src import base, primitives
 
 source_info_util.register_exclusion(__file__)
 
@@ -115,43 +115,6 @@ def node_frame(node: Any) -> tuple[Any, str | None]:
     return frame, api
 
 
-_PRIMITIVE_NAMES = {
-    "div": "/",
-    "mul": "*",
-    "add": "+",
-    "sub": "-",
-    "integer_pow": "**",
-    "pow": "jnp.power",
-    "atan2": "jnp.arctan2",
-    "acos": "jnp.arccos",
-    "asin": "jnp.arcsin",
-    "atanh": "jnp.arctanh",
-    "acosh": "jnp.arccosh",
-    "rsqrt": "lax.rsqrt",
-    "logistic": "jax.nn.sigmoid",
-    "reduce_sum": "jnp.sum",
-    "reduce_prod": "jnp.prod",
-    "reduce_max": "jnp.max",
-    "dot_general": "jnp.dot",
-    "cholesky": "jnp.linalg.cholesky",
-    "lgamma": "jax.scipy.special.gammaln",
-    "digamma": "jax.scipy.special.digamma",
-    "erf_inv": "jax.scipy.special.erfinv",
-}
-_JNP_UNARY = frozenset(
-    "sqrt log log1p exp exp2 expm1 tan tanh sinh cosh cbrt square abs sign".split()
-)
-
-
-def primitive_user_name(name: str) -> str:
-    """The user-level spelling of a primitive (``sqrt`` -> ``jnp.sqrt``)."""
-    if name in _PRIMITIVE_NAMES:
-        return _PRIMITIVE_NAMES[name]
-    if name in _JNP_UNARY:
-        return f"jnp.{name}"
-    return f"lax.{name}"
-
-
 def user_function(node: Any, nodes: Sequence[Any], api: str | None) -> str:
     """The library function whose (derivative) equation created the value.
 
@@ -166,5 +129,5 @@ def user_function(node: Any, nodes: Sequence[Any], api: str | None) -> str:
     if tb is not None:
         for other in nodes[: node.index + 1]:  # the primal equation comes first
             if getattr(other.eqn.source_info, "traceback", None) is tb:
-                return primitive_user_name(other.eqn.primitive.name)
-    return primitive_user_name(node.eqn.primitive.name)
+                return primitives.user_spelling(other.eqn.primitive.name)
+    return primitives.user_spelling(node.eqn.primitive.name)

@@ -39,27 +39,11 @@ import numpy as np
 from jax.extend import core as jex_core
 from jax.extend import source_info_util
 
-from jaxnan._src import base
+from jaxnan._src import base, primitives
 
 source_info_util.register_exclusion(__file__)
 
 CODE_FINITE, CODE_INF, CODE_NAN = 0, 1, 2
-
-# Primitives whose output holds exactly the elements of their first input,
-# rearranged: they cannot create a nonfinite value and share the input's code.
-REARRANGING = frozenset(
-    {
-        "reshape",
-        "squeeze",
-        "expand_dims",
-        "broadcast_in_dim",
-        "transpose",
-        "copy",
-        "copy_p",
-        "rev",
-        "optimization_barrier",
-    }
-)
 
 
 class Record(NamedTuple):
@@ -180,52 +164,6 @@ def _is_float_aval(aval: Any) -> bool:
 
 def _aval(v: Any) -> Any:
     return v.aval
-
-
-# First-order primitives whose params hold a small jaxpr (a combiner applied
-# elementwise, not a nested computation to interpret): bound as they are.
-_COMBINER_PRIMITIVES = frozenset(
-    {"reduce", "reduce_window", "select_and_scatter", "select_and_gather_add"}
-)
-
-
-def is_higher_order(eqn: Any) -> bool:
-    """True when an equation's params hold a jaxpr (a nested computation)."""
-    name = eqn.primitive.name
-    if name.startswith("scatter") or name in _COMBINER_PRIMITIVES:
-        return False
-    return any(_is_jaxpr_param(v) for v in eqn.params.values())
-
-
-def _is_jaxpr_param(v: Any) -> bool:
-    if isinstance(v, jex_core.Jaxpr | jex_core.ClosedJaxpr):
-        return True
-    if isinstance(v, tuple | list):
-        return any(isinstance(b, jex_core.Jaxpr | jex_core.ClosedJaxpr) for b in v)
-    return False
-
-
-def _sub_jaxprs(eqn: Any) -> list:
-    out = []
-    for v in eqn.params.values():
-        items = v if isinstance(v, tuple | list) else (v,)
-        for b in items:
-            if isinstance(b, jex_core.ClosedJaxpr):
-                out.append(b.jaxpr)
-            elif isinstance(b, jex_core.Jaxpr):
-                out.append(b)
-    return out
-
-
-def loop_depth(jaxpr: Any) -> int:
-    """The deepest nesting of `scan`/`while` loops in `jaxpr`."""
-    best = 0
-    for eqn in jaxpr.eqns:
-        inner = max((loop_depth(j) for j in _sub_jaxprs(eqn)), default=0)
-        if eqn.primitive.name in ("scan", "while"):  # one iteration index each
-            inner += 1
-        best = max(best, inner)
-    return best
 
 
 def _join(a: str, b: str) -> str:
@@ -464,7 +402,7 @@ class Ctx:
             invals = [x for x, _, _ in ins]
             prim = eqn.primitive
             rule = rules.RULES.get(prim)
-            higher = is_higher_order(eqn)
+            higher = primitives.is_higher_order(eqn)
             if rule is None and higher:
                 raise NotImplementedError(
                     f"jaxnan: locate has no rule for the higher-order primitive "
@@ -520,7 +458,7 @@ class Ctx:
         float_outs = [_is_float_aval(v.aval) for v in eqn.outvars]
         name = eqn.primitive.name
         if (
-            name in REARRANGING
+            name in primitives.REARRANGING
             and len(eqn.outvars) == 1
             and ins
             and ins[0][1] is not None

@@ -32,10 +32,13 @@ from jaxnan._src import (
     frames,
     interpreter,
     precision,
+    primitives,
     report,
     tree,
 )
 from jaxnan._src.causes import Cause, Phase
+from jaxnan._src.flow import Flow
+from jaxnan._src.inspect import locate_text
 
 source_info_util.register_exclusion(__file__)
 
@@ -102,6 +105,8 @@ class Diagnosis:
             function's nonfinite outputs, when they differ from the replay's
             (XLA can rewrite ``x * mask`` into a select); None when they
             agree or when not checked.
+        layer_stats: the activation (and gradient) statistics of the layer
+            holding the creating equation (see `jaxnan.activation_stats`).
     """
 
     found: bool
@@ -135,6 +140,7 @@ class Diagnosis:
     )
     consumed_by: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     compiled_outputs: dict[str, tuple[int, int, int]] | None = None
+    layer_stats: str | None = None
 
     @property
     def where(self) -> str | None:
@@ -149,85 +155,6 @@ class Diagnosis:
 
     def __str__(self) -> str:
         return report.render(self)
-
-
-# -- data flow: phase and cone ------------------------------------------
-
-
-class Flow:
-    """Data flow between the top-level units of an interpreted program.
-
-    A unit is a top-level equation (a loop, cond or call counts as one).
-    ``gradish`` units depend on a transposed equation (the gradients and
-    what consumes them); primal outputs are the outputs that do not (the
-    loss and aux values).
-    """
-
-    def __init__(self, nodes: Sequence[interpreter.Node], out_producers):
-        self.nodes = nodes
-        self.out_producers = tuple(out_producers)
-        n = len(nodes)
-        self.gradish = [False] * n
-        self.first_t = None
-        for node in nodes:
-            if node.unit != node.index:
-                continue
-            t = "transpose(" in node.name_stack
-            if t and self.first_t is None:
-                self.first_t = node.index
-            self.gradish[node.index] = t or any(self.gradish[p] for p in node.producers)
-        self.primal_outputs = [
-            i for i, p in enumerate(self.out_producers) if p < 0 or not self.gradish[p]
-        ]
-        self.feeds_primal = self.cone(self.primal_outputs)
-
-    def cone(self, outputs: Sequence[int]) -> set[int]:
-        """The units the given outputs depend on."""
-        seen: set[int] = set()
-        stack = [self.out_producers[i] for i in outputs if self.out_producers[i] >= 0]
-        while stack:
-            i = stack.pop()
-            if i in seen:
-                continue
-            seen.add(i)
-            stack.extend(self.nodes[i].producers)
-        return seen
-
-    def node_phase(self, node: interpreter.Node) -> Phase:
-        """The phase of a node by data flow (see `locate`)."""
-        ns = node.name_stack
-        if "transpose(" in ns:
-            return Phase.BACKWARD
-        u = node.unit
-        if "jvp(" not in ns:
-            if self.gradish[u] or (
-                self.first_t is not None
-                and u > self.first_t
-                and u not in self.feeds_primal
-            ):
-                return Phase.UPDATE
-            return Phase.FORWARD
-        if self.feeds_primal and u not in self.feeds_primal:
-            return Phase.BACKWARD
-        return Phase.FORWARD
-
-    def observed(self, bad_outputs: Sequence[int]) -> tuple[set[int] | None, bool]:
-        """(the cone of what went bad, whether a primal output is bad)."""
-        bad_primal = [i for i in bad_outputs if i in self.primal_outputs]
-        if bad_primal:
-            return self.cone(bad_primal), True
-        if bad_outputs:
-            return self.cone(bad_outputs), False
-        return None, False
-
-    def phase(self, node: interpreter.Node, bad_primal: bool, any_bad: bool) -> Phase:
-        """What the user observes, given the event node and the bad outputs."""
-        own = self.node_phase(node)
-        if bad_primal:
-            return Phase.FORWARD
-        if any_bad and self.first_t is not None:
-            return Phase.UPDATE if own == Phase.UPDATE else Phase.BACKWARD
-        return own
 
 
 # -- locate --------------------------------------------------------------
@@ -424,10 +351,22 @@ class _Run:
             self.in_paths += [p for p, _ in tree.paths_and_leaves(args[i], names[i])]
         for k in sorted(kwargs):
             self.in_paths += [p for p, _ in tree.paths_and_leaves(kwargs[k], k)]
-        leaves, treedef = jax.tree_util.tree_flatten(([args[i] for i in dyn], kwargs))
+        self.dyn_tree = ([args[i] for i in dyn], kwargs)
+        every, treedef = jax.tree_util.tree_flatten(self.dyn_tree)
+        # Arrays are traced; other leaves (the functions, `custom_jvp`s and float
+        # constants an Equinox module holds) are closed over, as static values.
+        traced = [i for i, x in enumerate(every) if _is_array_leaf(x)]
+        leaves = [every[i] for i in traced]
+        if len(self.in_paths) == len(every):
+            self.in_paths = [self.in_paths[i] for i in traced]
+        else:
+            self.in_paths = []
 
         def flat_fn(*flat):
-            dargs, kw = jax.tree_util.tree_unflatten(treedef, flat)
+            full_leaves = list(every)
+            for i, x in zip(traced, flat):
+                full_leaves[i] = x
+            dargs, kw = jax.tree_util.tree_unflatten(treedef, full_leaves)
             full = list(args)
             for i, a in zip(dyn, dargs):
                 full[i] = a
@@ -439,7 +378,7 @@ class _Run:
         self.leaves = leaves
         self.closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*leaves)
         self.out_paths = [p for p, _ in tree.paths_and_leaves(out_shape, "output")]
-        self.depth = interpreter.loop_depth(self.closed.jaxpr)
+        self.depth = primitives.loop_depth(self.closed.jaxpr)
         self.consts = list(self.closed.consts)
 
     def detect(self, allow=None, min_code=interpreter.CODE_INF):
@@ -479,6 +418,19 @@ class _Run:
             return None
         counts = jax.device_get(tree.counts_matrix(jax.tree_util.tree_leaves(outs)))
         return _rows(counts, self.out_paths)
+
+
+def _is_array_leaf(x: Any) -> bool:
+    """An array, or a Python number the caller passed as an argument's leaf.
+
+    A Python float that is ±inf is a constant of the model (the ``-inf``
+    initial value of `eqx.nn.MaxPool2d`), not data: it stays static.
+    """
+    if isinstance(x, jax.Array | np.ndarray | np.generic | bool | int):
+        return True
+    if isinstance(x, float | complex):
+        return not np.isinf(x)
+    return False
 
 
 def _reject_tracers(name, args, kwargs):
@@ -593,8 +545,16 @@ def _event_diagnosis(run, opts, interp, rec, node, phase, cone, common) -> Diagn
         user_function=api,
         created=created,
         nan_event=nan_event,
+        layer_stats=_layer_text(run, eqn),
         **common,
     )
+
+
+def _layer_text(run: _Run, eqn: Any) -> str | None:
+    try:
+        return locate_text.layer_text(run.closed, run.leaves, run.dyn_tree, eqn)
+    except Exception as e:  # noqa: BLE001 - statistics never hide the diagnosis
+        return f"layer statistics unavailable ({type(e).__name__}: {e})"
 
 
 def _finite_in_float32(run: _Run, eqn: Any, inputs: Sequence[np.ndarray]):
@@ -679,14 +639,14 @@ def _first_consumer(jaxpr: Any, var: Any, callers: tuple = ()):
         if not pos:
             continue
         name = eqn.primitive.name
-        body = eqn.params.get(precision.CALL_BODIES.get(name, ""), None)
-        if body is not None:
-            inner = body.jaxpr if isinstance(body, jex_core.ClosedJaxpr) else body
+        subs = primitives.sub_jaxprs(eqn, strict=False)
+        if len(subs) == 1 and subs[0].role == primitives.Role.CALL:
+            inner = subs[0].jaxpr
             if len(inner.invars) == len(eqn.invars):
                 hit = _first_consumer(inner, inner.invars[pos[0]], (*callers, eqn))
                 if hit is not None:
                     return hit
-        if name in interpreter.REARRANGING and len(eqn.outvars) == 1:
+        if name in primitives.REARRANGING and len(eqn.outvars) == 1:
             hit = _first_consumer(jaxpr, eqn.outvars[0], callers)
             if hit is not None:
                 return hit

@@ -11,6 +11,7 @@ from jax import lax
 from jax.extend import source_info_util
 
 from jaxnan._src import base, tree
+from jaxnan._src.inspect import leaf_stats
 
 source_info_util.register_exclusion(__file__)
 
@@ -38,32 +39,6 @@ class MonitorState(NamedTuple):
     monitor_grad_nonfinite: optax.Updates
     monitor_update_norm: optax.Updates
     monitor_inner_state: optax.OptState
-
-
-def _stats(leaves: list[jax.Array]) -> tuple[list, list, list]:
-    """Per-leaf (norm, max-abs, nonfinite count), NaN-honest, no host sync."""
-    sqs = [tree.sum_of_squares(x) for x in leaves]
-    maxabs = [
-        jnp.max(jnp.abs(x)).astype(jnp.float32) if x.size else jnp.float32(0)
-        for x in leaves
-    ]
-    total = sum(sqs) if sqs else jnp.float32(0)
-
-    def none_bad():
-        z = jnp.zeros((), jnp.int32)
-        return [z for _ in leaves], [z for _ in leaves]
-
-    def count_bad():
-        counts = tree.counts_list(leaves, pack=True)
-        return [c.nan for c in counts], [c.nan + c.posinf + c.neginf for c in counts]
-
-    # The counts (one more pass) are computed only when something is
-    # nonfinite or a square overflowed.
-    nans, bads = lax.cond(jnp.isfinite(total), none_bad, count_bad)
-    norms = [jnp.sqrt(s).astype(jnp.float32) for s in sqs]
-    # jnp.max can drop NaN on CPU: report it from the count instead.
-    maxabs = [jnp.where(n > 0, jnp.nan, m) for n, m in zip(nans, maxabs)]
-    return norms, maxabs, bads
 
 
 def _agree_stats(norms, maxabs, bads, unorms, axis_name):
@@ -164,7 +139,7 @@ def monitor(
             )
         leaves, treedef = jax.tree_util.tree_flatten(updates)
         leaves = [jnp.asarray(x) for x in leaves]
-        norms, maxabs, bads = _stats(leaves)
+        norms, maxabs, bads = leaf_stats.norms_maxabs_nonfinite(leaves)
         if inner is None:
             unorms = norms
         else:

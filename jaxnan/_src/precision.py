@@ -26,11 +26,11 @@ from jax import lax
 from jax.extend import core as jex_core
 from jax.extend import source_info_util
 
-from jaxnan._src import compat
+from jaxnan._src import compat, primitives
 
 source_info_util.register_exclusion(__file__)
 
-_LOW = ("float16", "bfloat16")
+_LOW = primitives.LOW_PRECISION_NAMES
 _DTYPE_PARAMS = ("new_dtype", "preferred_element_type", "dtype")
 
 
@@ -47,8 +47,8 @@ def has_low_precision(jaxpr: Any) -> bool:
         for v in (*eqn.invars, *eqn.outvars):
             if str(getattr(getattr(v, "aval", None), "dtype", "")) in _LOW:
                 return True
-        for sub in jex_core.jaxprs_in_params(eqn.params):
-            if has_low_precision(sub):
+        for sub in primitives.sub_jaxprs(eqn, strict=False):
+            if has_low_precision(sub.jaxpr):
                 return True
     return False
 
@@ -96,25 +96,14 @@ def evaluate(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any]) -> list:
     return [read(v) for v in jaxpr.outvars]
 
 
-CALL_BODIES = {
-    # call-like primitives: the param holding the body, invars aligned
-    "jit": "jaxpr",
-    "pjit": "jaxpr",
-    "closed_call": "call_jaxpr",
-    "core_call": "call_jaxpr",
-    "custom_jvp_call": "call_jaxpr",
-    "custom_vjp_call": "call_jaxpr",
-    "checkpoint": "jaxpr",
-    "remat": "jaxpr",
-}
-
-
 def _eqn(eqn: Any, ins: list) -> Any:
     name = eqn.primitive.name
     p = eqn.params
-    if name in CALL_BODIES and CALL_BODIES[name] in p:
-        body, consts = _closed(p[CALL_BODIES[name]])
-        return evaluate(body, consts, ins)
+    subs = primitives.sub_jaxprs(eqn, strict=False)
+    if len(subs) == 1 and subs[0].role == primitives.Role.CALL:
+        body = subs[0]
+        if len(body.jaxpr.invars) == len(ins):
+            return evaluate(body.jaxpr, body.consts, ins)
     if name == "cond":
         branches = [_closed(b) for b in p["branches"]]
         fns = [lambda *ops, b=b: evaluate(b[0], b[1], ops) for b in branches]
@@ -125,9 +114,7 @@ def _eqn(eqn: Any, ins: list) -> Any:
         return _while(p, ins)
     if eqn.primitive is compat.shard_map_p:
         return _shard_map(p, ins)
-    if any(True for _ in jex_core.jaxprs_in_params(p)) and not name.startswith(
-        ("scatter", "reduce", "select_and", "sort", "argm")
-    ):
+    if primitives.is_higher_order(eqn):
         raise Unsupported(name)
     if name == "reduce_precision":
         return ins[0]

@@ -77,6 +77,7 @@ DETAILS_KEYS: tuple[str, ...] = (
     "input_elements",
     "consumed_by",
     "compiled_outputs",
+    "layer_stats",
 )
 """The keys of a diagnosis as plain values (`jaxnan.Diagnosis.to_dict`), the
 schema of `NonFiniteError.details` when an error carries a diagnosis: phase
@@ -130,6 +131,8 @@ def _event_lines(d: Any, name: str) -> list[str]:
         lines.append(f"  name stack: {d.name_stack}")
     if d.inputs_seen:
         lines.append(f"  inputs:  {d.inputs_seen}")
+    if getattr(d, "layer_stats", None):
+        lines += [f"  {t}" for t in d.layer_stats.splitlines()]
     return lines
 
 

@@ -111,8 +111,32 @@ for _p, _param in (
     (prims.custom_jvp_call_p, "call_jaxpr"),  # the primal body
     (prims.custom_vjp_call_p, "call_jaxpr"),  # the primal body
     (prims.remat_p, "jaxpr"),
+    (compat.custom_vmap_p, "call"),  # what `jaxnan.checked` lowers to
 ):
     register_rule(_p)(_inline(_param))
+
+
+def _callback_rule(primitive: Any) -> Rule:
+    """Binds a host callback, except `jaxnan.checked`'s own reports.
+
+    Those (marked with a true ``jaxnan_report`` attribute) would raise or
+    warn while `locate` replays the step that they reported; their result
+    is a float32 zero, so the replay gives it without calling the host.
+    """
+
+    def rule(ctx: Ctx, *args: Any, callback: Any, **params: Any):
+        if getattr(getattr(callback, "callback_func", None), "jaxnan_report", False):
+            avals = params.get("result_avals", ())
+            outs = [jnp.zeros(a.shape, a.dtype) for a in avals]
+            return ctx, outs
+        return ctx, primitive.bind(*args, callback=callback, **params)
+
+    rule.__name__ = f"_{primitive.name}_rule"
+    return rule
+
+
+for _p in (compat.pure_callback_p, compat.debug_callback_p):
+    register_rule(_p)(_callback_rule(_p))
 
 
 # -- cond / switch -------------------------------------------------------

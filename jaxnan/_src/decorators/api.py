@@ -6,390 +6,26 @@ the floating leaves of the arguments ("forward-inputs"), of the outputs
 arguments, the cotangents that flow back to each argument ("backward"), that
 is the gradients with respect to params and batch.
 
-Cost on a healthy step: one fused reduction per checked tree (`tree.all_finite`)
-and a `lax.cond` whose reporting branch is not taken; nothing goes to the
-host. Only when a tree is nonfinite does the reporting branch count NaN/+Inf/-Inf
-per leaf (`tree.counts_matrix`) and hand the counts to the host. With
-``grads=True`` (the default) that is a `jax.pure_callback` whose float32
-result (always 0) is tied into the outputs and, through `jax.custom_vjp`
-identities, into the output cotangent and the gradients (`_tie`,
-`_tie_outputs`, `_probe`): the program has no JAX effect, so a jitted step
-keeps the fast C++ dispatch path, and JAX keeps each callback exactly as long
-as a value it is tied to is used. With ``grads=False`` (forward-mode AD,
-where `custom_vjp` is undefined) the host is called by `jax.debug.callback`.
-
-The vmap trap: under `vmap` a `lax.cond` with a batched predicate becomes a
-`select` that runs both branches, so a callback inside would fire on every
-example. The predicate and the counts are therefore reduced over the batch by
-two tiny `jax.custom_batching.custom_vmap` functions (`_fold_all`,
-`_fold_sum`) whose batching rule reduces the batch axis and returns an
-unbatched value; the cond stays a cond and reports once per vmapped call.
+The pieces: `device` (the in-graph checks and how their reports stay alive),
+`host` (records, messages and policies), `state` (state updates made by `fn`
+on mutable arguments, such as Flax NNX modules, reach the caller's objects).
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-import logging
-import threading
-import warnings
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-from jax import lax
-from jax.custom_batching import custom_vmap
-from jax.custom_derivatives import SymbolicZero
 from jax.extend import source_info_util
 
-from jaxnan._src import base, checks, report, tree
+from jaxnan._src import base, checks, tree
+from jaxnan._src.decorators import device, host, state
+from jaxnan._src.decorators.host import NonfiniteRecord
 
 source_info_util.register_exclusion(__file__)
-
-PHASES = ("forward-inputs", "forward-outputs", "backward")
-_POLICIES = ("raise", "warn", "ignore")
-
-
-class NonfiniteRecord(NamedTuple):
-    """What `jaxnan.checked` found, as given to an `on_nonfinite` callable.
-
-    Attributes:
-        function: the name of the checked function.
-        phase: ``"forward-inputs"`` (its arguments), ``"forward-outputs"``
-            (its outputs, with finite arguments) or ``"backward"`` (the
-            gradients flowing back to its arguments).
-        leaves: ``{path: (nan, +inf, -inf)}`` for every nonfinite leaf, such
-            as ``{"batch['x']": (1, 0, 0)}``. Under `vmap` the counts are
-            summed over the batch.
-        examples: ``(bad, total)``: how many examples of the vmapped batch
-            were nonfinite; ``(1, 1)`` outside `vmap`.
-        message: the text `"raise"` and `"warn"` would show.
-
-    Examples:
-        >>> import jaxnan
-        >>> r = jaxnan.NonfiniteRecord("loss", "backward", {"w": (1, 0, 0)}, (1, 1), "")
-        >>> r.phase, r.leaves
-        ('backward', {'w': (1, 0, 0)})
-
-    .. versionadded:: 0.1.0
-    """
-
-    function: str
-    phase: str
-    leaves: dict[str, tuple[int, int, int]]
-    examples: tuple[int, int]
-    message: str
-
-
-# --------------------------------------------------------------------------
-# Batch folding: keeps the report predicate unbatched under vmap.
-
-
-@custom_vmap
-def _fold_all(ok: jax.Array) -> jax.Array:
-    return ok
-
-
-@_fold_all.def_vmap
-def _fold_all_rule(axis_size, in_batched, ok):
-    del axis_size
-    if in_batched[0]:
-        # Calling _fold_all again folds the next vmap level out, if any.
-        return _fold_all(jnp.all(ok, axis=0)), False
-    return ok, False
-
-
-@custom_vmap
-def _fold_sum(c: jax.Array) -> jax.Array:
-    return c
-
-
-@_fold_sum.def_vmap
-def _fold_sum_rule(axis_size, in_batched, c):
-    # Runs only for a batched input; nested vmaps fold one level each.
-    del axis_size
-    if in_batched[0]:
-        return _fold_sum(jnp.sum(c, axis=0)), False
-    return c, False
-
-
-# --------------------------------------------------------------------------
-# Host side.
-
-
-class _DropOwnErrors(logging.Filter):
-    """Drops jax's "debug.callback failed" log lines for our own raise.
-
-    The error itself still propagates (as `NonFiniteError` eagerly, inside a
-    runtime error under jit), so the log line would only repeat it.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        return not isinstance(exc, report.NonFiniteError)
-
-
-# What a reporting callback returns: tied into the outputs, it keeps the
-# callback alive (see `_check`).
-_ZERO = np.zeros((), np.float32)
-
-_FILTER = _DropOwnErrors()
-_DEBUG_LOGGER = logging.getLogger("jax._src.debugging")
-if not any(isinstance(f, _DropOwnErrors) for f in _DEBUG_LOGGER.filters):
-    _DEBUG_LOGGER.addFilter(_FILTER)
-
-_ADVICE = {
-    "forward-inputs": "Clean or drop the bad input rows, or find where they were made.",
-    "forward-outputs": "They were created inside the function.",
-    "backward": (
-        "They were made while differentiating it (or came in with the "
-        "output cotangent)."
-    ),
-}
-
-
-def _message(
-    name: str,
-    phase: str,
-    rows: list[tuple[str, tuple[int, int, int]]],
-    examples: tuple[int, int],
-    hint: str,
-) -> str:
-    where = {
-        "forward-inputs": f"in the inputs of `{name}`",
-        "forward-outputs": f"in the outputs of `{name}` (its inputs were finite)",
-        "backward": f"in the gradients flowing back to the arguments of `{name}`",
-    }[phase]
-    text = f"jaxnan: nonfinite values {where} [phase {phase}]:\n"
-    text += report.leaf_lines(rows)
-    bad, total = examples
-    if total > 1:
-        text += (
-            f"\nin {bad} of {total} examples of the vmapped batch "
-            "(counts summed over the batch)."
-        )
-    text += f"\n{_ADVICE[phase]}\nFor a full diagnosis run:\n  {hint}"
-    return text
-
-
-class _Reporter:
-    """Turns counts from the device into a raise, a warning or a call."""
-
-    def __init__(self, name: str, policy: str | Callable):
-        self.name = name
-        self.policy = policy
-        self.seen: set[str] = set()
-        self.lock = threading.Lock()
-
-    def host_fn(
-        self, phase: str, paths: Sequence[str], hint: str, box: list
-    ) -> Callable:
-        paths = tuple(paths)
-
-        def host(counts, bad, total):
-            c = np.asarray(counts).reshape(len(paths), 3)
-            rows = [
-                (p, tuple(int(v) for v in row)) for p, row in zip(paths, c) if row.any()
-            ]
-            if not rows:  # pragma: no cover - the branch runs only when bad
-                return _ZERO
-            examples = (int(bad), int(total))
-            text = _message(self.name, phase, rows, examples, hint)
-            if self.policy == "raise":
-                err = report.NonFiniteError(
-                    text,
-                    {
-                        "function": self.name,
-                        "phase": phase,
-                        "leaves": dict(rows),
-                        "examples": examples,
-                    },
-                )
-                box.append(err)
-                raise err
-            if self.policy == "warn":
-                with self.lock:
-                    if text in self.seen:
-                        return _ZERO
-                    self.seen.add(text)
-                warnings.warn(text, RuntimeWarning, stacklevel=2)
-                return _ZERO
-            self.policy(NonfiniteRecord(self.name, phase, dict(rows), examples, text))
-            return _ZERO
-
-        return host
-
-
-# --------------------------------------------------------------------------
-# Device side.
-
-
-def _check(
-    leaves: list,
-    paths: Sequence[str],
-    phase: str,
-    reporter: _Reporter,
-    hint: str,
-    *,
-    tie: bool,
-    skip: jax.Array | None = None,
-) -> tuple[jax.Array | None, jax.Array | None]:
-    """Reports the nonfinite leaves of `leaves`: ``(all-finite flag, token)``.
-
-    `skip` (a bool, per example under vmap) suppresses the report where it is
-    True (used to report outputs only when the inputs were finite).
-
-    With ``tie=False`` the host is called by `jax.debug.callback`, an effect
-    that JAX never removes; the token is None. With ``tie=True`` it is called
-    by `jax.pure_callback`, which has no effect, so the program keeps JAX's
-    fast dispatch path and XLA schedules it freely (measured on the MLP step:
-    an untaken `debug.callback` branch cost 1.33x, a `pure_callback` one
-    1.17x, against 1.14x for the check alone). Its float32 result (always 0)
-    is the token: the caller must tie it into values the user consumes
-    (`_tie`), or JAX would delete the unused callback.
-    """
-    pairs = [(p, x) for p, x in zip(paths, leaves) if base.is_checked_leaf(x)]
-    if not pairs:
-        return None, None
-    paths = [p for p, _ in pairs]
-    xs = [lax.stop_gradient(jnp.asarray(x)) for _, x in pairs]
-    # Arguments are all ready at once: their small leaves share a reduction.
-    ok = (
-        tree.all_finite_packed(xs) if phase == "forward-inputs" else tree.all_finite(xs)
-    )
-    quiet = ok if skip is None else ok | lax.stop_gradient(skip)
-    box: list = []
-    host = reporter.host_fn(phase, paths, hint, box)
-
-    def no_report(operands):
-        del operands
-        return jnp.zeros((), jnp.float32) if tie else None
-
-    def do_report(operands):
-        xs, quiet = operands
-        counts = _fold_sum(tree.counts_matrix(xs, pack=True))
-        # Batched exactly when `quiet` is, so that vmap sees (and folds) it.
-        bad = _fold_sum((~quiet).astype(jnp.int32))
-        total = _fold_sum((quiet | True).astype(jnp.int32))
-        if not tie:
-            jax.debug.callback(host, counts, bad, total)
-            return None
-        return jax.pure_callback(
-            host,
-            jax.ShapeDtypeStruct((), jnp.float32),
-            counts,
-            bad,
-            total,
-            vmap_method="sequential",
-        )
-
-    eager = not any(base.is_traced(x) for x in xs) and not base.is_traced(quiet)
-    try:
-        token = lax.cond(_fold_all(quiet), no_report, do_report, (xs, quiet))
-    except Exception:
-        if eager and box:  # our own NonFiniteError, wrapped by the runtime
-            raise box[0] from None
-        raise
-    return ok, token
-
-
-def _add_tokens(*tokens: jax.Array | None) -> jax.Array | None:
-    live = [t for t in tokens if t is not None]
-    return sum(live[1:], live[0]) if live else None
-
-
-def _tie(leaves: list, token: jax.Array | None, groups: Sequence[Any] = ()) -> list:
-    """`leaves`, with `token` (a float32 0) tied into the smallest floating one.
-
-    ``x - token * 0`` is `x` bit for bit (also -0.0, Inf and NaN), and XLA
-    cannot fold ``token * 0`` (it would be NaN for a NaN token), so the
-    computation of `token`, and the callback in it, stays alive exactly as
-    long as `x` is used. With `groups` (one label per leaf), one leaf per
-    label is tied, so that each differentiated argument carries it. None
-    leaves (symbolic zeros) are skipped.
-    """
-    if token is None:
-        return leaves
-    labels = list(groups) if groups else [0] * len(leaves)
-    best: dict[Any, int] = {}
-    for i, (x, g) in enumerate(zip(leaves, labels)):
-        if x is None or not base.is_checked_leaf(x):
-            continue
-        if g not in best or jnp.size(x) < jnp.size(leaves[best[g]]):
-            best[g] = i
-    out = list(leaves)
-    for i in best.values():
-        x = jnp.asarray(out[i])
-        out[i] = x - (token * 0).astype(x.dtype)
-    return out
-
-
-def _tie_outputs(leaves: list, token: jax.Array) -> list:
-    """Ties `token` into the outputs and, under reverse-mode AD, into their cotangents.
-
-    `jax.grad` drops the outputs themselves; tied into the cotangent that
-    flows back through `fn`, the forward checks survive it.
-    """
-    idx = [i for i, x in enumerate(leaves) if base.is_checked_leaf(x)]
-    if not idx:
-        return leaves
-
-    @jax.custom_vjp
-    def tie(xs, token):
-        return tuple(_tie(list(xs), token))
-
-    def fwd(xs, token):
-        values = [p.value for p in xs]
-        return tuple(_tie(values, token.value)), token.value
-
-    def bwd(token, cts):
-        live = [None if isinstance(c, SymbolicZero) else c for c in cts]
-        tied = _tie(live, token)
-        return tuple(tied), None
-
-    tie.defvjp(fwd, bwd, symbolic_zeros=True)
-    tied = tie(tuple(leaves[i] for i in idx), token)
-    out = list(leaves)
-    for i, x in zip(idx, tied):
-        out[i] = x
-    return out
-
-
-def _probe(leaves: list, on_cotangents: Callable, groups: Sequence[Any]) -> list:
-    """Identity on `leaves` whose VJP hands the cotangents to `on_cotangents`.
-
-    Only the leaves that are being differentiated (perturbed) are passed on,
-    as ``on_cotangents(index_list, cotangent_list)``, which returns a token
-    (or None). The cotangents are returned unchanged, bit for bit, with the
-    token tied into one of them per label of `groups` (per argument).
-    """
-
-    @jax.custom_vjp
-    def ident(xs):
-        return xs
-
-    def fwd(xs):
-        values = tuple(p.value for p in xs)
-        # The residual has no leaves: its tree structure carries the mask.
-        mask = tuple(() if p.perturbed else None for p in xs)
-        return values, mask
-
-    def bwd(mask, cts):
-        live = [
-            i
-            for i, (m, ct) in enumerate(zip(mask, cts))
-            if m is not None and not isinstance(ct, SymbolicZero)
-        ]
-        out = [cts[i] if i in live else None for i in range(len(cts))]
-        if live:
-            token = on_cotangents(live, [cts[i] for i in live])
-            out = _tie(out, token, groups)
-        return (tuple(out),)
-
-    ident.defvjp(fwd, bwd, symbolic_zeros=True)
-    return list(ident(tuple(leaves)))
 
 
 def _call_signature(fn: Callable, args: tuple, kwargs: dict) -> str:
@@ -428,7 +64,7 @@ def _require_callable(fn: Any, where: str) -> None:
 def _validate(fn: Any, on_nonfinite: Any, inputs: Any, outputs: Any, grads: Any):
     if fn is not None:
         _require_callable(fn, "checked")
-    if not callable(on_nonfinite) and on_nonfinite not in _POLICIES:
+    if not callable(on_nonfinite) and on_nonfinite not in host.POLICIES:
         raise ValueError(
             f"jaxnan.checked: on_nonfinite={on_nonfinite!r} is not supported. "
             'Use "raise", "warn", "ignore" or a callable that takes a '
@@ -558,10 +194,11 @@ def checked(
 
         return passthrough
 
-    reporter = _Reporter(name, on_nonfinite)
+    reporter = host.Reporter(name, on_nonfinite)
 
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
+        site = host.user_call_site()
         leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
         paths = checks.input_paths(fn, args, kwargs)
         call = _call_signature(fn, args, kwargs)
@@ -571,17 +208,19 @@ def checked(
         for i, a in enumerate(args):
             owner += [i] * len(jax.tree_util.tree_leaves(a))
         owner += [None] * (len(leaves) - len(owner))
+        report = functools.partial(
+            device.check, reporter=reporter, site=site, tie=grads
+        )
 
         # grads=True: the callbacks are `pure_callback`s tied into the outputs
         # and the cotangents (no effect, fast dispatch). grads=False (for
         # forward-mode AD, where custom_vjp is not defined): effects.
-        tie = grads
         in_ok, in_token = None, None
         if inputs:
-            in_ok, in_token = _check(
-                leaves, paths, "forward-inputs", reporter, forward_hint, tie=tie
-            )
+            in_ok, in_token = report(leaves, paths, "forward-inputs", hint=forward_hint)
 
+        handed = list(leaves)
+        seen: list = []  # the forward verdict, handed to the backward check
         if grads:
             idx = [
                 i
@@ -589,49 +228,66 @@ def checked(
                 if isinstance(x, jax.Array) and base.is_checked_leaf(x)
             ]
 
-            def on_cotangents(live, cts):
+            def on_cotangents(live, cts, ok):
                 argnums = sorted({owner[idx[j]] for j in live} - {None})
                 spec = "" if argnums in ([], [0]) else f", argnums={tuple(argnums)}"
                 if len(argnums) == 1 and spec:
                     spec = f", argnums={argnums[0]}"
                 hint = f"jaxnan.locate(jax.value_and_grad({short}{spec})){call}"
                 live_paths = [paths[idx[j]] for j in live]
-                _, token = _check(cts, live_paths, "backward", reporter, hint, tie=True)
+                # Gradients of a bad batch or loss already reported: no second
+                # report (`seen` holds the forward verdict, see tie_outputs).
+                skip = None if in_ok is None else ~ok
+                if seen:
+                    skip = ~seen[-1] if skip is None else skip | ~seen[-1]
+                _, token = report(
+                    cts, live_paths, "backward", hint=hint, tie=True, skip=skip
+                )
                 return token
 
             if idx:
-                probed = _probe(
-                    [leaves[i] for i in idx], on_cotangents, [owner[i] for i in idx]
+                probed = device.probe(
+                    [leaves[i] for i in idx],
+                    on_cotangents,
+                    [owner[i] for i in idx],
+                    in_ok,
                 )
-                leaves = list(leaves)
                 for i, x in zip(idx, probed):
-                    leaves[i] = x
-                args, kwargs = jax.tree_util.tree_unflatten(treedef, leaves)
+                    handed[i] = x
+        if all(h is x for h, x in zip(handed, leaves)):
+            call_args, call_kwargs = args, kwargs
+        else:
+            call_args, call_kwargs = jax.tree_util.tree_unflatten(treedef, handed)
 
-        out = fn(*args, **kwargs)
+        out = fn(*call_args, **call_kwargs)
+        # What fn did to mutable arguments (NNX Variables) reaches the caller.
+        if call_args is not args or call_kwargs is not kwargs:
+            state.write_back((args, kwargs), (call_args, call_kwargs), leaves, handed)
 
-        out_token = None
+        out_token = out_ok = None
         if outputs:
             out_paths = [p for p, _ in tree.paths_and_leaves(out, "output")]
             skip = None if in_ok is None else ~in_ok
-            _, out_token = _check(
+            out_ok, out_token = report(
                 jax.tree_util.tree_leaves(out),
                 out_paths,
                 "forward-outputs",
-                reporter,
-                forward_hint,
-                tie=tie,
+                hint=forward_hint,
                 skip=skip,
             )
-        token = _add_tokens(in_token, out_token)
+        token = device.add_tokens(in_token, out_token)
         if token is None:
             return out
         out_leaves, out_def = jax.tree_util.tree_flatten(out)
-        if not any(base.is_checked_leaf(x) for x in out_leaves):
+        if not any(
+            isinstance(x, jax.Array) and base.is_checked_leaf(x) for x in out_leaves
+        ):
             # Nothing to tie into: keep the callbacks alive as an effect.
             jax.debug.callback(lambda t: None, token)
             return out
-        return jax.tree_util.tree_unflatten(out_def, _tie_outputs(out_leaves, token))
+        quiet = out_ok if in_ok is None or out_ok is None else out_ok | ~in_ok
+        tied = device.tie_outputs(out_leaves, token, quiet, seen)
+        return jax.tree_util.tree_unflatten(out_def, tied)
 
     return wrapped
 

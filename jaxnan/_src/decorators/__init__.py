@@ -1,0 +1,16 @@
+"""`@jaxnan.checked` and friends (see `api`), split by concern.
+
+- `api`: `checked`, `checked_grad`, `checked_value_and_grad`;
+- `device`: the in-graph checks and how their reports stay alive;
+- `host`: records, messages, policies, `nonfinite_errors`;
+- `state`: state updates on mutable arguments (Flax NNX) reach the caller.
+"""
+
+from jaxnan._src.decorators.api import checked as checked
+from jaxnan._src.decorators.api import checked_grad as checked_grad
+from jaxnan._src.decorators.api import (
+    checked_value_and_grad as checked_value_and_grad,
+)
+from jaxnan._src.decorators.host import PHASES as PHASES
+from jaxnan._src.decorators.host import NonfiniteRecord as NonfiniteRecord
+from jaxnan._src.decorators.host import nonfinite_errors as nonfinite_errors

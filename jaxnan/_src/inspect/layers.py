@@ -1,0 +1,109 @@
+"""Layer names for the equations of a jaxpr.
+
+A layer is named, in order of preference, by
+
+1. the scopes of the equation's name stack (`jax.named_scope`, Flax linen
+   module names), transformations such as ``jvp(...)`` removed, unless the
+   scope holds a dotted class name (Equinox's ``eqx.nn.Linear``, the same
+   for every Linear) and the equation consumes a parameter;
+2. the parameter it consumes: the key path of a leaf of the parameter
+   arguments (Flax NNX attribute paths, Equinox field paths), without the
+   leaf's own name (``linear1/kernel/value`` -> ``linear1``);
+3. the parameter consumed by another equation of the same call (the user's
+   line and the library function it called: the mean and variance of a
+   BatchNorm belong to its layer);
+4. the user's source line, ``file.py:LINE (function)``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+from jax.extend import source_info_util
+
+from jaxnan._src import base
+
+source_info_util.register_exclusion(__file__)
+
+# Leaf names that wrap a parameter rather than name it (NNX Variables).
+_WRAPPER_KEYS = ("value", "raw_value")
+
+# Primitives that only move or relabel entries: their outputs are bounded by
+# their inputs, so they get no statistics of their own.
+STRUCTURAL = frozenset(
+    "reshape broadcast_in_dim transpose squeeze expand_dims copy copy_p slice "
+    "concatenate rev pad dynamic_slice gather select_n".split()
+)
+
+
+def scope_path(name_stack: Any) -> str:
+    """The scopes of a name stack joined by '/', transformations dropped."""
+    parts = []
+    for el in getattr(name_stack, "stack", ()):
+        if type(el).__name__ == "Transform":
+            continue
+        name = getattr(el, "name", "")
+        if name:
+            parts.append(name)
+    return "/".join(parts)
+
+
+def join(a: str, b: str) -> str:
+    """`a/b`, without empty parts."""
+    return "/".join(p for p in (a, b) if p)
+
+
+def is_backward(name_stack: Any) -> bool:
+    """True for equations made by transposition (the backward pass)."""
+    return any(
+        type(el).__name__ == "Transform" and getattr(el, "name", "") == "transpose"
+        for el in getattr(name_stack, "stack", ())
+    )
+
+
+def param_layer(path: tuple) -> str:
+    """The layer owning a parameter leaf: its key path without the leaf name."""
+    keys = [_key_name(k) for k in path]
+    while keys and keys[-1] in _WRAPPER_KEYS:
+        keys.pop()
+    return "/".join(keys[:-1])
+
+
+def _key_name(k: Any) -> str:
+    for attr in ("name", "key", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def call_site(source_info: Any) -> tuple[tuple, str] | None:
+    """(call-site key, ``file.py:LINE (function)``) of the user frame, or None.
+
+    The key is the user's line plus the library function it called (the
+    frame just inside the library), so that the statistics of a
+    `BatchNorm` called on the same line as a `relu` keep apart; None when
+    the traceback has no user frame (a library `jit` traced elsewhere).
+    """
+    tb = getattr(source_info, "traceback", None)
+    frames = list(getattr(tb, "frames", ())) if tb is not None else []
+    for k, f in enumerate(frames):  # innermost first
+        if base.library_of(f.file_name) is None and not f.file_name.endswith(
+            ("contextlib.py", "functools.py")
+        ):
+            inner = frames[k - 1] if k else None
+            callee = (inner.file_name, inner.function_name) if inner else ()
+            key = (f.file_name, f.line_num, *callee)
+            text = f"{os.path.basename(f.file_name)}:{f.line_num} ({f.function_name})"
+            return key, text
+    return None
+
+
+def param_paths(args: tuple, argnums: tuple[int, ...]) -> list[tuple[str, Any]]:
+    """(layer, leaf) for every leaf of the parameter arguments."""
+    out = []
+    for i in argnums:
+        for path, leaf in jax.tree_util.tree_flatten_with_path(args[i])[0]:
+            out.append((param_layer(path), leaf))
+    return out

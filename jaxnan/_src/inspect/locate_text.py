@@ -1,0 +1,61 @@
+"""The activation and gradient statistics of the layer where `locate` found an event."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+from jax.extend import source_info_util
+
+from jaxnan._src.inspect import activations, layers
+
+source_info_util.register_exclusion(__file__)
+
+
+def _provenances(dyn_tree: Any) -> list:
+    """Provenance of every leaf of ``(dynamic args, kwargs)``: arg 0 is params."""
+    out = []
+    for path, _ in jax.tree_util.tree_flatten_with_path(dyn_tree)[0]:
+        arg = getattr(path[1], "idx", None) if len(path) > 1 else None
+        if getattr(path[0], "idx", None) == 0 and arg == 0:
+            out.append(layers.param_layer(path[2:]) or activations.CONST)
+        else:
+            out.append(activations.DATA)
+    return out
+
+
+def layer_text(closed: Any, leaves: list, dyn_tree: Any, eqn: Any) -> str | None:
+    """Lines naming the layer of `eqn` with its activation and gradient stats.
+
+    Runs `activation_stats`'s measurement (one compiled pass) on the
+    function's jaxpr and arguments, finds the layer holding `eqn` and returns
+    e.g. ``activations of `decoder/mlp`: max |x| = 6.1e4, 93% of the float16
+    range ...``, plus a ``gradients of`` line when the function computes
+    them; None when `eqn` is not measured (an op that only moves entries).
+
+    Args:
+        closed: the `ClosedJaxpr` of the function.
+        leaves: its flat arguments.
+        dyn_tree: ``(dynamic args, kwargs)`` whose flattening gives `leaves`;
+            the first dynamic argument holds the parameters.
+        eqn: the equation of the event.
+    """
+    provs = _provenances(dyn_tree)
+    walker = activations.Walker()
+
+    def measure(consts, xs):
+        walker.run(closed.jaxpr, consts, xs, provs)
+        return walker.results(0.25)
+
+    stats = jax.jit(measure)(list(closed.consts), list(leaves))
+    name = walker.names.get(id(eqn))
+    if name is None:
+        return None
+    base = name.removesuffix(activations.GRAD_SUFFIX)
+    lines = []
+    if base in stats:
+        lines.append(f"activations of `{base}`: {stats[base]}")
+    grad = stats.get(base + activations.GRAD_SUFFIX)
+    if grad is not None:
+        lines.append(f"gradients of `{base}`: {str(grad).replace('|x|', '|g|')}")
+    return "\n".join(lines) or None

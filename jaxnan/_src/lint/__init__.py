@@ -1,0 +1,19 @@
+"""`jaxnan.lint`: find NaN-prone patterns in the jaxpr of a loss, statically.
+
+- `graph`: the jaxpr of `fn` inlined into one flat graph (the one traversal
+  of higher-order primitives, `primitives.sub_jaxprs`), constants folded.
+- `signs`: the sign of each value (a table of per-primitive rules) and which
+  values carry gradient.
+- `registry`: `LintRule`, `Hit`, `register` and `LINT_RULES`.
+- `rules/`: one module per rule family, each detector registered beside its
+  `LintRule`s.
+- `core`: `lint`, `Finding` and `cli`: run the detectors, name the lines.
+
+Nothing is executed.
+"""
+
+from jaxnan._src.lint.core import Finding as Finding
+from jaxnan._src.lint.core import cli as cli
+from jaxnan._src.lint.core import lint as lint
+from jaxnan._src.lint.registry import LINT_RULES as LINT_RULES
+from jaxnan._src.lint.registry import LintRule as LintRule

@@ -1,0 +1,146 @@
+"""Equinox's MNIST CNN example, tiny and synthetic.
+
+Written as the example writes it; jaxnan adds two lines: `jaxnan.checked`
+around the loss, `jaxnan.skip_nonfinite` around the optimizer (plus
+``loss=loss_value`` in ``optim.update``).
+"""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxnan
+
+eqx = pytest.importorskip("equinox")
+
+
+class CNN(eqx.Module):
+    layers: list
+
+    def __init__(self, key):
+        key1, key2, key3, key4 = jax.random.split(key, 4)
+        self.layers = [
+            eqx.nn.Conv2d(1, 3, kernel_size=4, key=key1),
+            eqx.nn.MaxPool2d(kernel_size=2),  # stores init=-inf
+            jax.nn.relu,  # a custom_jvp leaf
+            jnp.ravel,
+            eqx.nn.Linear(192, 32, key=key2),
+            jax.nn.sigmoid,
+            eqx.nn.Linear(32, 16, key=key3),
+            jax.nn.relu,
+            eqx.nn.Linear(16, 10, key=key4),
+            jax.nn.log_softmax,
+        ]
+
+    def __call__(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def loss(model, x, y):
+    pred_y = jax.vmap(model)(x)
+    return cross_entropy(y, pred_y)
+
+
+def cross_entropy(y, pred_y):
+    pred_y = jnp.take_along_axis(pred_y, jnp.expand_dims(y, 1), axis=1)
+    return -jnp.mean(pred_y)
+
+
+def train(data, guarded, lr=3e-4):
+    model = CNN(jax.random.key(5678))
+    optim = optax.adamw(lr)
+    if guarded:
+        optim = jaxnan.skip_nonfinite(optim)
+    opt_state = optim.init(eqx.filter(model, eqx.is_array))
+    loss_fn = jaxnan.checked(loss, on_nonfinite="warn") if guarded else loss
+
+    @eqx.filter_jit
+    def make_step(model, opt_state, x, y):
+        loss_value, grads = eqx.filter_value_and_grad(loss_fn)(model, x, y)
+        extra = {"loss": loss_value} if guarded else {}
+        updates, opt_state = optim.update(
+            grads, opt_state, eqx.filter(model, eqx.is_array), **extra
+        )
+        model = eqx.apply_updates(model, updates)
+        return model, opt_state, loss_value
+
+    losses = []
+    for x, y in data:
+        model, opt_state, value = make_step(model, opt_state, x, y)
+        losses.append(value)
+    return model, opt_state, losses
+
+
+def batches(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [
+        (
+            jnp.asarray(rng.normal(size=(8, 1, 12, 12)), jnp.float32),
+            jnp.asarray(rng.integers(0, 10, size=8), jnp.int32),
+        )
+        for _ in range(n)
+    ]
+
+
+@pytest.fixture(scope="module")
+def healthy():
+    data = batches(20)
+    with warnings.catch_warnings():
+        # MaxPool2d's -inf init must not fire: any jaxnan warning fails.
+        warnings.simplefilter("error", RuntimeWarning)
+        return train(data, False), train(data, True)
+
+
+def test_twenty_healthy_steps_bit_for_bit(healthy):
+    (m0, s0, l0), (m1, s1, l1) = healthy
+    np.testing.assert_array_equal(np.asarray(l0), np.asarray(l1))
+    a, b = eqx.filter(m0, eqx.is_array), eqx.filter(m1, eqx.is_array)
+    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    # adamw's state, inside the guard's, on the filtered tree (None leaves).
+    for x, y in zip(
+        jax.tree_util.tree_leaves(s0), jax.tree_util.tree_leaves(s1.inner_state)
+    ):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert int(s1.nonfinite_total) == 0
+
+
+def test_nan_batch_is_skipped_and_located(healthy):
+    data = batches(3, seed=1)
+    x, y = data[1]
+    data[1] = (x.at[3, 0, 5, 5].set(jnp.nan), y)
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        model, opt_state, losses = train(data, True)
+        jax.block_until_ready(losses)
+    assert int(opt_state.nonfinite_total) == 1
+    assert np.isnan(np.asarray(losses[1])) and np.isfinite(np.asarray(losses[2]))
+    msgs = [w for w in got if "jaxnan" in str(w.message)]
+    assert len(msgs) == 1 and msgs[0].filename == __file__  # once, at our line
+    assert "x: 1 nan" in str(msgs[0].message)
+    # locate takes the module as it is (functions, custom_jvp and the -inf
+    # init are static) and names the input leaf.
+    d = jaxnan.locate(eqx.filter_value_and_grad(loss))(model, *data[1])
+    assert d.phase == "input" and d.cause == "input_data"
+    assert d.nonfinite_inputs == {"x": (1, 0, 0)}
+
+
+def test_locate_through_the_module_names_the_line(healthy):
+    (model, _, _), _ = healthy
+
+    def bad_loss(model, x, y):
+        pred_y = jax.vmap(model)(x)
+        return -jnp.mean(jnp.log(pred_y + 1.0))  # log of a log-probability
+
+    line = bad_loss.__code__.co_firstlineno + 2
+    x, y = batches(1, seed=3)[0]
+    d = jaxnan.locate(eqx.filter_value_and_grad(bad_loss))(model, x, y)
+    assert (d.primitive, d.line, d.phase) == ("log", line, "forward")
+    assert d.cause == "unsafe_op"

@@ -1,0 +1,183 @@
+"""Flax linen's examples/mnist (CNN, TrainState), tiny and synthetic.
+
+Written as the example writes it; jaxnan changes three lines:
+`jaxnan.checked(loss_fn)`, `jaxnan.skip_nonfinite(tx)` and
+`jaxnan.flax.apply_gradients(state, grads=grads, loss=loss)` (which needs
+`update_model` to be handed the loss).
+"""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxnan
+import jaxnan.flax
+
+nn = pytest.importorskip("flax.linen")
+from flax.training import train_state  # noqa: E402
+
+
+class CNN(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(features=4, kernel_size=(3, 3))(x)
+        x = nn.relu(x)
+        x = nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
+        x = nn.Conv(features=8, kernel_size=(3, 3))(x)
+        x = nn.relu(x)
+        x = nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
+        x = x.reshape((x.shape[0], -1))
+        x = nn.Dense(features=16)(x)
+        x = nn.relu(x)
+        x = nn.Dense(features=10)(x)
+        return x
+
+
+def cross_entropy(logits, one_hot):
+    return jnp.mean(optax.softmax_cross_entropy(logits=logits, labels=one_hot))
+
+
+def log_softmax_by_hand(logits, one_hot):  # the planted bug
+    return -jnp.mean(jnp.sum(one_hot * jnp.log(jax.nn.softmax(logits)), -1))
+
+
+BUG_LINE = log_softmax_by_hand.__code__.co_firstlineno + 1
+
+
+def make(guarded, xent=cross_entropy):
+    @jax.jit
+    def apply_model(state, images, labels):
+        def loss_fn(params):
+            logits = state.apply_fn({"params": params}, images)
+            one_hot = jax.nn.one_hot(labels, 10)
+            loss = xent(logits, one_hot)
+            return loss, logits
+
+        fn = jaxnan.checked(loss_fn, on_nonfinite="warn") if guarded else loss_fn
+        grad_fn = jax.value_and_grad(fn, has_aux=True)
+        (loss, logits), grads = grad_fn(state.params)
+        accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+        return grads, loss, accuracy
+
+    @jax.jit
+    def update_model(state, grads, loss):
+        if guarded:
+            return jaxnan.flax.apply_gradients(state, grads=grads, loss=loss)
+        return state.apply_gradients(grads=grads)
+
+    return apply_model, update_model
+
+
+def create_train_state(rng, guarded, learning_rate=0.1, momentum=0.9):
+    cnn = CNN()
+    params = cnn.init(rng, jnp.ones([1, 12, 12, 1]))["params"]
+    tx = optax.sgd(learning_rate, momentum)
+    if guarded:
+        tx = jaxnan.skip_nonfinite(tx)
+    return train_state.TrainState.create(apply_fn=cnn.apply, params=params, tx=tx)
+
+
+def batches(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [
+        (
+            jnp.asarray(rng.normal(size=(8, 12, 12, 1)), jnp.float32),
+            jnp.asarray(rng.integers(0, 10, size=8), jnp.int32),
+        )
+        for _ in range(n)
+    ]
+
+
+def train(data, guarded, xent=cross_entropy):
+    apply_model, update_model = make(guarded, xent)
+    state = create_train_state(jax.random.key(0), guarded)
+    losses = []
+    for images, labels in data:
+        grads, loss, _ = apply_model(state, images, labels)
+        state = update_model(state, grads, loss)
+        losses.append(loss)
+    return state, losses
+
+
+@pytest.fixture(scope="module")
+def healthy():
+    data = batches(20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        return train(data, False), train(data, True)
+
+
+def test_twenty_healthy_steps_bit_for_bit(healthy):
+    (s0, l0), (s1, l1) = healthy
+    np.testing.assert_array_equal(np.asarray(l0), np.asarray(l1))
+    assert int(s0.step) == int(s1.step) == 20
+    for a, b in zip(
+        jax.tree_util.tree_leaves(s0.params), jax.tree_util.tree_leaves(s1.params)
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for a, b in zip(
+        jax.tree_util.tree_leaves(s0.opt_state),
+        jax.tree_util.tree_leaves(s1.opt_state.inner_state),
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_log_softmax_outlier_is_skipped_and_located(healthy):
+    data = batches(3, seed=1)
+    images, labels = data[1]
+    data[1] = (images.at[0].multiply(1e4), labels)  # an outlier row
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        state, losses = train(data, True, xent=log_softmax_by_hand)
+        jax.block_until_ready(losses)
+    # The loss is +inf, its gradients NaN: the step is skipped, the guard
+    # saw the loss (linen's apply_gradients alone would not hand it over).
+    assert not np.isfinite(np.asarray(losses[1]))
+    assert int(state.opt_state.nonfinite_total) == 1
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state))
+    msgs = [w for w in got if "jaxnan" in str(w.message)]
+    assert len(msgs) == 1 and msgs[0].filename == __file__
+    assert "[phase forward-outputs]" in str(msgs[0].message)
+
+    # locate on the failing step, as checked's message says.
+    (s_healthy, _), _ = healthy
+    apply_model, _ = make(False, log_softmax_by_hand)
+    d = jaxnan.locate(apply_model)(s_healthy, *data[1])
+    assert (d.primitive, d.line, d.phase) == ("log", BUG_LINE, "forward")
+    assert d.cause == "unsafe_op"
+
+
+def test_mutable_batch_stats_are_returned_unchanged():
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x, train):
+            x = nn.Dense(4)(x)
+            x = nn.BatchNorm(use_running_average=not train)(x)
+            return nn.Dense(2)(x)
+
+    net = Net()
+    variables = net.init(jax.random.key(0), jnp.ones((4, 3)), train=False)
+
+    def loss_fn(params, batch_stats, x):
+        out, updates = net.apply(
+            {"params": params, "batch_stats": batch_stats},
+            x,
+            train=True,
+            mutable=["batch_stats"],
+        )
+        return jnp.mean(out**2), updates
+
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 3)), jnp.float32)
+    args = (variables["params"], variables["batch_stats"], x)
+    plain = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(*args)
+    checked = jax.jit(jax.value_and_grad(jaxnan.checked(loss_fn), has_aux=True))
+    got = checked(*args)
+    for a, b in zip(jax.tree_util.tree_leaves(plain), jax.tree_util.tree_leaves(got)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert not np.array_equal(
+        np.asarray(got[0][1]["batch_stats"]["BatchNorm_0"]["mean"]), np.zeros(4)
+    )

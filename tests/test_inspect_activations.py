@@ -1,0 +1,182 @@
+"""activation_stats: numpy-exact statistics and layer names in NNX, linen, Equinox."""
+
+import inspect as pyinspect
+
+import equinox as eqx
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxnan
+
+
+def _here(fn, text):
+    """`test_inspect_activations.py:LINE (qualname)` of the line holding `text`."""
+    lines, start = pyinspect.getsourcelines(fn)
+    k = next(i for i, line in enumerate(lines) if text in line)
+    return f"test_inspect_activations.py:{start + k} ({fn.__qualname__})"
+
+
+def _np_stats(*values, out):
+    m = max(float(np.abs(v).max()) for v in values)
+    out = np.asarray(out, np.float64)
+    return m, out.mean(), out.std(), float((out == 0).mean())
+
+
+def mlp(params, x):
+    with jax.named_scope("hidden"):
+        h = jax.nn.relu(x @ params["w1"])
+    with jax.named_scope("out"):
+        return h @ params["w2"] + params["b2"]
+
+
+def _mlp_params():
+    rng = np.random.default_rng(0)
+    return {
+        "w1": rng.normal(size=(5, 8)).astype(np.float32),
+        "w2": rng.normal(size=(8, 3)).astype(np.float32),
+        "b2": rng.normal(size=(3,)).astype(np.float32),
+    }
+
+
+@pytest.mark.parametrize("outer_jit", [False, True])
+def test_statistics_equal_numpy_on_the_intermediates(outer_jit):
+    p = _mlp_params()
+    x = np.random.default_rng(1).normal(size=(4, 5)).astype(np.float32)
+    run = jaxnan.activation_stats(mlp)
+    stats = jax.jit(run)(p, x) if outer_jit else run(p, x)
+    assert list(stats) == ["hidden", "out"]
+    pre = x @ p["w1"]
+    h = np.maximum(pre, 0)
+    dot2 = h @ p["w2"]
+    out = dot2 + p["b2"]
+    for name, values, last in [("hidden", [pre, h], h), ("out", [dot2, out], out)]:
+        s = stats[name]
+        m, mean, std, zeros = _np_stats(*values, out=last)
+        np.testing.assert_allclose(s.max_abs, m, rtol=1e-6)
+        np.testing.assert_allclose(s.mean, mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(s.std, std, rtol=1e-5)
+        assert float(s.zero_fraction) == zeros
+        assert int(s.nonfinite) == 0
+        top = np.finfo(np.float32).max
+        np.testing.assert_allclose(s.range_used, m / top, atol=1e-37)  # denormal
+        np.testing.assert_allclose(s.headroom, top / m, rtol=1e-6)
+        assert s.dtype == "float32" and s.phase == "forward"
+        assert s.equations == 2 and not bool(s.near_overflow)
+    assert 0 < float(stats["hidden"].zero_fraction) < 1
+
+
+class NNXMLP(nnx.Module):
+    def __init__(self, rngs):
+        self.linear1 = nnx.Linear(5, 8, rngs=rngs)
+        self.bn = nnx.BatchNorm(8, rngs=rngs)
+        self.linear2 = nnx.Linear(8, 3, rngs=rngs)
+
+    def __call__(self, x):
+        h = nnx.relu(self.bn(self.linear1(x)))
+        return self.linear2(h)
+
+
+def test_flax_nnx_layer_names_and_state_untouched():
+    model = NNXMLP(nnx.Rngs(0))
+    before = jax.tree_util.tree_map(np.asarray, nnx.state(model))
+    x = np.random.default_rng(1).normal(size=(4, 5)).astype(np.float32)
+    stats = jaxnan.activation_stats(lambda m, x: m(x))(model, x)
+    relu = _here(NNXMLP.__call__, "nnx.relu")
+    assert list(stats) == ["linear1", "bn", relu, "linear2"]
+    k, b = np.asarray(model.linear1.kernel[...]), np.asarray(model.linear1.bias[...])
+    want = x @ k + b
+    s = stats["linear1"]
+    np.testing.assert_allclose(s.max_abs, np.abs(want).max(), rtol=1e-6)
+    np.testing.assert_allclose(s.mean, want.mean(), rtol=1e-5, atol=1e-6)
+    # the batch statistics are exactly what they were (no state leaked out)
+    after = jax.tree_util.tree_map(np.asarray, nnx.state(model))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, before, after)
+
+
+def test_flax_linen_module_paths_and_gradients():
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.relu(nn.Dense(8, name="mlp")(x))
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = Block(name="layer_0")(x)
+            return nn.Dense(2, name="head")(x)
+
+    net = Net()
+    x = jnp.ones((4, 5))
+    variables = net.init(jax.random.key(0), x)
+
+    def loss(v, x):
+        return jnp.mean(net.apply(v, x) ** 2)
+
+    stats = jaxnan.activation_stats(jax.value_and_grad(loss))(variables, x)
+    assert {"Net/layer_0/mlp", "Net/layer_0", "Net/head"} <= set(stats)
+    assert {"Net/head (grad)", "Net/layer_0/mlp (grad)"} <= set(stats)
+    assert stats["Net/head (grad)"].phase == "backward"
+    keys = list(stats)
+    assert all(stats[k].phase == "forward" for k in keys[: keys.index("Net/head")])
+
+
+def test_equinox_field_paths():
+    class Net(eqx.Module):
+        mlp: eqx.nn.MLP
+        head: eqx.nn.Linear
+
+        def __init__(self, key):
+            k1, k2 = jax.random.split(key)
+            self.mlp = eqx.nn.MLP(5, 8, 8, 2, key=k1)
+            self.head = eqx.nn.Linear(8, 3, key=k2)
+
+        def __call__(self, x):
+            return self.head(jax.nn.tanh(self.mlp(x)))
+
+    net = Net(jax.random.key(0))
+    x = jnp.ones((4, 5))
+    stats = jaxnan.activation_stats(lambda m, x: jax.vmap(m)(x))(net, x)
+    for name in ("mlp/layers/0", "mlp/layers/1", "mlp/layers/2", "head"):
+        assert name in stats
+    tanh = _here(Net.__call__, "jax.nn.tanh")
+    assert tanh in stats
+    w, b = net.head.weight, net.head.bias
+    h = jax.vmap(lambda v: jnp.tanh(net.mlp(v)))(x)
+    want = np.asarray(h @ w.T + b)
+    np.testing.assert_allclose(stats["head"].mean, want.mean(), rtol=1e-5)
+
+
+def test_float16_model_close_to_overflow_is_flagged():
+    def model(p, x):
+        with jax.named_scope("small"):
+            h = x * p["a"]
+        with jax.named_scope("big"):
+            return h * p["b"]
+
+    p = {"a": jnp.float16(2.0), "b": jnp.float16(5000.0)}
+    x = jnp.full((8,), 3.0, jnp.float16)
+    stats = jax.jit(jaxnan.activation_stats(model))(p, x)
+    big, small = stats["big"], stats["small"]
+    assert big.dtype == "float16" and bool(big.near_overflow)
+    assert float(big.max_abs) == 30000.0
+    np.testing.assert_allclose(big.range_used, 30000 / 65504, rtol=1e-6)
+    np.testing.assert_allclose(big.headroom, 65504 / 30000, rtol=1e-6)
+    assert not bool(small.near_overflow)
+    assert "46% of the float16 range" in str(big)
+    # one step further overflows: counted, and max_abs stays finite
+    stats = jaxnan.activation_stats(model)({"a": p["a"], "b": jnp.float16(2e4)}, x)
+    assert int(stats["big"].nonfinite) == 8 and float(stats["big"].max_abs) == 0.0
+    assert "8 nonfinite" in str(stats["big"])
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="needs a callable"):
+        jaxnan.activation_stats(3)
+    with pytest.raises(ValueError, match="near_overflow=2"):
+        jaxnan.activation_stats(mlp, near_overflow=2)
+    with pytest.raises(ValueError, match="params_argnums"):
+        jaxnan.activation_stats(mlp, params_argnums=(-1,))
