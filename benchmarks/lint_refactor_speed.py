@@ -32,7 +32,7 @@ def _time(fn, args, lint):
     return time.process_time() - t0
 
 
-def main(old_dir: str, rounds: int = 15):
+def main(old_dir: str, rounds: int = 25):
     jax.config.update("jax_platforms", "cpu")
     sys.path.insert(0, old_dir)
     old = importlib.import_module("old_lint")

@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from models import MODELS  # noqa: E402
 
 import jaxnan  # noqa: E402
+from jaxnan._src import transforms  # noqa: E402
 
 LR = 1e-3
 
@@ -47,6 +48,32 @@ def make_step(loss_fn, tx, pass_loss=False):
     return step
 
 
+def skip_without_outgoing_check(inner):
+    """`jaxnan.skip_nonfinite` as it was before the outgoing check (0.1).
+
+    The same incoming test (gradients and loss) and the same `lax.cond`, with
+    the check of what `inner` produces left out: the "before" of the
+    outgoing-check row.
+    """
+    tx = jaxnan.skip_nonfinite(inner)
+    inner = optax.with_extra_args_support(inner)
+
+    def update(updates, state, params=None, **extra):
+        finite = jaxnan.all_finite(updates) & jaxnan.all_finite(extra.get("loss", 0.0))
+        out, kept, _, _ = transforms.guarded_update(
+            inner,
+            finite,
+            updates,
+            state.inner_state,
+            params,
+            extra,
+            check_outgoing=False,
+        )
+        return out, state._replace(inner_state=kept)
+
+    return optax.GradientTransformationExtraArgs(tx.init, update)
+
+
 def variants(loss_fn):
     adamw = lambda: optax.adamw(LR)  # noqa: E731
     v = {
@@ -54,6 +81,11 @@ def variants(loss_fn):
         "jaxnan.skip_nonfinite(adamw), loss checked": (
             make_step(loss_fn, jaxnan.skip_nonfinite(adamw()), pass_loss=True),
             jaxnan.skip_nonfinite(adamw()),
+            None,
+        ),
+        "before: skip_nonfinite(adamw) without the outgoing check, loss checked": (
+            make_step(loss_fn, skip_without_outgoing_check(adamw()), pass_loss=True),
+            skip_without_outgoing_check(adamw()),
             None,
         ),
         "jaxnan.zero_nonfinite + adamw": (
@@ -103,6 +135,9 @@ def variants(loss_fn):
 
 # Variants compared with a baseline other than the plain adamw step.
 BASELINE = {
+    "jaxnan.skip_nonfinite(adamw), loss checked": (
+        "before: skip_nonfinite(adamw) without the outgoing check, loss checked"
+    ),
     "jaxnan.skip_nonfinite(jaxnan.clip + adamw), loss checked": (
         "optax.clip_by_global_norm + adamw"
     ),
@@ -210,12 +245,16 @@ def count_big_reads(hlo: str, shape: tuple[int, ...]) -> int:
     return n
 
 
-def run_model(name, rounds, steps, compiles):
+def run_model(name, rounds, steps, compiles, only=()):
     init, loss_fn, batch_fn = MODELS[name]
     params = init(jax.random.PRNGKey(0))
     batch = batch_fn(jax.random.PRNGKey(1))
     big = max(jax.tree_util.tree_leaves(params), key=lambda x: x.size).shape
     vs = variants(loss_fn)
+    if only:
+        keep = {k for k in vs if k == "plain adamw" or any(o in k for o in only)}
+        keep |= {BASELINE[k] for k in keep if k in BASELINE}
+        vs = {k: v for k, v in vs.items() if k in keep}
     compile_times, passes, temp = {k: [] for k in vs}, {}, {}
     build(vs["plain adamw"][0], None).lower(
         params, optax.adamw(LR).init(params), batch
@@ -286,11 +325,18 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--compiles", type=int, default=3)
     ap.add_argument("--models", default="mlp,transformer")
+    ap.add_argument(
+        "--only",
+        default="",
+        help="comma-separated substrings: run only the variants naming one "
+        "(plus the plain step and their baselines)",
+    )
     args = ap.parse_args(argv)
     dev = jax.devices()[0]
     print(f"device: {dev.platform} ({dev.device_kind}), jax {jax.__version__}\n")
     for name in args.models.split(","):
-        rows, n, c0 = run_model(name, args.rounds, args.steps, args.compiles)
+        only = [o for o in args.only.split(",") if o]
+        rows, n, c0 = run_model(name, args.rounds, args.steps, args.compiles, only)
         print(f"### {name} ({n / 1e6:.2f}M params, adamw), plain compile {c0:.2f}s\n")
         print(
             "| variant | baseline | step time | compile time "

@@ -1,5 +1,7 @@
 """jaxnan: find, explain and survive NaN/Inf in JAX training."""
 
+from jaxnan._src.adagc import AdaGCState as AdaGCState
+from jaxnan._src.adagc import adagc as adagc
 from jaxnan._src.base import ArrayTree as ArrayTree
 from jaxnan._src.checks import Report as Report
 from jaxnan._src.checks import check as check
@@ -8,6 +10,7 @@ from jaxnan._src.decorators import checked as checked
 from jaxnan._src.decorators import checked_grad as checked_grad
 from jaxnan._src.decorators import checked_value_and_grad as checked_value_and_grad
 from jaxnan._src.decorators import nonfinite_errors as nonfinite_errors
+from jaxnan._src.inspect.activations import ActivationStats as ActivationStats
 from jaxnan._src.inspect.activations import LayerStats as LayerStats
 from jaxnan._src.inspect.activations import activation_stats as activation_stats
 from jaxnan._src.inspect.impute import ImputeReport as ImputeReport
@@ -19,6 +22,7 @@ from jaxnan._src.inspect.leaf_stats import grad_stats as grad_stats
 from jaxnan._src.inspect.leaf_stats import param_stats as param_stats
 from jaxnan._src.inspect.outliers import ClipReport as ClipReport
 from jaxnan._src.inspect.outliers import clip_outliers as clip_outliers
+from jaxnan._src.inspect.plot import plot_stats as plot_stats
 from jaxnan._src.inspect.rows import DropReport as DropReport
 from jaxnan._src.inspect.rows import drop_nonfinite_rows as drop_nonfinite_rows
 from jaxnan._src.inspect.vocab import Strategy as Strategy
@@ -37,11 +41,9 @@ from jaxnan._src.monitor import monitor as monitor
 from jaxnan._src.monitor import monitor_metrics as monitor_metrics
 from jaxnan._src.report import NonFiniteError as NonFiniteError
 from jaxnan._src.rules import register_rule as register_rule
-from jaxnan._src.spikes import AdaGCState as AdaGCState
 from jaxnan._src.spikes import SkipReason as SkipReason
 from jaxnan._src.spikes import SkipSpikesState as SkipSpikesState
 from jaxnan._src.spikes import ZScoreClipState as ZScoreClipState
-from jaxnan._src.spikes import adagc as adagc
 from jaxnan._src.spikes import skip_spikes as skip_spikes
 from jaxnan._src.spikes import zscore_clip as zscore_clip
 from jaxnan._src.transforms import ClipByGlobalNormState as ClipByGlobalNormState
@@ -57,6 +59,7 @@ from jaxnan._src.tree import nonfinite_counts as nonfinite_counts
 __version__ = "0.1.0"
 
 __all__ = (
+    "ActivationStats",
     "AdaGCState",
     "ArrayTree",
     "ClipByGlobalNormState",
@@ -103,6 +106,7 @@ __all__ = (
     "nonfinite_counts",
     "nonfinite_errors",
     "param_stats",
+    "plot_stats",
     "register_rule",
     "scale_loss",
     "skip_nonfinite",

@@ -569,3 +569,49 @@ def test_partial_function_name():
     with pytest.raises(jaxnan.NonFiniteError, match=msg("inputs of `plain_loss`")):
         f(params, batch)
     assert np.isfinite(np.asarray(plain_loss(*make())))
+
+
+# --------------------------------------------------------------------------
+# What a check counts; compiled errors; locate through checked.
+
+
+def test_python_float_constants_count_only_when_nan():
+    # A model may store -inf as a Python float (eqx.nn.MaxPool2d's init).
+    f = jaxnan.checked(lambda p, c: jnp.sum(jnp.maximum(p["w"], c["init"])))
+    assert f({"w": jnp.ones(2)}, {"init": -float("inf")}) == 2.0
+    with pytest.raises(jaxnan.NonFiniteError, match=msg("c['init']: 1 nan")):
+        f({"w": jnp.ones(2)}, {"init": float("nan")})
+    with pytest.raises(jaxnan.NonFiniteError, match=msg("p['w']: 1 +inf")):
+        f({"w": jnp.array([1.0, INF])}, {"init": 0.0})
+
+
+def test_compiled_raise_surfaces_once_as_nonfinite_error(caplog):
+    step = jax.jit(jax.value_and_grad(jaxnan.checked(lambda x: jnp.sum(jnp.log(x)))))
+    with pytest.raises(jaxnan.NonFiniteError) as info:
+        with jaxnan.nonfinite_errors():
+            jax.block_until_ready(step(jnp.zeros(2)))
+    assert info.value.details["phase"] == "forward-outputs"
+    assert info.value.details["leaves"] == {"output": (0, 0, 1)}
+    # jax logs a failed callback; ours is not logged (the error carries it).
+    assert not [r for r in caplog.records if "callback failed" in r.getMessage()]
+    # Other runtime errors pass through unchanged.
+    with pytest.raises(ZeroDivisionError):
+        with jaxnan.nonfinite_errors():
+            raise ZeroDivisionError
+
+
+def test_locate_sees_through_checked():
+    for policy in ("raise", "warn"):
+
+        @jaxnan.checked(on_nonfinite=policy)
+        def loss(w, x):
+            return jnp.sum(jnp.log(w * x))
+
+        line = loss.__wrapped__.__code__.co_firstlineno + 2
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the replay calls no report
+            d = jaxnan.locate(jax.value_and_grad(loss))(
+                jnp.ones(2), jnp.array([1.0, 0])
+            )
+        assert (d.primitive, d.line, d.phase) == ("log", line, "forward")
+        assert d.cause == "unsafe_op"

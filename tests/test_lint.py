@@ -9,13 +9,13 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 import jaxnan
 from jaxnan.__main__ import main
 from jaxnan._src import lint as lint_mod
 from jaxnan._src.lint import graph as lint_graph
+from tests import helpers
 from tests import lint_cases as C
 
 X = jnp.linspace(0.1, 1.0, 32).reshape(8, 4)
@@ -179,17 +179,14 @@ def _wrap_custom_jvp(fn):
 
 
 def _wrap_shard_map(fn):
-    from jax.sharding import Mesh
-    from jax.sharding import PartitionSpec as P
-
-    mesh = Mesh(np.array(jax.devices()[:8]), ("d",))
+    mesh = helpers.mesh_of(8)
 
     def g(x):
         part = jax.shard_map(
             lambda xs: jax.lax.psum(fn(xs), "d"),
             mesh=mesh,
-            in_specs=P("d"),
-            out_specs=P(),
+            in_specs=helpers.P("d"),
+            out_specs=helpers.P(),
             check_vma=False,
         )
         return part(x)

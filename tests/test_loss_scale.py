@@ -11,7 +11,7 @@ import pytest
 from jax import lax
 
 import jaxnan
-from tests.helpers import P, shard_map_over
+from tests.helpers import P, assert_no_host_callback, shard_map_over
 
 
 def torch_gradscaler_schedule(finite, *, init, growth, backoff, interval):
@@ -118,9 +118,8 @@ def test_float16_train_step_with_scale_loss():
 
     assert (np.asarray(jax.grad(loss16)(params, ab)["w"]) == 0).all()  # underflow
     state = tx.init(params)
-    step(params, state, ab)
-    with jax.transfer_guard("disallow"):
-        updates, state = step(params, state, ab)
+    assert_no_host_callback(step, params, state, ab)
+    updates, state = step(params, state, ab)
     np.testing.assert_allclose(np.asarray(updates["w"]), -1e-8, rtol=2e-3)
     assert float(state.loss_scale) == 2.0**15
 
@@ -169,3 +168,56 @@ def test_pmap_nonfinite_loss_on_one_device_all_skip():
     u, scale = jax.pmap(per_device, axis_name="i")(jnp.ones(8))
     np.testing.assert_array_equal(np.asarray(u), -1.0 / 16.0)
     assert (np.asarray(scale) == 16.0).all()
+
+
+# ------------------------------------------------------------ issue 13
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "err", "msg"),
+    [
+        ({"init_scale": float("inf")}, ValueError, "init_scale must be finite"),
+        ({"min_scale": float("inf")}, ValueError, "min_scale must be finite"),
+        ({"min_scale": 0.5}, ValueError, "min_scale must be >= 1"),
+        ({"init_scale": 0.5}, ValueError, "init_scale must be >= 1.0"),
+        (
+            {"init_scale": np.float32(2.0), "min_scale": 4.0},
+            ValueError,
+            "init_scale must be >= 4.0",
+        ),
+        (
+            {"growth_interval": np.float32(3)},
+            TypeError,
+            "growth_interval must be an int",
+        ),
+        (
+            {"backoff_factor": jnp.float32(1.0)},
+            ValueError,
+            "backoff_factor must be > 0 and < 1",
+        ),
+    ],
+)
+def test_dynamic_loss_scale_rejects_scales_that_skip_forever(kwargs, err, msg):
+    with pytest.raises(err, match=re.escape(msg)):
+        jaxnan.dynamic_loss_scale(optax.sgd(1.0), **kwargs)
+
+
+def test_dynamic_loss_scale_accepts_numpy_hyperparameters():
+    tx = jaxnan.dynamic_loss_scale(
+        optax.sgd(1.0), init_scale=np.float32(8), growth_interval=np.int64(2)
+    )
+    assert float(tx.init({"w": jnp.zeros(1)}).loss_scale) == 8.0
+
+
+def test_dynamic_loss_scale_inner_nonfinite_skips_and_keeps_the_scale():
+    # float16 Adam: a gradient of 300 makes nu = g^2 overflow to Inf while the
+    # update stays a finite 0: only the outgoing check sees it.
+    tx = jaxnan.dynamic_loss_scale(optax.adam(1e-2), init_scale=2.0)
+    params = {"w": jnp.ones(2, jnp.float16)}
+    s0 = tx.init(params)
+    u, s1 = tx.update({"w": jnp.full(2, 600.0, jnp.float16)}, s0, params)
+    assert not np.asarray(u["w"]).any()
+    chex.assert_trees_all_equal(s1.loss_scale_inner_state, s0.loss_scale_inner_state)
+    assert int(s1.loss_scale_skips) == 1 and int(s1.loss_scale_inner_skips) == 1
+    assert float(s1.loss_scale) == 2.0
+    assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(s1))

@@ -12,7 +12,7 @@ import pytest
 from jax import lax
 
 import jaxnan
-from tests.helpers import P, shard_map_over
+from tests.helpers import P, assert_no_host_callback, shard_map_over
 
 NAN = float("nan")
 
@@ -277,10 +277,9 @@ def test_skip_spikes_jit_has_no_host_sync():
     state = tx.init(params)
     step = jax.jit(lambda g, s, loss: tx.update(g, s, params, loss=loss))
     g, loss = jnp.ones(2), jnp.float32(1.0)
-    step({"w": g}, state, loss)  # compile outside the guard
-    with jax.transfer_guard("disallow"):
-        u, state = step({"w": g}, state, loss)
-        u, state = step({"w": g}, state, loss)
+    assert_no_host_callback(step, {"w": g}, state, loss)
+    u, state = step({"w": g}, state, loss)
+    u, state = step({"w": g}, state, loss)
     assert int(state.spike_window_fill) == 2
 
 
@@ -462,10 +461,9 @@ def test_zscore_clip_and_adagc_jit_have_no_host_sync():
     for tx in (jaxnan.zscore_clip(warmup=2), jaxnan.adagc(warmup=1)):
         update = jax.jit(tx.update)
         state = tx.init(params)
-        update(g, state)
-        with jax.transfer_guard("disallow"):
-            for _ in range(3):
-                u, state = update(g, state)
+        assert_no_host_callback(tx.update, g, state)
+        for _ in range(3):
+            u, state = update(g, state)
         assert u["w"].shape == (3,)
 
 
@@ -481,3 +479,98 @@ def test_skip_spikes_loss_and_norm_spike_together_record_both_bits():
     assert int(state.loss_spike_total) == 1 and int(state.norm_spike_total) == 1
     assert int(state.last_skip_step) == 3 and float(u["w"][0]) == 0.0
     assert int(state.spike_skips_total) == 1
+
+
+# ------------------------------------------------------------ issue 13
+
+
+def test_adagc_clips_a_spike_whose_squares_overflow_float32():
+    spike = {"w": jnp.array([1e20, 0.0, 0.0, 0.0])}
+    # during warm-up: global clipping to warmup_max_norm
+    tx = jaxnan.adagc(warmup=2, warmup_max_norm=1.0)
+    u, s = tx.update(spike, tx.init(spike))
+    np.testing.assert_allclose(np.asarray(u["w"]), [1.0, 0.0, 0.0, 0.0])
+    assert int(s.adagc_finite_steps) == 1
+    # after warm-up: relative clipping against gamma
+    tx = jaxnan.adagc(warmup=1, relative_threshold=1.0, beta=0.5)
+    s = tx.init(spike)
+    _, s = tx.update({"w": jnp.array([0.5, 0.0, 0.0, 0.0])}, s)
+    u, s = tx.update(spike, s)
+    np.testing.assert_allclose(np.asarray(u["w"]), [0.5, 0.0, 0.0, 0.0])
+    assert bool(s.adagc_clipped["w"])
+
+
+def test_skip_spikes_skips_what_the_inner_optimizer_makes_nonfinite():
+    tx = jaxnan.skip_spikes(optax.adam(1e-2, eps=0.0), window=4, min_history=2)
+    params = {"w": jnp.ones(3)}
+    s0 = tx.init(params)
+    u, s1 = tx.update({"w": jnp.array([1.0, 0.0, 1.0])}, s0, params)
+    assert not np.asarray(u["w"]).any()
+    chex.assert_trees_all_equal(s1.spike_inner_state, s0.spike_inner_state)
+    assert int(s1.last_skip_reason) == jaxnan.SkipReason.INNER_NONFINITE == 8
+    assert int(s1.spike_inner_nonfinite_total) == 1
+    assert int(s1.spike_nonfinite_total) == 0 and int(s1.spike_window_fill) == 0
+
+
+def test_spike_hyperparameters_of_any_type():
+    tx = jaxnan.skip_spikes(optax.sgd(1.0), window=np.int64(8), threshold=np.float32(3))
+    assert tx.init({"w": jnp.zeros(1)}).spike_loss_window.shape == (8,)
+    jaxnan.zscore_clip(alpha=jnp.float32(0.9), warmup=np.int32(3))
+    cases = [
+        (
+            lambda: jaxnan.skip_spikes(optax.sgd(1.0), threshold=np.float32(-1)),
+            ValueError,
+            "threshold must be > 0",
+        ),
+        (
+            lambda: jaxnan.skip_spikes(optax.sgd(1.0), window=8.0),
+            TypeError,
+            "window must be an int",
+        ),
+        (
+            lambda: jaxnan.zscore_clip(alpha=np.float64(1.5)),
+            ValueError,
+            "alpha must be > 0 and < 1",
+        ),
+        (
+            lambda: jaxnan.zscore_clip(z_threshold=jnp.inf),
+            ValueError,
+            "z_threshold must be finite",
+        ),
+        (
+            lambda: jaxnan.adagc(beta=jnp.array(0.5), warmup_max_norm=-1.0),
+            ValueError,
+            "warmup_max_norm must be > 0",
+        ),
+        (
+            lambda: jaxnan.adagc(relative_threshold="1"),
+            TypeError,
+            "relative_threshold must be a real number",
+        ),
+    ]
+    for make, err, msg in cases:
+        with pytest.raises(err, match=re.escape(msg)):
+            make()
+
+
+def test_grad_jvp_vmap_through_zscore_clip():
+    tx = jaxnan.zscore_clip(warmup=2, max_norm=1.0)
+    s = tx.init({"w": jnp.zeros(2)})
+
+    def f(g):
+        u, _ = tx.update({"w": g}, s)
+        return jnp.sum(u["w"] * jnp.array([1.0, 2.0]))
+
+    g = jnp.array([3.0, 4.0])
+    # clipped to norm 1: u = g / |g|, d/dg of <u, c> = (c - u <u, c>) / |g|
+    u = g / 5.0
+    c = jnp.array([1.0, 2.0])
+    np.testing.assert_allclose(
+        np.asarray(jax.grad(f)(g)), np.asarray((c - u * (u @ c)) / 5.0), rtol=1e-6
+    )
+    _, tangent = jax.jvp(f, (g,), (jnp.array([1.0, 0.0]),))
+    np.testing.assert_allclose(
+        float(tangent), float((c - u * (u @ c))[0] / 5.0), rtol=1e-6
+    )
+    got = jax.vmap(f)(jnp.stack([g, g / 10]))
+    np.testing.assert_allclose(np.asarray(got), [f(g), f(g / 10)], rtol=1e-6)

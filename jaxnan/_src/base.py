@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import inspect
+import math
 import os
+from collections.abc import Callable
 from typing import Any
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from jax.extend import source_info_util
 
 from jaxnan._src import compat
@@ -94,10 +98,6 @@ def is_checked_leaf(leaf: Any) -> bool:
     return dtype is not None and is_inexact_dtype(dtype)
 
 
-def _none_is_leaf(x: Any) -> bool:
-    return x is None
-
-
 def validate_updates(
     updates: Any, *, argname: str = "updates", fn_name: str, allow_empty: bool = False
 ) -> None:
@@ -109,8 +109,11 @@ def validate_updates(
         fn_name: the public function being called, shown in messages.
         allow_empty: whether a tree without leaves is accepted.
 
+    `None` leaves are accepted and left alone, as optax does: they mark the
+    entries that `equinox.filter(model, equinox.is_array)` filtered out.
+
     Raises:
-        ValueError: for None, an empty tree, or None leaves.
+        ValueError: for None or an empty tree.
         TypeError: for non-array, integer or boolean leaves.
     """
     if updates is None:
@@ -118,8 +121,8 @@ def validate_updates(
             f"jaxnan: {fn_name} got {argname}=None. Pass the gradient pytree "
             "(for example the second output of jax.value_and_grad)."
         )
-    flat, _ = jax.tree_util.tree_flatten_with_path(updates, is_leaf=_none_is_leaf)
-    if not any(leaf is not None for _, leaf in flat) and not allow_empty:
+    flat, _ = jax.tree_util.tree_flatten_with_path(updates)
+    if not flat and not allow_empty:
         raise ValueError(
             f"jaxnan: {fn_name} got an empty {argname} tree "
             f"({jax.tree_util.tree_structure(updates)}). Pass the gradient pytree; "
@@ -127,10 +130,6 @@ def validate_updates(
         )
     for path, leaf in flat:
         where = f"{argname}{jax.tree_util.keystr(path)}"
-        if leaf is None:
-            # An empty subtree, as optax treats it: what `eqx.filter` leaves
-            # where a model holds no array (an activation, a pooling init).
-            continue
         dtype = leaf_dtype(leaf)
         if dtype is None:
             raise TypeError(
@@ -185,3 +184,249 @@ def validate_state(state: Any, expected: type, *, fn_name: str) -> None:
             "transform's init (or by its previous update), not the state of "
             "another optimizer."
         )
+
+
+def validate_same_shapes(
+    updates: Any, params: Any, *, fn_name: str, name_b: str = "params"
+) -> None:
+    """Raises ValueError naming the first leaf whose shape differs from `params`.
+
+    The trees must already have the same structure.
+    """
+    flat_u, _ = jax.tree_util.tree_flatten_with_path(updates)
+    flat_p = jax.tree_util.tree_leaves(params)
+    for (path, u), p in zip(flat_u, flat_p):
+        su, sp = np.shape(u), np.shape(p)
+        if su != sp:
+            raise ValueError(
+                f"jaxnan: {fn_name}: updates{jax.tree_util.keystr(path)} has shape "
+                f"{su}, but {name_b}{jax.tree_util.keystr(path)} has shape {sp}. "
+                "Pass the gradients of the same params (one gradient entry per "
+                "parameter entry)."
+            )
+
+
+def validate_loss(loss: Any, *, fn_name: str) -> None:
+    """Raises TypeError unless `loss` is a tree of numeric arrays or numbers.
+
+    A string such as ``loss="nan"`` would otherwise be ignored by the
+    finiteness test without a word.
+    """
+    for path, leaf in jax.tree_util.tree_flatten_with_path(loss)[0]:
+        dtype = leaf_dtype(leaf)
+        if dtype is None or not (
+            is_inexact_dtype(dtype) or jnp.issubdtype(dtype, jnp.integer)
+        ):
+            raise TypeError(
+                f"jaxnan: {fn_name} got loss{jax.tree_util.keystr(path)} of type "
+                f"{type(leaf).__name__} ({leaf!r:.40}); the extra argument loss= "
+                "must be the numeric loss of the step (a scalar array), so that a "
+                "NaN or Inf loss skips the step."
+            )
+
+
+def agree(finite: jax.Array, axis_name: str | None) -> jax.Array:
+    """All replicas finite: one int32 `lax.psum` of the 'bad' flag over axis_name.
+
+    Without `axis_name` (single device, or sharded `jit`) `finite` is returned.
+    """
+    if axis_name is None:
+        return finite
+    bad = lax.psum(jnp.logical_not(finite).astype(jnp.int32), axis_name)
+    return bad == 0
+
+
+def scale_where(t: Any, clip: jax.Array, factor: jax.Array) -> Any:
+    """`t * factor` where `clip`, else `t` bit for bit (a select, never 0*NaN).
+
+    Non-floating leaves pass through.
+    """
+    if not is_checked_leaf(t):
+        return t
+    t = jnp.asarray(t)
+    return lax.select(clip, t * factor.astype(t.dtype), t)
+
+
+# --------------------------------------------------------------------------
+# Hyperparameter validation, whatever the Python or array type of the value.
+
+
+def _concrete_scalar(fn: str, name: str, value: Any, kind: str) -> Any:
+    """`value` as a NumPy scalar, None for a tracer; TypeError for non-scalars.
+
+    Python numbers, NumPy scalars and 0-d NumPy or JAX arrays are accepted
+    (`optax.inject_hyperparams` passes arrays). A tracer (a hyperparameter
+    computed inside `jit`) cannot be checked at trace time: None.
+    """
+    if is_traced(value):
+        if np.shape(value) != ():
+            raise TypeError(
+                f"jaxnan.{fn}: {name} must be a scalar, got shape {np.shape(value)}."
+            )
+        return None
+    dtype = leaf_dtype(value)
+    ok = dtype is not None and dtype != np.dtype(bool) and not isinstance(value, bool)
+    if ok and kind == "int":
+        ok = bool(jnp.issubdtype(dtype, jnp.integer))
+    if ok and kind == "number":
+        ok = bool(
+            jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)
+        )
+    if not ok:
+        want = "an int" if kind == "int" else "a real number"
+        raise TypeError(
+            f"jaxnan.{fn}: {name} must be {want}, got {type(value).__name__} "
+            f"({value!r:.60})."
+        )
+    arr = np.asarray(value)
+    if arr.shape != ():
+        raise TypeError(
+            f"jaxnan.{fn}: {name} must be a scalar, got an array of shape {arr.shape}."
+        )
+    return arr[()]
+
+
+def check_number(
+    fn: str,
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = True,
+    high_open: bool = True,
+) -> None:
+    """Validates a real hyperparameter: finite, within (low, high).
+
+    Accepts Python numbers, NumPy scalars and 0-d arrays; NaN, +-Inf and
+    booleans are rejected. A traced value is not checked (it has no value
+    at trace time).
+
+    Raises:
+        TypeError: for a non-number (a string, a bool, an array of shape > 0).
+        ValueError: for NaN, +-Inf or a value out of range, naming `name`.
+    """
+    v = _concrete_scalar(fn, name, value, "number")
+    if v is None:
+        return
+    x = float(v)
+    bad_low = low is not None and (x <= low if low_open else x < low)
+    bad_high = high is not None and (x >= high if high_open else x > high)
+    if bad_low or bad_high or not math.isfinite(x):
+        lo = "" if low is None else ("> " if low_open else ">= ") + f"{low}"
+        hi = "" if high is None else ("< " if high_open else "<= ") + f"{high}"
+        rng = " and ".join(s for s in (lo, hi) if s)
+        if not math.isfinite(x):
+            rng = f"finite ({rng})" if rng else "finite"
+        raise ValueError(f"jaxnan.{fn}: {name} must be {rng}, got {value!r}.")
+
+
+def check_int(fn: str, name: str, value: Any, *, low: int) -> int:
+    """Validates an int hyperparameter (Python, NumPy or 0-d array) >= `low`.
+
+    Returns it as a Python int.
+
+    Raises:
+        TypeError: for a non-integer (a float, a bool, a string).
+        ValueError: for a value below `low`, naming `name`.
+    """
+    v = _concrete_scalar(fn, name, value, "int")
+    if v is None:
+        raise TypeError(
+            f"jaxnan.{fn}: {name} must be a concrete int (it sets array shapes "
+            "or loop counts), not a traced value."
+        )
+    if int(v) < low:
+        raise ValueError(f"jaxnan.{fn}: {name} must be an int >= {low}, got {value!r}.")
+    return int(v)
+
+
+# --------------------------------------------------------------------------
+# Observer states: transforms whose state must see every step.
+
+# State types of transforms that only record what they see (`jaxnan.monitor`),
+# mapped to the name of their field holding a wrapped transformation's state
+# (None when there is none). A guard (`skip_nonfinite`, `skip_spikes`,
+# `dynamic_loss_scale`) that skips a step still advances such a state, so that
+# the step that was skipped is recorded; everything else it keeps bit for bit.
+OBSERVER_STATES: dict[type, str | None] = {}
+
+
+def register_observer_state(cls: type, inner_field: str | None = None) -> type:
+    """Registers a NamedTuple state type that a skipping guard still advances."""
+    OBSERVER_STATES[cls] = inner_field
+    return cls
+
+
+def is_observer_state(x: Any) -> bool:
+    """Whether `x` is the state of a registered observer transform."""
+    return type(x) in OBSERVER_STATES
+
+
+def holds_observer(state: Any) -> bool:
+    """Whether an optimizer state tree contains an observer state anywhere."""
+    leaves = jax.tree_util.tree_leaves(state, is_leaf=is_observer_state)
+    return any(is_observer_state(x) for x in leaves)
+
+
+def merge_observed(new: Any, old: Any, keep_new: Callable[[Any, Any], Any]) -> Any:
+    """`old`, except in observer states, which take `new`'s recorded fields.
+
+    `keep_new(n, o)` chooses per array leaf outside observer states (for
+    example ``lambda n, o: o``, or a `where`-select). The two trees have the
+    same structure. An observer's wrapped state is merged recursively.
+    """
+
+    def one(n, o):
+        if not is_observer_state(n):
+            return keep_new(n, o)
+        field = OBSERVER_STATES[type(n)]
+        if field is None:
+            return n
+        return n._replace(
+            **{field: merge_observed(getattr(n, field), getattr(o, field), keep_new)}
+        )
+
+    return jax.tree_util.tree_map(one, new, old, is_leaf=is_observer_state)
+
+
+def recorded_free_leaves(state: Any) -> list[Any]:
+    """The array leaves of `state` outside the records of observer states.
+
+    An observer's wrapped state (its inner optimizer) is included. These are
+    the leaves a guard promises to keep finite: an observer records what it
+    saw, NaN included, on purpose.
+    """
+    out: list[Any] = []
+    for x in jax.tree_util.tree_leaves(state, is_leaf=is_observer_state):
+        if is_observer_state(x):
+            field = OBSERVER_STATES[type(x)]
+            if field is not None:
+                out += recorded_free_leaves(getattr(x, field))
+        else:
+            out.append(x)
+    return out
+
+
+# --------------------------------------------------------------------------
+
+
+def argument_names(fn: Callable, nargs: int) -> list[str]:
+    """The names of the first `nargs` positional parameters of `fn`.
+
+    ``args[i]`` where `fn` has no such named parameter (``*args``, builtins).
+    """
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        params = []
+    names = []
+    for i in range(nargs):
+        if i < len(params) and params[i].kind in (
+            inspect.Parameter.POSITIONAL_ONLY,
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        ):
+            names.append(params[i].name)
+        else:
+            names.append(f"args[{i}]")
+    return names

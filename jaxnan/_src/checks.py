@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -152,23 +151,6 @@ class Report:
         )
 
 
-def _argument_names(fn: Callable, nargs: int) -> list[str]:
-    try:
-        params = list(inspect.signature(fn).parameters.values())
-    except (TypeError, ValueError):
-        params = []
-    names = []
-    for i in range(nargs):
-        if i < len(params) and params[i].kind in (
-            inspect.Parameter.POSITIONAL_ONLY,
-            inspect.Parameter.POSITIONAL_OR_KEYWORD,
-        ):
-            names.append(params[i].name)
-        else:
-            names.append(f"args[{i}]")
-    return names
-
-
 def function_name(fn: Callable) -> str:
     """A readable name for `fn`, seeing through partials and jax wrappers."""
     while isinstance(fn, functools.partial):
@@ -180,7 +162,7 @@ def function_name(fn: Callable) -> str:
 
 def input_paths(fn: Callable, args: tuple, kwargs: dict) -> list[str]:
     """Leaf paths of the call's arguments, named after fn's parameters."""
-    names = _argument_names(fn, len(args))
+    names = base.argument_names(fn, len(args))
     paths = []
     for name, a in zip(names, args):
         paths += [p for p, _ in tree.paths_and_leaves(a, name)]

@@ -345,7 +345,7 @@ class _Run:
         _reject_tracers(name, args, kwargs)
         static = tuple(i % len(args) for i in static if -len(args) <= i < len(args))
         dyn = [i for i in range(len(args)) if i not in static]
-        names = checks._argument_names(fn, len(args))
+        names = base.argument_names(fn, len(args))
         self.in_paths: list[str] = []
         for i in dyn:
             self.in_paths += [p for p, _ in tree.paths_and_leaves(args[i], names[i])]

@@ -17,8 +17,6 @@ import optax
 from jax.extend import source_info_util
 
 from jaxnan._src import base, transforms, tree
-from jaxnan._src.spikes import _check_int, _check_number
-from jaxnan._src.transforms import _agree
 
 source_info_util.register_exclusion(__file__)
 
@@ -31,14 +29,18 @@ class DynamicLossScaleState(NamedTuple):
             it with `jaxnan.scale_loss`).
         loss_scale_good_steps: int32 scalar, consecutive finite steps since
             the scale last changed (torch's "growth tracker").
-        loss_scale_skips: int32 scalar, steps skipped for nonfinite gradients
-            since init.
+        loss_scale_skips: int32 scalar, steps skipped since init (nonfinite
+            gradients or loss, or a nonfinite result of `inner`).
+        loss_scale_inner_skips: int32 scalar, the skipped steps whose
+            unscaled gradients were finite but whose new params or inner
+            state were not (these leave the scale alone).
         loss_scale_inner_state: the state of the wrapped transformation.
     """
 
     loss_scale: jax.Array
     loss_scale_good_steps: jax.Array
     loss_scale_skips: jax.Array
+    loss_scale_inner_skips: jax.Array
     loss_scale_inner_state: optax.OptState
 
 
@@ -84,20 +86,23 @@ def dynamic_loss_scale(
     unchanged: pass the *unscaled* loss as ``loss=``, so that a
     `jaxnan.skip_spikes` inside sees a loss that does not jump with the scale.
 
-    Cost: one fused reduction per gradient leaf (the finiteness test) and the
-    unscaling multiply, which fuses into the optimizer's elementwise loops.
-    Collectives: none without `axis_name`; with it, one int32 `lax.psum` so
-    that all replicas skip together and keep the same scale.
+    Cost: the unscaling multiply, which fuses into the optimizer's
+    elementwise loops, and one fused reduction per leaf shape that reads the
+    gradients, the optimizer state and the params: the finiteness of the
+    gradients and the outgoing check in one loop.
+    Collectives: none without `axis_name`; with it, one int32 `lax.psum` (of
+    two flags: the gradients, and the outgoing check) so that all replicas
+    skip together and keep the same scale.
 
     Args:
         inner: the transformation that gets the unscaled gradients.
-        init_scale: the initial scale; positive.
+        init_scale: the initial scale; finite, at least `min_scale`.
         growth_factor: multiplies the scale after `growth_interval` finite
             steps; greater than 1.
         backoff_factor: multiplies the scale on a nonfinite step; in (0, 1).
         growth_interval: finite steps between two growths; at least 1.
-        min_scale: the scale never goes below it; a static Python float,
-            positive.
+        min_scale: the scale never goes below it; a static number, finite
+            and at least 1.
         axis_name: the mapped axis to agree over inside `shard_map`/`pmap`.
 
     Returns:
@@ -140,50 +145,71 @@ def dynamic_loss_scale(
     fn = "dynamic_loss_scale"
     name = "jaxnan.dynamic_loss_scale"
     base.validate_inner(inner, fn_name=fn)
-    _check_number(fn, "init_scale", init_scale, low=0)
-    _check_number(fn, "growth_factor", growth_factor, low=1)
-    _check_number(fn, "backoff_factor", backoff_factor, low=0, high=1)
-    _check_int(fn, "growth_interval", growth_interval, low=1)
-    _check_number(fn, "min_scale", min_scale, low=0)
+    base.check_number(fn, "min_scale", min_scale, low=1, low_open=False)
+    if base.is_traced(min_scale):
+        raise TypeError(
+            "jaxnan.dynamic_loss_scale: min_scale must be a concrete number, not "
+            "a traced value (it is captured as a static float)."
+        )
     min_scale = float(min_scale)
+    base.check_number(fn, "init_scale", init_scale, low=min_scale, low_open=False)
+    base.check_number(fn, "growth_factor", growth_factor, low=1)
+    base.check_number(fn, "backoff_factor", backoff_factor, low=0, high=1)
+    growth_interval = base.check_int(fn, "growth_interval", growth_interval, low=1)
     inner = optax.with_extra_args_support(inner)
 
     def init(params: optax.Params) -> DynamicLossScaleState:
         base.validate_updates(params, argname="params", fn_name=name)
         return DynamicLossScaleState(
-            loss_scale=jnp.asarray(max(float(init_scale), min_scale), jnp.float32),
+            loss_scale=jnp.asarray(init_scale, jnp.float32),
             loss_scale_good_steps=jnp.zeros((), jnp.int32),
             loss_scale_skips=jnp.zeros((), jnp.int32),
+            loss_scale_inner_skips=jnp.zeros((), jnp.int32),
             loss_scale_inner_state=inner.init(params),
         )
 
     def update(updates, state, params=None, **extra_args):
         base.validate_state(state, DynamicLossScaleState, fn_name=name)
-        base.validate_updates(updates, fn_name=name)
+        updates = transforms.validate_guard_input(
+            updates, params, extra_args, fn_name=name
+        )
         grads = unscale_grads(updates, state)
-        finite = tree.all_finite(grads)
+        finite = jnp.array(True)
         loss = extra_args.get("loss")
         if loss is not None:
-            finite = finite & tree.all_finite(loss)
-        finite = _agree(finite, axis_name)
-        out, kept_inner = transforms.guarded_update(
-            inner, finite, grads, state.loss_scale_inner_state, params, extra_args
+            finite = tree.all_finite(loss)
+        # The unscaled gradients are checked in the loops of the outgoing check.
+        out, kept_inner, finite, inner_ok = transforms.guarded_update(
+            inner,
+            finite,
+            grads,
+            state.loss_scale_inner_state,
+            params,
+            extra_args,
+            axis_name,
+            incoming=tree.checked_leaves(grads),
         )
+        applied = finite & inner_ok
         scale = state.loss_scale
         good = optax.safe_increment(state.loss_scale_good_steps)
-        grow = finite & (good >= growth_interval)
+        grow = applied & (good >= growth_interval)
         grown = scale * growth_factor
         grown = jnp.where(jnp.isfinite(grown), grown, scale)
         backed = jnp.maximum(scale * backoff_factor, min_scale)
         new_scale = jnp.where(finite, jnp.where(grow, grown, scale), backed)
-        new_good = jnp.where(finite & ~grow, good, 0).astype(jnp.int32)
-        skips = jnp.where(
-            finite, state.loss_scale_skips, optax.safe_increment(state.loss_scale_skips)
-        )
+        new_good = jnp.where(applied & ~grow, good, 0).astype(jnp.int32)
+        new_good = jnp.where(finite & ~inner_ok, state.loss_scale_good_steps, new_good)
+
+        def bump(counter, flag):
+            return jnp.where(flag, optax.safe_increment(counter), counter)
+
+        skips = bump(state.loss_scale_skips, ~applied)
+        inner_skips = bump(state.loss_scale_inner_skips, finite & ~inner_ok)
         new_state = DynamicLossScaleState(
             loss_scale=new_scale.astype(jnp.float32),
             loss_scale_good_steps=new_good,
             loss_scale_skips=skips,
+            loss_scale_inner_skips=inner_skips,
             loss_scale_inner_state=kept_inner,
         )
         return out, new_state

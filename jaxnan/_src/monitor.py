@@ -41,6 +41,12 @@ class MonitorState(NamedTuple):
     monitor_inner_state: optax.OptState
 
 
+# A skipping guard (`skip_nonfinite`, `skip_spikes`, `dynamic_loss_scale`)
+# still advances the records of a monitor inside it, so that the skipped step
+# (the overflow, the NaN) is seen; the wrapped optimizer state stays untouched.
+base.register_observer_state(MonitorState, "monitor_inner_state")
+
+
 def _agree_stats(norms, maxabs, bads, unorms, axis_name):
     """Largest norm / max-abs and summed counts over `axis_name`, NaN kept."""
     if axis_name is None or not norms:
@@ -79,6 +85,12 @@ def monitor(
     `jaxnan.monitor_metrics`, which gives a flat dict of scalars for any
     logger; nothing leaves the device until the logger asks.
 
+    Inside a skipping guard (``jaxnan.skip_nonfinite(optax.chain(
+    jaxnan.monitor(), adamw))``, ``jaxnan.dynamic_loss_scale(
+    jaxnan.monitor(adamw))``) the monitor still records every step, the
+    skipped ones included, so the step that overflowed is the one you see;
+    only the state it wraps is kept unchanged by a skip.
+
     A leaf holding a NaN reports a NaN max-abs (the CPU backend's `jnp.max`
     can ignore NaN, so the NaN count decides, not the max).
 
@@ -116,10 +128,13 @@ def monitor(
 
     def init(params: optax.Params) -> MonitorState:
         base.validate_updates(params, argname="params", fn_name=name)
-        f0 = jax.tree_util.tree_map(lambda _: jnp.zeros((), jnp.float32), params)
+
+        def f0():  # a fresh buffer per leaf and field, so it can be donated
+            return jax.tree_util.tree_map(lambda _: jnp.zeros((), jnp.float32), params)
+
         i0 = jax.tree_util.tree_map(lambda _: jnp.zeros((), jnp.int32), params)
         inner_state = optax.EmptyState() if inner is None else inner.init(params)
-        return MonitorState(f0, f0, i0, f0, inner_state)
+        return MonitorState(f0(), f0(), i0, f0(), inner_state)
 
     def update(updates, state, params=None, **extra_args):
         base.validate_state(state, MonitorState, fn_name=name)

@@ -1,4 +1,4 @@
-"""Loss-spike handling for optax: z-score clipping, skip on spike, AdaGC.
+"""Loss-spike handling for optax: z-score clipping and skip on spike.
 
 Every decision is taken in the compiled graph with `where`-selects, with no
 host sync. Running statistics are updated only from finite steps: a NaN or
@@ -33,27 +33,6 @@ def _int32(value: int = 0) -> jax.Array:
     return jnp.full((), value, jnp.int32)
 
 
-def _check_number(fn: str, name: str, value, *, low=None, high=None, low_open=True):
-    """Validates a Python number hyperparameter at trace time."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(
-            f"jaxnan.{fn}: {name} must be a Python number, got "
-            f"{type(value).__name__} ({value!r})."
-        )
-    bad_low = low is not None and (value <= low if low_open else value < low)
-    bad_high = high is not None and value >= high
-    if bad_low or bad_high or value != value:
-        lo = "" if low is None else ("> " if low_open else ">= ") + f"{low}"
-        hi = "" if high is None else f"< {high}"
-        rng = " and ".join(s for s in (lo, hi) if s)
-        raise ValueError(f"jaxnan.{fn}: {name} must be {rng}, got {value!r}.")
-
-
-def _check_int(fn: str, name: str, value, *, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"jaxnan.{fn}: {name} must be an int >= {low}, got {value!r}.")
-
-
 def _agree_max(
     finite: jax.Array, values: list[jax.Array], axis_name: str | None
 ) -> tuple[jax.Array, list[jax.Array]]:
@@ -70,13 +49,6 @@ def _agree_max(
     )
     vec = lax.pmax(vec, axis_name)
     return vec[0] == 0, [vec[i + 1] for i in range(len(values))]
-
-
-def _scale_leaf(t: jax.Array, clip: jax.Array, factor: jax.Array) -> jax.Array:
-    """`t * factor` where `clip`, else `t` bit for bit (a select, never 0*NaN)."""
-    if not base.is_checked_leaf(t):
-        return t
-    return lax.select(clip, t * factor.astype(t.dtype), t)
 
 
 # --------------------------------------------------------------------------
@@ -144,6 +116,9 @@ def zscore_clip(
     entries, finite entries are clipped by it and nonfinite ones pass through
     unchanged, for a later `jaxnan.skip_nonfinite` to catch. Such a step
     changes no statistic and does not count as a warm-up step.
+    Float16 and bfloat16 norms are taken in float32 and float64 ones in
+    float64; the statistics are float32. Differentiable (`jax.grad`,
+    `jax.jvp`, `jax.vmap`).
 
     Cost: one fused reduction per leaf (the sum of squares); an overflow-safe
     second pass only on a nonfinite step (a scalar `lax.cond`); the scaling is
@@ -191,27 +166,30 @@ def zscore_clip(
     """
     fn = "zscore_clip"
     name = "jaxnan.zscore_clip"
-    _check_number(fn, "z_threshold", z_threshold, low=0)
-    _check_number(fn, "alpha", alpha, low=0, high=1)
-    _check_int(fn, "warmup", warmup, low=2)
+    base.check_number(fn, "z_threshold", z_threshold, low=0)
+    base.check_number(fn, "alpha", alpha, low=0, high=1)
+    warmup = base.check_int(fn, "warmup", warmup, low=2)
     if mode not in ("zscore", "mean"):
         raise ValueError(
             f"jaxnan.zscore_clip: mode must be 'zscore' or 'mean', got {mode!r}."
         )
     if max_norm is not None:
-        _check_number(fn, "max_norm", max_norm, low=0)
-    _check_number(fn, "eps", eps, low=0, low_open=False)
+        base.check_number(fn, "max_norm", max_norm, low=0)
+    base.check_number(fn, "eps", eps, low=0, low_open=False)
     cap = jnp.inf if max_norm is None else float(max_norm)
 
     def init(params: optax.Params) -> ZScoreClipState:
         base.validate_updates(params, argname="params", fn_name=name)
-        zero = jnp.zeros((), jnp.float32)
+
+        def zero():  # a fresh buffer per field, so that the state can be donated
+            return jnp.zeros((), jnp.float32)
+
         return ZScoreClipState(
-            zclip_mean=zero,
-            zclip_var=zero,
+            zclip_mean=zero(),
+            zclip_var=zero(),
             zclip_warmup_norms=jnp.zeros((warmup,), jnp.float32),
             zclip_finite_steps=_int32(),
-            zclip_norm=zero,
+            zclip_norm=zero(),
             zclip_clipped=jnp.array(False),
             zclip_clipped_total=_int32(),
         )
@@ -220,7 +198,13 @@ def zscore_clip(
         del params, extra_args
         base.validate_state(state, ZScoreClipState, fn_name=name)
         base.validate_updates(updates, fn_name=name)
-        norm, finite = tree.norm_and_finite(tree.checked_leaves(updates))
+        updates = transforms.as_arrays(updates)
+        norm_wide, finite = tree.norm_and_finite(tree.checked_leaves(updates))
+        norm = norm_wide
+        # The statistics are float32: a float64 norm beyond its range counts
+        # as a spike of float32 max (it is clipped, never lets Inf in).
+        f32_max = jnp.finfo(jnp.float32).max
+        norm = jnp.minimum(norm, f32_max).astype(jnp.float32)
         finite, (norm,) = _agree_max(finite, [norm], axis_name)
 
         mean, var = state.zclip_mean, state.zclip_var
@@ -237,7 +221,13 @@ def zscore_clip(
         clip_to = jnp.minimum(adaptive, cap)
         clip = clip_to < norm
         factor = clip_to / jnp.where(clip, norm, 1.0)
-        out = jax.tree_util.tree_map(lambda t: _scale_leaf(t, clip, factor), updates)
+        if norm_wide.dtype != jnp.float32:  # float64 updates: scale in float64
+            agreed = norm.astype(norm_wide.dtype)
+            wide = jnp.where(norm_wide > f32_max, norm_wide, agreed)
+            factor = clip_to.astype(wide.dtype) / jnp.where(clip, wide, 1.0)
+        out = jax.tree_util.tree_map(
+            lambda t: base.scale_where(t, clip, factor), updates
+        )
 
         # Statistics: warm-up buffer, initialisation, then EMA of the clipped
         # norm. A nonfinite step changes nothing.
@@ -279,7 +269,10 @@ class SkipReason(enum.IntFlag):
 
     A step whose loss and norm both spike records ``LOSS_SPIKE | NORM_SPIKE``
     (3). A nonfinite step records ``NONFINITE`` alone: its spike tests are
-    meaningless. ``NONE`` (0) means no step has been skipped yet.
+    meaningless. ``INNER_NONFINITE`` marks a step whose loss and gradients
+    were fine but whose new params or inner state would not have been finite
+    (the optimizer's own arithmetic). ``NONE`` (0) means no step has been
+    skipped yet.
 
     Examples:
         >>> import jaxnan
@@ -293,6 +286,7 @@ class SkipReason(enum.IntFlag):
     LOSS_SPIKE = 1
     NORM_SPIKE = 2
     NONFINITE = 4
+    INNER_NONFINITE = 8
 
 
 class SkipSpikesState(NamedTuple):
@@ -311,6 +305,8 @@ class SkipSpikesState(NamedTuple):
         norm_spike_total: int32 scalar, steps skipped for a norm spike.
         spike_nonfinite_total: int32 scalar, steps skipped for a nonfinite
             loss, update or norm.
+        spike_inner_nonfinite_total: int32 scalar, steps skipped because
+            what `inner` made of finite input was not finite.
         spike_skips_total: int32 scalar, steps skipped for any reason (a step
             whose loss and norm both spike counts once here, and once in each
             of the two totals above).
@@ -329,6 +325,7 @@ class SkipSpikesState(NamedTuple):
     loss_spike_total: jax.Array
     norm_spike_total: jax.Array
     spike_nonfinite_total: jax.Array
+    spike_inner_nonfinite_total: jax.Array
     spike_skips_total: jax.Array
     last_skip_reason: jax.Array
     last_skip_step: jax.Array
@@ -369,6 +366,12 @@ def skip_spikes(
     Skipped steps never enter the window, so a spike or a NaN costs exactly
     one step, never a run of them.
 
+    The promise of `jaxnan.skip_nonfinite` holds here too: no nonfinite value
+    ever reaches the params or the optimizer state through this guard. What
+    `inner` makes of an accepted step (its new state, and the params
+    ``optax.apply_updates`` would give) is checked, and a step where it is
+    not finite is skipped as well (reason ``INNER_NONFINITE``).
+
     A skipped step returns updates that are exactly 0 (a `where`-select, no
     0 * NaN) and leaves the inner state bit for bit unchanged; the state
     counts the skips by reason and records the `SkipReason` bits of the last
@@ -376,11 +379,13 @@ def skip_spikes(
 
     Cost: one fused reduction per gradient leaf (the sum of squares), none
     when `inner` begins with `jaxnan.clip_by_global_norm`, whose norm and
-    finite flag are reused; a few scalar operations on the windows.
+    finite flag are reused; the outgoing check (one fused reduction over the
+    new params and state); a few scalar operations on the windows.
     Collectives: none without `axis_name`; with it, one `lax.pmax` of three
     float32 scalars (the flag, the loss and the norm): a replica that sees a
     spike or a NaN makes all replicas skip, and every window holds the
-    largest value over replicas, so the states stay identical.
+    largest value over replicas, so the states stay identical; and one int32
+    `lax.psum` of the outgoing check.
 
     Args:
         inner: the transformation to protect, e.g. ``optax.adamw(1e-3)``.
@@ -419,11 +424,11 @@ def skip_spikes(
     fn = "skip_spikes"
     name = "jaxnan.skip_spikes"
     base.validate_inner(inner, fn_name=fn)
-    _check_int(fn, "window", window, low=2)
-    _check_number(fn, "threshold", threshold, low=0)
+    window = base.check_int(fn, "window", window, low=2)
+    base.check_number(fn, "threshold", threshold, low=0)
     if min_history is None:
         min_history = max(2, window // 2)
-    _check_int(fn, "min_history", min_history, low=2)
+    min_history = base.check_int(fn, "min_history", min_history, low=2)
     if min_history > window:
         raise ValueError(
             f"jaxnan.skip_spikes: min_history must be <= window ({window}), got "
@@ -433,15 +438,15 @@ def skip_spikes(
 
     def init(params: optax.Params) -> SkipSpikesState:
         base.validate_updates(params, argname="params", fn_name=name)
-        zeros = jnp.zeros((window,), jnp.float32)
-        return SkipSpikesState(
-            spike_loss_window=zeros,
-            spike_norm_window=zeros,
+        return SkipSpikesState(  # distinct buffers, so that it can be donated
+            spike_loss_window=jnp.zeros((window,), jnp.float32),
+            spike_norm_window=jnp.zeros((window,), jnp.float32),
             spike_window_fill=_int32(),
             spike_window_next=_int32(),
             loss_spike_total=_int32(),
             norm_spike_total=_int32(),
             spike_nonfinite_total=_int32(),
+            spike_inner_nonfinite_total=_int32(),
             spike_skips_total=_int32(),
             last_skip_reason=_int32(),
             last_skip_step=_int32(-1),
@@ -451,7 +456,9 @@ def skip_spikes(
 
     def update(updates, state, params=None, **extra_args):
         base.validate_state(state, SkipSpikesState, fn_name=name)
-        base.validate_updates(updates, fn_name=name)
+        updates = transforms.validate_guard_input(
+            updates, params, extra_args, fn_name=name
+        )
         loss = extra_args.get("loss")
         if loss is not None:
             loss = jnp.asarray(loss)
@@ -484,16 +491,24 @@ def skip_spikes(
             loss_spike = finite & ready & (loss_val > l_mean + threshold * l_std)
         else:
             loss_spike = jnp.array(False)
-        accept = finite & ~norm_spike & ~loss_spike
+        wanted = finite & ~norm_spike & ~loss_spike
 
-        out, kept_inner = transforms.guarded_update(
-            inner, accept, updates, state.spike_inner_state, params, extra_args
+        out, kept_inner, _, inner_ok = transforms.guarded_update(
+            inner,
+            wanted,
+            updates,
+            state.spike_inner_state,
+            params,
+            extra_args,
+            axis_name,
         )
+        accept = wanted & inner_ok
         slot = state.spike_window_next
         reason = jnp.where(
             finite,
             jnp.where(loss_spike, int(SkipReason.LOSS_SPIKE), 0)
-            | jnp.where(norm_spike, int(SkipReason.NORM_SPIKE), 0),
+            | jnp.where(norm_spike, int(SkipReason.NORM_SPIKE), 0)
+            | jnp.where(wanted & ~inner_ok, int(SkipReason.INNER_NONFINITE), 0),
             int(SkipReason.NONFINITE),
         ).astype(jnp.int32)
 
@@ -520,6 +535,9 @@ def skip_spikes(
             loss_spike_total=bump(state.loss_spike_total, loss_spike),
             norm_spike_total=bump(state.norm_spike_total, norm_spike),
             spike_nonfinite_total=bump(state.spike_nonfinite_total, ~finite),
+            spike_inner_nonfinite_total=bump(
+                state.spike_inner_nonfinite_total, wanted & ~inner_ok
+            ),
             spike_skips_total=bump(state.spike_skips_total, ~accept),
             last_skip_reason=jnp.where(accept, state.last_skip_reason, reason),
             last_skip_step=jnp.where(accept, state.last_skip_step, state.spike_step),
@@ -527,172 +545,5 @@ def skip_spikes(
             spike_inner_state=kept_inner,
         )
         return out, new_state
-
-    return optax.GradientTransformationExtraArgs(init, update)
-
-
-# --------------------------------------------------------------------------
-# adagc
-
-
-class AdaGCState(NamedTuple):
-    """State of `adagc`.
-
-    Attributes:
-        adagc_gamma: per-leaf float32 scalars (the structure of the params),
-            the EMA of each tensor's clipped gradient norm.
-        adagc_finite_steps: int32 scalar, finite steps seen (global clipping
-            while it is below `warmup`).
-        adagc_clipped: per-leaf bool scalars, whether the last step clipped
-            that tensor by the relative rule.
-    """
-
-    adagc_gamma: optax.Updates
-    adagc_finite_steps: jax.Array
-    adagc_clipped: optax.Updates
-
-
-def adagc(
-    *,
-    relative_threshold: float = 1.05,
-    beta: float = 0.98,
-    warmup: int = 100,
-    warmup_max_norm: float = 1.0,
-    axis_name: str | None = None,
-) -> optax.GradientTransformationExtraArgs:
-    r"""AdaGC: clips each tensor against an EMA of its own clipped norm.
-
-    Warm-up (the first `warmup` finite steps): global-norm clipping to
-    `warmup_max_norm`, :math:`\hat g = \min(1, \lambda_{abs}/\|g\|)\, g`, and
-    each tensor's :math:`\gamma_i` tracks the smallest clipped norm seen:
-    :math:`\gamma_i \leftarrow \min(\gamma_i, \|\hat g_i\|)` (the first step
-    sets it). Afterwards, per tensor,
-
-    .. math::
-        \hat g_i = \min\Big(1, \frac{\lambda_{rel}\,\gamma_i}{\|g_i\|}\Big) g_i,
-        \qquad \gamma_i \leftarrow \beta\gamma_i + (1-\beta)\|\hat g_i\|.
-
-    Chain it before the optimizer: ``optax.chain(jaxnan.adagc(),
-    optax.adamw(...))`` is the paper's AdaGC-AdamW.
-
-    Nonfinite values (NaN, +Inf, -Inf): a tensor with a nonfinite entry passes
-    through unchanged (for a later `jaxnan.skip_nonfinite` to catch) and is
-    left out of the warm-up global norm; such a step changes no
-    :math:`\gamma_i` and does not count as a step.
-
-    Cost: one fused reduction per leaf (its sum of squares) and a select that
-    fuses into the optimizer's loops. Collectives: none without `axis_name`;
-    with it, one `lax.pmax` of a float32 vector (two entries per leaf: its
-    norm and its nonfinite flag): every replica uses the largest norm of each tensor,
-    passes through the tensors that are nonfinite on any replica, and keeps
-    identical :math:`\gamma`.
-
-    Args:
-        relative_threshold: :math:`\lambda_{rel}`, the allowed ratio of a
-            tensor's norm to its EMA; positive.
-        beta: EMA decay of :math:`\gamma`, in (0, 1).
-        warmup: number of finite steps with global clipping; at least 1.
-        warmup_max_norm: :math:`\lambda_{abs}`, the global clipping threshold
-            during warm-up; positive.
-        axis_name: the mapped axis to agree over inside `shard_map`/`pmap`.
-
-    Returns:
-        An `optax.GradientTransformationExtraArgs` whose state is an
-        `AdaGCState`.
-
-    Raises:
-        ValueError: for a hyperparameter out of range.
-        TypeError: when a hyperparameter is not a Python number.
-
-    Examples:
-        >>> import jax.numpy as jnp, jaxnan
-        >>> tx = jaxnan.adagc(warmup=1, relative_threshold=1.0, beta=0.5)
-        >>> state = tx.init({"a": jnp.zeros(1), "b": jnp.zeros(1)})
-        >>> _, state = tx.update({"a": jnp.array([0.5]), "b": jnp.array([0.5])}, state)
-        >>> u, state = tx.update({"a": jnp.array([4.0]), "b": jnp.array([0.1])}, state)
-        >>> u["a"], u["b"]
-        (Array([0.5], dtype=float32), Array([0.1], dtype=float32))
-
-    References:
-        Wang et al., `AdaGC: Improving Training Stability for Large Language
-        Model Pretraining <https://arxiv.org/abs/2502.11034>`_, 2025
-
-    .. versionadded:: 0.1.0
-    """
-    fn = "adagc"
-    name = "jaxnan.adagc"
-    _check_number(fn, "relative_threshold", relative_threshold, low=0)
-    _check_number(fn, "beta", beta, low=0, high=1)
-    _check_int(fn, "warmup", warmup, low=1)
-    _check_number(fn, "warmup_max_norm", warmup_max_norm, low=0)
-
-    def init(params: optax.Params) -> AdaGCState:
-        base.validate_updates(params, argname="params", fn_name=name)
-        return AdaGCState(
-            adagc_gamma=jax.tree_util.tree_map(
-                lambda _: jnp.zeros((), jnp.float32), params
-            ),
-            adagc_finite_steps=_int32(),
-            adagc_clipped=jax.tree_util.tree_map(lambda _: jnp.array(False), params),
-        )
-
-    def update(updates, state, params=None, **extra_args):
-        del params, extra_args
-        base.validate_state(state, AdaGCState, fn_name=name)
-        base.validate_updates(updates, fn_name=name)
-        base.validate_same_structure(
-            updates, state.adagc_gamma, name_a="updates", name_b="params", fn_name=name
-        )
-        leaves, treedef = jax.tree_util.tree_flatten(updates)
-        gammas = treedef.flatten_up_to(state.adagc_gamma)
-        sqs = [
-            tree.sum_of_squares(x) if base.is_checked_leaf(x) else jnp.float32(0)
-            for x in leaves
-        ]
-        norms = [jnp.sqrt(s).astype(jnp.float32) for s in sqs]
-        oks = [jnp.isfinite(n) for n in norms]
-        if axis_name is not None:
-            # one pmax: per-tensor "bad" flags and finite norms (NaN -> 0 first)
-            k = len(norms)
-            vec = jnp.stack(
-                [jnp.where(o, 0.0, 1.0) for o in oks]
-                + [jnp.where(o, n, 0.0) for o, n in zip(oks, norms)]
-            ).astype(jnp.float32)
-            vec = lax.pmax(vec, axis_name)
-            oks = [vec[i] == 0 for i in range(k)]
-            norms = [jnp.where(oks[i], vec[k + i], jnp.nan) for i in range(k)]
-        finite = jnp.all(jnp.stack(oks)) if oks else jnp.array(True)
-
-        steps = state.adagc_finite_steps
-        in_warmup = steps < warmup
-        g_sq = sum(jnp.where(o, n * n, 0.0) for o, n in zip(oks, norms))
-        g_norm = jnp.sqrt(g_sq)
-        g_clip = g_norm > warmup_max_norm
-        g_factor = warmup_max_norm / jnp.where(g_clip, g_norm, 1.0)
-
-        out, new_gamma, clipped = [], [], []
-        for x, n, o, gam in zip(leaves, norms, oks, gammas):
-            limit = relative_threshold * gam
-            r_clip = ~in_warmup & o & (n > limit)
-            r_factor = limit / jnp.where(r_clip, n, 1.0)
-            clip = jnp.where(in_warmup, g_clip & o, r_clip)
-            factor = jnp.where(in_warmup, g_factor, r_factor)
-            out.append(_scale_leaf(x, clip, factor))
-            clipped_norm = jnp.where(clip, n * factor, n)
-            warm_gamma = jnp.where(
-                steps == 0, clipped_norm, jnp.minimum(gam, clipped_norm)
-            )
-            ema_gamma = beta * gam + (1 - beta) * clipped_norm
-            g_new = jnp.where(in_warmup, warm_gamma, ema_gamma)
-            new_gamma.append(jnp.where(finite, g_new, gam).astype(jnp.float32))
-            clipped.append(r_clip)
-        new_state = AdaGCState(
-            adagc_gamma=jax.tree_util.tree_unflatten(treedef, new_gamma),
-            adagc_finite_steps=jnp.where(
-                finite, optax.safe_increment(steps), steps
-            ).astype(jnp.int32),
-            adagc_clipped=jax.tree_util.tree_unflatten(treedef, clipped),
-        )
-        return jax.tree_util.tree_unflatten(treedef, out), new_state
 
     return optax.GradientTransformationExtraArgs(init, update)

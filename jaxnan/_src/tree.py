@@ -359,6 +359,20 @@ def _scaled_sum_of_squares(x: jax.Array) -> tuple[jax.Array, ...]:
     )
 
 
+def acc_dtype(leaves: list[Any]) -> Any:
+    """The dtype norms of `leaves` are accumulated and returned in.
+
+    float32, or wider when a leaf is wider (float64, complex128): a float64
+    norm of 1e200 must not pass through float32.
+    """
+    dtype = np.dtype(np.float32)
+    for x in leaves:
+        real = jnp.real(jnp.zeros((), base.leaf_dtype(x))).dtype
+        dtype = jnp.promote_types(dtype, real)
+    return np.dtype(dtype)
+
+
+@jax.custom_jvp
 def finite_norm_and_flag(leaves: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
     """(L2 norm of the finite elements, whether every element is finite).
 
@@ -370,40 +384,136 @@ def finite_norm_and_flag(leaves: list[jax.Array]) -> tuple[jax.Array, jax.Array]
     leaf (the plain sum, and one variadic reduction for the scaled sum, the
     largest magnitude and the nonfinite count): this branch is compiled into
     every step that clips, though it runs only when the fast sum is not
-    finite, so it is kept small.
+    finite, so it is kept small. The norm has dtype `acc_dtype(leaves)`.
+
+    Differentiable (`jax.grad`, `jax.jvp`): the derivative of the norm is
+    that of the L2 norm of the finite elements (a variadic `lax.reduce` has
+    no derivative rule of its own).
     """
+    acc = acc_dtype(leaves)
     if not leaves:
-        return jnp.zeros((), jnp.float32), jnp.array(True)
+        return jnp.zeros((), acc), jnp.array(True)
     plain = sum(
         sum_of_squares(jnp.where(jnp.isfinite(x), x, jnp.zeros_like(x))) for x in leaves
-    )
+    ).astype(acc)
     parts = [_scaled_sum_of_squares(x) for x in leaves]
-    scale = parts[0][0]
+    scale = parts[0][0].astype(acc)
     for s, _, _ in parts[1:]:
-        scale = jnp.maximum(scale, s)
-    safe = jnp.where(scale > 0, scale, 1).astype(jnp.float32)
-    ssq = sum((q * jnp.square(s / safe)).astype(jnp.float32) for s, q, _ in parts)
+        scale = jnp.maximum(scale, s.astype(acc))
+    safe = jnp.where(scale > 0, scale, 1)
+    ssq = sum((q.astype(acc) * jnp.square(s.astype(acc) / safe)) for s, q, _ in parts)
     scaled = safe * jnp.sqrt(ssq)
     finite = jnp.array(True)
     for _, _, bad in parts:
         finite = finite & (bad == 0)
     norm = jnp.where(jnp.isfinite(plain), jnp.sqrt(plain), scaled)
-    return norm.astype(jnp.float32), finite
+    return norm.astype(acc), finite
+
+
+@finite_norm_and_flag.defjvp
+def _finite_norm_and_flag_jvp(primals, tangents):
+    (leaves,), (dots,) = primals, tangents
+    norm, finite = finite_norm_and_flag(leaves)
+    safe = jnp.where(norm > 0, norm, 1)
+    dot = jnp.zeros((), norm.dtype)
+    for x, t in zip(leaves, dots):
+        x = jnp.asarray(x)
+        ok = jnp.isfinite(x)
+        # d||x|| = <x, dx> / ||x||, over the finite entries only.
+        xs = jnp.where(ok, x, jnp.zeros_like(x)) / safe.astype(x.dtype)
+        t = jnp.where(ok, jnp.asarray(t), jnp.zeros_like(x))
+        dot = dot + jnp.sum(jnp.real(jnp.conj(xs) * t)).astype(norm.dtype)
+    dot = jnp.where(norm > 0, dot, jnp.zeros_like(dot))
+    return (norm, finite), (dot, np.zeros((), jax.dtypes.float0))
 
 
 def norm_and_finite(leaves: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
-    """(float32 L2 norm of the finite entries, whether every entry is finite).
+    """(L2 norm of the finite entries, whether every entry is finite).
 
-    Fast path: one fused sum of squares per leaf; its finiteness doubles as
-    the nonfinite test. The overflow-safe slow path (`finite_norm_and_flag`:
-    the norm of the finite entries and an exact flag) runs in a scalar
-    `lax.cond` only when that sum is not finite.
+    The norm has dtype `acc_dtype(leaves)` (float32, or float64 for float64
+    leaves). Fast path: one fused sum of squares per leaf, exactly the sum
+    `optax.tree.norm` takes for float32 and float64 leaves; its finiteness
+    doubles as the nonfinite test. The overflow-safe slow path
+    (`finite_norm_and_flag`: the norm of the finite entries and an exact
+    flag) runs in a scalar `lax.cond` only when that sum is not finite.
+    Differentiable, as `optax.tree.norm` is.
     """
+    acc = acc_dtype(leaves)
     if not leaves:
-        return jnp.zeros((), jnp.float32), jnp.array(True)
+        return jnp.zeros((), acc), jnp.array(True)
     sq = sum(sum_of_squares(x) for x in leaves)
     return jax.lax.cond(
         jnp.isfinite(sq),
-        lambda: (jnp.sqrt(sq).astype(jnp.float32), jnp.array(True)),
+        lambda: (jnp.sqrt(sq).astype(acc), jnp.array(True)),
         lambda: finite_norm_and_flag(leaves),
     )
+
+
+def leaf_norms_and_flags(
+    leaves: list[jax.Array],
+) -> tuple[list[jax.Array], list[jax.Array]]:
+    """Per leaf: (L2 norm of its finite entries, whether it is all finite).
+
+    Overflow-safe (a leaf such as ``[1e20, 0]`` in float32 has norm 1e20, not
+    Inf): one fused sum of squares per leaf, and the slow path of
+    `finite_norm_and_flag`, leaf by leaf, inside one scalar `lax.cond` that
+    runs only when some sum is not finite. Each norm has the leaf's
+    `acc_dtype`.
+    """
+    if not leaves:
+        return [], []
+    accs = [acc_dtype([x]) for x in leaves]
+    sqs = [sum_of_squares(x).astype(a) for x, a in zip(leaves, accs)]
+    total_ok = jnp.array(True)
+    for q in sqs:
+        total_ok = total_ok & jnp.isfinite(q)
+
+    def fast():
+        return [jnp.sqrt(q) for q in sqs], [jnp.array(True) for _ in sqs]
+
+    def slow():
+        pairs = [finite_norm_and_flag([x]) for x in leaves]
+        return [n for n, _ in pairs], [f for _, f in pairs]
+
+    return jax.lax.cond(total_ok, fast, slow)
+
+
+def finite_flags(sets: list[list[Any]]) -> list[jax.Array]:
+    """For each list of leaves, a bool scalar: all its floating leaves finite.
+
+    Leaves of one shape, whichever list they belong to, are read in one
+    variadic reduction that keeps one count per list: a guard's incoming
+    check (the gradients) and outgoing check (what the optimizer made of
+    them, which XLA computes inside the same loop from the same inputs) cost
+    one loop per shape, not one per list.
+    """
+    flat = [(k, x) for k, leaves in enumerate(sets) for x in leaves]
+    flat = [(k, x) for k, x in flat if base.is_checked_leaf(x)]
+    ok = [jnp.array(True) for _ in sets]
+    by_shape: dict[tuple, list[int]] = {}
+    for i, (_, x) in enumerate(flat):
+        by_shape.setdefault(tuple(jnp.shape(x)), []).append(i)
+    for run in by_shape.values():
+        for g in range(0, len(run), 2 * _GROUP):
+            group = run[g : g + 2 * _GROUP]
+            owners = sorted({flat[i][0] for i in group})
+            masks = []
+            for k in owners:
+                nan = inf = None
+                for i in group:
+                    if flat[i][0] != k:
+                        continue
+                    n, f = _kind_masks(flat[i][1], split_inf=False)
+                    nan = n if nan is None else nan | n
+                    inf = f if inf is None else inf | f
+                if len(owners) == 1:
+                    masks += [nan, inf]  # two operands: XLA's fast path
+                else:
+                    masks.append(nan | inf)
+            sums = _sum_indicators(tuple(masks))
+            for j, k in enumerate(owners):
+                if len(owners) == 1:
+                    ok[k] = ok[k] & (sums[0] == 0) & (sums[1] == 0)
+                else:
+                    ok[k] = ok[k] & (sums[j] == 0)
+    return ok

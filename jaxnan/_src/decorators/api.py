@@ -101,7 +101,22 @@ def checked(
       arguments pass through untouched. Only the arguments actually being
       differentiated are checked.
 
-    NaN, +Inf and -Inf count as nonfinite (`jnp.isfinite`). On a healthy step
+    What counts: NaN anywhere; +Inf and -Inf in every floating array (the
+    arguments, such as parameters and batch, the outputs, such as the loss,
+    and the gradients). A Python float leaf is a constant a model stores
+    (``-inf`` as the initial value of `eqx.nn.MaxPool2d`, a mask fill value):
+    it counts only when it is NaN. One bad step gives one report: when the
+    arguments were reported, the outputs and gradients are not; when the
+    outputs were, the gradients are not.
+
+    State: `fn` is handed its arguments rebuilt (their floating leaves pass
+    through an identity whose derivative checks the gradients); whatever `fn`
+    does to mutable arguments (Flax NNX Variables: `BatchStat`, `RngState`
+    counters, sown intermediates) reaches the caller's objects, exactly as
+    without the decorator. Pure state (linen's ``mutable=`` collections,
+    Equinox's ``State``) is returned by `fn` and passes through unchanged.
+
+    On a healthy step
     each checked tree costs one fused reduction and a `lax.cond` that is not
     taken: nothing is sent to the host. Only when a tree is nonfinite does the
     other branch count the nonfinite values per leaf and call the host (a
@@ -131,11 +146,16 @@ def checked(
         fn: the function to check. Leave it out to get a decorator:
             ``@jaxnan.checked(on_nonfinite="warn")``.
         on_nonfinite: ``"raise"`` (the default): raise `jaxnan.NonFiniteError`
-            when running eagerly; inside a compiled program the runtime error
-            that `jax.jit` raises carries the same text. ``"warn"``: a
-            `RuntimeWarning`, once per distinct message, and go on.
-            ``"ignore"``: no checks at all (`fn` runs as is, at no cost). A
-            callable: called on the host with a `jaxnan.NonfiniteRecord`.
+            when running eagerly; inside a compiled program the runtime wraps
+            it in a `jax.errors.JaxRuntimeError` quoting it (printed once):
+            run the step inside ``with jaxnan.nonfinite_errors():`` to get
+            the `NonFiniteError` back. ``"warn"``: a `RuntimeWarning` at the
+            user's line that called `fn` (or the transformed step that traced
+            it), once per bad step, filtered as Python filters warnings; then
+            go on. ``"ignore"``: no checks at all (`fn` runs as is, at no
+            cost). A callable: called on the host with a
+            `jaxnan.NonfiniteRecord`. With a guard such as
+            `jaxnan.skip_nonfinite` keeping training alive, use ``"warn"``.
         inputs: check the arguments.
         outputs: check the outputs.
         grads: check the gradients flowing back to the arguments.

@@ -12,13 +12,17 @@ A layer is named, in order of preference, by
 3. the parameter consumed by another equation of the same call (the user's
    line and the library function it called: the mean and variance of a
    BatchNorm belong to its layer);
-4. the user's source line, ``file.py:LINE (function)``.
+4. the parameter that the same call of a user function consumes next with
+   a jax operation (``_ln``'s mean and variance belong to the layer of the
+   ``scale`` it multiplies; an activation between two Flax/Equinox module
+   calls does not);
+5. the user's source line, ``file.py:LINE (function)``.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 from jax.extend import source_info_util
@@ -34,18 +38,23 @@ _WRAPPER_KEYS = ("value", "raw_value")
 # their inputs, so they get no statistics of their own.
 STRUCTURAL = frozenset(
     "reshape broadcast_in_dim transpose squeeze expand_dims copy copy_p slice "
-    "concatenate rev pad dynamic_slice gather select_n".split()
+    "concatenate rev pad dynamic_slice dynamic_update_slice gather select_n "
+    "split".split()
 )
 
 
 def scope_path(name_stack: Any) -> str:
-    """The scopes of a name stack joined by '/', transformations dropped."""
+    """The scopes of a name stack joined by '/'.
+
+    Transformations (``jvp``, ``transpose``) and the scopes that `jnp.einsum`
+    opens with its spec (``bqhd,bkhd->bhqk``) are dropped.
+    """
     parts = []
     for el in getattr(name_stack, "stack", ()):
         if type(el).__name__ == "Transform":
             continue
         name = getattr(el, "name", "")
-        if name:
+        if name and "->" not in name:  # jnp.einsum scopes its spec
             parts.append(name)
     return "/".join(parts)
 
@@ -78,25 +87,56 @@ def _key_name(k: Any) -> str:
     return str(k)
 
 
-def call_site(source_info: Any) -> tuple[tuple, str] | None:
-    """(call-site key, ``file.py:LINE (function)``) of the user frame, or None.
+class Site(NamedTuple):
+    """Where the user's code made an equation.
 
-    The key is the user's line plus the library function it called (the
-    frame just inside the library), so that the statistics of a
-    `BatchNorm` called on the same line as a `relu` keep apart; None when
-    the traceback has no user frame (a library `jit` traced elsewhere).
+    Attributes:
+        key: the user's line plus the library function it called (the frame
+            just inside the library), so that the statistics of a
+            `BatchNorm` called on the same line as a `relu` keep apart.
+        text: ``file.py:LINE (function)``.
+        chain: the user function (file, name) and the lines of its user
+            callers: equal for the equations of one call of a user function.
+        direct: True when the user's line calls jax itself (``x * p``, not a
+            Flax or Equinox module).
+    """
+
+    key: tuple
+    text: str
+    chain: tuple
+    direct: bool
+
+
+def _is_user(f: Any) -> bool:
+    return base.library_of(f.file_name) is None and not f.file_name.endswith(
+        ("contextlib.py", "functools.py")
+    )
+
+
+def call_site(source_info: Any) -> Site | None:
+    """The `Site` of an equation; None without a user frame.
+
+    An equation of a library `jit` traced elsewhere has no user frame.
     """
     tb = getattr(source_info, "traceback", None)
     frames = list(getattr(tb, "frames", ())) if tb is not None else []
     for k, f in enumerate(frames):  # innermost first
-        if base.library_of(f.file_name) is None and not f.file_name.endswith(
-            ("contextlib.py", "functools.py")
-        ):
+        if _is_user(f):
             inner = frames[k - 1] if k else None
             callee = (inner.file_name, inner.function_name) if inner else ()
-            key = (f.file_name, f.line_num, *callee)
-            text = f"{os.path.basename(f.file_name)}:{f.line_num} ({f.function_name})"
-            return key, text
+            outer = tuple(
+                (g.file_name, g.line_num) for g in frames[k + 1 :] if _is_user(g)
+            )
+            return Site(
+                key=(f.file_name, f.line_num, *callee),
+                text=f"{os.path.basename(f.file_name)}:{f.line_num} "
+                f"({f.function_name})",
+                chain=(f.file_name, f.function_name, *outer),
+                direct=all(
+                    base.library_of(g.file_name) in (None, "jax", "jaxlib")
+                    for g in frames[:k]
+                ),
+            )
     return None
 
 

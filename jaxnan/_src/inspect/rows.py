@@ -44,7 +44,7 @@ def drop_nonfinite_rows(
     the dropped entries finite (``0 * NaN`` is still NaN).
 
     Cost: one fused pass over the float leaves. Under a sharded `jit` the
-    mask keeps the batch's sharding.
+    mask is the same as unsharded (tested on 8 CPU devices).
 
     Args:
         batch: a pytree of arrays sharing the example axis.
