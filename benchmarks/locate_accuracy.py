@@ -108,8 +108,12 @@ def run_debug_nans(fn, args, case_file, infs):
     return None
 
 
-def run_locate(fn, args, case_file):
-    d = jaxnan.locate(fn)(*args)
+def run_locate(fn, args, case_file, history=None):
+    try:
+        located = jaxnan.locate(fn, history=history) if history else jaxnan.locate(fn)
+    except TypeError:  # a jaxnan without the history argument
+        located = jaxnan.locate(fn)
+    d = located(*args)
     if not d.found:
         return None
     line = d.line if pathlib.Path(d.file or "").name == case_file else None
@@ -136,7 +140,7 @@ def score(expect, line, got):
     )
 
 
-def run_tool(tool, fn, args, case_file):
+def run_tool(tool, fn, args, case_file, history=None):
     if tool == "checkify (float_checks)":
         return run_checkify(fn, args, case_file, checkify.float_checks)
     if tool == "checkify (nan_checks)":
@@ -145,66 +149,82 @@ def run_tool(tool, fn, args, case_file):
         return run_debug_nans(fn, args, case_file, infs=False)
     if tool == "jax_debug_nans + jax_debug_infs":
         return run_debug_nans(fn, args, case_file, infs=True)
-    return run_locate(fn, args, case_file)
+    return run_locate(fn, args, case_file, history)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--details", action="store_true", help="per-case table")
     parser.add_argument("--only", nargs="*", help="case names (without case_)")
+    parser.add_argument(
+        "--tools", nargs="*", help="a subset of the tools", default=None
+    )
     opts = parser.parse_args(argv)
+    tools = [t for t in TOOLS if not opts.tools or t in opts.tools]
     paths = sorted(CASES_DIR.glob("case_*.py"))
     if opts.only:
         paths = [p for p in paths if p.stem[5:] in opts.only]
-    totals = {t: [0, 0, 0, 0] for t in TOOLS}
-    causes = 0
+    groups = {"all": [], "real reports": []}
     rows = []
     print(f"jaxnan from {jaxnan.__file__}", file=sys.stderr)
     t0 = time.perf_counter()
+    scores = {}
     for path in paths:
         module, line = load_case(path)
         expect = module.EXPECT
-        row = [path.stem[5:]]
-        for tool in TOOLS:
+        name = path.stem[5:]
+        groups["all"].append(name)
+        if "Reported:" in (module.__doc__ or ""):
+            groups["real reports"].append(name)
+        row = [name]
+        for tool in tools:
             fn, args = module.make()  # fresh function: no cache shared by tools
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 try:
-                    got = run_tool(tool, fn, args, path.name)
+                    history = getattr(module, "HISTORY", None)
+                    got = run_tool(tool, fn, args, path.name, history)
                 except Exception as e:  # noqa: BLE001 - a tool crash is a miss
                     print(f"  {path.stem} / {tool}: {type(e).__name__}: {e}"[:300])
                     got = None
             s = score(expect, line, got)
-            for i, ok in enumerate(s):
-                totals[tool][i] += ok
-            if got is not None and got.get("cause") == expect["cause"]:
-                causes += 1
-            mark = "".join("✓" if ok else "·" for ok in s)
+            cause_ok = got is not None and got.get("cause") == expect["cause"]
+            scores[name, tool] = (*s, cause_ok)
+            mark = "".join("✓" if ok else "·" for ok in (*s, cause_ok))
             desc = "—" if got is None else f"{got['primitive']}:{got['line']}"
             row.append(f"{mark} {desc}")
         rows.append(row)
         print(f"  {path.stem}: done", file=sys.stderr)
-    n = len(paths)
     print(
-        f"\nAccuracy over {n} scenarios (tests/cases/), CPU, "
-        f"jax {jax.__version__}, {time.perf_counter() - t0:.0f} s in all\n"
+        f"\nAccuracy over {len(paths)} scenarios (tests/cases/), CPU, "
+        f"jax {jax.__version__}, {time.perf_counter() - t0:.0f} s in all"
     )
-    print(
-        "| tool | detected | right primitive | right line | right phase | right cause |"
-    )
-    print("|---|---|---|---|---|---|")
-    for tool in TOOLS:
-        d, p, ln, ph = totals[tool]
-        ours = tool == "jaxnan.locate"
-        phase = f"{ph}/{n}" if ours else "not reported"
-        cause = f"{causes}/{n}" if ours else "not reported"
-        print(f"| {tool} | {d}/{n} | {p}/{n} | {ln}/{n} | {phase} | {cause} |")
+    for group, names in groups.items():
+        n = len(names)
+        if not n:
+            continue
+        print(f"\n{group} ({n} cases)\n")
+        print(
+            "| tool | event found | right primitive | right line | right phase "
+            "| right cause |"
+        )
+        print("|---|---|---|---|---|---|")
+        for tool in tools:
+            tot = [sum(scores[c, tool][i] for c in names) for i in range(5)]
+            ours = tool == "jaxnan.locate"
+            phase = f"{tot[3]}/{n}" if ours else "not reported"
+            cause = f"{tot[4]}/{n}" if ours else "not reported"
+            print(
+                f"| {tool} | {tot[0]}/{n} | {tot[1]}/{n} | {tot[2]}/{n} "
+                f"| {phase} | {cause} |"
+            )
     if opts.details:
         print(
-            "\nPer case: detected, primitive, line, phase (✓/·), then what it named\n"
+            "\nPer case: found, primitive, line, phase, cause (✓/·), then what it "
+            "named\n"
         )
-        print("| case | " + " | ".join(TOOLS) + " |")
-        print("|---" * (len(TOOLS) + 1) + "|")
+        print("| case | " + " | ".join(tools) + " |")
+        print("|---" * (len(tools) + 1) + "|")
         for row in rows:
             print("| " + " | ".join(row) + " |")
 

@@ -47,14 +47,25 @@ def _float_leaves(tree):
 
 
 def test_suite_size():
-    assert len(CASE_FILES) >= 22
+    assert len(CASE_FILES) >= 45
+    reported = [p for p in CASE_FILES if "Reported: https://" in p.read_text()]
+    assert len(reported) >= 15
 
 
 @pytest.mark.parametrize("name", CASE_NAMES)
 def test_case_is_well_formed(name):
     module = load_case(name)
     expect = module.EXPECT
-    allowed = {"primitive", "phase", "cause", "leaf", "iteration", "seen"}
+    allowed = {
+        "primitive",
+        "phase",
+        "cause",
+        "leaf",
+        "iteration",
+        "seen",
+        "device",
+        "element",
+    }
     assert set(expect) <= allowed, set(expect) - allowed
     assert expect["cause"] in CAUSES
     assert module.__doc__ and callable(module.make)
@@ -90,7 +101,8 @@ def test_locate_names_the_creating_equation(name):
     module = load_case(name)
     expect = module.EXPECT
     fn, args = module.make()
-    diagnosis = jaxnan.locate(fn)(*args)
+    history = getattr(module, "HISTORY", None)  # filled in by make()
+    diagnosis = jaxnan.locate(fn, history=history)(*args)
     got = {
         "found": diagnosis.found,
         "primitive": diagnosis.primitive,
@@ -110,6 +122,10 @@ def test_locate_names_the_creating_equation(name):
         )
         got["primitive"] = diagnosis.primitive
         assert got == want, str(diagnosis)
+        if "element" in expect:
+            elements = diagnosis.input_elements[expect["leaf"]]
+            assert elements[0] == tuple(expect["element"]), str(diagnosis)
+            assert diagnosis.consumed_by[expect["leaf"]]["line"], str(diagnosis)
         return
     (line,) = marker_line(name)
     got["where"] = (pathlib.Path(diagnosis.file or "").name, diagnosis.line)
@@ -117,6 +133,9 @@ def test_locate_names_the_creating_equation(name):
     if "iteration" in expect:
         got["iteration"] = tuple(diagnosis.iteration or ())
         want["iteration"] = tuple(expect["iteration"])
+    if "device" in expect:
+        got["device"] = diagnosis.device
+        want["device"] = expect["device"]
     assert got == want, str(diagnosis)
     assert diagnosis.fix and diagnosis.inputs_seen
     if "seen" in expect:

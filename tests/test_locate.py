@@ -79,7 +79,7 @@ def test_backward_event_points_at_forward_line():
     line = marker("sqrt")
     assert (d.primitive, d.phase, d.line) == ("div", "backward", line)
     assert d.user_function == "jnp.sqrt" and d.cause == "unsafe_op"
-    assert f"gradient of `jnp.sqrt` at test_locate.py:{line}" in str(d)
+    assert f"gradient of `jnp.sqrt` at {__file__}:{line}" in str(d)
     assert d.nonfinite_outputs == {"output[1]['w']": (2, 0, 0)}
 
 
@@ -176,3 +176,156 @@ def test_errors():
         jaxnan.locate(3)
     with pytest.raises(TypeError, match=re.escape("static_argnums='a'")):
         jaxnan.locate(xent, static_argnums="a")
+
+
+# -- locate v2: conventions from real reports -------------------------------
+
+
+def test_nan_created_in_a_while_condition_is_found():
+    def newton(x):
+        def cond(c):
+            i, y = c
+            return (i < 5) & (jnp.log(y - 2.0) < 10.0)  # <- while-cond
+
+        def body(c):
+            i, y = c
+            return i + 1, y * 0.5
+
+        return jax.lax.while_loop(cond, body, (0, x))[1]
+
+    d = jaxnan.locate(newton)(jnp.float32(8.0))
+    assert d.found and d.primitive == "log" and d.line == marker("while-cond")
+    assert d.iteration == (2,)  # 8 -> 4 -> 2: log(0) before the body's step 2
+    assert d.nonfinite_outputs == {}  # the loop stopped: outputs finite
+
+
+def test_minus_inf_bias_argument_is_not_the_event():
+    def attend(scores, bias):
+        w = jax.nn.softmax(scores + bias, axis=-1)  # <- bias-softmax
+        return jnp.sum(w)
+
+    bias = jnp.array([[0.0, -jnp.inf], [-jnp.inf, -jnp.inf]])
+    d = jaxnan.locate(attend)(jnp.ones((2, 2)), bias)
+    assert (d.phase, d.cause, d.primitive) == ("forward", "unsafe_op", "sub")
+    assert d.line == marker("bias-softmax")
+    assert d.nonfinite_inputs == {"bias": (0, 0, 3)}
+    # a NaN argument still is the root, reported with its element and consumer
+    nan_bias = bias.at[0, 0].set(jnp.nan)
+    d = jaxnan.locate(attend)(jnp.ones((2, 2)), nan_bias)
+    assert (d.phase, d.cause) == ("input", "input_data")
+    assert d.input_elements["bias"][0] == (0, 0)
+    used = d.consumed_by["bias"]
+    assert (used["primitive"], used["line"]) == ("add", marker("bias-softmax"))
+    assert "bias: 1 nan, 3 -inf at (0, 0), (0, 1), (1, 0), ..." in str(d)
+
+
+def test_nan_in_params_is_poisoned_state_with_element():
+    def loss(params, x):
+        return jnp.sum(x @ params["w"])  # <- poisoned
+
+    params = {"w": jnp.ones((3, 2)).at[2, 1].set(jnp.nan)}
+    d = jaxnan.locate(loss)(params, jnp.ones((4, 3)))
+    assert (d.phase, d.cause) == ("input", "poisoned_state")
+    assert d.input_elements == {"params['w']": [(2, 1)]}
+    assert d.consumed_by["params['w']"]["line"] == marker("poisoned")
+
+
+def test_inf_then_nan_names_both():
+    def loss(x):
+        e = jnp.exp(x)  # <- exp-inf
+        return jnp.sum(e * 0.0 + (x - x))  # <- then-nan
+
+    d = jaxnan.locate(loss)(jnp.array([1.0, 100.0]))
+    assert (d.primitive, d.line, d.created) == ("exp", marker("exp-inf"), (0, 1, 0))
+    assert d.nan_event["primitive"] == "mul"
+    assert d.nan_event["line"] == marker("then-nan")
+    assert f"then:    `mul` made the first NaN at {__file__}:" in str(d)
+
+
+def test_event_in_the_cone_of_the_loss_not_a_residual_beside_it():
+    def loss(p, x):
+        # value_and_grad computes log(x) for d/dp x**p beside the loss
+        return jnp.sum(x**p) + jnp.sum(jnp.log(x[1:] - 1.0))  # <- cone
+
+    d = jaxnan.locate(jax.value_and_grad(loss))(jnp.float32(2.0), jnp.array([0.0, 1.0]))
+    assert (d.primitive, d.phase) == ("log", "forward")
+    assert d.inputs_seen == "log received 0.0 at 1 of 1 position"
+
+
+def test_phase_is_what_the_user_observes_for_a_custom_vjp():
+    @jax.custom_vjp
+    def f(x):
+        return jnp.sin(x)
+
+    def f_fwd(x):
+        return jnp.sin(x), jnp.cos(x)
+
+    def f_bwd(c, g):
+        return (g / (c - c),)
+
+    f.defvjp(f_fwd, f_bwd)
+    # jax traces the bwd function where the custom_vjp is called
+    d = jaxnan.locate(jax.value_and_grad(lambda x: f(x).sum()))(jnp.ones(2))  # <- bwd
+    assert (d.primitive, d.phase, d.line) == ("div", "backward", marker("bwd"))
+
+
+def test_compiled_and_replay_disagree_is_said():
+    # A primitive whose compiled lowering is finite while its locate rule (the
+    # replay) is not: the report must say which program it describes.
+    from jax.extend.core import Primitive
+    from jax.interpreters import mlir
+
+    twice_p = Primitive("jaxnan_test_twice")
+    twice_p.def_abstract_eval(lambda x: x)
+    mlir.register_lowering(
+        twice_p, mlir.lower_fun(lambda x: x * 2.0, multiple_results=False)
+    )
+
+    @jaxnan.register_rule(twice_p)
+    def _twice_rule(ctx, x):
+        return ctx, jnp.log(x - x)
+
+    def loss(x):
+        return jnp.sum(twice_p.bind(x))  # <- twice
+
+    d = jaxnan.locate(loss)(jnp.ones(3))
+    assert (d.primitive, d.line) == ("jaxnan_test_twice", marker("twice"))
+    assert d.nonfinite_outputs == {"output": (0, 0, 1)}
+    assert d.compiled_outputs == {}
+    assert (
+        "program: this replay follows JAX semantics equation by equation; the "
+        "compiled function gave different outputs (all finite)"
+    ) in str(d)
+    assert d.to_dict()["compiled_outputs"] == {}
+    assert (
+        jaxnan.locate(loss, check_compiled=False)(jnp.ones(3)).compiled_outputs is None
+    )
+    # where both agree (here XLA's select rewrite of x * mask applies to both)
+    x, mask = jnp.ones(4).at[1].set(jnp.nan), jnp.ones(4, bool).at[1].set(False)
+    d = jaxnan.locate(lambda x, m: jnp.sum(x * m.astype(x.dtype)))(x, mask)
+    assert d.compiled_outputs is None and "program:" not in str(d)
+
+
+def test_clear_errors_for_strings_and_transforms():
+    def say(x):
+        return "nan"
+
+    with pytest.raises(TypeError, match=r"say`\): the function returned a str"):
+        jaxnan.locate(say)(jnp.ones(2))
+    with pytest.raises(TypeError, match="cannot itself be transformed by jax.vmap"):
+        jax.vmap(jaxnan.locate(jnp.log))(jnp.ones((2, 3)))
+    with pytest.raises(TypeError, match="history="):
+        jaxnan.locate(jnp.log, history=[1.0, 2.0])
+
+
+def test_report_reads_well():
+    def model(params, x):
+        h = x @ params["w"]
+        return jnp.sum(jnp.sqrt(h))  # <- read-well
+
+    d = jaxnan.locate(jax.grad(model))({"w": jnp.zeros((2, 2))}, jnp.ones((3, 2)))
+    text = str(d)
+    assert f"{__file__}:{marker('read-well')}" in text  # the full path
+    assert "jvp(" not in text and "transpose(" not in text
+    assert d.signature == "(f32[], f32[3,2]) -> f32[3,2]"
+    assert d.to_dict()["phase"] == "backward" and d.to_dict()["cause"] == "unsafe_op"

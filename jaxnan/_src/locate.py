@@ -3,9 +3,11 @@
 The function is traced to a jaxpr (with source information), and the jaxpr
 is evaluated equation by equation inside one `jax.jit` program by the
 instrumented interpreter (`interpreter.py`), which returns the index of the
-first creation event. A second compiled pass reads the concrete inputs and
-outputs of that equation, which `causes.classify` turns into a cause, a fix
-and a sentence about what the equation received.
+first creation event. The outputs say what the user observes (a nonfinite
+loss, gradients, update); a second detect pass restricted to the equations
+those outputs depend on runs when the first event lies outside them. A
+capture pass reads the concrete inputs and outputs of the event equation,
+which `cause_rules.classify` turns into a cause, a fix and a sentence.
 """
 
 from __future__ import annotations
@@ -13,20 +15,34 @@ from __future__ import annotations
 import dataclasses
 import functools
 import linecache
-import os
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
+from jax.extend import core as jex_core
 from jax.extend import source_info_util
 
-from jaxnan._src import base, blocks, checks, interpreter, primitives, report, tree
+from jaxnan._src import (
+    base,
+    blocks,
+    cause_rules,
+    causes,
+    checks,
+    frames,
+    interpreter,
+    precision,
+    primitives,
+    records,
+    report,
+    tree,
+)
+from jaxnan._src.causes import Cause, Phase
+from jaxnan._src.flow import Flow
 from jaxnan._src.inspect import locate_text
 
 source_info_util.register_exclusion(__file__)
-
-PHASES = ("input", "forward", "backward", "update")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,25 +51,28 @@ class Diagnosis:
 
     A diagnosis with ``found=False`` means every argument, every
     intermediate value and every output was finite. ``str(diagnosis)`` is a
-    report to read; `to_dict` gives plain values for loggers.
+    report to read; `to_dict` gives plain values for loggers (the schema of
+    `jaxnan.NonFiniteError.details`, see `report.DETAILS_KEYS`).
 
     Attributes:
         found: whether a nonfinite value was found (in the arguments or
             created inside).
         primitive: the jax primitive of the creating equation (``"log"``,
             ``"div"``, ``"dot_general"``, ...), None for phase ``"input"``.
-        file: the source file of the user line (the innermost frame outside
-            jax, optax, chex, flax, equinox and jaxnan).
+        file: the full path of the source file of the user line (the
+            innermost frame outside jax, optax, chex, flax, equinox, jaxnan).
         line: the line number in `file`.
         function: the user function holding that line.
         code: the text of that line.
-        phase: ``"input"`` (already in the arguments), ``"forward"``,
-            ``"backward"`` (made by differentiation; `file`/`line` then
-            point at the forward line whose derivative failed) or
-            ``"update"`` (the optimizer, after the gradients).
-        cause: one of `jaxnan`'s causes (``input_data``, ``poisoned_state``,
+        phase: a `causes.Phase`, what the user observes: ``"forward"`` when
+            a primal output (the loss) is nonfinite, ``"backward"`` when the
+            loss is finite and a gradient is not (`file`/`line` then point
+            at the forward line whose derivative failed), ``"update"`` when
+            loss and gradients are finite and the update or the new state is
+            not, ``"input"`` when NaN arrives in the arguments.
+        cause: a `causes.Cause` (``input_data``, ``poisoned_state``,
             ``unsafe_op``, ``overflow``, ``exploding_gradient``, ``update``,
-            ``precision``).
+            ``precision``, ``learning_rate``).
         fix: one sentence saying what to change.
         inputs_seen: what the creating equation received, in words and
             numbers.
@@ -66,13 +85,28 @@ class Diagnosis:
             outermost first (for `scan`, the index into the scanned axis).
         device: the id of the device where the event happened first, inside
             `shard_map`; None elsewhere.
-        name_stack: the jax name stack of the creating equation.
+        name_stack: the name stack of the creating equation, without the
+            transformation wrappers (``jvp(...)``, ``transpose(...)``).
         dtype: the dtype of the creating equation's first floating output.
         shapes: ``{"inputs": [...], "outputs": [...]}`` shapes of the
             creating equation (per device inside `shard_map`).
+        signature: the creating equation's types, ``"(f32[8,1]) -> f32[8,1]"``.
         user_function: the library function called at the user line, when
             known (``"jnp.sqrt"``, ``"jax.nn.softmax"``).
         fn_name: the name of the located function.
+        created: ``(nan, +inf, -inf)`` counts of the event's outputs.
+        nan_event: when the event created only infinities and a NaN appeared
+            later (``exp`` overflows, then ``0 * inf``): the first equation
+            that created a NaN, as ``{"primitive", "file", "line",
+            "function", "code"}``.
+        input_elements: nonfinite argument leaf path -> the indices of its
+            first nonfinite elements (row, column, ...).
+        consumed_by: nonfinite argument leaf path -> the first equation that
+            consumes it, ``{"primitive", "file", "line", "code"}``.
+        compiled_outputs: output leaf path -> counts of the compiled
+            function's nonfinite outputs, when they differ from the replay's
+            (XLA can rewrite ``x * mask`` into a select); None when they
+            agree or when not checked.
         layer_stats: the activation (and gradient) statistics of the layer
             holding the creating equation (see `jaxnan.activation_stats`).
     """
@@ -83,8 +117,8 @@ class Diagnosis:
     line: int | None = None
     function: str | None = None
     code: str | None = None
-    phase: str | None = None
-    cause: str | None = None
+    phase: Phase | None = None
+    cause: Cause | None = None
     fix: str | None = None
     inputs_seen: str | None = None
     nonfinite_inputs: dict[str, tuple[int, int, int]] = dataclasses.field(
@@ -98,232 +132,31 @@ class Diagnosis:
     name_stack: str = ""
     dtype: str | None = None
     shapes: dict[str, list[tuple[int, ...]]] = dataclasses.field(default_factory=dict)
+    signature: str | None = None
     user_function: str | None = None
     fn_name: str = ""
     created: tuple[int, int, int] | None = None
+    nan_event: dict[str, Any] | None = None
+    input_elements: dict[str, list[tuple[int, ...]]] = dataclasses.field(
+        default_factory=dict
+    )
+    consumed_by: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    compiled_outputs: dict[str, tuple[int, int, int]] | None = None
     layer_stats: str | None = None
 
     @property
     def where(self) -> str | None:
-        """``file:line`` of the user line, or None."""
+        """``file:line`` of the user line (full path), or None."""
         if self.file is None:
             return None
-        return f"{os.path.basename(self.file)}:{self.line}"
+        return f"{self.file}:{self.line}"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain Python values (str, int, lists, dicts) for loggers and JSON."""
-        d = dataclasses.asdict(self)
-        for key in ("nonfinite_inputs", "nonfinite_outputs"):
-            d[key] = {k: list(v) for k, v in d[key].items()}
-        for key in ("iteration", "created"):
-            if d[key] is not None:
-                d[key] = list(d[key])
-        d["shapes"] = {k: [list(s) for s in v] for k, v in d["shapes"].items()}
-        return d
+        return report.plain(dataclasses.asdict(self))
 
     def __str__(self) -> str:
-        name = f"`{self.fn_name}`" if self.fn_name else "the function"
-        if not self.found:
-            return (
-                f"jaxnan: all finite: no NaN or Inf in the arguments, the "
-                f"intermediate values or the outputs of {name}."
-            )
-        lines = []
-        if self.phase == "input":
-            lines.append(
-                f"jaxnan: nonfinite values were already in the arguments of {name}:"
-            )
-            lines.append(report.leaf_lines(sorted(self.nonfinite_inputs.items())))
-        else:
-            what = report.describe_counts(*self.created) if self.created else ""
-            what = f" ({what})" if what else ""
-            lines.append(
-                f"jaxnan: `{self.primitive}` created the first nonfinite value"
-                f"{what} in the {self.phase} pass of {name}."
-            )
-            where = self.where or "an unknown line"
-            if self.phase == "backward":
-                target = f"`{self.user_function}`" if self.user_function else "the op"
-                lines.append(f"  where:   gradient of {target} at {where}")
-            else:
-                via = f" (`{self.user_function}`)" if self.user_function else ""
-                lines.append(f"  where:   {where}{via}")
-            if self.function:
-                code = f": {self.code}" if self.code else ""
-                lines.append(f"           in {self.function}{code}")
-            lines.append(f"  phase:   {self.phase}")
-            if self.iteration:
-                lines.append(f"  iteration: {self.iteration}")
-            if self.device is not None:
-                lines.append(f"  device:  {self.device}")
-            if self.shapes:
-                ins = ", ".join(str(s) for s in self.shapes.get("inputs", []))
-                outs = ", ".join(str(s) for s in self.shapes.get("outputs", []))
-                lines.append(f"  shapes:  ({ins}) -> ({outs}) {self.dtype or ''}")
-            if self.name_stack:
-                lines.append(f"  name stack: {self.name_stack}")
-            if self.inputs_seen:
-                lines.append(f"  inputs:  {self.inputs_seen}")
-            if self.layer_stats:
-                lines += [f"  {t}" for t in self.layer_stats.splitlines()]
-        if self.cause:
-            lines.append(f"  cause:   {self.cause}")
-        if self.fix:
-            lines.append(f"  fix:     {self.fix}")
-        if self.nonfinite_outputs:
-            lines.append("  nonfinite outputs:")
-            lines.append(
-                report.leaf_lines(sorted(self.nonfinite_outputs.items()), "    ")
-            )
-        elif self.phase != "input":
-            lines.append(
-                "  the outputs are finite: the value was masked or absorbed later."
-            )
-        return "\n".join(lines)
-
-
-# -- source frames -------------------------------------------------------
-
-_library_dirs = base.library_dirs
-_library_of = base.library_of
-
-
-_STDLIB_WRAPPERS = ("contextlib.py", "functools.py")
-
-_API_PREFIXES = (
-    ("jax", "_src/numpy/linalg", "jnp.linalg."),
-    ("jax", "_src/numpy/", "jnp."),
-    ("jax", "_src/nn/", "jax.nn."),
-    ("jax", "_src/lax/", "lax."),
-    ("jax", "_src/scipy/special", "jax.scipy.special."),
-    ("jax", "_src/scipy/", "jax.scipy."),
-    ("jax", "_src/ops/", "jax.ops."),
-    ("optax", "", "optax."),
-    ("flax", "", "flax."),
-    ("equinox", "", "eqx."),
-)
-
-
-def _api_name(frame: Any) -> str | None:
-    lib = _library_of(frame.file_name)
-    if lib is None:
-        return None
-    rel = os.path.realpath(frame.file_name)
-    for d in _library_dirs()[lib]:
-        if rel.startswith(d):
-            rel = rel[len(d) :]
-            break
-    rel = rel.replace(os.sep, "/")
-    if rel.endswith("array_methods.py"):
-        return None
-    fname = frame.function_name.split(".")[-1]
-    if fname.startswith("_") or fname.startswith("<"):
-        return None
-    for want_lib, sub, prefix in _API_PREFIXES:
-        if lib == want_lib and rel.startswith(sub):
-            return prefix + fname
-    return None
-
-
-def user_frame(source_info: Any) -> tuple[Any, str | None]:
-    """(innermost user frame or None, the library function it called).
-
-    Without a user frame (the traceback of an equation inside a `jit`-ed
-    library function stops at the `jit`), the library function is the
-    outermost one the traceback shows.
-    """
-    tb = getattr(source_info, "traceback", None)
-    if tb is None:
-        return None, None
-    frames = list(tb.frames)  # innermost first
-    k = next(
-        (
-            i
-            for i, f in enumerate(frames)
-            if _library_of(f.file_name) is None
-            and not f.file_name.endswith(_STDLIB_WRAPPERS)
-        ),
-        len(frames),
-    )
-    user = frames[k] if k < len(frames) else None
-    api = None
-    for inner in reversed(frames[:k]):
-        api = _api_name(inner)
-        if api is not None:
-            break
-    return user, api
-
-
-def node_frame(node: Any) -> tuple[Any, str | None]:
-    """The user frame of a node, falling back on its enclosing equations."""
-    frame, api = user_frame(node.eqn.source_info)
-    for caller in reversed(node.callers):
-        if frame is not None:
-            break
-        frame, outer_api = user_frame(caller.source_info)
-        api = api or outer_api
-    return frame, api
-
-
-def _user_function(node: Any, nodes: Sequence[Any], api: str | None) -> str:
-    """The library function whose (derivative) equation created the value.
-
-    The traceback's library frames name it when present. Functions that jax
-    wraps in an inlined `jit` leave no frame; then a derivative equation is
-    matched with the primal equation that shares its traceback object (the
-    jvp rule's equations do), and that primitive is named.
-    """
-    if api is not None:
-        return api
-    tb = getattr(node.eqn.source_info, "traceback", None)
-    if tb is not None:
-        for other in nodes[: node.index + 1]:  # the primal equation comes first
-            if getattr(other.eqn.source_info, "traceback", None) is tb:
-                return primitives.user_spelling(other.eqn.primitive.name)
-    return primitives.user_spelling(node.eqn.primitive.name)
-
-
-# -- phase ---------------------------------------------------------------
-
-
-def phases(nodes: Sequence[interpreter.Node], out_producers: Sequence[int]):
-    """The phase of every node, decided by data flow (see `locate`)."""
-    n = len(nodes)
-    gradish = [False] * n
-    first_t = None
-    for node in nodes:
-        if node.unit != node.index:
-            continue
-        t = "transpose(" in node.name_stack
-        if t and first_t is None:
-            first_t = node.index
-        gradish[node.index] = t or any(gradish[p] for p in node.producers)
-    primal = [p for p in out_producers if p >= 0 and not gradish[p]]
-    feeds_primal = set()
-    stack = list(primal)
-    while stack:
-        i = stack.pop()
-        if i in feeds_primal:
-            continue
-        feeds_primal.add(i)
-        stack.extend(nodes[i].producers)
-
-    def phase(node: interpreter.Node) -> str:
-        ns = node.name_stack
-        if "transpose(" in ns:
-            return "backward"
-        u = node.unit
-        if "jvp(" not in ns:
-            if gradish[u] or (
-                first_t is not None and u > first_t and u not in feeds_primal
-            ):
-                return "update"
-            return "forward"
-        if feeds_primal and u not in feeds_primal:
-            return "backward"
-        return "forward"
-
-    return phase
+        return report.render(self)
 
 
 # -- locate --------------------------------------------------------------
@@ -347,8 +180,33 @@ def _host_counts(values: Sequence[np.ndarray]) -> tuple[int, int, int]:
     return nan, pos, neg
 
 
+def _history(history: Any) -> dict[str, tuple[float, ...]] | None:
+    if history is None:
+        return None
+    if not isinstance(history, Mapping):
+        raise TypeError(
+            f"jaxnan.locate got history={history!r}; pass a mapping of recent "
+            "values, oldest first: {'loss': [...], 'grad_norm': [...], "
+            "'param_norm': [...]}."
+        )
+    out = {}
+    for key, values in history.items():
+        try:
+            out[str(key)] = tuple(float(v) for v in np.ravel(np.asarray(values)))
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"jaxnan.locate got history[{key!r}]={values!r}; each entry must "
+                "be a sequence of numbers, oldest first."
+            ) from None
+    return out
+
+
 def locate(
-    fn: Callable, *, static_argnums: int | Sequence[int] = ()
+    fn: Callable,
+    *,
+    static_argnums: int | Sequence[int] = (),
+    history: Mapping[str, Sequence[float]] | None = None,
+    check_compiled: bool = True,
 ) -> Callable[..., Diagnosis]:
     """Names the operation that created the first NaN/Inf of ``fn(*args)``.
 
@@ -366,19 +224,32 @@ def locate(
     propagate it. Nonfinite arguments are the root cause instead (phase
     ``"input"``, with the leaf paths, named after `fn`'s parameters).
 
-    The phase is decided by data flow, not by the name stack alone (under
-    ``value_and_grad`` the primal equations also carry ``jvp``):
+    The phase is what the user observes, decided by data flow (under
+    ``value_and_grad`` the primal equations also carry ``jvp``, and
+    derivative terms such as ``0.5 / sqrt(x)`` are computed during the
+    forward sweep). Primal outputs are the outputs that do not depend on a
+    transposed equation (the loss and aux values):
 
-    - ``"backward"``: a transposed equation (``transpose`` in the name
-      stack), or a differentiated equation (``jvp``) that no primal output
-      depends on, such as the ``0.5 / sqrt(x)`` computed during the forward
-      sweep. Primal outputs are the outputs that do not depend on a
-      transposed equation (the loss and aux values).
-    - ``"update"``: an equation outside differentiation that consumes the
-      gradients, or that comes after them and feeds no primal output (the
-      optimizer and ``apply_updates`` in a train step returning
+    - ``"forward"``: a primal output (the loss) is nonfinite. The event
+      reported is the first one that output depends on, not a derivative
+      residual computed beside it.
+    - ``"backward"``: the primal outputs are finite and a gradient (or what
+      is computed from it) is not; the event is the first one in the cone of
+      the bad outputs, and the line is the forward line whose derivative
+      failed.
+    - ``"update"``: the loss and the gradients are finite and the update or
+      the new state is not (the optimizer in a train step returning
       ``(params, opt_state, loss)``).
-    - ``"forward"``: everything else (a plain loss is all forward).
+    - ``"input"``: NaN arrives in the arguments (an argument holding only
+      ``-inf``, such as an attention bias, is not an event by itself).
+
+    Equations inside `scan`, `while`, `cond` and `custom_vjp` bodies are
+    judged the same way. When the event makes only infinities and a NaN
+    appears later (``exp`` overflows, then ``0 * inf``), ``nan_event`` names
+    the equation that made the NaN. A float16/bfloat16 event is classified
+    ``precision`` when the step re-evaluated with those values computed in
+    float32 is finite, or when its line holds a constant the dtype cannot
+    hold (``eps=1e-12`` is 0 in float16, ``-1e10`` is -inf).
 
     Higher-order primitives are evaluated with instrumented bodies: `jit`,
     `custom_jvp` and `custom_vjp` (the primal body), `checkpoint`, `cond`
@@ -386,21 +257,40 @@ def locate(
     iteration of the event), and `shard_map` (with the device). Sharded
     `jit` works unchanged. Integer and boolean values are not checked.
 
-    Cost: one compile and run of the instrumented program, and one of a
-    capture program when an event is found (both about the size of the
-    plain program).
+    The replay follows JAX semantics equation by equation; XLA may compile
+    the same step differently (``x * mask`` into a select that hides a NaN).
+    With ``check_compiled`` the compiled function is run too, and
+    ``compiled_outputs`` (and the report) say when its outputs differ.
+
+    Cost: one compile and run of the instrumented program, one of a capture
+    program when an event is found (both about the size of the plain
+    program), one plain compile and run with ``check_compiled``, and one
+    more detect pass when the first event lies outside what went bad, when
+    a NaN follows an Inf event, or a float32 re-evaluation of a
+    float16/bfloat16 step.
 
     Args:
         fn: the function to diagnose.
         static_argnums: positions of arguments that are not arrays (passed
             to the trace as Python values).
+        history: the recent history of the run, oldest first, as kept by the
+            guard: ``{"loss": [...], "grad_norm": [...], "param_norm":
+            [...]}`` (any subset). An overflow after the parameter norm grew
+            tenfold or more over these steps is classified
+            ``learning_rate``, and after the gradient norm alone grew a
+            hundredfold ``exploding_gradient``, with the figures.
+        check_compiled: also run the compiled function and report when its
+            outputs differ from the replay's.
 
     Returns:
         A function taking `fn`'s arguments and returning a `Diagnosis`.
 
     Raises:
-        TypeError: when `fn` is not callable or `static_argnums` is not a
-            sequence of ints.
+        TypeError: when `fn` is not callable, `static_argnums` is not a
+            sequence of ints or `history` not a mapping of number sequences;
+            when the located function returns something that is not an
+            array, or the arguments are tracers (locate under `jax.vmap` or
+            `jax.jit`).
         NotImplementedError: when `fn` uses a higher-order primitive
             without a rule (see `jaxnan.register_rule`).
 
@@ -432,13 +322,132 @@ def locate(
             f"jaxnan.locate got static_argnums={static_argnums!r}; pass an int "
             "or a tuple of ints (the positions of non-array arguments)."
         ) from None
+    hist = _history(history)
     name = checks.function_name(fn)
+    opts = _Options(static, hist, bool(check_compiled))
 
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Diagnosis:
-        return _locate(fn, name, static, args, kwargs)
+        return _locate(fn, name, opts, args, kwargs)
 
     return run
+
+
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    static: tuple[int, ...]
+    history: dict[str, tuple[float, ...]] | None
+    check_compiled: bool
+
+
+class _Run:
+    """One traced function, its arguments, and the passes run over it."""
+
+    def __init__(self, fn, name, static, args, kwargs):
+        _reject_tracers(name, args, kwargs)
+        static = tuple(i % len(args) for i in static if -len(args) <= i < len(args))
+        dyn = [i for i in range(len(args)) if i not in static]
+        names = base.argument_names(fn, len(args))
+        self.in_paths: list[str] = []
+        for i in dyn:
+            self.in_paths += [p for p, _ in tree.paths_and_leaves(args[i], names[i])]
+        for k in sorted(kwargs):
+            self.in_paths += [p for p, _ in tree.paths_and_leaves(kwargs[k], k)]
+        self.dyn_tree = ([args[i] for i in dyn], kwargs)
+        every, treedef = jax.tree_util.tree_flatten(self.dyn_tree)
+        # Arrays are traced; other leaves (the functions, `custom_jvp`s and float
+        # constants an Equinox module holds) are closed over, as static values.
+        traced = [i for i, x in enumerate(every) if _is_array_leaf(x)]
+        leaves = [every[i] for i in traced]
+        if len(self.in_paths) == len(every):
+            self.in_paths = [self.in_paths[i] for i in traced]
+        else:
+            self.in_paths = []
+
+        def flat_fn(*flat):
+            full_leaves = list(every)
+            for i, x in zip(traced, flat):
+                full_leaves[i] = x
+            dargs, kw = jax.tree_util.tree_unflatten(treedef, full_leaves)
+            full = list(args)
+            for i, a in zip(dyn, dargs):
+                full[i] = a
+            out = fn(*full, **kw)
+            _check_output(name, out)
+            return out
+
+        self.flat_fn = flat_fn
+        self.leaves = leaves
+        self.closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*leaves)
+        self.out_paths = [p for p, _ in tree.paths_and_leaves(out_shape, "output")]
+        self.depth = primitives.loop_depth(self.closed.jaxpr)
+        self.consts = list(self.closed.consts)
+
+    def detect(
+        self, allow=None, min_code=records.CODE_INF
+    ) -> tuple[blocks.Detection, np.ndarray, np.ndarray]:
+        """The first event (restricted by `allow` and `min_code`) and counts.
+
+        The plain pass runs block by block (`blocks.detect`: each distinct
+        block compiled once). A restricted pass (the cone of the bad outputs,
+        NaN events only) is rare and runs as one instrumented program, since
+        its restriction names nodes of the whole program; both give the same
+        node table.
+        """
+        if allow is None and min_code == records.CODE_INF:
+            det = blocks.detect(self.closed, self.consts, self.leaves)
+        else:
+            det = self._detect_whole(records.Detect(allow, min_code))
+        return det, _counts(self.leaves), _counts(det.outs)
+
+    def _detect_whole(self, strategy: records.Detect) -> blocks.Detection:
+        interp = interpreter.Interpreter(strategy, self.depth)
+        closed = self.closed
+
+        def detect(consts, flat):
+            return interpreter.run(interp, closed, consts, flat)
+
+        rec, outs = jax.device_get(jax.jit(detect)(self.consts, self.leaves))
+        return blocks.Detection(
+            int(rec.index),
+            np.asarray(rec.iteration),
+            int(rec.device),
+            interp.nodes,
+            interp.out_producers,
+            list(outs),
+            depth=self.depth,
+        )
+
+    def capture(self, det: blocks.Detection, node, iteration, device_pos):
+        """The event's concrete inputs, outputs, and the device of its element.
+
+        The event's block is re-run when `det` is block-wise; otherwise the
+        whole program runs in capture mode.
+        """
+        if det.event_block is not None:
+            got = blocks.capture_event(det, node, iteration, device_pos)
+            return got.inputs, got.outputs, got.device
+        target = interpreter.Target(node.index, iteration, device_pos)
+        interp = interpreter.Interpreter("capture", self.depth, target)
+        interp.target_node = node
+        closed = self.closed
+
+        def capture(consts, flat):
+            state, _ = interpreter.run(interp, closed, consts, flat)
+            return state
+
+        values = jax.device_get(jax.jit(capture)(self.consts, self.leaves))
+        values = [np.asarray(v) for v in values]
+        n_in = len(node.in_avals)
+        return values[:n_in], values[n_in:], None
+
+    def compiled_counts(self) -> dict[str, tuple[int, int, int]] | None:
+        try:
+            outs = jax.jit(self.flat_fn)(*self.leaves)
+        except Exception:  # noqa: BLE001 - e.g. a primitive with a rule, no lowering
+            return None
+        counts = jax.device_get(tree.counts_matrix(jax.tree_util.tree_leaves(outs)))
+        return _rows(counts, self.out_paths)
 
 
 def _is_array_leaf(x: Any) -> bool:
@@ -447,142 +456,136 @@ def _is_array_leaf(x: Any) -> bool:
     A Python float that is ±inf is a constant of the model (the ``-inf``
     initial value of `eqx.nn.MaxPool2d`), not data: it stays static.
     """
-    if isinstance(x, (jax.Array, np.ndarray, np.generic)):
+    if isinstance(x, jax.Array | np.ndarray | np.generic | bool | int):
         return True
-    if isinstance(x, (bool, int)):
-        return True
-    if isinstance(x, (float, complex)):
+    if isinstance(x, float | complex):
         return not np.isinf(x)
     return False
 
 
-def _locate(fn, name, static, args, kwargs) -> Diagnosis:
-    static = tuple(i % len(args) for i in static if -len(args) <= i < len(args))
-    dyn = [i for i in range(len(args)) if i not in static]
-    names = base.argument_names(fn, len(args))
-    in_paths: list[str] = []
-    for i in dyn:
-        in_paths += [p for p, _ in tree.paths_and_leaves(args[i], names[i])]
-    for k in sorted(kwargs):
-        in_paths += [p for p, _ in tree.paths_and_leaves(kwargs[k], k)]
-    every, treedef = jax.tree_util.tree_flatten(([args[i] for i in dyn], kwargs))
-    # Arrays are traced; other leaves (the functions, `custom_jvp`s and float
-    # constants an Equinox module holds) are closed over, as static values.
-    traced = [i for i, x in enumerate(every) if _is_array_leaf(x)]
-    leaves = [every[i] for i in traced]
-    in_paths = [in_paths[i] for i in traced] if len(in_paths) == len(every) else []
+def _reject_tracers(name, args, kwargs):
+    for leaf in jax.tree_util.tree_leaves((args, kwargs)):
+        if isinstance(leaf, jax.core.Tracer):
+            raise TypeError(
+                f"jaxnan.locate(`{name}`) got a traced argument "
+                f"({type(leaf).__name__}): locate runs on concrete values and "
+                "cannot itself be transformed by jax.vmap, jax.jit or jax.grad. "
+                "Call jaxnan.locate(fn)(*args) outside any transformation (on "
+                "one example, or on the whole batch with fn = jax.vmap(f))."
+            )
 
-    def flat_fn(*flat):
-        full_leaves = list(every)
-        for i, x in zip(traced, flat):
-            full_leaves[i] = x
-        dargs, kw = jax.tree_util.tree_unflatten(treedef, full_leaves)
-        full = list(args)
-        for i, a in zip(dyn, dargs):
-            full[i] = a
-        return fn(*full, **kw)
 
-    closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*leaves)
-    out_paths = [p for p, _ in tree.paths_and_leaves(out_shape, "output")]
-    consts = list(closed.consts)
-    det = blocks.detect(closed, consts, leaves)
-    in_counts, out_counts = _counts(leaves), _counts(det.outs)
-    nonfinite_inputs = _rows(in_counts, in_paths)
-    nonfinite_outputs = _rows(out_counts, out_paths)
+def _check_output(name, out):
+    for leaf in jax.tree_util.tree_leaves(out):
+        if not (isinstance(leaf, jax.Array | np.ndarray | np.generic | int | float)):
+            raise TypeError(
+                f"jaxnan.locate(`{name}`): the function returned a "
+                f"{type(leaf).__name__} ({leaf!r:.60}) among its outputs; locate "
+                "needs a function whose outputs are arrays (a loss, gradients, "
+                "a new train state)."
+            )
+
+
+def _locate(fn, name, opts: _Options, args, kwargs) -> Diagnosis:
+    run = _Run(fn, name, opts.static, args, kwargs)
+    det, in_counts, out_counts = run.detect()
+    nonfinite_inputs = _rows(in_counts, run.in_paths)
+    nonfinite_outputs = _rows(out_counts, run.out_paths)
+    compiled = None
+    if opts.check_compiled and det.nodes:
+        got = run.compiled_counts()
+        compiled = got if got is not None and got != nonfinite_outputs else None
+    common = dict(
+        nonfinite_inputs=nonfinite_inputs,
+        nonfinite_outputs=nonfinite_outputs,
+        fn_name=name,
+        compiled_outputs=compiled,
+    )
+    if any(c[0] for c in nonfinite_inputs.values()):  # NaN arrived: the root
+        return _input_diagnosis(run, common)
+    flow = Flow(det.nodes, det.out_producers)
+    bad = [i for i, p in enumerate(run.out_paths) if p in nonfinite_outputs]
+    cone, bad_primal = flow.observed(bad)
     index = det.index
-
-    if nonfinite_inputs:
-        from jaxnan._src import causes
-
-        cause, fix = causes.classify_inputs(nonfinite_inputs)
-        return Diagnosis(
-            found=True,
-            phase="input",
-            cause=cause,
-            fix=fix,
-            nonfinite_inputs=nonfinite_inputs,
-            nonfinite_outputs=nonfinite_outputs,
-            fn_name=name,
-        )
+    if index >= 0 and cone is not None and det.nodes[index].unit not in cone:
+        det, _, _ = run.detect(allow=lambda n: n.unit in cone)
+        index = det.index
     if index < 0:
-        return Diagnosis(
-            found=bool(nonfinite_outputs),
-            nonfinite_outputs=nonfinite_outputs,
-            fn_name=name,
-        )
-
+        if nonfinite_inputs:
+            return _input_diagnosis(run, common)
+        return Diagnosis(found=bool(nonfinite_outputs), **common)
     node = det.nodes[index]
-    iteration = tuple(int(i) for i in det.iteration[: node.loop_depth])
-    device_pos = det.device
-    device = None
-    if node.shard is not None and device_pos >= 0:
-        mesh, axes = node.shard
-        device = device_pos
-        if tuple(axes) == tuple(mesh.axis_names):
-            device = int(mesh.devices.flat[device_pos].id)
-    phase = phases(det.nodes, det.out_producers)(node)
+    phase = flow.phase(node, bad_primal, bool(bad))
+    return _event_diagnosis(run, opts, det, node, phase, cone, common)
 
-    captured = blocks.capture_event(det, node, iteration, device_pos)
-    inputs, outputs = captured.inputs, captured.outputs
-    if device is None:  # a sharded jit: the device holding the element
-        device = captured.device
+
+def _device(node: interpreter.Node, device_pos: int) -> int | None:
+    if node.shard is None or device_pos < 0:
+        return None
+    mesh, axes = node.shard
+    if tuple(axes) == tuple(mesh.axis_names):
+        return int(mesh.devices.flat[device_pos].id)
+    return device_pos
+
+
+def _event_diagnosis(run, opts, det, node, phase, cone, common) -> Diagnosis:
+    iteration = tuple(int(i) for i in np.asarray(det.iteration)[: node.loop_depth])
+    device_pos = det.device
+    inputs, outputs, element_device = run.capture(det, node, iteration, device_pos)
+    device = _device(node, device_pos)
+    if device is None:  # a sharded jit: the device holding the first element
+        device = element_device
     eqn = node.eqn
-    frame, api = node_frame(node)
-    api = _user_function(node, det.nodes, api)
-    file = line = function = code = None
-    if frame is not None:
-        file, line = frame.file_name, frame.line_num
-        function = frame.function_name
-        code = linecache.getline(file, line).strip() or None
+    where = _frame_dict(eqn, node.callers)
+    _, api = frames.node_frame(node)
+    api = frames.user_function(node, det.nodes, api)
     dtype = next(
         (str(a.dtype) for a in node.out_avals if base.is_inexact_dtype(a.dtype)), None
     )
-    cause = fix = seen = None
-    try:
-        from jaxnan._src import causes
-
-        event = causes.Event(eqn, eqn.primitive.name, phase, inputs, outputs, api)
-        cause, fix, seen = causes.classify(event)
-    except ImportError:  # pragma: no cover - causes.py is part of the package
-        pass
+    created = _host_counts(outputs)
+    event = causes.Event(eqn, eqn.primitive.name, phase, inputs, outputs, api)
+    event.history = opts.history
+    if phase != Phase.UPDATE:
+        event.lost_constant = precision.lost_constant(
+            where["file"], where["line"], dtype, inputs
+        )
+        if not event.lost_constant and dtype in causes.LOW_PRECISION:
+            event.finite_in_float32 = _finite_in_float32(run, eqn, inputs)
+    found = cause_rules.classify(event)
+    nan_event = None
+    if not created[0] and any(c[0] for c in common["nonfinite_outputs"].values()):
+        nan_event = _nan_event(run, cone)
     return Diagnosis(
         found=True,
         primitive=eqn.primitive.name,
-        file=file,
-        line=line,
-        function=function,
-        code=code,
+        file=where["file"],
+        line=where["line"],
+        function=where.get("function"),
+        code=where.get("code"),
         phase=phase,
-        cause=cause,
-        fix=fix,
-        inputs_seen=seen,
-        nonfinite_inputs=nonfinite_inputs,
-        nonfinite_outputs=nonfinite_outputs,
+        cause=found.cause,
+        fix=found.fix,
+        inputs_seen=found.seen,
         iteration=iteration or None,
         device=device,
-        name_stack=node.name_stack,
+        name_stack=frames.clean_name_stack(node.name_stack),
         dtype=dtype,
         shapes={
             "inputs": [tuple(a.shape) for a in node.in_avals],
             "outputs": [tuple(a.shape) for a in node.out_avals],
         },
+        signature=_signature(node),
         user_function=api,
-        fn_name=name,
-        created=_host_counts(outputs),
-        layer_stats=_layer_text(closed, leaves, ([args[i] for i in dyn], kwargs), eqn),
+        created=created,
+        nan_event=nan_event,
+        layer_stats=_layer_text(run, eqn),
+        **common,
     )
 
 
 @jax.jit
 def _leaf_counts(x: Any) -> jax.Array:
     return tree.counts_matrix([x])[0]
-
-
-def _layer_text(closed, leaves, dyn_tree, eqn) -> str | None:
-    try:
-        return locate_text.layer_text(closed, leaves, dyn_tree, eqn)
-    except Exception as e:  # the statistics must never hide the diagnosis
-        return f"layer statistics unavailable ({type(e).__name__}: {e})"
 
 
 def _dtype(v: Any) -> Any:
@@ -596,3 +599,107 @@ def _counts(values: Sequence[Any]) -> np.ndarray:
         for v in values
     ]
     return np.array([np.asarray(r) for r in rows], np.int64).reshape(-1, 3)
+
+
+def _layer_text(run: _Run, eqn: Any) -> str | None:
+    try:
+        return locate_text.layer_text(run.closed, run.leaves, run.dyn_tree, eqn)
+    except Exception as e:  # noqa: BLE001 - statistics never hide the diagnosis
+        return f"layer statistics unavailable ({type(e).__name__}: {e})"
+
+
+def _finite_in_float32(run: _Run, eqn: Any, inputs: Sequence[np.ndarray]):
+    whole = precision.finite_in_float32(run.closed, run.consts, run.leaves)
+    if whole is None:
+        return precision.equation_finite_in_float32(eqn, inputs)
+    return whole
+
+
+def _signature(node: interpreter.Node) -> str:
+    def short(avals):
+        # f32[8,1]; the varying-axes annotation of shard_map ({V:data}) dropped
+        return ", ".join(
+            re.sub(r"\{[^}]*\}", "", a.str_short(short_dtypes=True)) for a in avals
+        )
+
+    return f"({short(node.in_avals)}) -> {short(node.out_avals)}"
+
+
+def _frame_dict(eqn: Any, callers: Sequence[Any] = ()) -> dict[str, Any]:
+    frame, _ = frames.user_frame(eqn.source_info)
+    for caller in reversed(tuple(callers)):
+        if frame is not None:
+            break
+        frame, _ = frames.user_frame(caller.source_info)
+    if frame is None:
+        return {"primitive": eqn.primitive.name, "file": None, "line": None}
+    return {
+        "primitive": eqn.primitive.name,
+        "file": frame.file_name,
+        "line": frame.line_num,
+        "function": frame.function_name,
+        "code": linecache.getline(frame.file_name, frame.line_num).strip() or None,
+    }
+
+
+def _nan_event(run: _Run, cone: set[int] | None) -> dict[str, Any] | None:
+    """The first NaN-creating equation, when the first event made only Inf."""
+    allow = None if cone is None else (lambda n: n.unit in cone)
+    det, _, _ = run.detect(allow=allow, min_code=records.CODE_NAN)
+    index = det.index
+    if index < 0:
+        return None
+    node = det.nodes[index]
+    return _frame_dict(node.eqn, node.callers)
+
+
+def _input_diagnosis(run: _Run, common: dict) -> Diagnosis:
+    nonfinite = common["nonfinite_inputs"]
+    found = causes.classify_inputs(nonfinite)
+    elements, consumed = {}, {}
+    for k, path in enumerate(run.in_paths):
+        if path not in nonfinite:
+            continue
+        a = np.asarray(run.leaves[k])
+        if base.is_inexact_dtype(a.dtype):
+            idx = np.argwhere(~np.isfinite(a.astype(np.complex128)))[:3]
+            elements[path] = [tuple(int(i) for i in row) for row in idx]
+        hit = _first_consumer(run.closed.jaxpr, run.closed.jaxpr.invars[k])
+        if hit is not None:
+            consumed[path] = _frame_dict(*hit)
+    return Diagnosis(
+        found=True,
+        phase=Phase.INPUT,
+        cause=found.cause,
+        fix=found.fix,
+        inputs_seen=found.seen,
+        input_elements=elements,
+        consumed_by=consumed,
+        **common,
+    )
+
+
+def _first_consumer(jaxpr: Any, var: Any, callers: tuple = ()):
+    """(equation, callers) of the first equation computing with `var`."""
+    for eqn in jaxpr.eqns:
+        pos = [
+            i
+            for i, v in enumerate(eqn.invars)
+            if not isinstance(v, jex_core.Literal) and v is var
+        ]
+        if not pos:
+            continue
+        name = eqn.primitive.name
+        subs = primitives.sub_jaxprs(eqn, strict=False)
+        if len(subs) == 1 and subs[0].role == primitives.Role.CALL:
+            inner = subs[0].jaxpr
+            if len(inner.invars) == len(eqn.invars):
+                hit = _first_consumer(inner, inner.invars[pos[0]], (*callers, eqn))
+                if hit is not None:
+                    return hit
+        if name in primitives.REARRANGING and len(eqn.outvars) == 1:
+            hit = _first_consumer(jaxpr, eqn.outvars[0], callers)
+            if hit is not None:
+                return hit
+        return eqn, callers
+    return None

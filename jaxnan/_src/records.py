@@ -165,7 +165,18 @@ def host_code(x: Any) -> int:
 
 
 class Detect:
-    """Strategy of the first pass: thread a `Record` of the first event."""
+    """Strategy of the first pass: thread a `Record` of the first event.
+
+    Attributes:
+        allow: which nodes may hold the event (None: all); `jaxnan.locate`
+            restricts a second pass to the cone of the bad outputs.
+        min_code: the smallest code an event must create (`CODE_NAN`: NaN
+            events only, for the NaN that follows an Inf).
+    """
+
+    def __init__(self, allow: Any = None, min_code: int = CODE_INF):
+        self.allow = allow
+        self.min_code = min_code
 
     def initial_state(self, interp: Any) -> Record:
         """The record before any equation ran."""
@@ -177,10 +188,15 @@ class Detect:
         static_in = [c for c in in_codes if isinstance(c, int)]
         if static_in and max(static_in) >= CODE_NAN:
             return  # a NaN literal came in: nothing can be created here
+        if self.allow is not None and not self.allow(node):
+            return
         out_codes = [c.get() for c in cells if c is not None]
         cout = functools.reduce(jnp.maximum, out_codes)
         cin = functools.reduce(jnp.maximum, in_codes) if in_codes else 0
-        ctx.pending.append((cout > cin, node.index))
+        created = cout > cin
+        if self.min_code > CODE_INF:
+            created = created & (cout >= self.min_code)
+        ctx.pending.append((created, node.index))
 
     def flush(self, ctx: Any) -> None:
         """Folds the pending created flags of `ctx` into its record."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -48,6 +49,147 @@ def leaf_lines(
 ) -> str:
     """One line per nonfinite leaf: `path: counts`."""
     return "\n".join(f"{indent}{path}: {describe_counts(*c)}" for path, c in rows)
+
+
+DETAILS_KEYS: tuple[str, ...] = (
+    "found",
+    "primitive",
+    "file",
+    "line",
+    "function",
+    "code",
+    "phase",
+    "cause",
+    "fix",
+    "inputs_seen",
+    "nonfinite_inputs",
+    "nonfinite_outputs",
+    "iteration",
+    "device",
+    "name_stack",
+    "dtype",
+    "shapes",
+    "signature",
+    "user_function",
+    "fn_name",
+    "created",
+    "nan_event",
+    "input_elements",
+    "consumed_by",
+    "compiled_outputs",
+    "layer_stats",
+)
+"""The keys of a diagnosis as plain values (`jaxnan.Diagnosis.to_dict`), the
+schema of `NonFiniteError.details` when an error carries a diagnosis: phase
+and cause are strings from `jaxnan`'s vocabulary, counts are ``[nan, +inf,
+-inf]`` lists, indices and shapes are lists of ints."""
+
+
+def plain(value: Any) -> Any:
+    """Enums to their string values, tuples to lists, recursively."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    return value
+
+
+def _event_lines(d: Any, name: str) -> list[str]:
+    what = describe_counts(*d.created) if d.created else ""
+    what = f" ({what})" if what else ""
+    lines = [
+        f"jaxnan: `{d.primitive}` created the first nonfinite value{what} in "
+        f"the {d.phase} pass of {name}."
+    ]
+    where = d.where or "an unknown line"
+    if d.phase == "backward":
+        target = f"`{d.user_function}`" if d.user_function else "the op"
+        lines.append(f"  where:   gradient of {target} at {where}")
+    else:
+        via = f" (`{d.user_function}`)" if d.user_function else ""
+        lines.append(f"  where:   {where}{via}")
+    if d.function:
+        code = f": {d.code}" if d.code else ""
+        lines.append(f"           in {d.function}{code}")
+    lines.append(f"  phase:   {d.phase}")
+    if d.nan_event:
+        e = d.nan_event
+        code = f": {e['code']}" if e.get("code") else ""
+        lines.append(
+            f"  then:    `{e['primitive']}` made the first NaN at "
+            f"{e['file']}:{e['line']}{code}"
+        )
+    if d.iteration:
+        lines.append(f"  iteration: {d.iteration}")
+    if d.device is not None:
+        lines.append(f"  device:  {d.device}")
+    if d.signature:
+        lines.append(f"  types:   {d.signature}")
+    if d.name_stack:
+        lines.append(f"  name stack: {d.name_stack}")
+    if d.inputs_seen:
+        lines.append(f"  inputs:  {d.inputs_seen}")
+    if getattr(d, "layer_stats", None):
+        lines += [f"  {t}" for t in d.layer_stats.splitlines()]
+    return lines
+
+
+def _input_lines(d: Any, name: str) -> list[str]:
+    lines = [f"jaxnan: nonfinite values were already in the arguments of {name}:"]
+    for path, counts in sorted(d.nonfinite_inputs.items()):
+        text = f"  {path}: {describe_counts(*counts)}"
+        elements = d.input_elements.get(path)
+        if elements:
+            text += " at " + ", ".join(str(tuple(e)) for e in elements[:3])
+            if sum(counts) > len(elements[:3]):
+                text += ", ..."
+        lines.append(text)
+        used = d.consumed_by.get(path)
+        if used:
+            code = f": {used['code']}" if used.get("code") else ""
+            lines.append(
+                f"      first used by `{used['primitive']}` at "
+                f"{used['file']}:{used['line']}{code}"
+            )
+    return lines
+
+
+def render(d: Any) -> str:
+    """The text of a `jaxnan.Diagnosis` (its ``str``)."""
+    name = f"`{d.fn_name}`" if d.fn_name else "the function"
+    if not d.found:
+        return (
+            f"jaxnan: all finite: no NaN or Inf in the arguments, the "
+            f"intermediate values or the outputs of {name}."
+        )
+    lines = _input_lines(d, name) if d.phase == "input" else _event_lines(d, name)
+    if d.cause:
+        lines.append(f"  cause:   {d.cause}")
+    if d.fix:
+        lines.append(f"  fix:     {d.fix}")
+    if d.nonfinite_outputs:
+        lines.append("  nonfinite outputs:")
+        lines.append(leaf_lines(sorted(d.nonfinite_outputs.items()), "    "))
+    elif d.phase != "input":
+        lines.append(
+            "  the outputs are finite: the value was masked or absorbed later."
+        )
+    if d.compiled_outputs is not None:
+        compiled = (
+            ", ".join(
+                f"{p} {describe_counts(*c)}"
+                for p, c in sorted(d.compiled_outputs.items())
+            )
+            or "all finite"
+        )
+        lines.append(
+            "  program: this replay follows JAX semantics equation by equation; "
+            f"the compiled function gave different outputs ({compiled}): XLA "
+            "rewrote part of the step (e.g. x * mask into a select)."
+        )
+    return "\n".join(lines)
 
 
 NonFiniteError.__module__ = "jaxnan"

@@ -156,15 +156,26 @@ def _while_rule(
     def cond(carry: tuple) -> Any:
         return cond_fun(*cconsts, *carry[2])[0]
 
+    def checked_cond(state: Any, i: Any, c: tuple) -> Any:
+        # The predicate is evaluated once more, instrumented, so that a value
+        # created in the condition function is found (iteration i: before
+        # the body's step i).
+        sub = ctx.child(state, iters=(*ctx.iters, i))
+        sub.eval_jaxpr(cond_jaxpr.jaxpr, cond_jaxpr.consts, (*cconsts, *c))
+        sub.flush()
+        return sub.state
+
     def body(carry: tuple) -> tuple:
         i, state, c = carry
         sub = ctx.child(state, iters=(*ctx.iters, i))
         outs = sub.eval_jaxpr(body_jaxpr.jaxpr, body_jaxpr.consts, (*bconsts, *c))
         sub.flush()
-        return i + 1, sub.state, tuple(outs)
+        state = checked_cond(sub.state, i + 1, tuple(outs))
+        return i + 1, state, tuple(outs)
 
+    state = checked_cond(ctx.state, jnp.zeros((), jnp.int32), init)
     _, state, carry = lax.while_loop(
-        cond, body, (jnp.zeros((), jnp.int32), ctx.state, init)
+        cond, body, (jnp.zeros((), jnp.int32), state, init)
     )
     ctx.state = state
     return ctx, list(carry)
