@@ -158,10 +158,6 @@ class Interpreter:
         self.target_node: Node | None = None
         self.nodes: list[Node] = []
         self.out_producers: tuple[int, ...] = ()
-        # Detect mode only: which nodes may hold the event (None: all), and
-        # the smallest code an event must create (CODE_NAN: NaN events only).
-        self.allow: Any = None
-        self.min_code: int = CODE_INF
 
     @property
     def mode(self) -> str:
