@@ -430,3 +430,19 @@ def argument_names(fn: Callable, nargs: int) -> list[str]:
         else:
             names.append(f"args[{i}]")
     return names
+
+
+def varying_axes(aval: Any) -> frozenset:
+    """The mesh axes a value varies over inside `shard_map` (empty outside)."""
+    mat = getattr(aval, "mat", None) or getattr(aval, "manual_axis_type", None)
+    if mat is None:
+        return frozenset(getattr(aval, "vma", ()) or ())
+    return frozenset(getattr(mat, "varying", ()) or ())
+
+
+def make_varying(x: Any, axes: Any) -> Any:
+    """`x`, marked as varying over `axes` inside `shard_map` (a no-op outside)."""
+    missing = frozenset(axes) - varying_axes(jax.typeof(x))
+    if not missing:
+        return x
+    return lax.pcast(x, tuple(sorted(missing)), to="varying")

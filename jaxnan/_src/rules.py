@@ -24,7 +24,7 @@ from jax.extend import source_info_util
 from jax.extend.core import primitives as prims
 from jax.sharding import PartitionSpec
 
-from jaxnan._src import compat
+from jaxnan._src import base, compat
 from jaxnan._src.interpreter import RULES, Ctx, Rule, register_rule
 
 source_info_util.register_exclusion(__file__)
@@ -213,7 +213,7 @@ def _shard_map_rule(
         sub.flush()
         st = sub.state
         if check_vma:  # the per-device state leaves as varying values
-            st = jax.tree_util.tree_map(lambda s: _varying(s, axes), st)
+            st = jax.tree_util.tree_map(lambda s: base.make_varying(s, axes), st)
         stacked = jax.tree_util.tree_map(lambda s: s[None], st)
         return stacked, tuple(outs)
 
@@ -228,13 +228,3 @@ def _shard_map_rule(
     stacked, outs = mapped(ctx.state, tuple(ctx.iters), *args)
     ctx.merge_devices(stacked, ndev)
     return ctx, list(outs)
-
-
-def _varying(x: Any, axes: tuple) -> Any:
-    """`x` marked varying over `axes` (a no-op for the axes it varies over)."""
-    t = jax.typeof(x)
-    vma = getattr(getattr(t, "mat", None), "varying", None)  # jax >= 0.9
-    if vma is None:
-        vma = getattr(t, "vma", frozenset())
-    missing = tuple(a for a in axes if a not in vma)
-    return lax.pcast(x, missing, to="varying") if missing else x

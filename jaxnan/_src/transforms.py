@@ -8,9 +8,6 @@ and clipping by `where`-selects (never a multiply by a 0/1 mask, since
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import jax
@@ -19,49 +16,9 @@ import optax
 from jax import lax
 from jax.extend import source_info_util
 
-from jaxnan._src import base, tree
+from jaxnan._src import base, tree, update_tap
 
 source_info_util.register_exclusion(__file__)
-
-
-# Trace-time tap through which `jaxnan.guard` talks to the `skip_nonfinite`
-# updates traced inside its step (None outside a guard). Unset,
-# `skip_nonfinite` compiles exactly as before.
-class UpdateTap(NamedTuple):
-    """What `jaxnan.guard` hands to, and collects from, `skip_nonfinite`.
-
-    Attributes:
-        hold: traced bool scalar: when true, skip the update without
-            counting it as nonfinite (the guard holds this step).
-        records: ``(norm, params, updates)`` appended by each update: the
-            global norm of the incoming updates, its `params` argument (None
-            if absent) and the updates it returns.
-    """
-
-    hold: Any
-    records: list
-
-
-_UPDATE_TAP: contextvars.ContextVar[UpdateTap | None] = contextvars.ContextVar(
-    "jaxnan_update_tap", default=None
-)
-
-
-@contextlib.contextmanager
-def collect_updates(hold: Any) -> Iterator[list]:
-    """Inside the block, `skip_nonfinite` updates report to the guard.
-
-    Each update computes its finiteness from the float32 sum of squares (one
-    pass, as with a leading clip), appends ``(norm, params, updates)`` to the
-    yielded list, and skips the inner update when `hold` is true, leaving its
-    nonfinite counters as they are.
-    """
-    tap = UpdateTap(hold, [])
-    token = _UPDATE_TAP.set(tap)
-    try:
-        yield tap.records
-    finally:
-        _UPDATE_TAP.reset(token)
 
 
 def _int32_zero() -> jax.Array:
@@ -347,20 +304,6 @@ class SkipNonfiniteState(NamedTuple):
     inner_state: optax.OptState
 
 
-def _varying_axes(aval: Any) -> frozenset:
-    """The mesh axes a value varies over inside `shard_map` (empty outside)."""
-    mat = getattr(aval, "manual_axis_type", None)
-    return frozenset(getattr(mat, "varying", ()) or ())
-
-
-def _make_varying(x: jax.Array, axes: frozenset) -> jax.Array:
-    """`x`, marked as varying over `axes` inside `shard_map` (a no-op outside)."""
-    missing = axes - _varying_axes(jax.typeof(x))
-    if not missing:
-        return x
-    return lax.pcast(x, tuple(sorted(missing)), to="varying")
-
-
 def _leads_with_clip(inner_state: optax.OptState) -> bool:
     """Whether `inner` is `jaxnan.clip_by_global_norm` or a chain starting with it.
 
@@ -501,7 +444,7 @@ def guarded_update(
 
     out_types, inner_types = jax.eval_shape(apply)
     state_axes = jax.tree_util.tree_map(
-        lambda n, o: _varying_axes(n) | _varying_axes(jax.typeof(o)),
+        lambda n, o: base.varying_axes(n) | base.varying_axes(jax.typeof(o)),
         inner_types,
         inner_state,
     )
@@ -510,7 +453,7 @@ def guarded_update(
 
     def keep_types(new_inner):
         return jax.tree_util.tree_map(
-            lambda n, o, ax: _make_varying(
+            lambda n, o, ax: base.make_varying(
                 lax.convert_element_type(n, jnp.result_type(o)), ax
             ),
             new_inner,
@@ -534,14 +477,18 @@ def guarded_update(
     def skip():
         if passthrough:
             out = jax.tree_util.tree_map(
-                lambda u, t: _make_varying(u, _varying_axes(t)), updates, out_types
+                lambda u, t: base.make_varying(u, base.varying_axes(t)),
+                updates,
+                out_types,
             )
         else:
             out = jax.tree_util.tree_map(
-                lambda a: _make_varying(jnp.zeros(a.shape, a.dtype), _varying_axes(a)),
+                lambda a: base.make_varying(
+                    jnp.zeros(a.shape, a.dtype), base.varying_axes(a)
+                ),
                 out_types,
             )
-        kept = jax.tree_util.tree_map(_make_varying, inner_state, state_axes)
+        kept = jax.tree_util.tree_map(base.make_varying, inner_state, state_axes)
         if observed:
             kept = base.merge_observed(keep_types(apply()[1]), kept, lambda n, o: o)
         return out, kept
@@ -592,7 +539,7 @@ def _same_types(updates: optax.Updates, out_types: Any) -> bool:
     return all(
         jnp.shape(u) == o.shape
         and jnp.result_type(u) == o.dtype
-        and _varying_axes(jax.typeof(u)) <= _varying_axes(o)
+        and base.varying_axes(jax.typeof(u)) <= base.varying_axes(o)
         for u, o in zip(u_leaves, o_leaves)
     )
 
@@ -693,7 +640,7 @@ def skip_nonfinite(
         base.validate_state(state, SkipNonfiniteState, fn_name=name)
         updates = validate_guard_input(updates, params, extra_args, fn_name=name)
         incoming: list[Any] = []
-        tap = _UPDATE_TAP.get()
+        tap = update_tap.current()
         norm = None
         if tap is not None or _leads_with_clip(state.inner_state):
             norm, finite, extra_args = norm_for_inner(

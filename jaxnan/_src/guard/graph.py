@@ -19,7 +19,7 @@ batch, RNG) and back, so that one `jax.jit` compiles the whole step. Inside,
 
 The step dispatched right after a bad one (before the host has read the flag)
 is *held*: it takes the bad step's health vector as input, tells
-`skip_nonfinite` (through `transforms.collect_updates`) to skip without
+`skip_nonfinite` (through `update_tap.collect_updates`) to skip without
 counting, and selects every other written leaf back, so the state stays the
 bad step's input and the host can replay the bad step on exactly it.
 """
@@ -38,7 +38,7 @@ import numpy as np
 from jax import lax
 from jax.extend import source_info_util
 
-from jaxnan._src import base, transforms
+from jaxnan._src import base, transforms, update_tap
 
 source_info_util.register_exclusion(__file__)
 
@@ -439,7 +439,7 @@ def guarded_body(
                 "and leaves the optimizer's own skip in place."
             )
         old_totals = [first_leaf(s.nonfinite_total) for s in old_skip]
-        with transforms.collect_updates(hold) as tapped:
+        with update_tap.collect_updates(hold) as tapped:
             out = fn(*args)
         new_state, metrics = read_new_state(layout, args, out, fn_name)
         holders = [args[i] for i in layout.graph_args]

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -29,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import source_info_util
 
-from jaxnan._src import causes, checks
+from jaxnan._src import base, causes, checks
 from jaxnan._src.guard import examples, graph, history, records
 from jaxnan._src.locate import Diagnosis, locate
 from jaxnan._src.report import NonFiniteError
@@ -74,21 +73,6 @@ class _Pending:
 @functools.partial(jax.jit)
 def _copy(leaves: list) -> list:
     return [jnp.copy(x) for x in leaves]
-
-
-def _names(fn: Callable, n: int) -> list[str]:
-    try:
-        params = list(inspect.signature(fn).parameters.values())
-    except (TypeError, ValueError):
-        params = []
-    out = []
-    for i in range(n):
-        ok = i < len(params) and params[i].kind in (
-            inspect.Parameter.POSITIONAL_ONLY,
-            inspect.Parameter.POSITIONAL_OR_KEYWORD,
-        )
-        out.append(params[i].name if ok else f"args[{i}]")
-    return out
 
 
 class GuardedStep:
@@ -159,7 +143,7 @@ class GuardedStep:
             state_args = graph.infer_state_args(args, outs[0])
             out_len = len(outs[0]) if state_args else 0
         layout = graph.make_layout(args, state_args)
-        names = _names(self.fn, len(args))
+        names = base.argument_names(self.fn, len(args))
         paths = []
         for i in layout.input_args:
             flat, _ = jax.tree_util.tree_flatten_with_path(args[i])
@@ -332,23 +316,36 @@ class GuardedStep:
     def _incident(
         self, previous: _Pending, state: list, h: np.ndarray, last: bool = False
     ) -> records.Incident:
-        entry, step = previous.entry, previous.step
+        step = previous.step
         loss, gnorm = float(h[graph.LOSS]), float(h[graph.GRAD_NORM])
-        _, _, again = entry.compiled(self._zeros, _copy(state), previous.inputs)
+        _, _, again = previous.entry.compiled(
+            self._zeros, _copy(state), previous.inputs
+        )
         if not bool(np.asarray(again)[graph.BAD] > 0):
-            return records.Incident(
-                step=step,
-                action=records.Action.SKIPPED,
-                cause=records.Cause.NONDETERMINISTIC.value,
-                message=(
-                    f"jaxnan.guard: step {step} was nonfinite (loss {loss:.4g}) but "
-                    f"its replay was finite: nondeterministic. "
-                    f"{_FIXES['nondeterministic']}."
-                ),
-                loss=loss,
-                grad_norm=gnorm,
-                deterministic=False,
-            )
+            return self._nondeterministic(step, loss, gnorm)
+        repeat = self._repeat(step, loss, gnorm)
+        if repeat is not None:
+            return repeat
+        return self._diagnosed(previous, state, loss, gnorm)
+
+    def _nondeterministic(self, step: int, loss: float, gnorm: float):
+        """The incident of a bad step whose replay was finite."""
+        return records.Incident(
+            step=step,
+            action=records.Action.SKIPPED,
+            cause=records.Cause.NONDETERMINISTIC.value,
+            message=(
+                f"jaxnan.guard: step {step} was nonfinite (loss {loss:.4g}) but "
+                f"its replay was finite: nondeterministic. "
+                f"{_FIXES['nondeterministic']}."
+            ),
+            loss=loss,
+            grad_norm=gnorm,
+            deterministic=False,
+        )
+
+    def _repeat(self, step: int, loss: float, gnorm: float):
+        """The last diagnosis again, for a bad step within a window of it."""
         last_bad = next(
             (
                 i
@@ -357,23 +354,27 @@ class GuardedStep:
             ),
             None,
         )
-        if last_bad is not None and step - last_bad.step <= self.history.window:
-            # A repeat: the same diagnosis, without a second replay.
-            return dataclasses.replace(
-                last_bad,
-                step=step,
-                message=(
-                    f"jaxnan.guard: step {step} nonfinite again (loss {loss:.4g}"
-                    + (f", {self._streak} in a row" if self._streak > 1 else "")
-                    + f"): as at step {last_bad.step}, {last_bad.cause} at "
-                    f"{last_bad.where or 'the same place'}."
-                ),
-                rows=(),
-                leaf=None,
-                loss=loss,
-                grad_norm=gnorm,
-                restored_step=None,
-            )
+        if last_bad is None or step - last_bad.step > self.history.window:
+            return None
+        streak = f", {self._streak} in a row" if self._streak > 1 else ""
+        return dataclasses.replace(
+            last_bad,
+            step=step,
+            message=(
+                f"jaxnan.guard: step {step} nonfinite again (loss {loss:.4g}"
+                f"{streak}): as at step {last_bad.step}, {last_bad.cause} at "
+                f"{last_bad.where or 'the same place'}."
+            ),
+            rows=(),
+            leaf=None,
+            loss=loss,
+            grad_norm=gnorm,
+            restored_step=None,
+        )
+
+    def _diagnosed(self, previous: _Pending, state: list, loss: float, gnorm: float):
+        """The incident of a new bad step: replayed, its examples, its cause."""
+        entry, step = previous.entry, previous.step
         diagnosis, failure = self._diagnose(entry, state, previous.inputs)
         leaf, rows = self._rows(entry, state, previous.inputs, diagnosis)
         grown = self.history.recent(step)
@@ -421,13 +422,14 @@ class GuardedStep:
         """
         counts = examples.input_counts(inputs, entry.input_paths)
         if counts:
-            cause, fix = causes.classify_inputs(counts)
+            found = causes.classify_inputs(counts)
             return (
                 Diagnosis(
                     found=True,
-                    phase="input",
-                    cause=cause,
-                    fix=fix,
+                    phase=causes.Phase.INPUT,
+                    cause=found.cause,
+                    fix=found.fix,
+                    inputs_seen=found.seen,
                     nonfinite_inputs=counts,
                     fn_name=self.name,
                 ),

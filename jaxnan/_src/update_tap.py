@@ -1,0 +1,57 @@
+"""The trace-time tap through which `jaxnan.guard` talks to `skip_nonfinite`.
+
+While the guard traces a train step, each `skip_nonfinite` update traced
+inside it reads the tap: it computes its finiteness through the one-pass norm,
+records ``(norm, params, updates)`` for the guard, and skips without counting
+when the guard holds the step. Outside a guard the tap is None and
+`skip_nonfinite` compiles exactly as without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+
+class UpdateTap(NamedTuple):
+    """What `jaxnan.guard` hands to, and collects from, `skip_nonfinite`.
+
+    Attributes:
+        hold: traced bool scalar: when true, skip the update without
+            counting it as nonfinite (the guard holds this step).
+        records: ``(norm, params, updates)`` appended by each update: the
+            global norm of the incoming updates, its `params` argument (None
+            if absent) and the updates it returns.
+    """
+
+    hold: Any
+    records: list
+
+
+_TAP: contextvars.ContextVar[UpdateTap | None] = contextvars.ContextVar(
+    "jaxnan_update_tap", default=None
+)
+
+
+@contextlib.contextmanager
+def collect_updates(hold: Any) -> Iterator[list]:
+    """Inside the block, `skip_nonfinite` updates report to the guard.
+
+    Each update computes its finiteness from the float32 sum of squares (one
+    pass, as with a leading clip), appends ``(norm, params, updates)`` to the
+    yielded list, and skips the inner update when `hold` is true, leaving its
+    nonfinite counters as they are.
+    """
+    tap = UpdateTap(hold, [])
+    token = _TAP.set(tap)
+    try:
+        yield tap.records
+    finally:
+        _TAP.reset(token)
+
+
+def current() -> UpdateTap | None:
+    """The tap of the guard tracing the current step, or None."""
+    return _TAP.get()
