@@ -149,8 +149,7 @@ class Run:
             outs = jax.jit(self.flat_fn)(*self.leaves)
         except Exception:  # noqa: BLE001 - e.g. a primitive with a rule, no lowering
             return None
-        found = jax.device_get(tree.counts_matrix(jax.tree_util.tree_leaves(outs)))
-        return rows(found, self.out_paths)
+        return rows(counts(jax.tree_util.tree_leaves(outs)), self.out_paths)
 
 
 def is_array_leaf(x: Any) -> bool:
