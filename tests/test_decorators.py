@@ -615,3 +615,24 @@ def test_locate_sees_through_checked():
             )
         assert (d.primitive, d.line, d.phase) == ("log", line, "forward")
         assert d.cause == "unsafe_op"
+
+
+def test_forward_mode_through_checked_names_grads_false():
+    def loss(x):
+        return jnp.sum(jnp.sin(x))
+
+    x = jnp.ones(3)
+    f = jaxnan.checked(loss, on_nonfinite="warn")
+    for transform in (
+        lambda g: jax.jvp(g, (x,), (x,)),
+        lambda g: jax.jacfwd(g)(x),
+        lambda g: jax.hessian(g)(x),
+    ):
+        with pytest.raises(TypeError, match=re.escape("checked(loss, grads=False)")):
+            transform(f)
+    # reverse mode is unchanged, and grads=False works in forward mode
+    np.testing.assert_array_equal(jax.grad(f)(x), jax.grad(loss)(x))
+    g = jaxnan.checked(loss, on_nonfinite="warn", grads=False)
+    np.testing.assert_array_equal(
+        jax.jvp(g, (x,), (x,))[1], jax.jvp(loss, (x,), (x,))[1]
+    )

@@ -20,6 +20,7 @@ from typing import Any
 
 import jax
 from jax.extend import source_info_util
+from jax.interpreters import ad
 
 from jaxnan._src import base, checks, tree
 from jaxnan._src.decorators import device, host, state
@@ -242,6 +243,7 @@ def checked(
         handed = list(leaves)
         seen: list = []  # the forward verdict, handed to the backward check
         if grads:
+            _reject_forward_mode(name, leaves)
             idx = [
                 i
                 for i, x in enumerate(leaves)
@@ -438,3 +440,24 @@ def checked_value_and_grad(
         holomorphic=holomorphic,
         allow_int=allow_int,
     )
+
+
+def _under_forward_mode(x: Any) -> bool:
+    """True when `x` is traced by forward-mode AD (`jax.jvp`, `jax.jacfwd`)."""
+    while x is not None:
+        if isinstance(x, ad.JVPTracer):
+            return True
+        x = getattr(x, "primal", None) if isinstance(x, jax.core.Tracer) else None
+    return False
+
+
+def _reject_forward_mode(name: str, leaves: list) -> None:
+    """A clear error where JAX would give its bare custom_vjp message."""
+    if any(_under_forward_mode(x) for x in leaves):
+        raise TypeError(
+            f"jaxnan.checked(`{name}`) with grads=True checks gradients through "
+            "a jax.custom_vjp, which JAX cannot differentiate in forward mode "
+            "(jax.jvp, jax.jacfwd, jax.hessian). Use "
+            f"jaxnan.checked({name.rsplit('.', 1)[-1]}, grads=False) there: the "
+            "inputs and outputs are still checked."
+        )
