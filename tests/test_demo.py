@@ -40,7 +40,7 @@ def test_demo_survives_three_incidents_and_explains_each(tmp_path):
         (41, "rolled_back"),
         (43, "rolled_back"),
     ]
-    assert records[1]["rows"] == [19] and records[1]["where"] == f"demo.py:{line}"
+    assert records[1]["rows"] == [19] and records[1]["where"] == f"{src}:{line}"
     assert f"plot: {png}" in text and png.stat().st_size > 0
 
 
