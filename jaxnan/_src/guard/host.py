@@ -220,20 +220,22 @@ class GuardedStep:
 
     # -- reading health one step late -----------------------------------
 
-    def _settle(self, previous: _Pending, current: _Pending, state, metrics):
+    def _read(self, previous: _Pending) -> tuple[np.ndarray, bool]:
+        """Reads a step's health vector, records its figures; (health, bad).
+
+        A healthy step also goes through `_healthy` (history, snapshots).
+        """
         h = np.asarray(previous.health)
         bad = bool(h[graph.BAD] > 0)
-        self.figures.append(
-            (
-                previous.step,
-                float(h[graph.LOSS]),
-                float(h[graph.GRAD_NORM]),
-                float(h[graph.RATIO]),
-                bad,
-            )
-        )
+        figures = (h[graph.LOSS], h[graph.GRAD_NORM], h[graph.RATIO])
+        self.figures.append((previous.step, *map(float, figures), bad))
         if not bad:
             self._healthy(previous.step, h)
+        return h, bad
+
+    def _settle(self, previous: _Pending, current: _Pending, state, metrics):
+        h, bad = self._read(previous)
+        if not bad:
             return state, metrics
         # `current` was held in the graph: `state` is `previous`'s input.
         self._streak += 1
@@ -282,19 +284,8 @@ class GuardedStep:
         previous, self._pending = self._pending, None
         if previous is None or self._last is None:
             return
-        h = np.asarray(previous.health)
-        bad = bool(h[graph.BAD] > 0)
-        self.figures.append(
-            (
-                previous.step,
-                float(h[graph.LOSS]),
-                float(h[graph.GRAD_NORM]),
-                float(h[graph.RATIO]),
-                bad,
-            )
-        )
+        h, bad = self._read(previous)
         if not bad:
-            self._healthy(previous.step, h)
             return
         self._streak += 1
         state, args = self._last
