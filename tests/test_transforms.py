@@ -148,6 +148,18 @@ def test_skip_bad_update_zero_and_state_untouched(kind, variant):
     chex.assert_trees_all_equal(new_params, params)
 
 
+def test_skip_keeps_negative_zero_params_bit_for_bit(variant):
+    # -0.0 + 0.0 is +0.0: a skip must hand back -0.0, the additive identity.
+    params = {"w": jnp.array([-0.0, 0.0, 1.5, -2.0]), "b": jnp.array(-0.0)}
+    tx = jaxnan.skip_nonfinite(optax.adam(1e-2))
+    bad = {"w": jnp.array([1.0, jnp.nan, 0.0, 1.0]), "b": jnp.array(1.0)}
+    u, _ = variant(tx.update)(bad, tx.init(params), params)
+    new = optax.apply_updates(params, u)
+    for k in params:
+        np.testing.assert_array_equal(np.signbit(new[k]), np.signbit(params[k]))
+        np.testing.assert_array_equal(new[k], params[k])
+
+
 def _to_bf16():
     """An inner transform whose updates have another dtype than its input."""
     return optax.GradientTransformation(

@@ -115,6 +115,20 @@ def test_one_variadic_reduction_per_leaf_in_hlo():
     assert re.search(r"= \(s32\[\], s32\[\]\) fusion", readers[0]), readers[0]
 
 
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32])
+def test_squares_and_finite_exact(dtype):
+    x = jnp.arange(-6, 6, dtype=dtype).reshape(3, 4)
+    sq, ok = jax.jit(tree.squares_and_finite)(x)
+    assert sq.dtype == jnp.float32 and bool(ok)
+    assert float(sq) == float(np.sum(np.square(np.asarray(x, np.float32))))
+    for bad in BAD.values():
+        sq, ok = jax.jit(tree.squares_and_finite)(x.at[1, 2].set(bad))
+        assert not bool(ok) and not np.isfinite(float(sq))
+    big = jnp.full((4,), 1e30, jnp.float32)  # the squares overflow, x is finite
+    sq, ok = tree.squares_and_finite(big)
+    assert bool(ok) and float(sq) == np.inf
+
+
 def test_leaves_of_one_shape_share_reductions_exactly():
     # 20 leaves of one shape: 3 shared reductions (8 + 8 + 4 leaves), counts
     # still exact per leaf, in every chunk. A leaf of another shape (here the

@@ -8,6 +8,7 @@ and clipping by `where`-selects (never a multiply by a 0/1 mask, since
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -326,14 +327,15 @@ def norm_for_inner(
     """One pass over `updates`: their global norm and exact finiteness.
 
     Returns ``(norm, finite, extra_args)``. `finite` says whether every entry
-    is finite; it is exact (an overflowing sum of finite squares is told
-    apart from a nonfinite entry by a slow path that runs only then). When
+    is finite; it is exact (an overflowing sum of finite squares is not
+    taken for a nonfinite entry). When
     `inner_state` is that of a `jaxnan.clip_by_global_norm` (or a chain
     starting with one), `norm` is the clip's norm (overflow-safe, over the
     finite entries) and `extra_args` hands it on, so that the clip neither
     reads the updates again nor compiles a second slow path. Otherwise `norm`
     is the square root of the float32 sum of squares (+Inf when the squares
-    overflow) and the slow path only decides finiteness.
+    overflow), read in the same loop per leaf as the finiteness
+    (`tree.squares_and_finite`): no slow path, no extra buffer.
     """
     leaves = tree.checked_leaves(updates)
     if not leaves:
@@ -342,14 +344,9 @@ def norm_for_inner(
         norm, finite = tree.norm_and_finite(leaves)
         known = KnownNorm(updates, norm, finite)
         return norm, finite, {**extra_args, "known_norm": known}
-    sq = sum(tree.sum_of_squares(x) for x in leaves).astype(jnp.float32)
-    finite = lax.cond(
-        jnp.isfinite(sq),
-        lambda: jnp.array(True),
-        # Compiled into every step, run only when `sq` is not finite: the
-        # small leaves share one reduction (fewer kernels to compile).
-        lambda: tree.all_finite_packed(leaves),
-    )
+    parts = [tree.squares_and_finite(x) for x in leaves]
+    sq = sum(q.astype(jnp.float32) for q, _ in parts)
+    finite = functools.reduce(jnp.logical_and, [ok for _, ok in parts])
     return jnp.sqrt(sq), finite, extra_args
 
 
@@ -402,8 +399,8 @@ def guarded_update(
     `accept` and the finiteness of the `incoming` leaves (the gradients, when
     the caller has not checked them itself), agreed over `axis_name`;
     `inner_finite` says whether what `inner` makes of the step is finite. The
-    step is applied when both are True. A skip gives exactly zero updates
-    and `inner_state` bit for bit, except the records of observer states
+    step is applied when both are True. A skip gives zero updates (``-0.0``,
+    `no_update`) and `inner_state` bit for bit, except the records of observer states
     (`jaxnan.monitor`), which still see the step.
 
     The outgoing check: what `inner` makes of the step (`_outgoing_leaves`:
@@ -483,9 +480,7 @@ def guarded_update(
             )
         else:
             out = jax.tree_util.tree_map(
-                lambda a: base.make_varying(
-                    jnp.zeros(a.shape, a.dtype), base.varying_axes(a)
-                ),
+                lambda a: base.make_varying(no_update(a), base.varying_axes(a)),
                 out_types,
             )
         kept = jax.tree_util.tree_map(base.make_varying, inner_state, state_axes)
@@ -500,9 +495,21 @@ def guarded_update(
     out, new_inner = lax.cond(apply_ok, accept_branch, skip)
     if passthrough:
         out = jax.tree_util.tree_map(
-            lambda u: jnp.where(apply_ok, u, jnp.zeros_like(u)), out
+            lambda u: jnp.where(apply_ok, u, no_update(u)), out
         )
     return out, new_inner, in_ok, out_ok
+
+
+def no_update(a: Any) -> jax.Array:
+    """The update of a skipped step for a leaf like `a`: all ``-0.0``.
+
+    Negative zero is the additive identity of IEEE arithmetic: ``p + -0.0``
+    is `p` bit for bit, a ``-0.0`` parameter included (``-0.0 + 0.0`` is
+    ``+0.0``). It compares equal to 0. Integer leaves get 0.
+    """
+    if jnp.issubdtype(a.dtype, jnp.inexact):
+        return jnp.full(a.shape, -0.0, a.dtype)
+    return jnp.zeros(a.shape, a.dtype)
 
 
 def validate_guard_input(
@@ -562,8 +569,9 @@ def skip_nonfinite(
     give (Adam with ``eps=0`` on a zero gradient, a float16 moment that
     overflows, a NaN already in the state). Those steps are counted in
     `inner_nonfinite_total` as well. A skipped step returns updates that are
-    exactly 0 (a `where`-select, so no NaN leaks through 0 * NaN) and leaves
-    the inner state bit for bit unchanged: Adam's moments and step count are
+    exactly ``-0.0`` (a `where`-select, so no NaN leaks through 0 * NaN;
+    ``p + -0.0`` is `p` bit for bit, signed zeros included) and leaves the
+    inner state bit for bit unchanged: Adam's moments and step count are
     never touched by a bad step. The one exception is a `jaxnan.monitor`
     inside `inner`: it records every step, skipped or not. A finite step is
     exactly `inner`.

@@ -325,6 +325,38 @@ def sum_of_squares(x: jax.Array) -> jax.Array:
     return jnp.sum(x * x)
 
 
+def squares_and_finite(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(sum of |x|^2 in at least float32, whether every entry is finite).
+
+    One variadic reduction: one loop reads `x` once. A single-operand sum of
+    squares is lowered by XLA's CPU backend to a kernel that first writes
+    ``x * x`` out in full (one extra buffer the size of `x`); with the count
+    beside it the squares stay in registers (measured on the guarded MLP
+    step: +0.50x the parameter bytes of temporary memory without it).
+    """
+    x = jnp.asarray(x)
+    acc = jnp.promote_types(jnp.real(x).dtype, jnp.float32)
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+        re, im = jnp.real(x).astype(acc), jnp.imag(x).astype(acc)
+        sq = re * re + im * im
+    else:
+        x = x.astype(acc)
+        sq = x * x
+    bad = (
+        ~jnp.isfinite(sq)
+        if jnp.issubdtype(x.dtype, jnp.complexfloating)
+        else ~jnp.isfinite(x)
+    )
+    zero = jnp.zeros((), acc)
+
+    def add(a, b):
+        return a[0] + b[0], a[1] | b[1]
+
+    dims = tuple(range(jnp.ndim(x)))
+    total, any_bad = lax.reduce((sq, bad), (zero, jnp.array(False)), add, dims)
+    return total, ~any_bad
+
+
 def _scaled_sum_of_squares(x: jax.Array) -> tuple[jax.Array, ...]:
     """(scale, ssq, bad) of one array, in one variadic reduction.
 
