@@ -219,10 +219,57 @@ def flatten(layout: Layout, args: Sequence[Any]) -> tuple[list[Any], list[Any]]:
     return state, inputs
 
 
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """Where a layout's state and input arrays sit among the leaves of `args`.
+
+    For layouts without NNX objects, whose arguments flatten as one pytree:
+    a call with the same tree structure is split by index, without the
+    per-leaf work of `make_layout` and `flatten` (the guard's host cost per
+    step). The non-array leaves must be the same objects.
+    """
+
+    state: tuple[int, ...]
+    inputs: tuple[int, ...]
+    statics: tuple[tuple[int, Any], ...]
+
+    def __call__(self, leaves: Sequence[Any]) -> tuple[list, list] | None:
+        """``(state, inputs)`` of the flat leaves of `args`, or None if stale."""
+        for j, value in self.statics:
+            if leaves[j] is not value:
+                return None
+        return [leaves[j] for j in self.state], [leaves[j] for j in self.inputs]
+
+
+def make_split(layout: Layout) -> Split | None:
+    """The `Split` of a layout without NNX objects (None with them)."""
+    if layout.graph_args:
+        return None
+    starts, n = {}, 0
+    for i in range(layout.nargs):
+        starts[i] = n
+        n += len(layout.statics[layout.positions[i]])
+    statics, where = [], {}
+    for i in range(layout.nargs):
+        arrays = []
+        for j, s in enumerate(layout.statics[layout.positions[i]]):
+            if s is None:
+                arrays.append(starts[i] + j)
+            else:
+                statics.append((starts[i] + j, s.value))
+        where[i] = arrays
+    state = [j for i in layout.state_args for j in where[i]]
+    inputs = [j for i in layout.input_args for j in where[i]]
+    return Split(tuple(state), tuple(inputs), tuple(statics))
+
+
 def _unflatten_arg(layout: Layout, i: int, leaves: Any) -> Any:
     pos = _tree_position(layout, i)
+    statics = layout.statics[pos]
+    if len(leaves) == len(statics):  # arrays only
+        return jax.tree_util.tree_unflatten(layout.treedefs[pos], leaves)
     it = iter(leaves)
-    full = [next(it) if s is None else s.value for s in layout.statics[pos]]
+    full = [next(it) if s is None else s.value for s in statics]
     return jax.tree_util.tree_unflatten(layout.treedefs[pos], full)
 
 
@@ -232,13 +279,13 @@ def _count_arrays(layout: Layout, i: int) -> int:
 
 def split_state(layout: Layout, state: Sequence[Any]) -> tuple[list, list]:
     """State leaves split into ``(graph_leaves, [leaves of each state arg])``."""
-    n_graph = layout.graph_treedef.num_leaves if layout.graph_args else 0
-    graph, rest = list(state[:n_graph]), list(state[n_graph:])
+    n = layout.graph_treedef.num_leaves if layout.graph_args else 0
+    graph = list(state[:n])
     per_arg = []
     for i in layout.state_args:
-        n = _count_arrays(layout, i)
-        per_arg.append(rest[:n])
-        rest = rest[n:]
+        k = layout.counts[i]
+        per_arg.append(state[n : n + k])
+        n += k
     return graph, per_arg
 
 

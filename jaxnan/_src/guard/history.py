@@ -50,16 +50,22 @@ class History:
         self.window = window
         self.growth = growth
         self.rows: collections.deque = collections.deque(maxlen=window)
+        # One column per figure (the same values as `rows`), for `growing`.
+        self.columns = [collections.deque(maxlen=window) for _ in FIGURES]
         self.warned_at: int | None = None  # step of the active warning
         self.warned: list[Growth] = []  # what it said
 
     def add(self, step: int, loss: float, grad_norm: float, ratio: float) -> None:
         """Appends a healthy step's figures."""
         self.rows.append((step, abs(loss), grad_norm, ratio))
+        for column, value in zip(self.columns, (abs(loss), grad_norm, ratio)):
+            column.append(value)
 
     def reset(self) -> None:
         """Forgets the figures (after a rollback: they describe undone steps)."""
         self.rows.clear()
+        for column in self.columns:
+            column.clear()
         self.warned_at = None
         self.warned = []
 
@@ -72,9 +78,15 @@ class History:
         if len(self.rows) < 3:
             return []
         found = []
-        for k, name in enumerate(FIGURES, start=1):
-            values = [r[k] for r in self.rows]
-            if not all(math.isfinite(v) for v in values):
+        for name, column in zip(FIGURES, self.columns):
+            last = column[-1]
+            # The median of the earlier values is at least their minimum:
+            # a last value under `growth` times the minimum cannot pass (the
+            # usual healthy step, decided without sorting).
+            if not last >= self.growth * min(column):
+                continue
+            values = list(column)
+            if not all(map(math.isfinite, values)):
                 continue
             earlier = sorted(values[:-1])
             base = earlier[len(earlier) // 2]

@@ -58,6 +58,7 @@ class _Entry:
     out_len: int
     input_paths: list[str]
     per_example: Callable | None = None
+    split: graph.Split | None = None
 
 
 @dataclasses.dataclass
@@ -111,6 +112,7 @@ class GuardedStep:
         self.figures: list[tuple[int, float, float, float, bool]] = []
         self.steps = 0
         self._entries: dict[graph.Layout, _Entry] = {}
+        self._by_treedef: dict[Any, _Entry] = {}  # fast path, see `_flatten`
         self._pending: _Pending | None = None
         self._streak = 0
         self._last: tuple[list, list[Any]] | None = None  # (state leaves, args)
@@ -161,8 +163,29 @@ class GuardedStep:
         body, run = graph.guarded_body(self.fn, layout, self.loss, self.name)
         compiled = jax.jit(body, donate_argnums=(1,) if self.donate else ())
         entry = _Entry(layout, compiled, run, out_len, paths)
+        entry.split = graph.make_split(layout)
         self._entries[probe] = entry
         return entry
+
+    def _flatten(self, args: Sequence[Any]) -> tuple[_Entry, list, list]:
+        """``(entry, state, inputs)`` for a call: by tree structure when known.
+
+        The usual call repeats the last one's tree structure: one flatten in
+        C++ and a split by index (`graph.Split`). Anything else (a first
+        call, NNX objects, a new structure or static leaf) takes the full
+        layout.
+        """
+        leaves, treedef = jax.tree_util.tree_flatten(tuple(args))
+        entry = self._by_treedef.get(treedef)
+        if entry is not None:
+            split = entry.split(leaves)
+            if split is not None:
+                return entry, *split
+        entry = self._entry(args)
+        state, inputs = graph.flatten(entry.layout, args)
+        if entry.split is not None:
+            self._by_treedef[treedef] = entry
+        return entry, state, inputs
 
     # -- the call -------------------------------------------------------
 
@@ -173,8 +196,7 @@ class GuardedStep:
                 f"jaxnan.guard: pass the arguments of `{self.name}` positionally "
                 f"(got keywords {sorted(kwargs)})."
             )
-        entry = self._entry(args)
-        state, inputs = graph.flatten(entry.layout, args)
+        entry, state, inputs = self._flatten(args)
         before = self._zeros if self._pending is None else self._pending.health
         new_state, metrics, health = entry.compiled(before, state, inputs)
         if records.LOGGER.isEnabledFor(logging.DEBUG):
