@@ -621,7 +621,7 @@ def skip_nonfinite(
         >>> bad = {"w": jnp.array([jnp.nan, 1.0])}
         >>> updates, state = tx.update(bad, state, params, loss=jnp.float32(1.0))
         >>> updates["w"], int(state.nonfinite_total)
-        (Array([0., 0.], dtype=float32), 1)
+        (Array([-0., -0.], dtype=float32), 1)
 
     .. versionadded:: 0.1.0
     """
