@@ -18,6 +18,7 @@ from flax import linen as nn
 from flax.training import train_state
 
 import jaxnan
+import jaxnan.flax
 
 
 class MLP(nn.Module):
@@ -47,7 +48,8 @@ def train_step(state, batch):
         return loss, updates
 
     (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    state = state.apply_gradients(grads=grads)
+    # TrainState.apply_gradients has no `loss=`: this hands it to skip_nonfinite.
+    state = jaxnan.flax.apply_gradients(state, grads=grads, loss=loss)
     state = state.replace(batch_stats=updates["batch_stats"])
     return state, {"loss": loss}
 

@@ -4,6 +4,7 @@ import json
 import logging
 import threading
 import time
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -100,6 +101,36 @@ def test_guard_keeps_no_copy_of_the_gradients_or_params():
     guarded = temp(jaxnan.guard(step, verbose=False).lower(params, state, batch))
     pbytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
     assert guarded - alone < 0.05 * pbytes, (guarded, alone, pbytes)
+
+
+def test_step_without_loss_for_skip_nonfinite_warns_once_at_the_call():
+    tx = jaxnan.skip_nonfinite(optax.adam(0.1))
+
+    def train_step(params, opt_state, batch):
+        loss, grads = jax.value_and_grad(_loss)(params, batch)
+        updates, opt_state = tx.update(grads, opt_state, params)  # no loss=
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    step = jaxnan.guard(train_step, verbose=False)
+    params, opt_state = _init(tx)
+    batches = _data(3)
+    with pytest.warns(UserWarning, match="without `loss=`") as caught:
+        params, opt_state, _ = step(params, opt_state, batches[0])  # the line
+    line = _line_of("params, opt_state, _ = step(params, opt_state, batches[0])")
+    assert [(w.filename, w.lineno) for w in caught] == [(__file__, line)]
+    assert "tx.update(grads, opt_state, params, loss=loss)" in str(caught[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for b in batches[1:]:
+            params, opt_state, _ = step(params, opt_state, b)  # no second warning
+    step.finish()
+
+
+def _line_of(text):
+    with open(__file__) as f:
+        return next(
+            i for i, ln in enumerate(f, 1) if text in ln and "_line_of" not in ln
+        )
 
 
 def test_host_dispatches_next_step_before_previous_finished(caplog):

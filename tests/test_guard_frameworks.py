@@ -145,6 +145,8 @@ def test_flax_linen_train_state_with_batch_stats():
     nn = pytest.importorskip("flax.linen")
     from flax.training import train_state
 
+    import jaxnan.flax
+
     class Model(nn.Module):
         @nn.compact
         def __call__(self, x, train):
@@ -169,7 +171,7 @@ def test_flax_linen_train_state_with_batch_stats():
             return _cross_entropy(logits, batch["y"]), updates
 
         (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        state = state.apply_gradients(grads=grads)
+        state = jaxnan.flax.apply_gradients(state, grads=grads, loss=loss)
         state = state.replace(batch_stats=updates["batch_stats"])
         return state, {"loss": loss}
 

@@ -672,7 +672,9 @@ def skip_nonfinite(
             incoming=incoming,
         )
         if tap is not None:
-            tap.records.append((norm, params, out))
+            tap.records.append(
+                update_tap.TapRecord(norm, params, out, loss is not None)
+            )
         applied = finite & inner_ok
 
         def bump(counter, flag):  # a step the guard holds changes no counter

@@ -2,7 +2,7 @@
 
 While the guard traces a train step, each `skip_nonfinite` update traced
 inside it reads the tap: it computes its finiteness through the one-pass norm,
-records ``(norm, params, updates)`` for the guard, and skips without counting
+records a `TapRecord` for the guard, and skips without counting
 when the guard holds the step. Outside a guard the tap is None and
 `skip_nonfinite` compiles exactly as without it.
 """
@@ -15,15 +15,29 @@ from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 
+class TapRecord(NamedTuple):
+    """What one `skip_nonfinite` update traced inside a guard reports.
+
+    Attributes:
+        norm: global norm of the incoming updates (float32 scalar).
+        params: its `params` argument (None if absent).
+        updates: the updates it returns.
+        loss_given: whether ``loss=`` was passed to it.
+    """
+
+    norm: Any
+    params: Any
+    updates: Any
+    loss_given: bool
+
+
 class UpdateTap(NamedTuple):
     """What `jaxnan.guard` hands to, and collects from, `skip_nonfinite`.
 
     Attributes:
         hold: traced bool scalar: when true, skip the update without
             counting it as nonfinite (the guard holds this step).
-        records: ``(norm, params, updates)`` appended by each update: the
-            global norm of the incoming updates, its `params` argument (None
-            if absent) and the updates it returns.
+        records: one `TapRecord` appended by each update.
     """
 
     hold: Any
@@ -39,9 +53,9 @@ _TAP: contextvars.ContextVar[UpdateTap | None] = contextvars.ContextVar(
 def collect_updates(hold: Any) -> Iterator[list]:
     """Inside the block, `skip_nonfinite` updates report to the guard.
 
-    Each update computes its finiteness from the float32 sum of squares (one
-    pass, as with a leading clip), appends ``(norm, params, updates)`` to the
-    yielded list, and skips the inner update when `hold` is true, leaving its
+    Each update computes its finiteness and the float32 sum of squares of
+    its incoming updates in one pass, appends a `TapRecord` to the yielded
+    list, and skips the inner update when `hold` is true, leaving its
     nonfinite counters as they are.
     """
     tap = UpdateTap(hold, [])

@@ -460,13 +460,27 @@ def select_back(bad: jax.Array, old: Sequence[Any], new: Sequence[Any]) -> list:
     return list(lax.cond(bad, lambda: list(old), lambda: list(new)))
 
 
+NO_LOSS = (
+    "jaxnan.guard: `{fn_name}` calls skip_nonfinite without `loss=`. A step "
+    "whose loss is nonfinite but whose gradients are finite is reported as bad, "
+    "yet its update is applied. Hand the loss to the optimizer: "
+    "tx.update(grads, opt_state, params, loss=loss) (Flax NNX: "
+    "optimizer.update(model, grads, loss=loss); linen: "
+    "jaxnan.flax.apply_gradients(state, grads=grads, loss=loss))."
+)
+
+
 def guarded_body(
     fn: Callable,
     layout: Layout,
     loss: str | Callable | None,
     fn_name: str,
+    notes: list[str],
 ) -> Callable:
     """``(hold, state, inputs) -> (new_state, metrics, health)``, to be jitted.
+
+    What the guard should tell the user about the step, found while tracing
+    it, is appended to `notes` (the host warns once).
 
     Raises (at trace time):
         ValueError: when the step's outputs cannot be read, it has no
@@ -488,6 +502,8 @@ def guarded_body(
         old_totals = [first_leaf(s.nonfinite_total) for s in old_skip]
         with update_tap.collect_updates(hold) as tapped:
             out = fn(*args)
+        if tapped and not any(r.loss_given for r in tapped):
+            notes.append(NO_LOSS.format(fn_name=fn_name))
         new_state, metrics = read_new_state(layout, args, out, fn_name)
         holders = [args[i] for i in layout.graph_args]
         if layout.state_args:
@@ -506,7 +522,7 @@ def guarded_body(
             for s in new_skip
             for x in jax.tree_util.tree_leaves(s._replace(inner_state=None))
         }
-        params = {id(x) for _, p, _ in tapped for x in jax.tree_util.tree_leaves(p)}
+        params = {id(x) for r in tapped for x in jax.tree_util.tree_leaves(r.params)}
         skipped = jnp.array(False)
         for s, total in zip(new_skip, old_totals):
             skipped = skipped | (first_leaf(s.nonfinite_total) > total)
@@ -532,7 +548,7 @@ def guarded_body(
                 if id(o) in params and j in samples
             ]
         )
-        norms = [n for n, _, _ in tapped]
+        norms = [r.norm for r in tapped]
         if norms:
             gnorm = jnp.sqrt(sum(jnp.square(x) for x in norms))
         else:

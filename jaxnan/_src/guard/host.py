@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import logging
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -113,6 +114,8 @@ class GuardedStep:
         self.steps = 0
         self._entries: dict[graph.Layout, _Entry] = {}
         self._by_treedef: dict[Any, _Entry] = {}  # fast path, see `_flatten`
+        self._notes: list[str] = []  # found while tracing, warned once
+        self._warned: set[str] = set()
         self._pending: _Pending | None = None
         self._streak = 0
         self._last: tuple[list, list[Any]] | None = None  # (state leaves, args)
@@ -160,7 +163,9 @@ class GuardedStep:
                         "with functools.partial before jaxnan.guard."
                     )
                 paths.append(where)
-        body, run = graph.guarded_body(self.fn, layout, self.loss, self.name)
+        body, run = graph.guarded_body(
+            self.fn, layout, self.loss, self.name, self._notes
+        )
         compiled = jax.jit(body, donate_argnums=(1,) if self.donate else ())
         entry = _Entry(layout, compiled, run, out_len, paths)
         entry.split = graph.make_split(layout)
@@ -199,6 +204,8 @@ class GuardedStep:
         entry, state, inputs = self._flatten(args)
         before = self._zeros if self._pending is None else self._pending.health
         new_state, metrics, health = entry.compiled(before, state, inputs)
+        if self._notes:
+            self._warn_notes()
         if records.LOGGER.isEnabledFor(logging.DEBUG):
             records.LOGGER.debug("dispatched step %d", self.steps)
         current = _Pending(self.steps, entry, inputs, health)
@@ -209,6 +216,15 @@ class GuardedStep:
         self._last = (new_state, list(args))
         self._snapshot(current.step, new_state)
         return self._outputs(entry, args, new_state, metrics)
+
+    def _warn_notes(self) -> None:
+        """Warns, at the user's call, what tracing the step found (once each)."""
+        for note in dict.fromkeys(self._notes):
+            if note not in self._warned:
+                self._warned.add(note)
+                warnings.warn(note, UserWarning, stacklevel=3)
+                records.LOGGER.warning(note)
+        self._notes.clear()
 
     def lower(self, *args: Any) -> jax.stages.Lowered:
         """The guarded program for `args`, lowered (nothing runs or is donated).
