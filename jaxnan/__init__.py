@@ -5,13 +5,15 @@ from jaxnan._src.adagc import adagc as adagc
 from jaxnan._src.base import ArrayTree as ArrayTree
 from jaxnan._src.checks import Report as Report
 from jaxnan._src.checks import check as check
+from jaxnan._src.clip import ClipByGlobalNormState as ClipByGlobalNormState
+from jaxnan._src.clip import clip_by_global_norm as clip_by_global_norm
 from jaxnan._src.decorators import NonfiniteRecord as NonfiniteRecord
 from jaxnan._src.decorators import checked as checked
 from jaxnan._src.decorators import checked_grad as checked_grad
 from jaxnan._src.decorators import checked_value_and_grad as checked_value_and_grad
 from jaxnan._src.decorators import nonfinite_errors as nonfinite_errors
+from jaxnan._src.guard.api import guard as guard
 from jaxnan._src.guard.host import GuardedStep as GuardedStep
-from jaxnan._src.guard.host import guard as guard
 from jaxnan._src.guard.records import Incident as Incident
 from jaxnan._src.guard.records import Policy as Policy
 from jaxnan._src.inspect.activations import ActivationStats as ActivationStats
@@ -50,10 +52,8 @@ from jaxnan._src.spikes import SkipSpikesState as SkipSpikesState
 from jaxnan._src.spikes import ZScoreClipState as ZScoreClipState
 from jaxnan._src.spikes import skip_spikes as skip_spikes
 from jaxnan._src.spikes import zscore_clip as zscore_clip
-from jaxnan._src.transforms import ClipByGlobalNormState as ClipByGlobalNormState
 from jaxnan._src.transforms import SkipNonfiniteState as SkipNonfiniteState
 from jaxnan._src.transforms import ZeroNonfiniteState as ZeroNonfiniteState
-from jaxnan._src.transforms import clip_by_global_norm as clip_by_global_norm
 from jaxnan._src.transforms import skip_nonfinite as skip_nonfinite
 from jaxnan._src.transforms import zero_nonfinite as zero_nonfinite
 from jaxnan._src.tree import NonfiniteCounts as NonfiniteCounts

@@ -1,0 +1,164 @@
+"""`jaxnan.guard`: the public entry point, its arguments checked once.
+
+The step it returns, `GuardedStep`, lives in `host` (the host half) and
+compiles `graph.guarded_body` (the in-graph half).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from jax.extend import source_info_util
+
+from jaxnan._src.guard import records
+from jaxnan._src.guard.host import GuardedStep
+
+source_info_util.register_exclusion(__file__)
+
+
+def guard(
+    step_fn: Callable,
+    *,
+    policy: str | records.Policy = "skip",
+    loss: str | Callable | None = None,
+    max_streak: int = 10,
+    snapshot_every: int = 100,
+    log: str | os.PathLike | None = None,
+    window: int = 8,
+    growth: float = 100.0,
+    donate: bool = True,
+    verbose: bool = True,
+) -> GuardedStep:
+    """Wraps a train step once: every bad step is skipped, replayed and explained.
+
+    ``step = jaxnan.guard(train_step)`` compiles `train_step` (with or
+    without its own `jax.jit`/`nnx.jit`/`eqx.filter_jit`) into one donated
+    program and is called exactly like it. It reads the steps users write:
+
+    * plain optax: ``(params, opt_state, batch[, rng]) -> (params, opt_state,
+      metrics)``; Equinox: ``(model, opt_state, batch) -> (model, opt_state,
+      loss)``; linen: ``(state, batch) -> (state, metrics)``. The leading
+      outputs whose structure is that of the leading arguments are the new
+      state; the last output holds the metrics.
+    * Flax NNX: ``(model, optimizer, batch) -> metrics``, mutating `model`
+      and `optimizer` in place (the guard updates them after each call).
+
+    The optimizer must be wrapped in `jaxnan.skip_nonfinite`, and the
+    metrics must hold the loss (a scalar, a dict with ``"loss"``, or name it
+    with `loss`). In the compiled step, a step is bad when `skip_nonfinite`
+    skipped the update (a NaN/Inf gradient, or loss given as ``loss=``) or
+    the loss is not finite; a bad step then changes nothing: every state leaf
+    the step wrote (parameters, BatchNorm statistics, RNG counters, step
+    counters) is selected back, bit for bit, while `skip_nonfinite`'s own
+    counters advance. A healthy step is the step unchanged: no copy of the
+    parameters, no host callback.
+
+    On the host the flag is read one step late, after the next step has been
+    dispatched, so the device never waits. The step dispatched right after a
+    bad one is held in the graph, the bad step is replayed once on a copy of
+    its exact inputs (a finite replay is reported as nondeterministic),
+    `jaxnan.locate` names the operation, line and cause, the examples at
+    fault are found (``row 6 of batch['x'] (batch 12)``), the incident is
+    printed once, and `policy` is applied; the held batch then runs again.
+    Every healthy step also records loss, gradient norm and update-to-state
+    ratio; when one grows `growth`-fold over `window` steps the guard warns
+    before the first NaN, and a NaN after such growth is put down to the
+    learning rate / exploding gradients.
+
+    Cost per healthy step: the loss check and a few scalars in the graph, the
+    gradient norm from `skip_nonfinite`'s own pass, a select fused into each
+    state write, and one read of a 5-float health vector on the host
+    (`benchmarks/guard_loop.py`).
+
+    Args:
+        step_fn: the train step.
+        policy: ``"skip"`` (default), ``"raise"`` (a `jaxnan.NonFiniteError`
+            whose ``details`` hold the ``incident``, the ``diagnosis`` and
+            the ``state`` as it was before the bad step) or ``"rollback"``
+            (restore the last good snapshot); a `jaxnan.Policy`.
+        loss: where the loss is in the metrics: a dict key or a function of
+            the metrics. None: the metrics themselves, ``metrics["loss"]`` or
+            ``metrics[0]``.
+        max_streak: raise after this many bad steps in a row.
+        snapshot_every: with ``"rollback"``, copy the state (on device, in
+            its sharding) after every this many steps.
+        log: a file to append one JSON object per incident to.
+        window: healthy steps kept for the early warning.
+        growth: growth factor over `window` steps that triggers a warning.
+        donate: donate the state to the compiled step (as `jax.jit`'s
+            ``donate_argnums``); the arguments passed in are then consumed.
+        verbose: print each incident once (they always go to the
+            ``jaxnan.guard`` logger at WARNING too).
+
+    Returns:
+        A `jaxnan.GuardedStep`, called like `step_fn`; ``.summary()``,
+        ``.incidents`` and ``.figures`` tell what happened.
+
+    Raises:
+        TypeError: when `step_fn` is not callable.
+        ValueError: for an unknown `policy`, `snapshot_every` or `max_streak`
+            below 1, or `window` below 3 (and at the first call, for a step
+            whose outputs, loss or optimizer state the guard cannot read).
+
+    Examples:
+        >>> import jax, jax.numpy as jnp, optax, jaxnan
+        >>> tx = jaxnan.skip_nonfinite(optax.sgd(0.1))
+        >>> def train_step(params, opt_state, batch):
+        ...     loss, g = jax.value_and_grad(
+        ...         lambda p: jnp.mean((batch["x"] * p["w"]) ** 2))(params)
+        ...     updates, opt_state = tx.update(g, opt_state, params, loss=loss)
+        ...     return optax.apply_updates(params, updates), opt_state, loss
+        >>> step = jaxnan.guard(train_step, verbose=False)
+        >>> params = {"w": jnp.ones(2)}
+        >>> opt_state = tx.init(params)
+        >>> for x in ([1.0, 2.0], [jnp.nan, 1.0], [1.0, 1.0]):
+        ...     params, opt_state, loss = step(params, opt_state, {"x": jnp.array(x)})
+        >>> s = step.summary()
+        >>> s["steps"], s["skipped"], s["causes"]
+        (3, 1, {'input_data': 1})
+        >>> step.incidents[0].rows, step.incidents[0].leaf
+        ((0,), "batch['x']")
+
+    .. versionadded:: 0.2.0
+    """
+    if not callable(step_fn):
+        raise TypeError(
+            f"jaxnan.guard(step_fn) needs a callable train step, got "
+            f"{type(step_fn).__name__}. Use it as step = jaxnan.guard(train_step)."
+        )
+    try:
+        policy = records.Policy(policy)
+    except ValueError:
+        raise ValueError(
+            f"jaxnan.guard: unknown policy={policy!r}; use one of "
+            f"{[p.value for p in records.Policy]}."
+        ) from None
+    for name, value, low in (
+        ("snapshot_every", snapshot_every, 1),
+        ("max_streak", max_streak, 1),
+        ("window", window, 3),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(
+                f"jaxnan.guard: {name} must be an int >= {low}, got {value!r}."
+            )
+    if not growth > 1:
+        raise ValueError(f"jaxnan.guard: growth must be > 1, got {growth!r}.")
+    if loss is not None and not (isinstance(loss, str) or callable(loss)):
+        raise TypeError(
+            f"jaxnan.guard: loss must be a metrics key or a function of the "
+            f"metrics, got {type(loss).__name__}."
+        )
+    return GuardedStep(
+        step_fn,
+        policy=policy,
+        loss=loss,
+        max_streak=max_streak,
+        snapshot_every=snapshot_every,
+        log=log,
+        window=window,
+        growth=growth,
+        donate=donate,
+        verbose=verbose,
+    )
