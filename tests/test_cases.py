@@ -34,6 +34,12 @@ def load_case(name):
     return module
 
 
+@functools.cache
+def made(name):
+    """``make()`` of a case, once per session: both tests below use it."""
+    return load_case(name).make()
+
+
 def marker_line(name):
     return helpers.marker_lines(CASES_DIR / f"case_{name}.py", MARKER)
 
@@ -81,10 +87,10 @@ def test_case_is_well_formed(name):
 def test_every_case_goes_nonfinite_under_jit():
     # One jitted program runs all cases side by side (their arguments are
     # traced, not constants): one compile instead of one per case.
-    made = [load_case(name).make() for name in CASE_NAMES]
-    fns = [fn for fn, _ in made]
+    cases = [made(name) for name in CASE_NAMES]
+    fns = [fn for fn, _ in cases]
     outs = jax.jit(lambda all_args: [f(*a) for f, a in zip(fns, all_args)])(
-        [args for _, args in made]
+        [args for _, args in cases]
     )
     finite = [
         name
@@ -100,7 +106,7 @@ def test_locate_names_the_creating_equation(name):
         pytest.skip("jaxnan.locate does not exist yet (helper A implements it)")
     module = load_case(name)
     expect = module.EXPECT
-    fn, args = module.make()
+    fn, args = made(name)
     history = getattr(module, "HISTORY", None)  # filled in by make()
     diagnosis = jaxnan.locate(fn, history=history)(*args)
     got = {
