@@ -96,41 +96,59 @@ def plain(value: Any) -> Any:
     return value
 
 
-def _event_lines(d: Any, name: str) -> list[str]:
-    what = describe_counts(*d.created) if d.created else ""
-    what = f" ({what})" if what else ""
-    lines = [
-        f"jaxnan: `{d.primitive}` created the first nonfinite value{what} in "
-        f"the {d.phase} pass of {name}."
-    ]
+# The labelled lines of a creation event after its phase, in order: each is
+# shown when its field is set (a device id of 0 is set).
+_EVENT_FIELDS: tuple[tuple[str, str], ...] = (
+    ("iteration", "iteration: "),
+    ("device", "device:  "),
+    ("signature", "types:   "),
+    ("name_stack", "name stack: "),
+    ("inputs_seen", "inputs:  "),
+)
+
+
+def _is_set(value: Any) -> bool:
+    return value is not None and value != "" and value != ()
+
+
+def _where_lines(d: Any) -> list[str]:
+    """Where the event happened: the user line, and its function and code."""
     where = d.where or "an unknown line"
     if d.phase == "backward":
         target = f"`{d.user_function}`" if d.user_function else "the op"
-        lines.append(f"  where:   gradient of {target} at {where}")
+        lines = [f"  where:   gradient of {target} at {where}"]
     else:
         via = f" (`{d.user_function}`)" if d.user_function else ""
-        lines.append(f"  where:   {where}{via}")
+        lines = [f"  where:   {where}{via}"]
     if d.function:
         code = f": {d.code}" if d.code else ""
         lines.append(f"           in {d.function}{code}")
-    lines.append(f"  phase:   {d.phase}")
+    return lines
+
+
+def _nan_event_line(e: Mapping[str, Any]) -> str:
+    """The first NaN, when the event itself created only infinities."""
+    code = f": {e['code']}" if e.get("code") else ""
+    return (
+        f"  then:    `{e['primitive']}` made the first NaN at "
+        f"{e['file']}:{e['line']}{code}"
+    )
+
+
+def _event_lines(d: Any, name: str) -> list[str]:
+    what = f" ({describe_counts(*d.created)})" if d.created else ""
+    lines = [
+        f"jaxnan: `{d.primitive}` created the first nonfinite value{what} in "
+        f"the {d.phase} pass of {name}.",
+        *_where_lines(d),
+        f"  phase:   {d.phase}",
+    ]
     if d.nan_event:
-        e = d.nan_event
-        code = f": {e['code']}" if e.get("code") else ""
-        lines.append(
-            f"  then:    `{e['primitive']}` made the first NaN at "
-            f"{e['file']}:{e['line']}{code}"
-        )
-    if d.iteration:
-        lines.append(f"  iteration: {d.iteration}")
-    if d.device is not None:
-        lines.append(f"  device:  {d.device}")
-    if d.signature:
-        lines.append(f"  types:   {d.signature}")
-    if d.name_stack:
-        lines.append(f"  name stack: {d.name_stack}")
-    if d.inputs_seen:
-        lines.append(f"  inputs:  {d.inputs_seen}")
+        lines.append(_nan_event_line(d.nan_event))
+    for field, label in _EVENT_FIELDS:
+        value = getattr(d, field)
+        if _is_set(value):
+            lines.append(f"  {label}{value}")
     if getattr(d, "layer_stats", None):
         lines += [f"  {t}" for t in d.layer_stats.splitlines()]
     return lines
@@ -156,6 +174,28 @@ def _input_lines(d: Any, name: str) -> list[str]:
     return lines
 
 
+def _output_lines(d: Any) -> list[str]:
+    """The nonfinite outputs, or why a created value left none."""
+    if d.nonfinite_outputs:
+        rows = leaf_lines(sorted(d.nonfinite_outputs.items()), "    ")
+        return ["  nonfinite outputs:", rows]
+    if d.phase != "input":
+        return ["  the outputs are finite: the value was masked or absorbed later."]
+    return []
+
+
+def _compiled_line(compiled_outputs: Mapping[str, Sequence[int]]) -> str:
+    """The compiled function's outputs, when they differ from the replay's."""
+    compiled = ", ".join(
+        f"{p} {describe_counts(*c)}" for p, c in sorted(compiled_outputs.items())
+    )
+    return (
+        "  program: this replay follows JAX semantics equation by equation; "
+        f"the compiled function gave different outputs ({compiled or 'all finite'}):"
+        " XLA rewrote part of the step (e.g. x * mask into a select)."
+    )
+
+
 def render(d: Any) -> str:
     """The text of a `jaxnan.Diagnosis` (its ``str``)."""
     name = f"`{d.fn_name}`" if d.fn_name else "the function"
@@ -169,26 +209,9 @@ def render(d: Any) -> str:
         lines.append(f"  cause:   {d.cause}")
     if d.fix:
         lines.append(f"  fix:     {d.fix}")
-    if d.nonfinite_outputs:
-        lines.append("  nonfinite outputs:")
-        lines.append(leaf_lines(sorted(d.nonfinite_outputs.items()), "    "))
-    elif d.phase != "input":
-        lines.append(
-            "  the outputs are finite: the value was masked or absorbed later."
-        )
+    lines += _output_lines(d)
     if d.compiled_outputs is not None:
-        compiled = (
-            ", ".join(
-                f"{p} {describe_counts(*c)}"
-                for p, c in sorted(d.compiled_outputs.items())
-            )
-            or "all finite"
-        )
-        lines.append(
-            "  program: this replay follows JAX semantics equation by equation; "
-            f"the compiled function gave different outputs ({compiled}): XLA "
-            "rewrote part of the step (e.g. x * mask into a select)."
-        )
+        lines.append(_compiled_line(d.compiled_outputs))
     return "\n".join(lines)
 
 
