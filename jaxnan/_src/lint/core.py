@@ -16,7 +16,7 @@ from jax.extend import source_info_util
 from jaxnan._src import base, primitives
 from jaxnan._src.lint import graph, registry, rules  # noqa: F401 - registers the rules
 from jaxnan._src.lint.graph import Graph, Node
-from jaxnan._src.lint.registry import SEVERITY_ORDER
+from jaxnan._src.lint.registry import Severity
 from jaxnan._src.lint.signs import Analysis
 
 source_info_util.register_exclusion(__file__)
@@ -28,7 +28,8 @@ class Finding:
 
     Attributes:
         rule: the rule id, a key of `jaxnan.LINT_RULES`.
-        severity: ``"error"``, ``"warning"`` or ``"info"``.
+        severity: a `Severity` (``"error"``, ``"warning"`` or ``"info"``;
+            a string is converted).
         message: what was found, starting with ``jaxnan:``.
         fix: a fix snippet.
         file: the user's file (the innermost frame outside jax, optax, chex,
@@ -49,12 +50,23 @@ class Finding:
     """
 
     rule: str
-    severity: str
+    severity: Severity
     message: str
     fix: str
     file: str | None
     line: int | None
     code: str
+
+    def __post_init__(self) -> None:
+        try:
+            severity = Severity(self.severity)
+        except ValueError:
+            valid = ", ".join(repr(s.value) for s in Severity)
+            raise ValueError(
+                f"jaxnan: Finding(severity={self.severity!r}) is not a severity; "
+                f"use one of {valid}."
+            ) from None
+        object.__setattr__(self, "severity", severity)
 
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}" if self.file else "<unknown>"
@@ -103,7 +115,7 @@ def _run(g: Graph, diff: Sequence[int], detectors, roots) -> list[Finding]:
     out = []
     for det in detectors:
         for hit in registry.run(det, ctx):
-            sev = str(hit.severity or hit.rule.severity)
+            sev = hit.severity or hit.rule.severity
             file, line, code = location(hit.node, roots)
             rule = hit.rule
             out.append(Finding(rule.rule, sev, hit.message, rule.fix, file, line, code))
@@ -158,7 +170,7 @@ def _unique_sorted(findings: list[Finding]) -> list[Finding]:
         if key not in seen:
             seen.add(key)
             unique.append(f)
-    return sorted(unique, key=lambda f: SEVERITY_ORDER[registry.Severity(f.severity)])
+    return sorted(unique, key=lambda f: f.severity.rank)
 
 
 def lint(fn: Callable[..., Any], *args: Any, argnums: int | Sequence[int] = 0):
@@ -262,7 +274,7 @@ def cli(target: str, *, argnums: Sequence[int] = (0,), out=None) -> int:
     findings = lint(fn, *args, argnums=nums)
     for f in findings:
         print(str(f), file=out)
-    n_err = sum(f.severity == "error" for f in findings)
+    n_err = sum(f.severity is Severity.ERROR for f in findings)
     print(
         f"jaxnan lint: {len(findings)} finding(s), {n_err} error(s) in {target}",
         file=out,
