@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from jax.extend import source_info_util
 
-from jaxnan._src import base, primitives
+from jaxnan._src import frames, primitives
 from jaxnan._src.lint import graph, registry, rules  # noqa: F401 - registers the rules
 from jaxnan._src.lint.graph import Graph, Node
 from jaxnan._src.lint.registry import Severity
@@ -79,29 +79,19 @@ class Finding:
 # -- source lines ----------------------------------------------------------------
 
 
-def _lib_roots() -> tuple[str, ...]:
-    """The standard library's directory (its frames are never the user's)."""
-    return (os.path.dirname(os.path.abspath(os.__file__)) + os.sep,)
-
-
-def _is_library(path: str, roots: tuple[str, ...]) -> bool:
-    if path.startswith("<") or base.library_of(path) is not None:
-        return True
-    ap = os.path.abspath(path)
-    # The standard library, but not an installed user package under it.
-    return any(ap.startswith(r) and "site-packages" not in ap[len(r) :] for r in roots)
-
-
 def _frames(nd: Node):
     for eqn in (nd.eqn, *reversed(nd.sites)):
         tb = getattr(getattr(eqn, "source_info", None), "traceback", None)
         yield from getattr(tb, "frames", None) or ()
 
 
-def location(nd: Node, roots) -> tuple[str | None, int | None, str]:
-    """``(file, line, code)`` of the user frame of `nd` (or its call sites)."""
+def location(nd: Node) -> tuple[str | None, int | None, str]:
+    """``(file, line, code)`` of the user frame of `nd` (or its call sites).
+
+    The user frame is the innermost that `frames.is_user_file` accepts.
+    """
     for fr in _frames(nd):
-        if not _is_library(fr.file_name, roots):
+        if frames.is_user_file(fr.file_name):
             code = linecache.getline(fr.file_name, fr.line_num).strip()
             return fr.file_name, fr.line_num, code
     return None, None, ""
@@ -110,13 +100,13 @@ def location(nd: Node, roots) -> tuple[str | None, int | None, str]:
 # -- running -----------------------------------------------------------------------
 
 
-def _run(g: Graph, diff: Sequence[int], detectors, roots) -> list[Finding]:
+def _run(g: Graph, diff: Sequence[int], detectors) -> list[Finding]:
     ctx = registry.Context(g, Analysis(g, diff), set())
     out = []
     for det in detectors:
         for hit in registry.run(det, ctx):
             sev = hit.severity or hit.rule.severity
-            file, line, code = location(hit.node, roots)
+            file, line, code = location(hit.node)
             rule = hit.rule
             out.append(Finding(rule.rule, sev, hit.message, rule.fix, file, line, code))
     return out
@@ -232,14 +222,13 @@ def lint(fn: Callable[..., Any], *args: Any, argnums: int | Sequence[int] = 0):
             "pass the loss function itself, not its value."
         )
     nums = _argnums(argnums, len(args))
-    roots = _lib_roots()
     g, closed = graph.build(fn, args)
-    findings = _run(g, _flat_positions(args, nums), registry.DETECTORS, roots)
+    findings = _run(g, _flat_positions(args, nums), registry.DETECTORS)
     if _is_float_scalar(closed.out_avals):
         gg = _gradient_graph(fn, args, nums)
         if gg is not None:
             on_gradient = [d for d in registry.DETECTORS if d.on_gradient]
-            findings += _run(gg, [], on_gradient, roots)
+            findings += _run(gg, [], on_gradient)
     return _unique_sorted(findings)
 
 
