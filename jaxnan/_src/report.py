@@ -16,7 +16,9 @@ class NonFiniteError(FloatingPointError):
 
     Every jaxnan entry point raises this same class. Its message starts with
     ``jaxnan:`` and names what was found, where and what to try. Structured
-    data rides along in `details` (a dict, possibly empty).
+    data rides along in `details`, a dict whose keys are those of
+    `DETAILS_SCHEMA` (one schema for every entry point; each fills the keys
+    it knows, see there), possibly empty.
 
     Examples:
         >>> import jaxnan
@@ -30,6 +32,28 @@ class NonFiniteError(FloatingPointError):
     def __init__(self, message: str, details: Mapping[str, Any] | None = None):
         super().__init__(message)
         self.details: dict[str, Any] = dict(details or {})
+
+
+DETAILS_SCHEMA: Mapping[str, str] = {
+    "function": "str, the name of the checked function (checks, @checked).",
+    "phase": "str, what was checked: 'forward-inputs', 'forward-outputs' or "
+    "'backward' (@checked).",
+    "leaves": "dict, leaf path -> (nan, +inf, -inf) counts of the nonfinite "
+    "leaves of that phase (@checked).",
+    "examples": "(bad, total) ints, the examples of the batch holding a "
+    "nonfinite value (@checked).",
+    "inputs": "dict, argument leaf path -> (nan, +inf, -inf) counts of the "
+    "nonfinite arguments (jaxnan.check's report.throw()).",
+    "outputs": "dict, output leaf path -> counts of the nonfinite outputs "
+    "(jaxnan.check's report.throw()).",
+    "incident": "the jaxnan.guard incident that raised (guard, policy='raise').",
+    "diagnosis": "the jaxnan.Diagnosis of the bad step, or None (guard); its "
+    "to_dict() has the keys of DETAILS_KEYS.",
+    "state": "the outputs of the last good step, the state to resume from (guard).",
+}
+"""The one schema of `NonFiniteError.details`: key -> its value and who sets
+it. tests/test_report.py checks that every ``NonFiniteError(...)`` raised in
+``jaxnan/_src`` uses these keys only."""
 
 
 def describe_counts(nan: int, posinf: int, neginf: int) -> str:
@@ -79,10 +103,10 @@ DETAILS_KEYS: tuple[str, ...] = (
     "compiled_outputs",
     "layer_stats",
 )
-"""The keys of a diagnosis as plain values (`jaxnan.Diagnosis.to_dict`), the
-schema of `NonFiniteError.details` when an error carries a diagnosis: phase
-and cause are strings from `jaxnan`'s vocabulary, counts are ``[nan, +inf,
--inf]`` lists, indices and shapes are lists of ints."""
+"""The keys of a diagnosis as plain values (`jaxnan.Diagnosis.to_dict`, the
+``diagnosis`` of a guard's incident log and of ``details["diagnosis"]``):
+phase and cause are strings from `jaxnan`'s vocabulary, counts are ``[nan,
++inf, -inf]`` lists, indices and shapes are lists of ints."""
 
 
 def plain(value: Any) -> Any:
