@@ -197,6 +197,17 @@ def test_clip_outliers_z_and_quantiles_equal_numpy():
     assert float(np.nanmax(again)) <= float(np.max(rep.high))
 
 
+def test_clip_outliers_rejects_bounds_of_another_feature_shape():
+    # Bounds fitted on 2 features used on 1: broadcasting would silently
+    # return a batch of another shape.
+    x = np.arange(10, dtype=np.float32).reshape(5, 2)
+    _, rep = jaxnan.clip_outliers(x)
+    with pytest.raises(ValueError, match=re.escape("bounds of shape (2,)")):
+        jaxnan.clip_outliers(x[:, :1], bounds=(rep.low, rep.high))
+    with pytest.raises(ValueError, match="bounds of shape None"):
+        jaxnan.clip_outliers({"x": x, "y": x}, bounds=({"x": rep.low, "y": None},) * 2)
+
+
 def test_clip_outliers_all_nan_column_untouched():
     x = np.array([[np.nan, 1.0], [np.nan, 2.0]], np.float32)
     clipped, rep = jaxnan.clip_outliers(x)

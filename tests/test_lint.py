@@ -403,3 +403,14 @@ def test_train_step_with_optimizer_is_clean():
         for f in jaxnan.lint(bad_step, params, opt_state, x, y)
     }
     assert ("sqrt-zero-grad", True) in rules
+
+
+def test_severity_is_one_typed_vocabulary():
+    from jaxnan._src.lint.registry import Severity
+
+    assert all(type(r.severity) is Severity for r in jaxnan.LINT_RULES.values())
+    f = jaxnan.Finding("log-softmax", "warning", "jaxnan: ...", "fix", None, None, "")
+    assert f.severity is Severity.WARNING and f"{f.severity}" == "warning"
+    assert [s.rank for s in Severity] == [0, 1, 2]
+    with pytest.raises(ValueError, match="severity='fatal'.*'error', 'warning'"):
+        jaxnan.Finding("log-softmax", "fatal", "jaxnan: ...", "fix", None, None, "")

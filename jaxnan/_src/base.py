@@ -251,6 +251,39 @@ def scale_where(t: Any, clip: jax.Array, factor: jax.Array) -> Any:
 # Hyperparameter validation, whatever the Python or array type of the value.
 
 
+def _is_kind(value: Any, kind: str) -> bool:
+    """Whether a concrete value is of `kind`: "int", or "number" (int or float).
+
+    Booleans are neither.
+    """
+    dtype = leaf_dtype(value)
+    if dtype is None or dtype == np.dtype(bool) or isinstance(value, bool):
+        return False
+    if kind == "int":
+        return bool(jnp.issubdtype(dtype, jnp.integer))
+    return bool(
+        jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)
+    )
+
+
+def _range_text(
+    low: float | None, high: float | None, low_open: bool, high_open: bool
+) -> str:
+    """'> 0 and <= 1' for the bounds of a range; empty when unbounded."""
+    lo = "" if low is None else ("> " if low_open else ">= ") + f"{low}"
+    hi = "" if high is None else ("< " if high_open else "<= ") + f"{high}"
+    return " and ".join(s for s in (lo, hi) if s)
+
+
+def _out_of_range(
+    x: float, low: float | None, high: float | None, low_open: bool, high_open: bool
+) -> bool:
+    """Whether `x` is below `low` or above `high` (each bound may be None)."""
+    below = low is not None and (x <= low if low_open else x < low)
+    above = high is not None and (x >= high if high_open else x > high)
+    return below or above
+
+
 def _concrete_scalar(fn: str, name: str, value: Any, kind: str) -> Any:
     """`value` as a NumPy scalar, None for a tracer; TypeError for non-scalars.
 
@@ -264,15 +297,7 @@ def _concrete_scalar(fn: str, name: str, value: Any, kind: str) -> Any:
                 f"jaxnan.{fn}: {name} must be a scalar, got shape {np.shape(value)}."
             )
         return None
-    dtype = leaf_dtype(value)
-    ok = dtype is not None and dtype != np.dtype(bool) and not isinstance(value, bool)
-    if ok and kind == "int":
-        ok = bool(jnp.issubdtype(dtype, jnp.integer))
-    if ok and kind == "number":
-        ok = bool(
-            jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)
-        )
-    if not ok:
+    if not _is_kind(value, kind):
         want = "an int" if kind == "int" else "a real number"
         raise TypeError(
             f"jaxnan.{fn}: {name} must be {want}, got {type(value).__name__} "
@@ -310,15 +335,12 @@ def check_number(
     if v is None:
         return
     x = float(v)
-    bad_low = low is not None and (x <= low if low_open else x < low)
-    bad_high = high is not None and (x >= high if high_open else x > high)
-    if bad_low or bad_high or not math.isfinite(x):
-        lo = "" if low is None else ("> " if low_open else ">= ") + f"{low}"
-        hi = "" if high is None else ("< " if high_open else "<= ") + f"{high}"
-        rng = " and ".join(s for s in (lo, hi) if s)
-        if not math.isfinite(x):
-            rng = f"finite ({rng})" if rng else "finite"
-        raise ValueError(f"jaxnan.{fn}: {name} must be {rng}, got {value!r}.")
+    if math.isfinite(x) and not _out_of_range(x, low, high, low_open, high_open):
+        return
+    rng = _range_text(low, high, low_open, high_open)
+    if not math.isfinite(x):
+        rng = f"finite ({rng})" if rng else "finite"
+    raise ValueError(f"jaxnan.{fn}: {name} must be {rng}, got {value!r}.")
 
 
 def check_int(fn: str, name: str, value: Any, *, low: int) -> int:

@@ -343,30 +343,28 @@ def finite_range(a: np.ndarray) -> str:
     return f"min {fmt(f.min())}, max {fmt(f.max())}"
 
 
+def _describe_input(a: Any) -> str:
+    """'float32[4] (min .., max .., 1 nan)' for one input of an equation."""
+    arr = np.asarray(a)
+    shape = "x".join(str(d) for d in arr.shape) or "scalar"
+    if not is_float(arr):
+        return f"{arr.dtype}[{shape}]"
+    x = as_f64(arr)
+    counts = (
+        (int(np.isnan(x).sum()), "nan"),
+        (int(np.isposinf(x).sum()), "+inf"),
+        (int(np.isneginf(x).sum()), "-inf"),
+    )
+    desc = finite_range(x) if x.size else "empty"
+    extra = ", ".join(f"{n} {kind}" for n, kind in counts if n)
+    if extra:
+        desc += ", " + extra
+    return f"{arr.dtype}[{shape}] ({desc})"
+
+
 def describe_generic(event: Event) -> str:
     """'mul received float32[4] (min .., max ..), ...' for any equation."""
-    parts = []
-    for a in event.inputs:
-        arr = np.asarray(a)
-        shape = "x".join(str(d) for d in arr.shape) or "scalar"
-        if not is_float(arr):
-            parts.append(f"{arr.dtype}[{shape}]")
-            continue
-        x = as_f64(arr)
-        extra = []
-        nan = int(np.isnan(x).sum())
-        pinf = int(np.isposinf(x).sum())
-        ninf = int(np.isneginf(x).sum())
-        if nan:
-            extra.append(f"{nan} nan")
-        if pinf:
-            extra.append(f"{pinf} +inf")
-        if ninf:
-            extra.append(f"{ninf} -inf")
-        desc = finite_range(x) if x.size else "empty"
-        if extra:
-            desc += ", " + ", ".join(extra)
-        parts.append(f"{arr.dtype}[{shape}] ({desc})")
+    parts = [_describe_input(a) for a in event.inputs]
     return f"{event.primitive} received " + "; ".join(parts) if parts else ""
 
 
@@ -391,6 +389,28 @@ _STATE_ARGS = ("param", "opt_state", "optstate", "state", "model", "variables")
 _DATA_ARGS = ("batch", "data", "input", "x", "y", "label", "target", "image", "obs")
 
 
+def _argument_kind(name: str) -> bool | None:
+    """What an argument name tells: True for state, False for data, else None."""
+    if name.startswith(_STATE_ARGS):
+        return True
+    if name in _DATA_ARGS or name.startswith(_DATA_ARGS[:3]):
+        return False
+    return None
+
+
+def _inner_kind(keys: Sequence[str]) -> bool | None:
+    """What the keys inside an argument tell (a data key wins over a state key)."""
+    if any(k.startswith(("batch", "data", "input")) for k in keys):
+        return False
+    if any(k.startswith(_STATE_WORDS) or k in ("w", "b") for k in keys):
+        return True
+    return None
+
+
+def _is_data_word(word: str) -> bool:
+    return word in _DATA_WORDS or word.startswith(_DATA_WORDS[5:])
+
+
 def is_state_path(path: str) -> bool | None:
     """True for params/optimizer-state paths, False for batch paths, else None.
 
@@ -403,22 +423,12 @@ def is_state_path(path: str) -> bool | None:
     words = _path_words(path)
     if not words:
         return None
-    first = words[0]
-    if any(first.startswith(w) for w in _STATE_ARGS):
-        return True
-    if first in _DATA_ARGS or any(first.startswith(d) for d in _DATA_ARGS[:3]):
-        return False
-    inner = words[1:]
-    for w in inner:
-        if any(w == d or w.startswith(d) for d in ("batch", "data", "input")):
-            return False
-    for w in inner:
-        if any(w.startswith(s) for s in _STATE_WORDS) or w in ("w", "b", "params"):
-            return True
-    for w in words:
-        if w in _DATA_WORDS or any(w.startswith(d) for d in _DATA_WORDS[5:]):
-            return False
-    return None
+    kind = _argument_kind(words[0])
+    if kind is None:
+        kind = _inner_kind(words[1:])
+    if kind is None and any(_is_data_word(w) for w in words):
+        kind = False
+    return kind
 
 
 def classify_inputs(
@@ -448,20 +458,30 @@ def classify_inputs(
 
     .. versionadded:: 0.1.0
     """
-    paths = [p for p, c in nonfinite_inputs.items() if sum(c) > 0] or list(
-        nonfinite_inputs
-    )
-    kinds = [is_state_path(p) for p in paths]
+    # The leaves that hold a nonfinite value (all of them when no counts say).
+    paths = [p for p, c in nonfinite_inputs.items() if sum(c) > 0]
+    paths = paths or list(nonfinite_inputs)
+    by_kind: dict[bool | None, list[str]] = {True: [], False: [], None: []}
+    for p in paths:
+        by_kind[is_state_path(p)].append(p)
     seen = "nonfinite values in the arguments: " + ", ".join(paths[:3])
-    if any(k is True for k in kinds):
-        bad = [p for p, k in zip(paths, kinds) if k is True]
-        fix = Cause.POISONED_STATE.fix.replace(
-            "are already nonfinite", f"are already nonfinite ({', '.join(bad[:3])})"
-        )
+    if by_kind[True]:
+        fix = _poisoned_fix(by_kind[True])
         return Classification(Cause.POISONED_STATE, fix, seen)
-    bad = [p for p, k in zip(paths, kinds) if k is False] or paths
-    fix = (
-        f"Clean or drop the rows with NaN/Inf in {', '.join(bad[:3])} before "
+    fix = _input_data_fix(by_kind[False] or paths)
+    return Classification(Cause.INPUT_DATA, fix, seen)
+
+
+def _poisoned_fix(paths: Sequence[str]) -> str:
+    """`Cause.POISONED_STATE`'s fix, naming the first state leaves."""
+    return Cause.POISONED_STATE.fix.replace(
+        "are already nonfinite", f"are already nonfinite ({', '.join(paths[:3])})"
+    )
+
+
+def _input_data_fix(paths: Sequence[str]) -> str:
+    """`Cause.INPUT_DATA`'s fix, naming the first data leaves."""
+    return (
+        f"Clean or drop the rows with NaN/Inf in {', '.join(paths[:3])} before "
         "training (impute them, or filter the batch with jnp.isfinite)."
     )
-    return Classification(Cause.INPUT_DATA, fix, seen)

@@ -1,7 +1,8 @@
 """Source frames of jaxpr equations: the user line and the library call.
 
-`user_frame` finds the innermost frame outside jax, optax, chex, flax,
-equinox and jaxnan; `user_function` names the library function whose
+`is_user_file` is the one test of "the user's code" (every report names
+the innermost frame that passes it); `user_frame` finds that frame in an
+equation's traceback; `user_function` names the library function whose
 (derivative) equation it is (``jnp.sqrt``, ``jax.nn.softmax``);
 `clean_name_stack` drops the transformation wrappers (``jvp(...)``,
 ``transpose(...)``, ``vmap(...)``) from a name stack.
@@ -9,6 +10,7 @@ equinox and jaxnan; `user_function` names the library function whose
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Sequence
@@ -38,7 +40,37 @@ def clean_name_stack(name_stack: str) -> str:
 # -- source frames -------------------------------------------------------
 
 
-_STDLIB_WRAPPERS = ("contextlib.py", "functools.py")
+@functools.lru_cache(maxsize=1)
+def _stdlib_dir() -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(os.__file__)), "")
+
+
+@functools.lru_cache(maxsize=4096)
+def is_user_file(file_name: str) -> bool:
+    """Whether a source file holds the user's code: the line a report names.
+
+    Not the user's: the packages of `base.LIBRARIES` (jax, optax, chex,
+    flax, equinox, jaxnan; jaxnan's shipped examples excepted), the standard
+    library (``contextlib``/``functools`` wrappers included; a package
+    installed under it in ``site-packages`` excepted) and Python's frozen
+    modules (``<frozen runpy>``). Code without a file (``<stdin>``,
+    ``<string>``, a doctest) is the user's.
+
+    Examples:
+        >>> import jax, os
+        >>> from jaxnan._src.frames import is_user_file
+        >>> is_user_file("train.py"), is_user_file(jax.__file__)
+        (True, False)
+        >>> is_user_file(os.__file__), is_user_file("<frozen runpy>")
+        (False, False)
+    """
+    if file_name.startswith("<"):
+        return not file_name.startswith("<frozen")
+    if base.library_of(file_name) is not None:
+        return False
+    path, stdlib = os.path.abspath(file_name), _stdlib_dir()
+    return not path.startswith(stdlib) or "site-packages" in path[len(stdlib) :]
+
 
 _API_PREFIXES = (
     ("jax", "_src/numpy/linalg", "jnp.linalg."),
@@ -87,13 +119,7 @@ def user_frame(source_info: Any) -> tuple[Any, str | None]:
         return None, None
     frames = list(tb.frames)  # innermost first
     k = next(
-        (
-            i
-            for i, f in enumerate(frames)
-            if base.library_of(f.file_name) is None
-            and not f.file_name.endswith(_STDLIB_WRAPPERS)
-        ),
-        len(frames),
+        (i for i, f in enumerate(frames) if is_user_file(f.file_name)), len(frames)
     )
     user = frames[k] if k < len(frames) else None
     api = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -219,6 +220,18 @@ def monitor_metrics(state: Any, *, prefix: str = "") -> dict[str, jax.Array]:
 
     .. versionadded:: 0.1.0
     """
+    mon = _the_monitor_state(state)
+    out: dict[str, jax.Array] = {}
+    for metric, (field, whole_model) in _METRICS.items():
+        flat, _ = jax.tree_util.tree_flatten_with_path(getattr(mon, field))
+        out[prefix + metric] = whole_model([x for _, x in flat])
+        for path, x in flat:
+            out[f"{prefix}{metric}/{_path_name(path)}"] = x
+    return out
+
+
+def _the_monitor_state(state: Any) -> MonitorState:
+    """The one `MonitorState` in an optimizer state; ValueError otherwise."""
 
     def is_mon(x):
         return isinstance(x, MonitorState)
@@ -230,27 +243,28 @@ def monitor_metrics(state: Any, *, prefix: str = "") -> dict[str, jax.Array]:
             f"optimizer state, found {len(found)}. Pass the MonitorState itself "
             "(e.g. opt_state[0] for optax.chain(jaxnan.monitor(), ...))."
         )
-    mon = found[0]
-    out: dict[str, jax.Array] = {}
-    fields = {
-        "grad_norm": mon.monitor_grad_norm,
-        "grad_max_abs": mon.monitor_grad_max_abs,
-        "grad_nonfinite": mon.monitor_grad_nonfinite,
-        "update_norm": mon.monitor_update_norm,
-    }
-    for metric, values in fields.items():
-        flat, _ = jax.tree_util.tree_flatten_with_path(values)
-        xs = [x for _, x in flat]
-        if metric in ("grad_norm", "update_norm"):
-            total = jnp.sqrt(sum(jnp.square(x) for x in xs)) if xs else jnp.float32(0)
-        elif metric == "grad_max_abs":
-            stacked = jnp.stack(xs) if xs else jnp.zeros((1,), jnp.float32)
-            total = jnp.where(
-                jnp.any(jnp.isnan(stacked)), jnp.nan, jnp.max(stacked)
-            )  # a small vector, but keep NaN explicit anyway
-        else:
-            total = sum(xs) if xs else jnp.int32(0)
-        out[prefix + metric] = total
-        for path, x in flat:
-            out[f"{prefix}{metric}/{_path_name(path)}"] = x
-    return out
+    return found[0]
+
+
+def _global_norm(norms: list[jax.Array]) -> jax.Array:
+    return jnp.sqrt(sum(jnp.square(x) for x in norms)) if norms else jnp.float32(0)
+
+
+def _global_max_abs(max_abs: list[jax.Array]) -> jax.Array:
+    stacked = jnp.stack(max_abs) if max_abs else jnp.zeros((1,), jnp.float32)
+    # a small vector, but keep NaN explicit anyway
+    return jnp.where(jnp.any(jnp.isnan(stacked)), jnp.nan, jnp.max(stacked))
+
+
+def _total(counts: list[jax.Array]) -> jax.Array:
+    return sum(counts) if counts else jnp.int32(0)
+
+
+# metric -> (its `MonitorState` field, how the per-leaf values make the
+# whole-model value), in the order of `monitor_metrics`'s keys.
+_METRICS: dict[str, tuple[str, Callable[[list[jax.Array]], jax.Array]]] = {
+    "grad_norm": ("monitor_grad_norm", _global_norm),
+    "grad_max_abs": ("monitor_grad_max_abs", _global_max_abs),
+    "grad_nonfinite": ("monitor_grad_nonfinite", _total),
+    "update_norm": ("monitor_update_norm", _global_norm),
+}

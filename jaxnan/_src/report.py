@@ -16,7 +16,9 @@ class NonFiniteError(FloatingPointError):
 
     Every jaxnan entry point raises this same class. Its message starts with
     ``jaxnan:`` and names what was found, where and what to try. Structured
-    data rides along in `details` (a dict, possibly empty).
+    data rides along in `details`, a dict whose keys are those of
+    `DETAILS_SCHEMA` (one schema for every entry point; each fills the keys
+    it knows, see there), possibly empty.
 
     Examples:
         >>> import jaxnan
@@ -30,6 +32,28 @@ class NonFiniteError(FloatingPointError):
     def __init__(self, message: str, details: Mapping[str, Any] | None = None):
         super().__init__(message)
         self.details: dict[str, Any] = dict(details or {})
+
+
+DETAILS_SCHEMA: Mapping[str, str] = {
+    "function": "str, the name of the checked function (checks, @checked).",
+    "phase": "str, what was checked: 'forward-inputs', 'forward-outputs' or "
+    "'backward' (@checked).",
+    "leaves": "dict, leaf path -> (nan, +inf, -inf) counts of the nonfinite "
+    "leaves of that phase (@checked).",
+    "examples": "(bad, total) ints, the examples of the batch holding a "
+    "nonfinite value (@checked).",
+    "inputs": "dict, argument leaf path -> (nan, +inf, -inf) counts of the "
+    "nonfinite arguments (jaxnan.check's report.throw()).",
+    "outputs": "dict, output leaf path -> counts of the nonfinite outputs "
+    "(jaxnan.check's report.throw()).",
+    "incident": "the jaxnan.guard incident that raised (guard, policy='raise').",
+    "diagnosis": "the jaxnan.Diagnosis of the bad step, or None (guard); its "
+    "to_dict() has the keys of DETAILS_KEYS.",
+    "state": "the outputs of the last good step, the state to resume from (guard).",
+}
+"""The one schema of `NonFiniteError.details`: key -> its value and who sets
+it. tests/test_report.py checks that every ``NonFiniteError(...)`` raised in
+``jaxnan/_src`` uses these keys only."""
 
 
 def describe_counts(nan: int, posinf: int, neginf: int) -> str:
@@ -79,10 +103,10 @@ DETAILS_KEYS: tuple[str, ...] = (
     "compiled_outputs",
     "layer_stats",
 )
-"""The keys of a diagnosis as plain values (`jaxnan.Diagnosis.to_dict`), the
-schema of `NonFiniteError.details` when an error carries a diagnosis: phase
-and cause are strings from `jaxnan`'s vocabulary, counts are ``[nan, +inf,
--inf]`` lists, indices and shapes are lists of ints."""
+"""The keys of a diagnosis as plain values (`jaxnan.Diagnosis.to_dict`, the
+``diagnosis`` of a guard's incident log and of ``details["diagnosis"]``):
+phase and cause are strings from `jaxnan`'s vocabulary, counts are ``[nan,
++inf, -inf]`` lists, indices and shapes are lists of ints."""
 
 
 def plain(value: Any) -> Any:
@@ -96,41 +120,59 @@ def plain(value: Any) -> Any:
     return value
 
 
-def _event_lines(d: Any, name: str) -> list[str]:
-    what = describe_counts(*d.created) if d.created else ""
-    what = f" ({what})" if what else ""
-    lines = [
-        f"jaxnan: `{d.primitive}` created the first nonfinite value{what} in "
-        f"the {d.phase} pass of {name}."
-    ]
+# The labelled lines of a creation event after its phase, in order: each is
+# shown when its field is set (a device id of 0 is set).
+_EVENT_FIELDS: tuple[tuple[str, str], ...] = (
+    ("iteration", "iteration: "),
+    ("device", "device:  "),
+    ("signature", "types:   "),
+    ("name_stack", "name stack: "),
+    ("inputs_seen", "inputs:  "),
+)
+
+
+def _is_set(value: Any) -> bool:
+    return value is not None and value != "" and value != ()
+
+
+def _where_lines(d: Any) -> list[str]:
+    """Where the event happened: the user line, and its function and code."""
     where = d.where or "an unknown line"
     if d.phase == "backward":
         target = f"`{d.user_function}`" if d.user_function else "the op"
-        lines.append(f"  where:   gradient of {target} at {where}")
+        lines = [f"  where:   gradient of {target} at {where}"]
     else:
         via = f" (`{d.user_function}`)" if d.user_function else ""
-        lines.append(f"  where:   {where}{via}")
+        lines = [f"  where:   {where}{via}"]
     if d.function:
         code = f": {d.code}" if d.code else ""
         lines.append(f"           in {d.function}{code}")
-    lines.append(f"  phase:   {d.phase}")
+    return lines
+
+
+def _nan_event_line(e: Mapping[str, Any]) -> str:
+    """The first NaN, when the event itself created only infinities."""
+    code = f": {e['code']}" if e.get("code") else ""
+    return (
+        f"  then:    `{e['primitive']}` made the first NaN at "
+        f"{e['file']}:{e['line']}{code}"
+    )
+
+
+def _event_lines(d: Any, name: str) -> list[str]:
+    what = f" ({describe_counts(*d.created)})" if d.created else ""
+    lines = [
+        f"jaxnan: `{d.primitive}` created the first nonfinite value{what} in "
+        f"the {d.phase} pass of {name}.",
+        *_where_lines(d),
+        f"  phase:   {d.phase}",
+    ]
     if d.nan_event:
-        e = d.nan_event
-        code = f": {e['code']}" if e.get("code") else ""
-        lines.append(
-            f"  then:    `{e['primitive']}` made the first NaN at "
-            f"{e['file']}:{e['line']}{code}"
-        )
-    if d.iteration:
-        lines.append(f"  iteration: {d.iteration}")
-    if d.device is not None:
-        lines.append(f"  device:  {d.device}")
-    if d.signature:
-        lines.append(f"  types:   {d.signature}")
-    if d.name_stack:
-        lines.append(f"  name stack: {d.name_stack}")
-    if d.inputs_seen:
-        lines.append(f"  inputs:  {d.inputs_seen}")
+        lines.append(_nan_event_line(d.nan_event))
+    for field, label in _EVENT_FIELDS:
+        value = getattr(d, field)
+        if _is_set(value):
+            lines.append(f"  {label}{value}")
     if getattr(d, "layer_stats", None):
         lines += [f"  {t}" for t in d.layer_stats.splitlines()]
     return lines
@@ -156,6 +198,28 @@ def _input_lines(d: Any, name: str) -> list[str]:
     return lines
 
 
+def _output_lines(d: Any) -> list[str]:
+    """The nonfinite outputs, or why a created value left none."""
+    if d.nonfinite_outputs:
+        rows = leaf_lines(sorted(d.nonfinite_outputs.items()), "    ")
+        return ["  nonfinite outputs:", rows]
+    if d.phase != "input":
+        return ["  the outputs are finite: the value was masked or absorbed later."]
+    return []
+
+
+def _compiled_line(compiled_outputs: Mapping[str, Sequence[int]]) -> str:
+    """The compiled function's outputs, when they differ from the replay's."""
+    compiled = ", ".join(
+        f"{p} {describe_counts(*c)}" for p, c in sorted(compiled_outputs.items())
+    )
+    return (
+        "  program: this replay follows JAX semantics equation by equation; "
+        f"the compiled function gave different outputs ({compiled or 'all finite'}):"
+        " XLA rewrote part of the step (e.g. x * mask into a select)."
+    )
+
+
 def render(d: Any) -> str:
     """The text of a `jaxnan.Diagnosis` (its ``str``)."""
     name = f"`{d.fn_name}`" if d.fn_name else "the function"
@@ -169,26 +233,9 @@ def render(d: Any) -> str:
         lines.append(f"  cause:   {d.cause}")
     if d.fix:
         lines.append(f"  fix:     {d.fix}")
-    if d.nonfinite_outputs:
-        lines.append("  nonfinite outputs:")
-        lines.append(leaf_lines(sorted(d.nonfinite_outputs.items()), "    "))
-    elif d.phase != "input":
-        lines.append(
-            "  the outputs are finite: the value was masked or absorbed later."
-        )
+    lines += _output_lines(d)
     if d.compiled_outputs is not None:
-        compiled = (
-            ", ".join(
-                f"{p} {describe_counts(*c)}"
-                for p, c in sorted(d.compiled_outputs.items())
-            )
-            or "all finite"
-        )
-        lines.append(
-            "  program: this replay follows JAX semantics equation by equation; "
-            f"the compiled function gave different outputs ({compiled}): XLA "
-            "rewrote part of the step (e.g. x * mask into a select)."
-        )
+        lines.append(_compiled_line(d.compiled_outputs))
     return "\n".join(lines)
 
 

@@ -127,15 +127,13 @@ def _size(x: Any) -> int:
     return int(np.prod(jnp.shape(x), dtype=np.int64))
 
 
-def _shape_groups(leaves: list, idx: list[int]) -> list[list[int]]:
-    """`idx` grouped by the shape of their leaf, at most `_GROUP` per group."""
+def _shape_groups(leaves: list, idx: list[int], size: int = _GROUP) -> list[list[int]]:
+    """`idx` grouped by the shape of their leaf, at most `size` per group."""
     by_shape: dict[tuple, list[int]] = {}
     for i in idx:
         by_shape.setdefault(tuple(jnp.shape(leaves[i])), []).append(i)
     return [
-        run[k : k + _GROUP]
-        for run in by_shape.values()
-        for k in range(0, len(run), _GROUP)
+        run[k : k + size] for run in by_shape.values() for k in range(0, len(run), size)
     ]
 
 
@@ -183,15 +181,25 @@ def _grouped_counts(leaves: list, pack: bool = False) -> list[NonfiniteCounts]:
         for j, i in enumerate(group):
             out[i] = NonfiniteCounts(*sums[3 * j : 3 * j + 3])
     for run in packs:
-        width = max(_size(leaves[i]) for i in run)
-        width = 1 << (width - 1).bit_length()
-        rows = jnp.stack(
-            [jnp.pad(_flat(leaves[i]), (0, width - _size(leaves[i]))) for i in run]
-        )
-        nan, pos, neg = _sum_indicators(_kind_masks(rows, split_inf=True), axis=-1)
-        for j, i in enumerate(run):
-            out[i] = NonfiniteCounts(nan[..., j], pos[..., j], neg[..., j])
+        for i, counts in zip(run, _pack_counts([leaves[i] for i in run])):
+            out[i] = counts
     return out
+
+
+def _pack_counts(small: list) -> list[NonfiniteCounts]:
+    """Exact counts of small leaves, counted as the rows of one array.
+
+    The leaves are zero-padded to a power-of-two width and stacked into an
+    (n, width) array; one reduction over its last axis counts every row.
+    """
+    width = max(_size(x) for x in small)
+    width = 1 << (width - 1).bit_length()
+    rows = jnp.stack([jnp.pad(_flat(x), (0, width - _size(x))) for x in small])
+    nan, pos, neg = _sum_indicators(_kind_masks(rows, split_inf=True), axis=-1)
+    return [
+        NonfiniteCounts(nan[..., j], pos[..., j], neg[..., j])
+        for j in range(len(small))
+    ]
 
 
 def _grouped_finite(leaves: list, pack: bool = False) -> jax.Array:
@@ -519,33 +527,44 @@ def finite_flags(sets: list[list[Any]]) -> list[jax.Array]:
     them, which XLA computes inside the same loop from the same inputs) cost
     one loop per shape, not one per list.
     """
-    flat = [(k, x) for k, leaves in enumerate(sets) for x in leaves]
-    flat = [(k, x) for k, x in flat if base.is_checked_leaf(x)]
+    pairs = [(k, x) for k, xs in enumerate(sets) for x in xs if base.is_checked_leaf(x)]
+    flat = [x for _, x in pairs]
     ok = [jnp.array(True) for _ in sets]
-    by_shape: dict[tuple, list[int]] = {}
-    for i, (_, x) in enumerate(flat):
-        by_shape.setdefault(tuple(jnp.shape(x)), []).append(i)
-    for run in by_shape.values():
-        for g in range(0, len(run), 2 * _GROUP):
-            group = run[g : g + 2 * _GROUP]
-            owners = sorted({flat[i][0] for i in group})
-            masks = []
-            for k in owners:
-                nan = inf = None
-                for i in group:
-                    if flat[i][0] != k:
-                        continue
-                    n, f = _kind_masks(flat[i][1], split_inf=False)
-                    nan = n if nan is None else nan | n
-                    inf = f if inf is None else inf | f
-                if len(owners) == 1:
-                    masks += [nan, inf]  # two operands: XLA's fast path
-                else:
-                    masks.append(nan | inf)
-            sums = _sum_indicators(tuple(masks))
-            for j, k in enumerate(owners):
-                if len(owners) == 1:
-                    ok[k] = ok[k] & (sums[0] == 0) & (sums[1] == 0)
-                else:
-                    ok[k] = ok[k] & (sums[j] == 0)
+    for group in _shape_groups(flat, list(range(len(flat))), size=2 * _GROUP):
+        leaves_of = _by_owner([pairs[i] for i in group])
+        for k, flag in zip(leaves_of, _group_flags(list(leaves_of.values()))):
+            ok[k] = ok[k] & flag
     return ok
+
+
+def _by_owner(pairs: list[tuple[int, Any]]) -> dict[int, list]:
+    """``(owner, leaf)`` pairs as owner -> its leaves, owners in order."""
+    leaves_of: dict[int, list] = {}
+    for k, x in pairs:
+        leaves_of.setdefault(k, []).append(x)
+    return dict(sorted(leaves_of.items()))
+
+
+def _or_kind_masks(leaves: list) -> tuple[jax.Array, jax.Array]:
+    """The NaN masks and the Inf masks of leaves of one shape, or-ed."""
+    nan, inf = _kind_masks(leaves[0], split_inf=False)
+    for x in leaves[1:]:
+        n, f = _kind_masks(x, split_inf=False)
+        nan, inf = nan | n, inf | f
+    return nan, inf
+
+
+def _group_flags(leaves_of: list[list]) -> list[jax.Array]:
+    """Per owner, whether all its leaves (one shape for all) are finite.
+
+    One variadic reduction: with one owner its NaN and Inf masks are two
+    operands (XLA's fast path), else each owner's or-ed mask is one.
+    """
+    if len(leaves_of) == 1:
+        n_nan, n_inf = _sum_indicators(_or_kind_masks(leaves_of[0]))
+        return [(n_nan == 0) & (n_inf == 0)]
+    masks = []
+    for leaves in leaves_of:
+        nan, inf = _or_kind_masks(leaves)
+        masks.append(nan | inf)
+    return [n == 0 for n in _sum_indicators(tuple(masks))]

@@ -181,6 +181,14 @@ def _rich_table(summary: dict, incidents: list) -> bool:
     return True
 
 
+def _mark_steps(ax, bad_steps, warned_steps) -> None:
+    """Red lines at the bad (undone) steps, dashed orange at the warnings."""
+    for s in bad_steps:
+        ax.axvline(s, color="tab:red", alpha=0.5, lw=1)
+    for s in warned_steps:
+        ax.axvline(s, color="tab:orange", ls="--", lw=1)
+
+
 def plot(figures, incidents, path: str) -> str | None:
     """Loss, gradient norm and update ratio per step, bad steps marked."""
     try:
@@ -195,16 +203,13 @@ def plot(figures, incidents, path: str) -> str | None:
     gnorm = np.array([f[2] for f in figures])
     ratio = np.array([f[3] for f in figures])
     bad = np.array([f[4] for f in figures])
+    warned = [i.step for i in incidents if i.action == "warned"]
     fig, axes = plt.subplots(3, 1, figsize=(8, 7), sharex=True)
     panels = ((loss, "loss"), (gnorm, "grad norm"), (ratio, "update / param"))
     for ax, (values, name) in zip(axes, panels):
         ok = ~bad & np.isfinite(values)
         ax.semilogy(steps[ok], np.abs(values[ok]), ".-", lw=1, label=name)
-        for s in steps[bad]:
-            ax.axvline(s, color="tab:red", alpha=0.5, lw=1)
-        for i in incidents:
-            if i.action == "warned":
-                ax.axvline(i.step, color="tab:orange", ls="--", lw=1)
+        _mark_steps(ax, steps[bad], warned)
         ax.set_ylabel(name)
     axes[0].set_title("jaxnan.guard: red = bad step (undone), orange = early warning")
     axes[-1].set_xlabel("step")
@@ -212,6 +217,17 @@ def plot(figures, incidents, path: str) -> str | None:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def _print_plan(policy: str) -> None:
+    """What the demo trains and what will go wrong."""
+    print("jaxnan demo: MLP classifier, adam, hand-written cross-entropy")
+    print(f"  step = jaxnan.guard(train_step, policy={policy!r})")
+    print(
+        f"  batch {NAN_BATCH}: NaN in row {NAN_ROW}; batch {OUTLIER_BATCH}: "
+        f"outlier row {OUTLIER_ROW} (x1000); steps {SURGE_START}-"
+        f"{SURGE_START + SURGE_STEPS - 1}: learning rate x{SURGE_FACTOR:g}\n"
+    )
 
 
 def run(
@@ -232,13 +248,7 @@ def run(
     step = jaxnan.guard(
         make_train_step(tx), policy=policy, snapshot_every=snapshot_every, log=log
     )
-    print("jaxnan demo: MLP classifier, adam, hand-written cross-entropy")
-    print(f"  step = jaxnan.guard(train_step, policy={policy!r})")
-    print(
-        f"  batch {NAN_BATCH}: NaN in row {NAN_ROW}; batch {OUTLIER_BATCH}: "
-        f"outlier row {OUTLIER_ROW} (x1000); steps {SURGE_START}-"
-        f"{SURGE_START + SURGE_STEPS - 1}: learning rate x{SURGE_FACTOR:g}\n"
-    )
+    _print_plan(policy)
     with _Progress(steps, progress) as bar:
         for i in range(steps):
             batch = make_batch(rng, w_true, i)
@@ -258,9 +268,14 @@ def run(
     if log:
         print(f"incident log (JSON lines): {log}")
     if plot_path:
-        written = plot(step.figures, step.incidents, plot_path)
-        if written:
-            print(f"plot: {os.path.abspath(written)}")
-        else:
-            print("plot: skipped (pip install matplotlib, or jaxnan[plot])")
+        _save_plot(step, plot_path)
     return 0
+
+
+def _save_plot(step, path: str) -> None:
+    """Writes the plot of a run and says where (or how to get matplotlib)."""
+    written = plot(step.figures, step.incidents, path)
+    if written:
+        print(f"plot: {os.path.abspath(written)}")
+    else:
+        print("plot: skipped (pip install matplotlib, or jaxnan[plot])")

@@ -211,6 +211,30 @@ DATA = None
 CONST = ""
 
 
+def _provenance(eqn: Any, in_provs: list) -> tuple[bool, str]:
+    """(whether the equation computes on data, the first parameter it uses).
+
+    An equation without inputs (an RNG draw, an iota) counts as data.
+    """
+    data = any(p is DATA for p in in_provs) or not eqn.invars
+    return data, next((p for p in in_provs if p), "")
+
+
+def _computes(eqn: Any) -> bool:
+    """Whether an equation makes new values from inputs (not `layers.STRUCTURAL`)."""
+    return bool(eqn.invars) and eqn.primitive.name not in layers.STRUCTURAL
+
+
+def _context(eqn: Any, scope: str, backward: bool, outer: Any) -> tuple:
+    """(scope, backward, call site) of an equation inside an enclosing call."""
+    bwd = backward or layers.is_backward(eqn.source_info.name_stack)
+    where = layers.call_site(eqn.source_info)
+    if where is None:  # inside a library jit traced elsewhere
+        where = outer
+    eqn_scope = layers.join(scope, layers.scope_path(eqn.source_info.name_stack))
+    return eqn_scope, bwd, where
+
+
 class _Entry(NamedTuple):
     """One measured equation, named once the whole jaxpr has been seen."""
 
@@ -256,13 +280,7 @@ class Walker:
 
         for eqn in jaxpr.eqns:
             ins = [read(v) for v in eqn.invars]
-            bwd = backward or layers.is_backward(eqn.source_info.name_stack)
-            where = layers.call_site(eqn.source_info)
-            if where is None:  # inside a library jit traced elsewhere
-                where = outer
-            eqn_scope = layers.join(
-                scope, layers.scope_path(eqn.source_info.name_stack)
-            )
+            eqn_scope, bwd, where = _context(eqn, scope, backward, outer)
             sub = _sub_jaxpr(eqn)
             if sub is not None:
                 invals, in_provs = [x for x, _ in ins], [p for _, p in ins]
@@ -278,28 +296,23 @@ class Walker:
     def _first_order(self, eqn, ins, scope, backward, where):
         """Binds one first-order equation, measures it; its (value, prov)s."""
         invals = [x for x, _ in ins]
-        in_provs = [p for _, p in ins]
         outs = _bind(eqn, invals)
         if not eqn.primitive.multiple_results:
             outs = [outs]
-        data = any(p is DATA for p in in_provs) or not eqn.invars
-        out_prov = DATA if data else next((p for p in in_provs if p), CONST)
-        param = next((p for p in in_provs if p), "")
+        data, param = _provenance(eqn, [p for _, p in ins])
         entry = None
-        if data and eqn.invars and eqn.primitive.name not in layers.STRUCTURAL:
+        if data and _computes(eqn):
             entry = self._measure(eqn, outs, scope, param, where, backward)
         if where is not None:
-            direct = param if where.direct else ""
-            self.flow.append(
-                (
-                    [id(x) for x in invals],
-                    [id(x) for x in outs],
-                    (backward, where.chain),
-                    direct,
-                    entry,
-                )
-            )
+            self._record_flow(invals, outs, backward, where, param, entry)
+        out_prov = DATA if data else param or CONST
         return [(x, out_prov) for x in outs]
+
+    def _record_flow(self, invals, outs, backward, where, param, entry) -> None:
+        """Notes what a first-order equation of a user call reads and makes."""
+        direct = param if where.direct else ""
+        ids_in, ids_out = [id(x) for x in invals], [id(x) for x in outs]
+        self.flow.append((ids_in, ids_out, (backward, where.chain), direct, entry))
 
     def _measure(self, eqn, outs, scope, param, where, backward) -> int | None:
         """Records the equation's nonempty float outputs; its entry index."""

@@ -68,11 +68,7 @@ def _validate(batch, strategy, axis, fill, fn_name):
             f"jaxnan: {fn_name} got fill={fill!r} with strategy="
             f"{strategy.value!r}; fill is used only with strategy='constant'."
         )
-    leaves, treedef, idx, paths = vocab.float_paths(batch, fn_name=fn_name)
-    axes = {
-        i: vocab.norm_axis(jnp.asarray(leaves[i]), axis, p, fn_name=fn_name)
-        for i, p in zip(idx, paths)
-    }
+    leaves, treedef, axes = vocab.feature_axes(batch, axis, fn_name=fn_name)
     return strategy, leaves, treedef, axes
 
 
@@ -185,7 +181,9 @@ def impute(
     )
     frozen = None
     if stats is not None:
-        frozen = vocab.side_tree(stats, treedef, len(leaves), "stats", fn_name=_NAME)
+        frozen = vocab.frozen_features(
+            stats, leaves, treedef, axes, "stats", fn_name=_NAME
+        )
     out = list(leaves)
     replaced: list[Any] = [None] * len(leaves)
     per_leaf: list[Any] = [None] * len(leaves)
@@ -195,13 +193,6 @@ def impute(
         x = jnp.asarray(leaves[i])
         if frozen is not None:
             count = vocab.finite_count(x, a)
-            if frozen[i] is None or jnp.shape(frozen[i]) != count.shape:
-                raise ValueError(
-                    f"jaxnan: {_NAME} got stats of shape "
-                    f"{None if frozen[i] is None else jnp.shape(frozen[i])} for a "
-                    f"leaf whose features have shape {count.shape}. Fit the stats "
-                    "on a batch of the same layout with the same axis."
-                )
             val = jnp.asarray(frozen[i], x.dtype)
         else:
             val, count = _fill_values(x, a, strategy, fill)

@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 import jax
 from jax.extend import source_info_util
 
-from jaxnan._src import base
+from jaxnan._src import base, frames
 
 source_info_util.register_exclusion(__file__)
 
@@ -108,9 +108,7 @@ class Site(NamedTuple):
 
 
 def _is_user(f: Any) -> bool:
-    return base.library_of(f.file_name) is None and not f.file_name.endswith(
-        ("contextlib.py", "functools.py")
-    )
+    return frames.is_user_file(f.file_name)
 
 
 def call_site(source_info: Any) -> Site | None:
@@ -119,13 +117,13 @@ def call_site(source_info: Any) -> Site | None:
     An equation of a library `jit` traced elsewhere has no user frame.
     """
     tb = getattr(source_info, "traceback", None)
-    frames = list(getattr(tb, "frames", ())) if tb is not None else []
-    for k, f in enumerate(frames):  # innermost first
+    stack = list(getattr(tb, "frames", ())) if tb is not None else []
+    for k, f in enumerate(stack):  # innermost first
         if _is_user(f):
-            inner = frames[k - 1] if k else None
+            inner = stack[k - 1] if k else None
             callee = (inner.file_name, inner.function_name) if inner else ()
             outer = tuple(
-                (g.file_name, g.line_num) for g in frames[k + 1 :] if _is_user(g)
+                (g.file_name, g.line_num) for g in stack[k + 1 :] if _is_user(g)
             )
             return Site(
                 key=(f.file_name, f.line_num, *callee),
@@ -134,7 +132,7 @@ def call_site(source_info: Any) -> Site | None:
                 chain=(f.file_name, f.function_name, *outer),
                 direct=all(
                     base.library_of(g.file_name) in (None, "jax", "jaxlib")
-                    for g in frames[:k]
+                    for g in stack[:k]
                 ),
             )
     return None

@@ -193,16 +193,7 @@ def grad_stats(
     .. versionadded:: 0.1.0
     """
     name = "jaxnan.grad_stats"
-    if not (vanishing > 0 and exploding > 0):
-        raise ValueError(
-            f"jaxnan: {name} got vanishing={vanishing!r}, exploding={exploding!r};"
-            " pass positive relative thresholds (e.g. 1e-6 and 1e3)."
-        )
-    if updates is not None and params is None:
-        raise ValueError(
-            f"jaxnan: {name} got updates without params; pass both to get "
-            "update_ratio = |update| / |param|."
-        )
+    _check_grad_stats_args(name, params, updates, vanishing, exploding)
     leaves, treedef = _float_leaves(grads, "grads", name)
     norms, maxabs, bads = norms_maxabs_nonfinite(leaves)
     zeros = [_zero_fraction(x) for x in leaves]
@@ -211,22 +202,10 @@ def grad_stats(
     refs = [median] * len(leaves)
     ratios = [jnp.float32(jnp.nan)] * len(leaves)
     if params is not None:
-        base.validate_same_structure(
-            grads, params, name_a="grads", name_b="params", fn_name=name
-        )
-        p_leaves = [jnp.asarray(x) for x in treedef.flatten_up_to(params)]
-        p_norms = [
-            jnp.sqrt(tree.sum_of_squares(x)).astype(jnp.float32) for x in p_leaves
-        ]
+        p_norms = _norms_like(grads, params, "params", treedef, name)
         refs = [jnp.where(p > 0, p, median) for p in p_norms]
         if updates is not None:
-            base.validate_same_structure(
-                grads, updates, name_a="grads", name_b="updates", fn_name=name
-            )
-            u_leaves = [jnp.asarray(x) for x in treedef.flatten_up_to(updates)]
-            u_norms = [
-                jnp.sqrt(tree.sum_of_squares(x)).astype(jnp.float32) for x in u_leaves
-            ]
+            u_norms = _norms_like(grads, updates, "updates", treedef, name)
             ratios = [
                 jnp.where(u == 0, 0.0, u / p).astype(jnp.float32)
                 for u, p in zip(u_norms, p_norms)
@@ -246,3 +225,28 @@ def grad_stats(
         unflat(van),
         unflat(exp),
     )
+
+
+def _check_grad_stats_args(
+    name: str, params: Any, updates: Any, vanishing: float, exploding: float
+) -> None:
+    if not (vanishing > 0 and exploding > 0):
+        raise ValueError(
+            f"jaxnan: {name} got vanishing={vanishing!r}, exploding={exploding!r};"
+            " pass positive relative thresholds (e.g. 1e-6 and 1e3)."
+        )
+    if updates is not None and params is None:
+        raise ValueError(
+            f"jaxnan: {name} got updates without params; pass both to get "
+            "update_ratio = |update| / |param|."
+        )
+
+
+def _norms_like(
+    grads: Any, other: Any, argname: str, treedef: Any, fn_name: str
+) -> list[jax.Array]:
+    """float32 leaf norms of `other`, a tree of the structure of `grads`."""
+    base.validate_same_structure(
+        grads, other, name_a="grads", name_b=argname, fn_name=fn_name
+    )
+    return [leaf_norm(jnp.asarray(x)) for x in treedef.flatten_up_to(other)]

@@ -127,7 +127,7 @@ def clip_outliers(
     .. versionadded:: 0.1.0
     """
     z, quantiles = _check_rule(z, quantiles)
-    leaves, treedef, idx, paths = vocab.float_paths(batch, fn_name=_NAME)
+    leaves, treedef, axes = vocab.feature_axes(batch, axis, fn_name=_NAME)
     n = len(leaves)
     if bounds is not None:
         if not isinstance(bounds, tuple) or len(bounds) != 2:
@@ -135,15 +135,16 @@ def clip_outliers(
                 f"jaxnan: {_NAME} got bounds={bounds!r}; pass (report.low, "
                 "report.high) from a previous call."
             )
-        frozen_lo = vocab.side_tree(bounds[0], treedef, n, "bounds", fn_name=_NAME)
-        frozen_hi = vocab.side_tree(bounds[1], treedef, n, "bounds", fn_name=_NAME)
+        frozen_lo, frozen_hi = (
+            vocab.frozen_features(b, leaves, treedef, axes, "bounds", fn_name=_NAME)
+            for b in bounds
+        )
     out = list(leaves)
     clipped: list[Any] = [None] * n
     lows: list[Any] = [None] * n
     highs: list[Any] = [None] * n
-    for i, p in zip(idx, paths):
+    for i, a in axes.items():
         x = jnp.asarray(leaves[i])
-        a = vocab.norm_axis(x, axis, p, fn_name=_NAME)
         if bounds is not None:
             lo = jnp.asarray(frozen_lo[i], x.dtype)
             hi = jnp.asarray(frozen_hi[i], x.dtype)
@@ -153,7 +154,7 @@ def clip_outliers(
         out[i] = jnp.clip(x, lo_b, hi_b)
         clipped[i] = jnp.sum((x < lo_b) | (x > hi_b), axis=a, dtype=jnp.int32)
         lows[i], highs[i] = lo, hi
-    total = sum(jnp.sum(clipped[i], dtype=jnp.int32) for i in idx)
+    total = sum(jnp.sum(clipped[i], dtype=jnp.int32) for i in axes)
 
     def unflat(xs):
         return jax.tree_util.tree_unflatten(treedef, xs)

@@ -13,6 +13,8 @@ from jaxnan._src.inspect.activations import LayerStats
 
 source_info_util.register_exclusion(__file__)
 
+_RED, _BLUE = "#d62728", "#1f77b4"
+
 
 def _figure_class():
     try:
@@ -74,33 +76,17 @@ def plot_stats(
         )
     names = list(stats)
     rows = [stats[k] for k in names]
-    maxabs = np.array([float(s.max_abs) for s in rows])
-    room = np.array([float(s.headroom) for s in rows])
-    doublings = np.where(np.isfinite(room), np.maximum(room, 0.0), 0.0)
-    hot = [bool(s.near_overflow) for s in rows]
-    bad = [int(s.nonfinite) for s in rows]
-    colors = ["#d62728" if h or b else "#1f77b4" for h, b in zip(hot, bad)]
-    labels = [f"{k}  [{s.dtype}]" for k, s in zip(names, rows)]
+    colors = [_RED if _flagged(s) else _BLUE for s in rows]
     y = np.arange(len(names))
-
-    height = 1.2 + 0.32 * len(names)
-    fig = Figure(figsize=(11, height), layout="constrained")
+    fig = Figure(figsize=(11, 1.2 + 0.32 * len(names)), layout="constrained")
     left, right = fig.subplots(1, 2, sharey=True)
+    maxabs = np.array([float(s.max_abs) for s in rows])
     left.barh(y, np.where(maxabs > 0, maxabs, np.nan), color=colors)
     left.set_xscale("log")
-    left.set_yticks(y, labels, fontsize=8)
+    left.set_yticks(y, [f"{k}  [{s.dtype}]" for k, s in zip(names, rows)], fontsize=8)
     left.invert_yaxis()
     left.set_xlabel("largest finite |x| (log scale)")
-    right.barh(y, doublings, color=colors)
-    right.set_xlabel(
-        "headroom: doublings left before overflow, log2(dtype max / max |x|)"
-    )
-    for i, (d, b, r, s) in enumerate(zip(doublings, bad, room, rows)):
-        text = f" {b} nonfinite" if b else ("" if math.isfinite(r) else " all zero")
-        if hot[i] and not b:
-            text = f" {float(s.range_used):.0%} of the {s.dtype} range"
-        if text:
-            right.text(d, i, text, va="center", fontsize=8, color="#d62728")
+    _headroom_panel(right, rows, colors)
     for ax in (left, right):
         ax.grid(axis="x", alpha=0.3)
     note = "red: near overflow or nonfinite"
@@ -108,3 +94,30 @@ def plot_stats(
     out = os.fspath(path)
     fig.savefig(out, dpi=110)
     return out
+
+
+def _flagged(s: LayerStats) -> bool:
+    """Near overflow or holding a nonfinite value: drawn red."""
+    return bool(s.near_overflow) or int(s.nonfinite) != 0
+
+
+def _bar_note(s: LayerStats) -> str:
+    """The note beside a layer's headroom bar: why it is red or empty."""
+    bad = int(s.nonfinite)
+    if bad:
+        return f" {bad} nonfinite"
+    if s.near_overflow:
+        return f" {float(s.range_used):.0%} of the {s.dtype} range"
+    return "" if math.isfinite(float(s.headroom)) else " all zero"
+
+
+def _headroom_panel(ax, rows: list[LayerStats], colors: list[str]) -> None:
+    """Doublings left before overflow per layer, with the red layers' notes."""
+    room = np.array([float(s.headroom) for s in rows])
+    doublings = np.where(np.isfinite(room), np.maximum(room, 0.0), 0.0)
+    ax.barh(np.arange(len(rows)), doublings, color=colors)
+    ax.set_xlabel("headroom: doublings left before overflow, log2(dtype max / max |x|)")
+    for i, (d, s) in enumerate(zip(doublings, rows)):
+        text = _bar_note(s)
+        if text:
+            ax.text(d, i, text, va="center", fontsize=8, color=_RED)

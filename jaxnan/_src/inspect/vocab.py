@@ -103,6 +103,56 @@ def side_tree(stats: Any, treedef: Any, n: int, argname: str, *, fn_name: str):
     return leaves
 
 
+def feature_axes(
+    batch: Any, axis: int, *, fn_name: str
+) -> tuple[list[Any], Any, dict[int, int]]:
+    """(leaves, treedef, float leaf index -> its example axis, non-negative).
+
+    Raises:
+        ValueError: when `batch` has no real floating leaf, or `axis` is out
+            of range for one (naming the leaf).
+        TypeError: when `axis` is not an int.
+    """
+    leaves, treedef, idx, paths = float_paths(batch, fn_name=fn_name)
+    axes = {
+        i: norm_axis(jnp.asarray(leaves[i]), axis, p, fn_name=fn_name)
+        for i, p in zip(idx, paths)
+    }
+    return leaves, treedef, axes
+
+
+def frozen_features(
+    tree: Any,
+    leaves: list[Any],
+    treedef: Any,
+    axes: dict[int, int],
+    argname: str,
+    *,
+    fn_name: str,
+) -> list[Any]:
+    """The leaves of fitted per-feature values (``stats=``, ``bounds=``).
+
+    Checked against the batch (`leaves`, `treedef` and `axes` from
+    `feature_axes`): one leaf per batch leaf, and at each float leaf an
+    array of its feature shape (the leaf's shape without its axis).
+
+    Raises:
+        ValueError: for another structure or another feature shape.
+    """
+    frozen = side_tree(tree, treedef, len(leaves), argname, fn_name=fn_name)
+    for i, a in axes.items():
+        shape = jnp.shape(leaves[i])
+        features = shape[:a] + shape[a + 1 :]
+        got = None if frozen[i] is None else jnp.shape(frozen[i])
+        if got != features:
+            raise ValueError(
+                f"jaxnan: {fn_name} got {argname} of shape {got} for a leaf whose "
+                f"features have shape {features}. Fit the {argname} on a batch of "
+                "the same layout with the same axis."
+            )
+    return frozen
+
+
 def finite_count(x: jax.Array, axis: int) -> jax.Array:
     """int32 count of finite entries along `axis`."""
     return jnp.sum(jnp.isfinite(x), axis=axis, dtype=jnp.int32)

@@ -13,10 +13,10 @@ import jax
 import numpy as np
 from jax.extend import source_info_util
 
-from jaxnan._src import base, primitives
+from jaxnan._src import frames, primitives
 from jaxnan._src.lint import graph, registry, rules  # noqa: F401 - registers the rules
 from jaxnan._src.lint.graph import Graph, Node
-from jaxnan._src.lint.registry import SEVERITY_ORDER
+from jaxnan._src.lint.registry import Severity
 from jaxnan._src.lint.signs import Analysis
 
 source_info_util.register_exclusion(__file__)
@@ -28,7 +28,8 @@ class Finding:
 
     Attributes:
         rule: the rule id, a key of `jaxnan.LINT_RULES`.
-        severity: ``"error"``, ``"warning"`` or ``"info"``.
+        severity: a `Severity` (``"error"``, ``"warning"`` or ``"info"``;
+            a string is converted).
         message: what was found, starting with ``jaxnan:``.
         fix: a fix snippet.
         file: the user's file (the innermost frame outside jax, optax, chex,
@@ -49,12 +50,23 @@ class Finding:
     """
 
     rule: str
-    severity: str
+    severity: Severity
     message: str
     fix: str
     file: str | None
     line: int | None
     code: str
+
+    def __post_init__(self) -> None:
+        try:
+            severity = Severity(self.severity)
+        except ValueError:
+            valid = ", ".join(repr(s.value) for s in Severity)
+            raise ValueError(
+                f"jaxnan: Finding(severity={self.severity!r}) is not a severity; "
+                f"use one of {valid}."
+            ) from None
+        object.__setattr__(self, "severity", severity)
 
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}" if self.file else "<unknown>"
@@ -67,29 +79,19 @@ class Finding:
 # -- source lines ----------------------------------------------------------------
 
 
-def _lib_roots() -> tuple[str, ...]:
-    """The standard library's directory (its frames are never the user's)."""
-    return (os.path.dirname(os.path.abspath(os.__file__)) + os.sep,)
-
-
-def _is_library(path: str, roots: tuple[str, ...]) -> bool:
-    if path.startswith("<") or base.library_of(path) is not None:
-        return True
-    ap = os.path.abspath(path)
-    # The standard library, but not an installed user package under it.
-    return any(ap.startswith(r) and "site-packages" not in ap[len(r) :] for r in roots)
-
-
 def _frames(nd: Node):
     for eqn in (nd.eqn, *reversed(nd.sites)):
         tb = getattr(getattr(eqn, "source_info", None), "traceback", None)
         yield from getattr(tb, "frames", None) or ()
 
 
-def location(nd: Node, roots) -> tuple[str | None, int | None, str]:
-    """``(file, line, code)`` of the user frame of `nd` (or its call sites)."""
+def location(nd: Node) -> tuple[str | None, int | None, str]:
+    """``(file, line, code)`` of the user frame of `nd` (or its call sites).
+
+    The user frame is the innermost that `frames.is_user_file` accepts.
+    """
     for fr in _frames(nd):
-        if not _is_library(fr.file_name, roots):
+        if frames.is_user_file(fr.file_name):
             code = linecache.getline(fr.file_name, fr.line_num).strip()
             return fr.file_name, fr.line_num, code
     return None, None, ""
@@ -98,13 +100,13 @@ def location(nd: Node, roots) -> tuple[str | None, int | None, str]:
 # -- running -----------------------------------------------------------------------
 
 
-def _run(g: Graph, diff: Sequence[int], detectors, roots) -> list[Finding]:
+def _run(g: Graph, diff: Sequence[int], detectors) -> list[Finding]:
     ctx = registry.Context(g, Analysis(g, diff), set())
     out = []
     for det in detectors:
         for hit in registry.run(det, ctx):
-            sev = str(hit.severity or hit.rule.severity)
-            file, line, code = location(hit.node, roots)
+            sev = hit.severity or hit.rule.severity
+            file, line, code = location(hit.node)
             rule = hit.rule
             out.append(Finding(rule.rule, sev, hit.message, rule.fix, file, line, code))
     return out
@@ -158,7 +160,7 @@ def _unique_sorted(findings: list[Finding]) -> list[Finding]:
         if key not in seen:
             seen.add(key)
             unique.append(f)
-    return sorted(unique, key=lambda f: SEVERITY_ORDER[registry.Severity(f.severity)])
+    return sorted(unique, key=lambda f: f.severity.rank)
 
 
 def lint(fn: Callable[..., Any], *args: Any, argnums: int | Sequence[int] = 0):
@@ -220,14 +222,13 @@ def lint(fn: Callable[..., Any], *args: Any, argnums: int | Sequence[int] = 0):
             "pass the loss function itself, not its value."
         )
     nums = _argnums(argnums, len(args))
-    roots = _lib_roots()
     g, closed = graph.build(fn, args)
-    findings = _run(g, _flat_positions(args, nums), registry.DETECTORS, roots)
+    findings = _run(g, _flat_positions(args, nums), registry.DETECTORS)
     if _is_float_scalar(closed.out_avals):
         gg = _gradient_graph(fn, args, nums)
         if gg is not None:
             on_gradient = [d for d in registry.DETECTORS if d.on_gradient]
-            findings += _run(gg, [], on_gradient, roots)
+            findings += _run(gg, [], on_gradient)
     return _unique_sorted(findings)
 
 
@@ -262,7 +263,7 @@ def cli(target: str, *, argnums: Sequence[int] = (0,), out=None) -> int:
     findings = lint(fn, *args, argnums=nums)
     for f in findings:
         print(str(f), file=out)
-    n_err = sum(f.severity == "error" for f in findings)
+    n_err = sum(f.severity is Severity.ERROR for f in findings)
     print(
         f"jaxnan lint: {len(findings)} finding(s), {n_err} error(s) in {target}",
         file=out,

@@ -30,7 +30,19 @@ source_info_util.register_exclusion(__file__)
 
 
 class Severity(str, enum.Enum):
-    """How bad a finding is (a `str`, so ``"error" == Severity.ERROR``)."""
+    """How bad a lint finding is, the one severity vocabulary of jaxnan.
+
+    Members compare equal to their values as strings
+    (``Severity.ERROR == "error"``) and are listed in report order: errors
+    first (`rank`).
+
+    Examples:
+        >>> from jaxnan._src.lint.registry import Severity
+        >>> Severity("warning") is Severity.WARNING, str(Severity.ERROR)
+        (True, 'error')
+        >>> sorted(["info", "error", "warning"], key=lambda s: Severity(s).rank)
+        ['error', 'warning', 'info']
+    """
 
     ERROR = "error"
     WARNING = "warning"
@@ -39,9 +51,15 @@ class Severity(str, enum.Enum):
     def __str__(self) -> str:
         return self.value
 
+    def __repr__(self) -> str:
+        return repr(self.value)
 
-SEVERITY_ORDER = {Severity.ERROR: 0, Severity.WARNING: 1, Severity.INFO: 2}
-"""Errors first."""
+    __format__ = str.__format__
+
+    @property
+    def rank(self) -> int:
+        """0 for errors, 1 for warnings, 2 for infos (the report order)."""
+        return list(Severity).index(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +84,7 @@ class LintRule:
     """
 
     rule: str
-    severity: str
+    severity: Severity
     summary: str
     fix: str
     bad: str
@@ -120,7 +138,9 @@ DETECTORS: list[Registered] = []
 """The registered detectors, in registration (run) order."""
 
 
-def rule(rule_id: str, severity: str, summary: str, fix: str, bad: str, good: str):
+def rule(
+    rule_id: str, severity: Severity | str, summary: str, fix: str, bad: str, good: str
+) -> LintRule:
     """Declares a `LintRule` and adds it to `LINT_RULES`.
 
     Raises:
@@ -128,7 +148,7 @@ def rule(rule_id: str, severity: str, summary: str, fix: str, bad: str, good: st
     """
     if rule_id in _RULES:
         raise ValueError(f"jaxnan: lint rule {rule_id!r} is declared twice")
-    made = LintRule(rule_id, str(Severity(severity)), summary, fix, bad, good)
+    made = LintRule(rule_id, Severity(severity), summary, fix, bad, good)
     _RULES[rule_id] = made
     return made
 
