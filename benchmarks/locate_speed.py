@@ -40,11 +40,14 @@ import subprocess
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # this checkout's jaxnan, not an installed one
 
-import jaxnan
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import jaxnan  # noqa: E402
 
 D, HEADS, MLP, VOCAB, LAYERS, BATCH, SEQ = 256, 4, 1024, 512, 4, 8, 64
 
