@@ -20,9 +20,12 @@ cross-entropy loss:
   resident set after building the inputs, one for plain jit, one for
   locate.
 
+With ``--reuse-jit`` `locate` is given the function the plain timing jitted
+(a user's compiled training step), so ``check_compiled`` reuses its program.
+
 Usage:
     python benchmarks/locate_speed.py [--depths 2,4,8,16,24] [--rounds 1]
-        [--limit 240]
+        [--limit 240] [--no-memory] [--no-event] [--reuse-jit]
     python benchmarks/locate_speed.py --mode single [--rounds 5]
 """
 
@@ -37,11 +40,14 @@ import subprocess
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # this checkout's jaxnan, not an installed one
 
-import jaxnan
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import jaxnan  # noqa: E402
 
 D, HEADS, MLP, VOCAB, LAYERS, BATCH, SEQ = 256, 4, 1024, 512, 4, 8, 64
 
@@ -100,16 +106,20 @@ def loss(params, tokens):
     return nll.mean()
 
 
-def time_plain(fn, args):
+def time_plain(fn, args, keep=None):
     t0 = time.perf_counter()
-    out = jax.jit(lambda *a: fn(*a))(*args)
+    jitted = jax.jit(lambda *a: fn(*a))
+    out = jitted(*args)
     jax.block_until_ready(out)
+    if keep is not None:
+        keep.append(jitted)
     return time.perf_counter() - t0
 
 
-def time_locate(fn, args):
+def time_locate(fn, args, jitted=None):
+    """`locate` of a fresh function, or of the user's `jitted` one (reused)."""
     t0 = time.perf_counter()
-    d = jaxnan.locate(lambda *a: fn(*a))(*args)
+    d = jaxnan.locate(jitted if jitted is not None else (lambda *a: fn(*a)))(*args)
     return time.perf_counter() - t0, d
 
 
@@ -156,8 +166,12 @@ def _warm():
     jax.block_until_ready(jax.jit(lambda x: jnp.sin(x) @ x)(jnp.ones((4, 4))))
 
 
-def point(layers, rounds, event=True):
-    """One depth, in this (child) process: prints one JSON line."""
+def point(layers, rounds, event=True, reuse=False):
+    """One depth, in this (child) process: prints one JSON line.
+
+    With `reuse`, `locate` gets the function the plain timing jitted (the
+    user's compiled training step), whose compiled program it reuses.
+    """
     vg, params, bad, batch = _lm(layers)
     _warm()
     n_eqns = len(jax.make_jaxpr(vg)(params, batch).eqns)
@@ -165,12 +179,14 @@ def point(layers, rounds, event=True):
     ratios = {"finite": [], "event": []}
     found = None
     for _ in range(rounds):
-        tp = time_plain(vg, (params, batch))
-        tf, d_ok = time_locate(vg, (params, batch))
+        keep = [] if reuse else None
+        tp = time_plain(vg, (params, batch), keep)
+        jitted = keep[0] if keep else None
+        tf, d_ok = time_locate(vg, (params, batch), jitted)
         assert not d_ok.found, str(d_ok)
         te = float("nan")
         if event:
-            te, d_bad = time_locate(vg, (bad, batch))
+            te, d_bad = time_locate(vg, (bad, batch), jitted)
             found = f"{d_bad.primitive} line {d_bad.line} {d_bad.phase}"
         rows["plain"].append(tp)
         rows["finite"].append(tf)
@@ -189,14 +205,18 @@ def point(layers, rounds, event=True):
 
 
 def memory(layers, which):
-    """Peak resident set rise (MiB) of one plain jit or one locate (child)."""
-    vg, params, _, batch = _lm(layers)
+    """Peak resident set rise (MiB) of one plain jit or one locate (child).
+
+    ``which``: "plain", "locate" (finite step) or "event" (the planted
+    overflow).
+    """
+    vg, params, bad, batch = _lm(layers)
     _warm()
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if which == "plain":
         time_plain(vg, (params, batch))
     else:
-        time_locate(vg, (params, batch))
+        time_locate(vg, (bad if which == "event" else params, batch))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print("RESULT " + json.dumps({"mib": round((peak - base) / 1024, 1)}), flush=True)
 
@@ -213,7 +233,7 @@ def _child(args, limit):
     raise RuntimeError(f"child {args} failed:\n{res.stderr[-3000:]}")
 
 
-def sweep(depths, rounds, limit, mem, event):
+def sweep(depths, rounds, limit, mem, event, reuse=False):
     print(
         "| layers | eqns | plain jit compile+run | locate, finite | ratio "
         "| locate, event in layer L/2 | ratio | peak RSS rise plain / locate "
@@ -222,7 +242,8 @@ def sweep(depths, rounds, limit, mem, event):
     print("|---|---|---|---|---|---|---|---|---|")
     for layers in depths:
         args = ["--point", str(layers), "--rounds", str(rounds)]
-        r = _child(args + ([] if event else ["--no-event"]), limit)
+        args += [] if event else ["--no-event"]
+        r = _child(args + (["--reuse-jit"] if reuse else []), limit)
         if r is None:
             print(
                 f"| {layers} | | stopped: over the {limit:.0f} s limit per depth "
@@ -233,9 +254,13 @@ def sweep(depths, rounds, limit, mem, event):
         if mem:
             mp = _child(["--memory", str(layers), "plain"], limit)
             ml = _child(["--memory", str(layers), "locate"], limit)
+            me = _child(["--memory", str(layers), "event"], limit) if event else None
             if mp and ml:
                 ratio = ml["mib"] / max(mp["mib"], 1.0)
                 m = f"{mp['mib']:.0f} / {ml['mib']:.0f} MiB ({ratio:.2f}x)"
+            if mp and me:
+                ratio = me["mib"] / max(mp["mib"], 1.0)
+                m += f", event {me['mib']:.0f} MiB ({ratio:.2f}x)"
         print(
             f"| {layers} | {r['eqns']} | {r['plain_s']:.2f} s | {r['finite_s']:.2f} s "
             f"| {r['ratio_finite']:.2f}x | {r['event_s']:.2f} s "
@@ -252,18 +277,23 @@ def main():
     ap.add_argument("--limit", type=float, default=240.0, help="seconds per depth")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--no-event", action="store_true", help="finite step only")
+    ap.add_argument(
+        "--reuse-jit",
+        action="store_true",
+        help="locate the function the plain timing jitted (its program reused)",
+    )
     ap.add_argument("--point", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--memory", nargs=2, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.point is not None:
-        point(a.point, a.rounds, not a.no_event)
+        point(a.point, a.rounds, not a.no_event, a.reuse_jit)
     elif a.memory is not None:
         memory(int(a.memory[0]), a.memory[1])
     elif a.mode == "single":
         single(a.rounds)
     else:
         depths = [int(x) for x in a.depths.split(",")]
-        sweep(depths, a.rounds, a.limit, not a.no_memory, not a.no_event)
+        sweep(depths, a.rounds, a.limit, not a.no_memory, not a.no_event, a.reuse_jit)
 
 
 if __name__ == "__main__":

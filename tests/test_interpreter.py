@@ -12,7 +12,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxnan
-from jaxnan._src import blocks, interpreter, records, rules
+from jaxnan._src import blocks, interpreter, records, replay, rules
 from tests import helpers
 
 
@@ -321,3 +321,45 @@ def test_blocks_reuse_repeated_layers_and_match_one_program():
     d = jaxnan.locate(fn)(ws, x)
     check(d, "dot_general", "deep")
     assert d.nonfinite_outputs == {}
+
+
+def _inf_then_nan_loss(ws, x):
+    for w in ws:
+        x = jnp.tanh(x @ w)
+    big = jnp.exp(x * 200.0)  # overflows
+    return jnp.mean(big - big)  # <- then-nan
+
+
+def test_restricted_block_pass_matches_one_program_and_reuses_blocks():
+    ws = [jnp.eye(4) * 1.5 for _ in range(24)]
+    ws[5] = jnp.full((4, 4), 3e38)  # a first overflow, masked by tanh
+    ws[17] = jnp.full((4, 4), 3e38)  # a second one
+    x = jnp.linspace(0.5, 0.9, 8).reshape(2, 4)
+    fn = jax.value_and_grad(_inf_then_nan_loss)
+    run = replay.Run(fn, "loss", (), (ws, x), {})
+    det, _, _ = run.detect()
+    first = det.nodes[det.index]
+    assert first.eqn.primitive.name == "dot_general"
+    again, _, _ = run.detect(allow=lambda n: True)
+    assert again.compiled == 0 and again.index == det.index  # all reused
+
+    def whole(strategy):
+        one = interpreter.Interpreter(strategy, 0)
+        rec, _ = jax.jit(lambda c, a: interpreter.run(one, run.closed, c, a))(
+            run.consts, run.leaves
+        )
+        return rec
+
+    later = lambda n: n.unit > first.unit  # noqa: E731
+    restricted, _, _ = run.detect(allow=later)
+    assert 0 < restricted.compiled < restricted.blocks
+    rec = whole(records.Detect(later))
+    assert restricted.index == int(rec.index) > det.index
+    assert restricted.nan_index == int(rec.nan_index)
+    nan_only = whole(records.Detect(min_code=records.CODE_NAN))
+    assert det.nan_index == int(nan_only.index) >= 0
+    assert det.nodes[det.nan_index].eqn.primitive.name == "sub"
+    d = jaxnan.locate(fn)(ws, x)
+    assert d.nan_event["primitive"] == "sub"
+    tag = "then-nan"
+    assert d.nan_event["line"] == helpers.marker_line(__file__, f"# <- {tag}")

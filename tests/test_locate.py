@@ -329,3 +329,25 @@ def test_report_reads_well():
     assert "jvp(" not in text and "transpose(" not in text
     assert d.signature == "(f32[], f32[3,2]) -> f32[3,2]"
     assert d.to_dict()["phase"] == "backward" and d.to_dict()["cause"] == "unsafe_op"
+
+
+def test_check_compiled_reuses_the_users_jit_and_keeps_donated_buffers(caplog):
+    def loss(w, x):
+        return jnp.sum(jnp.log(x * w))  # <- jitted
+
+    step = jax.jit(jax.value_and_grad(loss))
+    w, x = jnp.ones(3), jnp.arange(3.0)
+    step(w, x)  # the training step ran: jax holds its compiled program
+    caplog.set_level("DEBUG")
+    with jax.log_compiles():
+        d = jaxnan.locate(step)(w, x)
+    assert (d.primitive, d.line, d.compiled_outputs) == ("log", marker("jitted"), None)
+    compiled = [r.getMessage() for r in caplog.records if "ompil" in r.getMessage()]
+    assert compiled and not [m for m in compiled if "flat_fn" in m], compiled
+    # a step donating its arguments is compiled afresh: the user's buffers live
+    donating = jax.jit(jax.value_and_grad(loss), donate_argnums=0)
+    w = jnp.ones(3)
+    d = jaxnan.locate(donating)(w, x)
+    assert d.primitive == "log" and d.compiled_outputs is None
+    assert not w.is_deleted()
+    np.testing.assert_array_equal(w, np.ones(3))

@@ -46,13 +46,16 @@ def library_dirs() -> dict[str, tuple[str, ...]]:
     return dirs
 
 
+_realpath = functools.lru_cache(maxsize=4096)(os.path.realpath)
+
+
 def library_of(file_name: str) -> str | None:
     """The library (of `LIBRARIES`) a source file belongs to, or None for user code.
 
     jaxnan's shipped examples (``jaxnan/examples``, the demo's training loop)
     count as user code.
     """
-    path = os.path.realpath(file_name) if os.path.isabs(file_name) else file_name
+    path = _realpath(file_name) if os.path.isabs(file_name) else file_name
     for name, dirs in library_dirs().items():
         for d in dirs:
             if path.startswith(d):

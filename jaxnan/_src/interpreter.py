@@ -218,7 +218,7 @@ class Ctx:
         self.name_stack = name_stack
         self.unit = unit
         self.shard = shard
-        self.pending: list[tuple[Any, int]] = []
+        self.pending: list[tuple[Any, Any, int]] = []
         self.callers: tuple = ()
         self._info: _EqnInfo | None = None
 

@@ -2,7 +2,8 @@
 
 Each floating value gets one int8 *code* (`value_code`): 0 finite, 1 some
 +-Inf and no NaN, 2 some NaN. `Detect` folds the created flags of the
-equations into a fixed-size `Record` of the first event; `Capture` reads the
+equations into a fixed-size `Record` of the first event (and of the first
+NaN-creating one, in the same pass); `Capture` reads the
 concrete inputs and outputs of one target equation. `Node` is what the host
 knows about each equation instance, `Slot` what the evaluation loop knows
 about each variable.
@@ -36,11 +37,15 @@ class Record(NamedTuple):
         device: int32 scalar, the position inside the device grid of the
             enclosing `shard_map`/`pmap` where the event happened first, -1
             outside them.
+        nan_index: int32 scalar, the node index of the first event that
+            created a NaN out of NaN-free inputs, -1 if none (the NaN that
+            follows an Inf event, found without a second pass).
     """
 
     index: jax.Array
     iteration: jax.Array
     device: jax.Array
+    nan_index: jax.Array
 
     @classmethod
     def empty(cls, depth: int) -> Record:
@@ -48,6 +53,7 @@ class Record(NamedTuple):
         return cls(
             jnp.full((), -1, jnp.int32),
             jnp.full((depth,), -1, jnp.int32),
+            jnp.full((), -1, jnp.int32),
             jnp.full((), -1, jnp.int32),
         )
 
@@ -171,7 +177,8 @@ class Detect:
         allow: which nodes may hold the event (None: all); `jaxnan.locate`
             restricts a second pass to the cone of the bad outputs.
         min_code: the smallest code an event must create (`CODE_NAN`: NaN
-            events only, for the NaN that follows an Inf).
+            events only). The record's ``nan_index`` holds the first
+            NaN-creating event whatever `min_code` is.
     """
 
     def __init__(self, allow: Any = None, min_code: int = CODE_INF):
@@ -194,25 +201,22 @@ class Detect:
         cout = functools.reduce(jnp.maximum, out_codes)
         cin = functools.reduce(jnp.maximum, in_codes) if in_codes else 0
         created = cout > cin
+        nan = created & (cout >= CODE_NAN)
         if self.min_code > CODE_INF:
-            created = created & (cout >= self.min_code)
-        ctx.pending.append((created, node.index))
+            created = nan
+        ctx.pending.append((created, nan, node.index))
 
     def flush(self, ctx: Any) -> None:
         """Folds the pending created flags of `ctx` into its record."""
         if not ctx.pending:
             return
-        flags = [f for f, _ in ctx.pending]
-        idxs = np.asarray([i for _, i in ctx.pending], np.int32)
+        idxs = np.asarray([i for _, _, i in ctx.pending], np.int32)
+        hit, first = _first([f for f, _, _ in ctx.pending], idxs)
+        nan_hit, nan_first = _first([f for _, f, _ in ctx.pending], idxs)
         ctx.pending = []
-        if len(flags) == 1:
-            hit, first = flags[0], jnp.int32(idxs[0])
-        else:
-            stacked = jnp.stack(flags)
-            hit = jnp.any(stacked)
-            first = jnp.asarray(idxs)[jnp.argmax(stacked)]
         st = ctx.state
         take = (st.index < 0) & hit
+        take_nan = (st.nan_index < 0) & nan_hit
         its = list(ctx.iters) + [-1] * (ctx.interp.depth - len(ctx.iters))
         it = (
             jnp.stack([jnp.asarray(i, jnp.int32) for i in its])
@@ -223,6 +227,7 @@ class Detect:
             jnp.where(take, first, st.index),
             jnp.where(take, it, st.iteration),
             st.device,
+            jnp.where(take_nan, nan_first, st.nan_index),
         )
 
     def merge_devices(self, ctx: Any, stacked: Record, ndev: int) -> Record:
@@ -233,11 +238,23 @@ class Detect:
         key = jnp.where(valid, stacked.index, jnp.iinfo(jnp.int32).max)
         pos = jnp.argmin(key).astype(jnp.int32)
         take = (old.index < 0) & jnp.any(valid)
+        nan_valid = stacked.nan_index >= 0
+        nan_key = jnp.where(nan_valid, stacked.nan_index, jnp.iinfo(jnp.int32).max)
+        take_nan = (old.nan_index < 0) & jnp.any(nan_valid)
         return Record(
             jnp.where(take, stacked.index[pos], old.index),
             jnp.where(take, stacked.iteration[pos], old.iteration),
             jnp.where(take, pos, old.device),
+            jnp.where(take_nan, jnp.min(nan_key), old.nan_index),
         )
+
+
+def _first(flags: list, idxs: np.ndarray) -> tuple[Any, Any]:
+    """(whether any flag is set, the index of the first set one)."""
+    if len(flags) == 1:
+        return flags[0], jnp.int32(idxs[0])
+    stacked = jnp.stack(flags)
+    return jnp.any(stacked), jnp.asarray(idxs)[jnp.argmax(stacked)]
 
 
 class Capture:

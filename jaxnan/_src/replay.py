@@ -4,6 +4,9 @@
 Equinox module or a closure kept static), then runs the detect pass (block by
 block, see `blocks`), the capture pass of the event and the plain compiled
 function, whose outputs say whether XLA's program agrees with the replay.
+Every detect pass is block-wise and they share their compiled blocks: a pass
+restricted to the cone of the bad outputs recompiles only the blocks that
+hold both allowed and excluded nodes.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import jax
 import numpy as np
 from jax.extend import source_info_util
 
-from jaxnan._src import base, blocks, interpreter, primitives, records, tree
+from jaxnan._src import base, blocks, primitives, tree
 
 source_info_util.register_exclusion(__file__)
 
@@ -48,6 +51,9 @@ class Run:
 
     def __init__(self, fn, name, static, args, kwargs):
         reject_tracers(name, args, kwargs)
+        self.fn, self.args, self.kwargs = fn, args, kwargs
+        self.first: blocks.Detection | None = None
+        self.cache: dict = {}  # compiled blocks, shared by the detect passes
         static = tuple(i % len(args) for i in static if -len(args) <= i < len(args))
         dyn = [i for i in range(len(args)) if i not in static]
         names = base.argument_names(fn, len(args))
@@ -86,70 +92,66 @@ class Run:
         self.depth = primitives.loop_depth(self.closed.jaxpr)
         self.consts = list(self.closed.consts)
 
-    def detect(
-        self, allow=None, min_code=records.CODE_INF
-    ) -> tuple[blocks.Detection, np.ndarray, np.ndarray]:
-        """The first event (restricted by `allow` and `min_code`) and counts.
+    def detect(self, allow=None) -> tuple[blocks.Detection, np.ndarray, np.ndarray]:
+        """The first event (restricted by `allow`) and counts.
 
-        The plain pass runs block by block (`blocks.detect`: each distinct
-        block compiled once). A restricted pass (the cone of the bad outputs,
-        NaN events only) is rare and runs as one instrumented program, since
-        its restriction names nodes of the whole program; both give the same
-        node table.
+        Block by block (`blocks.detect`: each distinct block compiled once).
+        The first pass is unrestricted; a pass restricted to the nodes
+        `allow` accepts (the cone of the bad outputs) reuses its compiled
+        blocks wherever a block's nodes are all allowed. The detection also
+        holds the first NaN-creating event (``nan_index``) under the same
+        restriction.
         """
-        if allow is None and min_code == records.CODE_INF:
-            det = blocks.detect(self.closed, self.consts, self.leaves)
-        else:
-            det = self._detect_whole(records.Detect(allow, min_code))
-        return det, counts(self.leaves), counts(det.outs)
-
-    def _detect_whole(self, strategy: records.Detect) -> blocks.Detection:
-        interp = interpreter.Interpreter(strategy, self.depth)
-        closed = self.closed
-
-        def detect(consts, flat):
-            return interpreter.run(interp, closed, consts, flat)
-
-        rec, outs = jax.device_get(jax.jit(detect)(self.consts, self.leaves))
-        return blocks.Detection(
-            int(rec.index),
-            np.asarray(rec.iteration),
-            int(rec.device),
-            interp.nodes,
-            interp.out_producers,
-            list(outs),
-            depth=self.depth,
+        if allow is None or self.first is None:
+            det = blocks.detect(self.closed, self.consts, self.leaves, cache=self.cache)
+            if self.first is None:
+                self.first = det
+            if allow is None:
+                return det, counts(self.leaves), counts(det.outs)
+        det = blocks.detect(
+            self.closed,
+            self.consts,
+            self.leaves,
+            allow=allow,
+            known=self.first,
+            cache=self.cache,
         )
+        return det, counts(self.leaves), counts(det.outs)
 
     def capture(self, det: blocks.Detection, node, iteration, device_pos):
         """The event's concrete inputs, outputs, and the device of its element.
 
-        The event's block is re-run when `det` is block-wise; otherwise the
-        whole program runs in capture mode.
+        The event's block is re-run alone in capture mode.
         """
-        if det.event_block is not None:
-            got = blocks.capture_event(det, node, iteration, device_pos)
-            return got.inputs, got.outputs, got.device
-        target = interpreter.Target(node.index, iteration, device_pos)
-        interp = interpreter.Interpreter("capture", self.depth, target)
-        interp.target_node = node
-        closed = self.closed
-
-        def capture(consts, flat):
-            state, _ = interpreter.run(interp, closed, consts, flat)
-            return state
-
-        values = jax.device_get(jax.jit(capture)(self.consts, self.leaves))
-        values = [np.asarray(v) for v in values]
-        n_in = len(node.in_avals)
-        return values[:n_in], values[n_in:], None
+        got = blocks.capture_event(det, node, iteration, device_pos)
+        return got.inputs, got.outputs, got.device
 
     def compiled_counts(self) -> dict[str, tuple[int, int, int]] | None:
+        """Counts of the outputs of the plain compiled function, by path.
+
+        A function the user already wrapped in `jax.jit` is called as is, so
+        its compiled program (cached by jax since the training step ran) is
+        reused instead of compiled again; unless it donates arguments, whose
+        buffers the call would consume.
+        """
         try:
-            outs = jax.jit(self.flat_fn)(*self.leaves)
+            if _reusable_jit(self.fn, self.args, self.kwargs):
+                outs = self.fn(*self.args, **self.kwargs)
+            else:
+                outs = jax.jit(self.flat_fn)(*self.leaves)
         except Exception:  # noqa: BLE001 - e.g. a primitive with a rule, no lowering
             return None
         return rows(counts(jax.tree_util.tree_leaves(outs)), self.out_paths)
+
+
+def _reusable_jit(fn: Any, args: tuple, kwargs: dict) -> bool:
+    """Whether `fn` is a `jax.jit` function that donates none of `args`."""
+    if not isinstance(fn, jax.stages.Wrapped) or not hasattr(fn, "trace"):
+        return False
+    infos = jax.tree_util.tree_leaves(
+        fn.trace(*args, **kwargs).args_info, is_leaf=lambda x: hasattr(x, "donated")
+    )
+    return not any(getattr(i, "donated", True) for i in infos)
 
 
 def is_array_leaf(x: Any) -> bool:

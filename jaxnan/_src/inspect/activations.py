@@ -361,8 +361,13 @@ class Walker:
                     claim[i] = (chain, label)
         return found
 
-    def results(self, near_overflow: float) -> ActivationStats:
-        """The per-layer statistics, forward layers first, in program order."""
+    def results(self, near_overflow: float, layer_of: Any = None) -> ActivationStats:
+        """The per-layer statistics, forward layers first, in program order.
+
+        With `layer_of` (an equation) only the layer holding it is measured,
+        its activations and its gradients (`names` still names every
+        equation); empty when the equation is not measured.
+        """
         site_params: dict[tuple, set[str]] = {}
         for e in self.entries:
             if e.param and e.site is not None:
@@ -371,9 +376,16 @@ class Walker:
         names = [
             self._name(e, site_params, n) for e, n in zip(self.entries, next_params)
         ]
-        groups: dict[str, _Layer] = {}
         for e, name in zip(self.entries, names):
             self.names[id(e.eqn)] = name
+        wanted = None
+        if layer_of is not None:
+            own = self.names.get(id(layer_of), "").removesuffix(GRAD_SUFFIX)
+            wanted = {own, own + GRAD_SUFFIX} if own else set()
+        groups: dict[str, _Layer] = {}
+        for e, name in zip(self.entries, names):
+            if wanted is not None and name not in wanted:
+                continue
             layer = groups.get(name)
             if layer is None:
                 phase = "backward" if e.backward else "forward"
