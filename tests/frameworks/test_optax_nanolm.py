@@ -116,15 +116,6 @@ def train(guarded, steps=20, **kw):
     return params, opt_state, losses
 
 
-SKIP_ROUNDING = pytest.mark.xfail(
-    strict=True,
-    reason="jaxnan.skip_nonfinite(inner) rounds inner's update 1 ulp differently "
-    "from inner alone (repro: optax.sgd(0.1, 0.9) on a 64-float vector, 3 jitted "
-    "steps; transforms.py, owned by the Reliability helper). checked alone is "
-    "bit for bit (the other framework tests).",
-)
-
-
 @pytest.fixture(scope="module")
 def healthy():
     return train(False), train(True)
@@ -146,7 +137,6 @@ def test_twenty_healthy_steps_close(healthy):
     assert int(s1.nonfinite_total) == 0
 
 
-@SKIP_ROUNDING
 def test_twenty_healthy_steps_bit_for_bit(healthy):
     (p0, s0, l0), (p1, s1, l1) = healthy
     np.testing.assert_array_equal(np.asarray(l0), np.asarray(l1))
