@@ -215,3 +215,43 @@ def test_locate_sees_through_checked_and_nnx_jit(healthy):
         d = jaxnan.locate(step)(model, batch)
     assert (d.primitive, d.line, d.phase) == ("square", line, "forward")
     assert d.cause == "overflow", d
+
+
+class MaskedScores(nnx.Module):
+    """Causal scores with the mask stored in the model, as -inf entries."""
+
+    def __init__(self, *, rngs: nnx.Rngs):
+        self.linear = nnx.Linear(4, 4, rngs=rngs)
+        self.mask = nnx.Variable(jnp.triu(jnp.full((4, 4), -jnp.inf), k=1))
+
+    def __call__(self, x):
+        scores = self.linear(x) @ x.T + self.mask[...]
+        return jax.nn.softmax(scores, axis=-1)
+
+
+def masked_loss(model, x):
+    return jnp.mean(model(x) ** 2)
+
+
+def test_stored_inf_mask_is_a_constant_but_nan_and_inf_params_report():
+    model = MaskedScores(rngs=nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 4)), jnp.float32)
+    step = nnx.jit(nnx.value_and_grad(jaxnan.checked(masked_loss, on_nonfinite="warn")))
+
+    def messages():
+        with warnings.catch_warnings(record=True) as got:
+            warnings.simplefilter("always")
+            jax.block_until_ready(step(model, x))
+        return [str(w.message) for w in got if "jaxnan" in str(w.message)]
+
+    # A healthy model that stores intentional -inf constants: no report.
+    assert messages() == []
+    mask = model.mask[...]
+    model.mask[...] = mask.at[3, 0].set(jnp.nan)  # a NaN anywhere reports
+    (msg,) = messages()
+    assert "model.mask.value: 1 nan" in msg
+    model.mask[...] = mask
+    kernel = model.linear.kernel[...]
+    model.linear.kernel[...] = kernel.at[0, 0].set(-jnp.inf)  # Inf in a Param
+    (msg,) = messages()
+    assert "model.linear.kernel.value: 1 -inf" in msg
