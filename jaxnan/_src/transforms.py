@@ -443,8 +443,8 @@ def skip_nonfinite(
         >>> state = tx.init(params)
         >>> bad = {"w": jnp.array([jnp.nan, 1.0])}
         >>> updates, state = tx.update(bad, state, params, loss=jnp.float32(1.0))
-        >>> updates["w"], int(state.nonfinite_total)
-        (Array([0., 0.], dtype=float32), 1)
+        >>> updates["w"], int(state.nonfinite_total)  # -0.0: p + -0.0 is p
+        (Array([-0., -0.], dtype=float32), 1)
 
     .. versionadded:: 0.1.0
     """
