@@ -414,7 +414,7 @@ def skip_spikes(
         ...     g = {"w": jnp.array([1.0])}
         ...     u, state = tx.update(g, state, params, loss=jnp.float32(loss))
         >>> u["w"], int(state.loss_spike_total), int(state.last_skip_reason)
-        (Array([0.], dtype=float32), 1, 1)
+        (Array([-0.], dtype=float32), 1, 1)
 
     References:
         OLMo Team, `2 OLMo 2 Furious <https://arxiv.org/abs/2501.00656>`_, 2024
