@@ -116,11 +116,9 @@ def test_skip_finite_is_exactly_inner(variant):
     inner = optax.adamw(1e-2)
     tx = jaxnan.skip_nonfinite(inner)
     s_inner, s = inner.init(params), tx.init(params)
-    # Eagerly too, lax.cond runs the inner update as a compiled program; vmap
-    # changes optax's own bits, so the reference runs under the same variant.
-    reference = (
-        jax.jit(inner.update) if variant.name == "eager" else variant(inner.update)
-    )
+    # vmap changes optax's own bits, so the reference runs under the same
+    # variant; eagerly, both run op by op.
+    reference = variant(inner.update)
     for i in range(3):
         g = grads_like(params, seed=i)
         u_ref, s_inner = reference(g, s_inner, params)
@@ -186,25 +184,53 @@ def test_skip_inner_changing_dtype_gives_zeros_of_its_dtype(variant):
     assert int(s.nonfinite_total) == 1
 
 
-def _branch_primitives(fn, *args):
-    """Primitive names in each branch of the (only) top-level cond of fn."""
-    jaxpr = jax.make_jaxpr(fn)(*args)
-    (cond,) = [e for e in jaxpr.eqns if e.primitive.name == "cond"]
-    return [[e.primitive.name for e in b.jaxpr.eqns] for b in cond.params["branches"]]
+@pytest.mark.parametrize(
+    "inner",
+    [
+        optax.sgd(0.1, 0.9),
+        optax.adamw(1e-2),
+        optax.adam(optax.linear_schedule(1e-2, 0, 9)),
+    ],
+    ids=["sgd_momentum", "adamw", "adam_schedule"],
+)
+def test_skip_jitted_steps_bit_for_bit_and_skip_untouched(inner):
+    # The step as tutorials write it: gradients, update and apply_updates in
+    # one jit. XLA contracts optax's last multiply (by -lr) with
+    # `params + updates` into one fused multiply-add; the guard must keep
+    # that contraction (a select after the multiply rounds once more: with
+    # sgd(0.1, 0.9), 26 of 64 params were 1 ulp off after 3 steps).
+    tx = jaxnan.skip_nonfinite(inner)
 
+    def make_step(opt):
+        @jax.jit
+        def step(p, s, x):
+            g = jnp.sin(p * x)
+            u, s = opt.update(g, s, p)
+            return optax.apply_updates(p, u), s
 
-def test_skip_branch_hands_back_updates_without_kernels():
-    # When the inner keeps the updates' types, the never-taken skip branch
-    # returns its operands (nothing to compile) and the zeroing is a select
-    # after the conditional; otherwise it builds zeros.
-    params = make_params()
-    g = grads_like(params)
-    tx = jaxnan.skip_nonfinite(optax.adam(1e-3))
-    skip_branch, _ = _branch_primitives(tx.update, g, tx.init(params), params)
-    assert skip_branch == []
-    tx16 = jaxnan.skip_nonfinite(_to_bf16())
-    skip_branch, _ = _branch_primitives(tx16.update, g, tx16.init(params), params)
-    assert "broadcast_in_dim" in skip_branch
+        return step
+
+    plain, guarded = make_step(inner), make_step(tx)
+    p0 = jnp.asarray(np.random.default_rng(0).normal(size=64), jnp.float32)
+    p0 = p0.at[3].set(-0.0)
+    p_ref, s_ref, p, s = p0, inner.init(p0), p0, tx.init(p0)
+    for i in range(9):
+        x = jnp.float32(i + 1)
+        if i == 4:  # a NaN step: params and state untouched, bit for bit
+            before = (p, s.inner_state)
+            p, s = guarded(p, s, x.at[()].set(jnp.nan))
+            assert int(s.nonfinite_total) == 1
+            np.testing.assert_array_equal(
+                np.asarray(p).view(np.int32), np.asarray(before[0]).view(np.int32)
+            )
+            chex.assert_trees_all_equal(s.inner_state, before[1])
+            continue
+        p_ref, s_ref = plain(p_ref, s_ref, x)
+        p, s = guarded(p, s, x)
+        np.testing.assert_array_equal(
+            np.asarray(p).view(np.int32), np.asarray(p_ref).view(np.int32)
+        )
+        chex.assert_trees_all_equal(s.inner_state, s_ref)
 
 
 def test_skip_mixed_leaves():
@@ -840,8 +866,10 @@ def test_grad_and_jvp_through_skip_nonfinite_of_chain_with_clip():
         return jnp.sum(u["w"] ** 2)
 
     chex.assert_trees_all_close(jax.grad(f)(g), jax.grad(f_ref)(g), atol=1e-7)
+    # The tangent is 0 in exact arithmetic (a clipped norm does not move):
+    # both sides give rounding noise of order 1e-7.
     chex.assert_trees_all_close(
-        jax.jvp(f, (g,), (g,)), jax.jvp(f_ref, (g,), (g,)), rtol=1e-6
+        jax.jvp(f, (g,), (g,)), jax.jvp(f_ref, (g,), (g,)), rtol=1e-6, atol=1e-6
     )
     batch = jnp.stack([g, 0.1 * g, g.at[0].set(jnp.nan)])
     got = jax.vmap(f)(batch)

@@ -224,7 +224,9 @@ def lost_constant(
     """A constant that `dtype` cannot hold, on the user line or behind it.
 
     Looks at the numbers written on the line, at the defaults of the names it
-    uses (``eps`` in ``var + self.eps`` or ``def f(x, eps=1e-12)``), and at a
+    uses (``eps`` in ``var + self.eps`` or ``def f(x, eps=1e-12)``), at the
+    numbers of a dict it unpacks as keyword arguments (``nn.LayerNorm(**ln)``
+    with ``ln = {"epsilon": 1e-8}`` in the same file), and at a
     constant-valued float32 input of a cast to `dtype`.
     """
     if dtype not in _LOW:
@@ -243,6 +245,12 @@ def lost_constant(
     for name in set(re.findall(r"(?:self\.)?([A-Za-z_]\w*)", code)):
         pattern = rf"\b{re.escape(name)}\s*(?::[^=\n,)]*)?=\s*({_NUMBER})"
         values += [float(v) for v in re.findall(pattern, text)]
+    for name in set(re.findall(r"\*\*\s*(?:self\.)?([A-Za-z_]\w*)", code)):
+        # keyword arguments passed as a dict: nn.LayerNorm(**ln), with
+        # ln = {"epsilon": 1e-8, ...} or ln = dict(epsilon=1e-8, ...) in the file
+        pattern = rf"\b{re.escape(name)}\s*(?::[^=\n]*)?=\s*(?:\{{|dict\()([^}})]*)"
+        for body in re.findall(pattern, text):
+            values += [float(v) for v in re.findall(_NUMBER, body)]
     for v in values:
         hit = _vanishes(v, dtype)
         if hit:

@@ -2,8 +2,8 @@
 
 All decisions are taken inside the compiled graph, with no host sync: zeroing
 and clipping by `where`-selects (never a multiply by a 0/1 mask, since
-0 * NaN = NaN), skipping by one `lax.cond` around the inner optimizer (see
-`guarded_update` for why a conditional and not selects on the state).
+0 * NaN = NaN), skipping by selects placed inside the inner optimizer's own
+equations (see `guarded_update` for where, and why).
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from jax import lax
 from jax.extend import source_info_util
 
 from jaxnan._src import base, tree, update_tap
 from jaxnan._src.clip import ClipByGlobalNormState, KnownNorm, as_arrays
+from jaxnan._src.guarded import guarded_update
 
 source_info_util.register_exclusion(__file__)
 
@@ -197,168 +197,6 @@ def norm_for_inner(
     return jnp.sqrt(sq), finite, extra_args
 
 
-def _outgoing_leaves(
-    updates: optax.Updates, state: optax.OptState, params: optax.Params | None
-) -> list[jax.Array]:
-    """What a guard checks on the way out: the new params and the new state.
-
-    With `params`, each floating leaf is checked as ``optax.apply_updates``
-    will compute it, ``(p + u).astype(p.dtype)``, so that an update that is
-    finite but overflows the params' dtype is caught too; without, the
-    updates themselves. Then every floating leaf of the new inner state
-    outside observer records (`jaxnan.monitor` records NaN on purpose).
-    """
-    u_leaves, u_def = jax.tree_util.tree_flatten(updates)
-    p_leaves = None
-    if params is not None:
-        p_flat, p_def = jax.tree_util.tree_flatten(params)
-        if p_def == u_def:
-            p_leaves = p_flat
-    out = []
-    for i, u in enumerate(u_leaves):
-        if not base.is_checked_leaf(u):
-            continue
-        p = None if p_leaves is None else p_leaves[i]
-        if p is not None and base.is_checked_leaf(p) and jnp.shape(p) == jnp.shape(u):
-            p = jnp.asarray(p)
-            out.append((p + u).astype(p.dtype))
-        else:
-            out.append(u)
-    out += [x for x in base.recorded_free_leaves(state) if base.is_checked_leaf(x)]
-    return out
-
-
-def guarded_update(
-    inner: optax.GradientTransformationExtraArgs,
-    accept: jax.Array,
-    updates: optax.Updates,
-    inner_state: optax.OptState,
-    params: optax.Params | None,
-    extra_args: dict,
-    axis_name: str | None = None,
-    *,
-    incoming: list[Any] = (),
-    check_outgoing: bool = True,
-) -> tuple[optax.Updates, optax.OptState, jax.Array, jax.Array]:
-    """`inner.update` when the step is wanted and all is finite, else a skip.
-
-    Returns ``(updates, inner_state, wanted, inner_finite)``: `wanted` is
-    `accept` and the finiteness of the `incoming` leaves (the gradients, when
-    the caller has not checked them itself), agreed over `axis_name`;
-    `inner_finite` says whether what `inner` makes of the step is finite. The
-    step is applied when both are True. A skip gives zero updates (``-0.0``,
-    `no_update`) and `inner_state` bit for bit, except the records of observer states
-    (`jaxnan.monitor`), which still see the step.
-
-    The outgoing check: what `inner` makes of the step (`_outgoing_leaves`:
-    the params as `optax.apply_updates` will make them, and the new inner
-    state) must be finite, or the step is skipped all the same. So no
-    nonfinite value reaches the params or the optimizer state, whether it
-    came in with the gradients or was made by the optimizer's own arithmetic
-    (Adam with ``eps=0`` on a zero gradient, a float16 second moment that
-    overflows, a NaN already in a moment). The check is a fused reduction
-    outside the conditional, over the optimizer's arithmetic, which XLA
-    recomputes inside its loops instead of writing it out: selecting between
-    the new and the old state after computing the new one would keep both
-    (measured on the MLP: +2.9x the parameter bytes of temporary memory and
-    1.39x step time). The `incoming` leaves join the same reductions (one
-    loop per shape reads the gradients, the moments and the params). Given
-    `axis_name`, the replicas agree on both flags with one int32 `lax.psum`.
-    `check_outgoing=False` leaves the outgoing check out (for the benchmark
-    that measures its cost; the guards always check).
-
-    One `lax.cond` around the inner update. Selecting afterwards with
-    `jnp.where` between the new and the old state makes XLA keep a copy of the
-    optimizer moments when the state is donated (measured: 2x the parameter
-    bytes of extra temporary memory on CPU); the conditional needs none. The
-    state keeps its dtypes, and inside `shard_map` both branches agree on
-    which values vary across devices.
-
-    When `inner` returns updates of the same types as it receives (the usual
-    case), the skip branch hands back its input updates and the zeroing is a
-    `where`-select after the conditional, which XLA fuses into the consumer
-    (`optax.apply_updates`): the branch that is never taken on a healthy step
-    then holds no kernel at all, which saves compile time. A state holding an
-    observer is the exception: the skip branch then runs `inner` too, and
-    keeps only the observer's records.
-    """
-
-    def apply():
-        return inner.update(updates, inner_state, params, **extra_args)
-
-    out_types, inner_types = jax.eval_shape(apply)
-    state_axes = jax.tree_util.tree_map(
-        lambda n, o: base.varying_axes(n) | base.varying_axes(jax.typeof(o)),
-        inner_types,
-        inner_state,
-    )
-    passthrough = _same_types(updates, out_types)
-    observed = base.holds_observer(inner_state)
-
-    def keep_types(new_inner):
-        return jax.tree_util.tree_map(
-            lambda n, o, ax: base.make_varying(
-                lax.convert_element_type(n, jnp.result_type(o)), ax
-            ),
-            new_inner,
-            inner_state,
-            state_axes,
-        )
-
-    if check_outgoing:
-        new_updates, new_inner = apply()
-        outgoing = _outgoing_leaves(new_updates, keep_types(new_inner), params)
-    else:
-        outgoing = []
-    in_ok, out_ok = tree.finite_flags([list(incoming), outgoing])
-    in_ok = accept & in_ok
-    if axis_name is not None:
-        bad = jnp.stack([~in_ok, ~out_ok]).astype(jnp.int32)
-        bad = lax.psum(bad, axis_name)
-        in_ok, out_ok = bad[0] == 0, bad[1] == 0
-    apply_ok = in_ok & out_ok
-
-    def skip():
-        if passthrough:
-            out = jax.tree_util.tree_map(
-                lambda u, t: base.make_varying(u, base.varying_axes(t)),
-                updates,
-                out_types,
-            )
-        else:
-            out = jax.tree_util.tree_map(
-                lambda a: base.make_varying(no_update(a), base.varying_axes(a)),
-                out_types,
-            )
-        kept = jax.tree_util.tree_map(base.make_varying, inner_state, state_axes)
-        if observed:
-            kept = base.merge_observed(keep_types(apply()[1]), kept, lambda n, o: o)
-        return out, kept
-
-    def accept_branch():
-        new_updates, new_inner = apply()
-        return new_updates, keep_types(new_inner)
-
-    out, new_inner = lax.cond(apply_ok, accept_branch, skip)
-    if passthrough:
-        out = jax.tree_util.tree_map(
-            lambda u: jnp.where(apply_ok, u, no_update(u)), out
-        )
-    return out, new_inner, in_ok, out_ok
-
-
-def no_update(a: Any) -> jax.Array:
-    """The update of a skipped step for a leaf like `a`: all ``-0.0``.
-
-    Negative zero is the additive identity of IEEE arithmetic: ``p + -0.0``
-    is `p` bit for bit, a ``-0.0`` parameter included (``-0.0 + 0.0`` is
-    ``+0.0``). It compares equal to 0. Integer leaves get 0.
-    """
-    if jnp.issubdtype(a.dtype, jnp.inexact):
-        return jnp.full(a.shape, -0.0, a.dtype)
-    return jnp.zeros(a.shape, a.dtype)
-
-
 def validate_guard_input(
     updates: optax.Updates, params: optax.Params | None, extra_args: dict, *, fn_name
 ) -> optax.Updates:
@@ -378,24 +216,6 @@ def validate_guard_input(
     if loss is not None:
         base.validate_loss(loss, fn_name=fn_name)
     return as_arrays(updates)
-
-
-def _same_types(updates: optax.Updates, out_types: Any) -> bool:
-    """Whether `out_types` matches `updates` in structure, shape and dtype.
-
-    Inside `shard_map` it must also vary over at least the axes `updates`
-    varies over, so that the skip branch can hand `updates` back.
-    """
-    u_leaves, u_def = jax.tree_util.tree_flatten(updates)
-    o_leaves, o_def = jax.tree_util.tree_flatten(out_types)
-    if u_def != o_def:
-        return False
-    return all(
-        jnp.shape(u) == o.shape
-        and jnp.result_type(u) == o.dtype
-        and base.varying_axes(jax.typeof(u)) <= base.varying_axes(o)
-        for u, o in zip(u_leaves, o_leaves)
-    )
 
 
 def skip_nonfinite(
@@ -435,13 +255,15 @@ def skip_nonfinite(
 
     Cost: one fused reduction over the gradients (leaves of one shape share
     it), none when `inner` begins with `jaxnan.clip_by_global_norm`, whose
-    norm and finiteness are computed here once and handed to it; then
-    one `lax.cond` around `inner`, whose updates XLA writes out before
-    `optax.apply_updates` reads them (outside a conditional it fuses the
-    two). The outgoing check joins the gradient check: one fused reduction
-    per leaf shape reads the gradients, the optimizer state and the params,
-    and XLA recomputes the optimizer's arithmetic inside it (nothing is
-    written out). `benchmarks/RESULTS.md` has the figures.
+    norm and finiteness are computed here once and handed to it. The
+    outgoing check joins the gradient check: one fused reduction per leaf
+    shape reads the gradients, the optimizer state and the params, and XLA
+    recomputes the optimizer's arithmetic inside it (nothing is written
+    out). Then `inner` runs as without the guard, with a select on each new
+    state leaf and inside its last multiply (`guarded_update`): no copy of
+    the params or moments, and XLA fuses it with `optax.apply_updates` as it
+    does without the guard, so that a healthy step is bit for bit `inner`'s.
+    `benchmarks/RESULTS.md` has the figures.
 
     Args:
         inner: the transformation to protect, such as ``optax.adamw(1e-3)``
@@ -467,7 +289,7 @@ def skip_nonfinite(
         >>> state = tx.init(params)
         >>> bad = {"w": jnp.array([jnp.nan, 1.0])}
         >>> updates, state = tx.update(bad, state, params, loss=jnp.float32(1.0))
-        >>> updates["w"], int(state.nonfinite_total)
+        >>> updates["w"], int(state.nonfinite_total)  # -0.0: p + -0.0 is p
         (Array([-0., -0.], dtype=float32), 1)
 
     .. versionadded:: 0.1.0

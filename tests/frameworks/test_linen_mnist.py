@@ -107,14 +107,6 @@ def train(data, guarded, xent=cross_entropy):
 
 train.apply_model = {}
 
-SKIP_ROUNDING = pytest.mark.xfail(
-    strict=True,
-    reason="jaxnan.skip_nonfinite(inner) rounds inner's update 1 ulp differently "
-    "from inner alone (repro: optax.sgd(0.1, 0.9) on a 64-float vector, 3 jitted "
-    "steps; transforms.py, owned by the Reliability helper). checked alone is "
-    "bit for bit (test_checked_gradients_bit_for_bit).",
-)
-
 
 @pytest.fixture(scope="module")
 def healthy():
@@ -143,7 +135,6 @@ def test_checked_gradients_bit_for_bit(healthy):
     jax.tree.map(np.testing.assert_array_equal, plain, got)
 
 
-@SKIP_ROUNDING
 def test_twenty_healthy_steps_bit_for_bit(healthy):
     (s0, _), (s1, _) = healthy
     jax.tree.map(np.testing.assert_array_equal, s0.params, s1.params)

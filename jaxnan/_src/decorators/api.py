@@ -106,9 +106,13 @@ def checked(
     arguments, such as parameters and batch, the outputs, such as the loss,
     and the gradients). A Python float leaf is a constant a model stores
     (``-inf`` as the initial value of `eqx.nn.MaxPool2d`, a mask fill value):
-    it counts only when it is NaN. One bad step gives one report: when the
-    arguments were reported, the outputs and gradients are not; when the
-    outputs were, the gradients are not.
+    it counts only when it is NaN. So does an array a Flax NNX model stores
+    in a Variable that is neither an `nnx.Param` nor an `nnx.BatchStat` (a
+    ``jnp.full(shape, -jnp.inf)`` attention mask): not trained, a constant.
+    An Inf in a parameter, a gradient or the loss always counts.
+    One bad step gives one report: when the arguments were reported, the
+    outputs and gradients are not; when the outputs were, the gradients are
+    not.
 
     State: `fn` is handed its arguments rebuilt (their floating leaves pass
     through an identity whose derivative checks the gradients); whatever `fn`
@@ -238,7 +242,13 @@ def checked(
         # forward-mode AD, where custom_vjp is not defined): effects.
         in_ok, in_token = None, None
         if inputs:
-            in_ok, in_token = report(leaves, paths, "forward-inputs", hint=forward_hint)
+            in_ok, in_token = report(
+                leaves,
+                paths,
+                "forward-inputs",
+                hint=forward_hint,
+                constants=state.constant_leaves((args, kwargs)),
+            )
 
         handed = list(leaves)
         seen: list = []  # the forward verdict, handed to the backward check

@@ -101,8 +101,13 @@ def check(
     tie: bool,
     skip: jax.Array | None = None,
     site: host.CallSite | None = None,
+    constants: Sequence[bool] = (),
 ) -> tuple[jax.Array | None, jax.Array | None]:
     """Reports the nonfinite leaves of `leaves`: ``(all-finite flag, token)``.
+
+    `constants` (one flag per leaf, `state.constant_leaves`) marks the arrays
+    a model stores as constants: their +-Inf entries are intentional (an
+    attention mask), so only their NaN entries count.
 
     `skip` (a bool, per example under vmap) suppresses the report where it is
     True (used to report outputs and gradients only when the inputs were
@@ -117,11 +122,16 @@ def check(
     is the token: the caller must tie it into values the user consumes
     (`tie`), or JAX would delete the unused callback.
     """
-    pairs = [(p, x) for p, x in zip(paths, leaves) if counted(x)]
+    constants = list(constants) or [False] * len(leaves)
+    pairs = [(p, x, c) for p, x, c in zip(paths, leaves, constants) if counted(x)]
     if not pairs:
         return None, None
-    paths = [p for p, _ in pairs]
-    xs = [lax.stop_gradient(jnp.asarray(x)) for _, x in pairs]
+    paths = [p for p, _, _ in pairs]
+    xs = [lax.stop_gradient(jnp.asarray(x)) for _, x, _ in pairs]
+    xs = [
+        jnp.where(jnp.isinf(x), jnp.zeros_like(x), x) if c else x
+        for x, (_, _, c) in zip(xs, pairs)
+    ]
     # Arguments are all ready at once: their small leaves share a reduction.
     ok = (
         tree.all_finite_packed(xs) if phase == "forward-inputs" else tree.all_finite(xs)

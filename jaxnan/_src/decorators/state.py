@@ -115,3 +115,29 @@ def write_back(
     for (orig, entry), (copy, _) in zip(originals, copies):
         if orig is not copy:
             entry.sync(orig, copy, by_id)
+
+
+def constant_leaves(tree: Any) -> list[bool]:
+    """Per leaf of `tree` (in `jax.tree_util.tree_leaves` order): a model constant?
+
+    A Flax NNX Variable that is neither an `nnx.Param` nor an `nnx.BatchStat`
+    (a plain `nnx.Variable` or a subclass holding an attention mask of
+    ``-inf``, say) is not trained and not data: a constant of the model,
+    whose +-Inf entries are intentional. Parameters, statistics, the batch
+    and every leaf outside NNX are not. Empty when flax.nnx is not imported.
+    """
+    nnx = sys.modules.get("flax.nnx")
+    if nnx is None:
+        return []
+
+    def is_var(x: Any) -> bool:
+        return isinstance(x, nnx.Variable)
+
+    out: list[bool] = []
+    for x in jax.tree_util.tree_leaves(tree, is_leaf=is_var):
+        if is_var(x):
+            const = not isinstance(x, (nnx.Param, nnx.BatchStat))
+            out += [const] * len(jax.tree_util.tree_leaves(x))
+        else:
+            out.append(False)
+    return out
