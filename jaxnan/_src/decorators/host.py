@@ -16,7 +16,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
-import os
 import sys
 import threading
 import warnings
@@ -27,7 +26,7 @@ import jax
 import numpy as np
 from jax.extend import source_info_util
 
-from jaxnan._src import base, report
+from jaxnan._src import frames, report
 
 source_info_util.register_exclusion(__file__)
 
@@ -78,16 +77,14 @@ class CallSite(NamedTuple):
 def user_call_site() -> CallSite | None:
     """The innermost frame of the current stack outside the libraries.
 
-    Libraries are those of `base.LIBRARIES` (jax, optax, flax, equinox,
-    jaxnan, ...) and the standard library's `functools`/`contextlib`
-    wrappers.
+    Outside the libraries means `frames.is_user_file`: not jax, optax,
+    flax, equinox, jaxnan (its shipped examples excepted), nor the standard
+    library.
     """
     frame = sys._getframe(1)
     while frame is not None:
         name = frame.f_code.co_filename
-        if base.library_of(name) is None and not name.endswith(
-            (os.sep + "functools.py", os.sep + "contextlib.py")
-        ):
+        if frames.is_user_file(name):
             g = frame.f_globals
             return CallSite(
                 name,
