@@ -129,6 +129,16 @@ def test_squares_and_finite_exact(dtype):
     assert bool(ok) and float(sq) == np.inf
 
 
+def test_squares_and_finite_complex():
+    z = jnp.array([3 + 4j, 1e30 + 0j], jnp.complex64)  # finite, |z|^2 overflows
+    sq, ok = jax.jit(tree.squares_and_finite)(z)
+    assert bool(ok) and float(sq) == np.inf
+    sq, ok = jax.jit(tree.squares_and_finite)(z.at[0].set(1 + 1j * np.inf))
+    assert not bool(ok)
+    sq, ok = tree.squares_and_finite(z[:1])
+    assert bool(ok) and float(sq) == 25.0
+
+
 def test_leaves_of_one_shape_share_reductions_exactly():
     # 20 leaves of one shape: 3 shared reductions (8 + 8 + 4 leaves), counts
     # still exact per leaf, in every chunk. A leaf of another shape (here the

@@ -336,25 +336,22 @@ def sum_of_squares(x: jax.Array) -> jax.Array:
 def squares_and_finite(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(sum of |x|^2 in at least float32, whether every entry is finite).
 
-    One variadic reduction: one loop reads `x` once. A single-operand sum of
-    squares is lowered by XLA's CPU backend to a kernel that first writes
-    ``x * x`` out in full (one extra buffer the size of `x`); with the count
-    beside it the squares stay in registers (measured on the guarded MLP
-    step: +0.50x the parameter bytes of temporary memory without it).
+    One variadic reduction (the squares, and an OR of "not finite"): one
+    loop reads `x` once. A single-operand sum of squares is lowered by XLA's
+    CPU backend to a kernel that first writes ``x * x`` out in full (one
+    extra buffer the size of `x`: +0.50x the parameter bytes of temporary
+    memory on the guarded MLP step). Measured on that step, side by side:
+    this form costs the same as `skip_nonfinite` alone, where a second float
+    operand (``sum(x * 0) == 0``) was 1.2x slower.
     """
     x = jnp.asarray(x)
     acc = jnp.promote_types(jnp.real(x).dtype, jnp.float32)
     if jnp.issubdtype(x.dtype, jnp.complexfloating):
         re, im = jnp.real(x).astype(acc), jnp.imag(x).astype(acc)
-        sq = re * re + im * im
+        sq, bad = re * re + im * im, ~(jnp.isfinite(re) & jnp.isfinite(im))
     else:
         x = x.astype(acc)
-        sq = x * x
-    bad = (
-        ~jnp.isfinite(sq)
-        if jnp.issubdtype(x.dtype, jnp.complexfloating)
-        else ~jnp.isfinite(x)
-    )
+        sq, bad = x * x, ~jnp.isfinite(x)
     zero = jnp.zeros((), acc)
 
     def add(a, b):
