@@ -110,16 +110,24 @@ def _rule_sqrt(event: causes.Event):
     return None
 
 
-@causes.rule(Domain.DIVISION)
-def _rule_div(event: causes.Event):
+def _two_operands(event: causes.Event) -> tuple[np.ndarray, np.ndarray] | None:
+    """The first two inputs as float64 arrays of one shape, or None."""
     if len(event.inputs) < 2:
         return None
     try:
-        num, den = np.broadcast_arrays(
+        return np.broadcast_arrays(
             causes.as_f64(event.inputs[0]), causes.as_f64(event.inputs[1])
         )
     except ValueError:
         return None
+
+
+@causes.rule(Domain.DIVISION)
+def _rule_div(event: causes.Event):
+    pair = _two_operands(event)
+    if pair is None:
+        return None
+    num, den = pair
     size = num.size
     zden = den == 0
     n00 = int((zden & (num == 0)).sum())
@@ -162,14 +170,10 @@ def _rule_div(event: causes.Event):
 
 @causes.rule(Domain.POWER)
 def _rule_pow(event: causes.Event):
-    if len(event.inputs) < 2:
+    pair = _two_operands(event)
+    if pair is None:
         return None
-    try:
-        x, y = np.broadcast_arrays(
-            causes.as_f64(event.inputs[0]), causes.as_f64(event.inputs[1])
-        )
-    except ValueError:
-        return None
+    x, y = pair
     frac = (x < 0) & (y != np.round(y))
     zero_neg = (x == 0) & (y < 0)
     n_frac, n_zero = int(frac.sum()), int(zero_neg.sum())
@@ -332,14 +336,10 @@ def _rule_exp(event: causes.Event):
 def _rule_inf_arith(event: causes.Event):
     """NaN made from infinities that came in: inf - inf, 0 * inf."""
     p = event.primitive
-    if len(event.inputs) < 2:
+    pair = _two_operands(event)
+    if pair is None:
         return None
-    try:
-        a, b = np.broadcast_arrays(
-            causes.as_f64(event.inputs[0]), causes.as_f64(event.inputs[1])
-        )
-    except ValueError:
-        return None
+    a, b = pair
     if p in ("sub", "add", "add_any"):
         if p == "sub":
             bad = np.isinf(a) & np.isinf(b) & (np.sign(a) == np.sign(b))
