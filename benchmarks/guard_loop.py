@@ -31,20 +31,11 @@ import jax
 import jax.numpy as jnp
 import optax
 from models import MODELS
+from overhead import make_step
 
 import jaxnan
 
 LR = 1e-3
-
-
-def make_step(loss_fn, tx, pass_loss):
-    def step(params, opt_state, batch):
-        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-        extra = {"loss": loss} if pass_loss else {}
-        updates, opt_state = tx.update(grads, opt_state, params, **extra)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    return step
 
 
 def loops(loss_fn):
