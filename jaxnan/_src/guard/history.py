@@ -49,21 +49,18 @@ class History:
     def __init__(self, window: int, growth: float):
         self.window = window
         self.growth = growth
-        self.rows: collections.deque = collections.deque(maxlen=window)
-        # One column per figure (the same values as `rows`), for `growing`.
+        # One column per figure of `FIGURES`, the last `window` healthy steps.
         self.columns = [collections.deque(maxlen=window) for _ in FIGURES]
         self.warned_at: int | None = None  # step of the active warning
         self.warned: list[Growth] = []  # what it said
 
     def add(self, step: int, loss: float, grad_norm: float, ratio: float) -> None:
         """Appends a healthy step's figures."""
-        self.rows.append((step, abs(loss), grad_norm, ratio))
         for column, value in zip(self.columns, (abs(loss), grad_norm, ratio)):
             column.append(value)
 
     def reset(self) -> None:
         """Forgets the figures (after a rollback: they describe undone steps)."""
-        self.rows.clear()
         for column in self.columns:
             column.clear()
         self.warned_at = None
@@ -75,7 +72,7 @@ class History:
         That catches a steady climb over the window (loss x10 per step) and a
         sudden jump (an update ratio x1000 from a learning-rate surge).
         """
-        if len(self.rows) < 3:
+        if len(self.columns[0]) < 3:
             return []
         found = []
         for name, column in zip(FIGURES, self.columns):
