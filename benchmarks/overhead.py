@@ -60,7 +60,7 @@ def skip_without_outgoing_check(inner):
 
     def update(updates, state, params=None, **extra):
         finite = jaxnan.all_finite(updates) & jaxnan.all_finite(extra.get("loss", 0.0))
-        out, kept, _, _ = transforms.guarded_update(
+        out, kept, _, _, _ = transforms.guarded_update(
             inner,
             finite,
             updates,

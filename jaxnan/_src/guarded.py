@@ -9,7 +9,7 @@ and `dynamic_loss_scale`.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -54,6 +54,26 @@ def _outgoing_leaves(
     return out
 
 
+class Guarded(NamedTuple):
+    """What `guarded_update` returns.
+
+    Attributes:
+        updates: the inner updates, or a skip (``-0.0``).
+        inner_state: the new inner state, or the old one bit for bit.
+        wanted: `accept` and the finiteness of the `incoming` leaves.
+        inner_finite: whether what the inner optimizer made of the step is
+            finite.
+        incoming_norm: the float32 L2 norm of the `incoming` leaves when
+            asked for (``norm_incoming=True``), else 0.
+    """
+
+    updates: optax.Updates
+    inner_state: optax.OptState
+    wanted: jax.Array
+    inner_finite: jax.Array
+    incoming_norm: jax.Array
+
+
 def guarded_update(
     inner: optax.GradientTransformationExtraArgs,
     accept: jax.Array,
@@ -65,10 +85,12 @@ def guarded_update(
     *,
     incoming: list[Any] = (),
     check_outgoing: bool = True,
-) -> tuple[optax.Updates, optax.OptState, jax.Array, jax.Array]:
+    norm_incoming: bool = False,
+) -> Guarded:
     """`inner.update` when the step is wanted and all is finite, else a skip.
 
-    Returns ``(updates, inner_state, wanted, inner_finite)``: `wanted` is
+    Returns a `Guarded` ``(updates, inner_state, wanted, inner_finite,
+    incoming_norm)``: `wanted` is
     `accept` and the finiteness of the `incoming` leaves (the gradients, when
     the caller has not checked them itself), agreed over `axis_name`;
     `inner_finite` says whether what `inner` makes of the step is finite. The
@@ -90,7 +112,8 @@ def guarded_update(
     the moments and the params). Given `axis_name`, the replicas agree on
     both flags with one int32 `lax.psum`. `check_outgoing=False` leaves the
     outgoing check out (for the benchmark that measures its cost; the guards
-    always check).
+    always check). `norm_incoming=True` also returns the norm of the
+    `incoming` leaves, summed in the same reductions (no extra pass).
 
     The step itself (`_apply_or_skip`) evaluates `inner`'s equations again,
     outside any conditional, with a select on each new state leaf as it is
@@ -160,7 +183,9 @@ def guarded_update(
         )
     else:
         outgoing = []
-    in_ok, out_ok = tree.finite_flags([list(incoming), outgoing])
+    (in_ok, out_ok), sq = tree.finite_flags_and_squares(
+        [list(incoming), outgoing], 0 if norm_incoming else None
+    )
     in_ok = accept & in_ok
     if axis_name is not None:
         bad = jnp.stack([~in_ok, ~out_ok]).astype(jnp.int32)
@@ -178,7 +203,7 @@ def guarded_update(
         out, new_inner = _apply_or_skip(
             apply_ok, closed, out_types, inner_state, inner_types, state_axes
         )
-    return out, new_inner, in_ok, out_ok
+    return Guarded(out, new_inner, in_ok, out_ok, jnp.sqrt(sq))
 
 
 def _apply_or_skip(

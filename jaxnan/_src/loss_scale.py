@@ -179,7 +179,7 @@ def dynamic_loss_scale(
         if loss is not None:
             finite = tree.all_finite(loss)
         # The unscaled gradients are checked in the loops of the outgoing check.
-        out, kept_inner, finite, inner_ok = transforms.guarded_update(
+        out, kept_inner, finite, inner_ok, _ = transforms.guarded_update(
             inner,
             finite,
             grads,

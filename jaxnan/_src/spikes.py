@@ -493,7 +493,7 @@ def skip_spikes(
             loss_spike = jnp.array(False)
         wanted = finite & ~norm_spike & ~loss_spike
 
-        out, kept_inner, _, inner_ok = transforms.guarded_update(
+        out, kept_inner, _, inner_ok, _ = transforms.guarded_update(
             inner,
             wanted,
             updates,

@@ -318,8 +318,9 @@ def skip_nonfinite(
         updates = validate_guard_input(updates, params, extra_args, fn_name=name)
         incoming: list[Any] = []
         tap = update_tap.current()
+        clip = _leads_with_clip(state.inner_state)
         norm = None
-        if tap is not None or _leads_with_clip(state.inner_state):
+        if clip:
             norm, finite, extra_args = norm_for_inner(
                 updates, extra_args, state.inner_state
             )
@@ -330,7 +331,7 @@ def skip_nonfinite(
         if loss is not None:
             finite = finite & tree.all_finite(loss)
         hold = jnp.array(False) if tap is None else tap.hold
-        out, kept_inner, finite, inner_ok = guarded_update(
+        out, kept_inner, finite, inner_ok, incoming_norm = guarded_update(
             inner,
             finite & ~hold,
             updates,
@@ -339,10 +340,16 @@ def skip_nonfinite(
             extra_args,
             axis_name,
             incoming=incoming,
+            norm_incoming=tap is not None and not clip,
         )
         if tap is not None:
             tap.records.append(
-                update_tap.TapRecord(norm, params, out, loss is not None)
+                update_tap.TapRecord(
+                    incoming_norm if norm is None else norm,
+                    params,
+                    out,
+                    loss is not None,
+                )
             )
         applied = finite & inner_ok
 

@@ -524,14 +524,33 @@ def finite_flags(sets: list[list[Any]]) -> list[jax.Array]:
     them, which XLA computes inside the same loop from the same inputs) cost
     one loop per shape, not one per list.
     """
+    return finite_flags_and_squares(sets, None)[0]
+
+
+def finite_flags_and_squares(
+    sets: list[list[Any]], squares_of: int | None
+) -> tuple[list[jax.Array], jax.Array]:
+    """`finite_flags`, and the float32 sum of squares of ``sets[squares_of]``.
+
+    The squares join the same variadic reductions as the counts (one float32
+    operand beside the int32 ones), so the norm of the gradients costs no
+    extra pass over them: on the guarded MLP step a separate
+    `squares_and_finite` per gradient read each of them once more (+5% of
+    the bytes the step accesses). A nonfinite entry makes the sum nonfinite.
+    With `squares_of=None` the sum is 0.
+    """
     pairs = [(k, x) for k, xs in enumerate(sets) for x in xs if base.is_checked_leaf(x)]
     flat = [x for _, x in pairs]
     ok = [jnp.array(True) for _ in sets]
+    total = jnp.zeros((), jnp.float32)
     for group in _shape_groups(flat, list(range(len(flat))), size=2 * _GROUP):
         leaves_of = _by_owner([pairs[i] for i in group])
-        for k, flag in zip(leaves_of, _group_flags(list(leaves_of.values()))):
+        squared = leaves_of.get(squares_of, []) if squares_of is not None else []
+        flags, sq = _group_flags(list(leaves_of.values()), squared)
+        for k, flag in zip(leaves_of, flags):
             ok[k] = ok[k] & flag
-    return ok
+        total = total + sq
+    return ok, total
 
 
 def _by_owner(pairs: list[tuple[int, Any]]) -> dict[int, list]:
@@ -551,17 +570,54 @@ def _or_kind_masks(leaves: list) -> tuple[jax.Array, jax.Array]:
     return nan, inf
 
 
-def _group_flags(leaves_of: list[list]) -> list[jax.Array]:
+def _group_flags(leaves_of: list[list], squared: list = ()) -> tuple[list, jax.Array]:
     """Per owner, whether all its leaves (one shape for all) are finite.
 
     One variadic reduction: with one owner its NaN and Inf masks are two
-    operands (XLA's fast path), else each owner's or-ed mask is one.
+    operands (XLA's fast path), else each owner's or-ed mask is one. Also
+    returns the float32 sum of squares of the `squared` leaves, one more
+    operand of the same reduction (0 when there are none).
     """
     if len(leaves_of) == 1:
-        n_nan, n_inf = _sum_indicators(_or_kind_masks(leaves_of[0]))
-        return [(n_nan == 0) & (n_inf == 0)]
-    masks = []
-    for leaves in leaves_of:
-        nan, inf = _or_kind_masks(leaves)
-        masks.append(nan | inf)
-    return [n == 0 for n in _sum_indicators(tuple(masks))]
+        masks = _or_kind_masks(leaves_of[0])
+    else:
+        masks = []
+        for leaves in leaves_of:
+            nan, inf = _or_kind_masks(leaves)
+            masks.append(nan | inf)
+    if squared:
+        counts, sq = _sum_indicators_and_squares(tuple(masks), squared)
+    else:
+        counts, sq = _sum_indicators(tuple(masks)), jnp.zeros((), jnp.float32)
+    if len(leaves_of) == 1:
+        return [(counts[0] == 0) & (counts[1] == 0)], sq
+    return [n == 0 for n in counts], sq
+
+
+def _sum_indicators_and_squares(
+    masks: tuple[jax.Array, ...], leaves: list
+) -> tuple[tuple[jax.Array, ...], jax.Array]:
+    """`_sum_indicators` of `masks` and the float32 sum of |x|^2 of `leaves`.
+
+    One variadic reduction; the leaves have the masks' shape.
+    """
+    sq = None
+    for x in leaves:
+        x = jnp.asarray(x)
+        if jnp.issubdtype(x.dtype, jnp.complexfloating):
+            re, im = jnp.real(x).astype(jnp.float32), jnp.imag(x).astype(jnp.float32)
+            term = re * re + im * im
+        else:
+            term = jnp.square(x.astype(jnp.float32))
+        sq = term if sq is None else sq + term
+    ints = tuple(m.astype(jnp.int32) for m in masks)
+    zero = jnp.zeros((), jnp.int32)
+
+    def add(a, b):
+        return tuple(u + v for u, v in zip(a, b))
+
+    dims = tuple(range(ints[0].ndim))
+    *counts, total = lax.reduce(
+        (*ints, sq), (zero,) * len(ints) + (jnp.zeros((), jnp.float32),), add, dims
+    )
+    return tuple(counts), total
