@@ -17,7 +17,11 @@ microseconds per call over a plain jitted call. The temporary memory of the
 compiled programs (`memory_analysis`) shows whether the guard copies the
 parameters.
 
-Run: python benchmarks/guard_loop.py [--rounds 7] [--steps 200]
+With ``--graph-only`` the guard's compiled program is called directly,
+interleaved with the skip step (`graph_cost`): the guard's in-graph cost
+with its host loop left out, and the bytes each program accesses.
+
+Run: python benchmarks/guard_loop.py [--rounds 7] [--steps 200] [--graph-only]
 """
 
 from __future__ import annotations
@@ -107,6 +111,69 @@ def run_model(name, rounds, steps):
     print(f"per-round guard/skip: {[round(r, 3) for r in guard_over_skip]}\n")
 
 
+def graph_cost(name, rounds, steps):
+    """The guard's compiled program against skip_nonfinite's, host left out.
+
+    The guard's program is called directly (its host loop, history reading
+    and incident machinery skipped), asynchronously, interleaved with the
+    jitted skip step: what the guard adds inside the graph. Also the bytes
+    each program accesses (XLA's cost analysis, deterministic).
+    """
+    init, loss_fn, batch_fn = MODELS[name]
+    params = init(jax.random.PRNGKey(0))
+    batch = batch_fn(jax.random.PRNGKey(1))
+    tx = jaxnan.skip_nonfinite(optax.adamw(LR))
+    skip = jax.jit(make_step(loss_fn, tx, True), donate_argnums=(0, 1))
+    guard = jaxnan.guard(make_step(loss_fn, tx, True), verbose=False)
+
+    def accessed(lowered):
+        cost = lowered.compile().cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        return cost["bytes accessed"]
+
+    bytes_skip = accessed(skip.lower(params, tx.init(params), batch))
+    bytes_guard = accessed(guard.lower(params, tx.init(params), batch))
+    p = jax.tree.map(jnp.copy, params)
+    entry, state, inputs = guard._flatten((p, tx.init(p), batch))  # noqa: SLF001
+    health = jnp.zeros((5,), jnp.float32)
+
+    def run_guard(state, n):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            state, _, h = entry.compiled(health, state, inputs)
+        jax.block_until_ready((state, h))
+        return (time.perf_counter() - t0) / n, state
+
+    def run_skip(carry, n):
+        p, s = carry
+        t0 = time.perf_counter()
+        for _ in range(n):
+            p, s, _ = skip(p, s, batch)
+        jax.block_until_ready((p, s))
+        return (time.perf_counter() - t0) / n, (p, s)
+
+    _, state = run_guard(state, 3)
+    p = jax.tree.map(jnp.copy, params)
+    _, carry = run_skip((p, tx.init(p)), 3)
+    ratios = []
+    for _ in range(rounds):
+        times = {}
+        for key in random.sample(["guard", "skip"], 2):
+            if key == "guard":
+                times[key], state = run_guard(state, steps)
+            else:
+                times[key], carry = run_skip(carry, steps)
+        ratios.append(times["guard"] / times["skip"])
+    title = f"### {name}: the guard's program alone vs skip_nonfinite"
+    print(f"{title} ({steps} steps x {rounds})\n")
+    print(
+        f"in-graph guard / skip: {statistics.median(ratios):.3f}x "
+        f"(per round {[round(r, 3) for r in ratios]}); bytes accessed "
+        f"{bytes_guard / 1e6:.2f} MB vs {bytes_skip / 1e6:.2f} MB "
+        f"({bytes_guard / bytes_skip:.4f}x)\n"
+    )
+
+
 def host_cost(rounds, steps):
     """Microseconds per call on a 4-parameter step: dispatch-bound loops."""
     tx = jaxnan.skip_nonfinite(optax.sgd(0.1))
@@ -150,9 +217,18 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=200, help="steps per loop")
     ap.add_argument("--models", default="mlp,transformer", help="comma-separated")
     ap.add_argument("--no-host", action="store_true", help="skip the host-cost loop")
+    ap.add_argument(
+        "--graph-only",
+        action="store_true",
+        help="only the guard's compiled program vs skip_nonfinite (no host loop)",
+    )
     args = ap.parse_args(argv)
     dev = jax.devices()[0]
     print(f"device: {dev.platform} ({dev.device_kind}), jax {jax.__version__}\n")
+    if args.graph_only:
+        for name in args.models.split(","):
+            graph_cost(name, args.rounds, args.steps)
+        return
     if not args.no_host:
         host_cost(args.rounds, args.steps)
     for name in args.models.split(","):
