@@ -339,18 +339,26 @@ class _Options:
 
 def _locate(fn, name, opts: _Options, args, kwargs) -> Diagnosis:
     run = replay.Run(fn, name, opts.static, args, kwargs)
+    found = _diagnose(run, opts)
+    if not (opts.check_compiled and run.has_nodes):
+        return found
+    # After every pass over the blocks: the plain program compiles on a heap
+    # the blocks no longer hold (see `replay.Run.release_blocks`).
+    run.release_blocks()
+    got = run.compiled_counts()
+    if got is None or got == found.nonfinite_outputs:
+        return found
+    return dataclasses.replace(found, compiled_outputs=got)
+
+
+def _diagnose(run: replay.Run, opts: _Options) -> Diagnosis:
     det, in_counts, out_counts = run.detect()
     nonfinite_inputs = replay.rows(in_counts, run.in_paths)
     nonfinite_outputs = replay.rows(out_counts, run.out_paths)
-    compiled = None
-    if opts.check_compiled and det.nodes:
-        got = run.compiled_counts()
-        compiled = got if got is not None and got != nonfinite_outputs else None
     common = dict(
         nonfinite_inputs=nonfinite_inputs,
         nonfinite_outputs=nonfinite_outputs,
-        fn_name=name,
-        compiled_outputs=compiled,
+        fn_name=run.name,
     )
     if any(c[0] for c in nonfinite_inputs.values()):  # NaN arrived: the root
         return _input_diagnosis(run, common)
@@ -406,6 +414,8 @@ def _event_diagnosis(run, opts, det, node, phase, cone, common) -> Diagnosis:
     nan_event = None
     if not created[0] and any(c[0] for c in common["nonfinite_outputs"].values()):
         nan_event = _nan_event(run, det, cone)
+    run.release_blocks()  # before the whole-program measurement: lower peak
+    layer_stats = _layer_text(run, eqn)
     return Diagnosis(
         found=True,
         primitive=eqn.primitive.name,
@@ -429,7 +439,7 @@ def _event_diagnosis(run, opts, det, node, phase, cone, common) -> Diagnosis:
         user_function=api,
         created=created,
         nan_event=nan_event,
-        layer_stats=_layer_text(run, eqn),
+        layer_stats=layer_stats,
         **common,
     )
 

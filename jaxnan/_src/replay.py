@@ -11,6 +11,10 @@ hold both allowed and excluded nodes.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -51,7 +55,8 @@ class Run:
 
     def __init__(self, fn, name, static, args, kwargs):
         reject_tracers(name, args, kwargs)
-        self.fn, self.args, self.kwargs = fn, args, kwargs
+        self.fn, self.name, self.args, self.kwargs = fn, name, args, kwargs
+        self.has_nodes = False  # whether the detect pass saw any equation
         self.first: blocks.Detection | None = None
         self.cache: dict = {}  # compiled blocks, shared by the detect passes
         static = tuple(i % len(args) for i in static if -len(args) <= i < len(args))
@@ -106,6 +111,7 @@ class Run:
             det = blocks.detect(self.closed, self.consts, self.leaves, cache=self.cache)
             if self.first is None:
                 self.first = det
+                self.has_nodes = bool(det.nodes)
             if allow is None:
                 return det, counts(self.leaves), counts(det.outs)
         det = blocks.detect(
@@ -117,6 +123,21 @@ class Run:
             cache=self.cache,
         )
         return det, counts(self.leaves), counts(det.outs)
+
+    def release_blocks(self) -> None:
+        """Drops the compiled blocks and the first detection (no pass follows).
+
+        Called before a whole-program compile (the layer statistics, the
+        plain program). The blocks' executables and values are dropped, and
+        the heap pages the block compiles freed are handed back to the
+        system: glibc keeps them in the arenas of the threads that freed
+        them, where the next compile does not reuse them. Measured on the
+        4-layer LM (peak resident set rise of `locate` with an event): 290
+        MiB -> 241 MiB, against 111 MiB for the plain compile and run.
+        """
+        self.cache.clear()
+        self.first = None
+        _trim_heap()
 
     def capture(self, det: blocks.Detection, node, iteration, device_pos):
         """The event's concrete inputs, outputs, and the device of its element.
@@ -142,6 +163,25 @@ class Run:
         except Exception:  # noqa: BLE001 - e.g. a primitive with a rule, no lowering
             return None
         return rows(counts(jax.tree_util.tree_leaves(outs)), self.out_paths)
+
+
+@functools.cache
+def _libc() -> Any:
+    """glibc, or None elsewhere (then nothing is trimmed)."""
+    if sys.platform != "linux":
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def _trim_heap() -> None:
+    """Hands the free pages of every malloc arena back to the system (glibc)."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def _reusable_jit(fn: Any, args: tuple, kwargs: dict) -> bool:
