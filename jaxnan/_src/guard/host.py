@@ -504,7 +504,11 @@ class GuardedStep:
 
         functools.update_wrapper(replay, fn)
         try:
-            return locate(replay)(*located), ""
+            # No `check_compiled`: the guard has just re-run its own compiled
+            # step on these arguments (`_incident`), which went nonfinite
+            # again; a plain compile of the step would only repeat that, at
+            # the cost of one more whole-program compile per incident.
+            return locate(replay, check_compiled=False)(*located), ""
         except Exception as e:  # noqa: BLE001 - the replay is ours, not the user's
             return None, f"jaxnan.locate could not replay the step: {e!r}"
 
