@@ -415,7 +415,7 @@ class GuardedStep:
         if size and len(rows) == size:  # not a property of some examples
             leaf, rows = None, ()
         if grown and cause not in ("input_data", "poisoned_state"):
-            cause = records.Cause.LEARNING_RATE.value
+            cause = causes.Cause.LEARNING_RATE.value
             figures = "; ".join(str(g) for g in grown)
             lines.append(
                 f"  cause:   learning rate too high / exploding gradients: {figures} "

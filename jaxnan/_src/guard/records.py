@@ -55,17 +55,18 @@ class Action(str, enum.Enum):
 class Cause(str, enum.Enum):
     """Why the guard says a step went bad, beyond `jaxnan.locate`'s causes.
 
+    The guard's own verdicts; a diagnosis it shares with `jaxnan.locate`
+    (``learning_rate`` after growth, ``input_data``, ...) is that cause
+    (`causes.Cause`), not a second spelling of it.
+
     Attributes:
         NONDETERMINISTIC: the step was bad but its replay on the same state,
             batch and RNG was not (suspect hardware, an unseeded op or a
             race).
-        LEARNING_RATE: the loss, gradient norm or update ratio grew by orders
-            of magnitude over the steps before the first NaN.
         GROWTH: the early warning itself (no NaN yet).
     """
 
     NONDETERMINISTIC = "nondeterministic"
-    LEARNING_RATE = "learning_rate"
     GROWTH = "growth"
 
 
@@ -77,9 +78,9 @@ class Incident:
         step: index of the guarded call (from 0) that went bad; also the
             index of its batch in the order the loop fed them.
         action: what the guard did (`Action`).
-        cause: a `jaxnan.locate` cause (``input_data``, ``unsafe_op``, ...)
-            or a `Cause` of the guard (``nondeterministic``,
-            ``learning_rate``, ``growth``).
+        cause: a `jaxnan.locate` cause (``input_data``, ``unsafe_op``,
+            ``learning_rate``, ...) or a `Cause` of the guard
+            (``nondeterministic``, ``growth``).
         message: the text printed once for this incident.
         leaf: the batch leaf that holds the bad examples
             (``"batch['x']"``), when known.
