@@ -91,7 +91,12 @@ class LayerStats:
     def __str__(self) -> str:
         used = float(self.range_used)
         bad = int(self.nonfinite)
-        share = f"{used:.0%}" if used >= 0.01 else f"{used * 100:.1g}%"
+        if used >= 0.01:
+            share = f"{used:.0%}"
+        elif used >= 1e-6:
+            share = f"{used * 100:.1g}%"
+        else:
+            share = "under 0.0001%"
         text = (
             f"max |x| = {float(self.max_abs):.3g}, {share} of the {self.dtype} "
             f"range; mean {float(self.mean):.3g}, std {float(self.std):.3g}, "
@@ -161,9 +166,13 @@ class _Layer:
             m, bad = _maxabs_and_nonfinite(x)
             top = float(jnp.finfo(x.dtype).max)
             top32 = np.float32(min(top, np.finfo(np.float32).max))
+            room = jnp.log2(np.float32(top32)) - jnp.log2(m)  # +inf at 0
             self.max_abs.append(m)
-            self.used.append(m / top32)
-            self.room.append(jnp.log2(np.float32(top32)) - jnp.log2(m))  # +inf at 0
+            # Not m / top32: XLA turns it into m * (1 / top32), a float32
+            # denormal that the CPU backend flushes to 0 (4e37 read as "0% of
+            # the float32 range").
+            self.used.append(jnp.exp2(-room))
+            self.room.append(room)
             self.nonfinite.append(bad)
             if top < self.dtype_max:
                 self.dtype_max, self.dtype = top, str(x.dtype)
