@@ -5,11 +5,32 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+from jax.extend import core as jex_core
 from jax.extend import source_info_util
 
+from jaxnan._src import compat
 from jaxnan._src.inspect import activations, layers
 
 source_info_util.register_exclusion(__file__)
+
+
+def _pruned_call(fn: Any, compiler_options: Any, *args: Any) -> Any:
+    """``jax.jit(fn)(*args)``, with the equations no output needs left out.
+
+    The measurement walks the whole function but returns the statistics of
+    one layer; the equations that do not feed them (the backward pass below
+    that layer, the other parameters' gradients) are removed from the jaxpr
+    before lowering. XLA would drop them too, after lowering the whole
+    program: on the 4-layer LM of `benchmarks/locate_speed.py` this pruning
+    took the peak resident set rise of the measurement from 101 MiB to 59.
+    """
+    traced = jax.jit(fn).trace(*args)
+    closed = traced.jaxpr
+    jaxpr, used = compat.dce_jaxpr(closed.jaxpr, [True] * len(closed.jaxpr.outvars))
+    flat = [x for x, u in zip(jax.tree_util.tree_leaves(args), used) if u]
+    pruned = jex_core.jaxpr_as_fun(jex_core.ClosedJaxpr(jaxpr, closed.consts))
+    outs = jax.jit(pruned, compiler_options=compiler_options)(*flat)
+    return jax.tree_util.tree_unflatten(traced.out_tree, outs)
 
 
 def _provenances(dyn_tree: Any) -> list:
@@ -55,8 +76,7 @@ def layer_text(
         walker.run(closed.jaxpr, consts, xs, provs)
         return walker.results(0.25, layer_of=eqn)
 
-    run = jax.jit(measure, compiler_options=compiler_options)
-    stats = run(list(closed.consts), list(leaves))
+    stats = _pruned_call(measure, compiler_options, list(closed.consts), list(leaves))
     name = walker.names.get(id(eqn))
     if name is None:
         return None
