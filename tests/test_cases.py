@@ -2,20 +2,20 @@
 
 Each case declares EXPECT (primitive, phase, cause, and optionally iteration
 or, for phase "input", the leaf) and marks the creating line with the comment
-`# <- creates`. The runner checks that the case really goes nonfinite under
-`jax.jit`, then that `jaxnan.locate` names exactly that line, primitive,
-phase and cause.
+`# <- creates`. The runner checks that `jaxnan.locate` names exactly that
+line, primitive, phase and cause, and that the case really goes nonfinite
+under `jax.jit` (locate's own compiled run of the plain function, which agrees
+with its replay).
 """
 
 import functools
 import importlib.util
 import pathlib
 
-import jax
-import jax.numpy as jnp
 import pytest
 
 import jaxnan
+from jaxnan._src import replay
 from jaxnan._src.causes import CAUSES
 from tests import helpers
 
@@ -36,20 +36,12 @@ def load_case(name):
 
 @functools.cache
 def made(name):
-    """``make()`` of a case, once per session: both tests below use it."""
+    """``make()`` of a case, once per session."""
     return load_case(name).make()
 
 
 def marker_line(name):
     return helpers.marker_lines(CASES_DIR / f"case_{name}.py", MARKER)
-
-
-def _float_leaves(tree):
-    return [
-        leaf
-        for leaf in jax.tree_util.tree_leaves(tree)
-        if hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.inexact)
-    ]
 
 
 def test_suite_size():
@@ -84,31 +76,34 @@ def test_case_is_well_formed(name):
         assert isinstance(expect["primitive"], str)
 
 
-def test_every_case_goes_nonfinite_under_jit():
-    # One jitted program runs all cases side by side (their arguments are
-    # traced, not constants): one compile instead of one per case.
-    cases = [made(name) for name in CASE_NAMES]
-    fns = [fn for fn, _ in cases]
-    outs = jax.jit(lambda all_args: [f(*a) for f, a in zip(fns, all_args)])(
-        [args for _, args in cases]
-    )
-    finite = [
-        name
-        for name, out in zip(CASE_NAMES, outs)
-        if all(bool(jnp.isfinite(leaf).all()) for leaf in _float_leaves(out))
-    ]
-    assert finite == [], f"these cases stay finite under jit: {finite}"
+def _record_compiled_counts(monkeypatch):
+    """The counts of every compiled run of the plain function locate makes."""
+    got = []
+    compiled_counts = replay.Run.compiled_counts
+
+    def recording(self):
+        got.append(compiled_counts(self))
+        return got[-1]
+
+    monkeypatch.setattr(replay.Run, "compiled_counts", recording)
+    return got
 
 
 @pytest.mark.parametrize("name", CASE_NAMES)
-def test_locate_names_the_creating_equation(name):
-    if not hasattr(jaxnan, "locate"):
-        pytest.skip("jaxnan.locate does not exist yet (helper A implements it)")
+def test_locate_names_the_creating_equation(name, monkeypatch):
     module = load_case(name)
     expect = module.EXPECT
     fn, args = made(name)
     history = getattr(module, "HISTORY", None)  # filled in by make()
+    compiled = _record_compiled_counts(monkeypatch)
     diagnosis = jaxnan.locate(fn, history=history)(*args)
+    # The case goes nonfinite under jax.jit, not only in locate's replay:
+    # locate (check_compiled=True) compiled and ran the plain function once,
+    # and its nonfinite outputs are the replay's.
+    assert len(compiled) == 1 and compiled[0] is not None, name
+    assert compiled[0], f"case {name} stays finite under jit"
+    assert compiled[0] == diagnosis.nonfinite_outputs, str(diagnosis)
+    assert diagnosis.compiled_outputs is None, str(diagnosis)
     got = {
         "found": diagnosis.found,
         "primitive": diagnosis.primitive,

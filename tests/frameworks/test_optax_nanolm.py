@@ -163,9 +163,15 @@ def test_float16_layernorm_epsilon_underflow_is_skipped_and_located(layernorm_bu
     opt, loss_fun, params, batch, d = layernorm_bug
     assert (d.primitive, d.line, d.phase) == ("rsqrt", LN_LINE, "forward")
     assert d.dtype == "float16" and d.file == __file__
-    # The guarded update of that batch is skipped: params unchanged.
-    loss, grads = jax.value_and_grad(loss_fun)(params, *batch)
-    updates, opt_state = opt.update(grads, opt.init(params), params, loss=loss)
+
+    # The guarded update of that batch is skipped: params unchanged. (Under
+    # jit, as in training: one compile instead of one per op of the model.)
+    @jax.jit
+    def update(params, *batch):
+        loss, grads = jax.value_and_grad(loss_fun)(params, *batch)
+        return opt.update(grads, opt.init(params), params, loss=loss)
+
+    updates, opt_state = update(params, *batch)
     assert int(opt_state.nonfinite_total) == 1
     assert all(float(jnp.abs(u).max()) == 0 for u in jax.tree.leaves(updates))
 
