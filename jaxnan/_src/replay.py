@@ -12,7 +12,6 @@ hold both allowed and excluded nodes.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import sys
 from collections.abc import Sequence
@@ -170,7 +169,7 @@ def _libc() -> Any:
     if sys.platform != "linux":
         return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL("libc.so.6")  # glibc; musl and others: OSError
         return libc if hasattr(libc, "malloc_trim") else None
     except OSError:
         return None
