@@ -15,6 +15,7 @@ leaves are skipped on purpose: they cannot hold a nonfinite value.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -71,15 +72,28 @@ def _sum_indicators(
     a single vectorized loop fusion; a single-operand integer sum would
     materialize the mask first.
     """
-    ints = tuple(m.astype(jnp.int32) for m in masks)
-    zero = jnp.zeros((), jnp.int32)
+    return _summed(tuple(m.astype(jnp.int32) for m in masks), axis)
+
+
+def _summed(operands: tuple[jax.Array, ...], axis: int | None = None) -> tuple:
+    """The sum of each operand (one shape, any dtypes), one variadic reduction."""
 
     def add(a, b):
         return tuple(u + v for u, v in zip(a, b))
 
-    ndim = ints[0].ndim
+    ndim = operands[0].ndim
     dims = tuple(range(ndim)) if axis is None else (axis % ndim,)
-    return tuple(lax.reduce(ints, (zero,) * len(ints), add, dims))
+    zeros = tuple(jnp.zeros((), x.dtype) for x in operands)
+    return tuple(lax.reduce(operands, zeros, add, dims))
+
+
+def _abs_squared(x: jax.Array, acc: Any) -> jax.Array:
+    """|x|^2 elementwise in dtype `acc` (complex: re^2 + im^2)."""
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+        re, im = jnp.real(x).astype(acc), jnp.imag(x).astype(acc)
+        return re * re + im * im
+    x = x.astype(acc)
+    return x * x
 
 
 # Leaves of one shape share one variadic reduction (one loop, one kernel), up
@@ -346,12 +360,7 @@ def squares_and_finite(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """
     x = jnp.asarray(x)
     acc = jnp.promote_types(jnp.real(x).dtype, jnp.float32)
-    if jnp.issubdtype(x.dtype, jnp.complexfloating):
-        re, im = jnp.real(x).astype(acc), jnp.imag(x).astype(acc)
-        sq, bad = re * re + im * im, ~(jnp.isfinite(re) & jnp.isfinite(im))
-    else:
-        x = x.astype(acc)
-        sq, bad = x * x, ~jnp.isfinite(x)
+    sq, bad = _abs_squared(x, acc), ~jnp.isfinite(x)
     zero = jnp.zeros((), acc)
 
     def add(a, b):
@@ -601,23 +610,8 @@ def _sum_indicators_and_squares(
 
     One variadic reduction; the leaves have the masks' shape.
     """
-    sq = None
-    for x in leaves:
-        x = jnp.asarray(x)
-        if jnp.issubdtype(x.dtype, jnp.complexfloating):
-            re, im = jnp.real(x).astype(jnp.float32), jnp.imag(x).astype(jnp.float32)
-            term = re * re + im * im
-        else:
-            term = jnp.square(x.astype(jnp.float32))
-        sq = term if sq is None else sq + term
-    ints = tuple(m.astype(jnp.int32) for m in masks)
-    zero = jnp.zeros((), jnp.int32)
-
-    def add(a, b):
-        return tuple(u + v for u, v in zip(a, b))
-
-    dims = tuple(range(ints[0].ndim))
-    *counts, total = lax.reduce(
-        (*ints, sq), (zero,) * len(ints) + (jnp.zeros((), jnp.float32),), add, dims
+    sq = functools.reduce(
+        jnp.add, [_abs_squared(jnp.asarray(x), jnp.float32) for x in leaves]
     )
+    *counts, total = _summed((*(m.astype(jnp.int32) for m in masks), sq))
     return tuple(counts), total
