@@ -346,7 +346,7 @@ def _locate(fn, name, opts: _Options, args, kwargs) -> Diagnosis:
         # them, the plain program raised the peak of a 4-layer LM's locate
         # to 2x that of its plain compile, trimmed heap or not.
         compiled = run.compiled_counts()
-        run.release_blocks()  # hands the compile's freed memory back
+        replay.trim_heap()  # hands the compile's freed memory back
     found = _diagnose(run, opts)
     if compiled is None or compiled == found.nonfinite_outputs:
         return found
