@@ -323,6 +323,47 @@ def test_blocks_reuse_repeated_layers_and_match_one_program():
     assert d.nonfinite_outputs == {}
 
 
+def _instrumented_traces(monkeypatch) -> list:
+    """Records the strategy of every block the interpreter traces."""
+    seen = []
+    run_block = interpreter.run_block
+
+    def spy(interp, *args, **kwargs):
+        seen.append(type(interp.strategy).__name__)
+        return run_block(interp, *args, **kwargs)
+
+    monkeypatch.setattr(interpreter, "run_block", spy)
+    return seen
+
+
+def test_only_blocks_that_computed_a_nonfinite_value_are_instrumented(monkeypatch):
+    x = jnp.linspace(0.5, 0.9, 8).reshape(2, 4)
+    fn = jax.value_and_grad(_deep_loss)
+
+    def detect(ws):
+        leaves = jax.tree_util.tree_leaves((ws, x))
+        closed = jax.make_jaxpr(lambda *a: fn(a[:-1], a[-1]))(*leaves)
+        return closed, blocks.detect(closed, closed.consts, leaves)
+
+    seen = _instrumented_traces(monkeypatch)
+    healthy = [jnp.eye(4) * 1.5 for _ in range(24)]
+    _, det = detect(healthy)
+    assert det.index == det.nan_index == -1
+    assert "Detect" not in seen and seen.count("Table") == det.compiled
+    seen.clear()
+    bad = list(healthy)
+    bad[17] = jnp.full((4, 4), 3e38)  # x @ w overflows; tanh(inf) = 1 masks it
+    closed, det = detect(bad)
+    # One instrumented block: the one holding layer 17's overflow. Every
+    # other block computed finite values only (tanh masks the Inf).
+    assert seen.count("Detect") == 1
+    one = interpreter.Interpreter("detect", 0)
+    rec, _ = jax.jit(lambda c, a: interpreter.run(one, closed, c, a))(
+        closed.consts, jax.tree_util.tree_leaves((bad, x))
+    )
+    assert det.index == int(rec.index) >= 0
+
+
 def _inf_then_nan_loss(ws, x):
     for w in ws:
         x = jnp.tanh(x @ w)

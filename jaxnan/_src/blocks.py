@@ -18,31 +18,49 @@ compiles each *distinct* block once:
    abstract values, literals, name stacks), its wiring (which output of which
    equation feeds which input, inputs from outside numbered by first use)
    and which of its values are used later. Blocks with equal keys compute
-   the same function of their inputs: one instrumented `jax.jit` (traced by
-   `interpreter.run_block` with the `Detect` strategy) serves them all, and
-   its node table is copied with the equations and producers of each block.
-4. The blocks run in program order on the values of the previous ones,
-   dead values freed as they go; the first block whose record holds an event
-   holds the first event of the program. Its inputs are kept, and `capture`
-   re-runs that block alone with the `Capture` strategy.
+   the same function of their inputs and share everything compiled for one:
+   - the node table, from one trace of the interpreter with the `Table`
+     strategy (no check, nothing compiled), copied with the equations and
+     producers of each block;
+   - the plain block (`_plain`): its outputs and one finiteness code of every
+     floating value it computes, read with one reduction per dtype over their
+     concatenation;
+   - the instrumented block (`interpreter.run_block` with the `Detect`
+     strategy), compiled only for a block whose plain code is not finite.
+4. The blocks run plain in program order on the values of the previous ones,
+   dead values freed as they go. No equation of a block whose values are all
+   finite can have created a nonfinite value, so the first event of the
+   program lies in the first block whose code is not finite and that the
+   instrumented block finds an event in (a block whose Inf only came in is
+   passed over); the first NaN-creating event likewise, among the blocks
+   holding a NaN. A block that holds loop or branch bodies (`scan`, `while`,
+   `cond`, `shard_map`) runs instrumented while the search is on: its plain
+   code does not see the values inside the bodies. The event block's inputs
+   are kept, and `capture` re-runs that block alone with the `Capture`
+   strategy.
 
 The answer is the one a single instrumented program gives: the same creation
 test on the same equations in the same order. Only fusion across block
-boundaries differs, as it differs between any two XLA programs.
+boundaries differs, as it differs between any two XLA programs. On the
+4-layer LM of `benchmarks/locate_speed.py` the instrumented blocks compile
+3-4x slower than the plain ones: a healthy step compiles no instrumented
+block, an event step one or two.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from functools import partial
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jex_core
 from jax.extend import source_info_util
 
-from jaxnan._src import interpreter, primitives, records, rules
+from jaxnan._src import base, compat, interpreter, primitives, records, rules
 from jaxnan._src.records import Entry, Node
 
 source_info_util.register_exclusion(__file__)
@@ -100,6 +118,7 @@ class _Compiled:
     interp: interpreter.Interpreter
     out_producers: list
     block: Block  # the block it was traced on (its equations are in nodes)
+    key: Any = None  # its key in the cache of compiled programs
 
 
 @dataclasses.dataclass
@@ -292,31 +311,71 @@ def _block(entries, ids, last_use, a: int, b: int) -> Block:
 # -- detect --------------------------------------------------------------
 
 
-def _compile(block: Block, depth: int, mask: tuple[bool, ...] | None) -> _Compiled:
-    allow = None if mask is None else (lambda n: mask[n.index])
-    interp = interpreter.Interpreter(records.Detect(allow), depth)
+def _compile(
+    block: Block, depth: int, mask: tuple[bool, ...] | None, strategy: Any = None
+) -> _Compiled:
+    """The instrumented `jax.jit` of `block` (compiled at its first call)."""
+    if strategy is None:
+        allow = None if mask is None else (lambda n: mask[n.index])
+        strategy = records.Detect(allow)
+    interp = interpreter.Interpreter(strategy, depth)
     out: _Compiled = _Compiled(None, interp, [], block)
     marks = [EXTERNAL + k for k in range(len(block.invars))]
 
-    def fn(args: list, codes: list) -> tuple:
+    def fn(args: list) -> tuple:
         interp.nodes = []  # a retrace (other shardings) builds the same table
         state, slots = interpreter.run_block(
-            interp, block.entries, block.invars, block.outvars, args, marks, codes
+            interp, block.entries, block.invars, block.outvars, args, marks
         )
         out.out_producers = [s.producer for s in slots]
-        # The codes this block computed anyway spare the next blocks a pass.
-        known = [_known_code(s) for s in slots]
-        return state, [s.value for s in slots], known
+        return state, [s.value for s in slots]
 
     out.fn = jax.jit(fn, compiler_options=compiler_options())
     return out
 
 
-def _known_code(slot: records.Slot) -> Any:
-    cell = slot.cell
-    if cell is None or cell.code is None or isinstance(cell.code, int):
-        return None
-    return cell.code
+def _plain(block: Block) -> Any:
+    """``jit(block)(args) -> (outputs, code)``: the block uninstrumented.
+
+    `code` is the largest finiteness code (`records.CODE_INF`,
+    `records.CODE_NAN`, 0 when finite) of every floating value the block
+    computes, read with one reduction per dtype over their concatenation
+    (a reduction per value is what makes an instrumented block compile 3x
+    slower than the plain one). No equation of a block whose values are all
+    finite can have created a nonfinite value, so only a block with a
+    nonzero code is re-run instrumented.
+    """
+    eqns = [e.eqn for e in block.entries]
+    values = [
+        v
+        for e in eqns
+        for v in e.outvars
+        if not isinstance(v, jex_core.DropVar) and base.is_inexact_dtype(v.aval.dtype)
+    ]
+    effects = set().union(*(e.effects for e in eqns))
+    jaxpr = jex_core.Jaxpr(
+        [],
+        list(block.invars),
+        [*block.outvars, *values],
+        eqns,
+        effects,
+        debug_info=compat.unnamed_debug_info("block"),
+    )
+    run = jex_core.jaxpr_as_fun(jex_core.ClosedJaxpr(jaxpr, []))
+    n_out = len(block.outvars)
+
+    def fn(args: list) -> tuple:
+        outs = run(*args)
+        groups: dict = {}
+        for x in outs[n_out:]:
+            groups.setdefault(x.dtype, []).append(x.ravel())
+        code = jnp.int8(0)
+        for xs in groups.values():
+            flat = jnp.concatenate(xs) if len(xs) > 1 else xs[0]
+            code = jnp.maximum(code, records.value_code(flat))
+        return list(outs[:n_out]), code
+
+    return jax.jit(fn, compiler_options=compiler_options())
 
 
 def _place(
@@ -386,38 +445,35 @@ def detect(
     cache = {} if cache is None else cache
     masks = _masks(allow, known, len(blocks))
     det = Detection(-1, np.full((depth,), -1, np.int32), -1, nodes, (), [], depth=depth)
-    codes: dict = {}
-    compiled_before = len(cache)
+    compiled = _Counter()
     for bi, block in enumerate(blocks):
-        in_codes = [codes.get(v) for v in block.invars]
-        key = (block.key, tuple(c is not None for c in in_codes), masks[bi])
-        compiled = cache.get(key)
-        if compiled is None:
-            compiled = cache[key] = _compile(block, depth, masks[bi])
         vals = [env[v] for v in block.invars]
-        rec, outs, out_codes = compiled.fn(vals, in_codes)
-        ext_prods = [producer.get(v, -1) for v in block.invars]
-        placed, out_prods = _place(compiled, block, len(nodes), ext_prods)
-        if det.index < 0 or det.nan_index < 0:
-            local, nan = int(rec.index), int(rec.nan_index)  # waits for this block
-            if det.nan_index < 0 <= nan:
-                det.nan_index = nan + len(nodes)
-            if det.index < 0 <= local:
-                det.index = local + len(nodes)
-                det.iteration = np.asarray(rec.iteration)
-                det.device = int(rec.device)
-                det.event_block, det.event_args = block, vals
-                det.event_offset = len(nodes)
+        table = _table(cache, block, depth, vals)
+        check = (det.index < 0 or det.nan_index < 0) and _allowed(masks[bi])
+        by_rules = _by_rules(block)
+        code = records.CODE_NAN
+        if not by_rules:
+            plain = partial(_plain, block)
+            outs, code = compiled.call(cache, ("plain", block.key), plain, vals)
+            if check:
+                code = int(code)  # waits for this block
+        want = records.CODE_INF if det.index < 0 else records.CODE_NAN
+        if by_rules or (check and code >= want):
+            mask = masks[bi] if check else None
+            run = partial(_detecting, block, depth, mask)
+            rec, outs = compiled.call(cache, ("run", block.key, mask), run, vals)
+            if check:
+                _note(det, rec, len(nodes), block, vals)
+        placed, out_prods = _place(
+            table, block, len(nodes), [producer.get(v, -1) for v in block.invars]
+        )
         det.spans.append((len(nodes), len(nodes) + len(placed)))
         nodes.extend(placed)
-        for v, x, p, c in zip(block.outvars, outs, out_prods, out_codes):
+        for v, x, p in zip(block.outvars, outs, out_prods):
             env[v] = x
             producer[v] = p
-            if c is not None:
-                codes[v] = c
         for v in last_block.get(bi, ()):
             env.pop(v, None)
-            codes.pop(v, None)
     det.outs = [
         v.val if isinstance(v, jex_core.Literal) else env[v] for v in program.outvars
     ]
@@ -425,8 +481,77 @@ def detect(
         -1 if isinstance(v, jex_core.Literal) else producer.get(v, -1)
         for v in program.outvars
     )
-    det.blocks, det.compiled = len(blocks), len(cache) - compiled_before
+    det.blocks, det.compiled = len(blocks), compiled.count
     return det
+
+
+class _Counter:
+    """Calls cached `jax.jit` programs, counting the first call of each."""
+
+    def __init__(self):
+        self.count = 0
+
+    def call(self, cache: dict, key: Any, make: Any, vals: list) -> Any:
+        """``cache[key](vals)``, ``cache[key] = make()`` first when missing."""
+        entry = cache.get(key)
+        if entry is None:
+            entry = cache[key] = [make(), False]
+        if not entry[1]:
+            entry[1] = True
+            self.count += 1
+        return entry[0](vals)
+
+
+def _table(cache: dict, block: Block, depth: int, vals: list) -> _Compiled:
+    """The node table of `block`: the interpreter traced, nothing compiled.
+
+    The same equations in the same order make the same nodes as the
+    instrumented block, without its instrumentation (most of its trace).
+    """
+    key = ("table", block.key)
+    table = cache.get(key)
+    if table is None:
+        table = cache[key] = _compile(block, depth, None, records.Table())
+        jax.eval_shape(table.fn, vals)
+    return table
+
+
+def _detecting(block: Block, depth: int, mask: Any) -> Any:
+    """The instrumented `jax.jit` of `block` (`Detect`, restricted by `mask`)."""
+    return _compile(block, depth, mask).fn
+
+
+def _by_rules(block: Block) -> bool:
+    """Whether `block` holds an equation that only its rule evaluates right.
+
+    Loop and branch bodies (`scan`, `while`, `cond`, `shard_map`): the
+    block's plain code does not see the values inside them. Primitives with
+    a rule (jaxnan's own report callbacks, evaluated as no-ops; a rule a user
+    registered): the replay follows the rule, not the lowering. Such a block
+    always runs instrumented.
+    """
+    return any(
+        e.eqn.primitive in rules.RULES or primitives.sub_jaxprs(e.eqn, strict=False)
+        for e in block.entries
+    )
+
+
+def _allowed(mask: tuple[bool, ...] | None) -> bool:
+    """Whether a block restricted by `mask` may hold the event at all."""
+    return mask is None or any(mask)
+
+
+def _note(det: Detection, rec: Any, offset: int, block: Block, vals: list) -> None:
+    """Folds an instrumented block's record into the detection."""
+    local, nan = int(rec.index), int(rec.nan_index)
+    if det.nan_index < 0 <= nan:
+        det.nan_index = nan + offset
+    if det.index < 0 <= local:
+        det.index = local + offset
+        det.iteration = np.asarray(rec.iteration)
+        det.device = int(rec.device)
+        det.event_block, det.event_args = block, vals
+        det.event_offset = offset
 
 
 def _masks(allow: Any, known: Detection | None, n: int) -> list:

@@ -6,6 +6,8 @@ upgrade that moves a private symbol breaks exactly one file.
 
 from __future__ import annotations
 
+from typing import Any
+
 from jax.extend import source_info_util
 
 source_info_util.register_exclusion(__file__)
@@ -26,3 +28,10 @@ from jax._src.debugging import debug_callback_p  # noqa: E402,F401
 # only what feeds the measured layer (less compile memory than leaving it to
 # XLA after lowering the whole program).
 from jax._src.interpreters.partial_eval import dce_jaxpr  # noqa: E402,F401
+
+
+def unnamed_debug_info(what: str) -> Any:
+    """The debug info of a jaxpr jaxnan builds itself (no argument names)."""
+    from jax._src.core import DebugInfo
+
+    return DebugInfo("jaxnan", what, None, None)

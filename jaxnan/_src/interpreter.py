@@ -51,6 +51,7 @@ from jaxnan._src.records import (
     Node,
     Slot,
     Stop,
+    Table,
     Target,
     host_code,
 )
@@ -140,7 +141,7 @@ class Interpreter:
     """Holds the strategy, the static node table and the capture target.
 
     Args:
-        mode: ``"detect"``, ``"capture"``, or a `Detect`/`Capture` instance.
+        mode: ``"detect"``, ``"capture"``, or a `Detect`/`Capture`/`Table` instance.
         depth: the deepest loop nesting (`loop_depth`).
         target: the capture target (with ``mode="capture"``).
     """
@@ -150,7 +151,7 @@ class Interpreter:
             mode = Detect()
         elif mode == "capture":
             mode = Capture(target)
-        if not isinstance(mode, Detect | Capture):
+        if not isinstance(mode, Detect | Capture | Table):
             raise ValueError(f"jaxnan: unknown interpreter mode {mode!r}")
         self.strategy = mode
         self.depth = depth

@@ -257,6 +257,31 @@ def _first(flags: list, idxs: np.ndarray) -> tuple[Any, Any]:
     return jnp.any(stacked), jnp.asarray(idxs)[jnp.argmax(stacked)]
 
 
+class Table:
+    """Strategy that only builds the node table: nothing is checked.
+
+    `blocks.detect` traces each distinct block with it for the nodes, and
+    compiles the `Detect` block only where the block computed a nonfinite
+    value.
+    """
+
+    def initial_state(self, interp: Any) -> Record:
+        """An empty record (threaded through loops like `Detect`'s)."""
+        return Record.empty(interp.depth)
+
+    def on_checked(self, ctx: Any, node: Node, ins, cells, invals, outs) -> None:
+        """Nothing: no value is checked."""
+
+    def flush(self, ctx: Any) -> None:
+        """Nothing is pending."""
+        ctx.pending = []
+
+    def merge_devices(self, ctx: Any, stacked: Record, ndev: int) -> Record:
+        """The record before the device map (nothing was recorded)."""
+        del stacked, ndev
+        return ctx.state
+
+
 class Capture:
     """Strategy of the second pass: read the values of the target equation."""
 
