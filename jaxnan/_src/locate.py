@@ -257,10 +257,12 @@ def locate(
     With ``check_compiled`` the compiled function is run too, and
     ``compiled_outputs`` (and the report) say when its outputs differ.
 
-    Cost: the instrumented program runs block by block, each distinct block
-    compiled once (the repeated layers of a deep model share one); the
-    event's block is compiled again to capture its values; the layer
-    holding the event is measured by one plain-sized program. With
+    Cost: the program runs block by block, each distinct block compiled
+    once (the repeated layers of a deep model share one), plain, with one
+    finiteness code of all the values it computes; only a block that
+    computed a nonfinite value is compiled again instrumented (a healthy
+    step: none), and the event's block once more to capture its values; the
+    layer holding the event is measured by one plain-sized program. With
     ``check_compiled`` the plain function is compiled and run once (a
     function already wrapped in `jax.jit` is called as is, so the program
     jax cached when it ran is reused). One more detect pass, reusing the
