@@ -34,8 +34,8 @@ compiles each *distinct* block once:
    instrumented block finds an event in (a block whose Inf only came in is
    passed over); the first NaN-creating event likewise, among the blocks
    holding a NaN. A block that holds loop or branch bodies (`scan`, `while`,
-   `cond`, `shard_map`) runs instrumented while the search is on: its plain
-   code does not see the values inside the bodies. The event block's inputs
+   `cond`, `shard_map`) or a primitive evaluated by its rule always runs
+   instrumented (`_by_rules`). The event block's inputs
    are kept, and `capture` re-runs that block alone with the `Capture`
    strategy.
 
@@ -118,7 +118,6 @@ class _Compiled:
     interp: interpreter.Interpreter
     out_producers: list
     block: Block  # the block it was traced on (its equations are in nodes)
-    key: Any = None  # its key in the cache of compiled programs
 
 
 @dataclasses.dataclass
@@ -445,25 +444,11 @@ def detect(
     cache = {} if cache is None else cache
     masks = _masks(allow, known, len(blocks))
     det = Detection(-1, np.full((depth,), -1, np.int32), -1, nodes, (), [], depth=depth)
-    compiled = _Counter()
+    compiled = _Runner(cache, depth)
     for bi, block in enumerate(blocks):
         vals = [env[v] for v in block.invars]
         table = _table(cache, block, depth, vals)
-        check = (det.index < 0 or det.nan_index < 0) and _allowed(masks[bi])
-        by_rules = _by_rules(block)
-        code = records.CODE_NAN
-        if not by_rules:
-            plain = partial(_plain, block)
-            outs, code = compiled.call(cache, ("plain", block.key), plain, vals)
-            if check:
-                code = int(code)  # waits for this block
-        want = records.CODE_INF if det.index < 0 else records.CODE_NAN
-        if by_rules or (check and code >= want):
-            mask = masks[bi] if check else None
-            run = partial(_detecting, block, depth, mask)
-            rec, outs = compiled.call(cache, ("run", block.key, mask), run, vals)
-            if check:
-                _note(det, rec, len(nodes), block, vals)
+        outs = compiled.run(det, block, vals, masks[bi], len(nodes))
         placed, out_prods = _place(
             table, block, len(nodes), [producer.get(v, -1) for v in block.invars]
         )
@@ -485,17 +470,40 @@ def detect(
     return det
 
 
-class _Counter:
-    """Calls cached `jax.jit` programs, counting the first call of each."""
+class _Runner:
+    """Runs the blocks of one pass: plain, then instrumented where needed.
 
-    def __init__(self):
-        self.count = 0
+    The `jax.jit` programs live in `cache` (shared by the passes over one
+    program); `count` is how many this pass called for the first time.
+    """
 
-    def call(self, cache: dict, key: Any, make: Any, vals: list) -> Any:
+    def __init__(self, cache: dict, depth: int):
+        self.cache, self.depth, self.count = cache, depth, 0
+
+    def run(self, det: Detection, block: Block, vals: list, mask, offset: int):
+        """The outputs of `block`; folds its event into `det` while searching."""
+        check = (det.index < 0 or det.nan_index < 0) and _allowed(mask)
+        by_rules = _by_rules(block)
+        code = records.CODE_NAN
+        if not by_rules:
+            plain = partial(_plain, block)
+            outs, code = self._call(("plain", block.key), plain, vals)
+            if check:
+                code = int(code)  # waits for this block
+        want = records.CODE_INF if det.index < 0 else records.CODE_NAN
+        if by_rules or (check and code >= want):
+            mask = mask if check else None
+            make = partial(_detecting, block, self.depth, mask)
+            rec, outs = self._call(("run", block.key, mask), make, vals)
+            if check:
+                _note(det, rec, offset, block, vals)
+        return outs
+
+    def _call(self, key: Any, make: Any, vals: list) -> Any:
         """``cache[key](vals)``, ``cache[key] = make()`` first when missing."""
-        entry = cache.get(key)
+        entry = self.cache.get(key)
         if entry is None:
-            entry = cache[key] = [make(), False]
+            entry = self.cache[key] = [make(), False]
         if not entry[1]:
             entry[1] = True
             self.count += 1

@@ -493,7 +493,6 @@ def run_block(
     outvars: Sequence[Any],
     args: Sequence[Any],
     producers: Sequence[int],
-    codes: Sequence[Any] | None = None,
 ) -> tuple[Any, list[Slot]]:
     """Interprets a block of top-level equations (call inside a jit trace).
 
@@ -505,8 +504,6 @@ def run_block(
         outvars: the variables (or literals) it returns.
         args: the values of `invars`.
         producers: the producer index to give each of `invars`.
-        codes: the code of each of `invars` when already known (a traced
-            int8 scalar), else None.
 
     Returns:
         ``(state, slots)``: the final record (detect) or capture buffers
@@ -515,9 +512,6 @@ def run_block(
     """
     ctx = Ctx(interp, interp.strategy.initial_state(interp))
     env = {v: fresh_slot(v, x, p) for v, x, p in zip(invars, args, producers)}
-    for v, c in zip(invars, codes or ()):
-        if c is not None and env[v].cell is not None:
-            env[v].cell.code = c
     try:
         for e in entries:
             ctx.name_stack, ctx.callers = e.name_stack, e.callers
