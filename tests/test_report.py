@@ -189,7 +189,7 @@ def test_check_throw_created_inside_is_forward():
     assert e.details["inputs"] == {}
 
 
-def _train_step(tx):
+def _train_step(tx, loss_fn=loss_fn):
     def train_step(params, opt_state, batch):
         loss, grads = jax.value_and_grad(loss_fn)(params, batch)
         updates, opt_state = tx.update(grads, opt_state, params, loss=loss)
@@ -220,6 +220,32 @@ def test_guard_raise_fills_the_common_keys():
     assert e.details["incident"].step == 2
     assert e.details["diagnosis"].nonfinite_inputs == {"batch['x']": (1, 0, 0)}
     assert set(e.details) == report.COMMON_KEYS | {"incident", "diagnosis", "state"}
+
+
+def test_guard_raise_of_a_created_nan_names_the_outputs():
+    def log_loss(params, batch):
+        return jnp.mean(jnp.log(batch["x"] @ params["w"]))
+
+    tx = jaxnan.skip_nonfinite(optax.sgd(0.1))
+    step = jaxnan.guard(_train_step(tx, log_loss), policy="raise")
+    params = {"w": jnp.ones(3)}
+    good = {"x": jnp.ones((4, 3))}
+    bad = {"x": jnp.ones((4, 3)).at[1].set(-1.0)}  # finite; log of -3 is NaN
+
+    def run():
+        state = (params, tx.init(params))
+        for batch in (good, bad, good):
+            state = step(*state, batch)[:2]
+
+    e, common = _common(run)
+    # The update was held (skip_nonfinite), so only the loss, output 2, is NaN.
+    assert common == (
+        "_train_step.<locals>.train_step",
+        jaxnan.Phase.FORWARD,
+        {"output[2]": (1, 0, 0)},
+    )
+    assert e.details["incident"].phase is jaxnan.Phase.FORWARD
+    assert e.details["diagnosis"].primitive == "log"
 
 
 # -- the error and the vocabulary ------------------------------------------

@@ -175,8 +175,8 @@ def as_details(values: Mapping[str, Any] | None) -> Details:
     if unknown:
         raise TypeError(
             f"jaxnan.NonFiniteError(message, details): unknown details keys "
-            f"{unknown}; the keys are {sorted(DETAILS_SCHEMA)} "
-            "(see jaxnan._src.report.Details)."
+            f"{unknown}; the keys are {sorted(DETAILS_SCHEMA)} (see "
+            "help(jaxnan.NonFiniteError)). Put other data in the message."
         )
     out.setdefault("function", None)
     out.setdefault("leaves", {})
