@@ -46,6 +46,7 @@ from jaxnan._src.monitor import MonitorState as MonitorState
 from jaxnan._src.monitor import monitor as monitor
 from jaxnan._src.monitor import monitor_metrics as monitor_metrics
 from jaxnan._src.report import NonFiniteError as NonFiniteError
+from jaxnan._src.report import Phase as Phase
 from jaxnan._src.rules import register_rule as register_rule
 from jaxnan._src.spikes import SkipReason as SkipReason
 from jaxnan._src.spikes import SkipSpikesState as SkipSpikesState
@@ -84,6 +85,7 @@ __all__ = (
     "NonfiniteCounts",
     "NonfiniteRecord",
     "ParamStats",
+    "Phase",
     "Policy",
     "Report",
     "SkipNonfiniteState",

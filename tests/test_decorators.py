@@ -166,13 +166,13 @@ def test_nan_batch_leaf_raises_eagerly_and_under_jit():
     batch["x"] = batch["x"].at[2, 1].set(NAN)
     want = (
         "jaxnan: nonfinite values in the inputs of `loss_fn` "
-        "[phase forward-inputs]:\n  batch['x']: 1 nan\n"
+        "[phase input]:\n  batch['x']: 1 nan\n"
         "Clean or drop the bad input rows, or find where they were made.\n"
         "For a full diagnosis run:\n  jaxnan.locate(loss_fn)(params, batch)"
     )
     with pytest.raises(jaxnan.NonFiniteError, match=msg(want)) as info:
         jax.value_and_grad(loss_fn)(params, batch)
-    assert info.value.details["phase"] == "forward-inputs"
+    assert info.value.details["phase"] == jaxnan.Phase.INPUT
     assert info.value.details["leaves"] == {"batch['x']": (1, 0, 0)}
     with pytest.raises(Exception, match=msg(want)):
         jax.block_until_ready(VG_CHECKED(params, batch))
@@ -185,7 +185,7 @@ def test_nan_batch_leaf_record_and_no_duplicate_output_report():
     recs = REC.take()
     # One bad batch, one report: the outputs and the gradients it made are
     # not reported again.
-    assert [r.phase for r in recs] == ["forward-inputs"]
+    assert [r.phase for r in recs] == [jaxnan.Phase.INPUT]
     assert recs[0].function == "plain_loss"
     assert recs[0].leaves == {"batch['x']": (1, 0, 1)}
     assert recs[0].examples == (1, 1)
@@ -198,7 +198,7 @@ def test_nonfinite_loss_with_finite_inputs():
     batch["y"] = batch["y"] + 1e3  # sqrt(|h - y|) * s overflows to +inf
     want = (
         "jaxnan: nonfinite values in the outputs of `loss_fn` (its inputs were "
-        "finite) [phase forward-outputs]:\n  output: 1 +inf\n"
+        "finite) [phase forward]:\n  output: 1 +inf\n"
         "They were created inside the function.\n"
         "For a full diagnosis run:\n  jaxnan.locate(loss_fn)(params, batch)"
     )
@@ -208,7 +208,7 @@ def test_nonfinite_loss_with_finite_inputs():
         jax.block_until_ready(VG_CHECKED(params, batch))
     jax.block_until_ready(VG_REC(params, batch))
     grads_ok = bool(jaxnan.all_finite(VG_PLAIN(params, batch)[1]))
-    want_phases = ["forward-outputs"] + ([] if grads_ok else ["backward"])
+    want_phases = [jaxnan.Phase.FORWARD] + ([] if grads_ok else ["backward"])
     assert [r.phase for r in REC.take()] == want_phases
 
 
@@ -280,7 +280,7 @@ def test_vmap_one_bad_example_reports_exactly_once():
     x = batch["x"].at[4, 0].set(NAN)
     jax.block_until_ready(VMAPPED(params, x, batch["y"]))
     (rec,) = REC.take()
-    assert rec.phase == "forward-inputs"
+    assert rec.phase == jaxnan.Phase.INPUT
     assert rec.leaves == {"batch['x']": (1, 0, 0)}
     assert rec.examples == (1, 6)
     assert "in 1 of 6 examples of the vmapped batch" in rec.message
@@ -294,7 +294,7 @@ def test_vmap_of_grad_reports_each_phase_once():
     jax.block_until_ready(VMAPPED_GRAD(params, x, batch["y"]))
     recs = REC.take()
     # The bad example's gradients are not reported again (one report).
-    assert [r.phase for r in recs] == ["forward-inputs"]
+    assert [r.phase for r in recs] == [jaxnan.Phase.INPUT]
     assert recs[0].leaves == {"batch['x']": (0, 1, 0)}
     assert recs[0].examples == (1, 6)
 
@@ -347,7 +347,7 @@ def test_inside_lax_scan():
     recs = REC.take()
     # Batch 1 is bad; its NaN gradient poisons the params of batch 2.
     # One report per bad step: the inputs of each.
-    assert [r.phase for r in recs] == ["forward-inputs"] * 2
+    assert [r.phase for r in recs] == [jaxnan.Phase.INPUT] * 2
     assert recs[0].leaves == {"batch['x']": (1, 0, 0)}
     assert set(recs[1].leaves) == {"params['w']", "params['b']", "params['s']"}
 
@@ -368,11 +368,11 @@ def test_remat():
     batch["x"] = batch["x"].at[2, 1].set(NAN)
     jax.block_until_ready(f(params, batch))
     recs = REC.take()
-    assert [r.phase for r in recs] == ["forward-inputs"] * 2
+    assert [r.phase for r in recs] == [jaxnan.Phase.INPUT] * 2
     assert recs[0].leaves == recs[1].leaves == {"batch['x']": (1, 0, 0)}
     g = jax.jit(jax.grad(jax.checkpoint(rec_loss)))  # value dropped: once
     jax.block_until_ready(g(params, batch))
-    assert [r.phase for r in REC.take()] == ["forward-inputs"]
+    assert [r.phase for r in REC.take()] == [jaxnan.Phase.INPUT]
 
 
 def test_sharded_jit_reports_once(mesh8):
@@ -385,7 +385,7 @@ def test_sharded_jit_reports_once(mesh8):
     batch["x"] = batch["x"].at[5, 1].set(NAN)
     # Reports arrive when the program runs (dispatch is asynchronous).
     jax.block_until_ready(VG_REC(params, batch))
-    assert [r.phase for r in REC.take()] == ["forward-inputs"]  # one report
+    assert [r.phase for r in REC.take()] == [jaxnan.Phase.INPUT]  # one report
 
 
 # --------------------------------------------------------------------------
@@ -412,14 +412,14 @@ def test_forward_checks_survive_grad_which_drops_the_loss():
     batch["x"] = batch["x"].at[1, 2].set(NAN)
     jax.block_until_ready(g_rec(params, batch))
     recs = REC.take()
-    assert [r.phase for r in recs] == ["forward-inputs"]  # one report per step
+    assert [r.phase for r in recs] == [jaxnan.Phase.INPUT]  # one report per step
     assert recs[0].leaves == {"batch['x']": (1, 0, 0)}
     # A loss made nonfinite inside (finite inputs) is reported as such.
     params, batch = make()
     params["s"] = jnp.float32(3e38)
     batch["y"] = batch["y"] + 1e30
     jax.block_until_ready(g_rec(params, batch))
-    assert [r.phase for r in REC.take()][:1] == ["forward-outputs"]
+    assert [r.phase for r in REC.take()][:1] == [jaxnan.Phase.FORWARD]
 
 
 def test_output_without_floating_leaves_still_reports_inputs():
@@ -431,7 +431,7 @@ def test_output_without_floating_leaves_still_reports_inputs():
     assert REC.take() == []
     jax.block_until_ready(f(jnp.array([1.0, NAN])))
     assert [(r.phase, r.leaves) for r in REC.take()] == [
-        ("forward-inputs", {"x": (1, 0, 0)})
+        (jaxnan.Phase.INPUT, {"x": (1, 0, 0)})
     ]
 
 
@@ -461,7 +461,7 @@ def test_integer_static_and_keyword_arguments():
     assert rec.take() == []
     fast(params, batch, step, scale=jnp.float32(NAN), train=True)
     recs = rec.take()
-    assert [r.phase for r in recs] == ["forward-inputs"]  # one report per step
+    assert [r.phase for r in recs] == [jaxnan.Phase.INPUT]  # one report per step
     assert recs[0].leaves == {"scale": (1, 0, 0)}
     assert recs[0].message.endswith(
         "jaxnan.locate(loss_with_extras)(params, batch, step, scale=scale, train=train)"
@@ -488,8 +488,8 @@ def test_warn_at_the_user_line_once_per_bad_step():
     assert [w.category for w in got] == [RuntimeWarning] * 2
     assert [w.filename for w in got] == [__file__] * 2
     assert got[0].lineno == line  # where `step` first traced `f`
-    assert "[phase forward-outputs]:\n  output: 1 -inf" in str(got[0].message)
-    assert "[phase forward-inputs]:\n  x: 1 nan" in str(got[1].message)
+    assert "[phase forward]:\n  output: 1 -inf" in str(got[0].message)
+    assert "[phase input]:\n  x: 1 nan" in str(got[1].message)
     # Python's default filter shows a repeated message at one line once.
     g = jaxnan.checked(lambda x: jnp.log(x), on_nonfinite="warn")
     with warnings.catch_warnings(record=True) as got:
@@ -590,7 +590,7 @@ def test_compiled_raise_surfaces_once_as_nonfinite_error(caplog):
     with pytest.raises(jaxnan.NonFiniteError) as info:
         with jaxnan.nonfinite_errors():
             jax.block_until_ready(step(jnp.zeros(2)))
-    assert info.value.details["phase"] == "forward-outputs"
+    assert info.value.details["phase"] == jaxnan.Phase.FORWARD
     assert info.value.details["leaves"] == {"output": (0, 0, 1)}
     # jax logs a failed callback; ours is not logged (the error carries it).
     assert not [r for r in caplog.records if "callback failed" in r.getMessage()]

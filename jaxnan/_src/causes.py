@@ -1,7 +1,8 @@
 """The vocabulary of `jaxnan.locate`: phases, causes and creation events.
 
 - `Phase`: where the user sees the failure (``input``, ``forward``,
-  ``backward``, ``update``).
+  ``backward``, ``update``), defined in `report` (the one phase vocabulary of
+  jaxnan's errors, records and diagnoses) and re-exported here.
 - `Cause`: why, each member carrying its default fix sentence:
 
   - ``input_data``: NaN already in the batch.
@@ -35,25 +36,9 @@ from jax.extend import source_info_util
 
 from jaxnan._src import primitives
 from jaxnan._src.primitives import Domain
+from jaxnan._src.report import Phase as Phase
 
 source_info_util.register_exclusion(__file__)
-
-
-class Phase(str, enum.Enum):
-    """Where the failure is observed (see `jaxnan.locate`)."""
-
-    INPUT = "input"
-    FORWARD = "forward"
-    BACKWARD = "backward"
-    UPDATE = "update"
-
-    def __str__(self) -> str:
-        return self.value
-
-    def __repr__(self) -> str:
-        return repr(self.value)
-
-    __format__ = str.__format__
 
 
 class Cause(str, enum.Enum):

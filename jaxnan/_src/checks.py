@@ -126,19 +126,37 @@ class Report:
 
         Call it outside `jit`/`vmap`/`scan`: it reads the counts on the host.
 
+        The error's details (`jaxnan.NonFiniteError`) are: ``function``;
+        ``phase``: `jaxnan.Phase.INPUT` when an argument was nonfinite, else
+        `jaxnan.Phase.FORWARD` (created while the function ran); ``leaves``:
+        the nonfinite leaves of that phase (arguments, else outputs); and
+        ``inputs``, ``outputs``: the nonfinite arguments and outputs.
+
         Raises:
             NonFiniteError: naming every nonfinite leaf by path with its counts.
             TypeError: when called on a traced report (inside a transformation).
+
+        Examples:
+            >>> import jax.numpy as jnp, jaxnan
+            >>> report, _ = jaxnan.check(jnp.log)(jnp.array([1.0, jnp.nan]))
+            >>> try:
+            ...     report.throw()
+            ... except jaxnan.NonFiniteError as e:
+            ...     print(e.details["phase"], e.details["leaves"])
+            input {'x': (1, 0, 0)}
         """
         text = self.message()
         if text is not None:
+            ins, outs = self.nonfinite_inputs(), self.nonfinite_outputs()
             raise report.NonFiniteError(
                 text,
-                {
-                    "function": self.fn_name,
-                    "inputs": self.nonfinite_inputs(),
-                    "outputs": self.nonfinite_outputs(),
-                },
+                report.Details(
+                    function=self.fn_name,
+                    phase=report.Phase.INPUT if ins else report.Phase.FORWARD,
+                    leaves=ins or outs,
+                    inputs=ins,
+                    outputs=outs,
+                ),
             )
 
     def __repr__(self) -> str:

@@ -171,7 +171,7 @@ def test_nan_batch_is_skipped_and_located():
     msgs = [str(w.message) for w in got if "jaxnan" in str(w.message)]
     assert {w.filename for w in got if "jaxnan" in str(w.message)} == {__file__}
     # One warning for the bad batch (not one per phase)...
-    assert "[phase forward-inputs]:\n  batch['image']: 1 nan" in msgs[0]
+    assert "[phase input]:\n  batch['image']: 1 nan" in msgs[0]
     # ...and one for the next step: skip_nonfinite guards the parameters and
     # the optimizer state, but the skipped step's BatchNorm running
     # statistics were updated from the NaN batch (as without jaxnan), and

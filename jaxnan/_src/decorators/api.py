@@ -1,10 +1,10 @@
 """`checked`: signature-preserving finite checks on a loss and on its gradients.
 
 `checked(fn)` returns a function with `fn`'s arguments and outputs. It checks
-the floating leaves of the arguments ("forward-inputs"), of the outputs
-("forward-outputs") and, through a `jax.custom_vjp` identity on the
-arguments, the cotangents that flow back to each argument ("backward"), that
-is the gradients with respect to params and batch.
+the floating leaves of the arguments (phase ``input``), of the outputs
+(``forward``) and, through a `jax.custom_vjp` identity on the arguments, the
+cotangents that flow back to each argument (``backward``), that is the
+gradients with respect to params and batch (`report.Phase`).
 
 The pieces: `device` (the in-graph checks and how their reports stay alive),
 `host` (records, messages and policies), `state` (state updates made by `fn`
@@ -25,6 +25,7 @@ from jax.interpreters import ad
 from jaxnan._src import base, checks, tree
 from jaxnan._src.decorators import device, host, state
 from jaxnan._src.decorators.host import NonfiniteRecord
+from jaxnan._src.report import Phase
 
 source_info_util.register_exclusion(__file__)
 
@@ -90,12 +91,13 @@ def checked(
     returns, so a decorated loss needs no change at its call sites:
     ``jax.jit(jax.value_and_grad(loss_fn))(params, batch)`` still works, under
     `jit`, `vmap`, `grad`, `value_and_grad` (grad of grad too), `lax.scan`
-    and `jax.checkpoint`. Three trees are checked, each named by a phase:
+    and `jax.checkpoint`. Three trees are checked, each named by a
+    `jaxnan.Phase` (the ``phase`` of the error's details and of the record):
 
-    - ``"forward-inputs"``: the floating leaves of the arguments;
-    - ``"forward-outputs"``: the floating leaves of the outputs (reported only
+    - ``input``: the floating leaves of the arguments;
+    - ``forward``: the floating leaves of the outputs (reported only
       when the inputs were finite, so one bad batch gives one report);
-    - ``"backward"``: the cotangents flowing back to each argument, i.e. the
+    - ``backward``: the cotangents flowing back to each argument, i.e. the
       gradients with respect to params and batch. A `jax.custom_vjp` identity
       on the floating array arguments sees them; integer, boolean and
       non-array arguments (static flags, step counters, strings) and keyword
@@ -245,7 +247,7 @@ def checked(
             in_ok, in_token = report(
                 leaves,
                 paths,
-                "forward-inputs",
+                Phase.INPUT,
                 hint=forward_hint,
                 constants=state.constant_leaves((args, kwargs)),
             )
@@ -273,7 +275,7 @@ def checked(
                 if seen:
                     skip = ~seen[-1] if skip is None else skip | ~seen[-1]
                 _, token = report(
-                    cts, live_paths, "backward", hint=hint, tie=True, skip=skip
+                    cts, live_paths, Phase.BACKWARD, hint=hint, tie=True, skip=skip
                 )
                 return token
 
@@ -303,7 +305,7 @@ def checked(
             out_ok, out_token = report(
                 jax.tree_util.tree_leaves(out),
                 out_paths,
-                "forward-outputs",
+                Phase.FORWARD,
                 hint=forward_hint,
                 skip=skip,
             )

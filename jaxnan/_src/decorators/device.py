@@ -32,7 +32,7 @@ from jax.custom_batching import custom_vmap
 from jax.custom_derivatives import SymbolicZero
 from jax.extend import source_info_util
 
-from jaxnan._src import base, tree
+from jaxnan._src import base, report, tree
 from jaxnan._src.decorators import host
 
 source_info_util.register_exclusion(__file__)
@@ -94,7 +94,7 @@ def counted(leaf: Any) -> bool:
 def check(
     leaves: list,
     paths: Sequence[str],
-    phase: str,
+    phase: report.Phase,
     reporter: host.Reporter,
     hint: str,
     *,
@@ -134,7 +134,9 @@ def check(
     ]
     # Arguments are all ready at once: their small leaves share a reduction.
     ok = (
-        tree.all_finite_packed(xs) if phase == "forward-inputs" else tree.all_finite(xs)
+        tree.all_finite_packed(xs)
+        if phase is report.Phase.INPUT
+        else tree.all_finite(xs)
     )
     quiet = ok if skip is None else ok | lax.stop_gradient(skip)
     box: list = []

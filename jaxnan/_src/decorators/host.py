@@ -30,7 +30,9 @@ from jaxnan._src import frames, report
 
 source_info_util.register_exclusion(__file__)
 
-PHASES = ("forward-inputs", "forward-outputs", "backward")
+# What `checked` checks: its arguments, its outputs, the gradients to its
+# arguments.
+PHASES = (report.Phase.INPUT, report.Phase.FORWARD, report.Phase.BACKWARD)
 POLICIES = ("raise", "warn", "ignore")
 
 
@@ -39,9 +41,10 @@ class NonfiniteRecord(NamedTuple):
 
     Attributes:
         function: the name of the checked function.
-        phase: ``"forward-inputs"`` (its arguments), ``"forward-outputs"``
-            (its outputs, with finite arguments) or ``"backward"`` (the
-            gradients flowing back to its arguments).
+        phase: a `jaxnan.Phase`: ``INPUT`` (its arguments), ``FORWARD``
+            (its outputs, with finite arguments) or ``BACKWARD`` (the
+            gradients flowing back to its arguments). The same vocabulary
+            as the ``phase`` of `jaxnan.NonFiniteError.details`.
         leaves: ``{path: (nan, +inf, -inf)}`` for every nonfinite leaf, such
             as ``{"batch['x']": (1, 0, 0)}``. Under `vmap` the counts are
             summed over the batch.
@@ -51,7 +54,9 @@ class NonfiniteRecord(NamedTuple):
 
     Examples:
         >>> import jaxnan
-        >>> r = jaxnan.NonfiniteRecord("loss", "backward", {"w": (1, 0, 0)}, (1, 1), "")
+        >>> r = jaxnan.NonfiniteRecord(
+        ...     "loss", jaxnan.Phase.BACKWARD, {"w": (1, 0, 0)}, (1, 1), ""
+        ... )
         >>> r.phase, r.leaves
         ('backward', {'w': (1, 0, 0)})
 
@@ -59,7 +64,7 @@ class NonfiniteRecord(NamedTuple):
     """
 
     function: str
-    phase: str
+    phase: report.Phase
     leaves: dict[str, tuple[int, int, int]]
     examples: tuple[int, int]
     message: str
@@ -160,7 +165,7 @@ def nonfinite_errors() -> Iterator[None]:
         ...         jax.block_until_ready(step(jnp.zeros(2)))
         ... except jaxnan.NonFiniteError as e:
         ...     print(e.details["phase"], e.details["leaves"])
-        forward-outputs {'output': (0, 0, 2)}
+        forward {'output': (0, 0, 2)}
 
     .. versionadded:: 0.2.0
     """
@@ -181,9 +186,11 @@ def nonfinite_errors() -> Iterator[None]:
 ZERO = np.zeros((), np.float32)
 
 _ADVICE = {
-    "forward-inputs": "Clean or drop the bad input rows, or find where they were made.",
-    "forward-outputs": "They were created inside the function.",
-    "backward": (
+    report.Phase.INPUT: (
+        "Clean or drop the bad input rows, or find where they were made."
+    ),
+    report.Phase.FORWARD: "They were created inside the function.",
+    report.Phase.BACKWARD: (
         "They were made while differentiating it (or came in with the "
         "output cotangent)."
     ),
@@ -192,16 +199,18 @@ _ADVICE = {
 
 def message(
     name: str,
-    phase: str,
+    phase: report.Phase,
     rows: list[tuple[str, tuple[int, int, int]]],
     examples: tuple[int, int],
     hint: str,
 ) -> str:
     """The text of a report (see `jaxnan.checked`)."""
     where = {
-        "forward-inputs": f"in the inputs of `{name}`",
-        "forward-outputs": f"in the outputs of `{name}` (its inputs were finite)",
-        "backward": f"in the gradients flowing back to the arguments of `{name}`",
+        report.Phase.INPUT: f"in the inputs of `{name}`",
+        report.Phase.FORWARD: f"in the outputs of `{name}` (its inputs were finite)",
+        report.Phase.BACKWARD: (
+            f"in the gradients flowing back to the arguments of `{name}`"
+        ),
     }[phase]
     text = f"jaxnan: nonfinite values {where} [phase {phase}]:\n"
     text += report.leaf_lines(rows)
@@ -225,7 +234,7 @@ class Reporter:
 
     def host_fn(
         self,
-        phase: str,
+        phase: report.Phase,
         paths: Sequence[str],
         hint: str,
         box: list,
@@ -246,12 +255,12 @@ class Reporter:
             if self.policy == "raise":
                 err = report.NonFiniteError(
                     text,
-                    {
-                        "function": self.name,
-                        "phase": phase,
-                        "leaves": dict(rows),
-                        "examples": examples,
-                    },
+                    report.Details(
+                        function=self.name,
+                        phase=phase,
+                        leaves=dict(rows),
+                        examples=examples,
+                    ),
                 )
                 box.append(err)
                 _RAISED.append(err)

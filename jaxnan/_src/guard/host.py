@@ -29,10 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import source_info_util
 
-from jaxnan._src import base, causes, checks
+from jaxnan._src import base, causes, checks, report
 from jaxnan._src.guard import examples, graph, history, records
 from jaxnan._src.locate import Diagnosis, locate
-from jaxnan._src.report import NonFiniteError
 
 source_info_util.register_exclusion(__file__)
 
@@ -574,10 +573,32 @@ class GuardedStep:
         outputs = None
         if args is not None:
             outputs = self._outputs(entry, args, state, None)
-        raise NonFiniteError(
+        raise report.NonFiniteError(
             head + incident.message,
-            {"incident": incident, "diagnosis": incident.diagnosis, "state": outputs},
+            report.Details(
+                function=self.name,
+                phase=incident.phase,
+                leaves=_nonfinite_leaves(incident.diagnosis),
+                incident=incident,
+                diagnosis=incident.diagnosis,
+                state=outputs,
+            ),
         )
+
+
+def _nonfinite_leaves(diagnosis: Diagnosis | None) -> dict[str, tuple[int, int, int]]:
+    """The nonfinite leaves of a bad step's phase (`report.CommonDetails`).
+
+    Its arguments for `Phase.INPUT`, else its outputs; empty when the replay
+    failed.
+    """
+    if diagnosis is None:
+        return {}
+    if diagnosis.phase is causes.Phase.INPUT:
+        found = diagnosis.nonfinite_inputs
+    else:
+        found = diagnosis.nonfinite_outputs
+    return {p: tuple(int(v) for v in c) for p, c in found.items()}
 
 
 def _indent(text: str) -> str:

@@ -18,6 +18,7 @@ from typing import IO, Any
 from jax.extend import source_info_util
 
 from jaxnan._src.locate import Diagnosis
+from jaxnan._src.report import Phase
 
 source_info_util.register_exclusion(__file__)
 
@@ -88,7 +89,8 @@ class Incident:
             step nonfinite on their own.
         primitive: the primitive that created the first nonfinite value.
         where: ``file:line`` of the user line of that primitive.
-        phase: ``input``, ``forward``, ``backward`` or ``update``.
+        phase: a `jaxnan.Phase` (``input``, ``forward``, ``backward`` or
+            ``update``), the ``phase`` of the error's details.
         loss: the step's loss (NaN when it was not finite).
         grad_norm: the global gradient norm of the step.
         deterministic: whether the replay reproduced the failure.
@@ -104,7 +106,7 @@ class Incident:
     rows: tuple[int, ...] = ()
     primitive: str | None = None
     where: str | None = None
-    phase: str | None = None
+    phase: Phase | None = None
     loss: float | None = None
     grad_norm: float | None = None
     deterministic: bool = True
