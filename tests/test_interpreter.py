@@ -287,14 +287,38 @@ def _deep_loss(ws, x):
     return jnp.mean(x**2)
 
 
-def test_blocks_reuse_repeated_layers_and_match_one_program():
-    ws = [jnp.eye(4) * 1.5 for _ in range(24)]
-    ws[17] = jnp.full((4, 4), 3e38)  # x @ w overflows; tanh(inf) = 1 masks it
+def _instrumented_traces(monkeypatch) -> list:
+    """Records the strategy of every block the interpreter traces."""
+    seen = []
+    run_block = interpreter.run_block
+
+    def spy(interp, *args, **kwargs):
+        seen.append(type(interp.strategy).__name__)
+        return run_block(interp, *args, **kwargs)
+
+    monkeypatch.setattr(interpreter, "run_block", spy)
+    return seen
+
+
+def test_blocks_reuse_repeated_layers_and_match_one_program(monkeypatch):
     x = jnp.linspace(0.5, 0.9, 8).reshape(2, 4)
     fn = jax.value_and_grad(_deep_loss)
-    leaves = jax.tree_util.tree_leaves((ws, x))
+    seen = _instrumented_traces(monkeypatch)
+    healthy = [jnp.eye(4) * 1.5 for _ in range(24)]
+    leaves = jax.tree_util.tree_leaves((healthy, x))
     closed = jax.make_jaxpr(lambda *a: fn(a[:-1], a[-1]))(*leaves)
     det = blocks.detect(closed, closed.consts, leaves)
+    # A healthy step: every block runs plain, none instrumented; one node
+    # table and one plain program per distinct block.
+    assert det.index == det.nan_index == -1
+    assert "Detect" not in seen and seen.count("Table") == det.compiled
+    seen.clear()
+    ws = list(healthy)
+    ws[17] = jnp.full((4, 4), 3e38)  # x @ w overflows; tanh(inf) = 1 masks it
+    leaves = jax.tree_util.tree_leaves((ws, x))
+    det = blocks.detect(closed, closed.consts, leaves)
+    # Only the block of layer 17's overflow computed a nonfinite value.
+    assert seen.count("Detect") == 1
     one = interpreter.Interpreter("detect", 0)
     rec, _ = jax.jit(lambda c, a: interpreter.run(one, closed, c, a))(
         closed.consts, leaves
@@ -321,47 +345,6 @@ def test_blocks_reuse_repeated_layers_and_match_one_program():
     d = jaxnan.locate(fn)(ws, x)
     check(d, "dot_general", "deep")
     assert d.nonfinite_outputs == {}
-
-
-def _instrumented_traces(monkeypatch) -> list:
-    """Records the strategy of every block the interpreter traces."""
-    seen = []
-    run_block = interpreter.run_block
-
-    def spy(interp, *args, **kwargs):
-        seen.append(type(interp.strategy).__name__)
-        return run_block(interp, *args, **kwargs)
-
-    monkeypatch.setattr(interpreter, "run_block", spy)
-    return seen
-
-
-def test_only_blocks_that_computed_a_nonfinite_value_are_instrumented(monkeypatch):
-    x = jnp.linspace(0.5, 0.9, 8).reshape(2, 4)
-    fn = jax.value_and_grad(_deep_loss)
-
-    def detect(ws):
-        leaves = jax.tree_util.tree_leaves((ws, x))
-        closed = jax.make_jaxpr(lambda *a: fn(a[:-1], a[-1]))(*leaves)
-        return closed, blocks.detect(closed, closed.consts, leaves)
-
-    seen = _instrumented_traces(monkeypatch)
-    healthy = [jnp.eye(4) * 1.5 for _ in range(24)]
-    _, det = detect(healthy)
-    assert det.index == det.nan_index == -1
-    assert "Detect" not in seen and seen.count("Table") == det.compiled
-    seen.clear()
-    bad = list(healthy)
-    bad[17] = jnp.full((4, 4), 3e38)  # x @ w overflows; tanh(inf) = 1 masks it
-    closed, det = detect(bad)
-    # One instrumented block: the one holding layer 17's overflow. Every
-    # other block computed finite values only (tanh masks the Inf).
-    assert seen.count("Detect") == 1
-    one = interpreter.Interpreter("detect", 0)
-    rec, _ = jax.jit(lambda c, a: interpreter.run(one, closed, c, a))(
-        closed.consts, jax.tree_util.tree_leaves((bad, x))
-    )
-    assert det.index == int(rec.index) >= 0
 
 
 def _inf_then_nan_loss(ws, x):
@@ -404,3 +387,20 @@ def test_restricted_block_pass_matches_one_program_and_reuses_blocks():
     assert d.nan_event["primitive"] == "sub"
     tag = "then-nan"
     assert d.nan_event["line"] == helpers.marker_line(__file__, f"# <- {tag}")
+
+
+def test_plain_block_code_groups_values_by_dtype_under_a_byte_bound(monkeypatch):
+    monkeypatch.setattr(blocks, "GROUP_BYTES", 64)
+    f32, f16 = jnp.float32, jnp.float16
+    xs = [jnp.zeros(4, f32), jnp.zeros(20, f32), jnp.zeros(4, f16), jnp.zeros(12, f32)]
+    got = [[(x.dtype, x.shape) for x in g] for g in blocks._groups(xs)]
+    # 80 bytes: alone; 16 + 48 bytes of float32 close a group; float16 apart.
+    assert got == [[(f32, (20,))], [(f32, (4,)), (f32, (12,))], [(f16, (4,))]]
+
+    def loss(x):
+        y = jnp.exp(x) + 1.0
+        return jnp.sum(jnp.log(y - 2.0))  # <- grouped
+
+    # Every value of the block is reduced in a group of its own size here.
+    d = jaxnan.locate(loss)(jnp.linspace(-1.0, 1.0, 64))
+    check(d, "log", "grouped")

@@ -35,8 +35,8 @@ compiles each *distinct* block once:
    passed over); the first NaN-creating event likewise, among the blocks
    holding a NaN. A block that holds loop or branch bodies (`scan`, `while`,
    `cond`, `shard_map`) or a primitive evaluated by its rule always runs
-   instrumented (`_by_rules`). The event block's inputs
-   are kept, and `capture` re-runs that block alone with the `Capture`
+   instrumented (`_by_rules`). The event block's inputs are kept, and
+   `capture.capture_event` re-runs that block alone with the `Capture`
    strategy.
 
 The answer is the one a single instrumented program gives: the same creation
@@ -72,6 +72,10 @@ EXTERNAL = 1 << 40
 # Content-defined cutting: a block ends after an equation whose window hash
 # is 0 modulo AVERAGE, once it has MIN_LEN equations; never longer than MAX_LEN.
 WINDOW, AVERAGE, MIN_LEN, MAX_LEN = 4, 16, 8, 64
+
+# The finiteness code of a plain block concatenates its values (one reduction
+# per dtype instead of one per value); the copy is bounded by this size.
+GROUP_BYTES = 16 << 20
 
 
 def compiler_options() -> dict[str, Any]:
@@ -340,9 +344,9 @@ def _plain(block: Block) -> Any:
     `records.CODE_NAN`, 0 when finite) of every floating value the block
     computes, read with one reduction per dtype over their concatenation
     (a reduction per value is what makes an instrumented block compile 3x
-    slower than the plain one). No equation of a block whose values are all
-    finite can have created a nonfinite value, so only a block with a
-    nonzero code is re-run instrumented.
+    slower than the plain one; `_groups` bounds the copy). No equation of a
+    block whose values are all finite can have created a nonfinite value, so
+    only a block with a nonzero code is re-run instrumented.
     """
     eqns = [e.eqn for e in block.entries]
     values = [
@@ -365,16 +369,35 @@ def _plain(block: Block) -> Any:
 
     def fn(args: list) -> tuple:
         outs = run(*args)
-        groups: dict = {}
-        for x in outs[n_out:]:
-            groups.setdefault(x.dtype, []).append(x.ravel())
         code = jnp.int8(0)
-        for xs in groups.values():
-            flat = jnp.concatenate(xs) if len(xs) > 1 else xs[0]
+        for xs in _groups(outs[n_out:]):
+            flat = jnp.concatenate([x.ravel() for x in xs]) if len(xs) > 1 else xs[0]
             code = jnp.maximum(code, records.value_code(flat))
         return list(outs[:n_out]), code
 
     return jax.jit(fn, compiler_options=compiler_options())
+
+
+def _groups(values: Sequence[Any]) -> list[list[Any]]:
+    """`values` grouped by dtype, a group's copy kept under `GROUP_BYTES`.
+
+    Concatenating copies: a value of `GROUP_BYTES` or more is reduced on its
+    own, and a group is closed once it holds `GROUP_BYTES`, so the code of a
+    block never needs more than that much memory beyond its values.
+    """
+    done: list[list[Any]] = []
+    open_: dict = {}
+    for x in values:
+        size = x.size * x.dtype.itemsize
+        if size >= GROUP_BYTES:
+            done.append([x])
+            continue
+        group = open_.setdefault(x.dtype, [[], 0])
+        group[0].append(x)
+        group[1] += size
+        if group[1] >= GROUP_BYTES:
+            done.append(open_.pop(x.dtype)[0])
+    return done + [g for g, _ in open_.values()]
 
 
 def _place(
@@ -589,85 +612,3 @@ def _last_block(blocks: Sequence[Block], outvars: Sequence[Any]) -> dict:
         if v not in keep:
             out.setdefault(bi, []).append(v)
     return out
-
-
-class Captured(NamedTuple):
-    """The concrete values of the event equation (see `capture_event`).
-
-    Attributes:
-        inputs: its inputs, as numpy arrays.
-        outputs: its outputs, as numpy arrays.
-        device: under a sharded `jit`, the id of the device holding the first
-            nonfinite element of its outputs; None when they are not split
-            over devices.
-    """
-
-    inputs: list[np.ndarray]
-    outputs: list[np.ndarray]
-    device: int | None
-
-
-def capture_event(
-    det: Detection, node: Node, iteration: Sequence[int], device: int
-) -> Captured:
-    """Concrete inputs and outputs of the event equation (its block re-run).
-
-    Args:
-        det: the `Detection` holding the event.
-        node: the event node (`det.nodes[det.index]`).
-        iteration: the loop iterations of the event.
-        device: the device position of the event, -1 outside device maps.
-
-    Returns:
-        The `Captured` values, and the device of the first nonfinite output
-        element under a sharded `jit`.
-    """
-    block = det.event_block
-    target = records.Target(node.index - det.event_offset, tuple(iteration), device)
-    interp = interpreter.Interpreter(records.Capture(target), det.depth)
-    interp.target_node = node
-    marks = [EXTERNAL + k for k in range(len(block.invars))]
-
-    def fn(args: list) -> Any:
-        interp.nodes = []
-        state, _ = interpreter.run_block(
-            interp, block.entries, block.invars, [], args, marks
-        )
-        return state
-
-    arrays = jax.jit(fn, compiler_options=compiler_options())(det.event_args)
-    values = [np.asarray(v) for v in jax.device_get(arrays)]
-    n_in = len(node.in_avals)
-    holder = None
-    if node.shard is None:
-        holder = _first_nonfinite_device(arrays[n_in:], values[n_in:])
-    return Captured(values[:n_in], values[n_in:], holder)
-
-
-def capture(
-    det: Detection, node: Node, iteration: Sequence[int], device: int
-) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """``(inputs, outputs)`` of the event equation (see `capture_event`)."""
-    got = capture_event(det, node, iteration, device)
-    return got.inputs, got.outputs
-
-
-def _first_nonfinite_device(arrays: Sequence[Any], values: Sequence[Any]) -> Any:
-    """Id of the device holding the first nonfinite element, if split."""
-    for arr, val in zip(arrays, values):
-        if not np.issubdtype(val.dtype, np.inexact):
-            continue
-        bad = np.flatnonzero(~np.isfinite(val))
-        if bad.size == 0:
-            continue
-        sharding = getattr(arr, "sharding", None)
-        if sharding is None or sharding.is_fully_replicated:
-            return None
-        where = np.unravel_index(int(bad[0]), val.shape)
-        holders = [
-            d.id
-            for d, idx in sharding.devices_indices_map(val.shape).items()
-            if all(i in range(*s.indices(n)) for i, s, n in zip(where, idx, val.shape))
-        ]
-        return min(holders) if holders else None
-    return None

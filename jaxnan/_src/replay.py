@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from jax.extend import source_info_util
 
-from jaxnan._src import base, blocks, primitives, tree
+from jaxnan._src import base, blocks, capture, primitives, tree
 
 source_info_util.register_exclusion(__file__)
 
@@ -142,7 +142,7 @@ class Run:
 
         The event's block is re-run alone in capture mode.
         """
-        got = blocks.capture_event(det, node, iteration, device_pos)
+        got = capture.capture_event(det, node, iteration, device_pos)
         return got.inputs, got.outputs, got.device
 
     def compiled_counts(self) -> dict[str, tuple[int, int, int]] | None:
