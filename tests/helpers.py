@@ -11,6 +11,7 @@ import re
 
 import jax
 import numpy as np
+import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -121,3 +122,17 @@ def buffer_pointers(tree) -> list[int]:
         for shard in x.addressable_shards:
             out.append(shard.data.unsafe_buffer_pointer())
     return out
+
+
+def optax_train_step(tx, loss_fn):
+    """The train step of optax's examples, with the loss handed to `tx.update`.
+
+    ``train_step(params, opt_state, batch) -> (params, opt_state, loss)``.
+    """
+
+    def train_step(params, opt_state, batch):
+        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+        updates, opt_state = tx.update(grads, opt_state, params, loss=loss)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return train_step

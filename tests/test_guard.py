@@ -13,6 +13,7 @@ import optax
 import pytest
 
 import jaxnan
+from tests import helpers
 
 
 def _data(steps, bad=(), size=8, seed=0):
@@ -32,12 +33,7 @@ def _loss(params, batch):
 
 
 def _make_step(tx, loss_fn=_loss):
-    def train_step(params, opt_state, batch):
-        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-        updates, opt_state = tx.update(grads, opt_state, params, loss=loss)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    return train_step
+    return helpers.optax_train_step(tx, loss_fn)
 
 
 def _init(tx):

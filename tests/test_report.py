@@ -14,6 +14,7 @@ import pytest
 
 import jaxnan
 from jaxnan._src import report
+from tests import helpers
 
 SRC = pathlib.Path(__file__).resolve().parents[1] / "jaxnan" / "_src"
 
@@ -189,63 +190,54 @@ def test_check_throw_created_inside_is_forward():
     assert e.details["inputs"] == {}
 
 
-def _train_step(tx, loss_fn=loss_fn):
-    def train_step(params, opt_state, batch):
-        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-        updates, opt_state = tx.update(grads, opt_state, params, loss=loss)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    return train_step
-
-
-def test_guard_raise_fills_the_common_keys():
+def _guard_run(loss, params, batches):
+    """Drives ``guard(train_step, policy="raise")`` over `batches`."""
     tx = jaxnan.skip_nonfinite(optax.sgd(0.1))
-    step = jaxnan.guard(_train_step(tx), policy="raise")
-    params = {"w": jnp.zeros(3)}
-    opt_state = tx.init(params)
-    good = {"x": jnp.ones((4, 3)), "y": jnp.zeros(4)}
+    step = jaxnan.guard(helpers.optax_train_step(tx, loss), policy="raise")
+    state = (params, tx.init(params))
+    for batch in batches:
+        state = step(*state, batch)[:2]
 
-    def run():
-        state = (params, opt_state)
-        for batch in (good, good, _nan_batch(), good):
-            state = step(*state, batch)[:2]
 
-    e, common = _common(run)
-    assert common == (
-        "_train_step.<locals>.train_step",
+def _log_loss(params, batch):
+    return jnp.mean(jnp.log(batch["x"] @ params["w"]))
+
+
+_GOOD = {"x": jnp.ones((4, 3)), "y": jnp.zeros(4)}
+_GUARD_CASES = {
+    # A NaN in the batch at step 2: phase input, the batch leaf.
+    "nan_input": (
+        loss_fn,
+        jnp.zeros(3),
+        lambda: (_GOOD, _GOOD, _nan_batch(), _GOOD),
         jaxnan.Phase.INPUT,
         {"batch['x']": (1, 0, 0)},
-    )
-    assert e.details["incident"].phase is jaxnan.Phase.INPUT
-    assert e.details["incident"].step == 2
-    assert e.details["diagnosis"].nonfinite_inputs == {"batch['x']": (1, 0, 0)}
-    assert set(e.details) == report.COMMON_KEYS | {"incident", "diagnosis", "state"}
-
-
-def test_guard_raise_of_a_created_nan_names_the_outputs():
-    def log_loss(params, batch):
-        return jnp.mean(jnp.log(batch["x"] @ params["w"]))
-
-    tx = jaxnan.skip_nonfinite(optax.sgd(0.1))
-    step = jaxnan.guard(_train_step(tx, log_loss), policy="raise")
-    params = {"w": jnp.ones(3)}
-    good = {"x": jnp.ones((4, 3))}
-    bad = {"x": jnp.ones((4, 3)).at[1].set(-1.0)}  # finite; log of -3 is NaN
-
-    def run():
-        state = (params, tx.init(params))
-        for batch in (good, bad, good):
-            state = step(*state, batch)[:2]
-
-    e, common = _common(run)
-    # The update was held (skip_nonfinite), so only the loss, output 2, is NaN.
-    assert common == (
-        "_train_step.<locals>.train_step",
+    ),
+    # A finite batch whose log is NaN: the update was held (skip_nonfinite),
+    # so only the loss, output 2, is NaN.
+    "created_nan": (
+        _log_loss,
+        jnp.ones(3),
+        lambda: (_GOOD, {"x": jnp.ones((4, 3)).at[1].set(-1.0)}, _GOOD),
         jaxnan.Phase.FORWARD,
         {"output[2]": (1, 0, 0)},
-    )
-    assert e.details["incident"].phase is jaxnan.Phase.FORWARD
-    assert e.details["diagnosis"].primitive == "log"
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_GUARD_CASES))
+def test_guard_raise_fills_the_common_keys(case):
+    loss, w, batches, phase, leaves = _GUARD_CASES[case]
+    e, common = _common(lambda: _guard_run(loss, {"w": w}, batches()))
+    assert common == ("optax_train_step.<locals>.train_step", phase, leaves)
+    assert e.details["incident"].phase is phase
+    assert set(e.details) == report.COMMON_KEYS | {"incident", "diagnosis", "state"}
+    diagnosis = e.details["diagnosis"]
+    if phase is jaxnan.Phase.INPUT:
+        assert e.details["incident"].step == 2
+        assert diagnosis.nonfinite_inputs == leaves
+    else:
+        assert diagnosis.primitive == "log"
 
 
 # -- the error and the vocabulary ------------------------------------------

@@ -16,6 +16,7 @@ import jaxnan
 from tests.helpers import (
     assert_no_host_callback,
     buffer_pointers,
+    optax_train_step,
     replicate,
     shard_leading,
 )
@@ -388,12 +389,7 @@ def _loss(params, batch):
 
 
 def _train_step(tx):
-    def step(params, opt_state, batch):
-        loss, grads = jax.value_and_grad(_loss)(params, batch)
-        updates, opt_state = tx.update(grads, opt_state, params, loss=loss)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    return step
+    return optax_train_step(tx, _loss)
 
 
 def test_no_host_callback_and_donation():
