@@ -404,3 +404,18 @@ def test_plain_block_code_groups_values_by_dtype_under_a_byte_bound(monkeypatch)
     # Every value of the block is reduced in a group of its own size here.
     d = jaxnan.locate(loss)(jnp.linspace(-1.0, 1.0, 64))
     check(d, "log", "grouped")
+
+
+def test_a_print_in_the_function_runs_once_per_detect_pass(capsys):
+    def loss(x):
+        jax.debug.print("seen {}", x.sum())
+        y = jnp.exp(x * 100.0)  # overflows: the block is re-run instrumented
+        return jnp.sum(y - y)
+
+    run = replay.Run(loss, "loss", (), (jnp.ones(3),), {})
+    det, _, _ = run.detect()
+    jax.effects_barrier()
+    assert det.index >= 0
+    # A block with a side effect runs instrumented only, not plain and then
+    # instrumented: the print comes once.
+    assert capsys.readouterr().out.count("seen 3.0") == 1

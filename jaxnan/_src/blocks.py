@@ -34,7 +34,8 @@ compiles each *distinct* block once:
    instrumented block finds an event in (a block whose Inf only came in is
    passed over); the first NaN-creating event likewise, among the blocks
    holding a NaN. A block that holds loop or branch bodies (`scan`, `while`,
-   `cond`, `shard_map`) or a primitive evaluated by its rule always runs
+   `cond`, `shard_map`), a primitive evaluated by its rule or a side effect
+   (`jax.debug.print`) always runs
    instrumented (`_by_rules`). The event block's inputs are kept, and
    `capture.capture_event` re-runs that block alone with the `Capture`
    strategy.
@@ -558,11 +559,15 @@ def _by_rules(block: Block) -> bool:
     Loop and branch bodies (`scan`, `while`, `cond`, `shard_map`): the
     block's plain code does not see the values inside them. Primitives with
     a rule (jaxnan's own report callbacks, evaluated as no-ops; a rule a user
-    registered): the replay follows the rule, not the lowering. Such a block
-    always runs instrumented.
+    registered): the replay follows the rule, not the lowering. Equations
+    with side effects (`jax.debug.print`, callbacks): a plain run and an
+    instrumented one would run them twice. Such a block always runs
+    instrumented.
     """
     return any(
-        e.eqn.primitive in rules.RULES or primitives.sub_jaxprs(e.eqn, strict=False)
+        e.eqn.primitive in rules.RULES
+        or e.eqn.effects
+        or primitives.sub_jaxprs(e.eqn, strict=False)
         for e in block.entries
     )
 
