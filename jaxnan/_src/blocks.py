@@ -35,10 +35,9 @@ compiles each *distinct* block once:
    passed over); the first NaN-creating event likewise, among the blocks
    holding a NaN. A block that holds loop or branch bodies (`scan`, `while`,
    `cond`, `shard_map`), a primitive evaluated by its rule or a side effect
-   (`jax.debug.print`) always runs
-   instrumented (`_by_rules`). The event block's inputs are kept, and
-   `capture.capture_event` re-runs that block alone with the `Capture`
-   strategy.
+   (`jax.debug.print`) always runs instrumented (`_by_rules`). The event
+   block's inputs are kept, and `capture.capture_event` re-runs that block
+   alone with the `Capture` strategy.
 
 The answer is the one a single instrumented program gives: the same creation
 test on the same equations in the same order. Only fusion across block
