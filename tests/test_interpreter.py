@@ -419,3 +419,14 @@ def test_a_print_in_the_function_runs_once_per_detect_pass(capsys):
     # A block with a side effect runs instrumented only, not plain and then
     # instrumented: the print comes once.
     assert capsys.readouterr().out.count("seen 3.0") == 1
+
+
+def test_a_nan_argument_runs_no_instrumented_block(monkeypatch):
+    seen = _instrumented_traces(monkeypatch)
+    ws = [jnp.eye(4) * 1.5 for _ in range(6)]
+    x = jnp.linspace(0.5, 0.9, 8).reshape(2, 4).at[1, 2].set(jnp.nan)
+    d = jaxnan.locate(jax.value_and_grad(_deep_loss))(ws, x)
+    # The NaN batch is the root cause: the blocks run plain, for the outputs.
+    assert (d.phase, d.input_elements) == ("input", {"x": [(1, 2)]})
+    assert d.nonfinite_outputs["output[0]"] == (1, 0, 0)
+    assert "Table" in seen and "Detect" not in seen

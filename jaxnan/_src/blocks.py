@@ -437,6 +437,7 @@ def detect(
     allow: Any = None,
     known: Detection | None = None,
     cache: dict | None = None,
+    search: bool = True,
 ) -> Detection:
     """Runs the instrumented program block by block (see the module doc).
 
@@ -451,6 +452,9 @@ def detect(
         cache: compiled blocks kept between passes over the same program
             (a block whose nodes are all allowed reuses the unrestricted
             compile); a fresh one when None.
+        search: look for the first event. False: only the node table and
+            the outputs (every block plain where it can be), for arguments
+            that already hold a NaN, which are the root cause.
 
     Returns:
         The `Detection`: first event, node table, output values.
@@ -467,7 +471,7 @@ def detect(
     cache = {} if cache is None else cache
     masks = _masks(allow, known, len(blocks))
     det = Detection(-1, np.full((depth,), -1, np.int32), -1, nodes, (), [], depth=depth)
-    compiled = _Runner(cache, depth)
+    compiled = _Runner(cache, depth, search)
     for bi, block in enumerate(blocks):
         vals = [env[v] for v in block.invars]
         table = _table(cache, block, depth, vals)
@@ -500,12 +504,14 @@ class _Runner:
     program); `count` is how many this pass called for the first time.
     """
 
-    def __init__(self, cache: dict, depth: int):
+    def __init__(self, cache: dict, depth: int, search: bool = True):
         self.cache, self.depth, self.count = cache, depth, 0
+        self.search = search
 
     def run(self, det: Detection, block: Block, vals: list, mask, offset: int):
         """The outputs of `block`; folds its event into `det` while searching."""
-        check = (det.index < 0 or det.nan_index < 0) and _allowed(mask)
+        check = self.search and (det.index < 0 or det.nan_index < 0)
+        check = check and _allowed(mask)
         by_rules = _by_rules(block)
         code = records.CODE_NAN
         if not by_rules:

@@ -105,12 +105,18 @@ class Run:
         holds the first NaN-creating event (``nan_index``) under the same
         restriction.
         """
+        in_counts = counts(self.leaves)
         if allow is None or self.first is None:
-            det = blocks.detect(self.closed, self.consts, self.leaves, cache=self.cache)
+            # A NaN in the arguments is the root cause (phase input): the
+            # pass then runs only for the outputs, with no instrumented block.
+            search = not in_counts[:, 0].any()
+            det = blocks.detect(
+                self.closed, self.consts, self.leaves, cache=self.cache, search=search
+            )
             if self.first is None:
                 self.first = det
             if allow is None:
-                return det, counts(self.leaves), counts(det.outs)
+                return det, in_counts, counts(det.outs)
         det = blocks.detect(
             self.closed,
             self.consts,
@@ -119,7 +125,7 @@ class Run:
             known=self.first,
             cache=self.cache,
         )
-        return det, counts(self.leaves), counts(det.outs)
+        return det, in_counts, counts(det.outs)
 
     def release_blocks(self) -> None:
         """Drops the compiled blocks and the first detection (no pass follows).
