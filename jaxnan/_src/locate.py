@@ -262,8 +262,8 @@ def locate(
     finiteness code of all the values it computes; only a block that
     computed a nonfinite value is compiled again instrumented (a healthy
     step or a NaN argument: none), and the event's block once more to
-    capture its values; the
-    layer holding the event is measured by one plain-sized program. With
+    capture its values; the layer holding the event is measured by one
+    plain-sized program. With
     ``check_compiled`` the plain function is compiled and run once (a
     function already wrapped in `jax.jit` is called as is, so the program
     jax cached when it ran is reused). One more detect pass, reusing the
