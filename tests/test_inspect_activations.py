@@ -70,6 +70,20 @@ def test_statistics_equal_numpy_on_the_intermediates(outer_jit):
     assert 0 < float(stats["hidden"].zero_fraction) < 1
 
 
+def test_an_output_with_no_finite_entry_has_no_mean():
+    p = _mlp_params()
+    x = np.full((4, 5), np.nan, np.float32)
+    x[0] = 1.0  # the hidden output keeps one finite row, "out" has none
+    p["b2"] = np.full((3,), np.nan, np.float32)
+    stats = jaxnan.activation_stats(mlp)(p, x)
+    out = stats["out"]
+    assert np.isnan(float(out.mean)) and np.isnan(float(out.std))
+    assert "no finite output entry" in str(out) and "mean" not in str(out)
+    assert int(out.nonfinite) == 9 + 12  # h @ w2: rows 1-3; + b2: every entry
+    hidden = stats["hidden"]
+    assert np.isfinite(float(hidden.mean)) and "mean" in str(hidden)
+
+
 class NNXMLP(nnx.Module):
     def __init__(self, rngs):
         self.linear1 = nnx.Linear(5, 8, rngs=rngs)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -54,8 +55,8 @@ class LayerStats:
         max_abs: float32, the largest finite |x| over every intermediate
             the layer computes.
         mean: float32, mean of the finite entries of the layer's output
-            (the last value it computes).
-        std: float32, their standard deviation.
+            (the last value it computes); NaN when it has none.
+        std: float32, their standard deviation (NaN likewise).
         zero_fraction: float32, fraction of exact zeros in the output (dead
             units after a ReLU).
         nonfinite: int32, NaN, +Inf and -Inf entries over every
@@ -97,10 +98,15 @@ class LayerStats:
             share = f"{used * 100:.1g}%"
         else:
             share = "under 0.0001%"
+        mean = float(self.mean)
+        spread = (
+            f"mean {mean:.3g}, std {float(self.std):.3g}"
+            if math.isfinite(mean)
+            else "no finite output entry"
+        )
         text = (
             f"max |x| = {float(self.max_abs):.3g}, {share} of the {self.dtype} "
-            f"range; mean {float(self.mean):.3g}, std {float(self.std):.3g}, "
-            f"zeros {float(self.zero_fraction):.0%}"
+            f"range; {spread}, zeros {float(self.zero_fraction):.0%}"
         )
         if bad:
             text += f", {bad} nonfinite"
@@ -408,11 +414,15 @@ def _finish(layer: _Layer, near_overflow: float) -> LayerStats:
     x = layer.last
     finite = jnp.isfinite(x)
     acc = jnp.promote_types(x.dtype, jnp.float32)
-    n = jnp.maximum(jnp.sum(finite, dtype=jnp.int32), 1).astype(acc)
+    count = jnp.sum(finite, dtype=jnp.int32)
+    n = jnp.maximum(count, 1).astype(acc)
     xf = jnp.where(finite, x, 0).astype(acc)
     mean = jnp.sum(xf) / n
     dev = jnp.where(finite, xf - mean, 0)
     std = jnp.sqrt(jnp.sum(dev * dev) / n)
+    # No finite entry: no mean to give (NaN), not a mean of 0.
+    mean = jnp.where(count > 0, mean, jnp.nan)
+    std = jnp.where(count > 0, std, jnp.nan)
     zeros = jnp.sum(x == 0, dtype=jnp.int32) / x.size
     used = functools.reduce(jnp.maximum, layer.used)
     return LayerStats(
