@@ -314,13 +314,11 @@ def _block(entries, ids, last_use, a: int, b: int) -> Block:
 # -- detect --------------------------------------------------------------
 
 
-def _compile(
-    block: Block, depth: int, mask: tuple[bool, ...] | None, strategy: Any = None
-) -> _Compiled:
-    """The instrumented `jax.jit` of `block` (compiled at its first call)."""
-    if strategy is None:
-        allow = None if mask is None else (lambda n: mask[n.index])
-        strategy = records.Detect(allow)
+def _interpreted(block: Block, depth: int, strategy: Any) -> _Compiled:
+    """The `jax.jit` of `block` run by the interpreter with `strategy`.
+
+    Compiled at its first call; tracing it builds the block's node table.
+    """
     interp = interpreter.Interpreter(strategy, depth)
     out: _Compiled = _Compiled(None, interp, [], block)
     marks = [EXTERNAL + k for k in range(len(block.invars))]
@@ -471,11 +469,11 @@ def detect(
     cache = {} if cache is None else cache
     masks = _masks(allow, known, len(blocks))
     det = Detection(-1, np.full((depth,), -1, np.int32), -1, nodes, (), [], depth=depth)
-    compiled = _Runner(cache, depth, search)
+    runner = _Runner(cache, depth, search)
     for bi, block in enumerate(blocks):
         vals = [env[v] for v in block.invars]
         table = _table(cache, block, depth, vals)
-        outs = compiled.run(det, block, vals, masks[bi], len(nodes))
+        outs = runner.run(det, block, vals, masks[bi], len(nodes))
         placed, out_prods = _place(
             table, block, len(nodes), [producer.get(v, -1) for v in block.invars]
         )
@@ -493,7 +491,7 @@ def detect(
         -1 if isinstance(v, jex_core.Literal) else producer.get(v, -1)
         for v in program.outvars
     )
-    det.blocks, det.compiled = len(blocks), compiled.count
+    det.blocks, det.compiled = len(blocks), runner.count
     return det
 
 
@@ -548,14 +546,15 @@ def _table(cache: dict, block: Block, depth: int, vals: list) -> _Compiled:
     key = ("table", block.key)
     table = cache.get(key)
     if table is None:
-        table = cache[key] = _compile(block, depth, None, records.Table())
+        table = cache[key] = _interpreted(block, depth, records.Table())
         jax.eval_shape(table.fn, vals)
     return table
 
 
 def _detecting(block: Block, depth: int, mask: Any) -> Any:
     """The instrumented `jax.jit` of `block` (`Detect`, restricted by `mask`)."""
-    return _compile(block, depth, mask).fn
+    allow = None if mask is None else (lambda n: mask[n.index])
+    return _interpreted(block, depth, records.Detect(allow)).fn
 
 
 def _by_rules(block: Block) -> bool:
