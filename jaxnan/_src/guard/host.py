@@ -598,7 +598,7 @@ def _nonfinite_leaves(diagnosis: Diagnosis | None) -> dict[str, tuple[int, int, 
         found = diagnosis.nonfinite_inputs
     else:
         found = diagnosis.nonfinite_outputs
-    return {p: tuple(int(v) for v in c) for p, c in found.items()}
+    return dict(found)  # already int counts (`replay.rows`)
 
 
 def _indent(text: str) -> str:
