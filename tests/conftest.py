@@ -1,6 +1,14 @@
-"""Test configuration: 8 forced CPU devices, set before any JAX computation."""
+"""Test configuration: 8 forced CPU devices, set before any JAX computation.
 
-import jax
+XLA's cheap CPU configuration for most tests, XLA's defaults for the tests
+marked ``default_compiler`` (see `tests/compilers.py`).
+"""
+
+from tests import compilers
+
+compilers.configure()  # before JAX starts its backend
+
+import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_platforms", "cpu")
@@ -13,6 +21,11 @@ import pytest  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from tests import helpers  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    """Runs the ``default_compiler`` tests under XLA's default configuration."""
+    compilers.delegate(items)
 
 
 @pytest.fixture(scope="session")

@@ -81,6 +81,7 @@ def msg(text):
 # Healthy path: transparent, bit for bit, no host traffic.
 
 
+@pytest.mark.default_compiler
 def test_healthy_outputs_and_grads_bit_exact_eager_and_jit():
     params, batch = make()
     want = VG_PLAIN(params, batch)
@@ -106,6 +107,7 @@ def _tiny_lm_loss(params, tokens):
     return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
 
 
+@pytest.mark.default_compiler
 def test_transformer_value_and_grad_bit_exact_jit():
     ks = jax.random.split(jax.random.PRNGKey(3), 6)
     d, vocab, seq = 16, 32, 8

@@ -67,6 +67,7 @@ def _cross_entropy(logits, y):
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
+@pytest.mark.default_compiler
 def test_plain_optax():
     tx = jaxnan.skip_nonfinite(optax.adam(1e-2))
 
@@ -99,6 +100,7 @@ def test_plain_optax():
     _assert_bit_equal(run(with_bad, True), run(without, False))
 
 
+@pytest.mark.default_compiler
 def test_flax_nnx_batchnorm_dropout():
     nnx = pytest.importorskip("flax.nnx")
 
@@ -141,6 +143,7 @@ def test_flax_nnx_batchnorm_dropout():
     _assert_bit_equal(run(with_bad, True), run(without, False))
 
 
+@pytest.mark.default_compiler
 def test_flax_linen_train_state_with_batch_stats():
     nn = pytest.importorskip("flax.linen")
     from flax.training import train_state
@@ -197,6 +200,7 @@ def test_flax_linen_train_state_with_batch_stats():
     _assert_bit_equal(a, b)
 
 
+@pytest.mark.default_compiler
 def test_equinox_filter_jit():
     eqx = pytest.importorskip("equinox")
 

@@ -126,6 +126,7 @@ EVENT = st.tuples(
 @pytest.mark.parametrize("config", CONFIGS, ids=["-".join(c) for c in CONFIGS])
 @settings(max_examples=4, deadline=None)
 @given(events=st.lists(EVENT, min_size=STEPS, max_size=STEPS))
+@pytest.mark.default_compiler
 def test_no_nonfinite_value_reaches_params_or_state(config, events):
     opt, dtype, guard, layout = config
     with _x64(dtype):

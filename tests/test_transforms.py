@@ -112,6 +112,7 @@ def test_zero_nonfinite_then_optimizer_keeps_moments_finite():
 # ----------------------------------------------------------------- skip_nonfinite
 
 
+@pytest.mark.default_compiler
 def test_skip_finite_is_exactly_inner(variant):
     params = make_params()
     inner = optax.adamw(1e-2)
@@ -194,6 +195,7 @@ def test_skip_inner_changing_dtype_gives_zeros_of_its_dtype(variant):
     ],
     ids=["sgd_momentum", "adamw", "adam_schedule"],
 )
+@pytest.mark.default_compiler
 def test_skip_jitted_steps_bit_for_bit_and_skip_untouched(inner):
     # The step as tutorials write it: gradients, update and apply_updates in
     # one jit. XLA contracts optax's last multiply (by -lr) with
@@ -524,6 +526,7 @@ def test_property_skip_iff_nonfinite(case):
 
 
 @pytest.mark.parametrize("max_norm", [0.5, 100.0])
+@pytest.mark.default_compiler
 def test_clip_finite_bit_exact_to_optax(max_norm, variant):
     params = make_params()
     g = grads_like(params, scale=3.0)
@@ -719,6 +722,7 @@ def test_poisoned_inner_state_never_applied_and_gives_up():
     assert bool(s.gave_up) and int(s.inner_nonfinite_total) == 2
 
 
+@pytest.mark.default_compiler
 def test_finite_step_with_outgoing_check_is_bit_exact_to_inner():
     params = make_params()
     g = grads_like(params)
@@ -770,6 +774,7 @@ def test_clip_float16_norm_above_65504_is_not_zeroed():
 
 
 @pytest.mark.parametrize("max_norm", [0.5, 1e3])
+@pytest.mark.default_compiler
 def test_clip_float64_bit_exact_to_optax(max_norm):
     with jax.enable_x64(True):
         g = {

@@ -111,6 +111,7 @@ def healthy():
         return train(data, False), train(data, True)
 
 
+@pytest.mark.default_compiler
 def test_twenty_healthy_steps_close_and_losses_bit_for_bit(healthy):
     (m0, s0, l0), (m1, s1, l1) = healthy
     np.testing.assert_array_equal(np.asarray(l0), np.asarray(l1))
@@ -121,6 +122,7 @@ def test_twenty_healthy_steps_close_and_losses_bit_for_bit(healthy):
     assert int(s1.nonfinite_total) == 0
 
 
+@pytest.mark.default_compiler
 def test_checked_gradients_bit_for_bit(healthy):
     (model, _, _), _ = healthy
     x, y = batches(1, seed=7)[0]
@@ -132,6 +134,7 @@ def test_checked_gradients_bit_for_bit(healthy):
 
 
 @FUSION_ROUNDING
+@pytest.mark.default_compiler
 def test_twenty_healthy_steps_bit_for_bit(healthy):
     (m0, s0, _), (m1, s1, _) = healthy
     a, b = eqx.filter(m0, eqx.is_array), eqx.filter(m1, eqx.is_array)

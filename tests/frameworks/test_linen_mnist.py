@@ -116,6 +116,7 @@ def healthy():
         return train(data, False), train(data, True)
 
 
+@pytest.mark.default_compiler
 def test_twenty_healthy_steps_close_and_losses_bit_for_bit(healthy):
     (s0, l0), (s1, l1) = healthy
     np.testing.assert_array_equal(np.asarray(l0), np.asarray(l1))
@@ -127,6 +128,7 @@ def test_twenty_healthy_steps_close_and_losses_bit_for_bit(healthy):
     assert int(s1.opt_state.nonfinite_total) == 0
 
 
+@pytest.mark.default_compiler
 def test_checked_gradients_bit_for_bit(healthy):
     (s0, _), _ = healthy
     images, labels = batches(1, seed=7)[0]
@@ -135,6 +137,7 @@ def test_checked_gradients_bit_for_bit(healthy):
     jax.tree.map(np.testing.assert_array_equal, plain, got)
 
 
+@pytest.mark.default_compiler
 def test_twenty_healthy_steps_bit_for_bit(healthy):
     (s0, _), (s1, _) = healthy
     jax.tree.map(np.testing.assert_array_equal, s0.params, s1.params)

@@ -103,6 +103,7 @@ def healthy():
         return run(False, data), run(False, data, check=True), run(True, data)
 
 
+@pytest.mark.default_compiler
 def test_checked_keeps_every_state_update_bit_for_bit(healthy):
     (m0, o0, l0), (m1, o1, l1), _ = healthy
     # Every loss of the 20 steps is bit for bit: each step saw the same
@@ -128,6 +129,7 @@ def test_checked_keeps_every_state_update_bit_for_bit(healthy):
     "apart after 20 steps (benchmarks/fusion_rounding.py shows the same in "
     "plain JAX)",
 )
+@pytest.mark.default_compiler
 def test_checked_final_state_bit_for_bit(healthy):
     (m0, _, _), (m1, _, _), _ = healthy
     assert_same_state(m0, m1)
@@ -149,6 +151,7 @@ def test_guarded_optimizer_state_is_readable(healthy):
     "FMA (1 ulp). skip_nonfinite keeps optax's arithmetic itself (linen and "
     "nanolm are bit for bit; benchmarks/fusion_rounding.py)",
 )
+@pytest.mark.default_compiler
 def test_guarded_twenty_steps_bit_for_bit(healthy):
     (m0, o0, l0), _, (m2, o2, l2) = healthy
     np.testing.assert_array_equal(np.asarray(l0), np.asarray(l2))

@@ -137,6 +137,7 @@ def test_twenty_healthy_steps_close(healthy):
     assert int(s1.nonfinite_total) == 0
 
 
+@pytest.mark.default_compiler
 def test_twenty_healthy_steps_bit_for_bit(healthy):
     (p0, s0, l0), (p1, s1, l1) = healthy
     np.testing.assert_array_equal(np.asarray(l0), np.asarray(l1))
