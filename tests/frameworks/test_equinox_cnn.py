@@ -103,12 +103,18 @@ FUSION_ROUNDING = pytest.mark.xfail(
 
 
 @pytest.fixture(scope="module")
-def healthy():
-    data = batches(20)
+def plain():
+    """The 20 healthy steps without jaxnan."""
+    return train(batches(20), False)
+
+
+@pytest.fixture(scope="module")
+def healthy(plain):
+    """The plain run, and the same 20 steps guarded and checked."""
     with warnings.catch_warnings():
         # MaxPool2d's -inf init must not fire: any jaxnan warning fails.
         warnings.simplefilter("error", RuntimeWarning)
-        return train(data, False), train(data, True)
+        return plain, train(batches(20), True)
 
 
 @pytest.mark.default_compiler
@@ -142,7 +148,7 @@ def test_twenty_healthy_steps_bit_for_bit(healthy):
     jax.tree.map(np.testing.assert_array_equal, s0, s1.inner_state)
 
 
-def test_nan_batch_is_skipped_and_located(healthy):
+def test_nan_batch_is_skipped_and_located():
     data = batches(3, seed=1)
     x, y = data[1]
     data[1] = (x.at[3, 0, 5, 5].set(jnp.nan), y)
@@ -162,8 +168,8 @@ def test_nan_batch_is_skipped_and_located(healthy):
     assert d.nonfinite_inputs == {"x": (1, 0, 0)}
 
 
-def test_locate_through_the_module_names_the_line(healthy):
-    (model, _, _), _ = healthy
+def test_locate_through_the_module_names_the_line(plain):
+    model, _, _ = plain
 
     def bad_loss(model, x, y):
         pred_y = jax.vmap(model)(x)

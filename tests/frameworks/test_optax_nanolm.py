@@ -121,6 +121,7 @@ def healthy():
     return train(False), train(True)
 
 
+@pytest.mark.default_compiler
 def test_twenty_healthy_steps_close(healthy):
     (p0, s0, l0), (p1, s1, l1) = healthy
     p0, p1 = jax.tree.map(lambda x: x, p0), jax.tree.map(lambda x: x, p1)
