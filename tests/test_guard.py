@@ -314,3 +314,34 @@ def test_user_exceptions_are_never_swallowed():
     params, opt_state = _init(tx)
     with pytest.raises(KeyError, match="my bug"):
         jaxnan.guard(broken)(params, opt_state, _data(1)[0])
+
+
+def test_a_bad_step_soon_after_another_is_diagnosed_again_when_its_cause_differs():
+    # Step 3: a NaN row in the batch. Step 5, within the window: a finite
+    # batch whose huge row overflows the squared error. The second is not
+    # "as at step 3": its inputs are finite, so it is replayed and located.
+    tx = jaxnan.skip_nonfinite(optax.sgd(0.01))
+    step = jaxnan.guard(_make_step(tx))
+    batches = _data(8, bad=(3,))
+    batches[4]["x"][5, 1] = np.inf  # step 4: bad input again, another row
+    batches[5]["x"][1] = 3e30  # step 5: finite, (x @ w - y) ** 2 overflows
+    _train(step, tx, batches)
+    three, four, five = step.incidents
+    assert (three.step, three.cause, three.rows) == (3, "input_data", (2,))
+    # A repeat of the input cause, with this step's own rows and counts.
+    assert (four.step, four.cause, four.leaf, four.rows) == (
+        4,
+        "input_data",
+        "batch['x']",
+        (5,),
+    )
+    assert four.diagnosis.nonfinite_inputs == {"batch['x']": (0, 1, 0)}
+    assert four.message.endswith(
+        "as at step 3, input_data at the same place.\n"
+        "  examples: row 5 of batch['x'] (batch 4)\n"
+        "  action:  skipped; state unchanged."
+    )
+    assert five.step == 5 and five.phase == "forward" and five.cause != "input_data"
+    assert five.diagnosis.nonfinite_inputs == {}
+    assert five.diagnosis.primitive == "integer_pow"
+    assert five.rows == (1,)

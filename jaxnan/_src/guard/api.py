@@ -61,6 +61,10 @@ def guard(
     `jaxnan.locate` names the operation, line and cause, the examples at
     fault are found (``row 6 of batch['x'] (batch 12)``), the incident is
     printed once, and `policy` is applied; the held batch then runs again.
+    A bad step within `window` steps of the last one that fails the same way
+    (its batch nonfinite again, or finite again) is not located again: its
+    incident repeats that diagnosis (with its own bad rows and leaves when
+    the batch is the cause); one that fails another way is diagnosed afresh.
     Every healthy step also records loss, gradient norm and update-to-state
     ratio; when one grows `growth`-fold over `window` steps the guard warns
     before the first NaN, and a NaN after such growth is put down to the

@@ -351,10 +351,11 @@ class GuardedStep:
         )
         if not bool(np.asarray(again)[graph.BAD] > 0):
             return self._nondeterministic(step, loss, gnorm)
-        repeat = self._repeat(step, loss, gnorm)
+        counts = examples.input_counts(previous.inputs, previous.entry.input_paths)
+        repeat = self._repeat(previous, state, loss, gnorm, counts)
         if repeat is not None:
             return repeat
-        return self._diagnosed(previous, state, loss, gnorm)
+        return self._diagnosed(previous, state, loss, gnorm, counts)
 
     def _nondeterministic(self, step: int, loss: float, gnorm: float):
         """The incident of a bad step whose replay was finite."""
@@ -372,8 +373,17 @@ class GuardedStep:
             deterministic=False,
         )
 
-    def _repeat(self, step: int, loss: float, gnorm: float):
-        """The last diagnosis again, for a bad step within a window of it."""
+    def _repeat(
+        self, previous: _Pending, state: list, loss: float, gnorm: float, counts: dict
+    ):
+        """The last diagnosis again, for a bad step within a window of it.
+
+        Only when the step fails the same way: nonfinite inputs again after an
+        input incident (then with this step's own leaves and rows, read on
+        the host), or finite inputs again after any other. Otherwise None:
+        the step is diagnosed afresh.
+        """
+        step = previous.step
         last_bad = next(
             (
                 i
@@ -384,6 +394,14 @@ class GuardedStep:
         )
         if last_bad is None or step - last_bad.step > self.history.window:
             return None
+        if bool(counts) != (last_bad.phase is causes.Phase.INPUT):
+            return None
+        diagnosis, leaf, rows, seen = last_bad.diagnosis, None, (), ""
+        if counts and diagnosis is not None:
+            diagnosis = dataclasses.replace(diagnosis, nonfinite_inputs=counts)
+            leaf, rows = self._rows(previous.entry, state, previous.inputs, diagnosis)
+            size, _ = examples.batch_axes(previous.inputs)
+            seen = f"\n  examples: {examples.describe(rows, leaf, step, size)}"
         streak = f", {self._streak} in a row" if self._streak > 1 else ""
         return dataclasses.replace(
             last_bad,
@@ -391,19 +409,22 @@ class GuardedStep:
             message=(
                 f"jaxnan.guard: step {step} nonfinite again (loss {loss:.4g}"
                 f"{streak}): as at step {last_bad.step}, {last_bad.cause} at "
-                f"{last_bad.where or 'the same place'}."
+                f"{last_bad.where or 'the same place'}.{seen}"
             ),
-            rows=(),
-            leaf=None,
+            rows=rows,
+            leaf=leaf,
             loss=loss,
             grad_norm=gnorm,
             restored_step=None,
+            diagnosis=diagnosis,
         )
 
-    def _diagnosed(self, previous: _Pending, state: list, loss: float, gnorm: float):
+    def _diagnosed(
+        self, previous: _Pending, state: list, loss: float, gnorm: float, counts: dict
+    ):
         """The incident of a new bad step: replayed, its examples, its cause."""
         entry, step = previous.entry, previous.step
-        diagnosis, failure = self._diagnose(entry, state, previous.inputs)
+        diagnosis, failure = self._diagnose(entry, state, previous.inputs, counts)
         leaf, rows = self._rows(entry, state, previous.inputs, diagnosis)
         grown = self.history.recent(step)
         cause = diagnosis.cause if diagnosis is not None else None
@@ -440,15 +461,15 @@ class GuardedStep:
         )
 
     def _diagnose(
-        self, entry: _Entry, state: list, inputs: list
+        self, entry: _Entry, state: list, inputs: list, counts: dict
     ) -> tuple[Diagnosis | None, str]:
         """What `jaxnan.locate` says about the step (its input check on the host).
 
-        A batch that already holds NaN/Inf is the root cause whatever the
-        step does with it; that is read on the host without compiling the
-        instrumented replay.
+        A batch that already holds NaN/Inf (`counts`, from
+        `examples.input_counts`) is the root cause whatever the step does
+        with it; that is read on the host without compiling the instrumented
+        replay.
         """
-        counts = examples.input_counts(inputs, entry.input_paths)
         if counts:
             found = causes.classify_inputs(counts)
             return (

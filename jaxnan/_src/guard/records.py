@@ -95,7 +95,9 @@ class Incident:
         grad_norm: the global gradient norm of the step.
         deterministic: whether the replay reproduced the failure.
         restored_step: for a rollback, the step whose state was restored.
-        diagnosis: the full `jaxnan.Diagnosis` of the replay, if any.
+        diagnosis: the full `jaxnan.Diagnosis` of the replay, if any; for a
+            repeat (``nonfinite again``) the earlier step's, with this step's
+            own `nonfinite_inputs` when its batch is the cause.
     """
 
     step: int
