@@ -378,10 +378,11 @@ class GuardedStep:
     ):
         """The last diagnosis again, for a bad step within a window of it.
 
-        Only when the step fails the same way: nonfinite inputs again after an
-        input incident (then with this step's own leaves and rows, read on
-        the host), or finite inputs again after any other. Otherwise None:
-        the step is diagnosed afresh.
+        Only when the step fails the same way: a nonfinite batch again after
+        an `input_data` incident (then with this step's own leaves and rows,
+        read on the host), or a finite batch again after any other (a
+        poisoned state stays poisoned: it is not located on every step).
+        Otherwise None: the step is diagnosed afresh.
         """
         step = previous.step
         last_bad = next(
@@ -394,7 +395,7 @@ class GuardedStep:
         )
         if last_bad is None or step - last_bad.step > self.history.window:
             return None
-        if bool(counts) != (last_bad.phase is causes.Phase.INPUT):
+        if bool(counts) != (last_bad.cause == causes.Cause.INPUT_DATA.value):
             return None
         diagnosis, leaf, rows, seen = last_bad.diagnosis, None, (), ""
         if counts and diagnosis is not None:
