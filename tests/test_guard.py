@@ -345,3 +345,21 @@ def test_a_bad_step_soon_after_another_is_diagnosed_again_when_its_cause_differs
     assert five.diagnosis.nonfinite_inputs == {}
     assert five.diagnosis.primitive == "integer_pow"
     assert five.rows == (1,)
+
+
+def test_a_poisoned_state_is_located_once_then_repeated():
+    # A checkpoint with a NaN weight: every step fails the same way (the
+    # batches are finite), so only the first is replayed and located.
+    tx = jaxnan.skip_nonfinite(optax.sgd(0.01))
+    step = jaxnan.guard(_make_step(tx), max_streak=100)
+    params, opt_state = _init(tx)
+    params = {"w": params["w"].at[1].set(jnp.nan)}
+    for b in _data(4):
+        params, opt_state, _ = step(params, opt_state, b)
+    step.finish()
+    first, *rest = step.incidents
+    assert (first.step, first.cause) == (0, "poisoned_state")
+    assert first.diagnosis.nonfinite_inputs == {"params['w']": (1, 0, 0)}
+    assert [i.step for i in rest] == [1, 2, 3]
+    assert all("nonfinite again" in i.message for i in rest)
+    assert all(i.diagnosis is first.diagnosis for i in rest)  # not replayed
