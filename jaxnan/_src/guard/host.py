@@ -385,17 +385,8 @@ class GuardedStep:
         Otherwise None: the step is diagnosed afresh.
         """
         step = previous.step
-        last_bad = next(
-            (
-                i
-                for i in reversed(self.incidents)
-                if i.action is not records.Action.WARNED and i.deterministic
-            ),
-            None,
-        )
-        if last_bad is None or step - last_bad.step > self.history.window:
-            return None
-        if bool(counts) != (last_bad.cause == causes.Cause.INPUT_DATA.value):
+        last_bad = self._last_bad(step, counts)
+        if last_bad is None:
             return None
         diagnosis, leaf, rows, seen = last_bad.diagnosis, None, (), ""
         if counts and diagnosis is not None:
@@ -419,6 +410,22 @@ class GuardedStep:
             restored_step=None,
             diagnosis=diagnosis,
         )
+
+    def _last_bad(self, step: int, counts: dict) -> records.Incident | None:
+        """The last located incident, if `step` repeats it (see `_repeat`)."""
+        last_bad = next(
+            (
+                i
+                for i in reversed(self.incidents)
+                if i.action is not records.Action.WARNED and i.deterministic
+            ),
+            None,
+        )
+        if last_bad is None or step - last_bad.step > self.history.window:
+            return None
+        if bool(counts) != (last_bad.cause == causes.Cause.INPUT_DATA.value):
+            return None  # it fails another way
+        return last_bad
 
     def _diagnosed(
         self, previous: _Pending, state: list, loss: float, gnorm: float, counts: dict
