@@ -18,6 +18,7 @@ PARAMS = {"dense": {"kernel": jnp.ones((3, 2)) * 0.1, "bias": jnp.ones(2) * 0.1}
 GOOD = {"x": jnp.ones((4, 3))}
 
 
+@pytest.mark.default_compiler
 def test_healthy_loss_report_ok_and_output_unchanged():
     report, value = jax.jit(jaxnan.check(loss_fn))(PARAMS, GOOD)
     assert bool(report.ok)

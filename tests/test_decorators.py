@@ -354,6 +354,7 @@ def test_inside_lax_scan():
     assert set(recs[1].leaves) == {"params['w']", "params['b']", "params['s']"}
 
 
+@pytest.mark.default_compiler
 def test_remat():
     params, batch = make()
     f = jax.jit(jax.value_and_grad(jax.checkpoint(rec_loss)))
@@ -377,6 +378,7 @@ def test_remat():
     assert [r.phase for r in REC.take()] == [jaxnan.Phase.INPUT]
 
 
+@pytest.mark.default_compiler
 def test_sharded_jit_reports_once(mesh8):
     del mesh8
     mesh = Mesh(jax.devices()[:8], ("d",))
@@ -404,6 +406,7 @@ def test_grads_mode_has_no_effects_and_forward_mode_keeps_them():
     assert jax.make_jaxpr(fwd_only)(params, batch).effects != set()
 
 
+@pytest.mark.default_compiler
 def test_forward_checks_survive_grad_which_drops_the_loss():
     # jax.grad discards the loss, and with it the forward checks' tie into
     # the output; they live on through the loss cotangent.
@@ -448,6 +451,7 @@ def loss_with_extras(params, batch, step, *, scale=2.0, train=True):
     return jnp.sum(jnp.sqrt(jnp.abs(y))) + step.astype(jnp.float32)
 
 
+@pytest.mark.default_compiler
 def test_integer_static_and_keyword_arguments():
     params, batch = make()
     step = jnp.int32(3)
@@ -509,6 +513,7 @@ def test_ignore_is_a_passthrough():
         assert jnp.isneginf(f(jnp.float32(0.0)))
 
 
+@pytest.mark.default_compiler
 def test_checked_grad_and_value_and_grad_are_drop_in():
     params, batch = make()
     want = jax.jit(jax.grad(plain_loss, argnums=(0, 1)))(params, batch)

@@ -48,6 +48,7 @@ def _train(step, tx, batches):
     return params, opt_state
 
 
+@pytest.mark.default_compiler
 def test_healthy_step_has_no_host_callback_and_matches_plain():
     tx = jaxnan.skip_nonfinite(optax.adam(0.1))
     train_step = _make_step(tx)
@@ -188,6 +189,7 @@ def test_host_dispatches_next_step_before_previous_finished(caplog):
         assert dispatched[k] < finished[k - 1]
 
 
+@pytest.mark.default_compiler
 def test_raise_carries_diagnosis_and_the_state_before_the_bad_step():
     tx = jaxnan.skip_nonfinite(optax.adam(0.1))
     step = jaxnan.guard(_make_step(tx), policy="raise")
@@ -204,6 +206,7 @@ def test_raise_carries_diagnosis_and_the_state_before_the_bad_step():
     assert np.array_equal(kept_params["w"], ref_params["w"])
 
 
+@pytest.mark.default_compiler
 def test_rollback_restores_the_snapshot_exactly(tmp_path):
     tx = jaxnan.skip_nonfinite(optax.adam(0.1))
     log = tmp_path / "incidents.jsonl"
@@ -229,6 +232,7 @@ def test_rollback_restores_the_snapshot_exactly(tmp_path):
     assert record["leaf"] == "batch['x']" and record["restored_step"] == 3
 
 
+@pytest.mark.default_compiler
 def test_nondeterministic_failure_is_reported_as_such():
     tx = jaxnan.skip_nonfinite(optax.sgd(0.1))
     calls = [0]

@@ -257,6 +257,7 @@ def test_skip_nonfinite_loss_with_finite_grads(loss, variant):
     assert int(s1.nonfinite_total) == 1
 
 
+@pytest.mark.default_compiler
 def test_skip_counters_over_sequence_match_inner_on_good_steps():
     params = make_params()
     inner = optax.adam(1e-2)
@@ -394,6 +395,7 @@ def _train_step(tx):
     return optax_train_step(tx, _loss)
 
 
+@pytest.mark.default_compiler
 def test_no_host_callback_and_donation():
     params = make_params()
     tx = jaxnan.skip_nonfinite(
