@@ -349,6 +349,7 @@ def test_a_bad_step_soon_after_another_is_diagnosed_again_when_its_cause_differs
     assert five.diagnosis.nonfinite_inputs == {}
     assert five.diagnosis.primitive == "integer_pow"
     assert five.rows == (1,)
+    assert [i.repeat_of for i in (three, four, five)] == [None, 3, None]
 
 
 def test_a_poisoned_state_is_located_once_then_repeated():
@@ -365,5 +366,8 @@ def test_a_poisoned_state_is_located_once_then_repeated():
     assert (first.step, first.cause) == (0, "poisoned_state")
     assert first.diagnosis.nonfinite_inputs == {"params['w']": (1, 0, 0)}
     assert [i.step for i in rest] == [1, 2, 3]
+    # Each repeat names the located step, not the repeat before it.
     assert all("nonfinite again" in i.message for i in rest)
+    assert all("as at step 0," in i.message for i in rest)
+    assert [i.repeat_of for i in step.incidents] == [None, 0, 0, 0]
     assert all(i.diagnosis is first.diagnosis for i in rest)  # not replayed

@@ -395,12 +395,14 @@ class GuardedStep:
             size, _ = examples.batch_axes(previous.inputs)
             seen = f"\n  examples: {examples.describe(rows, leaf, step, size)}"
         streak = f", {self._streak} in a row" if self._streak > 1 else ""
+        origin = last_bad.step if last_bad.repeat_of is None else last_bad.repeat_of
         return dataclasses.replace(
             last_bad,
             step=step,
+            repeat_of=origin,
             message=(
                 f"jaxnan.guard: step {step} nonfinite again (loss {loss:.4g}"
-                f"{streak}): as at step {last_bad.step}, {last_bad.cause} at "
+                f"{streak}): as at step {origin}, {last_bad.cause} at "
                 f"{last_bad.where or 'the same place'}.{seen}"
             ),
             rows=rows,

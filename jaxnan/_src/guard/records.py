@@ -98,6 +98,8 @@ class Incident:
         diagnosis: the full `jaxnan.Diagnosis` of the replay, if any; for a
             repeat (``nonfinite again``) the earlier step's, with this step's
             own `nonfinite_inputs` when its batch is the cause.
+        repeat_of: for a repeat, the step that was located (the first of a
+            run of repeats); None for a step located itself.
     """
 
     step: int
@@ -114,6 +116,7 @@ class Incident:
     deterministic: bool = True
     restored_step: int | None = None
     diagnosis: Diagnosis | None = None
+    repeat_of: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values for JSON and loggers (the diagnosis as a dict)."""
