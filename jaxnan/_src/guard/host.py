@@ -391,9 +391,8 @@ class GuardedStep:
         diagnosis, leaf, rows, seen = last_bad.diagnosis, None, (), ""
         if counts and diagnosis is not None:
             diagnosis = dataclasses.replace(diagnosis, nonfinite_inputs=counts)
-            leaf, rows = self._rows(previous.entry, state, previous.inputs, diagnosis)
-            size, _ = examples.batch_axes(previous.inputs)
-            seen = f"\n  examples: {examples.describe(rows, leaf, step, size)}"
+            line, leaf, rows = self._examples(previous, state, diagnosis)
+            seen = f"\n{line}" if line else ""
         streak = f", {self._streak} in a row" if self._streak > 1 else ""
         origin = last_bad.step if last_bad.repeat_of is None else last_bad.repeat_of
         return dataclasses.replace(
@@ -435,15 +434,12 @@ class GuardedStep:
         """The incident of a new bad step: replayed, its examples, its cause."""
         entry, step = previous.entry, previous.step
         diagnosis, failure = self._diagnose(entry, state, previous.inputs, counts)
-        leaf, rows = self._rows(entry, state, previous.inputs, diagnosis)
+        line, leaf, rows = self._examples(previous, state, diagnosis)
         grown = self.history.recent(step)
         cause = diagnosis.cause if diagnosis is not None else None
         lines = [f"jaxnan.guard: step {step} went nonfinite (loss {loss:.4g})."]
-        size, _ = examples.batch_axes(previous.inputs)
-        if rows or leaf:
-            lines.append(f"  examples: {examples.describe(rows, leaf, step, size)}")
-        if size and len(rows) == size:  # not a property of some examples
-            leaf, rows = None, ()
+        if line:
+            lines.append(line)
         if grown and cause not in ("input_data", "poisoned_state"):
             cause = causes.Cause.LEARNING_RATE.value
             figures = "; ".join(str(g) for g in grown)
@@ -541,6 +537,22 @@ class GuardedStep:
             return locate(replay, check_compiled=False)(*located), ""
         except Exception as e:  # noqa: BLE001 - the replay is ours, not the user's
             return None, f"jaxnan.locate could not replay the step: {e!r}"
+
+    def _examples(self, previous: _Pending, state: list, diagnosis):
+        """``(line, leaf, rows)``: the bad examples of a step and their text.
+
+        The line is empty when no example or leaf stands out; leaf and rows
+        are dropped when every example is bad (not a property of some).
+        """
+        leaf, rows = self._rows(previous.entry, state, previous.inputs, diagnosis)
+        size, _ = examples.batch_axes(previous.inputs)
+        line = ""
+        if rows or leaf:
+            step = previous.step
+            line = f"  examples: {examples.describe(rows, leaf, step, size)}"
+        if size and len(rows) == size:
+            leaf, rows = None, ()
+        return line, leaf, rows
 
     def _rows(self, entry, state, inputs, diagnosis):
         size, axes = examples.batch_axes(inputs)
