@@ -18,11 +18,21 @@ traceback, xfailed, skipped).
 
 ``JAXNAN_TESTS_COMPILER=default`` runs the whole suite under XLA's defaults in
 one process per worker, as before.
+
+Under both configurations, the processes of one run (the xdist workers and the
+children) share JAX's persistent compilation cache in a temporary folder: many
+tests compile the same program (a model, a step, a small reduction) from their
+own closures, and a compile done once by any of them serves the others. The
+cache is keyed on the program, the XLA flags and the compile options, so the two
+configurations never read each other's entries. A ``JAX_COMPILATION_CACHE_DIR``
+set by the user is kept.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -48,12 +58,39 @@ def fast() -> bool:
     return os.environ.get(ENV, "fast") != "default"
 
 
+_CACHE = {
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": 0.0,
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": 0,
+}
+
+
+def share_compiled() -> None:
+    """Gives the processes of this run one persistent compilation cache.
+
+    The process pytest was started as makes the folder and removes it at exit;
+    the workers and children inherit it through the environment, which JAX reads
+    when it is imported. A cache the user set up is left as it is.
+    """
+    if "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return
+    folder = tempfile.mkdtemp(prefix="jaxnan-tests-xla-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = folder
+    os.environ.update({name: str(value) for name, value in _CACHE.items()})
+    import jax  # in case a plugin imported it before the variables were set
+
+    jax.config.update("jax_compilation_cache_dir", folder)
+    for name, value in _CACHE.items():
+        jax.config.update(name.lower(), value)
+
+
 def configure() -> None:
     """Sets the cheap configuration; call before JAX is imported.
 
     The environment carries it to subprocesses (xdist workers, the examples and
     the demo run as scripts).
     """
+    share_compiled()
     if not fast():
         return
     os.environ.setdefault(_USER_XLA_FLAGS, os.environ.get("XLA_FLAGS", ""))

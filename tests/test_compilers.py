@@ -1,9 +1,11 @@
 """The suite's two XLA configurations (tests/compilers.py)."""
 
 import os
+import time
 import xml.etree.ElementTree as ET
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 from tests import compilers
@@ -27,6 +29,33 @@ def test_marked_tests_run_under_xla_defaults():
     assert not set(compilers.FAST_XLA_FLAGS) & set(flags)
     assert "JAX_DISABLE_MOST_OPTIMIZATIONS" not in os.environ
     assert jax.config.read("jax_disable_most_optimizations") is False
+
+
+def test_processes_of_a_run_share_one_compilation_cache():
+    folder = os.environ["JAX_COMPILATION_CACHE_DIR"]
+    assert jax.config.jax_compilation_cache_dir == folder
+    assert os.path.isdir(folder)
+    hits = []
+
+    def listen(event, **_):
+        if event == "/jax/compilation_cache/cache_hits":
+            hits.append(event)
+
+    stamp = float(time.time_ns() % 1_000_003)  # a program no earlier run compiled
+
+    def compile_fresh():
+        # A new closure each time, as tests build their own steps.
+        jax.jit(lambda x: jnp.sin(x) * stamp).lower(1.0).compile()
+
+    jax.monitoring.register_event_listener(listen)
+    try:
+        compile_fresh()
+        assert hits == []
+        jax.clear_caches()  # as another process would start: nothing in memory
+        compile_fresh()
+    finally:
+        jax.monitoring.unregister_event_listener(listen)
+    assert hits == ["/jax/compilation_cache/cache_hits"]
 
 
 JUNIT = """<testsuites><testsuite>
