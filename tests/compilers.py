@@ -11,35 +11,45 @@ A test marked ``@pytest.mark.default_compiler`` compares a result bit for bit
 with the same computation without jaxnan. Which rounding XLA's CPU code gives
 depends on how it fuses (see `benchmarks/fusion_rounding.py`), so that claim
 is only worth something under the configuration users get: XLA's defaults.
-XLA reads its flags once per process, so the marked tests of a module run
-together in one child pytest with the environment the suite was started with,
-and each one reports the outcome it had there (passed, failed with the child's
-traceback, xfailed, skipped).
+XLA reads its flags once per process, so all the marked tests of a run go to
+one child pytest with the environment the suite was started with. The first
+process to finish collecting starts it in the background; the child writes
+each test's outcome to a file as the test ends, and each marked item in the
+workers reports the outcome it had there (passed, failed with the child's
+traceback, xfailed, skipped). One child, not one per module, because each
+pytest process pays several seconds of start-up before its first test.
 
 ``JAXNAN_TESTS_COMPILER=default`` runs the whole suite under XLA's defaults in
 one process per worker, as before.
 
 Under both configurations, the processes of one run (the xdist workers and the
-children) share JAX's persistent compilation cache in a temporary folder: many
-tests compile the same program (a model, a step, a small reduction) from their
-own closures, and a compile done once by any of them serves the others. The
-cache is keyed on the program, the XLA flags and the compile options, so the two
-configurations never read each other's entries. A ``JAX_COMPILATION_CACHE_DIR``
-set by the user is kept.
+child) share JAX's persistent compilation cache in the run's temporary folder:
+many tests compile the same program (a model, a step, a small reduction) from
+their own closures, and a compile done once by any of them serves the others.
+The cache is keyed on the program, the XLA flags and the compile options, so
+the two configurations never read each other's entries. A
+``JAX_COMPILATION_CACHE_DIR`` set by the user is kept.
 """
 
 from __future__ import annotations
 
 import atexit
+import hashlib
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import xml.etree.ElementTree as ET
+import time
 from pathlib import Path
 
 import pytest
+
+try:
+    import fcntl
+except ImportError:  # not on Windows
+    fcntl = None
 
 MARK = "default_compiler"
 ENV = "JAXNAN_TESTS_COMPILER"
@@ -51,37 +61,17 @@ FAST_XLA_FLAGS = (
 )
 _USER_XLA_FLAGS = "JAXNAN_TESTS_USER_XLA_FLAGS"  # XLA_FLAGS as the suite got it
 _FAST_ENV = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
-
-
-def fast() -> bool:
-    """Whether this process compiles with the cheap configuration."""
-    return os.environ.get(ENV, "fast") != "default"
-
-
+_RUN = "JAXNAN_TESTS_RUN"  # the run's temporary folder
+_OUTCOMES = "JAXNAN_TESTS_OUTCOMES"  # set in the child: where it writes outcomes
 _CACHE = {
     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": 0.0,
     "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": 0,
 }
 
 
-def share_compiled() -> None:
-    """Gives the processes of this run one persistent compilation cache.
-
-    The process pytest was started as makes the folder and removes it at exit;
-    the workers and children inherit it through the environment, which JAX reads
-    when it is imported. A cache the user set up is left as it is.
-    """
-    if "JAX_COMPILATION_CACHE_DIR" in os.environ:
-        return
-    folder = tempfile.mkdtemp(prefix="jaxnan-tests-xla-")
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = folder
-    os.environ.update({name: str(value) for name, value in _CACHE.items()})
-    import jax  # in case a plugin imported it before the variables were set
-
-    jax.config.update("jax_compilation_cache_dir", folder)
-    for name, value in _CACHE.items():
-        jax.config.update(name.lower(), value)
+def fast() -> bool:
+    """Whether this process compiles with the cheap configuration."""
+    return os.environ.get(ENV, "fast") != "default"
 
 
 def configure() -> None:
@@ -90,7 +80,7 @@ def configure() -> None:
     The environment carries it to subprocesses (xdist workers, the examples and
     the demo run as scripts).
     """
-    share_compiled()
+    _share_compiled(_run_folder())
     if not fast():
         return
     os.environ.setdefault(_USER_XLA_FLAGS, os.environ.get("XLA_FLAGS", ""))
@@ -101,6 +91,157 @@ def configure() -> None:
     import jax  # in case a plugin imported it before the variable was set
 
     jax.config.update("jax_disable_most_optimizations", True)
+
+
+def _run_folder() -> Path:
+    """The run's temporary folder: made by the process pytest was started as,
+    which removes it at exit; its workers and child find it in the environment.
+    """
+    if _RUN not in os.environ:
+        folder = tempfile.mkdtemp(prefix="jaxnan-tests-")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        os.environ[_RUN] = folder
+    return Path(os.environ[_RUN])
+
+
+def _share_compiled(run: Path) -> None:
+    """Gives the processes of this run one persistent compilation cache."""
+    if "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return  # the user's own, or this run's, inherited
+    folder = str(run / "xla-cache")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = folder
+    os.environ.update({name: str(value) for name, value in _CACHE.items()})
+    import jax  # in case a plugin imported it before the variables were set
+
+    jax.config.update("jax_compilation_cache_dir", folder)
+    for name, value in _CACHE.items():
+        jax.config.update(name.lower(), value)
+
+
+# --- The workers' side: delegate the marked tests and read their outcomes. ---
+
+
+def delegate(items: list[pytest.Item]) -> None:
+    """Makes each marked test report the outcome of its run in the child.
+
+    Call after deselection (``-k``, ``-m``, ``--lf``), so that the child runs
+    exactly the marked tests of this session.
+    """
+    if not fast():
+        return
+    marked = [
+        item
+        for item in items
+        if isinstance(item, pytest.Function) and item.get_closest_marker(MARK)
+    ]
+    # The workers take the other modules first, and a module's other tests
+    # before its marked ones, so that the child is ahead when they need them.
+    modules, chosen = {_module(item) for item in marked}, set(marked)
+    items.sort(key=lambda i: (_module(i) in modules, i in chosen))
+    marked.sort(key=items.index)
+    for item in marked:
+        item.setup = _no_fixtures  # its fixtures are set up in the child
+        item.runtest = _Delegated(item)
+    if marked:
+        _start_child(marked[0].config.rootpath, [item.nodeid for item in marked])
+
+
+def _module(item: pytest.Item) -> str:
+    return item.nodeid.split("::")[0]
+
+
+def _no_fixtures() -> None:
+    pass
+
+
+class _Delegated:
+    def __init__(self, item: pytest.Function):
+        self.item = item
+
+    def __call__(self) -> None:
+        __tracebackhide__ = True
+        outcome, text = _wait_for(self.item.nodeid)
+        if outcome in ("passed", "xpassed"):
+            return  # passing here lets this item's own xfail(strict) fail
+        if outcome == "skipped":
+            pytest.skip(text)
+        raise DefaultCompilerFailure(
+            f"{outcome} under XLA's default configuration:\n{text}"
+        )
+
+
+class DefaultCompilerFailure(AssertionError):
+    """A marked test failed (or xfailed) in the default-configuration child."""
+
+
+def _outcomes_folder() -> Path:
+    return _run_folder() / "default"
+
+
+def _start_child(root: Path, nodeids: list[str]) -> None:
+    """Starts the child once per run; the first process to ask starts it.
+
+    The child inherits a descriptor holding an exclusive lock on ``alive``; the
+    kernel drops the lock when the child ends, however it ends, which is how a
+    waiting worker tells a crashed child from a slow one.
+    """
+    folder = _outcomes_folder()
+    try:
+        folder.mkdir()
+    except FileExistsError:
+        return  # another worker started it
+    env = _default_env()
+    env[_OUTCOMES] = str(folder)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", *nodeids]
+    with open(folder / "alive", "w") as alive, open(folder / "log", "w") as log:
+        if fcntl is not None:
+            fcntl.flock(alive, fcntl.LOCK_EX)
+        subprocess.Popen(
+            cmd,
+            cwd=root,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            pass_fds=(alive.fileno(),),
+            start_new_session=True,
+        )
+
+
+def _wait_for(nodeid: str) -> tuple[str, str]:
+    """The child's outcome of one test, as soon as it is written."""
+    folder = _outcomes_folder()
+    path = folder / _file_name(nodeid)
+    while True:
+        done = (folder / "done").exists()
+        running = _running(folder)
+        if path.exists():
+            return tuple(json.loads(path.read_text()))
+        if done:
+            return "missing", "the child pytest did not run it"
+        if not running:
+            tail = (folder / "log").read_text()[-4000:]
+            return "crashed", f"the child pytest ended early:\n{tail}"
+        time.sleep(0.1)
+
+
+def _running(folder: Path) -> bool:
+    if fcntl is None:  # no advisory locks: trust the child to say "done"
+        return True
+    try:
+        alive = open(folder / "alive")
+    except FileNotFoundError:
+        return True  # the child is being started
+    with alive:
+        try:
+            fcntl.flock(alive, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        return False
+
+
+def _file_name(nodeid: str) -> str:
+    return hashlib.sha1(nodeid.encode()).hexdigest() + ".json"
 
 
 def _default_env() -> dict[str, str]:
@@ -114,88 +255,65 @@ def _default_env() -> dict[str, str]:
     return env
 
 
-def delegate(items: list[pytest.Item]) -> None:
-    """Makes each marked test report the outcome of its run in the child."""
-    if not fast():
-        return
-    for item in items:
-        if isinstance(item, pytest.Function) and item.get_closest_marker(MARK):
-            item.setup = _no_fixtures  # its fixtures are set up in the child
-            item.runtest = _Delegated(item)
+# --- The child's side: write each outcome as the test ends. ---
 
 
-def _no_fixtures() -> None:
-    pass
+def child_plugin() -> ChildOutcomes | None:
+    """The plugin that writes the outcomes, when this process is the child."""
+    folder = os.environ.get(_OUTCOMES)
+    return ChildOutcomes(Path(folder)) if folder else None
 
 
-class _Delegated:
-    def __init__(self, item: pytest.Function):
-        self.item = item
+class ChildOutcomes:
+    """Writes each test's outcome (one file, replaced atomically) as it ends,
+    and ``done`` at the end of the session.
 
-    def __call__(self) -> None:
-        __tracebackhide__ = True
-        outcome, text = _results(self.item).get(
-            self.item.nodeid, ("missing", "the child pytest did not report it")
-        )
-        if outcome == "passed" or text.startswith("[XPASS(strict)]"):
-            return  # passing here lets this item's own xfail(strict) fail
-        if outcome == "skipped":
-            pytest.skip(text)
-        raise DefaultCompilerFailure(
-            f"{outcome} under XLA's default configuration:\n{text}"
-        )
+    It stops the session between tests once the run's folder is gone: the suite
+    that started the child has ended (finished, stopped with ``-x``, or
+    interrupted), and nobody reads what it would write.
+    """
 
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.reports: dict[str, list[pytest.TestReport]] = {}
 
-class DefaultCompilerFailure(AssertionError):
-    """A marked test failed (or xfailed) in the default-configuration child."""
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_protocol(self, item):
+        if not self.folder.exists():
+            item.session.shouldstop = "the suite that started this child ended"
 
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        self.reports.setdefault(report.nodeid, []).append(report)
+        if report.when == "teardown":
+            outcome = outcome_of(self.reports.pop(report.nodeid))
+            tmp = self.folder / (_file_name(report.nodeid) + ".tmp")
+            tmp.write_text(json.dumps(outcome))
+            tmp.replace(self.folder / _file_name(report.nodeid))
 
-_OUTCOME = {"failure": "failed", "error": "errored", "skipped": "skipped"}
-_RESULTS: dict[str, dict[str, tuple[str, str]]] = {}
-
-
-def _results(item: pytest.Function) -> dict[str, tuple[str, str]]:
-    module = item.nodeid.split("::")[0]
-    if module not in _RESULTS:
-        marked = [
-            i.nodeid
-            for i in item.session.items
-            if i.nodeid.split("::")[0] == module and i.get_closest_marker(MARK)
-        ]
-        _RESULTS[module] = _run_child(item.config.rootpath, module, marked)
-    return _RESULTS[module]
+    def pytest_sessionfinish(self) -> None:
+        if self.folder.exists():
+            (self.folder / "done").touch()
 
 
-def _run_child(root: Path, module: str, nodeids: list[str]):
-    with tempfile.TemporaryDirectory() as tmp:
-        xml = os.path.join(tmp, "results.xml")
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:xdist"]
-        proc = subprocess.run(
-            [*cmd, f"--junitxml={xml}", *nodeids],
-            cwd=root,
-            env=_default_env(),
-            capture_output=True,
-            text=True,
-        )
-        if not os.path.exists(xml):
-            tail = (proc.stdout + proc.stderr)[-4000:]
-            return {n: ("crashed", tail) for n in nodeids}
-        return _parse(ET.parse(xml), module)
+def outcome_of(reports: list[pytest.TestReport]) -> tuple[str, str]:
+    """One test's outcome from its setup, call and teardown reports.
 
-
-def _parse(tree: ET.ElementTree, module: str) -> dict[str, tuple[str, str]]:
-    prefix = module[: -len(".py")].replace("/", ".")
-    out = {}
-    for case in tree.iter("testcase"):
-        inner = case.get("classname", "")[len(prefix) + 1 :]
-        name = "::".join(p for p in (inner, case.get("name", "")) if p)
-        outcome, text = "passed", ""
-        for tag in ("failure", "error", "skipped"):
-            node = case.find(tag)
-            if node is not None:
-                text = node.get("message", "") + "\n" + (node.text or "")
-                kind = node.get("type", "")
-                outcome = "xfailed" if kind == "pytest.xfail" else _OUTCOME[tag]
-                break
-        out[f"{module}::{name}"] = (outcome, text.strip())
-    return out
+    Returns ``(outcome, text)``: ``passed``, ``xpassed`` (a non-strict xfail
+    that passed, or a strict one, whose failure the worker's own xfail mark
+    gives), ``xfailed``, ``skipped``, ``failed`` (the call) or ``errored`` (a
+    fixture), and the reason or traceback.
+    """
+    for report in reports:
+        xfail = getattr(report, "wasxfail", None)
+        if report.failed and report.longreprtext.startswith("[XPASS(strict)]"):
+            return "xpassed", report.longreprtext
+        if report.failed:
+            kind = "failed" if report.when == "call" else "errored"
+            return kind, report.longreprtext
+        if report.skipped:
+            if xfail is not None:
+                return "xfailed", xfail
+            return "skipped", report.longrepr[2] if report.longrepr else ""
+        if report.when == "call" and xfail is not None:
+            return "xpassed", xfail
+    return "passed", ""

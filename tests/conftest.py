@@ -23,6 +23,14 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 from tests import helpers  # noqa: E402
 
 
+def pytest_configure(config):
+    """In the default-configuration child, writes each test's outcome."""
+    plugin = compilers.child_plugin()
+    if plugin is not None:
+        config.pluginmanager.register(plugin, "jaxnan-default-compiler-child")
+
+
+@pytest.hookimpl(trylast=True)  # after -k, -m and --lf have deselected
 def pytest_collection_modifyitems(config, items):
     """Runs the ``default_compiler`` tests under XLA's default configuration."""
     compilers.delegate(items)

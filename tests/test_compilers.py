@@ -1,8 +1,11 @@
 """The suite's two XLA configurations (tests/compilers.py)."""
 
 import os
+import subprocess
+import sys
+import tempfile
 import time
-import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -33,8 +36,9 @@ def test_marked_tests_run_under_xla_defaults():
 
 def test_processes_of_a_run_share_one_compilation_cache():
     folder = os.environ["JAX_COMPILATION_CACHE_DIR"]
+    if Path(folder).parent != Path(os.environ["JAXNAN_TESTS_RUN"]):
+        pytest.skip(f"JAX_COMPILATION_CACHE_DIR={folder!r}: the user's own cache")
     assert jax.config.jax_compilation_cache_dir == folder
-    assert os.path.isdir(folder)
     hits = []
 
     def listen(event, **_):
@@ -56,32 +60,133 @@ def test_processes_of_a_run_share_one_compilation_cache():
     finally:
         jax.monitoring.unregister_event_listener(listen)
     assert hits == ["/jax/compilation_cache/cache_hits"]
+    assert os.listdir(folder)
 
 
-JUNIT = """<testsuites><testsuite>
-<testcase classname="tests.frameworks.test_m" name="test_ok"/>
-<testcase classname="tests.frameworks.test_m" name="test_bad[a-b]">
-  <failure message="AssertionError: 1 != 2">trace</failure></testcase>
-<testcase classname="tests.frameworks.test_m" name="test_known">
-  <skipped type="pytest.xfail" message="1 ulp"/></testcase>
-<testcase classname="tests.frameworks.test_m" name="test_xpass">
-  <failure message="[XPASS(strict)] 1 ulp"/></testcase>
-<testcase classname="tests.frameworks.test_m" name="test_skip">
-  <skipped type="pytest.skip" message="no flax"/></testcase>
-<testcase classname="tests.frameworks.test_m.TestC" name="test_in_class">
-  <error message="fixture failed">setup trace</error></testcase>
-</testsuite></testsuites>"""
+SCRATCH_CONFTEST = """
+import pytest
+from tests import compilers
+
+compilers.configure()
 
 
-def test_child_outcomes_are_read_per_node_id():
-    tree = ET.ElementTree(ET.fromstring(JUNIT))
-    got = compilers._parse(tree, "tests/frameworks/test_m.py")
-    m = "tests/frameworks/test_m.py::"
-    assert got == {
-        m + "test_ok": ("passed", ""),
-        m + "test_bad[a-b]": ("failed", "AssertionError: 1 != 2\ntrace"),
-        m + "test_known": ("xfailed", "1 ulp"),
-        m + "test_xpass": ("failed", "[XPASS(strict)] 1 ulp"),
-        m + "test_skip": ("skipped", "no flax"),
-        m + "TestC::test_in_class": ("errored", "fixture failed\nsetup trace"),
-    }
+def pytest_configure(config):
+    plugin = compilers.child_plugin()
+    if plugin is not None:
+        config.pluginmanager.register(plugin, "child")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    compilers.delegate(items)
+"""
+
+SCRATCH_TESTS = """
+import os
+import pytest
+
+mark = pytest.mark.default_compiler
+
+
+@mark
+def test_ok():
+    assert os.environ["JAXNAN_TESTS_COMPILER"] == "default"
+
+
+def test_here():
+    assert "JAXNAN_TESTS_COMPILER" not in os.environ
+    print("RUN=" + os.environ["JAXNAN_TESTS_RUN"] + "=")
+
+
+@mark
+def test_bad():
+    assert 1 == 2
+
+
+@mark
+@pytest.mark.xfail(reason="one ulp", strict=True)
+def test_known():
+    assert 0
+
+
+@mark
+@pytest.mark.xfail(reason="fixed since", strict=True)
+def test_xpass():
+    pass
+
+
+@mark
+def test_skip():
+    pytest.skip("no flax")
+
+
+@pytest.fixture
+def broken():
+    raise RuntimeError("fixture broke")
+
+
+class TestC:
+    @mark
+    def test_in_class(self, broken):
+        pass
+
+
+@mark
+@pytest.mark.parametrize("x", ["a-b", "c d"])
+def test_param(x):
+    assert x != "c d"
+
+
+@mark
+def test_zz_crash():
+    os._exit(3)
+"""
+
+
+def test_marked_tests_report_their_outcome_in_the_child(tmp_path):
+    (tmp_path / "conftest.py").write_text(SCRATCH_CONFTEST)
+    (tmp_path / "test_scratch.py").write_text(SCRATCH_TESTS)
+    (tmp_path / "pytest.ini").write_text(
+        "[pytest]\nmarkers =\n    default_compiler: under XLA's defaults\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAXNAN_TESTS")}
+    env.pop("PYTEST_XDIST_WORKER", None)
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    env["PYTHONPATH"] = str(Path(__file__).parents[1])
+    env["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"  # xdist only: a quicker start
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "xdist", "-n", "2", "-rA"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    out = run.stdout
+    lines = {}
+    for line in out.splitlines():
+        word, _, rest = line.partition(" ")
+        if word in ("PASSED", "FAILED", "XFAIL", "SKIPPED", "ERROR") and "::" in rest:
+            lines[rest.split(" - ")[0].split("::", 1)[1]] = word
+    assert lines == {
+        "test_ok": "PASSED",
+        "test_here": "PASSED",
+        "test_bad": "FAILED",
+        "test_known": "XFAIL",
+        "test_xpass": "FAILED",  # [XPASS(strict)]
+        "TestC::test_in_class": "FAILED",
+        "test_param[a-b]": "PASSED",
+        "test_param[c d]": "FAILED",
+        "test_zz_crash": "FAILED",
+    }, out
+    assert "SKIPPED [1]" in out  # test_skip, reported by its reason
+    assert "failed under XLA's default configuration" in out
+    assert "assert 1 == 2" in out  # the child's traceback
+    assert "errored under XLA's default configuration" in out
+    assert "RuntimeError: fixture broke" in out
+    assert "[XPASS(strict)] fixed since" in out
+    assert "crashed under XLA's default configuration" in out
+    assert "Skipped: no flax" in out
+    folder = out.split("RUN=")[1].split("=")[0]
+    assert Path(folder).parent == Path(tempfile.gettempdir())
+    assert not Path(folder).exists()  # removed at the end of the run
