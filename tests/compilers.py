@@ -142,7 +142,7 @@ def delegate(items: list[pytest.Item]) -> None:
     for item in marked:
         item.setup = _no_fixtures  # its fixtures are set up in the child
         item.runtest = _Delegated(item)
-    if marked:
+    if marked and not marked[0].config.option.collectonly:
         _start_child(marked[0].config.rootpath, [item.nodeid for item in marked])
 
 
@@ -203,8 +203,7 @@ def _start_child(root: Path, nodeids: list[str]) -> None:
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
-            pass_fds=(alive.fileno(),),
-            start_new_session=True,
+            pass_fds=(alive.fileno(),) if fcntl is not None else (),
         )
 
 
