@@ -212,8 +212,8 @@ def _wait_for(nodeid: str) -> tuple[str, str]:
     folder = _outcomes_folder()
     path = folder / _file_name(nodeid)
     while True:
+        running = _running(folder)  # first: once it has ended, "done" is final
         done = (folder / "done").exists()
-        running = _running(folder)
         if path.exists():
             return tuple(json.loads(path.read_text()))
         if done:
@@ -286,8 +286,11 @@ class ChildOutcomes:
         if report.when == "teardown":
             outcome = outcome_of(self.reports.pop(report.nodeid))
             tmp = self.folder / (_file_name(report.nodeid) + ".tmp")
-            tmp.write_text(json.dumps(outcome))
-            tmp.replace(self.folder / _file_name(report.nodeid))
+            try:
+                tmp.write_text(json.dumps(outcome))
+                tmp.replace(self.folder / _file_name(report.nodeid))
+            except FileNotFoundError:
+                pass  # the run's folder is gone: this session is stopping
 
     def pytest_sessionfinish(self) -> None:
         if self.folder.exists():
