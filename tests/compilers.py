@@ -17,7 +17,9 @@ process to finish collecting starts it in the background; the child writes
 each test's outcome to a file as the test ends, and each marked item in the
 workers reports the outcome it had there (passed, failed with the child's
 traceback, xfailed, skipped). One child, not one per module, because each
-pytest process pays several seconds of start-up before its first test.
+pytest process pays several seconds of start-up before its first test. The
+two hooks that do this (`pytest_collection_modifyitems`, `pytest_configure`)
+live here; `conftest.py` imports them.
 
 ``JAXNAN_TESTS_COMPILER=default`` runs the whole suite under XLA's defaults in
 one process per worker, as before.
@@ -121,6 +123,12 @@ def _share_compiled(run: Path) -> None:
 # --- The workers' side: delegate the marked tests and read their outcomes. ---
 
 
+@pytest.hookimpl(trylast=True)  # after -k, -m and --lf have deselected
+def pytest_collection_modifyitems(config, items):
+    """Runs the ``default_compiler`` tests under XLA's default configuration."""
+    delegate(items)
+
+
 def delegate(items: list[pytest.Item]) -> None:
     """Makes each marked test report the outcome of its run in the child.
 
@@ -129,16 +137,16 @@ def delegate(items: list[pytest.Item]) -> None:
     """
     if not fast():
         return
-    marked = [
+    chosen = {
         item
         for item in items
         if isinstance(item, pytest.Function) and item.get_closest_marker(MARK)
-    ]
+    }
     # The workers take the other modules first, and a module's other tests
     # before its marked ones, so that the child is ahead when they need them.
-    modules, chosen = {_module(item) for item in marked}, set(marked)
+    modules = {_module(item) for item in chosen}
     items.sort(key=lambda i: (_module(i) in modules, i in chosen))
-    marked.sort(key=items.index)
+    marked = [item for item in items if item in chosen]
     for item in marked:
         item.setup = _no_fixtures  # its fixtures are set up in the child
         item.runtest = _Delegated(item)
@@ -255,6 +263,13 @@ def _default_env() -> dict[str, str]:
 
 
 # --- The child's side: write each outcome as the test ends. ---
+
+
+def pytest_configure(config):
+    """In the default-configuration child, writes each test's outcome."""
+    plugin = child_plugin()
+    if plugin is not None:
+        config.pluginmanager.register(plugin, "jaxnan-default-compiler-child")
 
 
 def child_plugin() -> ChildOutcomes | None:

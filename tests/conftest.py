@@ -21,19 +21,10 @@ import pytest  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from tests import helpers  # noqa: E402
-
-
-def pytest_configure(config):
-    """In the default-configuration child, writes each test's outcome."""
-    plugin = compilers.child_plugin()
-    if plugin is not None:
-        config.pluginmanager.register(plugin, "jaxnan-default-compiler-child")
-
-
-@pytest.hookimpl(trylast=True)  # after -k, -m and --lf have deselected
-def pytest_collection_modifyitems(config, items):
-    """Runs the ``default_compiler`` tests under XLA's default configuration."""
-    compilers.delegate(items)
+from tests.compilers import (  # noqa: E402, F401 - the two configurations' hooks
+    pytest_collection_modifyitems,
+    pytest_configure,
+)
 
 
 @pytest.fixture(scope="session")

@@ -64,21 +64,10 @@ def test_processes_of_a_run_share_one_compilation_cache():
 
 
 SCRATCH_CONFTEST = """
-import pytest
 from tests import compilers
+from tests.compilers import pytest_collection_modifyitems, pytest_configure
 
 compilers.configure()
-
-
-def pytest_configure(config):
-    plugin = compilers.child_plugin()
-    if plugin is not None:
-        config.pluginmanager.register(plugin, "child")
-
-
-@pytest.hookimpl(trylast=True)
-def pytest_collection_modifyitems(config, items):
-    compilers.delegate(items)
 """
 
 SCRATCH_TESTS = """
