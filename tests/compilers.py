@@ -44,7 +44,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 
@@ -65,6 +67,7 @@ _USER_XLA_FLAGS = "JAXNAN_TESTS_USER_XLA_FLAGS"  # XLA_FLAGS as the suite got it
 _FAST_ENV = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
 _RUN = "JAXNAN_TESTS_RUN"  # the run's temporary folder
 _OUTCOMES = "JAXNAN_TESTS_OUTCOMES"  # set in the child: where it writes outcomes
+T = TypeVar("T")
 _CACHE = {
     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": 0.0,
     "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": 0,
@@ -74,6 +77,38 @@ _CACHE = {
 def fast() -> bool:
     """Whether this process compiles with the cheap configuration."""
     return os.environ.get(ENV, "fast") != "default"
+
+
+def cheap_init(make: Callable[..., T], *args: Any, jit: Any = None) -> T:
+    """``make(*args)`` (a model's random init) as one program compiled at -O0.
+
+    For the default-configuration child, where the init is not what a
+    bit-for-bit test compares (the plain and the guarded run start from the
+    same values): under XLA's defaults each random initializer compiles on
+    its own for 1-2 s per shape on a CPU (``jax.random.truncated_normal``:
+    1.1-2.1 s, at -O0 0.2-0.4 s). One fresh program, not eager calls, because
+    the option is not in JAX's in-memory cache key: an eager op compiled at
+    -O0 would serve later computations of the same shape, and an initializer
+    compiled earlier under the defaults would serve this one. The function
+    is new at each call, so its program is compiled here, with this option,
+    and served to no one else (the persistent cache keys on the option).
+
+    Args:
+        make: the init, e.g. ``model.init`` or an Equinox module's class.
+        *args: its arguments.
+        jit: how to compile it; `jax.jit` when None, ``eqx.filter_jit`` for a
+            result holding more than arrays.
+    """
+    import jax
+
+    jit = jax.jit if jit is None else jit
+    name = "jax_disable_most_optimizations"
+    before = jax.config.read(name)
+    jax.config.update(name, True)
+    try:
+        return jit(lambda *a: make(*a))(*args)
+    finally:
+        jax.config.update(name, before)
 
 
 def configure() -> None:

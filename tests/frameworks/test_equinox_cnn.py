@@ -15,6 +15,7 @@ import optax
 import pytest
 
 import jaxnan
+from tests import compilers
 
 eqx = pytest.importorskip("equinox")
 
@@ -54,7 +55,8 @@ def cross_entropy(y, pred_y):
 
 
 def train(data, guarded, lr=3e-4):
-    model = CNN(jax.random.key(5678))
+    # The example's init, compiled as one cheap program (tests/compilers.py).
+    model = compilers.cheap_init(CNN, jax.random.key(5678), jit=eqx.filter_jit)
     optim = optax.adamw(lr)
     if guarded:
         optim = jaxnan.skip_nonfinite(optim)

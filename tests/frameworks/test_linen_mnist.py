@@ -17,6 +17,7 @@ import pytest
 
 import jaxnan
 import jaxnan.flax
+from tests import compilers
 
 nn = pytest.importorskip("flax.linen")
 from flax.training import train_state  # noqa: E402
@@ -75,7 +76,8 @@ def make(guarded, xent=cross_entropy):
 
 def create_train_state(rng, guarded, learning_rate=0.1, momentum=0.9):
     cnn = CNN()
-    params = cnn.init(rng, jnp.ones([1, 12, 12, 1]))["params"]
+    # The example's init, compiled as one cheap program (tests/compilers.py).
+    params = compilers.cheap_init(cnn.init, rng, jnp.ones([1, 12, 12, 1]))["params"]
     tx = optax.sgd(learning_rate, momentum)
     if guarded:
         tx = jaxnan.skip_nonfinite(tx)

@@ -13,6 +13,7 @@ import optax
 import pytest
 
 import jaxnan
+from tests import compilers
 
 nn = pytest.importorskip("flax.linen")
 
@@ -99,8 +100,11 @@ def make(guarded, lr=1e-3, ln=None):
         params = optax.apply_updates(params, updates)
         return params, opt_state, key, loss
 
-    var_params = model.init(
-        jax.random.key(0), jnp.ones((BATCH, BLOCK), jnp.int32), training=False
+    # The example's init, compiled as one cheap program (tests/compilers.py).
+    var_params = compilers.cheap_init(
+        lambda key, x: model.init(key, x, training=False),
+        jax.random.key(0),
+        jnp.ones((BATCH, BLOCK), jnp.int32),
     )
     return model, opt, step, loss_fun, var_params
 
