@@ -430,3 +430,40 @@ def test_a_nan_argument_runs_no_instrumented_block(monkeypatch):
     assert (d.phase, d.input_elements) == ("input", {"x": [(1, 2)]})
     assert d.nonfinite_outputs["output[0]"] == (1, 0, 0)
     assert "Table" in seen and "Detect" not in seen
+
+
+def _deep_jaxpr(ws, x):
+    leaves = jax.tree_util.tree_leaves((ws, x))
+    fn = jax.value_and_grad(_deep_loss)
+    return jax.make_jaxpr(lambda *a: fn(a[:-1], a[-1]))(*leaves), leaves
+
+
+@pytest.mark.parametrize("small", [True, False])
+def test_a_small_program_is_one_block_run_instrumented_at_once(monkeypatch, small):
+    seen = _instrumented_traces(monkeypatch)
+    x = jnp.linspace(0.5, 0.9, 8).reshape(2, 4)
+    ws = [jnp.eye(4) * 1.5 for _ in range(4)]
+    ws[1] = jnp.full((4, 4), 3e38)  # x @ w overflows
+    closed, leaves = _deep_jaxpr(ws, x)
+    n = len(blocks.flatten(closed).entries)
+    monkeypatch.setattr(blocks, "SMALL_PROGRAM", n if small else n - 1)
+    cache = {}
+    det = blocks.detect(closed, closed.consts, leaves, cache=cache)
+    kinds = sorted({key[0] for key in cache})
+    one = interpreter.Interpreter("detect", 0)
+    rec, _ = jax.jit(lambda c, a: interpreter.run(one, closed, c, a))(
+        closed.consts, leaves
+    )
+    assert det.index == int(rec.index) >= 0
+    assert det.nodes[det.index].eqn.primitive.name == "dot_general"
+    if small:
+        # One block: no plain run, one instrumented compile of the whole.
+        assert (det.blocks, det.compiled, kinds) == (1, 1, ["run", "table"])
+        assert seen == ["Table", "Detect"]
+    else:
+        assert "plain" in kinds and det.compiled > seen.count("Detect") == 1
+    # Arguments that already hold a NaN: nothing searched, the block runs plain.
+    seen.clear()
+    bad = [leaves[0].at[0, 0].set(jnp.nan), *leaves[1:]]
+    det = blocks.detect(closed, closed.consts, bad, search=False)
+    assert det.index == -1 and "Detect" not in seen
