@@ -188,6 +188,33 @@ def test_float16_model_close_to_overflow_is_flagged():
     assert "8 nonfinite" in str(stats["big"])
 
 
+def test_a_layer_mixing_dtypes_takes_each_intermediate_against_its_own_dtype():
+    def model(p, x):
+        with jax.named_scope("mixed"):
+            h = (x * p["a"]).astype(jnp.float32)  # float16 6000: 9% of its range
+            g = h * p["b"]  # float32 6e6: far from its range
+            return (g - 1e5).astype(jnp.float16) * jnp.float16(0)  # 5.9e6 -> inf
+
+    p = {"a": jnp.float16(2000.0), "b": jnp.float32(1000.0)}
+    x = jnp.full((4,), 3.0, jnp.float16)
+    s = jax.jit(jaxnan.activation_stats(model))(p, x)["mixed"]
+    f16, f32 = np.finfo(np.float16).max, np.finfo(np.float32).max
+    # Per intermediate: log2(top of its dtype) - log2(its largest finite |x|);
+    # the layer's headroom is the smallest, its range used 2 ** -headroom.
+    rooms = [
+        np.log2(np.float32(f16)) - np.log2(np.float32(6000.0)),  # x * a
+        np.log2(np.float32(f32)) - np.log2(np.float32(6000.0)),  # its cast
+        np.log2(np.float32(f32)) - np.log2(np.float32(6e6)),  # h * b
+        np.log2(np.float32(f32)) - np.log2(np.float32(5.9e6)),  # g - 1e5
+    ]
+    assert s.dtype == "float16" and float(s.max_abs) == 6e6
+    assert min(rooms) == rooms[0]  # the float16 product, not the largest |x|
+    # (XLA's log2 and numpy's can differ by an ulp.)
+    np.testing.assert_allclose(s.headroom, rooms[0], rtol=1e-6)
+    np.testing.assert_allclose(s.range_used, 6000.0 / float(f16), rtol=1e-6)
+    assert int(s.nonfinite) == 8  # the float16 cast and the product: 4 inf, 4 nan
+
+
 def test_bad_arguments():
     with pytest.raises(TypeError, match="needs a callable"):
         jaxnan.activation_stats(3)

@@ -153,13 +153,20 @@ def _maxabs_and_nonfinite(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 class _Layer:
-    """Host-side accumulator of one layer during tracing."""
+    """Host-side accumulator of one layer during tracing.
+
+    Each floating output adds one fused reduction (its largest finite |x| and
+    its nonfinite count); they are combined once per layer in `_finish`, the
+    magnitudes grouped by their dtype's largest value, so that the measuring
+    program grows by one reduction per intermediate and not by a chain of
+    scalar operations as well.
+    """
 
     def __init__(self, phase: str):
         self.phase = phase
-        self.max_abs: list[jax.Array] = []
-        self.used: list[jax.Array] = []
-        self.room: list[jax.Array] = []
+        # The largest finite value of a dtype, capped at float32's -> the
+        # largest finite |x| of each intermediate of that dtype.
+        self.max_abs: dict[float, list[jax.Array]] = {}
         self.nonfinite: list[jax.Array] = []
         self.dtype_max = np.inf
         self.dtype = "float32"
@@ -171,19 +178,35 @@ class _Layer:
         for x in floats:
             m, bad = _maxabs_and_nonfinite(x)
             top = float(jnp.finfo(x.dtype).max)
-            top32 = np.float32(min(top, np.finfo(np.float32).max))
-            room = jnp.log2(np.float32(top32)) - jnp.log2(m)  # +inf at 0
-            self.max_abs.append(m)
-            # Not m / top32: XLA turns it into m * (1 / top32), a float32
-            # denormal that the CPU backend flushes to 0 (4e37 read as "0% of
-            # the float32 range").
-            self.used.append(jnp.exp2(-room))
-            self.room.append(room)
+            top32 = float(np.float32(min(top, np.finfo(np.float32).max)))
+            self.max_abs.setdefault(top32, []).append(m)
             self.nonfinite.append(bad)
             if top < self.dtype_max:
                 self.dtype_max, self.dtype = top, str(x.dtype)
         self.last = floats[0]
         self.equations += 1
+
+    def extremes(self) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+        """(max |x|, range used, headroom, nonfinite count) of the layer.
+
+        The headroom of an intermediate is ``log2(top) - log2(m)`` for its
+        dtype's top; it decreases with m, so the smallest over a dtype is the
+        one of its largest m, exactly (rounding is monotonic), and likewise
+        the range used, ``2 ** -headroom``.
+        """
+        rooms, peaks = [], []
+        for top32, ms in self.max_abs.items():
+            m = jnp.max(jnp.stack(ms))
+            peaks.append(m)
+            rooms.append(jnp.log2(np.float32(top32)) - jnp.log2(m))  # +inf at 0
+        room = functools.reduce(jnp.minimum, rooms)
+        # Not m / top32: XLA turns it into m * (1 / top32), a float32 denormal
+        # that the CPU backend flushes to 0 (4e37 read as "0% of the float32
+        # range").
+        used = jnp.exp2(-room)
+        max_abs = functools.reduce(jnp.maximum, peaks)
+        bad = jnp.sum(jnp.stack(self.nonfinite), dtype=jnp.int32)
+        return max_abs, used, room, bad
 
 
 def _float_dtype(aval: Any) -> bool:
@@ -424,15 +447,15 @@ def _finish(layer: _Layer, near_overflow: float) -> LayerStats:
     mean = jnp.where(count > 0, mean, jnp.nan)
     std = jnp.where(count > 0, std, jnp.nan)
     zeros = jnp.sum(x == 0, dtype=jnp.int32) / x.size
-    used = functools.reduce(jnp.maximum, layer.used)
+    max_abs, used, room, bad = layer.extremes()
     return LayerStats(
-        max_abs=functools.reduce(jnp.maximum, layer.max_abs),
+        max_abs=max_abs,
         mean=mean.astype(jnp.float32),
         std=std.astype(jnp.float32),
         zero_fraction=zeros.astype(jnp.float32),
-        nonfinite=sum(layer.nonfinite),
+        nonfinite=bad,
         range_used=used,
-        headroom=functools.reduce(jnp.minimum, layer.room).astype(jnp.float32),
+        headroom=room.astype(jnp.float32),
         near_overflow=used >= near_overflow,
         dtype=layer.dtype,
         phase=layer.phase,
