@@ -19,7 +19,9 @@ workers reports the outcome it had there (passed, failed with the child's
 traceback, xfailed, skipped). One child, not one per module, because each
 pytest process pays several seconds of start-up before its first test. The
 two hooks that do this (`pytest_collection_modifyitems`, `pytest_configure`)
-live here; `conftest.py` imports them.
+live here; `conftest.py` imports them. What the marked tests do not compare,
+a framework example's random init, compiles as one program at -O0 even there
+(`cheap_init`).
 
 ``JAXNAN_TESTS_COMPILER=default`` runs the whole suite under XLA's defaults in
 one process per worker, as before.
