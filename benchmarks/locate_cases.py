@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import importlib.util
 import pathlib
 import sys
 import time
@@ -29,17 +28,10 @@ import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)  # the sharded cases, as in the tests
 
+from locate_accuracy import CASES_DIR, load_case  # noqa: E402
+
 import jaxnan  # noqa: E402
 from jaxnan._src import blocks, locate, replay  # noqa: E402
-
-CASES = ROOT / "tests" / "cases"
-
-
-def load(path: pathlib.Path):
-    spec = importlib.util.spec_from_file_location(f"case_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def time_passes(seconds: dict) -> None:
@@ -72,8 +64,8 @@ def main() -> None:
     jaxnan.locate(lambda x: jax.numpy.log(x))(jax.numpy.zeros(3))  # warm
     answers: dict[int, list] = {0: [], args.small: []}
     for r in range(args.rounds):
-        for path in sorted(CASES.glob("case_*.py")):
-            module = load(path)
+        for path in sorted(CASES_DIR.glob("case_*.py")):
+            module, _ = load_case(path)
             fn, fn_args = module.make()
             history = getattr(module, "HISTORY", None)
             order = [0, args.small] if r % 2 == 0 else [args.small, 0]
