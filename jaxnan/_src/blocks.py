@@ -264,10 +264,15 @@ def _signature(e: Entry) -> Any:
     )
 
 
+def small(program: Program) -> bool:
+    """Whether `program` is one block, run instrumented at once while searching."""
+    return len(program.entries) <= SMALL_PROGRAM
+
+
 def cut(program: Program) -> list[Block]:
     """Cuts a program into blocks at content-defined points, with their keys.
 
-    A program of at most `SMALL_PROGRAM` equations is one block.
+    A `small` program is one block.
     """
     entries = program.entries
     n = len(entries)
@@ -281,7 +286,7 @@ def cut(program: Program) -> list[Block]:
     for v in program.outvars:
         if not isinstance(v, jex_core.Literal):
             last_use[v] = n
-    if n <= SMALL_PROGRAM:
+    if small(program):
         return [_block(entries, ids, last_use, 0, n)]
     hashes = [hash(tuple(ids[max(0, i - WINDOW + 1) : i + 1])) for i in range(n)]
     bounds, start, i = [], 0, 0
@@ -484,7 +489,7 @@ def detect(
     cache = {} if cache is None else cache
     masks = _masks(allow, known, len(blocks))
     det = Detection(-1, np.full((depth,), -1, np.int32), -1, nodes, (), [], depth=depth)
-    runner = _Runner(cache, depth, search, len(program.entries) <= SMALL_PROGRAM)
+    runner = _Runner(cache, depth, search, small(program))
     for bi, block in enumerate(blocks):
         vals = [env[v] for v in block.invars]
         table = _table(cache, block, depth, vals)
@@ -517,16 +522,18 @@ class _Runner:
     program); `count` is how many this pass called for the first time.
     """
 
-    def __init__(self, cache: dict, depth: int, search: bool = True, small=False):
+    def __init__(
+        self, cache: dict, depth: int, search: bool = True, whole: bool = False
+    ):
         self.cache, self.depth, self.count = cache, depth, 0
         self.search = search
-        self.small = small  # one block (`SMALL_PROGRAM`): no plain run first
+        self.whole = whole  # a `small` program's one block: no plain run first
 
     def run(self, det: Detection, block: Block, vals: list, mask, offset: int):
         """The outputs of `block`; folds its event into `det` while searching."""
         check = self.search and (det.index < 0 or det.nan_index < 0)
         check = check and _allowed(mask)
-        by_rules = _by_rules(block) or (self.small and check)
+        by_rules = _by_rules(block) or (self.whole and check)
         code = records.CODE_NAN
         if not by_rules:
             plain = partial(_plain, block)
