@@ -69,11 +69,12 @@ _USER_XLA_FLAGS = "JAXNAN_TESTS_USER_XLA_FLAGS"  # XLA_FLAGS as the suite got it
 _FAST_ENV = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
 _RUN = "JAXNAN_TESTS_RUN"  # the run's temporary folder
 _OUTCOMES = "JAXNAN_TESTS_OUTCOMES"  # set in the child: where it writes outcomes
-T = TypeVar("T")
+_O0 = "jax_disable_most_optimizations"  # the JAX option of _FAST_ENV's variable
 _CACHE = {
     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": 0.0,
     "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": 0,
 }
+T = TypeVar("T")
 
 
 def fast() -> bool:
@@ -104,13 +105,12 @@ def cheap_init(make: Callable[..., T], *args: Any, jit: Any = None) -> T:
     import jax
 
     jit = jax.jit if jit is None else jit
-    name = "jax_disable_most_optimizations"
-    before = jax.config.read(name)
-    jax.config.update(name, True)
+    before = jax.config.read(_O0)
+    jax.config.update(_O0, True)
     try:
         return jit(lambda *a: make(*a))(*args)
     finally:
-        jax.config.update(name, before)
+        jax.config.update(_O0, before)
 
 
 def configure() -> None:
@@ -129,7 +129,7 @@ def configure() -> None:
     os.environ.update(_FAST_ENV)
     import jax  # in case a plugin imported it before the variable was set
 
-    jax.config.update("jax_disable_most_optimizations", True)
+    jax.config.update(_O0, True)
 
 
 def _run_folder() -> Path:
