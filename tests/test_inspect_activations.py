@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.extend import core as jex_core
 
 import jaxnan
 
@@ -213,6 +214,29 @@ def test_a_layer_mixing_dtypes_takes_each_intermediate_against_its_own_dtype():
     np.testing.assert_allclose(s.headroom, rooms[0], rtol=1e-6)
     np.testing.assert_allclose(s.range_used, 6000.0 / float(f16), rtol=1e-6)
     assert int(s.nonfinite) == 8  # the float16 cast and the product: 4 inf, 4 nan
+
+
+def test_each_intermediate_adds_one_reduction_to_the_measuring_program():
+    # Ten layers of x @ w and tanh inside one scope: one layer of 20
+    # intermediates. Each adds its reduction; the headroom and range used are
+    # computed once for the layer (one exp2), not once per intermediate.
+    def model(ws, x):
+        with jax.named_scope("deep"):
+            for w in ws:
+                x = jnp.tanh(x @ w)
+        return x
+
+    def count(jaxpr, name):
+        return sum(
+            (e.primitive.name == name)
+            + sum(count(sub, name) for sub in jex_core.jaxprs_in_params(e.params))
+            for e in jaxpr.eqns
+        )
+
+    ws, x = [jnp.eye(4)] * 10, jnp.ones((2, 4))
+    closed = jax.make_jaxpr(jaxnan.activation_stats(model))(ws, x)
+    assert count(closed.jaxpr, "reduce") == 20  # max |x| and nonfinite, fused
+    assert count(closed.jaxpr, "exp2") == 1
 
 
 def test_bad_arguments():
