@@ -287,6 +287,12 @@ def _deep_loss(ws, x):
     return jnp.mean(x**2)
 
 
+def _deep_jaxpr(ws, x):
+    leaves = jax.tree_util.tree_leaves((ws, x))
+    fn = jax.value_and_grad(_deep_loss)
+    return jax.make_jaxpr(lambda *a: fn(a[:-1], a[-1]))(*leaves), leaves
+
+
 def _instrumented_traces(monkeypatch) -> list:
     """Records the strategy of every block the interpreter traces."""
     seen = []
@@ -305,8 +311,7 @@ def test_blocks_reuse_repeated_layers_and_match_one_program(monkeypatch):
     fn = jax.value_and_grad(_deep_loss)
     seen = _instrumented_traces(monkeypatch)
     healthy = [jnp.eye(4) * 1.5 for _ in range(24)]
-    leaves = jax.tree_util.tree_leaves((healthy, x))
-    closed = jax.make_jaxpr(lambda *a: fn(a[:-1], a[-1]))(*leaves)
+    closed, leaves = _deep_jaxpr(healthy, x)
     det = blocks.detect(closed, closed.consts, leaves)
     # A healthy step: every block runs plain, none instrumented; one node
     # table and one plain program per distinct block.
@@ -430,12 +435,6 @@ def test_a_nan_argument_runs_no_instrumented_block(monkeypatch):
     assert (d.phase, d.input_elements) == ("input", {"x": [(1, 2)]})
     assert d.nonfinite_outputs["output[0]"] == (1, 0, 0)
     assert "Table" in seen and "Detect" not in seen
-
-
-def _deep_jaxpr(ws, x):
-    leaves = jax.tree_util.tree_leaves((ws, x))
-    fn = jax.value_and_grad(_deep_loss)
-    return jax.make_jaxpr(lambda *a: fn(a[:-1], a[-1]))(*leaves), leaves
 
 
 @pytest.mark.parametrize("small", [True, False])
