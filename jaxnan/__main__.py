@@ -1,4 +1,4 @@
-"""Command line: ``python -m jaxnan demo``, ``python -m jaxnan lint mod:factory``."""
+"""Command line: ``python -m jaxnan demo``, ``python -m jaxnan lint TARGET``."""
 
 from __future__ import annotations
 
@@ -55,21 +55,18 @@ def main(argv: list[str] | None = None) -> int:
         default=True,
         help="progress bar and table with rich when installed (default on)",
     )
+    from jaxnan._src.lint import command as lint_command
+
     lint = sub.add_parser(
         "lint",
-        help="lint a loss for NaN-prone code; exit 1 on error-severity findings",
+        help="lint losses for NaN-prone code; exit 0 clean, 1 findings, 2 usage error",
+        description=lint_command.__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    lint.add_argument(
-        "target", help="module:factory, where factory() returns (fn, args)"
-    )
-    lint.add_argument(
-        "--argnums", type=int, nargs="+", default=[0], help="differentiated args"
-    )
+    lint_command.add_arguments(lint)
     args = parser.parse_args(argv)
     if args.command == "lint":
-        from jaxnan._src import lint as lint_mod
-
-        return lint_mod.cli(args.target, argnums=args.argnums)
+        return lint_command.run(args, lint)
     if args.command == "demo":
         from jaxnan.examples import demo as demo_mod
 

@@ -31,6 +31,30 @@ def bad_where_arctan2(x):
     return jnp.sum(jnp.where(r > 0, jnp.arctan2(a, b), 0.0))  # expect: where-nan-grad
 
 
+def bad_arctan2_difference(x):
+    dy, dx = x[:, 1] - x[:, 0], x[:, 3] - x[:, 2]
+    return jnp.sum(jnp.arctan2(dy, dx))  # expect: atan2-zero-grad
+
+
+def bad_arctan2_angle_between(x):
+    p, q = x[:4], x[4:]
+    d = p - q
+    angle = jnp.arctan2(d[:, 1], d[:, 0])  # expect: atan2-zero-grad
+    return jnp.mean(angle**2)
+
+
+def good_arctan2_offset(x):
+    dy, dx = x[:, 1] - x[:, 0], x[:, 3] - x[:, 2]
+    return jnp.sum(jnp.arctan2(dy, jnp.abs(dx) + 1e-3))
+
+
+def good_arctan2_double_where(x):
+    dy, dx = x[:, 1] - x[:, 0], x[:, 3] - x[:, 2]
+    ok = (dx != 0) | (dy != 0)
+    safe = jnp.arctan2(jnp.where(ok, dy, 0.0), jnp.where(ok, dx, 1.0))
+    return jnp.sum(jnp.where(ok, safe, 0.0))
+
+
 def good_double_where_sqrt(x):
     safe = jnp.where(x > 0, x, 1.0)
     return jnp.sum(jnp.where(x > 0, jnp.sqrt(safe), 0.0))
@@ -55,6 +79,13 @@ def bad_std(x):
 
 def bad_sqrt_sum_squares(x):
     return jnp.sqrt(jnp.sum(x**2))  # expect: sqrt-zero-grad
+
+
+def bad_layer_norm_no_eps(x):
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    y = (x - mean) / jnp.sqrt(var)  # expect: sqrt-zero-grad, div-no-epsilon
+    return jnp.sum(y)
 
 
 def good_safe_norm(x):
@@ -134,6 +165,28 @@ def bad_additive_mask(x, mask):
     return jnp.sum(jax.nn.softmax(x + bias) * x)  # expect: masked-softmax-all-masked
 
 
+def bad_query_padding_mask(x, mask):
+    pad = mask[:, 0]
+    both = pad[:, None] & pad[None, :]  # a padded query keeps no key
+    z = jnp.where(both, x @ x.T, -jnp.inf)
+    return jnp.sum(jax.nn.softmax(z))  # expect: masked-softmax-all-masked
+
+
+def good_causal_and_padding(x, mask):
+    s = x @ x.T
+    causal = jnp.tril(jnp.ones(s.shape, bool))
+    keep = causal & mask[:, 0][None, :]  # key padding: the first token is real
+    return jnp.sum(jax.nn.softmax(jnp.where(keep, s, -jnp.inf), axis=-1) * s)
+
+
+def good_causal_then_padding(x, mask):
+    s = x @ x.T
+    causal = jnp.tril(jnp.ones(s.shape, bool))
+    s = jnp.where(causal, s, -jnp.inf)
+    s = jnp.where(mask[:, 0][None, :], s, -jnp.inf)
+    return jnp.sum(jax.nn.softmax(s, axis=-1) * s)
+
+
 def good_masked_softmax_finite(x, mask):
     return jnp.sum(jax.nn.softmax(jnp.where(mask, x, jnp.finfo(x.dtype).min)) * x)
 
@@ -188,6 +241,30 @@ def bad_eps_f16_var(x):
     v = jnp.mean(jnp.square(h - h.mean()))  # expect: low-precision-overflow
     r = (h - h.mean()) / (v + 1e-7)  # expect: epsilon-underflow
     return jnp.sum(r).astype(jnp.float32)
+
+
+def bad_layer_norm_f16_eps(x):
+    h = (x * 0.1).astype(f16)
+    mean = h.mean(-1, keepdims=True)
+    var = jnp.mean(jnp.abs(h - mean), -1, keepdims=True)  # mean absolute deviation
+    y = (h - mean) / jnp.sqrt(var + 1e-8)  # expect: epsilon-underflow
+    return jnp.sum(y).astype(jnp.float32)
+
+
+def bad_rsqrt_f16_eps(x):
+    h = jnp.tanh(x).astype(f16)
+    var = jnp.mean(jnp.square(h - h.mean()))
+    y = h * jax.lax.rsqrt(var + 1e-8)  # expect: epsilon-underflow
+    return jnp.sum(y).astype(jnp.float32)
+
+
+def good_layer_norm_f32_stats(x):
+    h = x.astype(f16)
+    x32 = h.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), -1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + 1e-8)
+    return jnp.sum(y.astype(f16)).astype(jnp.float32)
 
 
 def good_eps_f16(x):
@@ -279,6 +356,7 @@ def good_log_input(x):
 
 # The safe near-miss versions of each rule (each must produce no finding).
 NEAR_MISS = {
+    "atan2-zero-grad": [good_arctan2_offset, good_arctan2_double_where],
     "where-nan-grad": [
         good_double_where_sqrt,
         good_double_where_div,
@@ -292,9 +370,11 @@ NEAR_MISS = {
         good_masked_softmax_finite,
         good_causal_tril,
         good_causal_arange,
+        good_causal_and_padding,
+        good_causal_then_padding,
     ],
     "div-no-epsilon": [good_div_norm_eps, good_div_mask_max, good_layer_norm],
-    "epsilon-underflow": [good_eps_f16, good_eps_f32],
+    "epsilon-underflow": [good_eps_f16, good_eps_f32, good_layer_norm_f32_stats],
     "low-precision-overflow": [good_exp_f32, good_softmax_f16, good_tanh_squares_f16],
     "low-precision-cast": [good_mask_after_cast, good_small_mask_cast],
     "log-not-positive": [good_log_softplus, good_log_maximum, good_log_input],

@@ -7,13 +7,17 @@
 - `registry`: `LintRule`, `Hit`, `register` and `LINT_RULES`.
 - `rules/`: one module per rule family, each detector registered beside its
   `LintRule`s.
-- `core`: `lint`, `Finding` and `cli`: run the detectors, name the lines.
+- `witness`: a concrete input per finding, checked on the flagged
+  sub-expression (`Confidence`).
+- `config`: per-rule levels and ``# jaxnan: ignore[rule]`` comments.
+- `core`: `lint` and `Finding`: run the detectors, name the lines.
+- `formats`, `command`: text/JSON/SARIF output and ``python -m jaxnan lint``.
 
-Nothing is executed.
+The linted function is never run.
 """
 
+from jaxnan._src.lint.command import cli as cli
 from jaxnan._src.lint.core import Finding as Finding
-from jaxnan._src.lint.core import cli as cli
 from jaxnan._src.lint.core import lint as lint
 from jaxnan._src.lint.registry import LINT_RULES as LINT_RULES
 from jaxnan._src.lint.registry import LintRule as LintRule

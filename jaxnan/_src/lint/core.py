@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
-import linecache
-import os
-import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 from jax.extend import source_info_util
 
-from jaxnan._src import frames, primitives
-from jaxnan._src.lint import graph, registry, rules  # noqa: F401 - registers the rules
-from jaxnan._src.lint.graph import Graph, Node
+from jaxnan._src import primitives
+from jaxnan._src.lint import config, graph, registry, source
+from jaxnan._src.lint import rules as _registers_rules  # noqa: F401
+from jaxnan._src.lint.graph import Graph
 from jaxnan._src.lint.registry import Severity
 from jaxnan._src.lint.signs import Analysis
+from jaxnan._src.lint.witness import Confidence
 
 source_info_util.register_exclusion(__file__)
 
@@ -36,6 +35,12 @@ class Finding:
             flax, equinox and jaxnan), or None when unknown.
         line: the line in `file`, or None.
         code: the source text of that line, stripped ("" when unknown).
+        witness: a concrete input and what the flagged sub-expression gave
+            on it (``"with all zeros under the denominator: it gives NaN"``),
+            "" when the rule has none.
+        confidence: a `Confidence`: ``"confirmed"`` (the witness made it
+            nonfinite), ``"possible"`` (the witness stayed finite; an error
+            is then reported as a warning) or ``"unchecked"``.
 
     Examples:
         >>> import jaxnan
@@ -56,8 +61,11 @@ class Finding:
     file: str | None
     line: int | None
     code: str
+    witness: str = ""
+    confidence: Confidence = Confidence.UNCHECKED
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "confidence", Confidence(self.confidence))
         try:
             severity = Severity(self.severity)
         except ValueError:
@@ -70,45 +78,53 @@ class Finding:
 
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}" if self.file else "<unknown>"
-        text = f"{where}: {self.severity} [{self.rule}] {self.message}"
+        possible = " (possible)" if self.confidence is Confidence.POSSIBLE else ""
+        text = f"{where}: {self.severity}{possible} [{self.rule}] {self.message}"
         if self.code:
             text += f"\n    {self.code}"
+        if self.witness:
+            text += f"\n    witness: {self.witness}"
         return text + f"\n    fix: {self.fix}"
 
-
-# -- source lines ----------------------------------------------------------------
-
-
-def _frames(nd: Node):
-    for eqn in (nd.eqn, *reversed(nd.sites)):
-        tb = getattr(getattr(eqn, "source_info", None), "traceback", None)
-        yield from getattr(tb, "frames", None) or ()
-
-
-def location(nd: Node) -> tuple[str | None, int | None, str]:
-    """``(file, line, code)`` of the user frame of `nd` (or its call sites).
-
-    The user frame is the innermost that `frames.is_user_file` accepts.
-    """
-    for fr in _frames(nd):
-        if frames.is_user_file(fr.file_name):
-            code = linecache.getline(fr.file_name, fr.line_num).strip()
-            return fr.file_name, fr.line_num, code
-    return None, None, ""
+    def to_dict(self) -> dict[str, Any]:
+        """The finding as JSON-ready values (severity and confidence as text)."""
+        out = dataclasses.asdict(self)
+        out["severity"], out["confidence"] = str(self.severity), str(self.confidence)
+        return out
 
 
 # -- running -----------------------------------------------------------------------
 
 
-def _run(g: Graph, diff: Sequence[int], detectors) -> list[Finding]:
+location = source.location
+
+
+def _finding(hit: registry.Hit, level: Severity | None, witness: bool) -> Finding:
+    sev = level or hit.severity or hit.rule.severity
+    file, line, code = source.location(hit.node)
+    confidence, shown = Confidence.UNCHECKED, ""
+    if witness and hit.witness is not None:
+        confidence, shown = hit.witness.check()
+    if confidence is Confidence.POSSIBLE and sev is Severity.ERROR:
+        sev = Severity.WARNING
+    fix = hit.fix or hit.rule.fix
+    return Finding(
+        hit.rule.rule, sev, hit.message, fix, file, line, code, shown, confidence
+    )
+
+
+def _run(g: Graph, diff: Sequence[int], detectors, levels, witness) -> list[Finding]:
     ctx = registry.Context(g, Analysis(g, diff), set())
     out = []
     for det in detectors:
         for hit in registry.run(det, ctx):
-            sev = hit.severity or hit.rule.severity
-            file, line, code = location(hit.node)
-            rule = hit.rule
-            out.append(Finding(rule.rule, sev, hit.message, rule.fix, file, line, code))
+            level = levels.get(hit.rule.rule, hit.severity)
+            if hit.rule.rule in levels and level is None:
+                continue  # "off"
+            file, line, code = source.location(hit.node)
+            if config.suppressed(hit.rule.rule, file, line, code):
+                continue
+            out.append(_finding(hit, level, witness))
     return out
 
 
@@ -163,7 +179,13 @@ def _unique_sorted(findings: list[Finding]) -> list[Finding]:
     return sorted(unique, key=lambda f: f.severity.rank)
 
 
-def lint(fn: Callable[..., Any], *args: Any, argnums: int | Sequence[int] = 0):
+def lint(
+    fn: Callable[..., Any],
+    *args: Any,
+    argnums: int | Sequence[int] = 0,
+    rules: Mapping[str, str] | None = None,
+    witness: bool = True,
+):
     """Finds NaN-prone patterns in `fn` and its gradient, without running it.
 
     Traces `fn(*args)` to a jaxpr (`jax.make_jaxpr`; nothing is executed),
@@ -186,10 +208,21 @@ def lint(fn: Callable[..., Any], *args: Any, argnums: int | Sequence[int] = 0):
     the innermost frame outside jax, optax, chex, flax, equinox and jaxnan;
     a rule is reported once per line.
 
+    `fn` itself is never run. Where the rule can, a finding carries a
+    witness: a concrete input (the vector under a norm set to zeros, a fully
+    masked row, an exponent of 12 in float16) on which the flagged
+    sub-expression alone is evaluated; when it stays finite, the finding is
+    "possible" and an error is reported as a warning. A line ending in
+    ``# jaxnan: ignore[rule-id, ...]`` (or a bare ``# jaxnan: ignore``)
+    silences those rules there.
+
     Args:
         fn: the function to lint, usually a loss ``fn(params, batch)``.
         *args: example arguments (arrays or `jax.ShapeDtypeStruct`).
         argnums: the argument index (or indices) that is differentiated.
+        rules: per-rule levels, ``{rule id: "error" | "warning" | "info" |
+            "off"}`` (the rule's own severity where absent).
+        witness: evaluate the witnesses (False: every finding "unchecked").
 
     Returns:
         A list of `jaxnan.Finding`: errors first, then warnings, then infos;
@@ -198,7 +231,8 @@ def lint(fn: Callable[..., Any], *args: Any, argnums: int | Sequence[int] = 0):
 
     Raises:
         TypeError: if `fn` is not callable.
-        ValueError: if `argnums` is out of range.
+        ValueError: if `argnums` is out of range, or `rules` or an ignore
+            comment names an unknown rule or level.
         NotImplementedError: if `fn` uses a higher-order primitive jaxnan
             does not know (it names it).
 
@@ -222,50 +256,12 @@ def lint(fn: Callable[..., Any], *args: Any, argnums: int | Sequence[int] = 0):
             "pass the loss function itself, not its value."
         )
     nums = _argnums(argnums, len(args))
+    levels = config.levels(rules)
     g, closed = graph.build(fn, args)
-    findings = _run(g, _flat_positions(args, nums), registry.DETECTORS)
+    findings = _run(g, _flat_positions(args, nums), registry.DETECTORS, levels, witness)
     if _is_float_scalar(closed.out_avals):
         gg = _gradient_graph(fn, args, nums)
         if gg is not None:
             on_gradient = [d for d in registry.DETECTORS if d.on_gradient]
-            findings += _run(gg, [], on_gradient)
+            findings += _run(gg, [], on_gradient, levels, witness)
     return _unique_sorted(findings)
-
-
-def cli(target: str, *, argnums: Sequence[int] = (0,), out=None) -> int:
-    """Runs `lint` on ``module:factory`` and prints the findings.
-
-    Args:
-        target: ``module:factory``; ``factory()`` returns ``(fn, args)``.
-        argnums: the differentiated argument indices.
-        out: a text stream (default: sys.stdout).
-
-    Returns:
-        The exit status: 1 when an error-severity finding exists, 0 otherwise.
-
-    Raises:
-        ValueError: if `target` is not of the form ``module:factory``.
-    """
-    import importlib
-
-    out = sys.stdout if out is None else out
-    mod_name, sep, attr = target.partition(":")
-    if not sep or not mod_name or not attr:
-        raise ValueError(
-            f"jaxnan: lint target={target!r} must be 'module:factory', e.g. "
-            "'mypkg.train:make_loss' where make_loss() returns (fn, args)."
-        )
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    factory = getattr(importlib.import_module(mod_name), attr)
-    fn, args = factory()
-    nums = argnums[0] if len(argnums) == 1 else tuple(argnums)
-    findings = lint(fn, *args, argnums=nums)
-    for f in findings:
-        print(str(f), file=out)
-    n_err = sum(f.severity is Severity.ERROR for f in findings)
-    print(
-        f"jaxnan lint: {len(findings)} finding(s), {n_err} error(s) in {target}",
-        file=out,
-    )
-    return 1 if n_err else 0

@@ -43,3 +43,38 @@ def square_kind(v: Val) -> str | None:
                 return "variance"
             return "sum of squares"
     return None
+
+
+def _root_arg(v: Val) -> Val | None:
+    """The argument of sqrt/rsqrt/a power in (0, 1) producing `v`, else None."""
+    nd = graph.strip(v).node
+    if nd is None:
+        return None
+    if nd.prim in ("sqrt", "rsqrt"):
+        return nd.ins[0]
+    if nd.prim == "pow":
+        k = graph.scalar_const(nd.ins[1])
+        if k is not None and 0 < k < 1:
+            return nd.ins[0]
+    return None
+
+
+def under_root(v: Val) -> Val:
+    """The value under the root when `v` is sqrt(s) (or rsqrt), else `v`."""
+    arg = _root_arg(v)
+    return v if arg is None else arg
+
+
+def added_epsilon(d: Val):
+    """The epsilon added to `d`: ``(value, dtype, add node)``, or None.
+
+    ``var + eps``, ``jnp.maximum(var, eps)``.
+    """
+    nd = graph.strip(d).node
+    if nd is None or nd.prim not in ("add", "max"):
+        return None
+    for x in nd.ins:
+        k = graph.scalar_const(x)
+        if k is not None:
+            return k, x.dtype, nd
+    return None

@@ -99,12 +99,17 @@ class Hit(NamedTuple):
         node: the graph node the finding points at (its source line).
         message: what was found, starting with ``jaxnan:``.
         severity: overrides the rule's severity (None keeps it).
+        fix: a fix fitting the code found (None keeps the rule's).
+        witness: how to check the finding on a concrete input
+            (`witness.Witness`), or None when the rule has none.
     """
 
     rule: LintRule
     node: Any
     message: str
     severity: Severity | None = None
+    fix: str | None = None
+    witness: Any = None
 
 
 @dataclasses.dataclass
@@ -195,6 +200,7 @@ class LintRuleTable(Mapping[str, LintRule]):
         ...     print(f"{rule.rule:27s} {rule.severity}")
         where-nan-grad              error
         sqrt-zero-grad              error
+        atan2-zero-grad             error
         log-softmax                 warning
         log-sigmoid                 warning
         hand-written-cross-entropy  warning

@@ -7,7 +7,7 @@ import numpy as np
 from jax.extend import source_info_util
 
 from jaxnan._src import primitives
-from jaxnan._src.lint import graph, patterns, registry
+from jaxnan._src.lint import graph, patterns, registry, source, witness
 from jaxnan._src.lint.graph import Node, Val
 from jaxnan._src.lint.signs import NONZERO, POS
 
@@ -69,18 +69,6 @@ def denominator_kind(d: Val) -> str | None:
     return None if kind is None else kind(d, nd)
 
 
-def added_epsilon(d: Val):
-    """The epsilon added to `d`, as (value, dtype), or None."""
-    nd = graph.strip(d).node
-    if nd is None or nd.prim not in ("add", "max"):
-        return None
-    for x in nd.ins:
-        k = graph.scalar_const(x)
-        if k is not None:
-            return k, x.dtype
-    return None
-
-
 def _guarded_by_select(cons, nd: Node, d: Val) -> bool:
     """True when `nd`'s output only feeds a select whose predicate tests `d`."""
     sel = graph.flows_to(cons, nd.outs[0], {"select_n"}, 4, through={"mul", "div"})
@@ -92,24 +80,69 @@ def _guarded_by_select(cons, nd: Node, d: Val) -> bool:
 def _denominator(nd: Node) -> Val | None:
     if nd.prim == "div":
         return nd.ins[1]
-    if nd.prim == "rsqrt":
+    if nd.prim in ("rsqrt", "sqrt"):
         return nd.ins[0]
     return None
 
 
-def _underflow_hit(nd: Node, k: float, dt) -> registry.Hit | None:
+_STD_FIX = (
+    "add eps to the variance: (x - mean) * jax.lax.rsqrt(var + 1e-5), or "
+    "(x - mean) / jnp.sqrt(var + 1e-5)"
+)
+_FIXES = {
+    "a sum": "x / jnp.maximum(jnp.sum(m), 1.0) (at least one term), or "
+    "x / (jnp.sum(w) + 1e-6)",
+    "a sum of squares": "x / (jnp.sum(x**2) + 1e-6)",
+    "a norm": "x / (jnp.linalg.norm(x) + 1e-6), or "
+    "x * jax.lax.rsqrt(jnp.sum(x**2) + 1e-12)",
+    "a std": _STD_FIX,
+    "a variance": "add eps to the variance: x / (var + 1e-5)",
+    "a sqrt": "x / jnp.sqrt(s + 1e-6)",
+}
+_WHEN_ZERO = {
+    "a sum": "every term is 0 (an all-zero mask, an empty batch)",
+    "a sum of squares": "the vector is all zeros",
+    "a norm": "the vector is all zeros",
+    "a std": "all values are equal (a constant row, a padded position)",
+    "a variance": "all values are equal (a constant row, a padded position)",
+    "a sqrt": "its argument is 0",
+}
+
+
+_VARIANCE_UNDERFLOW_FIX = (
+    "an epsilon the dtype holds, on the variance: jax.lax.rsqrt(var + 1e-5), "
+    "or the mean and variance in float32 (x.astype(jnp.float32)), as "
+    "flax.linen.LayerNorm computes them"
+)
+
+
+def _literal_epsilon(nd: Node, dt) -> float | None:
+    """The epsilon as written on the line, when the dtype rounded it away."""
+    tiny = float(jax.numpy.finfo(dt).tiny)
+    lits = [k for k in source.literals(source.location(nd)[2]) if 0 < abs(k) < tiny]
+    return lits[0] if len(lits) == 1 else None
+
+
+def _underflow_hit(nd: Node, k: float, dt, add: Node) -> registry.Hit | None:
     dt = np.dtype(dt)
     if dt not in primitives.LOW_PRECISION:
         return None
     tiny = float(jax.numpy.finfo(dt).tiny)
     if not 0 <= k < tiny:
         return None
+    variance = any(patterns.square_kind(x) == "variance" for x in add.ins)
+    written = _literal_epsilon(nd, dt)
+    eps = f"the epsilon {written:g}" if written else "the epsilon added here"
+    held = "0" if k == 0 else f"the subnormal {k:.3g}, flushed to 0 on GPU and TPU"
+    guards = "this denominator" if nd.prim in ("div", "rsqrt") else "this sqrt"
     return registry.Hit(
         EPSILON_UNDERFLOW,
         nd,
-        f"jaxnan: the epsilon added to this denominator is {k:g} in {dt.name} "
-        f"(below its smallest normal {tiny:.2g}): an epsilon like 1e-8 rounds "
-        "to 0 there",
+        f"jaxnan: {eps} is {held} in {dt.name} (smallest normal {tiny:.2g}), "
+        f"so it does not keep {guards} away from 0: a variance or sum that is "
+        "0 gives inf, and NaN in the gradient",
+        fix=_VARIANCE_UNDERFLOW_FIX if variance else None,
+        witness=witness.zero_under_epsilon(nd, add, tiny),
     )
 
 
@@ -123,26 +156,38 @@ def _unguarded(ctx: registry.Context, cons, nd: Node, d: Val) -> str | None:
     return kind
 
 
+def _no_epsilon_hit(nd: Node, kind: str) -> registry.Hit:
+    return registry.Hit(
+        DIV_NO_EPSILON,
+        nd,
+        f"jaxnan: division by {kind} with nothing keeping it away from 0: "
+        f"it is 0 when {_WHEN_ZERO[kind]}, and x / 0 is inf (0 / 0 NaN)",
+        fix=_FIXES[kind],
+        witness=witness.zero_denominator(nd),
+    )
+
+
 @registry.register(DIV_NO_EPSILON, EPSILON_UNDERFLOW)
 def division(ctx: registry.Context):
-    """Divisions (and rsqrt) by a sum, norm or variance, and their epsilons."""
+    """Divisions (and roots) by a sum, norm or variance, and their epsilons."""
     cons = graph.consumers(ctx.graph)
+    reported: set[int] = set()  # the epsilons already reported
     for nd in ctx.graph.nodes:
         d = _denominator(nd)
         if d is None or id(nd) in ctx.claimed or not nd.outs[0].is_float:
             continue
-        eps = added_epsilon(d)
+        eps = patterns.added_epsilon(patterns.under_root(d) if nd.prim == "div" else d)
         if eps is not None:
-            hit = _underflow_hit(nd, *eps)
+            k, dt, add = eps
+            hit = None
+            if id(add) not in reported:
+                hit = _underflow_hit(nd, k, dt, add)
             if hit is not None:
+                reported.add(id(add))
                 ctx.claimed.add(id(nd))
                 yield hit
             continue
-        kind = _unguarded(ctx, cons, nd, d)
+        kind = _unguarded(ctx, cons, nd, d) if nd.prim != "sqrt" else None
         if kind is not None:
             ctx.claimed.add(id(nd))
-            yield registry.Hit(
-                DIV_NO_EPSILON,
-                nd,
-                f"jaxnan: division by {kind} that can be 0, with no epsilon",
-            )
+            yield _no_epsilon_hit(nd, kind)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from jax.extend import source_info_util
 
-from jaxnan._src.lint import graph, patterns, registry
+from jaxnan._src.lint import graph, patterns, registry, witness
 from jaxnan._src.lint.graph import Node
 from jaxnan._src.lint.signs import NONNEG, POS, Sign
 
@@ -62,6 +62,7 @@ def not_positive(ctx: registry.Context):
         yield registry.Hit(
             LOG_NOT_POSITIVE,
             nd,
-            f"jaxnan: `{nd.prim}` of a value not known to be positive: NaN for "
-            "negative values, -inf/inf at 0",
+            f"jaxnan: `{nd.prim}` of a computed value with nothing keeping it "
+            "positive: NaN for a negative value, -inf or inf at 0",
+            witness=witness.negative(nd),
         )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from jax.extend import source_info_util
 
-from jaxnan._src.lint import graph, registry
+from jaxnan._src.lint import graph, registry, witness
 from jaxnan._src.lint.graph import Node, Val
 
 source_info_util.register_exclusion(__file__)
@@ -48,6 +48,30 @@ def is_softmax(v: Val) -> bool:
     )
 
 
+def _softmax_witness(nd: Node) -> witness.Witness | None:
+    """Logits with one entry 1000 above the rest: the others' p is 0."""
+    div = graph.strip(nd.ins[0]).node
+    exp, total = graph.strip(div.ins[0]).node, graph.strip(div.ins[1]).node
+    z = exp.ins[0]
+    sub = graph.strip(z).node
+    if sub is not None and sub.prim == "sub":
+        z = sub.ins[0]
+    axes = tuple(total.params.get("axes", ()))
+    return witness.Witness(
+        "with logits 1000 apart", z, witness.along(axes, 1000.0), nd.outs[0]
+    )
+
+
+def _sigmoid_witness(nd: Node, kind: str) -> witness.Witness:
+    logistic = graph.strip(nd.ins[0]).node
+    if kind != "sigmoid":
+        logistic = graph.strip(logistic.ins[1]).node
+    value = -1000.0 if kind == "sigmoid" else 1000.0
+    return witness.Witness(
+        f"with x = {value:g}", logistic.ins[0], witness.full(value), nd.outs[0]
+    )
+
+
 def sigmoid_kind(v: Val) -> str | None:
     """'sigmoid' / '1 - sigmoid' / None."""
     nd = graph.strip(v).node
@@ -81,12 +105,14 @@ def _softmax_hit(cons, nd: Node) -> registry.Hit:
             "jaxnan: hand-written cross-entropy -sum(y * log(softmax(x))): "
             "a probability that underflows to 0 makes the loss inf and "
             "its gradient NaN",
+            witness=_softmax_witness(nd),
         )
     return registry.Hit(
         LOG_SOFTMAX,
         nd,
         "jaxnan: log(softmax(x)) is -inf once a probability underflows "
         "to 0 (logit gaps above ~88 in float32, ~11 in float16)",
+        witness=_softmax_witness(nd),
     )
 
 
@@ -109,4 +135,5 @@ def log_of_probability(ctx: registry.Context):
                 nd,
                 f"jaxnan: log({kind}(x)) is -inf once the sigmoid saturates "
                 "(|x| above ~17 in float32)",
+                witness=_sigmoid_witness(nd, kind),
             )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from jax.extend import source_info_util
 
-from jaxnan._src.lint import graph, registry
+from jaxnan._src.lint import graph, registry, witness
 from jaxnan._src.lint.graph import Node, Val
 
 source_info_util.register_exclusion(__file__)
@@ -31,33 +31,35 @@ def _has_neg_inf(v: Val) -> bool:
     )
 
 
-def _select_mask(nd: Node, depth: int):
+def _select_masks(nd: Node, depth: int) -> list:
+    found = []
     for i in (1, 2):
         if _has_neg_inf(graph.strip(nd.ins[i])):
-            return ("pred", nd.ins[0], i == 1)
-    for i in (1, 2):
-        found = find_neg_inf_mask(nd.ins[i], depth + 1)
-        if found is not None:
-            return found
-    return None
+            found.append(("pred", nd.ins[0], i == 1))
+        else:
+            found += find_neg_inf_masks(nd.ins[i], depth + 1)
+    return found
 
 
-def find_neg_inf_mask(v: Val, depth: int = 0):
-    """('pred', pred, kept_if_true) | ('const', array) | None for a -inf mask."""
+def find_neg_inf_masks(v: Val, depth: int = 0) -> list:
+    """The -inf masks that reach `v`, all applied together.
+
+    Each is ``('pred', pred, kept_if_true)`` (a where filling -inf) or
+    ``('const', array)`` (an additive bias); [] when no -inf reaches `v`.
+    """
     v = graph.strip(v)
     if v.const is not None:
-        return ("const", v.const) if _has_neg_inf(v) else None
+        return [("const", v.const)] if _has_neg_inf(v) else []
     nd = v.node
     if nd is None or depth > 12:
-        return None
+        return []
     if nd.prim == "select_n" and len(nd.ins) == 3:
-        return _select_mask(nd, depth)
+        return _select_masks(nd, depth)
+    found = []
     if nd.prim in _MASK_THROUGH:
         for x in nd.ins:
-            found = find_neg_inf_mask(x, depth + 1)
-            if found is not None:
-                return found
-    return None
+            found += find_neg_inf_masks(x, depth + 1)
+    return found
 
 
 def _from_iota(v: Val, depth: int = 0) -> bool:
@@ -92,65 +94,117 @@ def _offset(v: Val) -> float:
     return total
 
 
-def _const_keeps_diagonal(arr: np.ndarray) -> bool:
-    arr = np.asarray(arr, bool)
-    if not arr.ndim:
-        return bool(arr)
-    return bool(arr.size) and bool(np.all(arr.reshape(-1, arr.shape[-1]).any(-1)))
+# What a keep-mask provably keeps in every row: the diagonal (a causal mask),
+# the first key (a causal mask; a key-padding mask, assuming sequences are
+# right-padded so that their first token is real), or some entry.
+DIAG, FIRST, NONEMPTY = "diagonal", "first key", "an entry"
+_ALL = frozenset({DIAG, FIRST, NONEMPTY})
 
 
-def _compare_keeps_diagonal(nd: Node) -> bool:
+def _rows(arr: np.ndarray) -> np.ndarray:
+    arr = np.asarray(arr)
+    return arr.reshape(-1, arr.shape[-1]) if arr.ndim else arr.reshape(1, 1)
+
+
+def _const_keeps(arr: np.ndarray) -> frozenset:
+    rows = _rows(np.asarray(arr, bool))
+    kept = set()
+    if rows.size and np.all(rows.any(-1)):
+        kept.add(NONEMPTY)
+        if np.all(rows[:, 0]):
+            kept.add(FIRST)
+    if arr.ndim >= 2:
+        n = min(arr.shape[-2:])
+        diag = np.diagonal(np.asarray(arr, bool), axis1=-2, axis2=-1)[..., :n]
+        if diag.size and np.all(diag) and arr.shape[-2] <= arr.shape[-1]:
+            kept.add(DIAG)
+    return frozenset(kept)
+
+
+def _compare_keeps(nd: Node) -> frozenset:
     a, b = nd.ins if nd.prim == "ge" else nd.ins[::-1]
     # a >= b with a = iota_q + k (k >= 0), b = iota_k
-    return _from_iota(a) and _from_iota(b) and _offset(a) - _offset(b) >= 0
+    if _from_iota(a) and _from_iota(b) and _offset(a) - _offset(b) >= 0:
+        return frozenset({DIAG, FIRST, NONEMPTY})
+    return frozenset()
 
 
-def _select_keeps_diagonal(nd: Node, depth: int) -> bool:
+def _select_keeps(nd: Node, depth: int) -> frozenset:
     # tril/triu: select_n(g, false_case, true_case)
     f, t = graph.strip(nd.ins[1]), graph.strip(nd.ins[2])
-    if f.const is None or np.any(f.const):
-        return False
-    return keeps_diagonal(nd.ins[0], depth + 1) and keeps_diagonal(t, depth + 1)
+    if len(nd.ins) != 3 or f.const is None or np.any(f.const):
+        return frozenset()
+    return keeps(nd.ins[0], depth + 1) & keeps(t, depth + 1)
 
 
-def _any_keeps_diagonal(nd: Node, depth: int) -> bool:
-    return any(keeps_diagonal(x, depth + 1) for x in nd.ins)
+def _union(nd: Node, depth: int) -> frozenset:
+    return frozenset().union(*(keeps(x, depth + 1) for x in nd.ins))
 
 
-def _all_keep_diagonal(nd: Node, depth: int) -> bool:
-    return all(keeps_diagonal(x, depth + 1) for x in nd.ins)
+def _intersection(nd: Node, depth: int) -> frozenset:
+    return _ALL.intersection(*(keeps(x, depth + 1) for x in nd.ins))
 
 
-_DIAGONAL_RULES = {
-    "ge": lambda nd, depth: _compare_keeps_diagonal(nd),
-    "le": lambda nd, depth: _compare_keeps_diagonal(nd),
-    "or": _any_keeps_diagonal,
-    "and": _all_keep_diagonal,
-    "select_n": lambda nd, depth: (
-        len(nd.ins) == 3 and _select_keeps_diagonal(nd, depth)
-    ),
-    "convert_element_type": lambda nd, depth: keeps_diagonal(nd.ins[0], depth + 1),
+_KEEP_RULES = {
+    "ge": lambda nd, depth: _compare_keeps(nd),
+    "le": lambda nd, depth: _compare_keeps(nd),
+    "or": _union,
+    "and": _intersection,
+    "mul": _intersection,
+    "select_n": _select_keeps,
+    "convert_element_type": lambda nd, depth: keeps(nd.ins[0], depth + 1),
 }
 
 
-def keeps_diagonal(p: Val, depth: int = 0) -> bool:
-    """True when the boolean mask `p` provably keeps the diagonal (causal)."""
+def _constant_along_queries(v: Val) -> bool:
+    """True when `v` (a data mask) is broadcast along the query axis (-2)."""
+    for _ in range(16):
+        shape = getattr(v.aval, "shape", ())
+        if len(shape) >= 2 and shape[-2] == 1:
+            return True
+        nd = v.node
+        if nd is None or len(shape) < 2:
+            return False
+        if nd.prim == "broadcast_in_dim":
+            dims, axis = nd.params["broadcast_dimensions"], len(shape) - 2
+            return axis not in dims or nd.ins[0].aval.shape[dims.index(axis)] == 1
+        if nd.prim not in ("convert_element_type", "copy"):
+            return False
+        v = nd.ins[0]
+    return False
+
+
+def keeps(p: Val, depth: int = 0) -> frozenset:
+    """What the boolean keep-mask `p` provably keeps in every row."""
+    if _constant_along_queries(p) and graph.strip(p).const is None:
+        return frozenset({FIRST, NONEMPTY})  # a key-padding mask
     p = graph.strip(p)
     if p.const is not None:
-        return _const_keeps_diagonal(p.const)
+        return _const_keeps(p.const)
     nd = p.node
-    if nd is None or depth > 8 or nd.prim not in _DIAGONAL_RULES:
-        return False
-    return _DIAGONAL_RULES[nd.prim](nd, depth)
+    if nd is None or depth > 8 or nd.prim not in _KEEP_RULES:
+        return frozenset()
+    return _KEEP_RULES[nd.prim](nd, depth)
 
 
-def _can_empty_a_row(found) -> bool:
+def keeps_diagonal(p: Val) -> bool:
+    """True when the boolean mask `p` provably keeps the diagonal (causal)."""
+    return DIAG in keeps(p)
+
+
+def _mask_keeps(found) -> frozenset:
     if found[0] == "const":
-        arr = np.asarray(found[1], np.float64)
-        rows = arr.reshape(-1, arr.shape[-1]) if arr.ndim else arr.reshape(1, 1)
-        return not np.all(np.isfinite(rows).any(-1))
+        return _const_keeps(np.isfinite(np.asarray(found[1], np.float64)))
     _, pred, kept_if_true = found
-    return not (kept_if_true and keeps_diagonal(pred))
+    return keeps(pred) if kept_if_true else frozenset()
+
+
+def can_empty_a_row(masks: list) -> bool:
+    """True unless the masks, applied together, keep an entry in every row."""
+    common = _ALL.intersection(*(_mask_keeps(m) for m in masks))
+    if len(masks) == 1:
+        return not common
+    return not common & {DIAG, FIRST}
 
 
 @registry.register(MASKED_SOFTMAX_ALL_MASKED)
@@ -165,12 +219,21 @@ def masked_softmax(ctx: registry.Context):
             continue
         z = graph.strip(nd.ins[0])
         row = z.node.ins[0] if z.node is not None and z.node.prim == "sub" else z
-        found = find_neg_inf_mask(row)
-        if found is not None and _can_empty_a_row(found):
+        masks = find_neg_inf_masks(row)
+        if masks and can_empty_a_row(masks):
+            total = graph.flows_to(cons, nd.outs[0], {"reduce_sum"}, 3)
+            log = graph.flows_to(cons, total.outs[0], {"log"}, 3, through={"abs"})
+            checked = (log or nd).outs[0]  # logsumexp: log(0); softmax: exp(NaN)
             yield registry.Hit(
                 MASKED_SOFTMAX_ALL_MASKED,
                 nd,
-                "jaxnan: softmax/logsumexp over a row masked with -inf, and the "
-                "mask can remove every entry of a row: max is -inf, "
-                "-inf - (-inf) = NaN",
+                "jaxnan: softmax/logsumexp over a row masked with -inf where "
+                "the mask can remove every entry (a padded query, an empty "
+                "sequence): the row's max is -inf and -inf - (-inf) = NaN",
+                witness=witness.Witness(
+                    "with every entry of a row masked",
+                    row,
+                    witness.full(-np.inf),
+                    checked,
+                ),
             )

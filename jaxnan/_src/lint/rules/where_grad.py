@@ -7,7 +7,7 @@ import functools
 from jax.extend import source_info_util
 
 from jaxnan._src import primitives
-from jaxnan._src.lint import graph, patterns, registry
+from jaxnan._src.lint import graph, patterns, registry, witness
 from jaxnan._src.lint.graph import Node
 from jaxnan._src.lint.signs import NONNEG, NONZERO, POS, Analysis
 
@@ -97,22 +97,24 @@ def _candidate(ctx: registry.Context, u: Node) -> bool:
     )
 
 
-def _reaches_predicate(an: Analysis, u: Node, predicate_ancestors) -> bool:
+def _reaching_operand(an: Analysis, u: Node, predicate_ancestors) -> int | None:
+    """The unsafe operand of `u` that the predicate tests, None when none."""
     for i in unsafe_operands(u):
         if _operand_safe(an, u, i):
             continue
         if graph.ancestors(u.ins[i], 200) & predicate_ancestors():
-            return True
-    return False
+            return i
+    return None
 
 
 def _select_hits(ctx: registry.Context, nd: Node):
     predicate_ancestors = functools.cache(lambda: graph.ancestors(nd.ins[0]))
     for case in nd.ins[1:]:
         for u in graph.chain(case, 6, lambda n: n.prim in _THROUGH):
-            if _candidate(ctx, u) and _reaches_predicate(
-                ctx.analysis, u, predicate_ancestors
-            ):
+            if not _candidate(ctx, u):
+                continue
+            i = _reaching_operand(ctx.analysis, u, predicate_ancestors)
+            if i is not None:
                 ctx.claimed.add(id(u))
                 yield registry.Hit(
                     WHERE_NAN_GRAD,
@@ -121,6 +123,7 @@ def _select_hits(ctx: registry.Context, nd: Node):
                     "branch that the predicate is meant to guard: the forward "
                     "value is selected away, but its gradient is 0 * NaN = NaN "
                     "(jax#1052)",
+                    witness=witness.at_edge(u, i, cotangent=0.0),
                 )
 
 
