@@ -24,7 +24,7 @@ class CNN(nn.Module):
         return nn.Dense(self.classes)(x)
 
 
-def factory():
+def _make(bug):
     model = CNN()
     images = jnp.zeros((4, 8, 8, 1))
     labels = jnp.zeros((4,), jnp.int32)
@@ -43,6 +43,16 @@ def factory():
         )
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
         l2 = sum(jnp.sum(p**2) for p in jax.tree_util.tree_leaves(params))
+        if bug:
+            return ce + 1e-4 * jnp.sqrt(l2)  # bug: sqrt-zero-grad
         return ce + 1e-4 * l2
 
     return loss, (params, stats, images, labels, jax.random.key(1))
+
+
+def factory():
+    return _make(bug=False)
+
+
+def buggy_factory():
+    return _make(bug=True)

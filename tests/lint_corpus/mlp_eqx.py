@@ -18,7 +18,7 @@ class Net(eqx.Module):
         return self.mlp(self.norm(x))
 
 
-def factory():
+def _make(bug):
     net = eqx.filter_eval_shape(Net, jax.random.key(0))  # abstract: lint only traces
     params, static = eqx.partition(
         net, lambda leaf: eqx.is_array(leaf) or isinstance(leaf, jax.ShapeDtypeStruct)
@@ -29,6 +29,18 @@ def factory():
     def loss(params, x, y):
         model = eqx.combine(params, static)
         pred = jax.vmap(model)(x)
+        if bug:  # a root-squared error, zero-guarded the usual (wrong) way
+            err = (pred - y) ** 2
+            rse = jnp.where(err > 0, jnp.sqrt(err), 0.0)  # bug: where-nan-grad
+            return jnp.mean(rse)
         return optax.huber_loss(pred, y).mean() + 0.5 * jnp.mean((pred - y) ** 2)
 
     return loss, (params, x, y)
+
+
+def factory():
+    return _make(bug=False)
+
+
+def buggy_factory():
+    return _make(bug=True)

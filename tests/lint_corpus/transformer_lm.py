@@ -1,20 +1,22 @@
-"""A small decoder-only transformer LM in Flax NNX with a causal mask."""
+"""A decoder-only transformer LM in Flax NNX: causal + padding masks, masked loss."""
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
+PAD = 0
+
 
 class Block(nnx.Module):
-    def __init__(self, d, heads, rngs):
-        self.ln1 = nnx.LayerNorm(d, rngs=rngs)
+    def __init__(self, d, heads, rngs, dtype=jnp.float32):
+        self.ln1 = nnx.LayerNorm(d, dtype=dtype, rngs=rngs)
         self.attn = nnx.MultiHeadAttention(
-            num_heads=heads, in_features=d, decode=False, rngs=rngs
+            num_heads=heads, in_features=d, decode=False, dtype=dtype, rngs=rngs
         )
-        self.ln2 = nnx.LayerNorm(d, rngs=rngs)
-        self.fc1 = nnx.Linear(d, 4 * d, rngs=rngs)
-        self.fc2 = nnx.Linear(4 * d, d, rngs=rngs)
+        self.ln2 = nnx.LayerNorm(d, dtype=dtype, rngs=rngs)
+        self.fc1 = nnx.Linear(d, 4 * d, dtype=dtype, rngs=rngs)
+        self.fc2 = nnx.Linear(4 * d, d, dtype=dtype, rngs=rngs)
 
     def __call__(self, x, mask):
         x = x + self.attn(self.ln1(x), mask=mask)
@@ -32,13 +34,16 @@ class TransformerLM(nnx.Module):
     def __call__(self, tokens):
         t = tokens.shape[-1]
         x = self.embed(tokens) + self.pos(jnp.arange(t))
-        mask = nnx.make_causal_mask(tokens)
+        mask = nnx.combine_masks(
+            nnx.make_causal_mask(tokens),
+            nnx.make_attention_mask(tokens != PAD, tokens != PAD),
+        )
         for block in self.blocks:
             x = block(x, mask)
         return self.head(self.ln_f(x))
 
 
-def factory():
+def _make(bug):
     # abstract parameters (ShapeDtypeStruct leaves): lint only traces
     model = nnx.eval_shape(lambda: TransformerLM(rngs=nnx.Rngs(0)))
     graphdef, params = nnx.split(model)
@@ -47,7 +52,19 @@ def factory():
     def loss(params, tokens):
         m = nnx.merge(graphdef, params)
         logits = m(tokens[:, :-1])
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
-        return ce.mean()
+        targets = tokens[:, 1:]
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+        real = targets != PAD
+        if bug:
+            return jnp.sum(ce * real) / jnp.sum(real)  # bug: div-no-epsilon
+        return jnp.sum(ce * real) / jnp.maximum(jnp.sum(real), 1)
 
     return loss, (params, tokens)
+
+
+def factory():
+    return _make(bug=False)
+
+
+def buggy_factory():
+    return _make(bug=True)

@@ -8,6 +8,7 @@ import optax
 
 class VAE(nn.Module):
     latent: int = 4
+    std_head: bool = False
 
     @nn.compact
     def __call__(self, x, key):
@@ -15,13 +16,15 @@ class VAE(nn.Module):
         mean = nn.Dense(self.latent)(h)
         logvar = nn.Dense(self.latent)(h)
         std = jnp.exp(0.5 * logvar)
+        if self.std_head:  # predicting the variance directly
+            std = jnp.sqrt(nn.Dense(self.latent)(h))  # bug: log-not-positive
         z = mean + std * jax.random.normal(key, mean.shape)
         logits = nn.Dense(x.shape[-1])(nn.relu(nn.Dense(32)(z)))
         return logits, mean, logvar
 
 
-def factory():
-    model = VAE()
+def _make(bug):
+    model = VAE(std_head=bug)
     x = jnp.full((4, 16), 0.5)
     params = jax.eval_shape(model.init, jax.random.key(0), x, jax.random.key(1))[
         "params"
@@ -34,3 +37,11 @@ def factory():
         return jnp.mean(rec + kl)
 
     return loss, (params, x, jax.random.key(2))
+
+
+def factory():
+    return _make(bug=False)
+
+
+def buggy_factory():
+    return _make(bug=True)

@@ -155,8 +155,15 @@ def _add(s: SignOf, nd: Node) -> Sign:
 
 @sign_rule("sub")
 def _sub(s: SignOf, nd: Node) -> Sign:
-    """1 - decay**count (optax's bias correction) with count >= 1 is positive."""
+    """K - table[i] with k above the table, 1 - decay**count: positive.
+
+    ``1 - alpha_bar[t]`` (a diffusion schedule, a constant table indexed by
+    data) and optax's bias correction ``1 - decay**count`` with count >= 1.
+    """
     k, bn = graph.scalar_const(nd.ins[0]), graph.strip(nd.ins[1]).node
+    table = graph.strip(nd.ins[1]).const
+    if k is not None and table is not None and table.size:
+        return POS if k > float(np.max(np.asarray(table, np.float64))) else ANY
     if k is None or k < 1 or bn is None or bn.prim != "pow":
         return ANY
     base = graph.scalar_const(bn.ins[0])

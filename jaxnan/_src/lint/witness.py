@@ -154,7 +154,14 @@ def full(value: float) -> Callable:
 
 # -- the base of a reduction: the vector under a norm, the x of a variance ----
 
-_REDUCING = ("reduce_sum", "square", "sqrt", "rsqrt", "reduce_max")
+_REDUCING = (
+    "reduce_sum",
+    "square",
+    "sqrt",
+    "rsqrt",
+    "reduce_max",
+    "convert_element_type",
+)
 
 
 def _centred(nd: Node) -> bool:

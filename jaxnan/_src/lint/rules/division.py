@@ -65,6 +65,8 @@ _KINDS = {
 def denominator_kind(d: Val) -> str | None:
     """'a sum' / 'a norm' / 'a std' / ... when `d` is one, else None."""
     nd = graph.strip(d).node
+    if nd is not None and nd.prim == "convert_element_type":
+        return denominator_kind(nd.ins[0])  # a count: jnp.sum(mask) as float
     kind = None if nd is None else _KINDS.get(nd.prim)
     return None if kind is None else kind(d, nd)
 

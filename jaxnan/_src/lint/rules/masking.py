@@ -58,6 +58,8 @@ def find_neg_inf_masks(v: Val, depth: int = 0) -> list:
     found = []
     if nd.prim in _MASK_THROUGH:
         for x in nd.ins:
+            if nd.prim == "max" and _has_neg_inf(graph.strip(x)):
+                continue  # max(x, -inf) = x: jnp.max(..., initial=-jnp.inf)
             found += find_neg_inf_masks(x, depth + 1)
     return found
 
