@@ -326,6 +326,35 @@ def good_small_mask_cast(x, mask):
     return jnp.sum(b.astype(f16)).astype(jnp.float32)
 
 
+# --- low-precision-variance -----------------------------------------------
+def bad_one_pass_variance_bf16(x):
+    h = jnp.tanh(x).astype(jnp.bfloat16)
+    mean = jnp.mean(h, -1, keepdims=True)
+    var = jnp.mean(h * h, -1, keepdims=True) - mean**2  # expect: low-precision-variance
+    return jnp.sum(h * jax.lax.rsqrt(var + 1e-5)).astype(jnp.float32)
+
+
+def bad_one_pass_variance_f16(x):
+    h = jnp.tanh(x).astype(f16)
+    m2, m = jnp.mean(jnp.square(h)), jnp.mean(h)
+    var = m2 - jnp.square(m)  # expect: low-precision-variance
+    return jnp.sum(h / jnp.sqrt(var + 1e-3)).astype(jnp.float32)
+
+
+def good_two_pass_variance_bf16(x):
+    h = jnp.tanh(x).astype(jnp.bfloat16)
+    mean = jnp.mean(h, -1, keepdims=True)
+    var = jnp.mean(jnp.square(h - mean), -1, keepdims=True)
+    return jnp.sum(h * jax.lax.rsqrt(var + 1e-5)).astype(jnp.float32)
+
+
+def good_one_pass_variance_f32(x):  # flax's fast variance, in float32
+    h = jnp.tanh(x).astype(jnp.bfloat16).astype(jnp.float32)
+    mean = jnp.mean(h, -1, keepdims=True)
+    var = jnp.maximum(0.0, jnp.mean(h * h, -1, keepdims=True) - mean**2)
+    return jnp.sum(h * jax.lax.rsqrt(var + 1e-5))
+
+
 # --- log-not-positive -------------------------------------------------------
 def bad_log_linear(x):
     w = jnp.ones((x.shape[-1], 2))
@@ -377,5 +406,6 @@ NEAR_MISS = {
     "epsilon-underflow": [good_eps_f16, good_eps_f32, good_layer_norm_f32_stats],
     "low-precision-overflow": [good_exp_f32, good_softmax_f16, good_tanh_squares_f16],
     "low-precision-cast": [good_mask_after_cast, good_small_mask_cast],
+    "low-precision-variance": [good_two_pass_variance_bf16, good_one_pass_variance_f32],
     "log-not-positive": [good_log_softplus, good_log_maximum, good_log_input],
 }

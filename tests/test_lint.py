@@ -140,6 +140,36 @@ def test_messages_have_no_doubled_phrases(fn):
         assert _repeated_phrase(f.message) is None, f.message
 
 
+def _cumsum_causal(x):
+    s = x @ x.T
+    keep = jnp.cumsum(jnp.eye(s.shape[0]), axis=0) > 0  # tril, not proven
+    return jnp.sum(jax.nn.softmax(jnp.where(keep, s, -jnp.inf)) * s)  # possible
+
+
+def test_witness_that_stays_finite_makes_a_possible_warning():
+    """The mask is evaluated as computed: no row is empty, so it is only possible."""
+    (f,) = jaxnan.lint(_cumsum_causal, X)
+    assert (f.rule, f.confidence, f.severity) == (
+        "masked-softmax-all-masked",
+        "possible",
+        "warning",
+    )
+    assert f.code.endswith("# possible")
+    assert f.witness == "with every data mask False (token ids 0): it gives 1"
+    assert " warning (possible) [masked-softmax-all-masked] " in str(f)
+    (g,) = jaxnan.lint(C.bad_masked_softmax, X, MASK)
+    assert g.confidence == "confirmed" and g.witness.endswith("it gives NaN")
+
+
+def test_witness_of_each_rule():
+    """Where a rule has a witness, it holds on every positive case."""
+    for fn in BAD:
+        for f in jaxnan.lint(fn, *_args(fn)):
+            assert f.confidence == "confirmed", f
+            shown = r": (it gives|its gradient is) (NaN|-?inf|0|1.192e-07)$"
+            assert re.search(shown, f.witness), f
+
+
 def test_bfloat16_overflow_is_info():
     def f(x):
         return jnp.sum(jnp.exp(x.astype(jnp.bfloat16))).astype(jnp.float32)  # here

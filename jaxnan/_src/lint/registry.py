@@ -209,6 +209,7 @@ class LintRuleTable(Mapping[str, LintRule]):
         epsilon-underflow           error
         low-precision-overflow      warning
         low-precision-cast          error
+        low-precision-variance      warning
         log-not-positive            warning
 
     .. versionadded:: 0.1.0

@@ -3,7 +3,8 @@
 A detector attaches a `Witness` to its hit: the value it picks for one graph
 value (`free`, such as the vector under a norm set to zeros) and the node it
 flagged. `Witness.check` evaluates the flagged sub-expression with jax on that
-input (other values further up are filled with ones, masks with False),
+input (other float values further up are filled with ones, integers and masks
+with 0),
 forward or through `jax.vjp`, and says whether the result is nonfinite. lint
 reports a finding whose witness stays finite as "possible"
 (`Confidence.POSSIBLE`).
@@ -53,11 +54,11 @@ class Unevaluable(Exception):
 
 
 def _filled(v: Val, fill: float):
-    """Ones for a value not derived from the witness (False for a mask)."""
+    """Ones for a value not derived from the witness (0 or False if not float)."""
     if v.dtype == np.dtype(object):
         raise Unevaluable("a PRNG key or another extended dtype")
-    if v.dtype == np.bool_:
-        return jax.numpy.zeros(v.aval.shape, bool)  # a mask: everything masked
+    if not v.is_float:  # a mask: everything masked; token ids: all padding
+        return jax.numpy.zeros(v.aval.shape, v.dtype)
     return jax.numpy.full(v.aval.shape, fill, v.dtype)
 
 

@@ -11,4 +11,5 @@ from jaxnan._src.lint.rules import log_prob  # noqa: F401  # isort: skip
 from jaxnan._src.lint.rules import masking  # noqa: F401  # isort: skip
 from jaxnan._src.lint.rules import division  # noqa: F401  # isort: skip
 from jaxnan._src.lint.rules import precision  # noqa: F401  # isort: skip
+from jaxnan._src.lint.rules import cancellation  # noqa: F401  # isort: skip
 from jaxnan._src.lint.rules import domain  # noqa: F401  # isort: skip

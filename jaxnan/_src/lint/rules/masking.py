@@ -232,10 +232,10 @@ def masked_softmax(ctx: registry.Context):
                 "jaxnan: softmax/logsumexp over a row masked with -inf where "
                 "the mask can remove every entry (a padded query, an empty "
                 "sequence): the row's max is -inf and -inf - (-inf) = NaN",
-                witness=witness.Witness(
-                    "with every entry of a row masked",
-                    row,
-                    witness.full(-np.inf),
+                witness=witness.Witness(  # the masks as computed, data masks False
+                    "with every data mask False (token ids 0)",
+                    None,
+                    witness.full(0.0),
                     checked,
                 ),
             )
