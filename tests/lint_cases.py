@@ -4,11 +4,20 @@ A line ending in ``# expect: RULE[, RULE]`` is where those findings must point;
 each ``bad_*`` function has at least one, each ``good_*`` function none.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import optax
 
 f16 = jnp.float16
+
+
+def repeated_phrase(text):
+    """The first three-word phrase that a message repeats, None when none."""
+    words = re.findall(r"[\w()*+/.-]+", text.lower())
+    grams = [tuple(words[i : i + 3]) for i in range(len(words) - 2)]
+    return next((g for g in grams if grams.count(g) > 1), None)
 
 
 # --- where-nan-grad ---------------------------------------------------------

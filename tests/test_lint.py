@@ -128,16 +128,10 @@ def test_epsilon_is_not_denied():
     assert "1e-08" in f.message and "float16" in f.message
 
 
-def _repeated_phrase(text):
-    words = re.findall(r"[\w()*+/.-]+", text.lower())
-    grams = [tuple(words[i : i + 3]) for i in range(len(words) - 2)]
-    return next((g for g in grams if grams.count(g) > 1), None)
-
-
 @pytest.mark.parametrize("fn", BAD, ids=lambda f: f.__name__)
 def test_messages_have_no_doubled_phrases(fn):
     for f in jaxnan.lint(fn, *_args(fn)):
-        assert _repeated_phrase(f.message) is None, f.message
+        assert C.repeated_phrase(f.message) is None, f.message
 
 
 def _cumsum_causal(x):

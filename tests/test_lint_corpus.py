@@ -17,6 +17,7 @@ import pytest
 
 import jaxnan
 from jaxnan._src.lint import graph as lint_graph
+from tests import lint_cases
 
 CORPUS = [
     "transformer_lm",
@@ -73,6 +74,7 @@ def test_planted_bug_is_found_at_its_line(name):
     for f in findings:
         assert os.path.abspath(f.file) == path
         assert f.confidence == "confirmed", f
+        assert lint_cases.repeated_phrase(f.message) is None, f.message
 
 
 def test_corpus_covers_the_rule_families():
