@@ -99,21 +99,24 @@ class Finding:
 location = source.location
 
 
-def _finding(hit: registry.Hit, level: Severity | None, witness: bool) -> Finding:
+def _finding(hit: registry.Hit, level: Severity | None, where) -> Finding:
     sev = level or hit.severity or hit.rule.severity
-    file, line, code = source.location(hit.node)
-    confidence, shown = Confidence.UNCHECKED, ""
-    if witness and hit.witness is not None:
-        confidence, shown = hit.witness.check()
+    return Finding(hit.rule.rule, sev, hit.message, hit.fix or hit.rule.fix, *where)
+
+
+def _witnessed(f: Finding, hit: registry.Hit) -> Finding:
+    """`f` with its witness evaluated (an error that stays finite: a warning)."""
+    if hit.witness is None:
+        return f
+    confidence, shown = hit.witness.check()
+    sev = f.severity
     if confidence is Confidence.POSSIBLE and sev is Severity.ERROR:
         sev = Severity.WARNING
-    fix = hit.fix or hit.rule.fix
-    return Finding(
-        hit.rule.rule, sev, hit.message, fix, file, line, code, shown, confidence
-    )
+    return dataclasses.replace(f, severity=sev, witness=shown, confidence=confidence)
 
 
-def _run(g: Graph, diff: Sequence[int], detectors, levels, witness) -> list[Finding]:
+def _run(g: Graph, diff: Sequence[int], detectors, levels) -> list:
+    """``[(finding, hit)]``, witnesses not evaluated yet."""
     ctx = registry.Context(g, Analysis(g, diff), set())
     out = []
     for det in detectors:
@@ -121,10 +124,10 @@ def _run(g: Graph, diff: Sequence[int], detectors, levels, witness) -> list[Find
             level = levels.get(hit.rule.rule, hit.severity)
             if hit.rule.rule in levels and level is None:
                 continue  # "off"
-            file, line, code = source.location(hit.node)
-            if config.suppressed(hit.rule.rule, file, line, code):
+            where = source.location(hit.node)
+            if config.suppressed(hit.rule.rule, *where):
                 continue
-            out.append(_finding(hit, level, witness))
+            out.append((_finding(hit, level, where), hit))
     return out
 
 
@@ -167,16 +170,16 @@ def _gradient_graph(fn, args, nums) -> Graph | None:
     return g
 
 
-def _unique_sorted(findings: list[Finding]) -> list[Finding]:
-    """One finding per rule and line; errors first (stable)."""
+def _unique(found: list) -> list:
+    """One ``(finding, hit)`` per rule and line, the first."""
     seen = set()
     unique = []
-    for f in findings:
+    for f, hit in found:
         key = (f.rule, f.file, f.line) if f.file else (f.rule, f.message)
         if key not in seen:
             seen.add(key)
-            unique.append(f)
-    return sorted(unique, key=lambda f: f.severity.rank)
+            unique.append((f, hit))
+    return unique
 
 
 def lint(
@@ -258,10 +261,11 @@ def lint(
     nums = _argnums(argnums, len(args))
     levels = config.levels(rules)
     g, closed = graph.build(fn, args)
-    findings = _run(g, _flat_positions(args, nums), registry.DETECTORS, levels, witness)
+    found = _run(g, _flat_positions(args, nums), registry.DETECTORS, levels)
     if _is_float_scalar(closed.out_avals):
         gg = _gradient_graph(fn, args, nums)
         if gg is not None:
             on_gradient = [d for d in registry.DETECTORS if d.on_gradient]
-            findings += _run(gg, [], on_gradient, levels, witness)
-    return _unique_sorted(findings)
+            found += _run(gg, [], on_gradient, levels)
+    findings = [_witnessed(f, h) if witness else f for f, h in _unique(found)]
+    return sorted(findings, key=lambda f: f.severity.rank)  # errors first, stable
