@@ -43,3 +43,10 @@ def clean():
 
 def not_a_pair():
     return jnp.ones(4)
+
+
+def raising():
+    def loss(x):
+        return jnp.sum(x @ jnp.ones((3, 2)))  # shapes do not match
+
+    return loss, (jnp.ones(4),)

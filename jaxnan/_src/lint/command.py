@@ -9,8 +9,8 @@ A target names a *factory*, a function taking no arguments that returns
   named ``factory`` or ``*_factory``).
 
 Exit status, as Python linters (ruff, flake8) do: 0 when nothing is found, 1
-when a finding is reported, 2 for a usage error (an argparse message on
-stderr, no traceback).
+when a finding is reported, 2 for a usage error or a target whose own code
+raises (an argparse message on stderr naming the place, no traceback).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import importlib.util
 import inspect
 import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 
 from jax.extend import source_info_util
@@ -111,6 +112,13 @@ def _call(name: str, factory: Callable):
     return fn, tuple(args)
 
 
+def _crash(e: Exception) -> str:
+    """One line for an exception raised by the target's code, with its place."""
+    frames = traceback.extract_tb(e.__traceback__)
+    where = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+    return f"the target raised {type(e).__name__}: {e}{where}"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the options of the lint subcommand to `parser`."""
     parser.add_argument(
@@ -190,6 +198,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, out=None) -> 
         )
     except (UsageError, ValueError) as e:
         parser.error(str(e).removeprefix("jaxnan: "))
+    except Exception as e:  # noqa: BLE001 - the target's own code failed: 2, not 1
+        parser.error(_crash(e))
     from jaxnan import __version__
 
     if args.format is Format.SARIF:

@@ -191,7 +191,7 @@ def lint(
 ):
     """Finds NaN-prone patterns in `fn` and its gradient, without running it.
 
-    Traces `fn(*args)` to a jaxpr (`jax.make_jaxpr`; nothing is executed),
+    Traces `fn(*args)` to a jaxpr (`jax.make_jaxpr`; `fn` is not run),
     inlines calls, custom_jvp/vjp, remat, cond, scan, while and shard_map
     bodies, and runs the detectors of `jaxnan.LINT_RULES` over it: a where
     whose unselected branch takes sqrt/log/div of the values it guards, the
