@@ -304,6 +304,10 @@ def good_softmax_f16(x):
     return jnp.sum(jax.nn.softmax(x.astype(f16)) * 2).astype(jnp.float32)
 
 
+def good_logsumexp_f16(x):
+    return jax.nn.logsumexp(x.astype(f16), axis=-1).astype(jnp.float32).sum()
+
+
 def good_tanh_squares_f16(x):
     h = jnp.tanh(x.astype(f16))
     return jnp.sum(h * h).astype(jnp.float32)
@@ -413,7 +417,12 @@ NEAR_MISS = {
     ],
     "div-no-epsilon": [good_div_norm_eps, good_div_mask_max, good_layer_norm],
     "epsilon-underflow": [good_eps_f16, good_eps_f32, good_layer_norm_f32_stats],
-    "low-precision-overflow": [good_exp_f32, good_softmax_f16, good_tanh_squares_f16],
+    "low-precision-overflow": [
+        good_exp_f32,
+        good_softmax_f16,
+        good_tanh_squares_f16,
+        good_logsumexp_f16,
+    ],
     "low-precision-cast": [good_mask_after_cast, good_small_mask_cast],
     "low-precision-variance": [good_two_pass_variance_bf16, good_one_pass_variance_f32],
     "log-not-positive": [good_log_softplus, good_log_maximum, good_log_input],

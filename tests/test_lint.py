@@ -120,6 +120,13 @@ def test_fix_fits_a_layer_norm():
         assert "var + 1e-5" in f.fix, f
 
 
+def test_where_fix_names_the_guarded_operation():
+    (f,) = jaxnan.lint(C.bad_where_div, X)
+    assert f.fix.startswith("double where: jnp.where(c, 1.0 / jnp.where(c, x, 1.0)")
+    (f,) = jaxnan.lint(C.bad_where_log, X)
+    assert "jnp.log(jnp.where(c, x, 1.0))" in f.fix
+
+
 def test_epsilon_is_not_denied():
     """An epsilon float16 rounds to 0 is named with its value and dtype."""
     (f,) = jaxnan.lint(C.bad_layer_norm_f16_eps, X)

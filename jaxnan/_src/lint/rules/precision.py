@@ -47,14 +47,15 @@ def _is_low(v: Val) -> bool:
     return v.dtype in _LOW
 
 
+_MAXES = ("reduce_max", "max", "stop_gradient", "broadcast_in_dim")
+
+
 def _minus_max(nd: Node) -> bool:
-    """True for x - max(x), the stable softmax shift."""
-    return graph.prim_of(nd.ins[1]) in (
-        "reduce_max",
-        "max",
-        "stop_gradient",
-        "broadcast_in_dim",
-    )
+    """True for x - max(x), the stable softmax shift (logsumexp's guarded max)."""
+    shift = graph.strip(nd.ins[1]).node
+    if shift is not None and shift.prim == "select_n":  # where(isfinite(m), m, 0)
+        return any(graph.prim_of(x) in _MAXES for x in shift.ins[1:])
+    return graph.prim_of(nd.ins[1]) in _MAXES
 
 
 def bounded_above(v: Val) -> bool:

@@ -61,6 +61,26 @@ _THROUGH = graph.PASS | {
 
 _NAMES = {"div": "division", "integer_pow": "negative power"}
 
+# The double where of each guarded operation, x being the guarded operand.
+_CALLS = {
+    "div": "1.0 / {}",
+    "integer_pow": "{} ** -1",
+    "pow": "{} ** 0.5",
+    "atan2": "jnp.arctan2({}, 1.0)",
+    "acos": "jnp.arccos({})",
+    "asin": "jnp.arcsin({})",
+    "rsqrt": "jax.lax.rsqrt({})",
+}
+
+
+def _fix(prim: str) -> str:
+    call = _CALLS.get(prim, f"jnp.{prim}({{}})")
+    safe = "0.0" if prim in ("acos", "asin", "atan2") else "1.0"
+    return (
+        f"double where: jnp.where(c, {call.format(f'jnp.where(c, x, {safe})')}, "
+        "0.0), so the unselected branch never sees the bad value"
+    )
+
 
 def unsafe_operands(nd: Node) -> tuple[int, ...]:
     """The operands of `nd` that must stay in its domain, () when none."""
@@ -123,6 +143,7 @@ def _select_hits(ctx: registry.Context, nd: Node):
                     "branch that the predicate is meant to guard: the forward "
                     "value is selected away, but its gradient is 0 * NaN = NaN "
                     "(jax#1052)",
+                    fix=_fix(u.prim),
                     witness=witness.at_edge(u, i, cotangent=0.0),
                 )
 
