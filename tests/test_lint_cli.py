@@ -67,6 +67,7 @@ def test_file_targets(capsys):
         ([BUGGY, "--rule", "log-softmax=loud"], "is not a level"),
         ([BUGGY, "--rule", "log-softmax"], "must be RULE=LEVEL"),
         ([BUGGY, "--format", "xml"], "invalid Format value: 'xml'"),
+        ([f"{BUGGY}:loss_itself"], "takes arguments (x): a target is a factory"),
         ([f"{BUGGY}:raising"], "the target raised TypeError: dot_general requires"),
     ],
 )

@@ -50,3 +50,7 @@ def raising():
         return jnp.sum(x @ jnp.ones((3, 2)))  # shapes do not match
 
     return loss, (jnp.ones(4),)
+
+
+def loss_itself(x):
+    return jnp.sum(jnp.log(jax.nn.softmax(x)))

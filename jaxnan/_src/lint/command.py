@@ -104,7 +104,26 @@ def factories(target: str) -> list[tuple[str, Callable]]:
     return found
 
 
+def _required(fn: Callable) -> list[str]:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature
+        return []
+    return [
+        p.name
+        for p in params
+        if p.default is p.empty
+        and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+
+
 def _call(name: str, factory: Callable):
+    required = _required(factory)
+    if required:
+        raise UsageError(
+            f"{name} takes arguments ({', '.join(required)}): a target is a "
+            "factory taking none and returning (fn, args); wrap the loss in one"
+        )
     made = factory()
     if not (isinstance(made, tuple) and len(made) == 2 and callable(made[0])):
         raise UsageError(f"{name}() must return (fn, args), got {type(made).__name__}")
