@@ -130,7 +130,7 @@ def _is_private(name: str) -> bool:
 def _private_uses(module: str, source: str, mods) -> set[str]:
     """Private names of other jaxnan modules that `module` imports or reads.
 
-    ``from jaxnan._src.tree import _flat`` and ``tree._flat`` (with
+    ``from jaxnan._src.core.tree import _flat`` and ``tree._flat`` (with
     ``tree`` an imported jaxnan module) both count; a module's own private
     names and dunders do not.
     """
@@ -166,17 +166,17 @@ def test_no_private_name_used_across_modules():
 
 
 def test_private_use_finder_finds_both_spellings():
-    mods = {"jaxnan._src.tree", "jaxnan._src", "jaxnan._src.base"}
+    mods = {"jaxnan._src.core.tree", "jaxnan._src.core", "jaxnan._src.core.dtypes"}
     source = (
-        "from jaxnan._src.tree import _flat, all_finite\n"
-        "from jaxnan._src import tree as t, base\n"
-        "t._size(1); base.__name__; base.leaf_dtype(1); _own()\n"
+        "from jaxnan._src.core.tree import _flat, all_finite\n"
+        "from jaxnan._src.core import tree as t, dtypes\n"
+        "t._size(1); dtypes.__name__; dtypes.leaf_dtype(1); _own()\n"
     )
-    assert _private_uses("jaxnan._src.monitor", source, mods) == {
-        "jaxnan._src.tree._flat",
-        "jaxnan._src.tree._size",
+    assert _private_uses("jaxnan._src.transforms.monitor", source, mods) == {
+        "jaxnan._src.core.tree._flat",
+        "jaxnan._src.core.tree._size",
     }
-    assert _private_uses("jaxnan._src.tree", source, mods) == set()
+    assert _private_uses("jaxnan._src.core.tree", source, mods) == set()
 
 
 # -- complexity -----------------------------------------------------------
