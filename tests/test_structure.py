@@ -226,3 +226,63 @@ def test_complexity_check_finds_offenders():
     assert _complexity_failures({**simple, "m.py:h": 20})[0].startswith(
         "complexity >= 20"
     )
+
+
+# -- package layering -----------------------------------------------------
+
+# Which packages of `jaxnan/_src` each package may import (DESIGN.md's
+# layers, bottom up). A package not listed may import only `core`.
+LAYERS: dict[str, set[str]] = {
+    "core": set(),
+    "frameworks": {"core"},
+    "inspect": {"core"},
+    "lint": {"core"},
+    "transforms": {"core", "frameworks", "inspect"},
+    "checks": {"core", "frameworks"},
+    "locate": {"core", "frameworks", "inspect", "checks"},
+    "guard": {"core", "frameworks", "inspect", "transforms", "checks", "locate"},
+}
+
+
+def _package_imports(src: pathlib.Path) -> set[tuple[str, str]]:
+    """``(package, imported package)`` for every import across packages."""
+    out = set()
+    for p in src.rglob("*.py"):
+        rel = p.relative_to(src).parts
+        if len(rel) < 2:
+            continue
+        pkg = rel[0]
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            for n in names:
+                parts = n.split(".")
+                if parts[:2] == ["jaxnan", "_src"] and len(parts) > 2:
+                    if parts[2] != pkg:
+                        out.add((pkg, parts[2]))
+    return out
+
+
+def _layer_violations(imports: set[tuple[str, str]]) -> set[str]:
+    return {
+        f"{a} imports {b}" for a, b in imports if b not in LAYERS.get(a, {"core"})
+    }
+
+
+def test_packages_import_only_the_layers_below():
+    assert not [p.name for p in SRC.glob("*.py") if p.name != "__init__.py"], (
+        "every module of jaxnan/_src lives in a package"
+    )
+    assert _layer_violations(_package_imports(SRC)) == set()
+
+
+def test_layer_checker_finds_an_upward_import(tmp_path):
+    (tmp_path / "core").mkdir()
+    (tmp_path / "locate").mkdir()
+    (tmp_path / "core" / "tree.py").write_text("from jaxnan._src.locate import api\n")
+    (tmp_path / "locate" / "api.py").write_text("from jaxnan._src.core import tree\n")
+    assert _layer_violations(_package_imports(tmp_path)) == {"core imports locate"}

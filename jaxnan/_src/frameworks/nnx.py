@@ -1,4 +1,8 @@
-"""The glue Flax needs to hand the loss to jaxnan's guards and read their state.
+"""Flax: the NNX adapter, and the glue to hand jaxnan's guards the loss.
+
+`nnx_adapter` is Flax NNX's `jaxnan._src.frameworks.registry.Adapter`; the
+functions below are the glue Flax needs to hand the loss to jaxnan's guards
+and read their state.
 
 Nothing here is imported by ``import jaxnan``; users import `jaxnan.flax`
 explicitly, and Flax itself is imported only inside the functions.
@@ -15,13 +19,63 @@ explicitly, and Flax itself is imported only inside the functions.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import jax
 import optax
 from jax.extend import source_info_util
 
+from jaxnan._src.frameworks.registry import Adapter, register_adapter
+
 source_info_util.register_exclusion(__file__)
+
+
+@register_adapter("flax.nnx")
+def nnx_adapter() -> Adapter:
+    """NNX modules and optimizers: `nnx.split`/`merge`/`update`.
+
+    Their BatchStat, RngState and sown Intermediate Variables are updated in
+    place; a Variable that is neither an `nnx.Param` nor an `nnx.BatchStat`
+    is a model constant.
+    """
+    nnx = sys.modules["flax.nnx"]
+
+    def sync(original: Any, copy: Any, originals: dict[int, Any]) -> None:
+        def back(x: Any) -> Any:
+            return originals.get(id(x), x)
+
+        if isinstance(original, nnx.Variable):
+            new = back(copy.get_value())
+            if new is not original.get_value():
+                original.set_value(new)
+            return
+        state = jax.tree_util.tree_map(back, nnx.state(copy))
+        nnx.update(original, state)
+
+    def is_var(x: Any) -> bool:
+        return isinstance(x, nnx.Variable)
+
+    def constants(tree: Any) -> list[bool]:
+        out: list[bool] = []
+        for x in jax.tree_util.tree_leaves(tree, is_leaf=is_var):
+            if is_var(x):
+                const = not isinstance(x, (nnx.Param, nnx.BatchStat))
+                out += [const] * len(jax.tree_util.tree_leaves(x))
+            else:
+                out.append(False)
+        return out
+
+    return Adapter(
+        name="flax.nnx",
+        is_node=nnx.graph.is_graph_node,
+        split=lambda objs: nnx.split(objs),
+        merge=lambda definition, state: nnx.merge(definition, state),
+        update=lambda objs, state: nnx.update(objs, state),
+        sync=sync,
+        is_sync_node=lambda x: isinstance(x, (nnx.Variable, nnx.Pytree)),
+        constants=constants,
+    )
 
 
 def opt_state(optimizer: Any) -> optax.OptState:

@@ -9,87 +9,37 @@ a Flax NNX module updates its `BatchStat`, `RngState` and sown
 lost. After `fn` returns, every stateful object found in the arguments gets
 the state of its copy back, so the caller sees exactly what `fn` did.
 
-`STATE_SYNCS` holds one `StateSync` per kind of mutable object. Framework
-entries are added on first use, and only when the framework is already
-imported by the user: ``import jaxnan`` never imports flax.
+Each framework's `registry.Adapter` says which objects are mutable
+(`Adapter.is_sync_node`) and how to sync them (`Adapter.sync`); adapters
+are made on first use, and only when the framework is already imported by
+the user: ``import jaxnan`` never imports flax.
 """
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 from jax.extend import source_info_util
 
+from jaxnan._src.frameworks import registry
+from jaxnan._src.frameworks.registry import Adapter
+
 source_info_util.register_exclusion(__file__)
 
 
-class StateSync(NamedTuple):
-    """How state updates on a copy reach the original object.
-
-    Attributes:
-        name: the kind of object, for messages.
-        matches: ``matches(x) -> bool`` for the objects of this kind.
-        sync: ``sync(original, copy, originals)`` makes `original` hold the
-            state of `copy`. `originals` maps ``id(leaf)`` of each leaf handed
-            to `fn` to the caller's leaf, so that state `fn` did not change is
-            given back as the caller's own value, not as its copy.
-    """
-
-    name: str
-    matches: Callable[[Any], bool]
-    sync: Callable[[Any, Any, dict[int, Any]], None]
+def active_syncs() -> list[Adapter]:
+    """The adapters of the imported frameworks whose objects are mutated."""
+    return [a for a in registry.active() if a.sync is not None]
 
 
-STATE_SYNCS: list[StateSync] = []
-
-
-def _nnx_sync() -> StateSync | None:
-    nnx = sys.modules.get("flax.nnx")
-    if nnx is None:
-        return None
-
-    def matches(x: Any) -> bool:
-        return isinstance(x, (nnx.Variable, nnx.Pytree))
-
-    def sync(original: Any, copy: Any, originals: dict[int, Any]) -> None:
-        def back(x: Any) -> Any:
-            return originals.get(id(x), x)
-
-        if isinstance(original, nnx.Variable):
-            new = back(copy.get_value())
-            if new is not original.get_value():
-                original.set_value(new)
-            return
-        state = jax.tree_util.tree_map(back, nnx.state(copy))
-        nnx.update(original, state)
-
-    return StateSync("flax.nnx", matches, sync)
-
-
-_BUILTIN: dict[str, Callable[[], StateSync | None]] = {"flax.nnx": _nnx_sync}
-
-
-def active_syncs() -> list[StateSync]:
-    """The entries of `STATE_SYNCS`, adding those of frameworks now imported."""
-    for name, make in list(_BUILTIN.items()):
-        if name in sys.modules:
-            entry = make()
-            del _BUILTIN[name]
-            if entry is not None:
-                STATE_SYNCS.append(entry)
-    return STATE_SYNCS
-
-
-def stateful_nodes(tree: Any, syncs: list[StateSync]) -> list[tuple[Any, StateSync]]:
+def stateful_nodes(tree: Any, syncs: list[Adapter]) -> list[tuple[Any, Adapter]]:
     """The outermost stateful objects of `tree`, in flattening order."""
     if not syncs:
         return []
 
-    def which(x: Any) -> StateSync | None:
-        return next((s for s in syncs if s.matches(x)), None)
+    def which(x: Any) -> Adapter | None:
+        return next((s for s in syncs if (s.is_sync_node or s.is_node)(x)), None)
 
     nodes = jax.tree_util.tree_leaves(tree, is_leaf=lambda x: which(x) is not None)
     return [(x, s) for x in nodes if (s := which(x)) is not None]
@@ -120,24 +70,13 @@ def write_back(
 def constant_leaves(tree: Any) -> list[bool]:
     """Per leaf of `tree` (in `jax.tree_util.tree_leaves` order): a model constant?
 
-    A Flax NNX Variable that is neither an `nnx.Param` nor an `nnx.BatchStat`
-    (a plain `nnx.Variable` or a subclass holding an attention mask of
-    ``-inf``, say) is not trained and not data: a constant of the model,
-    whose +-Inf entries are intentional. Parameters, statistics, the batch
-    and every leaf outside NNX are not. Empty when flax.nnx is not imported.
+    A leaf is a constant when a framework's adapter says so
+    (`Adapter.constants`: for Flax NNX, a Variable that is neither an
+    `nnx.Param` nor an `nnx.BatchStat`, such as an attention mask of
+    ``-inf``, whose +-Inf entries are intentional). Empty when no imported
+    framework has constants.
     """
-    nnx = sys.modules.get("flax.nnx")
-    if nnx is None:
+    flags = [a.constants(tree) for a in registry.active() if a.constants]
+    if not flags:
         return []
-
-    def is_var(x: Any) -> bool:
-        return isinstance(x, nnx.Variable)
-
-    out: list[bool] = []
-    for x in jax.tree_util.tree_leaves(tree, is_leaf=is_var):
-        if is_var(x):
-            const = not isinstance(x, (nnx.Param, nnx.BatchStat))
-            out += [const] * len(jax.tree_util.tree_leaves(x))
-        else:
-            out.append(False)
-    return out
+    return [any(f) for f in zip(*flags)]

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -39,6 +38,8 @@ from jax import lax
 from jax.extend import source_info_util
 
 from jaxnan._src.core import dtypes
+from jaxnan._src.frameworks import registry
+from jaxnan._src.frameworks.registry import Adapter
 from jaxnan._src.transforms import nonfinite, update_tap
 
 source_info_util.register_exclusion(__file__)
@@ -68,19 +69,17 @@ def unwrap_jit(fn: Callable) -> Callable:
     return fn
 
 
-def _nnx():
-    """`flax.nnx` when flax is already imported by the user, else None."""
-    if "flax" not in sys.modules:
-        return None
-    from flax import nnx
-
-    return nnx
-
-
 def is_graph_node(x: Any) -> bool:
-    """True for a Flax NNX module/optimizer (mutated in place by a step)."""
-    nnx = _nnx()
-    return nnx is not None and nnx.graph.is_graph_node(x)
+    """True for an object a framework mutates in place (an NNX module).
+
+    Any framework with a registered adapter (`jaxnan._src.frameworks`).
+    """
+    return registry.adapter_of(x) is not None
+
+
+def adapter(layout: Layout) -> Adapter:
+    """The framework adapter of the layout's graph arguments."""
+    return registry.ADAPTERS[layout.framework]
 
 
 def is_array(x: Any) -> bool:
@@ -128,11 +127,13 @@ class Layout:
         graph_args: positions of Flax NNX graph nodes (their state is state).
         state_args: positions of pytree arguments that the step returns
             again (its first outputs), in order.
-        graphdef: `nnx.split` graph definition of the graph nodes, or None.
-        graph_treedef: tree structure of their `nnx.State`.
+        graphdef: the adapter's definition of the graph nodes (`nnx.split`'s
+            graph definition), or None.
+        graph_treedef: tree structure of their state.
         treedefs: per non-graph argument, its tree structure.
         statics: per non-graph argument, its leaves with arrays replaced by
             None and other leaves by `Static`.
+        framework: the name of the graph nodes' framework adapter, or None.
     """
 
     nargs: int
@@ -142,6 +143,7 @@ class Layout:
     graph_treedef: Any
     treedefs: tuple[Any, ...]
     statics: tuple[tuple[Any, ...], ...]
+    framework: str | None = None
 
     @functools.cached_property
     def tree_args(self) -> tuple[int, ...]:
@@ -173,10 +175,12 @@ class Layout:
 def make_layout(args: Sequence[Any], state_args: tuple[int, ...]) -> Layout:
     """The layout of `args`, with `state_args` the returned pytree arguments."""
     graph = tuple(i for i, a in enumerate(args) if is_graph_node(a))
-    graphdef = graph_treedef = None
+    graphdef = graph_treedef = framework = None
     if graph:
-        nnx = _nnx()
-        graphdef, state = nnx.split(tuple(args[i] for i in graph))
+        objs = tuple(args[i] for i in graph)
+        found = registry.one_adapter(objs, "jaxnan.guard")
+        framework = found.name
+        graphdef, state = found.split(objs)
         graph_treedef = jax.tree_util.tree_structure(state)
     treedefs, statics = [], []
     for i, a in enumerate(args):
@@ -193,6 +197,7 @@ def make_layout(args: Sequence[Any], state_args: tuple[int, ...]) -> Layout:
         graph_treedef,
         tuple(treedefs),
         tuple(statics),
+        framework,
     )
 
 
@@ -209,8 +214,8 @@ def flatten(layout: Layout, args: Sequence[Any]) -> tuple[list[Any], list[Any]]:
     """``(state_leaves, input_leaves)`` of `args`."""
     state: list[Any] = []
     if layout.graph_args:
-        nnx = _nnx()
-        _, graph_state = nnx.split(tuple(args[i] for i in layout.graph_args))
+        objs = tuple(args[i] for i in layout.graph_args)
+        _, graph_state = adapter(layout).split(objs)
         state += jax.tree_util.tree_leaves(graph_state)
     for i in layout.state_args:
         state += flatten_arg(layout, args, i)
@@ -295,8 +300,7 @@ def rebuild(layout: Layout, state: Sequence[Any], inputs: Sequence[Any]) -> list
     args: list[Any] = [None] * layout.nargs
     graph, per_arg = split_state(layout, state)
     if layout.graph_args:
-        nnx = _nnx()
-        objs = nnx.merge(
+        objs = adapter(layout).merge(
             layout.graphdef,
             jax.tree_util.tree_unflatten(layout.graph_treedef, graph),
         )
@@ -328,8 +332,8 @@ def read_new_state(
     """
     state: list[Any] = []
     if layout.graph_args:
-        nnx = _nnx()
-        graphdef, graph_state = nnx.split(tuple(args[i] for i in layout.graph_args))
+        objs = tuple(args[i] for i in layout.graph_args)
+        graphdef, graph_state = adapter(layout).split(objs)
         if graphdef != layout.graphdef:
             raise ValueError(
                 f"jaxnan.guard: `{fn_name}` changed the structure of its Flax NNX "

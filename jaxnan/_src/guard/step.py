@@ -237,10 +237,9 @@ class GuardedStep:
         layout = entry.layout
         graph_leaves, per_arg = program.split_state(layout, state)
         if layout.graph_args:
-            from flax import nnx
-
             new = jax.tree_util.tree_unflatten(layout.graph_treedef, graph_leaves)
-            nnx.update(tuple(args[i] for i in layout.graph_args), new)
+            objs = tuple(args[i] for i in layout.graph_args)
+            program.adapter(layout).update(objs, new)
             return metrics
         outs = program.rebuild_state_args(layout, state)
         if entry.out_len == len(outs) + 1:
@@ -493,7 +492,7 @@ class GuardedStep:
     ) -> tuple[Diagnosis | None, str]:
         """`jaxnan.locate` on the step, as a pure function of its arguments.
 
-        NNX objects are passed as their `nnx.State` and merged inside;
+        Framework objects (NNX) are passed as their state and merged inside;
         non-array leaves (Equinox functions) are closed over.
         """
         layout, fn = entry.layout, self.fn
@@ -501,9 +500,7 @@ class GuardedStep:
         graphdefs, located = {}, []
         for i, a in enumerate(args):
             if i in layout.graph_args:
-                from flax import nnx
-
-                graphdefs[i], pure = nnx.split(a)
+                graphdefs[i], pure = program.adapter(layout).split(a)
                 located.append(pure)
             else:
                 leaves, treedef = jax.tree_util.tree_flatten(a)
@@ -513,9 +510,7 @@ class GuardedStep:
         def replay(*pure):
             full = list(args)
             for i in layout.graph_args:
-                from flax import nnx
-
-                full[i] = nnx.merge(graphdefs[i], pure[i])
+                full[i] = program.adapter(layout).merge(graphdefs[i], pure[i])
             for pos, i in enumerate(layout.tree_args):
                 it = iter(jax.tree_util.tree_leaves(pure[i]))
                 filled = [
