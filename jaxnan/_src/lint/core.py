@@ -10,7 +10,7 @@ import jax
 import numpy as np
 from jax.extend import source_info_util
 
-from jaxnan._src import primitives
+from jaxnan._src.core import primitives
 from jaxnan._src.lint import config, graph, registry, source
 from jaxnan._src.lint import rules as _registers_rules  # noqa: F401
 from jaxnan._src.lint.graph import Graph

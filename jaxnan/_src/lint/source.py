@@ -7,7 +7,7 @@ import re
 
 from jax.extend import source_info_util
 
-from jaxnan._src import frames
+from jaxnan._src.core import frames
 
 source_info_util.register_exclusion(__file__)
 
