@@ -134,7 +134,11 @@ def _underflow_hit(nd: Node, k: float, dt, add: Node) -> registry.Hit | None:
         return None
     variance = any(patterns.square_kind(x) == "variance" for x in add.ins)
     written = _literal_epsilon(nd, dt)
-    eps = f"the epsilon {written:g}" if written else "the epsilon added here"
+    if written:
+        eps = f"the epsilon {written:g}"
+    else:  # written elsewhere (self.eps): name the range rounded away
+        zero = float(jax.numpy.finfo(dt).smallest_subnormal) / 2
+        eps = f"the epsilon added here (any below {zero:.1g} rounds to 0)"
     held = "0" if k == 0 else f"the subnormal {k:.3g}, flushed to 0 on GPU and TPU"
     guards = "this denominator" if nd.prim in ("div", "rsqrt") else "this sqrt"
     return registry.Hit(

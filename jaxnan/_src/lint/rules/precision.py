@@ -235,21 +235,37 @@ def low_precision_overflow(ctx: registry.Context):
             yield _squares_hit(nd, n)
 
 
+_CONST_THROUGH = (
+    "select_n",
+    "add",
+    "sub",
+    "neg",
+    "mul",
+    "convert_element_type",
+    "max",
+    "min",
+)
+
+
 def const_extremes(v: Val, depth: int = 0) -> float:
-    """The largest |constant| (inf included) that can flow into `v`."""
+    """The constant of largest magnitude (inf included, signed) flowing into `v`.
+
+    0.0 when no constant does; `neg` flips the sign.
+    """
     v = graph.strip(v)
     if v.const is not None:
-        a = np.abs(np.asarray(v.const, np.float64))
+        a = np.asarray(v.const, np.float64).ravel()
         a = a[~np.isnan(a)]
-        return float(a.max()) if a.size else 0.0
+        return float(a[np.argmax(np.abs(a))]) if a.size else 0.0
     nd = v.node
     if nd is None or depth > 10:
         return 0.0
-    if nd.prim == "select_n":
-        return max(const_extremes(x, depth + 1) for x in nd.ins[1:])
-    if nd.prim in ("add", "sub", "neg", "mul", "convert_element_type", "max", "min"):
-        return max(const_extremes(x, depth + 1) for x in nd.ins)
-    return 0.0
+    ins = nd.ins[1:] if nd.prim == "select_n" else nd.ins
+    if nd.prim not in _CONST_THROUGH:
+        return 0.0
+    found = [const_extremes(x, depth + 1) for x in ins]
+    big = max(found, key=abs)
+    return -big if nd.prim == "neg" else big
 
 
 def _cast_hit(nd: Node) -> registry.Hit | None:
@@ -259,9 +275,9 @@ def _cast_hit(nd: Node) -> registry.Hit | None:
         return None
     big = const_extremes(src)
     fmax = float(jax.numpy.finfo(dt).max)
-    if big <= fmax:
+    if abs(big) <= fmax:
         return None
-    what = "-inf/inf" if np.isinf(big) else f"a constant of {big:.3g}"
+    what = f"{big:g}" if np.isinf(big) else f"a constant of {big:.3g}"
     return registry.Hit(
         LOW_PRECISION_CAST,
         nd,
