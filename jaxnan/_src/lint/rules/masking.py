@@ -14,7 +14,9 @@ MASKED_SOFTMAX_ALL_MASKED = registry.rule(
     "masked-softmax-all-masked",
     "error",
     "softmax or logsumexp over a row masked with -inf where the mask can "
-    "remove every entry: -inf - (-inf) = NaN",
+    "remove every entry: -inf - (-inf) = NaN (a causal mask keeps the "
+    "diagonal; with a key-padding mask, right padding is assumed: each "
+    "sequence's first token is real)",
     "fill with a finite large negative and guard the empty rows: "
     "jnp.where(mask, x, jnp.finfo(x.dtype).min), then "
     "jnp.where(mask.any(-1, keepdims=True), p, 0.0)",
