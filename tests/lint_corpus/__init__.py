@@ -1,4 +1,7 @@
-"""Model code in the usual safe style; `jaxnan.lint` must report nothing on it.
+"""Real models for `jaxnan.lint`, written the way their frameworks' examples are.
 
-Each module has a `factory()` returning `(fn, args)` for `python -m jaxnan lint`.
+Each model module has `factory()` (the safe model: lint must report nothing)
+and `buggy_factory()` (one planted bug, on lines ending in ``# bug: RULE``),
+both returning `(fn, args)` for `python -m jaxnan lint`; `buggy.py` holds the
+command line's test targets.
 """
