@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import enum
+import os
 import sys
 import warnings
 from collections.abc import Mapping, Sequence
@@ -305,9 +306,48 @@ def _is_set(value: Any) -> bool:
     return value is not None and value != "" and value != ()
 
 
+def shown_where(file: str | None, line: int | None) -> str | None:
+    """``file:line`` as printed: relative to the working directory when under it.
+
+    Messages and tables show a path a person can open from where they ran the
+    program (``jaxnan/examples/demo.py:65``, not the start of an absolute path
+    cut by a narrow column); a file elsewhere keeps its full path. Records
+    (`jaxnan.Diagnosis.where`, the guard's JSON lines) keep the full path.
+
+    Examples:
+        >>> import os
+        >>> shown_where(os.path.join(os.getcwd(), "train.py"), 12)
+        'train.py:12'
+        >>> shown_where(None, None) is None
+        True
+    """
+    if file is None:
+        return None
+    try:
+        rel = os.path.relpath(file)
+    except ValueError:  # another drive (Windows)
+        rel = file
+    shown = file if rel.startswith(os.pardir + os.sep) or rel == os.pardir else rel
+    return f"{shown}:{line}"
+
+
+def shown_location(where: str | None) -> str | None:
+    """`shown_where` of a ``file:line`` string (an incident's ``where``).
+
+    Examples:
+        >>> import os
+        >>> shown_location(os.path.join(os.getcwd(), "a", "b.py") + ":3")
+        'a/b.py:3'
+    """
+    if not where or ":" not in where:
+        return where
+    file, _, line = where.rpartition(":")
+    return shown_where(file, line) if line.isdigit() else where
+
+
 def _where_lines(d: Any) -> list[str]:
     """Where the event happened: the user line, and its function and code."""
-    where = d.where or "an unknown line"
+    where = shown_where(d.file, d.line) or "an unknown line"
     if d.phase == "backward":
         target = f"`{d.user_function}`" if d.user_function else "the op"
         lines = [f"  where:   gradient of {target} at {where}"]
@@ -325,7 +365,7 @@ def _nan_event_line(e: Mapping[str, Any]) -> str:
     code = f": {e['code']}" if e.get("code") else ""
     return (
         f"  then:    `{e['primitive']}` made the first NaN at "
-        f"{e['file']}:{e['line']}{code}"
+        f"{shown_where(e['file'], e['line'])}{code}"
     )
 
 
@@ -363,7 +403,7 @@ def _input_lines(d: Any, name: str) -> list[str]:
             code = f": {used['code']}" if used.get("code") else ""
             lines.append(
                 f"      first used by `{used['primitive']}` at "
-                f"{used['file']}:{used['line']}{code}"
+                f"{shown_where(used['file'], used['line'])}{code}"
             )
     return lines
 

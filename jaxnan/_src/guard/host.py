@@ -120,6 +120,7 @@ class GuardedStep:
         self._last: tuple[list, list[Any]] | None = None  # (state leaves, args)
         self._candidate: tuple[int, list] | None = None
         self._good: tuple[int, list] | None = None
+        self._rolled_back_at: int | None = None  # the step of the last rollback
         self._zeros = jnp.zeros((graph.HEALTH_SIZE,), jnp.float32)
         functools.update_wrapper(self, self.fn)
 
@@ -402,13 +403,14 @@ class GuardedStep:
             message=(
                 f"jaxnan.guard: step {step} nonfinite again (loss {loss:.4g}"
                 f"{streak}): as at step {origin}, {last_bad.cause} at "
-                f"{last_bad.where or 'the same place'}.{seen}"
+                f"{report.shown_location(last_bad.where) or 'the same place'}.{seen}"
             ),
             rows=rows,
             leaf=leaf,
             loss=loss,
             grad_norm=gnorm,
             restored_step=None,
+            undone=(),
             diagnosis=diagnosis,
         )
 
@@ -440,15 +442,17 @@ class GuardedStep:
         lines = [f"jaxnan.guard: step {step} went nonfinite (loss {loss:.4g})."]
         if line:
             lines.append(line)
+        evidence = ""
         if grown and cause not in ("input_data", "poisoned_state"):
-            cause = causes.Cause.LEARNING_RATE.value
-            figures = "; ".join(str(g) for g in grown)
-            lines.append(
-                f"  cause:   learning rate too high / exploding gradients: {figures} "
-                f"before the NaN. Fix: {_FIXES['growth']}."
-            )
+            cause, evidence = causes.Cause.LEARNING_RATE.value, _overruled(grown, cause)
+            if diagnosis is not None:
+                diagnosis = dataclasses.replace(
+                    diagnosis, cause=causes.Cause.LEARNING_RATE, fix=_growth_fix()
+                )
         if diagnosis is not None:
-            lines.append(_indent(str(diagnosis)))
+            lines.append(_indent(_with_evidence(str(diagnosis), evidence)))
+        elif evidence:
+            lines.append(f"  cause:   {cause}\n  why:     {evidence}")
         elif failure:
             lines.append(f"  {failure}")
         return records.Incident(
@@ -578,14 +582,17 @@ class GuardedStep:
         if self.policy is records.Policy.ROLLBACK:
             if self._good is not None:
                 restored, snap = self._good
+                since = max(restored, self._rolled_back_at or -1) + 1
+                undone = tuple(range(since, previous.step + 1))
+                self._rolled_back_at = previous.step
                 incident = dataclasses.replace(
                     incident,
                     action=records.Action.ROLLED_BACK,
                     restored_step=restored,
+                    undone=undone,
                     message=incident.message
-                    + f"\n  action:  rolled back to the state after step {restored}; "
-                    f"steps {restored + 1}-{previous.step} undone, batch "
-                    f"{previous.step} skipped.",
+                    + f"\n  action:  rolled back to the state after step {restored}"
+                    f"; {records.undone_text(undone)}",
                 )
                 self.log.add(incident)
                 del entry
@@ -642,6 +649,35 @@ def _nonfinite_leaves(diagnosis: Diagnosis | None) -> dict[str, tuple[int, int, 
     else:
         found = diagnosis.nonfinite_outputs
     return dict(found)  # already int counts (`replay.rows`)
+
+
+def _growth_fix() -> str:
+    """The fix of a NaN after growth, as a sentence (a diagnosis's ``fix``)."""
+    fix = _FIXES["growth"]
+    return f"{fix[0].upper()}{fix[1:]}."
+
+
+def _overruled(grown: list, located: str | None) -> str:
+    """Why a nonfinite step after growth is put down to the learning rate."""
+    figures = "; ".join(str(g) for g in grown)
+    if located is None:
+        return f"{figures}, then the NaN"
+    return (
+        f"{figures}, then the NaN; without that growth the cause at the line "
+        f"would be {located}"
+    )
+
+
+def _with_evidence(text: str, evidence: str) -> str:
+    """A diagnosis's text with a ``why:`` line under its ``cause:`` line."""
+    if not evidence:
+        return text
+    lines = text.splitlines()
+    at = next(
+        (i + 1 for i, line in enumerate(lines) if line.startswith("  cause:")),
+        len(lines),
+    )
+    return "\n".join([*lines[:at], f"  why:     {evidence}", *lines[at:]])
 
 
 def _indent(text: str) -> str:
