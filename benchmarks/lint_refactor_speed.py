@@ -2,8 +2,8 @@
 
 Usage (from the repository root)::
 
-    git show a4e70b4:jaxnan/_src/lint.py > /tmp/old_lint.py
-    git show a4e70b4:jaxnan/_src/lint_rules.py > /tmp/old_lint_rules.py
+    git show a4e70b4:lint > /tmp/old_lint.py
+    git show a4e70b4:lint_rules > /tmp/old_lint_rules.py
     sed -i 's/from jaxnan._src.lint_rules import/from old_lint_rules import/' \\
         /tmp/old_lint.py
     python benchmarks/lint_refactor_speed.py /tmp

@@ -31,7 +31,8 @@ jax.config.update("jax_num_cpu_devices", 8)  # the sharded cases, as in the test
 from locate_accuracy import CASES_DIR, load_case  # noqa: E402
 
 import jaxnan  # noqa: E402
-from jaxnan._src import blocks, locate, replay  # noqa: E402
+from jaxnan._src.locate import api as locate  # noqa: E402
+from jaxnan._src.locate import blocks, replay  # noqa: E402
 
 
 def time_passes(seconds: dict) -> None:

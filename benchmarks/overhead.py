@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from models import MODELS  # noqa: E402
 
 import jaxnan  # noqa: E402
-from jaxnan._src import transforms  # noqa: E402
+from jaxnan._src.transforms import nonfinite
 
 LR = 1e-3
 
@@ -60,7 +60,7 @@ def skip_without_outgoing_check(inner):
 
     def update(updates, state, params=None, **extra):
         finite = jaxnan.all_finite(updates) & jaxnan.all_finite(extra.get("loss", 0.0))
-        out, kept, _, _, _ = transforms.guarded_update(
+        out, kept, _, _, _ = nonfinite.guarded_update(
             inner,
             finite,
             updates,

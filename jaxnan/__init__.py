@@ -1,21 +1,22 @@
 """jaxnan: find, explain and survive NaN/Inf in JAX training."""
 
-from jaxnan._src.adagc import AdaGCState as AdaGCState
-from jaxnan._src.adagc import adagc as adagc
-from jaxnan._src.base import ArrayTree as ArrayTree
-from jaxnan._src.checks import Report as Report
-from jaxnan._src.checks import check as check
-from jaxnan._src.clip import ClipByGlobalNormState as ClipByGlobalNormState
-from jaxnan._src.clip import clip_by_global_norm as clip_by_global_norm
-from jaxnan._src.decorators import NonfiniteRecord as NonfiniteRecord
-from jaxnan._src.decorators import checked as checked
-from jaxnan._src.decorators import checked_grad as checked_grad
-from jaxnan._src.decorators import checked_value_and_grad as checked_value_and_grad
-from jaxnan._src.decorators import nonfinite_errors as nonfinite_errors
+from jaxnan._src.checks import NonfiniteRecord as NonfiniteRecord
+from jaxnan._src.checks import checked as checked
+from jaxnan._src.checks import checked_grad as checked_grad
+from jaxnan._src.checks import checked_value_and_grad as checked_value_and_grad
+from jaxnan._src.checks import nonfinite_errors as nonfinite_errors
+from jaxnan._src.checks.check import Report as Report
+from jaxnan._src.checks.check import check as check
+from jaxnan._src.core.errors import NonFiniteError as NonFiniteError
+from jaxnan._src.core.errors import Phase as Phase
+from jaxnan._src.core.scaling import ArrayTree as ArrayTree
+from jaxnan._src.core.tree import NonfiniteCounts as NonfiniteCounts
+from jaxnan._src.core.tree import all_finite as all_finite
+from jaxnan._src.core.tree import nonfinite_counts as nonfinite_counts
 from jaxnan._src.guard.api import guard as guard
-from jaxnan._src.guard.host import GuardedStep as GuardedStep
-from jaxnan._src.guard.records import Incident as Incident
-from jaxnan._src.guard.records import Policy as Policy
+from jaxnan._src.guard.incidents import Incident as Incident
+from jaxnan._src.guard.incidents import Policy as Policy
+from jaxnan._src.guard.step import GuardedStep as GuardedStep
 from jaxnan._src.inspect.activations import ActivationStats as ActivationStats
 from jaxnan._src.inspect.activations import LayerStats as LayerStats
 from jaxnan._src.inspect.activations import activation_stats as activation_stats
@@ -36,30 +37,31 @@ from jaxnan._src.lint import LINT_RULES as LINT_RULES
 from jaxnan._src.lint import Finding as Finding
 from jaxnan._src.lint import LintRule as LintRule
 from jaxnan._src.lint import lint as lint
-from jaxnan._src.locate import Diagnosis as Diagnosis
-from jaxnan._src.locate import locate as locate
-from jaxnan._src.loss_scale import DynamicLossScaleState as DynamicLossScaleState
-from jaxnan._src.loss_scale import dynamic_loss_scale as dynamic_loss_scale
-from jaxnan._src.loss_scale import scale_loss as scale_loss
-from jaxnan._src.loss_scale import unscale_grads as unscale_grads
-from jaxnan._src.monitor import MonitorState as MonitorState
-from jaxnan._src.monitor import monitor as monitor
-from jaxnan._src.monitor import monitor_metrics as monitor_metrics
-from jaxnan._src.report import NonFiniteError as NonFiniteError
-from jaxnan._src.report import Phase as Phase
-from jaxnan._src.rules import register_rule as register_rule
-from jaxnan._src.spikes import SkipReason as SkipReason
-from jaxnan._src.spikes import SkipSpikesState as SkipSpikesState
-from jaxnan._src.spikes import ZScoreClipState as ZScoreClipState
-from jaxnan._src.spikes import skip_spikes as skip_spikes
-from jaxnan._src.spikes import zscore_clip as zscore_clip
-from jaxnan._src.transforms import SkipNonfiniteState as SkipNonfiniteState
-from jaxnan._src.transforms import ZeroNonfiniteState as ZeroNonfiniteState
-from jaxnan._src.transforms import skip_nonfinite as skip_nonfinite
-from jaxnan._src.transforms import zero_nonfinite as zero_nonfinite
-from jaxnan._src.tree import NonfiniteCounts as NonfiniteCounts
-from jaxnan._src.tree import all_finite as all_finite
-from jaxnan._src.tree import nonfinite_counts as nonfinite_counts
+from jaxnan._src.locate.api import Diagnosis as Diagnosis
+from jaxnan._src.locate.api import locate as locate
+from jaxnan._src.locate.primitive_rules import register_rule as register_rule
+from jaxnan._src.transforms.adagc import AdaGCState as AdaGCState
+from jaxnan._src.transforms.adagc import adagc as adagc
+from jaxnan._src.transforms.clip import ClipByGlobalNormState as ClipByGlobalNormState
+from jaxnan._src.transforms.clip import clip_by_global_norm as clip_by_global_norm
+from jaxnan._src.transforms.loss_scale import (
+    DynamicLossScaleState as DynamicLossScaleState,
+)
+from jaxnan._src.transforms.loss_scale import dynamic_loss_scale as dynamic_loss_scale
+from jaxnan._src.transforms.loss_scale import scale_loss as scale_loss
+from jaxnan._src.transforms.loss_scale import unscale_grads as unscale_grads
+from jaxnan._src.transforms.monitor import MonitorState as MonitorState
+from jaxnan._src.transforms.monitor import monitor as monitor
+from jaxnan._src.transforms.monitor import monitor_metrics as monitor_metrics
+from jaxnan._src.transforms.nonfinite import SkipNonfiniteState as SkipNonfiniteState
+from jaxnan._src.transforms.nonfinite import ZeroNonfiniteState as ZeroNonfiniteState
+from jaxnan._src.transforms.nonfinite import skip_nonfinite as skip_nonfinite
+from jaxnan._src.transforms.nonfinite import zero_nonfinite as zero_nonfinite
+from jaxnan._src.transforms.spikes import SkipReason as SkipReason
+from jaxnan._src.transforms.spikes import SkipSpikesState as SkipSpikesState
+from jaxnan._src.transforms.spikes import ZScoreClipState as ZScoreClipState
+from jaxnan._src.transforms.spikes import skip_spikes as skip_spikes
+from jaxnan._src.transforms.spikes import zscore_clip as zscore_clip
 
 __version__ = "0.1.0"
 

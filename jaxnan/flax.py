@@ -4,7 +4,7 @@
 and needs Flax installed.
 """
 
-from jaxnan._src.frameworks import apply_gradients as apply_gradients
-from jaxnan._src.frameworks import opt_state as opt_state
+from jaxnan._src.frameworks.nnx import apply_gradients as apply_gradients
+from jaxnan._src.frameworks.nnx import opt_state as opt_state
 
 __all__ = ("apply_gradients", "opt_state")

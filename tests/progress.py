@@ -40,7 +40,7 @@ def group(nodeid: str) -> str:
     Examples:
         >>> group("tests/test_guard.py::test_rollback[3]")
         'tests/test_guard.py'
-        >>> group("jaxnan/_src/guard/records.py::jaxnan._src.guard.records.steps_text")
+        >>> group("jaxnan/_src/guard/step.py::jaxnan._src.guard.step.GuardedStep")
         'jaxnan/_src/guard/ (doctests)'
     """
     path = nodeid.split("::", 1)[0]

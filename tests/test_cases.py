@@ -15,8 +15,8 @@ import pathlib
 import pytest
 
 import jaxnan
-from jaxnan._src import replay
-from jaxnan._src.causes import CAUSES
+from jaxnan._src.locate import replay
+from jaxnan._src.locate.causes import CAUSES
 from tests import helpers
 
 CASES_DIR = pathlib.Path(__file__).parent / "cases"

@@ -7,10 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxnan._src import causes, precision, primitives
-from jaxnan._src.cause_rules import classify
-from jaxnan._src.causes import CAUSES, Cause, Event, Phase, classify_inputs
-from jaxnan._src.primitives import Domain
+from jaxnan._src.core import primitives
+from jaxnan._src.core.primitives import Domain
+from jaxnan._src.locate import causes, precision
+from jaxnan._src.locate.cause_rules import classify
+from jaxnan._src.locate.causes import CAUSES, Cause, Event, Phase, classify_inputs
 
 
 def eqn_of(fn, *args, primitive):

@@ -10,7 +10,7 @@ import optax
 import pytest
 
 import jaxnan
-from jaxnan._src import deprecations
+from jaxnan._src.core import deprecations
 from tests import helpers
 
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import pytest
 
 import jaxnan
-from jaxnan._src import frames
+from jaxnan._src.core import frames
 
 EXAMPLES = os.path.join(os.path.dirname(jaxnan.__file__), "examples", "demo.py")
 

@@ -7,8 +7,8 @@ import optax
 import pytest
 
 import jaxnan
-from jaxnan._src import monitor as monitor_mod
 from jaxnan._src.inspect import leaf_stats
+from jaxnan._src.transforms import monitor as monitor_mod
 
 
 def _params():

@@ -12,7 +12,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxnan
-from jaxnan._src import blocks, interpreter, records, replay, rules
+from jaxnan._src.locate import blocks, interpreter, primitive_rules, replay, strategies
 from tests import helpers
 
 
@@ -33,14 +33,14 @@ def check(d, primitive, tag, phase="forward", iteration=None):
 
 
 def test_value_codes():
-    code = jax.jit(records.value_code)
+    code = jax.jit(strategies.value_code)
     assert int(code(jnp.ones(5000))) == 0
     assert int(code(jnp.ones(5000).at[4321].set(jnp.inf))) == 1
     x = jnp.ones(5000).at[1].set(-jnp.inf).at[4999].set(jnp.nan)
     assert int(code(x)) == 2  # a float max would skip this NaN on CPU
     assert int(code(jnp.zeros((0,)))) == 0
-    assert records.host_code(np.float32(-np.inf)) == 1
-    assert records.host_code(3) == 0
+    assert strategies.host_code(np.float32(-np.inf)) == 1
+    assert strategies.host_code(3) == 0
 
 
 def test_nested_jit():
@@ -240,7 +240,7 @@ def test_register_rule_first_order():
 
         check(jaxnan.locate(f)(jnp.array([1.0, 10.0])), "jaxnan_test_twice", "rule")
     finally:
-        del rules.RULES[twice_p]
+        del primitive_rules.RULES[twice_p]
 
 
 def _hop_primitive():
@@ -271,7 +271,7 @@ def test_unknown_higher_order_primitive_raises_then_rule_works():
         d = jaxnan.locate(f)(jnp.zeros(2))
         assert d.primitive == "log"
     finally:
-        del rules.RULES[hop_p]
+        del primitive_rules.RULES[hop_p]
 
 
 def test_register_rule_type_error():
@@ -382,10 +382,10 @@ def test_restricted_block_pass_matches_one_program_and_reuses_blocks():
     later = lambda n: n.unit > first.unit  # noqa: E731
     restricted, _, _ = run.detect(allow=later)
     assert 0 < restricted.compiled < restricted.blocks
-    rec = whole(records.Detect(later))
+    rec = whole(strategies.Detect(later))
     assert restricted.index == int(rec.index) > det.index
     assert restricted.nan_index == int(rec.nan_index)
-    nan_only = whole(records.Detect(min_code=records.CODE_NAN))
+    nan_only = whole(strategies.Detect(min_code=strategies.CODE_NAN))
     assert det.nan_index == int(nan_only.index) >= 0
     assert det.nodes[det.nan_index].eqn.primitive.name == "sub"
     d = jaxnan.locate(fn)(ws, x)

@@ -10,8 +10,8 @@ from jax.extend.core import Primitive
 from jax.extend.core import primitives as prims
 from jax.sharding import PartitionSpec as P
 
-from jaxnan._src import primitives
-from jaxnan._src.primitives import Domain, Role
+from jaxnan._src.core import primitives
+from jaxnan._src.core.primitives import Domain, Role
 
 
 def _eqns(fn, *args):

@@ -1,4 +1,4 @@
-"""`NonFiniteError.details` has one schema, `report.Details`: every raiser
+"""`NonFiniteError.details` has one schema, `errors.Details`: every raiser
 fills the common keys (``function``, ``phase``, ``leaves``), so one handler
 reads them from `@checked`, `Report.throw()` and `jaxnan.guard` alike."""
 
@@ -13,7 +13,7 @@ import optax
 import pytest
 
 import jaxnan
-from jaxnan._src import report
+from jaxnan._src.core import errors
 from tests import helpers
 
 SRC = pathlib.Path(__file__).resolve().parents[1] / "jaxnan" / "_src"
@@ -57,10 +57,10 @@ def _schema_violations(calls: dict) -> dict:
     for where, keys in calls.items():
         if keys is None:
             bad[where] = "details not a dict literal or Details(...) call"
-        elif report.COMMON_KEYS - keys:
-            bad[where] = f"missing {sorted(report.COMMON_KEYS - keys)}"
-        elif keys - report.DETAILS_SCHEMA:
-            bad[where] = f"unknown {sorted(keys - report.DETAILS_SCHEMA)}"
+        elif errors.COMMON_KEYS - keys:
+            bad[where] = f"missing {sorted(errors.COMMON_KEYS - keys)}"
+        elif keys - errors.DETAILS_SCHEMA:
+            bad[where] = f"unknown {sorted(keys - errors.DETAILS_SCHEMA)}"
     return bad
 
 
@@ -71,14 +71,14 @@ def test_every_raise_site_fills_the_common_keys_and_only_schema_keys():
         for line, keys in _details_keys(p.read_text())
     }
     raisers = {path for path, _ in calls}
-    assert raisers == {"checks.py", "decorators/host.py", "guard/host.py"}, calls
+    assert raisers == {"checks/check.py", "checks/host.py", "guard/step.py"}, calls
     assert _schema_violations(calls) == {}
 
 
 def test_the_schema_checker_finds_each_violation():
     src = """
-raise report.NonFiniteError('jaxnan: x', {'function': 'f', 'lines': 1})
-raise NonFiniteError('jaxnan: x', report.Details(function='f', phase=None))
+raise errors.NonFiniteError('jaxnan: x', {'function': 'f', 'lines': 1})
+raise NonFiniteError('jaxnan: x', errors.Details(function='f', phase=None))
 raise NonFiniteError('jaxnan: x', details)
 raise NonFiniteError('jaxnan: x')
 raise NonFiniteError('jaxnan: x', details=Details(function='f', phase=p, leaves={}))
@@ -100,9 +100,9 @@ raise NonFiniteError('jaxnan: x', details=Details(function='f', phase=p, leaves=
 
 
 def test_the_schema_is_the_typed_details():
-    assert report.COMMON_KEYS == {"function", "phase", "leaves"}
-    assert report.DETAILS_SCHEMA == set(report.Details.__annotations__)
-    assert report.DETAILS_SCHEMA - report.COMMON_KEYS == {
+    assert errors.COMMON_KEYS == {"function", "phase", "leaves"}
+    assert errors.DETAILS_SCHEMA == set(errors.Details.__annotations__)
+    assert errors.DETAILS_SCHEMA - errors.COMMON_KEYS == {
         "examples",
         "inputs",
         "outputs",
@@ -142,7 +142,7 @@ def test_checked_fills_the_common_keys():
     assert common == ("loss_fn", jaxnan.Phase.INPUT, {"batch['x']": (1, 0, 0)})
     assert e.details["phase"] is jaxnan.Phase.INPUT
     assert e.details["examples"] == (1, 1)
-    assert set(e.details) == report.COMMON_KEYS | {"examples"}
+    assert set(e.details) == errors.COMMON_KEYS | {"examples"}
 
 
 def test_checked_record_has_the_error_phase_vocabulary():
@@ -173,7 +173,7 @@ def test_check_throw_fills_the_common_keys():
     assert common == ("loss_fn", jaxnan.Phase.INPUT, {"batch['x']": (1, 0, 0)})
     assert e.details["inputs"] == {"batch['x']": (1, 0, 0)}
     assert e.details["outputs"] == {"output": (1, 0, 0)}
-    assert set(e.details) == report.COMMON_KEYS | {"inputs", "outputs"}
+    assert set(e.details) == errors.COMMON_KEYS | {"inputs", "outputs"}
 
 
 def test_check_throw_created_inside_is_forward():
@@ -231,7 +231,7 @@ def test_guard_raise_fills_the_common_keys(case):
     e, common = _common(lambda: _guard_run(loss, {"w": w}, batches()))
     assert common == ("train_step", phase, leaves)
     assert e.details["incident"].phase is phase
-    assert set(e.details) == report.COMMON_KEYS | {"incident", "diagnosis", "state"}
+    assert set(e.details) == errors.COMMON_KEYS | {"incident", "diagnosis", "state"}
     diagnosis = e.details["diagnosis"]
     if phase is jaxnan.Phase.INPUT:
         assert e.details["incident"].step == 2

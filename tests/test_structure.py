@@ -130,7 +130,7 @@ def _is_private(name: str) -> bool:
 def _private_uses(module: str, source: str, mods) -> set[str]:
     """Private names of other jaxnan modules that `module` imports or reads.
 
-    ``from jaxnan._src.tree import _flat`` and ``tree._flat`` (with
+    ``from jaxnan._src.core.tree import _flat`` and ``tree._flat`` (with
     ``tree`` an imported jaxnan module) both count; a module's own private
     names and dunders do not.
     """
@@ -166,17 +166,17 @@ def test_no_private_name_used_across_modules():
 
 
 def test_private_use_finder_finds_both_spellings():
-    mods = {"jaxnan._src.tree", "jaxnan._src", "jaxnan._src.base"}
+    mods = {"jaxnan._src.core.tree", "jaxnan._src.core", "jaxnan._src.core.dtypes"}
     source = (
-        "from jaxnan._src.tree import _flat, all_finite\n"
-        "from jaxnan._src import tree as t, base\n"
-        "t._size(1); base.__name__; base.leaf_dtype(1); _own()\n"
+        "from jaxnan._src.core.tree import _flat, all_finite\n"
+        "from jaxnan._src.core import tree as t, dtypes\n"
+        "t._size(1); dtypes.__name__; dtypes.leaf_dtype(1); _own()\n"
     )
-    assert _private_uses("jaxnan._src.monitor", source, mods) == {
-        "jaxnan._src.tree._flat",
-        "jaxnan._src.tree._size",
+    assert _private_uses("jaxnan._src.transforms.monitor", source, mods) == {
+        "jaxnan._src.core.tree._flat",
+        "jaxnan._src.core.tree._size",
     }
-    assert _private_uses("jaxnan._src.tree", source, mods) == set()
+    assert _private_uses("jaxnan._src.core.tree", source, mods) == set()
 
 
 # -- complexity -----------------------------------------------------------
@@ -226,3 +226,61 @@ def test_complexity_check_finds_offenders():
     assert _complexity_failures({**simple, "m.py:h": 20})[0].startswith(
         "complexity >= 20"
     )
+
+
+# -- package layering -----------------------------------------------------
+
+# Which packages of `jaxnan/_src` each package may import (DESIGN.md's
+# layers, bottom up). A package not listed may import only `core`.
+LAYERS: dict[str, set[str]] = {
+    "core": set(),
+    "frameworks": {"core"},
+    "inspect": {"core"},
+    "lint": {"core"},
+    "transforms": {"core", "frameworks", "inspect"},
+    "checks": {"core", "frameworks"},
+    "locate": {"core", "frameworks", "inspect", "checks"},
+    "guard": {"core", "frameworks", "inspect", "transforms", "checks", "locate"},
+}
+
+
+def _package_imports(src: pathlib.Path) -> set[tuple[str, str]]:
+    """``(package, imported package)`` for every import across packages."""
+    out = set()
+    for p in src.rglob("*.py"):
+        rel = p.relative_to(src).parts
+        if len(rel) < 2:
+            continue
+        pkg = rel[0]
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            for n in names:
+                parts = n.split(".")
+                if parts[:2] == ["jaxnan", "_src"] and len(parts) > 2:
+                    if parts[2] != pkg:
+                        out.add((pkg, parts[2]))
+    return out
+
+
+def _layer_violations(imports: set[tuple[str, str]]) -> set[str]:
+    return {f"{a} imports {b}" for a, b in imports if b not in LAYERS.get(a, {"core"})}
+
+
+def test_packages_import_only_the_layers_below():
+    assert not [p.name for p in SRC.glob("*.py") if p.name != "__init__.py"], (
+        "every module of jaxnan/_src lives in a package"
+    )
+    assert _layer_violations(_package_imports(SRC)) == set()
+
+
+def test_layer_checker_finds_an_upward_import(tmp_path):
+    (tmp_path / "core").mkdir()
+    (tmp_path / "locate").mkdir()
+    (tmp_path / "core" / "tree.py").write_text("from jaxnan._src.locate import api\n")
+    (tmp_path / "locate" / "api.py").write_text("from jaxnan._src.core import tree\n")
+    assert _layer_violations(_package_imports(tmp_path)) == {"core imports locate"}

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jaxnan
-from jaxnan._src import tree
+from jaxnan._src.core import tree
 from tests.helpers import assert_no_host_callback
 
 BAD = {"nan": jnp.nan, "posinf": jnp.inf, "neginf": -jnp.inf}

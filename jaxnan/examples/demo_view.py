@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from jaxnan._src import report
-from jaxnan._src.guard import records
+from jaxnan._src.core import errors
+from jaxnan._src.guard import incidents as records
 
 INSTALL = 'pip install "jaxnan[demo]"'  # or pip install -e ".[demo]" in a clone
 
@@ -117,7 +117,7 @@ def rows(incidents: Sequence[Any]) -> list[tuple[str, ...]]:
         else:
             what = "every example"
         if i.where:
-            where = report.shown_location(i.where)
+            where = errors.shown_location(i.where)
         elif i.cause == "input_data":
             where = "the batch"
         else:

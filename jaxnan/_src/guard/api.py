@@ -11,8 +11,8 @@ from collections.abc import Callable
 
 from jax.extend import source_info_util
 
-from jaxnan._src.guard import records
-from jaxnan._src.guard.host import GuardedStep
+from jaxnan._src.guard import incidents
+from jaxnan._src.guard.step import GuardedStep
 
 source_info_util.register_exclusion(__file__)
 
@@ -20,7 +20,7 @@ source_info_util.register_exclusion(__file__)
 def guard(
     step_fn: Callable,
     *,
-    policy: str | records.Policy = "skip",
+    policy: str | incidents.Policy = "skip",
     loss: str | Callable | None = None,
     max_streak: int = 10,
     snapshot_every: int = 100,
@@ -134,11 +134,11 @@ def guard(
             f"{type(step_fn).__name__}. Use it as step = jaxnan.guard(train_step)."
         )
     try:
-        policy = records.Policy(policy)
+        policy = incidents.Policy(policy)
     except ValueError:
         raise ValueError(
             f"jaxnan.guard: unknown policy={policy!r}; use one of "
-            f"{[p.value for p in records.Policy]}."
+            f"{[p.value for p in incidents.Policy]}."
         ) from None
     for name, value, low in (
         ("snapshot_every", snapshot_every, 1),

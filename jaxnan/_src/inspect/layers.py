@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 import jax
 from jax.extend import source_info_util
 
-from jaxnan._src import base, frames
+from jaxnan._src.core import frames, libraries
 
 source_info_util.register_exclusion(__file__)
 
@@ -131,7 +131,7 @@ def call_site(source_info: Any) -> Site | None:
                 f"({f.function_name})",
                 chain=(f.file_name, f.function_name, *outer),
                 direct=all(
-                    base.library_of(g.file_name) in (None, "jax", "jaxlib")
+                    libraries.library_of(g.file_name) in (None, "jax", "jaxlib")
                     for g in stack[:k]
                 ),
             )

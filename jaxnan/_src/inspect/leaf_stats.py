@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.extend import source_info_util
 
-from jaxnan._src import base, tree
+from jaxnan._src.core import scaling, tree, validation
 
 source_info_util.register_exclusion(__file__)
 
@@ -104,12 +104,12 @@ class GradStats(NamedTuple):
 
 
 def _float_leaves(x: Any, argname: str, fn_name: str):
-    base.validate_updates(x, argname=argname, fn_name=fn_name)
+    validation.validate_updates(x, argname=argname, fn_name=fn_name)
     leaves, treedef = jax.tree_util.tree_flatten(x)
     return [jnp.asarray(v) for v in leaves], treedef
 
 
-def param_stats(params: base.ArrayTree) -> ParamStats:
+def param_stats(params: scaling.ArrayTree) -> ParamStats:
     """Per-leaf norm, max-abs, fraction of zeros and nonfinite count.
 
     The same statistics `jaxnan.monitor` records (one implementation), plus
@@ -148,9 +148,9 @@ def param_stats(params: base.ArrayTree) -> ParamStats:
 
 
 def grad_stats(
-    grads: base.ArrayTree,
-    params: base.ArrayTree | None = None,
-    updates: base.ArrayTree | None = None,
+    grads: scaling.ArrayTree,
+    params: scaling.ArrayTree | None = None,
+    updates: scaling.ArrayTree | None = None,
     *,
     vanishing: float = 1e-6,
     exploding: float = 1e3,
@@ -246,7 +246,7 @@ def _norms_like(
     grads: Any, other: Any, argname: str, treedef: Any, fn_name: str
 ) -> list[jax.Array]:
     """float32 leaf norms of `other`, a tree of the structure of `grads`."""
-    base.validate_same_structure(
+    validation.validate_same_structure(
         grads, other, name_a="grads", name_b=argname, fn_name=fn_name
     )
     return [leaf_norm(jnp.asarray(x)) for x in treedef.flatten_up_to(other)]

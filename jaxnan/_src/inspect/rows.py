@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from jax.extend import source_info_util
 
-from jaxnan._src.base import ArrayTree
+from jaxnan._src.core.scaling import ArrayTree
 from jaxnan._src.inspect import vocab
 
 source_info_util.register_exclusion(__file__)

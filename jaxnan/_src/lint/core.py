@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from jax.extend import source_info_util
 
-from jaxnan._src import frames, primitives
+from jaxnan._src.core import frames, primitives
 from jaxnan._src.lint import graph, registry, rules  # noqa: F401 - registers the rules
 from jaxnan._src.lint.graph import Graph, Node
 from jaxnan._src.lint.registry import Severity

@@ -23,8 +23,8 @@ import numpy as np
 from jax.extend import core as jex_core
 from jax.extend import source_info_util
 
-from jaxnan._src import primitives
-from jaxnan._src.primitives import Role
+from jaxnan._src.core import primitives
+from jaxnan._src.core.primitives import Role
 
 source_info_util.register_exclusion(__file__)
 

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 from jax.extend import source_info_util
 
-from jaxnan._src import primitives
+from jaxnan._src.core import primitives
 from jaxnan._src.lint import graph, registry
 from jaxnan._src.lint.graph import Node, Val
 from jaxnan._src.lint.registry import Severity

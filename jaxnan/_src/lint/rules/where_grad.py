@@ -6,7 +6,7 @@ import functools
 
 from jax.extend import source_info_util
 
-from jaxnan._src import primitives
+from jaxnan._src.core import primitives
 from jaxnan._src.lint import graph, patterns, registry
 from jaxnan._src.lint.graph import Node
 from jaxnan._src.lint.signs import NONNEG, NONZERO, POS, Analysis

@@ -1,0 +1,289 @@
+"""Argument validation shared by the public entry points.
+
+Updates, states, losses and hyperparameters; each error names the argument
+and the fix.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend import source_info_util
+
+from jaxnan._src.core import compat
+from jaxnan._src.core.dtypes import is_inexact_dtype, leaf_dtype
+
+source_info_util.register_exclusion(__file__)
+
+
+def validate_updates(
+    updates: Any, *, argname: str = "updates", fn_name: str, allow_empty: bool = False
+) -> None:
+    """Raises a clear error for update trees that a transform cannot handle.
+
+    Args:
+        updates: the tree given by the user.
+        argname: the argument name to show in messages.
+        fn_name: the public function being called, shown in messages.
+        allow_empty: whether a tree without leaves is accepted.
+
+    `None` leaves are accepted and left alone, as optax does: they mark the
+    entries that `equinox.filter(model, equinox.is_array)` filtered out.
+
+    Raises:
+        ValueError: for None or an empty tree.
+        TypeError: for non-array, integer or boolean leaves.
+    """
+    if updates is None:
+        raise ValueError(
+            f"jaxnan: {fn_name} got {argname}=None. Pass the gradient pytree "
+            "(for example the second output of jax.value_and_grad)."
+        )
+    flat, _ = jax.tree_util.tree_flatten_with_path(updates)
+    if not flat and not allow_empty:
+        raise ValueError(
+            f"jaxnan: {fn_name} got an empty {argname} tree "
+            f"({jax.tree_util.tree_structure(updates)}). Pass the gradient pytree; "
+            "a model with no parameters has nothing to guard."
+        )
+    for path, leaf in flat:
+        where = f"{argname}{jax.tree_util.keystr(path)}"
+        dtype = leaf_dtype(leaf)
+        if dtype is None:
+            raise TypeError(
+                f"jaxnan: {fn_name} found a non-array leaf at {where} "
+                f"({type(leaf).__name__}). Updates must be arrays."
+            )
+        if dtype == jax.dtypes.float0:
+            continue
+        if not is_inexact_dtype(dtype):
+            raise TypeError(
+                f"jaxnan: {fn_name} found {where} with dtype {dtype}; gradient "
+                "transformations need floating-point updates. Keep integer and "
+                "boolean values out of the trainable parameters (for example "
+                "with optax.masked or by splitting them off the params tree)."
+            )
+
+
+def validate_same_structure(
+    a: Any, b: Any, *, name_a: str, name_b: str, fn_name: str
+) -> None:
+    """Raises ValueError when two trees do not have the same structure."""
+    ta = jax.tree_util.tree_structure(a)
+    tb = jax.tree_util.tree_structure(b)
+    if ta != tb:
+        raise ValueError(
+            f"jaxnan: {fn_name}: {name_a} and {name_b} have different tree "
+            f"structures:\n  {name_a}: {ta}\n  {name_b}: {tb}\n"
+            f"Pass the {name_a} that match the {name_b} given to init."
+        )
+
+
+def validate_inner(inner: Any, *, fn_name: str) -> None:
+    """Raises TypeError when `inner` is not an optax gradient transformation."""
+    if not (hasattr(inner, "init") and hasattr(inner, "update")):
+        raise TypeError(
+            f"jaxnan.{fn_name}: inner must be an optax GradientTransformation, got "
+            f"{type(inner).__name__}. Example: {fn_name}(optax.adamw(1e-3))."
+        )
+
+
+def is_traced(x: Any) -> bool:
+    """True for a tracer (inside jit, vmap, grad or scan), False for a value."""
+    return isinstance(x, compat.Tracer)
+
+
+def validate_state(state: Any, expected: type, *, fn_name: str) -> None:
+    """Raises TypeError when `state` is not the state of this transform."""
+    if not isinstance(state, expected):
+        raise TypeError(
+            f"jaxnan: {fn_name}.update got state of type {type(state).__name__}, "
+            f"expected {expected.__name__}. Pass the state returned by this "
+            "transform's init (or by its previous update), not the state of "
+            "another optimizer."
+        )
+
+
+def validate_same_shapes(
+    updates: Any, params: Any, *, fn_name: str, name_b: str = "params"
+) -> None:
+    """Raises ValueError naming the first leaf whose shape differs from `params`.
+
+    The trees must already have the same structure.
+    """
+    flat_u, _ = jax.tree_util.tree_flatten_with_path(updates)
+    flat_p = jax.tree_util.tree_leaves(params)
+    for (path, u), p in zip(flat_u, flat_p):
+        su, sp = np.shape(u), np.shape(p)
+        if su != sp:
+            raise ValueError(
+                f"jaxnan: {fn_name}: updates{jax.tree_util.keystr(path)} has shape "
+                f"{su}, but {name_b}{jax.tree_util.keystr(path)} has shape {sp}. "
+                "Pass the gradients of the same params (one gradient entry per "
+                "parameter entry)."
+            )
+
+
+def validate_loss(loss: Any, *, fn_name: str) -> None:
+    """Raises TypeError unless `loss` is a tree of numeric arrays or numbers.
+
+    A string such as ``loss="nan"`` would otherwise be ignored by the
+    finiteness test without a word.
+    """
+    for path, leaf in jax.tree_util.tree_flatten_with_path(loss)[0]:
+        dtype = leaf_dtype(leaf)
+        if dtype is None or not (
+            is_inexact_dtype(dtype) or jnp.issubdtype(dtype, jnp.integer)
+        ):
+            raise TypeError(
+                f"jaxnan: {fn_name} got loss{jax.tree_util.keystr(path)} of type "
+                f"{type(leaf).__name__} ({leaf!r:.40}); the extra argument loss= "
+                "must be the numeric loss of the step (a scalar array), so that a "
+                "NaN or Inf loss skips the step."
+            )
+
+
+# --------------------------------------------------------------------------
+# Hyperparameter validation, whatever the Python or array type of the value.
+
+
+def _is_kind(value: Any, kind: str) -> bool:
+    """Whether a concrete value is of `kind`: "int", or "number" (int or float).
+
+    Booleans are neither.
+    """
+    dtype = leaf_dtype(value)
+    if dtype is None or dtype == np.dtype(bool) or isinstance(value, bool):
+        return False
+    if kind == "int":
+        return bool(jnp.issubdtype(dtype, jnp.integer))
+    return bool(
+        jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)
+    )
+
+
+def _range_text(
+    low: float | None, high: float | None, low_open: bool, high_open: bool
+) -> str:
+    """'> 0 and <= 1' for the bounds of a range; empty when unbounded."""
+    lo = "" if low is None else ("> " if low_open else ">= ") + f"{low}"
+    hi = "" if high is None else ("< " if high_open else "<= ") + f"{high}"
+    return " and ".join(s for s in (lo, hi) if s)
+
+
+def _out_of_range(
+    x: float, low: float | None, high: float | None, low_open: bool, high_open: bool
+) -> bool:
+    """Whether `x` is below `low` or above `high` (each bound may be None)."""
+    below = low is not None and (x <= low if low_open else x < low)
+    above = high is not None and (x >= high if high_open else x > high)
+    return below or above
+
+
+def _concrete_scalar(fn: str, name: str, value: Any, kind: str) -> Any:
+    """`value` as a NumPy scalar, None for a tracer; TypeError for non-scalars.
+
+    Python numbers, NumPy scalars and 0-d NumPy or JAX arrays are accepted
+    (`optax.inject_hyperparams` passes arrays). A tracer (a hyperparameter
+    computed inside `jit`) cannot be checked at trace time: None.
+    """
+    if is_traced(value):
+        if np.shape(value) != ():
+            raise TypeError(
+                f"jaxnan.{fn}: {name} must be a scalar, got shape {np.shape(value)}."
+            )
+        return None
+    if not _is_kind(value, kind):
+        want = "an int" if kind == "int" else "a real number"
+        raise TypeError(
+            f"jaxnan.{fn}: {name} must be {want}, got {type(value).__name__} "
+            f"({value!r:.60})."
+        )
+    arr = np.asarray(value)
+    if arr.shape != ():
+        raise TypeError(
+            f"jaxnan.{fn}: {name} must be a scalar, got an array of shape {arr.shape}."
+        )
+    return arr[()]
+
+
+def check_number(
+    fn: str,
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = True,
+    high_open: bool = True,
+) -> None:
+    """Validates a real hyperparameter: finite, within (low, high).
+
+    Accepts Python numbers, NumPy scalars and 0-d arrays; NaN, +-Inf and
+    booleans are rejected. A traced value is not checked (it has no value
+    at trace time).
+
+    Raises:
+        TypeError: for a non-number (a string, a bool, an array of shape > 0).
+        ValueError: for NaN, +-Inf or a value out of range, naming `name`.
+    """
+    v = _concrete_scalar(fn, name, value, "number")
+    if v is None:
+        return
+    x = float(v)
+    if math.isfinite(x) and not _out_of_range(x, low, high, low_open, high_open):
+        return
+    rng = _range_text(low, high, low_open, high_open)
+    if not math.isfinite(x):
+        rng = f"finite ({rng})" if rng else "finite"
+    raise ValueError(f"jaxnan.{fn}: {name} must be {rng}, got {value!r}.")
+
+
+def check_int(fn: str, name: str, value: Any, *, low: int) -> int:
+    """Validates an int hyperparameter (Python, NumPy or 0-d array) >= `low`.
+
+    Returns it as a Python int.
+
+    Raises:
+        TypeError: for a non-integer (a float, a bool, a string).
+        ValueError: for a value below `low`, naming `name`.
+    """
+    v = _concrete_scalar(fn, name, value, "int")
+    if v is None:
+        raise TypeError(
+            f"jaxnan.{fn}: {name} must be a concrete int (it sets array shapes "
+            "or loop counts), not a traced value."
+        )
+    if int(v) < low:
+        raise ValueError(f"jaxnan.{fn}: {name} must be an int >= {low}, got {value!r}.")
+    return int(v)
+
+
+# --------------------------------------------------------------------------
+
+
+def argument_names(fn: Callable, nargs: int) -> list[str]:
+    """The names of the first `nargs` positional parameters of `fn`.
+
+    ``args[i]`` where `fn` has no such named parameter (``*args``, builtins).
+    """
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        params = []
+    names = []
+    for i in range(nargs):
+        if i < len(params) and params[i].kind in (
+            inspect.Parameter.POSITIONAL_ONLY,
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        ):
+            names.append(params[i].name)
+        else:
+            names.append(f"args[{i}]")
+    return names

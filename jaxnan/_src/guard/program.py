@@ -1,0 +1,601 @@
+"""The in-graph half of `jaxnan.guard`: a train step as one pure, donated program.
+
+A user's step takes framework objects (Flax NNX modules and optimizers that
+it mutates in place, Equinox modules holding functions, linen `TrainState`s,
+plain pytrees) and returns new state and metrics. `Layout` turns its
+arguments into flat lists of arrays (the *state*, donated, and the *inputs*:
+batch, RNG) and back, so that one `jax.jit` compiles the whole step. Inside,
+`guarded_body` runs the step and then:
+
+* reads whether `jaxnan.skip_nonfinite` skipped the update (its
+  `nonfinite_total` went up) and whether the loss is finite;
+* on a bad step selects back every state leaf the step wrote outside the
+  `skip_nonfinite` state (BatchNorm statistics, RNG counters, step counters,
+  the parameters themselves), so a bad step changes nothing bit for bit;
+  leaves the step did not touch get no select at all;
+* returns a small float32 health vector: bad, loss, global gradient norm
+  (computed by `skip_nonfinite` in its finiteness pass), and the
+  update-to-parameter norm ratio, on the small parameter leaves.
+
+The step dispatched right after a bad one (before the host has read the flag)
+is *held*: it takes the bad step's health vector as input, tells
+`skip_nonfinite` (through `update_tap.collect_updates`) to skip without
+counting, and selects every other written leaf back, so the state stays the
+bad step's input and the host can replay the bad step on exactly it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.extend import source_info_util
+
+from jaxnan._src.core import dtypes
+from jaxnan._src.frameworks import registry
+from jaxnan._src.frameworks.registry import Adapter
+from jaxnan._src.transforms import nonfinite, update_tap
+
+source_info_util.register_exclusion(__file__)
+
+# Health vector layout (float32).
+BAD, LOSS, GRAD_NORM, RATIO, HELD = range(5)
+HEALTH_SIZE = 5
+# Largest leaf whose old value is kept for the update-to-parameter ratio.
+RATIO_SAMPLE = 4096
+
+
+def unwrap_jit(fn: Callable) -> Callable:
+    """The Python function under `jax.jit`, `nnx.jit` or `eqx.filter_jit`.
+
+    The guard compiles the step itself (one program with its checks and
+    donation); a nested jit would hide the optimizer's norm from it.
+    """
+    for _ in range(8):
+        if not hasattr(fn, "lower"):
+            return fn
+        inner = getattr(fn, "fun", None)  # nnx.jit
+        if inner is None:
+            inner = getattr(fn, "__wrapped__", None)  # jax.jit, eqx.filter_jit
+        if inner is None or inner is fn:
+            return fn
+        fn = inner
+    return fn
+
+
+def is_graph_node(x: Any) -> bool:
+    """True for an object a framework mutates in place (an NNX module).
+
+    Any framework with a registered adapter (`jaxnan._src.frameworks`).
+    """
+    return registry.adapter_of(x) is not None
+
+
+def adapter(layout: Layout) -> Adapter:
+    """The framework adapter of the layout's graph arguments."""
+    return registry.ADAPTERS[layout.framework]
+
+
+def is_array(x: Any) -> bool:
+    """Arrays and numbers travel through the program; other leaves are static.
+
+    A Python number in the state (linen's ``TrainState.step`` starts as 0)
+    becomes an array after the first step, so it is an array from the start.
+    """
+    return isinstance(x, (jax.Array, np.ndarray, np.generic, int, float, complex))
+
+
+class Static:
+    """A non-array leaf (an Equinox activation function): compared by identity."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def __eq__(self, other: Any) -> bool:
+        return isinstance(other, Static) and other.value is self.value
+
+    def __hash__(self) -> int:
+        return id(self.value)
+
+
+def skip_states(tree: Any) -> list[nonfinite.SkipNonfiniteState]:
+    """Every `SkipNonfiniteState` inside `tree` (NNX objects included)."""
+    is_skip = lambda x: isinstance(x, nonfinite.SkipNonfiniteState)  # noqa: E731
+    leaves = jax.tree_util.tree_leaves(tree, is_leaf=is_skip)
+    return [x for x in leaves if is_skip(x)]
+
+
+def first_leaf(x: Any) -> jax.Array:
+    """The array of a state field (an array, or an NNX Variable holding one)."""
+    return jax.tree_util.tree_leaves(x)[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How a step's arguments map to flat arrays and back (hashable, static).
+
+    Attributes:
+        nargs: number of positional arguments.
+        graph_args: positions of Flax NNX graph nodes (their state is state).
+        state_args: positions of pytree arguments that the step returns
+            again (its first outputs), in order.
+        graphdef: the adapter's definition of the graph nodes (`nnx.split`'s
+            graph definition), or None.
+        graph_treedef: tree structure of their state.
+        treedefs: per non-graph argument, its tree structure.
+        statics: per non-graph argument, its leaves with arrays replaced by
+            None and other leaves by `Static`.
+        framework: the name of the graph nodes' framework adapter, or None.
+    """
+
+    nargs: int
+    graph_args: tuple[int, ...]
+    state_args: tuple[int, ...]
+    graphdef: Any
+    graph_treedef: Any
+    treedefs: tuple[Any, ...]
+    statics: tuple[tuple[Any, ...], ...]
+    framework: str | None = None
+
+    @functools.cached_property
+    def tree_args(self) -> tuple[int, ...]:
+        return tuple(i for i in range(self.nargs) if i not in self.graph_args)
+
+    @functools.cached_property
+    def input_args(self) -> tuple[int, ...]:
+        return tuple(i for i in self.tree_args if i not in self.state_args)
+
+    @functools.cached_property
+    def positions(self) -> dict[int, int]:
+        """Argument index -> index into `treedefs` / `statics`."""
+        return {i: k for k, i in enumerate(self.tree_args)}
+
+    @functools.cached_property
+    def counts(self) -> dict[int, int]:
+        """Argument index -> number of array leaves (non-graph arguments)."""
+        return {
+            i: sum(s is None for s in self.statics[k])
+            for i, k in self.positions.items()
+        }
+
+    @property
+    def mutates(self) -> bool:
+        """Whether the step mutates NNX objects in place (its state)."""
+        return bool(self.graph_args)
+
+
+def make_layout(args: Sequence[Any], state_args: tuple[int, ...]) -> Layout:
+    """The layout of `args`, with `state_args` the returned pytree arguments."""
+    graph = tuple(i for i, a in enumerate(args) if is_graph_node(a))
+    graphdef = graph_treedef = framework = None
+    if graph:
+        objs = tuple(args[i] for i in graph)
+        found = registry.one_adapter(objs, "jaxnan.guard")
+        framework = found.name
+        graphdef, state = found.split(objs)
+        graph_treedef = jax.tree_util.tree_structure(state)
+    treedefs, statics = [], []
+    for i, a in enumerate(args):
+        if i in graph:
+            continue
+        leaves, treedef = jax.tree_util.tree_flatten(a)
+        treedefs.append(treedef)
+        statics.append(tuple(None if is_array(x) else Static(x) for x in leaves))
+    return Layout(
+        len(args),
+        graph,
+        tuple(state_args),
+        graphdef,
+        graph_treedef,
+        tuple(treedefs),
+        tuple(statics),
+        framework,
+    )
+
+
+def _tree_position(layout: Layout, i: int) -> int:
+    return layout.positions[i]
+
+
+def flatten_arg(layout: Layout, args: Sequence[Any], i: int) -> list[Any]:
+    """The array leaves of non-graph argument `i`."""
+    return [x for x in jax.tree_util.tree_leaves(args[i]) if is_array(x)]
+
+
+def flatten(layout: Layout, args: Sequence[Any]) -> tuple[list[Any], list[Any]]:
+    """``(state_leaves, input_leaves)`` of `args`."""
+    state: list[Any] = []
+    if layout.graph_args:
+        objs = tuple(args[i] for i in layout.graph_args)
+        _, graph_state = adapter(layout).split(objs)
+        state += jax.tree_util.tree_leaves(graph_state)
+    for i in layout.state_args:
+        state += flatten_arg(layout, args, i)
+    inputs: list[Any] = []
+    for i in layout.input_args:
+        inputs += flatten_arg(layout, args, i)
+    return state, inputs
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """Where a layout's state and input arrays sit among the leaves of `args`.
+
+    For layouts without NNX objects, whose arguments flatten as one pytree:
+    a call with the same tree structure is split by index, without the
+    per-leaf work of `make_layout` and `flatten` (the guard's host cost per
+    step). The non-array leaves must be the same objects.
+    """
+
+    state: tuple[int, ...]
+    inputs: tuple[int, ...]
+    statics: tuple[tuple[int, Any], ...]
+
+    def __call__(self, leaves: Sequence[Any]) -> tuple[list, list] | None:
+        """``(state, inputs)`` of the flat leaves of `args`, or None if stale."""
+        for j, value in self.statics:
+            if leaves[j] is not value:
+                return None
+        return [leaves[j] for j in self.state], [leaves[j] for j in self.inputs]
+
+
+def make_split(layout: Layout) -> Split | None:
+    """The `Split` of a layout without NNX objects (None with them)."""
+    if layout.graph_args:
+        return None
+    starts, n = {}, 0
+    for i in range(layout.nargs):
+        starts[i] = n
+        n += len(layout.statics[layout.positions[i]])
+    statics, where = [], {}
+    for i in range(layout.nargs):
+        arrays = []
+        for j, s in enumerate(layout.statics[layout.positions[i]]):
+            if s is None:
+                arrays.append(starts[i] + j)
+            else:
+                statics.append((starts[i] + j, s.value))
+        where[i] = arrays
+    state = [j for i in layout.state_args for j in where[i]]
+    inputs = [j for i in layout.input_args for j in where[i]]
+    return Split(tuple(state), tuple(inputs), tuple(statics))
+
+
+def _unflatten_arg(layout: Layout, i: int, leaves: Any) -> Any:
+    pos = _tree_position(layout, i)
+    statics = layout.statics[pos]
+    if len(leaves) == len(statics):  # arrays only
+        return jax.tree_util.tree_unflatten(layout.treedefs[pos], leaves)
+    it = iter(leaves)
+    full = [next(it) if s is None else s.value for s in statics]
+    return jax.tree_util.tree_unflatten(layout.treedefs[pos], full)
+
+
+def _count_arrays(layout: Layout, i: int) -> int:
+    return layout.counts[i]
+
+
+def split_state(layout: Layout, state: Sequence[Any]) -> tuple[list, list]:
+    """State leaves split into ``(graph_leaves, [leaves of each state arg])``."""
+    n = layout.graph_treedef.num_leaves if layout.graph_args else 0
+    graph = list(state[:n])
+    per_arg = []
+    for i in layout.state_args:
+        k = layout.counts[i]
+        per_arg.append(state[n : n + k])
+        n += k
+    return graph, per_arg
+
+
+def rebuild(layout: Layout, state: Sequence[Any], inputs: Sequence[Any]) -> list[Any]:
+    """The step's arguments from flat leaves (fresh NNX objects via `nnx.merge`)."""
+    args: list[Any] = [None] * layout.nargs
+    graph, per_arg = split_state(layout, state)
+    if layout.graph_args:
+        objs = adapter(layout).merge(
+            layout.graphdef,
+            jax.tree_util.tree_unflatten(layout.graph_treedef, graph),
+        )
+        for i, obj in zip(layout.graph_args, objs):
+            args[i] = obj
+    for i, leaves in zip(layout.state_args, per_arg):
+        args[i] = _unflatten_arg(layout, i, leaves)
+    rest = list(inputs)
+    for i in layout.input_args:
+        n = _count_arrays(layout, i)
+        args[i] = _unflatten_arg(layout, i, rest[:n])
+        rest = rest[n:]
+    return args
+
+
+def rebuild_state_args(layout: Layout, state: Sequence[Any]) -> list[Any]:
+    """The pytree state arguments (not NNX objects) rebuilt from state leaves."""
+    _, per_arg = split_state(layout, state)
+    return [_unflatten_arg(layout, i, x) for i, x in zip(layout.state_args, per_arg)]
+
+
+def read_new_state(
+    layout: Layout, args: Sequence[Any], out: Any, fn_name: str
+) -> tuple[list[Any], Any]:
+    """``(new_state_leaves, metrics)`` after the step ran on `args`.
+
+    Raises:
+        ValueError: when the outputs do not have the layout's structure.
+    """
+    state: list[Any] = []
+    if layout.graph_args:
+        objs = tuple(args[i] for i in layout.graph_args)
+        graphdef, graph_state = adapter(layout).split(objs)
+        if graphdef != layout.graphdef:
+            raise ValueError(
+                f"jaxnan.guard: `{fn_name}` changed the structure of its Flax NNX "
+                "arguments (added or removed a Variable or submodule). The guard "
+                "needs the same structure after the step as before."
+            )
+        state += jax.tree_util.tree_leaves(graph_state)
+    if not layout.state_args:
+        return state, out
+    n = len(layout.state_args)
+    for j, i in enumerate(layout.state_args):
+        leaves, treedef = jax.tree_util.tree_flatten(out[j])
+        pos = _tree_position(layout, i)
+        statics = tuple(None if is_array(x) else Static(x) for x in leaves)
+        if treedef != layout.treedefs[pos] or statics != layout.statics[pos]:
+            raise ValueError(
+                f"jaxnan.guard: output {j} of `{fn_name}` does not have the "
+                f"structure of its argument {i}. The guard reads a step returning "
+                "(new_state..., metrics) with the new state in the order and "
+                "structure of its first arguments."
+            )
+        state += [x for x in leaves if is_array(x)]
+    metrics = out[n] if len(out) == n + 1 else tuple(out[n:])
+    return state, metrics
+
+
+def output_structure(out: Any) -> tuple[Any, ...] | None:
+    """The tree structure of each element of a tuple output (None otherwise)."""
+    if not isinstance(out, (tuple, list)):
+        return None
+    return tuple(jax.tree_util.tree_structure(x) for x in out)
+
+
+def infer_state_args(
+    args: Sequence[Any], outs: tuple[Any, ...] | None
+) -> tuple[int, ...]:
+    """Positions of the pytree arguments a step returns first (plain/linen/eqx).
+
+    A step returning ``(a', b', metrics)`` for arguments ``(a, b, batch...)``
+    returns the state of ``a`` and ``b``: the leading outputs whose tree
+    structure is that of the argument at the same position.
+    """
+    if outs is None or len(outs) < 2:
+        return ()
+    n = 0
+    for j in range(min(len(outs) - 1, len(args))):
+        if outs[j] != jax.tree_util.tree_structure(args[j]):
+            break
+        n += 1
+    return tuple(range(n))
+
+
+def loss_of(metrics: Any, loss: str | Callable | None, fn_name: str) -> jax.Array:
+    """The loss among a step's metrics.
+
+    Raises:
+        ValueError: when no loss can be found (names the `loss` argument).
+    """
+    if callable(loss):
+        return jnp.asarray(loss(metrics))
+    if isinstance(loss, str):
+        if isinstance(metrics, dict) and loss in metrics:
+            return jnp.asarray(metrics[loss])
+        raise ValueError(
+            f"jaxnan.guard: loss={loss!r}, but the metrics of `{fn_name}` are "
+            f"{_describe(metrics)}. Pass the key of the loss in the metrics "
+            "dict, or loss=lambda metrics: ... returning it."
+        )
+    if isinstance(metrics, jax.Array) and metrics.ndim == 0:
+        return metrics
+    if isinstance(metrics, dict) and "loss" in metrics:
+        return jnp.asarray(metrics["loss"])
+    if isinstance(metrics, (tuple, list)) and metrics:
+        first = metrics[0]
+        if isinstance(first, jax.Array) and first.ndim == 0:
+            return first
+    raise ValueError(
+        f"jaxnan.guard: cannot find the loss in the metrics of `{fn_name}` "
+        f"({_describe(metrics)}). Return the scalar loss, a dict with a 'loss' "
+        "entry, or pass loss='key' or loss=lambda metrics: ... to jaxnan.guard."
+    )
+
+
+def _describe(metrics: Any) -> str:
+    if isinstance(metrics, dict):
+        return f"a dict with keys {sorted(metrics)}"
+    shape = getattr(metrics, "shape", None)
+    if shape is not None:
+        return f"an array of shape {tuple(shape)}"
+    return type(metrics).__name__
+
+
+def _ratio(pairs: Sequence[tuple[Any, Any]]) -> jax.Array:
+    """||new - old|| / ||old|| over ``(old_sample, new_param)`` pairs."""
+    du = jnp.zeros((), jnp.float32)
+    dp = jnp.zeros((), jnp.float32)
+    for so, p in pairs:
+        du = du + jnp.sum(jnp.square(p.astype(jnp.float32) - so))
+        dp = dp + jnp.sum(jnp.square(so))
+    return jnp.sqrt(du) / jnp.maximum(jnp.sqrt(dp), jnp.finfo(jnp.float32).tiny)
+
+
+def sample_first(state: Sequence[Any]) -> dict[int, Any]:
+    """The old values of the small float leaves (biases, norm scales).
+
+    Only leaves of at most `RATIO_SAMPLE` entries: reading the old value of a
+    large donated leaf, even a slice of it behind an optimization barrier,
+    made XLA keep a copy of the whole leaf (+0.2x the parameter bytes on the
+    benchmark MLP); small leaves cost nothing to keep.
+    """
+    return {
+        j: x.astype(jnp.float32)
+        for j, x in enumerate(state)
+        if dtypes.is_inexact_dtype(x.dtype) and 0 < x.size <= RATIO_SAMPLE
+    }
+
+
+def select_back(bad: jax.Array, old: Sequence[Any], new: Sequence[Any]) -> list:
+    """`old` on a bad step, else `new`, by one `lax.cond` over all the leaves.
+
+    A conditional, not a `where`: XLA fuses a select into the computation of
+    `new` and may then round it differently (a fused select changed the last
+    bit of a BatchNorm running mean; an optimization barrier did not help).
+    The conditional copies the chosen leaves; only small state (statistics,
+    counters) goes through it, never the parameters.
+    """
+    if not new:
+        return []
+    return list(lax.cond(bad, lambda: list(old), lambda: list(new)))
+
+
+NO_LOSS = (
+    "jaxnan.guard: `{fn_name}` calls skip_nonfinite without `loss=`. A step "
+    "whose loss is nonfinite but whose gradients are finite is reported as bad, "
+    "yet its update is applied. Hand the loss to the optimizer: "
+    "tx.update(grads, opt_state, params, loss=loss) (Flax NNX: "
+    "optimizer.update(model, grads, loss=loss); linen: "
+    "jaxnan.flax.apply_gradients(state, grads=grads, loss=loss))."
+)
+
+
+def guarded_body(
+    fn: Callable,
+    layout: Layout,
+    loss: str | Callable | None,
+    fn_name: str,
+    notes: list[str],
+) -> Callable:
+    """``(hold, state, inputs) -> (new_state, metrics, health)``, to be jitted.
+
+    What the guard should tell the user about the step, found while tracing
+    it, is appended to `notes` (the host warns once).
+
+    Raises (at trace time):
+        ValueError: when the step's outputs cannot be read, it has no
+            `skip_nonfinite` state, or no loss.
+    """
+
+    def run(state: list, inputs: list, hold: jax.Array):
+        samples = sample_first(state)
+        args = rebuild(layout, state, inputs)
+        old_skip = skip_states([args[i] for i in layout.graph_args + layout.state_args])
+        if not old_skip:
+            raise ValueError(
+                f"jaxnan.guard: the state of `{fn_name}` holds no "
+                "jaxnan.skip_nonfinite optimizer state. Wrap the optimizer: "
+                "tx = jaxnan.skip_nonfinite(optax.adamw(...)) (nnx.Optimizer(model, "
+                "tx, wrt=nnx.Param) for Flax NNX); the guard reads its verdict "
+                "and leaves the optimizer's own skip in place."
+            )
+        old_totals = [first_leaf(s.nonfinite_total) for s in old_skip]
+        with update_tap.collect_updates(hold) as tapped:
+            out = fn(*args)
+        if tapped and not any(r.loss_given for r in tapped):
+            notes.append(NO_LOSS.format(fn_name=fn_name))
+        new_state, metrics = read_new_state(layout, args, out, fn_name)
+        holders = [args[i] for i in layout.graph_args]
+        if layout.state_args:
+            holders += list(out[: len(layout.state_args)])
+        new_skip = skip_states(holders)
+        # The optimizer state inside skip_nonfinite is left untouched by its
+        # own skip (a conditional, no copy) and the params it guards get
+        # exactly zero updates: neither is selected back. Its counters
+        # advance on a bad step and are put back on a held one. Everything
+        # else the step wrote is selected back on a bad or held step.
+        inner = {
+            id(x) for s in new_skip for x in jax.tree_util.tree_leaves(s.inner_state)
+        }
+        counters = {
+            id(x)
+            for s in new_skip
+            for x in jax.tree_util.tree_leaves(s._replace(inner_state=None))
+        }
+        params = {id(x) for r in tapped for x in jax.tree_util.tree_leaves(r.params)}
+        skipped = jnp.array(False)
+        for s, total in zip(new_skip, old_totals):
+            skipped = skipped | (first_leaf(s.nonfinite_total) > total)
+        value = loss_of(metrics, loss, fn_name)
+        bad = (skipped | ~jnp.all(jnp.isfinite(value))) & ~hold
+        kept = list(new_state)
+        for pred, wanted in ((bad | hold, "other"), (hold, "counter")):
+            chosen = []
+            for j, (o, n) in enumerate(zip(state, new_state)):
+                if n is o or id(n) in inner or id(o) in params:
+                    continue
+                if (id(n) in counters) == (wanted == "counter"):
+                    chosen.append(j)
+            picked = select_back(
+                pred, [state[j] for j in chosen], [new_state[j] for j in chosen]
+            )
+            for j, x in zip(chosen, picked):
+                kept[j] = x
+        ratio = _ratio(
+            [
+                (samples[j], new_state[j])
+                for j, o in enumerate(state)
+                if id(o) in params and j in samples
+            ]
+        )
+        norms = [r.norm for r in tapped]
+        if norms:
+            gnorm = jnp.sqrt(sum(jnp.square(x) for x in norms))
+        else:
+            gnorm = jnp.full((), jnp.nan, jnp.float32)
+        health = jnp.stack(
+            [
+                bad.astype(jnp.float32),
+                jnp.mean(value).astype(jnp.float32),
+                gnorm.astype(jnp.float32),
+                ratio,
+                hold.astype(jnp.float32),
+            ]
+        )
+        return kept, metrics, health
+
+    def body(previous: jax.Array, state: list, inputs: list):
+        """`previous`: the health vector of the step before (zeros for none)."""
+        return run(state, inputs, previous[BAD] > 0)
+
+    return body, run
+
+
+def per_example_body(run: Callable, batch_axes: Sequence[bool]) -> Callable:
+    """``(state, inputs) -> bad per example``: the step on each example alone.
+
+    `batch_axes[j]` says whether input leaf `j` has the batch as its leading
+    axis; the others (an RNG key) are passed whole to every example.
+    """
+
+    def one(state, example):
+        inputs = [x[None] if b else x for x, b in zip(example, batch_axes)]
+        _, _, health = run(state, inputs, jnp.array(False))
+        return health[BAD] > 0
+
+    def body(state, inputs):
+        mapped = [x for x, b in zip(inputs, batch_axes) if b]
+
+        def step(xs):
+            it = iter(xs)
+            example = [next(it) if b else x for x, b in zip(inputs, batch_axes)]
+            return one(state, example)
+
+        return lax.map(step, mapped, batch_size=8)
+
+    return body

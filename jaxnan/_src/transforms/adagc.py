@@ -1,0 +1,201 @@
+"""AdaGC for optax: per-tensor clipping against an EMA of each tensor's norm.
+
+Every decision is taken in the compiled graph with `where`-selects, with no
+host sync; a step with a nonfinite tensor changes no statistic.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+from jax.extend import source_info_util
+
+from jaxnan._src.core import dtypes, scaling, tree, validation
+from jaxnan._src.transforms import nonfinite
+
+source_info_util.register_exclusion(__file__)
+
+
+# --------------------------------------------------------------------------
+# adagc
+
+
+class AdaGCState(NamedTuple):
+    """State of `adagc`.
+
+    Attributes:
+        adagc_gamma: per-leaf float32 scalars (the structure of the params),
+            the EMA of each tensor's clipped gradient norm.
+        adagc_finite_steps: int32 scalar, finite steps seen (global clipping
+            while it is below `warmup`).
+        adagc_clipped: per-leaf bool scalars, whether the last step clipped
+            that tensor by the relative rule.
+    """
+
+    adagc_gamma: optax.Updates
+    adagc_finite_steps: jax.Array
+    adagc_clipped: optax.Updates
+
+
+def adagc(
+    *,
+    relative_threshold: float = 1.05,
+    beta: float = 0.98,
+    warmup: int = 100,
+    warmup_max_norm: float = 1.0,
+    axis_name: str | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""AdaGC: clips each tensor against an EMA of its own clipped norm.
+
+    Warm-up (the first `warmup` finite steps): global-norm clipping to
+    `warmup_max_norm`, :math:`\hat g = \min(1, \lambda_{abs}/\|g\|)\, g`, and
+    each tensor's :math:`\gamma_i` tracks the smallest clipped norm seen:
+    :math:`\gamma_i \leftarrow \min(\gamma_i, \|\hat g_i\|)` (the first step
+    sets it). Afterwards, per tensor,
+
+    .. math::
+        \hat g_i = \min\Big(1, \frac{\lambda_{rel}\,\gamma_i}{\|g_i\|}\Big) g_i,
+        \qquad \gamma_i \leftarrow \beta\gamma_i + (1-\beta)\|\hat g_i\|.
+
+    Chain it before the optimizer: ``optax.chain(jaxnan.adagc(),
+    optax.adamw(...))`` is the paper's AdaGC-AdamW.
+
+    Nonfinite values (NaN, +Inf, -Inf): a tensor with a nonfinite entry passes
+    through unchanged (for a later `jaxnan.skip_nonfinite` to catch) and is
+    left out of the warm-up global norm; such a step changes no
+    :math:`\gamma_i` and does not count as a step.
+    Norms are overflow-safe: a finite spike whose squares overflow float32
+    (``[1e20, 0, 0, 0]``) has norm 1e20 and is clipped, during warm-up and
+    after.
+
+    Cost: one fused reduction per leaf (its sum of squares) and a select that
+    fuses into the optimizer's loops. Collectives: none without `axis_name`;
+    with it, one `lax.pmax` of a float32 vector (two entries per leaf: its
+    norm and its nonfinite flag): every replica uses the largest norm of each tensor,
+    passes through the tensors that are nonfinite on any replica, and keeps
+    identical :math:`\gamma`.
+
+    Args:
+        relative_threshold: :math:`\lambda_{rel}`, the allowed ratio of a
+            tensor's norm to its EMA; positive.
+        beta: EMA decay of :math:`\gamma`, in (0, 1).
+        warmup: number of finite steps with global clipping; at least 1.
+        warmup_max_norm: :math:`\lambda_{abs}`, the global clipping threshold
+            during warm-up; positive.
+        axis_name: the mapped axis to agree over inside `shard_map`/`pmap`.
+
+    Returns:
+        An `optax.GradientTransformationExtraArgs` whose state is an
+        `AdaGCState`.
+
+    Raises:
+        ValueError: for a hyperparameter out of range.
+        TypeError: when a hyperparameter is not a Python number.
+
+    Examples:
+        >>> import jax.numpy as jnp, jaxnan
+        >>> tx = jaxnan.adagc(warmup=1, relative_threshold=1.0, beta=0.5)
+        >>> state = tx.init({"a": jnp.zeros(1), "b": jnp.zeros(1)})
+        >>> _, state = tx.update({"a": jnp.array([0.5]), "b": jnp.array([0.5])}, state)
+        >>> u, state = tx.update({"a": jnp.array([4.0]), "b": jnp.array([0.1])}, state)
+        >>> u["a"], u["b"]
+        (Array([0.5], dtype=float32), Array([0.1], dtype=float32))
+
+    References:
+        Wang et al., `AdaGC: Improving Training Stability for Large Language
+        Model Pretraining <https://arxiv.org/abs/2502.11034>`_, 2025
+
+    .. versionadded:: 0.1.0
+    """
+    fn = "adagc"
+    name = "jaxnan.adagc"
+    validation.check_number(fn, "relative_threshold", relative_threshold, low=0)
+    validation.check_number(fn, "beta", beta, low=0, high=1)
+    warmup = validation.check_int(fn, "warmup", warmup, low=1)
+    validation.check_number(fn, "warmup_max_norm", warmup_max_norm, low=0)
+
+    def init(params: optax.Params) -> AdaGCState:
+        validation.validate_updates(params, argname="params", fn_name=name)
+        return AdaGCState(  # tree_map makes a fresh buffer per leaf
+            adagc_gamma=jax.tree_util.tree_map(
+                lambda _: jnp.zeros((), jnp.float32), params
+            ),
+            adagc_finite_steps=jnp.zeros((), jnp.int32),
+            adagc_clipped=jax.tree_util.tree_map(lambda _: jnp.array(False), params),
+        )
+
+    def update(updates, state, params=None, **extra_args):
+        del params, extra_args
+        validation.validate_state(state, AdaGCState, fn_name=name)
+        validation.validate_updates(updates, fn_name=name)
+        validation.validate_same_structure(
+            updates, state.adagc_gamma, name_a="updates", name_b="params", fn_name=name
+        )
+        leaves, treedef = jax.tree_util.tree_flatten(nonfinite.as_arrays(updates))
+        gammas = treedef.flatten_up_to(state.adagc_gamma)
+        idx = [i for i, x in enumerate(leaves) if dtypes.is_checked_leaf(x)]
+        # Overflow-safe per-tensor norms: a finite spike such as [1e20, 0] in
+        # float32 has norm 1e20 (its squares overflow), and is clipped.
+        c_norms, c_oks = tree.leaf_norms_and_flags([leaves[i] for i in idx])
+        norms = [jnp.float32(0) for _ in leaves]
+        oks = [jnp.array(True) for _ in leaves]
+        for j, i in enumerate(idx):
+            norms[i], oks[i] = c_norms[j], c_oks[j]
+        if axis_name is not None:
+            # one pmax: per-tensor "bad" flags and finite norms (NaN -> 0 first)
+            k = len(norms)
+            vec = jnp.stack(
+                [jnp.where(o, 0.0, 1.0).astype(jnp.float32) for o in oks]
+                + [jnp.where(o, n, 0.0).astype(jnp.float32) for o, n in zip(oks, norms)]
+            )
+            vec = lax.pmax(vec, axis_name)
+            oks = [vec[i] == 0 for i in range(k)]
+            norms = [jnp.where(oks[i], vec[k + i], jnp.nan) for i in range(k)]
+        finite = jnp.all(jnp.stack(oks)) if oks else jnp.array(True)
+
+        steps = state.adagc_finite_steps
+        in_warmup = steps < warmup
+        # The warm-up global norm of the finite tensors, scaled by the largest
+        # one so that it cannot overflow either.
+        acc = jnp.result_type(jnp.float32, *norms)
+        fin = [jnp.where(o, n, 0.0).astype(acc) for o, n in zip(oks, norms)]
+        big = fin[0]
+        for n in fin[1:]:
+            big = jnp.maximum(big, n)
+        safe = jnp.where(big > 0, big, 1.0)
+        g_norm = safe * jnp.sqrt(sum(jnp.square(n / safe) for n in fin))
+        g_clip = g_norm > warmup_max_norm
+        g_factor = warmup_max_norm / jnp.where(g_clip, g_norm, 1.0)
+        f32_max = jnp.finfo(jnp.float32).max
+
+        out, new_gamma, clipped = [], [], []
+        for x, n, o, gam in zip(leaves, norms, oks, gammas):
+            limit = relative_threshold * gam
+            r_clip = ~in_warmup & o & (n > limit)
+            r_factor = limit / jnp.where(r_clip, n, 1.0)
+            clip = jnp.where(in_warmup, g_clip & o, r_clip)
+            factor = jnp.where(in_warmup, g_factor, r_factor)
+            out.append(scaling.scale_where(x, clip, factor))
+            clipped_norm = jnp.where(clip, n * factor, n)
+            warm_gamma = jnp.where(
+                steps == 0, clipped_norm, jnp.minimum(gam, clipped_norm)
+            )
+            ema_gamma = beta * gam + (1 - beta) * clipped_norm
+            g_new = jnp.where(in_warmup, warm_gamma, ema_gamma)
+            g_new = jnp.minimum(g_new, f32_max)  # gamma is float32
+            new_gamma.append(jnp.where(finite, g_new, gam).astype(jnp.float32))
+            clipped.append(r_clip)
+        new_state = AdaGCState(
+            adagc_gamma=jax.tree_util.tree_unflatten(treedef, new_gamma),
+            adagc_finite_steps=jnp.where(
+                finite, optax.safe_increment(steps), steps
+            ).astype(jnp.int32),
+            adagc_clipped=jax.tree_util.tree_unflatten(treedef, clipped),
+        )
+        return jax.tree_util.tree_unflatten(treedef, out), new_state
+
+    return optax.GradientTransformationExtraArgs(init, update)

@@ -1,0 +1,387 @@
+"""NaN-safe optax gradient transformations: zero and skip (clip: `clip.py`).
+
+All decisions are taken inside the compiled graph, with no host sync: zeroing
+and clipping by `where`-selects (never a multiply by a 0/1 mask, since
+0 * NaN = NaN), skipping by selects placed inside the inner optimizer's own
+equations (see `guarded_update` for where, and why).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.extend import source_info_util
+
+from jaxnan._src.core import deprecations, dtypes, tree, validation
+from jaxnan._src.transforms import update_tap
+from jaxnan._src.transforms.clip import ClipByGlobalNormState, KnownNorm, as_arrays
+from jaxnan._src.transforms.select import guarded_update
+
+source_info_util.register_exclusion(__file__)
+
+
+def _int32_zero() -> jax.Array:
+    return jnp.zeros((), jnp.int32)
+
+
+# --------------------------------------------------------------------------
+# zero_nonfinite
+
+
+class ZeroNonfiniteState(NamedTuple):
+    """State of `zero_nonfinite`.
+
+    Attributes:
+        nonfinite_zeroed: per-leaf int32 scalars (the structure of the
+            params), how many elements the last update set to zero.
+        nonfinite_zeroed_total: per-leaf int32 scalars, elements set to zero
+            since init.
+    """
+
+    nonfinite_zeroed: optax.Updates
+    nonfinite_zeroed_total: optax.Updates
+
+
+def zero_nonfinite() -> optax.GradientTransformationExtraArgs:
+    """Replaces NaN, +Inf and -Inf entries of the updates by 0 and counts them.
+
+    Unlike `optax.zero_nans`, which only looks for NaN, every nonfinite entry
+    (tested with `jnp.isfinite`) is replaced; finite entries pass through bit
+    for bit. The state counts, per leaf, the entries zeroed by the last update
+    and since init. Complex entries with a nonfinite part are zeroed whole.
+
+    This is not a guard of the optimizer: what the optimizer chained after
+    it makes of the zeroed gradients is not checked. Wrap the chain in
+    `jaxnan.skip_nonfinite` for the promise that no nonfinite value reaches
+    the params or the optimizer state.
+
+    Cost: one fused reduction per leaf (the count of nonfinite entries); the
+    zeroing select fuses into the next elementwise consumer. No collectives:
+    each replica zeroes its own entries.
+
+    Returns:
+        An `optax.GradientTransformationExtraArgs`.
+
+    Examples:
+        >>> import jax.numpy as jnp, jaxnan
+        >>> tx = jaxnan.zero_nonfinite()
+        >>> params = {"w": jnp.zeros(3)}
+        >>> state = tx.init(params)
+        >>> g = {"w": jnp.array([1.0, jnp.nan, -jnp.inf])}
+        >>> updates, state = tx.update(g, state)
+        >>> updates["w"], int(state.nonfinite_zeroed["w"])
+        (Array([1., 0., 0.], dtype=float32), 2)
+
+    .. versionadded:: 0.1.0
+    """
+    name = "jaxnan.zero_nonfinite"
+
+    def init(params: optax.Params) -> ZeroNonfiniteState:
+        validation.validate_updates(params, argname="params", fn_name=name)
+
+        def zeros():  # distinct buffers, so that the state can be donated
+            return jax.tree_util.tree_map(lambda _: _int32_zero(), params)
+
+        return ZeroNonfiniteState(zeros(), zeros())
+
+    def update(updates, state, params=None, **extra_args):
+        del params, extra_args
+        validation.validate_state(state, ZeroNonfiniteState, fn_name=name)
+        validation.validate_updates(updates, fn_name=name)
+        validation.validate_same_structure(
+            updates,
+            state.nonfinite_zeroed,
+            name_a="updates",
+            name_b="params",
+            fn_name=name,
+        )
+        leaves, treedef = jax.tree_util.tree_flatten(updates)
+        counts, new = [], []
+        for x in leaves:
+            if dtypes.is_checked_leaf(x):
+                bad = ~jnp.isfinite(x)
+                counts.append(tree.leaf_nonfinite_count(x))
+                new.append(jnp.where(bad, jnp.zeros_like(x), x))
+            else:
+                counts.append(_int32_zero())
+                new.append(x)
+        counts_tree = jax.tree_util.tree_unflatten(treedef, counts)
+        total = jax.tree_util.tree_map(
+            lambda t, c: t + c, state.nonfinite_zeroed_total, counts_tree
+        )
+        return (
+            jax.tree_util.tree_unflatten(treedef, new),
+            ZeroNonfiniteState(counts_tree, total),
+        )
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+# --------------------------------------------------------------------------
+# clip_by_global_norm
+
+
+class SkipNonfiniteState(NamedTuple):
+    """State of `skip_nonfinite`.
+
+    Attributes:
+        nonfinite_streak: int32 scalar, consecutive skipped steps.
+        nonfinite_total: int32 scalar, skipped steps since init, for any
+            reason.
+        inner_nonfinite_total: int32 scalar, the skipped steps whose
+            gradients and loss were finite but whose new params or inner
+            state were not (the optimizer's own arithmetic, or a state
+            already poisoned); also counted in `nonfinite_total`.
+        last_nonfinite_step: int32 scalar, index (from 0) of the last skipped
+            update call, -1 when none was skipped.
+        skip_step: int32 scalar, number of update calls so far.
+        gave_up: bool scalar, set once `nonfinite_streak` reaches
+            `give_up_after`; it stays set until the state is re-initialised.
+        inner_state: the state of the wrapped transformation.
+    """
+
+    nonfinite_streak: jax.Array
+    nonfinite_total: jax.Array
+    inner_nonfinite_total: jax.Array
+    last_nonfinite_step: jax.Array
+    skip_step: jax.Array
+    gave_up: jax.Array
+    inner_state: optax.OptState
+
+
+def _leads_with_clip(inner_state: optax.OptState) -> bool:
+    """Whether `inner` is `jaxnan.clip_by_global_norm` or a chain starting with it.
+
+    Decided from the state's structure: such a clip receives exactly the
+    updates that `skip_nonfinite` receives, so the norm computed for the
+    finiteness test can be handed to it (`KnownNorm`).
+    """
+    if isinstance(inner_state, ClipByGlobalNormState):
+        return True
+    return (
+        type(inner_state) is tuple
+        and bool(inner_state)
+        and isinstance(inner_state[0], ClipByGlobalNormState)
+    )
+
+
+def norm_for_inner(
+    updates: optax.Updates, extra_args: dict, inner_state: optax.OptState
+) -> tuple[jax.Array, jax.Array, dict]:
+    """One pass over `updates`: their global norm and exact finiteness.
+
+    Returns ``(norm, finite, extra_args)``. `finite` says whether every entry
+    is finite; it is exact (an overflowing sum of finite squares is not
+    taken for a nonfinite entry). When
+    `inner_state` is that of a `jaxnan.clip_by_global_norm` (or a chain
+    starting with one), `norm` is the clip's norm (overflow-safe, over the
+    finite entries) and `extra_args` hands it on, so that the clip neither
+    reads the updates again nor compiles a second slow path. Otherwise `norm`
+    is the square root of the float32 sum of squares (+Inf when the squares
+    overflow), read in the same loop per leaf as the finiteness
+    (`tree.squares_and_finite`): no slow path, no extra buffer.
+    """
+    leaves = tree.checked_leaves(updates)
+    if not leaves:
+        return jnp.zeros((), jnp.float32), jnp.array(True), extra_args
+    if _leads_with_clip(inner_state):
+        norm, finite = tree.norm_and_finite(leaves)
+        known = KnownNorm(updates, norm, finite)
+        return norm, finite, {**extra_args, "known_norm": known}
+    parts = [tree.squares_and_finite(x) for x in leaves]
+    sq = sum(q.astype(jnp.float32) for q, _ in parts)
+    finite = functools.reduce(jnp.logical_and, [ok for _, ok in parts])
+    return jnp.sqrt(sq), finite, extra_args
+
+
+def validate_guard_input(
+    updates: optax.Updates, params: optax.Params | None, extra_args: dict, *, fn_name
+) -> optax.Updates:
+    """Validates what a guard's update gets; returns `updates` as arrays.
+
+    The updates tree (floating leaves, `None` leaves allowed), its structure
+    and leaf shapes against `params` when given, and the ``loss=`` extra
+    argument (a number, never a string).
+    """
+    validation.validate_updates(updates, fn_name=fn_name)
+    if params is not None:
+        validation.validate_same_structure(
+            updates, params, name_a="updates", name_b="params", fn_name=fn_name
+        )
+        validation.validate_same_shapes(updates, params, fn_name=fn_name)
+    loss = extra_args.get("loss")
+    if loss is not None:
+        validation.validate_loss(loss, fn_name=fn_name)
+    return as_arrays(updates)
+
+
+@deprecations.renamed_keywords
+def skip_nonfinite(
+    inner: optax.GradientTransformation,
+    *,
+    give_up_after: int | None = None,
+    axis_name: str | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Skips the whole step when anything nonfinite would reach the params.
+
+    The promise: no nonfinite value ever reaches the params or the optimizer
+    state through this guard, whatever its source, in float16, bfloat16,
+    float32 and float64. A step is skipped when any entry of the updates, or
+    of the loss given as the extra argument ``loss=``
+    (``tx.update(g, state, params, loss=loss)``), is NaN, +Inf or -Inf; and
+    also when those are finite but what `inner` makes of them is not: its
+    new state, or the params ``optax.apply_updates(params, updates)`` would
+    give (Adam with ``eps=0`` on a zero gradient, a float16 moment that
+    overflows, a NaN already in the state). Those steps are counted in
+    `inner_nonfinite_total` as well. A skipped step returns updates that are
+    exactly ``-0.0`` (a `where`-select, so no NaN leaks through 0 * NaN;
+    ``p + -0.0`` is `p` bit for bit, signed zeros included) and leaves the
+    inner state bit for bit unchanged: Adam's moments and step count are
+    never touched by a bad step. The one exception is a `jaxnan.monitor`
+    inside `inner`: it records every step, skipped or not. A finite step is
+    exactly `inner`.
+
+    Unlike `optax.apply_if_finite`, reaching `give_up_after` consecutive
+    skips never lets a nonfinite update through (which would poison the moments for
+    good): the step is still skipped and `state.gave_up` is set, for a host
+    loop to act on (stop, roll back, lower the learning rate).
+
+    Given `axis_name` (inside `shard_map` or `pmap`), the replicas agree with
+    one int32 `lax.psum` (of two flags: what came in, and what `inner` made):
+    if any replica sees a nonfinite value, all skip.
+    Under sharded `jit` no collective is needed: the reduction is global.
+
+    Cost: one fused reduction over the gradients (leaves of one shape share
+    it), none when `inner` begins with `jaxnan.clip_by_global_norm`, whose
+    norm and finiteness are computed here once and handed to it. The
+    outgoing check joins the gradient check: one fused reduction per leaf
+    shape reads the gradients, the optimizer state and the params, and XLA
+    recomputes the optimizer's arithmetic inside it (nothing is written
+    out). Then `inner` runs as without the guard, with a select on each new
+    state leaf and inside its last multiply (`guarded_update`): no copy of
+    the params or moments, and XLA fuses it with `optax.apply_updates` as it
+    does without the guard, so that a healthy step is bit for bit `inner`'s.
+    `benchmarks/RESULTS.md` has the figures.
+
+    Args:
+        inner: the transformation to protect, such as ``optax.adamw(1e-3)``
+            or ``optax.chain(jaxnan.clip_by_global_norm(1.0), optax.adam(1e-3))``.
+        give_up_after: after this many consecutive skipped steps, set
+            `gave_up` (and keep skipping). None: never. It was called
+            ``max_streak`` before 0.2 (still accepted, with a
+            `DeprecationWarning`); `jaxnan.guard`'s ``max_streak`` raises.
+        axis_name: the mapped axis to agree over, inside `shard_map`/`pmap`.
+
+    Returns:
+        An `optax.GradientTransformationExtraArgs` whose state is a
+        `SkipNonfiniteState`.
+
+    Raises:
+        TypeError: when `inner` is not an optax transformation, or update gets
+            a state of another transform or non-floating updates.
+        ValueError: when `give_up_after` is not a positive int, or update gets an
+            empty or mismatched tree, or leaves of the wrong shape.
+
+    Examples:
+        >>> import jax.numpy as jnp, optax, jaxnan
+        >>> tx = jaxnan.skip_nonfinite(optax.adam(1e-2), give_up_after=3)
+        >>> params = {"w": jnp.ones(2)}
+        >>> state = tx.init(params)
+        >>> bad = {"w": jnp.array([jnp.nan, 1.0])}
+        >>> updates, state = tx.update(bad, state, params, loss=jnp.float32(1.0))
+        >>> updates["w"], int(state.nonfinite_total)  # -0.0: p + -0.0 is p
+        (Array([-0., -0.], dtype=float32), 1)
+
+    .. versionadded:: 0.1.0
+    """
+    name = "jaxnan.skip_nonfinite"
+    validation.validate_inner(inner, fn_name="skip_nonfinite")
+    if give_up_after is not None:
+        give_up_after = validation.check_int(
+            "skip_nonfinite", "give_up_after", give_up_after, low=1
+        )
+    inner = optax.with_extra_args_support(inner)
+
+    def init(params: optax.Params) -> SkipNonfiniteState:
+        validation.validate_updates(params, argname="params", fn_name=name)
+        # Distinct buffers per field, so that the state can be donated.
+        return SkipNonfiniteState(
+            nonfinite_streak=_int32_zero(),
+            nonfinite_total=_int32_zero(),
+            inner_nonfinite_total=_int32_zero(),
+            last_nonfinite_step=jnp.full((), -1, jnp.int32),
+            skip_step=_int32_zero(),
+            gave_up=jnp.array(False),
+            inner_state=inner.init(params),
+        )
+
+    def update(updates, state, params=None, **extra_args):
+        validation.validate_state(state, SkipNonfiniteState, fn_name=name)
+        updates = validate_guard_input(updates, params, extra_args, fn_name=name)
+        incoming: list[Any] = []
+        tap = update_tap.current()
+        clip = _leads_with_clip(state.inner_state)
+        norm = None
+        if clip:
+            norm, finite, extra_args = norm_for_inner(
+                updates, extra_args, state.inner_state
+            )
+        else:
+            finite = jnp.array(True)
+            incoming = tree.checked_leaves(updates)  # checked with the outgoing
+        loss = extra_args.get("loss")
+        if loss is not None:
+            finite = finite & tree.all_finite(loss)
+        hold = jnp.array(False) if tap is None else tap.hold
+        out, kept_inner, finite, inner_ok, incoming_norm = guarded_update(
+            inner,
+            finite & ~hold,
+            updates,
+            state.inner_state,
+            params,
+            extra_args,
+            axis_name,
+            incoming=incoming,
+            norm_incoming=tap is not None and not clip,
+        )
+        if tap is not None:
+            tap.records.append(
+                update_tap.TapRecord(
+                    incoming_norm if norm is None else norm,
+                    params,
+                    out,
+                    loss is not None,
+                )
+            )
+        applied = finite & inner_ok
+
+        def bump(counter, flag):  # a step the guard holds changes no counter
+            return jnp.where(flag & ~hold, optax.safe_increment(counter), counter)
+
+        streak = jnp.where(
+            applied,
+            jnp.zeros_like(state.nonfinite_streak),
+            bump(state.nonfinite_streak, True),
+        )
+        total = bump(state.nonfinite_total, ~applied)
+        inner_total = bump(state.inner_nonfinite_total, finite & ~inner_ok)
+        last = jnp.where(applied | hold, state.last_nonfinite_step, state.skip_step)
+        gave_up = state.gave_up
+        if give_up_after is not None:
+            gave_up = gave_up | (streak >= give_up_after)
+        new_state = SkipNonfiniteState(
+            nonfinite_streak=streak,
+            nonfinite_total=total,
+            inner_nonfinite_total=inner_total,
+            last_nonfinite_step=last,
+            skip_step=optax.safe_increment(state.skip_step),
+            gave_up=gave_up,
+            inner_state=kept_inner,
+        )
+        return out, new_state
+
+    return optax.GradientTransformationExtraArgs(init, update)
