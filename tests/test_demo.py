@@ -88,6 +88,7 @@ def test_demo_survives_three_incidents_and_explains_each(tmp_path):
     assert records[3]["diagnosis"]["cause"] == "learning_rate"  # one spelling
     assert records[1]["rows"] == [19] and records[1]["where"] == f"{src}:{line}"
     assert f"plot: {png}" in text and png.stat().st_size > 0
+    assert "  bad steps   4 (4 rolled back)" in text  # no "skipped 0" beside
     # The plain table: every row's columns start where the header's do.
     table = text[text.index("  step  action") :].splitlines()
     starts = [table[0].index(c) for c in demo_view.HEADER]

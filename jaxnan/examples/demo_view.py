@@ -151,8 +151,7 @@ def plain_table(summary: dict, incidents: Sequence[Any]) -> str:
         "",
         "summary",
         f"  steps       {summary['steps']}",
-        f"  bad steps   {summary['bad_steps']} (skipped {summary['skipped']}, "
-        f"rolled back {summary['rolled_back']})",
+        f"  bad steps   {summary['bad_steps']} ({_actions(summary)})",
         f"  warnings    {summary['warnings']} (before any NaN)",
         f"  causes      {_causes(summary)}",
         "",
@@ -161,6 +160,17 @@ def plain_table(summary: dict, incidents: Sequence[Any]) -> str:
         *(line(r) for r in table[1:]),
     ]
     return "\n".join(lines)
+
+
+def _actions(summary: dict) -> str:
+    """What was done with the bad steps: ``4 rolled back``, ``1 skipped in place``."""
+    done = (
+        ("rolled_back", "rolled back"),
+        ("skipped", "skipped in place"),
+        ("raised", "raised"),
+    )
+    text = ", ".join(f"{summary[k]} {v}" for k, v in done if summary.get(k))
+    return text or "none"
 
 
 def _causes(summary: dict) -> str:
@@ -203,9 +213,9 @@ def rich_table(summary: dict, incidents: Sequence[Any]) -> bool:
     console = Console()
     console.print(table)
     console.print(
-        f"steps {summary['steps']}, bad {summary['bad_steps']} (skipped "
-        f"{summary['skipped']}, rolled back {summary['rolled_back']}), warnings "
-        f"{summary['warnings']}, causes: {_causes(summary)}"
+        f"steps {summary['steps']}, bad {summary['bad_steps']} "
+        f"({_actions(summary)}), warnings {summary['warnings']}, causes: "
+        f"{_causes(summary)}"
     )
     return True
 
