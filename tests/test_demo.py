@@ -176,7 +176,7 @@ def test_readme_demo_line_in_a_fresh_virtual_environment(tmp_path):
     The dependencies come from this interpreter's site-packages (a ``.pth``
     file, as ``--system-site-packages`` does for a system Python), so pip
     installs only jaxnan itself; it fetches nothing but the build backend that
-    the line fetches on any machine. About 15 s.
+    the line fetches on any machine. 20-30 s (benchmarks/RESULTS.md).
     """
     root = pathlib.Path(__file__).resolve().parents[1]
     repo = tmp_path / "repo"
