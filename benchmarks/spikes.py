@@ -137,7 +137,7 @@ def make_step(tx):
         loss, grads = jax.value_and_grad(lambda p: loss_fn(p, seq) * (1.0 + poison))(
             params
         )
-        gnorm = optax.global_norm(grads)
+        gnorm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, opt_state, params, loss=loss)
         return optax.apply_updates(params, updates), opt_state, loss, gnorm
 

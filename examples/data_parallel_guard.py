@@ -44,7 +44,7 @@ def main(steps: int = 30, bad_step: int = 12) -> dict:
         replicated,
     )
     tx = jaxnan.skip_nonfinite(
-        optax.chain(jaxnan.clip_by_global_norm(1.0), optax.adam(1e-2)), max_streak=3
+        optax.chain(jaxnan.clip_by_global_norm(1.0), optax.adam(1e-2)), give_up_after=3
     )
     opt_state = tx.init(params)
 

@@ -38,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         "--plot",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="write a PNG of loss and gradient norm, bad steps marked "
-        "(needs matplotlib; default on)",
+        help="write a PNG of loss, gradient norm and update ratio, bad and undone "
+        "steps marked (matplotlib, in the demo extra; default on)",
     )
     demo.add_argument(
         "--plot-file",
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         "--progress",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="progress bar and table with rich when installed (default on)",
+        help="progress bar and table with rich, in the demo extra (default on)",
     )
     from jaxnan._src.lint import command as lint_command
 

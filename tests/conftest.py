@@ -1,7 +1,8 @@
 """Test configuration: 8 forced CPU devices, set before any JAX computation.
 
 XLA's cheap CPU configuration for most tests, XLA's defaults for the tests
-marked ``default_compiler`` (see `tests/compilers.py`).
+marked ``default_compiler`` (see `tests/compilers.py`); one line per finished
+test file instead of dots (`tests/progress.py`).
 """
 
 from tests import compilers
@@ -20,11 +21,17 @@ from typing import NamedTuple  # noqa: E402
 import pytest  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from tests import helpers  # noqa: E402
+from tests import helpers, progress  # noqa: E402
 from tests.compilers import (  # noqa: E402, F401 - the two configurations' hooks
     pytest_collection_modifyitems,
-    pytest_configure,
 )
+
+
+def pytest_configure(config):
+    """The default-compiler child's outcomes (`tests/compilers.py`) and one
+    line per finished test file (`tests/progress.py`)."""
+    compilers.pytest_configure(config)
+    progress.pytest_configure(config)
 
 
 @pytest.fixture(scope="session")

@@ -204,7 +204,8 @@ def test_rollback_restores_the_snapshot_exactly(tmp_path):
     summary = step.summary()
     (incident,) = step.incidents
     assert incident.action == "rolled_back" and incident.restored_step == 3
-    assert "steps 4-5 undone" in incident.message
+    assert "step 4 undone (its batch is dropped), batch 5 skipped." in incident.message
+    assert incident.undone == (4, 5)
     assert summary["rolled_back"] == 1 and summary["causes"] == {"input_data": 1}
     # Equal to a run that saw batches 0-3 and then 6-8 (batch 4 undone, 5 skipped).
     kept = batches[:4] + batches[6:]
@@ -218,6 +219,7 @@ def test_rollback_restores_the_snapshot_exactly(tmp_path):
     assert record["step"] == 5 and record["rows"] == [2]
     assert record["action"] == "rolled_back" and record["cause"] == "input_data"
     assert record["leaf"] == "batch['x']" and record["restored_step"] == 3
+    assert record["undone"] == [4, 5]
 
 
 @pytest.mark.default_compiler
@@ -261,7 +263,10 @@ def test_learning_rate_surge_is_warned_before_the_first_nan():
     assert surge <= warning.step < first_bad.step  # the surge step itself
     assert "its median" in warning.message and "zscore_clip" in warning.message
     assert first_bad.cause == "learning_rate"
-    assert "learning rate too high" in first_bad.message
+    causes = [x.strip() for x in first_bad.message.splitlines() if "cause:" in x]
+    assert causes == ["cause:   learning_rate"]  # one cause, the final one
+    assert first_bad.diagnosis.cause == "learning_rate"
+    assert "why:     " in first_bad.message and "then the NaN" in first_bad.message
     figures = [f for f in step.figures if f[0] < first_bad.step]
     assert all(np.isfinite(f[1]) for f in figures)  # no NaN before the warning
 

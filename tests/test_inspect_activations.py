@@ -271,6 +271,21 @@ def test_plot_stats_writes_a_png(tmp_path):
         jaxnan.plot_stats({}, tmp_path / "empty.png")
 
 
+def test_plot_stats_log_axis_shows_every_bar_and_labels_only_decades():
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
+
+    from jaxnan._src.inspect import plot
+
+    ax = Figure().subplots()
+    values = np.array([4.1e3, 4.7e4])  # less than two decades: minor labels
+    ax.barh([0, 1], values)
+    plot._log_axis(ax, values)
+    assert ax.get_xlim() == (1e2, 1e5)  # a decade below the smallest bar
+    assert isinstance(ax.xaxis.get_minor_formatter(), NullFormatter)
+
+
 def _ln(p, x):
     mu = x.mean(-1, keepdims=True)
     var = ((x - mu) ** 2).mean(-1, keepdims=True)

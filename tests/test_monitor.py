@@ -81,6 +81,25 @@ def test_monitor_metrics_flat_dict():
         jaxnan.monitor_metrics(optax.sgd(1.0).init(params))
 
 
+def test_monitor_metrics_for_a_logger_are_python_numbers():
+    tx = optax.chain(jaxnan.monitor(), optax.sgd(0.1))
+    params = {"w": jnp.zeros(2)}
+    _, state = tx.update({"w": jnp.array([3.0, 4.0])}, tx.init(params))
+    m = jaxnan.monitor_metrics(state, host=True)
+    assert m == {
+        "grad_norm": 5.0,
+        "grad_norm/w": 5.0,
+        "grad_max_abs": 4.0,
+        "grad_max_abs/w": 4.0,
+        "grad_nonfinite": 0,
+        "grad_nonfinite/w": 0,
+        "update_norm": 5.0,  # its own output: monitor comes first in the chain
+        "update_norm/w": 5.0,
+    }
+    assert {type(v) for v in m.values()} == {float, int}
+    assert type(m["grad_nonfinite"]) is int
+
+
 def test_shard_map_counts_summed_norms_maxed(mesh8):
     tx = jaxnan.monitor(axis_name="d")
     params = {"w": jnp.zeros(2)}

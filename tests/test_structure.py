@@ -268,9 +268,7 @@ def _package_imports(src: pathlib.Path) -> set[tuple[str, str]]:
 
 
 def _layer_violations(imports: set[tuple[str, str]]) -> set[str]:
-    return {
-        f"{a} imports {b}" for a, b in imports if b not in LAYERS.get(a, {"core"})
-    }
+    return {f"{a} imports {b}" for a, b in imports if b not in LAYERS.get(a, {"core"})}
 
 
 def test_packages_import_only_the_layers_below():

@@ -21,5 +21,5 @@ def test_ci_runs_the_readme_commands():
     readme = (ROOT / "README.md").read_text()
     for marker in ("<!-- setup:demo -->", "<!-- setup:test -->"):
         assert marker in readme and marker.split(":")[1].rstrip(" ->") in ci
-    assert "pip install -e . && python -m jaxnan demo" in readme
+    assert 'pip install -e ".[demo]" && python -m jaxnan demo' in readme
     assert 'pip install -e ".[test]" && python -m pytest -q' in readme

@@ -288,9 +288,9 @@ def test_skip_counters_over_sequence_match_inner_on_good_steps():
     assert not bool(s.gave_up)
 
 
-def test_max_streak_never_applies_bad_update_and_sets_gave_up():
+def test_give_up_after_never_applies_bad_update_and_sets_gave_up():
     params = make_params()
-    tx = jaxnan.skip_nonfinite(optax.adam(1e-2), max_streak=2)
+    tx = jaxnan.skip_nonfinite(optax.adam(1e-2), give_up_after=2)
     update = jax.jit(tx.update)
     s = tx.init(params)
     _, s = update(grads_like(params), s, params)
@@ -311,7 +311,7 @@ def test_optax_apply_if_finite_poisons_moments_but_skip_nonfinite_does_not():
     params = make_params()
     bad = poison(grads_like(params), jnp.nan)
     theirs = optax.apply_if_finite(optax.adam(1e-2), max_consecutive_errors=2)
-    ours = jaxnan.skip_nonfinite(optax.adam(1e-2), max_streak=2)
+    ours = jaxnan.skip_nonfinite(optax.adam(1e-2), give_up_after=2)
     st_t, st_o = theirs.init(params), ours.init(params)
     for _ in range(3):
         _, st_t = theirs.update(bad, st_t, params)
@@ -399,7 +399,7 @@ def _train_step(tx):
 def test_no_host_callback_and_donation():
     params = make_params()
     tx = jaxnan.skip_nonfinite(
-        optax.chain(jaxnan.clip_by_global_norm(1.0), optax.adamw(1e-2)), max_streak=3
+        optax.chain(jaxnan.clip_by_global_norm(1.0), optax.adamw(1e-2)), give_up_after=3
     )
     step = jax.jit(_train_step(tx), donate_argnums=(0, 1))
     ref_step = jax.jit(_train_step(tx))
@@ -641,9 +641,9 @@ def test_errors_name_the_argument():
     with pytest.raises(TypeError, match=re.escape("updates['out'] with dtype int32")):
         tx.update({**grads_like(params), "out": jnp.arange(3)}, tx.init(params), params)
     with pytest.raises(
-        ValueError, match=re.escape("max_streak must be an int >= 1, got 0")
+        ValueError, match=re.escape("give_up_after must be an int >= 1, got 0")
     ):
-        jaxnan.skip_nonfinite(optax.adam(1e-2), max_streak=0)
+        jaxnan.skip_nonfinite(optax.adam(1e-2), give_up_after=0)
     with pytest.raises(TypeError, match=re.escape("inner must be an optax")):
         jaxnan.skip_nonfinite(lambda g: g)
     with pytest.raises(ValueError, match=re.escape("max_norm must be > 0, got -1.0")):
@@ -710,7 +710,7 @@ def test_skip_nonfinite_skips_what_the_inner_optimizer_makes_nonfinite(case):
 
 def test_poisoned_inner_state_never_applied_and_gives_up():
     params = {"w": jnp.ones(3)}
-    tx = jaxnan.skip_nonfinite(optax.adam(1e-2), max_streak=2)
+    tx = jaxnan.skip_nonfinite(optax.adam(1e-2), give_up_after=2)
     s = tx.init(params)
     mu = s.inner_state[0].mu
     s = s._replace(
@@ -932,16 +932,16 @@ def test_guards_validate_the_tree():
             tx.update(g, tx.init(params), params)
 
 
-def test_max_streak_of_any_int_type():
-    tx = jaxnan.skip_nonfinite(optax.sgd(1.0), max_streak=np.int64(2))
+def test_give_up_after_of_any_int_type():
+    tx = jaxnan.skip_nonfinite(optax.sgd(1.0), give_up_after=np.int64(2))
     params = {"w": jnp.ones(1)}
     s = tx.init(params)
     for _ in range(2):
         _, s = tx.update({"w": jnp.array([jnp.nan])}, s, params)
     assert bool(s.gave_up)
     for bad in (2.0, "2", True):
-        with pytest.raises(TypeError, match=re.escape("max_streak must be an int")):
-            jaxnan.skip_nonfinite(optax.sgd(1.0), max_streak=bad)
+        with pytest.raises(TypeError, match=re.escape("give_up_after must be an int")):
+            jaxnan.skip_nonfinite(optax.sgd(1.0), give_up_after=bad)
 
 
 # ------------------------- every transform: donation, sharding, Equinox

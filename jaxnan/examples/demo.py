@@ -21,7 +21,6 @@ a summary table and a plot.
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +28,7 @@ import numpy as np
 import optax
 
 import jaxnan
+from jaxnan.examples import demo_view
 
 NAN_BATCH, NAN_ROW = 12, 6
 OUTLIER_BATCH, OUTLIER_ROW = 25, 19
@@ -94,131 +94,6 @@ def make_train_step(tx):
     return train_step
 
 
-class _Progress:
-    """A `rich` progress bar when rich is installed, a line per 10 steps if not."""
-
-    def __init__(self, steps: int, fancy: bool):
-        self.steps, self.bar, self.task = steps, None, None
-        if fancy:
-            try:
-                import rich.progress as rp
-            except ImportError:
-                rp = None
-            if rp is not None:
-                self.bar = rp.Progress(
-                    rp.TextColumn("training"),
-                    rp.BarColumn(),
-                    rp.MofNCompleteColumn(),
-                    rp.TextColumn("{task.fields[status]}"),
-                    rp.TimeElapsedColumn(),
-                    transient=False,
-                )
-                self.task = self.bar.add_task("train", total=steps, status="")
-
-    def __enter__(self):
-        if self.bar is not None:
-            self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.__exit__(*exc)
-
-    def update(self, step: int, figures: Any, bad: int) -> None:
-        status = f"bad steps {bad}"
-        healthy = [f for f in figures if not f[4]]
-        if healthy:
-            status = f"loss {healthy[-1][1]:7.4f}  {status}"
-        if self.bar is not None:
-            self.bar.update(self.task, completed=step + 1, status=status)
-        elif (step + 1) % 10 == 0 or step + 1 == self.steps:
-            print(f"step {step + 1:3d}/{self.steps}  {status}", flush=True)
-
-
-def _table(summary: dict, incidents: list) -> str:
-    """The final summary as plain text."""
-    lines = [
-        "",
-        "summary",
-        f"  steps        {summary['steps']}",
-        f"  bad steps    {summary['bad_steps']} (skipped {summary['skipped']}, "
-        f"rolled back {summary['rolled_back']})",
-        f"  warnings     {summary['warnings']} (before any NaN)",
-        f"  causes       {summary['causes']}",
-        "",
-        f"  {'step':>4}  {'action':<12} {'cause':<16} {'where':<14} examples",
-    ]
-    for i in incidents:
-        rows = ",".join(str(r) for r in i.rows) if i.rows else "-"
-        what = f"{i.leaf} rows {rows}" if i.leaf else ("-" if not i.rows else rows)
-        lines.append(
-            f"  {i.step:>4}  {i.action.value:<12} {i.cause:<16} "
-            f"{i.where or '-':<14} {what}"
-        )
-    return "\n".join(lines)
-
-
-def _rich_table(summary: dict, incidents: list) -> bool:
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        return False
-    table = Table(title="jaxnan.guard incidents")
-    for col in ("step", "action", "cause", "where", "examples"):
-        table.add_column(col)
-    for i in incidents:
-        rows = ", ".join(str(r) for r in i.rows)
-        what = f"{i.leaf} rows {rows}" if i.leaf else rows
-        table.add_row(str(i.step), i.action.value, i.cause, i.where or "-", what)
-    console = Console()
-    console.print(table)
-    console.print(
-        f"steps {summary['steps']}, bad {summary['bad_steps']} (skipped "
-        f"{summary['skipped']}, rolled back {summary['rolled_back']}), warnings "
-        f"{summary['warnings']}, causes {summary['causes']}"
-    )
-    return True
-
-
-def _mark_steps(ax, bad_steps, warned_steps) -> None:
-    """Red lines at the bad (undone) steps, dashed orange at the warnings."""
-    for s in bad_steps:
-        ax.axvline(s, color="tab:red", alpha=0.5, lw=1)
-    for s in warned_steps:
-        ax.axvline(s, color="tab:orange", ls="--", lw=1)
-
-
-def plot(figures, incidents, path: str) -> str | None:
-    """Loss, gradient norm and update ratio per step, bad steps marked."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    steps = np.array([f[0] for f in figures])
-    loss = np.array([f[1] for f in figures])
-    gnorm = np.array([f[2] for f in figures])
-    ratio = np.array([f[3] for f in figures])
-    bad = np.array([f[4] for f in figures])
-    warned = [i.step for i in incidents if i.action == "warned"]
-    fig, axes = plt.subplots(3, 1, figsize=(8, 7), sharex=True)
-    panels = ((loss, "loss"), (gnorm, "grad norm"), (ratio, "update / param"))
-    for ax, (values, name) in zip(axes, panels):
-        ok = ~bad & np.isfinite(values)
-        ax.semilogy(steps[ok], np.abs(values[ok]), ".-", lw=1, label=name)
-        _mark_steps(ax, steps[bad], warned)
-        ax.set_ylabel(name)
-    axes[0].set_title("jaxnan.guard: red = bad step (undone), orange = early warning")
-    axes[-1].set_xlabel("step")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
 def _print_plan(policy: str) -> None:
     """What the demo trains and what will go wrong."""
     print("jaxnan demo: MLP classifier, adam, hand-written cross-entropy")
@@ -249,13 +124,12 @@ def run(
         make_train_step(tx), policy=policy, snapshot_every=snapshot_every, log=log
     )
     _print_plan(policy)
-    with _Progress(steps, progress) as bar:
+    with demo_view.Progress(steps, progress) as bar:
         for i in range(steps):
             batch = make_batch(rng, w_true, i)
             lr = learning_rate(i)
             params, opt_state, _ = step(params, opt_state, batch, lr)
-            bad = sum(1 for x in step.incidents if x.action != "warned")
-            bar.update(i, step.figures, bad)
+            bar.update(i, step.figures, step.incidents)
     summary = step.summary()
     finite = bool(jaxnan.all_finite(params))
     final = next((f[1] for f in reversed(step.figures) if not f[4]), float("nan"))
@@ -263,8 +137,9 @@ def run(
         f"\nfinished: {steps} steps, {summary['bad_steps']} bad, final loss "
         f"{final:.4f}, params finite: {finite}"
     )
-    if not (progress and _rich_table(summary, step.incidents)):
-        print(_table(summary, step.incidents))
+    print(demo_view.Undone.of(step.incidents).sentence(steps))
+    if not (progress and demo_view.rich_table(summary, step.incidents)):
+        print(demo_view.plain_table(summary, step.incidents))
     if log:
         print(f"incident log (JSON lines): {log}")
     if plot_path:
@@ -274,8 +149,8 @@ def run(
 
 def _save_plot(step, path: str) -> None:
     """Writes the plot of a run and says where (or how to get matplotlib)."""
-    written = plot(step.figures, step.incidents, path)
+    written = demo_view.plot(step.figures, step.incidents, path)
     if written:
         print(f"plot: {os.path.abspath(written)}")
     else:
-        print("plot: skipped (pip install matplotlib, or jaxnan[plot])")
+        print(f"plot: skipped, matplotlib is not installed ({demo_view.INSTALL})")

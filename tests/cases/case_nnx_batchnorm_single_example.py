@@ -34,8 +34,8 @@ class BatchNorm1d(nnx.Module):
         xvar = x.var(0, ddof=1, keepdims=True)  # <- creates
         xhat = (x - xmean) / jnp.sqrt(xvar + self.eps)
         m = self.momentum
-        self.running_mean.value = (1 - m) * self.running_mean.value + m * xmean[0]
-        self.running_var.value = (1 - m) * self.running_var.value + m * xvar[0]
+        self.running_mean[...] = (1 - m) * self.running_mean[...] + m * xmean[0]
+        self.running_var[...] = (1 - m) * self.running_var[...] + m * xvar[0]
         return self.gamma * xhat + self.beta
 
 

@@ -57,8 +57,8 @@ def make():
         model, _ = nnx.merge(graphdef, state)
         grads = nnx.grad(loss_fn)(model, x, y)
         history["loss"].append(float(loss))
-        history["grad_norm"].append(float(optax.global_norm(grads)))
-        history["param_norm"].append(float(optax.global_norm(nnx.state(model))))
+        history["grad_norm"].append(float(optax.tree.norm(grads)))
+        history["param_norm"].append(float(optax.tree.norm(nnx.state(model))))
         state = new_state
     HISTORY.clear()
     HISTORY.update(history)

@@ -172,12 +172,24 @@ class Report:
 
 
 def function_name(fn: Callable) -> str:
-    """A readable name for `fn`, seeing through partials and jax wrappers."""
+    """The name of `fn` as its author wrote it, seeing through partials.
+
+    The qualified name without the enclosing functions: ``train_step`` for a
+    step returned by ``make_train_step``, ``Trainer.step`` for a method.
+
+    Examples:
+        >>> def make_train_step():
+        ...     def train_step(state, batch): ...
+        ...     return train_step
+        >>> function_name(make_train_step())
+        'train_step'
+    """
     while isinstance(fn, functools.partial):
         fn = fn.func
-    return (
-        getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
-    )
+    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None)
+    if not isinstance(name, str):
+        return repr(fn)
+    return name.rpartition("<locals>.")[2]
 
 
 def input_paths(fn: Callable, args: tuple, kwargs: dict) -> list[str]:

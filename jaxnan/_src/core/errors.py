@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import enum
+import os
 import sys
 import warnings
 from collections.abc import Mapping, Sequence
@@ -289,6 +290,45 @@ def plain(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [plain(v) for v in value]
     return value
+
+
+def shown_where(file: str | None, line: int | None) -> str | None:
+    """``file:line`` as printed: relative to the working directory when under it.
+
+    Messages and tables show a path a person can open from where they ran the
+    program (``jaxnan/examples/demo.py:65``, not the start of an absolute path
+    cut by a narrow column); a file elsewhere keeps its full path. Records
+    (`jaxnan.Diagnosis.where`, the guard's JSON lines) keep the full path.
+
+    Examples:
+        >>> import os
+        >>> shown_where(os.path.join(os.getcwd(), "train.py"), 12)
+        'train.py:12'
+        >>> shown_where(None, None) is None
+        True
+    """
+    if file is None:
+        return None
+    try:
+        rel = os.path.relpath(file)
+    except ValueError:  # another drive (Windows)
+        rel = file
+    shown = file if rel.startswith(os.pardir + os.sep) or rel == os.pardir else rel
+    return f"{shown}:{line}"
+
+
+def shown_location(where: str | None) -> str | None:
+    """`shown_where` of a ``file:line`` string (an incident's ``where``).
+
+    Examples:
+        >>> import os
+        >>> shown_location(os.path.join(os.getcwd(), "a", "b.py") + ":3")
+        'a/b.py:3'
+    """
+    if not where or ":" not in where:
+        return where
+    file, _, line = where.rpartition(":")
+    return shown_where(file, line) if line.isdigit() else where
 
 
 # Their examples run under --doctest-modules, though they now live in `jaxnan`.

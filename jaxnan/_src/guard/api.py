@@ -84,7 +84,9 @@ def guard(
         loss: where the loss is in the metrics: a dict key or a function of
             the metrics. None: the metrics themselves, ``metrics["loss"]`` or
             ``metrics[0]``.
-        max_streak: raise after this many bad steps in a row.
+        max_streak: the most bad steps in a row the run survives; one
+            more raises `jaxnan.NonFiniteError`, whatever the policy.
+            (`jaxnan.skip_nonfinite`'s ``give_up_after`` only sets a flag.)
         snapshot_every: with ``"rollback"``, copy the state (on device, in
             its sharding) after every this many steps.
         log: a file to append one JSON object per incident to.

@@ -100,6 +100,9 @@ class Incident:
             own `nonfinite_inputs` when its batch is the cause.
         repeat_of: for a repeat, the step that was located (the first of a
             run of repeats); None for a step located itself.
+        undone: for a rollback, the steps whose updates it undid, this one
+            last; their batches are not trained on again (the loop goes on
+            with the next batch).
     """
 
     step: int
@@ -117,12 +120,14 @@ class Incident:
     restored_step: int | None = None
     diagnosis: Diagnosis | None = None
     repeat_of: int | None = None
+    undone: tuple[int, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values for JSON and loggers (the diagnosis as a dict)."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["action"] = self.action.value
         d["rows"] = list(self.rows)
+        d["undone"] = list(self.undone)
         d["diagnosis"] = self.diagnosis.to_dict() if self.diagnosis else None
         for key in ("loss", "grad_norm"):
             value = d[key]
@@ -131,6 +136,44 @@ class Incident:
             elif value in (float("inf"), float("-inf")):
                 d[key] = str(value)
         return d
+
+
+def steps_text(steps: tuple[int, ...] | list[int]) -> str:
+    """Steps as ranges: ``11, 21-24, 36-40``.
+
+    Examples:
+        >>> steps_text([11, 21, 22, 23, 24, 42])
+        '11, 21-24, 42'
+    """
+    runs: list[list[int]] = []
+    for s in sorted(steps):
+        if runs and s == runs[-1][1] + 1:
+            runs[-1][1] = s
+        else:
+            runs.append([s, s])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def undone_text(undone: tuple[int, ...]) -> str:
+    """What a rollback undid, said aloud (the end of its ``action:`` line).
+
+    Examples:
+        >>> undone_text((11, 12))
+        'step 11 undone (its batch is dropped), batch 12 skipped.'
+        >>> undone_text((36, 37, 38, 39, 40, 41))
+        'steps 36-40 undone (their batches are dropped), batch 41 skipped.'
+        >>> undone_text((7,))
+        'no other step undone, batch 7 skipped.'
+    """
+    *dropped, bad = undone
+    if not dropped:
+        return f"no other step undone, batch {bad} skipped."
+    if len(dropped) == 1:
+        return f"step {dropped[0]} undone (its batch is dropped), batch {bad} skipped."
+    return (
+        f"steps {steps_text(dropped)} undone (their batches are dropped), "
+        f"batch {bad} skipped."
+    )
 
 
 class IncidentLog:

@@ -142,11 +142,16 @@ class Rollback:
                 with_action(incident, incidents.Action.SKIPPED, line), state
             )
         restored, leaves = store.restore()
+        undone = store.undone(restored, bad_step)
         line = (
-            f"rolled back to the state after step {restored}; steps "
-            f"{restored + 1}-{bad_step} undone, batch {bad_step} skipped."
+            f"rolled back to the state after step {restored}; "
+            f"{incidents.undone_text(undone)}"
         )
         incident = with_action(
-            incident, incidents.Action.ROLLED_BACK, line, restored_step=restored
+            incident,
+            incidents.Action.ROLLED_BACK,
+            line,
+            restored_step=restored,
+            undone=undone,
         )
         return Resolution(incident, leaves)

@@ -47,6 +47,7 @@ class Snapshots:
         self.every = every
         self._candidate: tuple[int, list] | None = None
         self._good: tuple[int, list] | None = None
+        self._rolled_back_at: int | None = None  # the bad step of the last rollback
 
     def offer(self, step: int, state: list) -> None:
         """Takes a candidate of `state`, the state after `step`, when due."""
@@ -63,6 +64,24 @@ class Snapshots:
     def good(self) -> tuple[int, list] | None:
         """``(step, leaves)`` of the good snapshot, or None (none yet)."""
         return self._good
+
+    def undone(self, restored: int, bad_step: int) -> tuple[int, ...]:
+        """The steps a rollback at `bad_step` to the state after `restored` undoes.
+
+        Steps up to an earlier rollback were undone by it already: the run
+        went on from its restored state.
+
+        Examples:
+            >>> from jaxnan._src.guard.snapshots import Snapshots
+            >>> store = Snapshots(every=5)
+            >>> store.undone(35, 41), store.undone(35, 43)
+            ((36, 37, 38, 39, 40, 41), (42, 43))
+        """
+        since = max(
+            restored, -1 if self._rolled_back_at is None else self._rolled_back_at
+        )
+        self._rolled_back_at = bad_step
+        return tuple(range(since + 1, bad_step + 1))
 
     def restore(self) -> tuple[int, list[Any]]:
         """``(step, fresh copy of its leaves)`` of the good snapshot.

@@ -399,13 +399,14 @@ class GuardedStep:
             message=(
                 f"jaxnan.guard: step {step} nonfinite again (loss {loss:.4g}"
                 f"{streak}): as at step {origin}, {last_bad.cause} at "
-                f"{last_bad.where or 'the same place'}.{seen}"
+                f"{errors.shown_location(last_bad.where) or 'the same place'}.{seen}"
             ),
             rows=rows,
             leaf=leaf,
             loss=loss,
             grad_norm=gnorm,
             restored_step=None,
+            undone=(),
             diagnosis=diagnosis,
         )
 
@@ -437,15 +438,17 @@ class GuardedStep:
         lines = [f"jaxnan.guard: step {step} went nonfinite (loss {loss:.4g})."]
         if line:
             lines.append(line)
+        evidence = ""
         if grown and cause not in ("input_data", "poisoned_state"):
-            cause = causes.Cause.LEARNING_RATE.value
-            figures = "; ".join(str(g) for g in grown)
-            lines.append(
-                f"  cause:   learning rate too high / exploding gradients: {figures} "
-                f"before the NaN. Fix: {_FIXES['growth']}."
-            )
+            cause, evidence = causes.Cause.LEARNING_RATE.value, _overruled(grown, cause)
+            if diagnosis is not None:
+                diagnosis = dataclasses.replace(
+                    diagnosis, cause=causes.Cause.LEARNING_RATE, fix=_growth_fix()
+                )
         if diagnosis is not None:
-            lines.append(_indent(str(diagnosis)))
+            lines.append(_indent(_with_evidence(str(diagnosis), evidence)))
+        elif evidence:
+            lines.append(f"  cause:   {cause}\n  why:     {evidence}")
         elif failure:
             lines.append(f"  {failure}")
         return incidents.Incident(
@@ -610,6 +613,35 @@ def _nonfinite_leaves(diagnosis: Diagnosis | None) -> dict[str, tuple[int, int, 
     else:
         found = diagnosis.nonfinite_outputs
     return dict(found)  # already int counts (`replay.rows`)
+
+
+def _growth_fix() -> str:
+    """The fix of a NaN after growth, as a sentence (a diagnosis's ``fix``)."""
+    fix = _FIXES["growth"]
+    return f"{fix[0].upper()}{fix[1:]}."
+
+
+def _overruled(grown: list, located: str | None) -> str:
+    """Why a nonfinite step after growth is put down to the learning rate."""
+    figures = "; ".join(str(g) for g in grown)
+    if located is None:
+        return f"{figures}, then the NaN"
+    return (
+        f"{figures}, then the NaN; without that growth the cause at the line "
+        f"would be {located}"
+    )
+
+
+def _with_evidence(text: str, evidence: str) -> str:
+    """A diagnosis's text with a ``why:`` line under its ``cause:`` line."""
+    if not evidence:
+        return text
+    lines = text.splitlines()
+    at = next(
+        (i + 1 for i, line in enumerate(lines) if line.startswith("  cause:")),
+        len(lines),
+    )
+    return "\n".join([*lines[:at], f"  why:     {evidence}", *lines[at:]])
 
 
 def _indent(text: str) -> str:

@@ -82,7 +82,7 @@ def plot_stats(
     left, right = fig.subplots(1, 2, sharey=True)
     maxabs = np.array([float(s.max_abs) for s in rows])
     left.barh(y, np.where(maxabs > 0, maxabs, np.nan), color=colors)
-    left.set_xscale("log")
+    _log_axis(left, maxabs)
     left.set_yticks(y, [f"{k}  [{s.dtype}]" for k, s in zip(names, rows)], fontsize=8)
     left.invert_yaxis()
     left.set_xlabel("largest finite |x| (log scale)")
@@ -94,6 +94,26 @@ def plot_stats(
     out = os.fspath(path)
     fig.savefig(out, dpi=110)
     return out
+
+
+def _log_axis(ax, values: np.ndarray) -> None:
+    """A log x axis that shows every bar and labels only whole decades.
+
+    It runs from a decade below the smallest bar (the default limit starts at
+    the smallest one, hiding it) to the decade above the largest, and leaves
+    the minor ticks unlabelled (over a short span matplotlib labels them, and
+    they overlap).
+    """
+    from matplotlib.ticker import LogLocator, NullFormatter
+
+    ax.set_xscale("log")
+    shown = values[np.isfinite(values) & (values > 0)]
+    if shown.size:
+        low = math.floor(math.log10(float(shown.min()))) - 1
+        high = max(math.ceil(math.log10(float(shown.max()))), low + 2)
+        ax.set_xlim(10.0**low, 10.0**high)
+    ax.xaxis.set_major_locator(LogLocator(base=10, numticks=8))
+    ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def _flagged(s: LayerStats) -> bool:

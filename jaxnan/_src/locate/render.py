@@ -7,7 +7,7 @@ from typing import Any
 
 from jax.extend import source_info_util
 
-from jaxnan._src.core.errors import describe_counts, leaf_lines
+from jaxnan._src.core.errors import describe_counts, leaf_lines, shown_where
 
 source_info_util.register_exclusion(__file__)
 
@@ -28,7 +28,7 @@ def _is_set(value: Any) -> bool:
 
 def _where_lines(d: Any) -> list[str]:
     """Where the event happened: the user line, and its function and code."""
-    where = d.where or "an unknown line"
+    where = shown_where(d.file, d.line) or "an unknown line"
     if d.phase == "backward":
         target = f"`{d.user_function}`" if d.user_function else "the op"
         lines = [f"  where:   gradient of {target} at {where}"]
@@ -46,7 +46,7 @@ def _nan_event_line(e: Mapping[str, Any]) -> str:
     code = f": {e['code']}" if e.get("code") else ""
     return (
         f"  then:    `{e['primitive']}` made the first NaN at "
-        f"{e['file']}:{e['line']}{code}"
+        f"{shown_where(e['file'], e['line'])}{code}"
     )
 
 
@@ -84,7 +84,7 @@ def _input_lines(d: Any, name: str) -> list[str]:
             code = f": {used['code']}" if used.get("code") else ""
             lines.append(
                 f"      first used by `{used['primitive']}` at "
-                f"{used['file']}:{used['line']}{code}"
+                f"{shown_where(used['file'], used['line'])}{code}"
             )
     return lines
 

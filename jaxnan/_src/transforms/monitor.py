@@ -187,22 +187,29 @@ def _path_name(path) -> str:
     return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
-def monitor_metrics(state: Any, *, prefix: str = "") -> dict[str, jax.Array]:
+def monitor_metrics(
+    state: Any, *, prefix: str = "", host: bool = False
+) -> dict[str, jax.Array] | dict[str, float | int]:
     """A flat dict of scalars from the `MonitorState` in an optimizer state.
 
     Keys are ``<prefix><metric>/<leaf path>`` with the path joined by "/"
     (``grad_norm/layer1/w``), plus whole-model entries without a path:
     ``grad_norm`` and ``update_norm`` (global L2 norms), ``grad_max_abs``
     and ``grad_nonfinite`` (total count). Values are device scalars (computed
-    without a host sync; a logger converts them when it wants).
+    without a host sync, so it also works inside `jit`); with ``host=True``
+    they are Python numbers, ready for a logger (``float``, counts ``int``),
+    read with one `jax.device_get` of the whole dict.
 
     Args:
         state: a `MonitorState`, or any optimizer state tree that contains
             exactly one.
         prefix: prepended to every key (e.g. ``"opt/"``).
+        host: return Python numbers (one device-to-host transfer; not under
+            `jit`) instead of device scalars.
 
     Returns:
-        A dict from str to scalar `jax.Array`.
+        A dict from str to scalar `jax.Array`, or with ``host=True`` to
+        ``float`` (``int`` for the nonfinite counts).
 
     Raises:
         ValueError: when `state` holds no `MonitorState`, or several.
@@ -218,6 +225,8 @@ def monitor_metrics(state: Any, *, prefix: str = "") -> dict[str, jax.Array]:
          'grad_norm', 'grad_norm/a/w', 'update_norm', 'update_norm/a/w']
         >>> int(m["grad_nonfinite/a/w"]), float(m["grad_max_abs/a/w"])
         (1, nan)
+        >>> jaxnan.monitor_metrics(state, host=True)["grad_norm/a/w"]
+        nan
 
     .. versionadded:: 0.1.0
     """
@@ -228,7 +237,9 @@ def monitor_metrics(state: Any, *, prefix: str = "") -> dict[str, jax.Array]:
         out[prefix + metric] = whole_model([x for _, x in flat])
         for path, x in flat:
             out[f"{prefix}{metric}/{_path_name(path)}"] = x
-    return out
+    if not host:
+        return out
+    return {k: v.item() for k, v in jax.device_get(out).items()}
 
 
 def _the_monitor_state(state: Any) -> MonitorState:

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from jax.extend import source_info_util
 
-from jaxnan._src.core import dtypes, tree, validation
+from jaxnan._src.core import deprecations, dtypes, tree, validation
 from jaxnan._src.transforms import update_tap
 from jaxnan._src.transforms.clip import ClipByGlobalNormState, KnownNorm, as_arrays
 from jaxnan._src.transforms.select import guarded_update
@@ -140,7 +140,7 @@ class SkipNonfiniteState(NamedTuple):
             update call, -1 when none was skipped.
         skip_step: int32 scalar, number of update calls so far.
         gave_up: bool scalar, set once `nonfinite_streak` reaches
-            `max_streak`; it stays set until the state is re-initialised.
+            `give_up_after`; it stays set until the state is re-initialised.
         inner_state: the state of the wrapped transformation.
     """
 
@@ -219,10 +219,11 @@ def validate_guard_input(
     return as_arrays(updates)
 
 
+@deprecations.renamed_keywords
 def skip_nonfinite(
     inner: optax.GradientTransformation,
     *,
-    max_streak: int | None = None,
+    give_up_after: int | None = None,
     axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Skips the whole step when anything nonfinite would reach the params.
@@ -244,8 +245,8 @@ def skip_nonfinite(
     inside `inner`: it records every step, skipped or not. A finite step is
     exactly `inner`.
 
-    Unlike `optax.apply_if_finite`, reaching `max_streak` consecutive skips
-    never lets a nonfinite update through (which would poison the moments for
+    Unlike `optax.apply_if_finite`, reaching `give_up_after` consecutive
+    skips never lets a nonfinite update through (which would poison the moments for
     good): the step is still skipped and `state.gave_up` is set, for a host
     loop to act on (stop, roll back, lower the learning rate).
 
@@ -269,8 +270,10 @@ def skip_nonfinite(
     Args:
         inner: the transformation to protect, such as ``optax.adamw(1e-3)``
             or ``optax.chain(jaxnan.clip_by_global_norm(1.0), optax.adam(1e-3))``.
-        max_streak: after this many consecutive skipped steps, set
-            `gave_up`. None: never.
+        give_up_after: after this many consecutive skipped steps, set
+            `gave_up` (and keep skipping). None: never. It was called
+            ``max_streak`` before 0.2 (still accepted, with a
+            `DeprecationWarning`); `jaxnan.guard`'s ``max_streak`` raises.
         axis_name: the mapped axis to agree over, inside `shard_map`/`pmap`.
 
     Returns:
@@ -280,12 +283,12 @@ def skip_nonfinite(
     Raises:
         TypeError: when `inner` is not an optax transformation, or update gets
             a state of another transform or non-floating updates.
-        ValueError: when `max_streak` is not a positive int, or update gets an
+        ValueError: when `give_up_after` is not a positive int, or update gets an
             empty or mismatched tree, or leaves of the wrong shape.
 
     Examples:
         >>> import jax.numpy as jnp, optax, jaxnan
-        >>> tx = jaxnan.skip_nonfinite(optax.adam(1e-2), max_streak=3)
+        >>> tx = jaxnan.skip_nonfinite(optax.adam(1e-2), give_up_after=3)
         >>> params = {"w": jnp.ones(2)}
         >>> state = tx.init(params)
         >>> bad = {"w": jnp.array([jnp.nan, 1.0])}
@@ -297,9 +300,9 @@ def skip_nonfinite(
     """
     name = "jaxnan.skip_nonfinite"
     validation.validate_inner(inner, fn_name="skip_nonfinite")
-    if max_streak is not None:
-        max_streak = validation.check_int(
-            "skip_nonfinite", "max_streak", max_streak, low=1
+    if give_up_after is not None:
+        give_up_after = validation.check_int(
+            "skip_nonfinite", "give_up_after", give_up_after, low=1
         )
     inner = optax.with_extra_args_support(inner)
 
@@ -368,8 +371,8 @@ def skip_nonfinite(
         inner_total = bump(state.inner_nonfinite_total, finite & ~inner_ok)
         last = jnp.where(applied | hold, state.last_nonfinite_step, state.skip_step)
         gave_up = state.gave_up
-        if max_streak is not None:
-            gave_up = gave_up | (streak >= max_streak)
+        if give_up_after is not None:
+            gave_up = gave_up | (streak >= give_up_after)
         new_state = SkipNonfiniteState(
             nonfinite_streak=streak,
             nonfinite_total=total,
