@@ -49,7 +49,14 @@ def test_taxonomy_is_the_registry():
         "update",
         "precision",
         "learning_rate",
+        "nondeterministic",
+        "growth",
     ]
+    # One vocabulary: the guard's incidents speak the same enum.
+    from jaxnan._src.guard import incidents
+
+    assert incidents.Cause is Cause
+    assert Cause.GROWTH == "growth" and Cause.NONDETERMINISTIC == "nondeterministic"
     assert [str(p) for p in Phase] == ["input", "forward", "backward", "update"]
     for cause in Cause:  # each fix is whole sentences, ending with a period
         assert cause.fix[0].isupper() and cause.fix.endswith("."), cause

@@ -19,6 +19,7 @@ from jax.extend import source_info_util
 
 from jaxnan._src.core.errors import Phase
 from jaxnan._src.locate.api import Diagnosis
+from jaxnan._src.locate.causes import Cause as Cause  # one cause vocabulary
 
 source_info_util.register_exclusion(__file__)
 
@@ -53,24 +54,6 @@ class Action(str, enum.Enum):
     WARNED = "warned"
 
 
-class Cause(str, enum.Enum):
-    """Why the guard says a step went bad, beyond `jaxnan.locate`'s causes.
-
-    The guard's own verdicts; a diagnosis it shares with `jaxnan.locate`
-    (``learning_rate`` after growth, ``input_data``, ...) is that cause
-    (`causes.Cause`), not a second spelling of it.
-
-    Attributes:
-        NONDETERMINISTIC: the step was bad but its replay on the same state,
-            batch and RNG was not (suspect hardware, an unseeded op or a
-            race).
-        GROWTH: the early warning itself (no NaN yet).
-    """
-
-    NONDETERMINISTIC = "nondeterministic"
-    GROWTH = "growth"
-
-
 @dataclasses.dataclass(frozen=True)
 class Incident:
     """One bad step (or early warning) seen by `jaxnan.guard`.
@@ -80,8 +63,8 @@ class Incident:
             index of its batch in the order the loop fed them.
         action: what the guard did (`Action`).
         cause: a `jaxnan.locate` cause (``input_data``, ``unsafe_op``,
-            ``learning_rate``, ...) or a `Cause` of the guard
-            (``nondeterministic``, ``growth``).
+            ``learning_rate``, ...) or one of the guard's own verdicts
+            (``nondeterministic``, ``growth``): all `Cause` values.
         message: the text printed once for this incident.
         leaf: the batch leaf that holds the bad examples
             (``"batch['x']"``), when known.

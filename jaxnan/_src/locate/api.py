@@ -372,6 +372,12 @@ def _diagnose(run: replay.Run, opts: _Options) -> Diagnosis:
     if index >= 0 and cone is not None and det.nodes[index].unit not in cone:
         det, _, _ = run.detect(allow=lambda n: n.unit in cone)
         index = det.index
+    if index >= 0 and cone is not None and det.nodes[index].loop_depth:
+        # In a loop, the first value created may have been masked (a
+        # `jnp.where` in iteration 0) while a later iteration let one out.
+        escaped, _, _ = run.detect(allow=lambda n: n.unit in cone, escaping=True)
+        if escaped.index >= 0:
+            det, index = escaped, escaped.index
     if index < 0:
         if nonfinite_inputs:
             return _input_diagnosis(run, common)

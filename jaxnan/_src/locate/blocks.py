@@ -457,6 +457,7 @@ def detect(
     known: Detection | None = None,
     cache: dict | None = None,
     search: bool = True,
+    escaping: bool = False,
 ) -> Detection:
     """Runs the instrumented program block by block (see the module doc).
 
@@ -474,6 +475,8 @@ def detect(
         search: look for the first event. False: only the node table and
             the outputs (every block plain where it can be), for arguments
             that already hold a NaN, which are the root cause.
+        escaping: inside loop bodies, only events of an iteration whose
+            outputs became nonfinite there (`strategies.Detect`).
 
     Returns:
         The `Detection`: first event, node table, output values.
@@ -490,7 +493,7 @@ def detect(
     cache = {} if cache is None else cache
     masks = _masks(allow, known, len(blocks))
     det = Detection(-1, np.full((depth,), -1, np.int32), -1, nodes, (), [], depth=depth)
-    runner = _Runner(cache, depth, search, small(program))
+    runner = _Runner(cache, depth, search, small(program), escaping)
     for bi, block in enumerate(blocks):
         vals = [env[v] for v in block.invars]
         table = _table(cache, block, depth, vals)
@@ -524,9 +527,15 @@ class _Runner:
     """
 
     def __init__(
-        self, cache: dict, depth: int, search: bool = True, whole: bool = False
+        self,
+        cache: dict,
+        depth: int,
+        search: bool = True,
+        whole: bool = False,
+        escaping: bool = False,
     ):
         self.cache, self.depth, self.count = cache, depth, 0
+        self.escaping = escaping
         self.search = search
         self.whole = whole  # a `small` program's one block: no plain run first
 
@@ -544,8 +553,9 @@ class _Runner:
         want = strategies.CODE_INF if det.index < 0 else strategies.CODE_NAN
         if by_rules or (check and code >= want):
             mask = mask if check else None
-            make = partial(_detecting, block, self.depth, mask)
-            rec, outs = self._call(("run", block.key, mask), make, vals)
+            make = partial(_detecting, block, self.depth, mask, self.escaping)
+            key = ("run", block.key, mask, self.escaping)
+            rec, outs = self._call(key, make, vals)
             if check:
                 _note(det, rec, offset, block, vals)
         return outs
@@ -575,10 +585,11 @@ def _table(cache: dict, block: Block, depth: int, vals: list) -> _Compiled:
     return table
 
 
-def _detecting(block: Block, depth: int, mask: Any) -> Any:
+def _detecting(block: Block, depth: int, mask: Any, escaping: bool = False) -> Any:
     """The instrumented `jax.jit` of `block` (`Detect`, restricted by `mask`)."""
     allow = None if mask is None else (lambda n: mask[n.index])
-    return _interpreted(block, depth, strategies.Detect(allow)).fn
+    strategy = strategies.Detect(allow, escaping=escaping)
+    return _interpreted(block, depth, strategy).fn
 
 
 def _by_rules(block: Block) -> bool:

@@ -18,6 +18,8 @@
     -inf, a cancellation).
   - ``learning_rate``: the parameters grew over the recent steps until a value
     overflowed.
+  - ``nondeterministic`` and ``growth``: the guard's own verdicts (a bad step
+    whose replay was not bad; the early warning, before any NaN).
 
 - `Classification`: ``(cause, fix, seen)`` for one event.
 - `RULES`: the classification rule of each primitive, registered with `rule`
@@ -115,6 +117,18 @@ class Cause(str, enum.Enum):
         "lower the learning rate (or add warm-up), clip the gradients "
         "(optax.clip_by_global_norm) and restart from a checkpoint taken "
         "before the growth.",
+    )
+    # The guard's own verdicts (`jaxnan.guard`'s incidents), one vocabulary.
+    NONDETERMINISTIC = (
+        "nondeterministic",
+        "The step was bad but its replay on the same state, batch and RNG was "
+        "not: suspect the hardware, an unseeded operation or a race; rerun the "
+        "step on the same inputs and check the device.",
+    )
+    GROWTH = (
+        "growth",
+        "Training is diverging before any NaN: lower the learning rate (or add "
+        "warm-up) and clip the gradients (optax.clip_by_global_norm).",
     )
 
 

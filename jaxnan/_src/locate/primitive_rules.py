@@ -127,7 +127,8 @@ def _scan_rule(
         sub = ctx.child(state, iters=(*ctx.iters, step))
         outs = sub.eval_jaxpr(jaxpr.jaxpr, jaxpr.consts, (*consts, *c, *x))
         sub.flush()
-        return (i + 1, sub.state, tuple(outs[:num_carry])), tuple(outs[num_carry:])
+        state = ctx.interp.strategy.gate(state, sub.state, (*c, *x), outs)
+        return (i + 1, state, tuple(outs[:num_carry])), tuple(outs[num_carry:])
 
     start = (jnp.zeros((), jnp.int32), ctx.state, init)
     (_, state, carry), ys = lax.scan(
@@ -152,25 +153,39 @@ def _while_rule(
     bconsts = args[cond_nconsts : cond_nconsts + body_nconsts]
     init = tuple(args[cond_nconsts + body_nconsts :])
     cond_fun = jex_core.jaxpr_as_fun(cond_jaxpr)
+    # A vmapped loop can have a batched predicate: it goes on while any lane
+    # does, and a lane whose predicate is False keeps its carry (as the
+    # lowering of `while` selects, lane by lane).
+    batched = bool(cond_jaxpr.out_avals[0].shape)
+
+    def pred(c: tuple) -> Any:
+        return cond_fun(*cconsts, *c)[0]
 
     def cond(carry: tuple) -> Any:
-        return cond_fun(*cconsts, *carry[2])[0]
+        p = pred(carry[2])
+        return jnp.any(p) if batched else p
+
+    gate = ctx.interp.strategy.gate
 
     def checked_cond(state: Any, i: Any, c: tuple) -> Any:
         # The predicate is evaluated once more, instrumented, so that a value
         # created in the condition function is found (iteration i: before
-        # the body's step i).
+        # the body's step i). Its outputs are booleans: nothing escapes it
+        # (`gate` with no floating output keeps the record from before).
         sub = ctx.child(state, iters=(*ctx.iters, i))
-        sub.eval_jaxpr(cond_jaxpr.jaxpr, cond_jaxpr.consts, (*cconsts, *c))
+        out = sub.eval_jaxpr(cond_jaxpr.jaxpr, cond_jaxpr.consts, (*cconsts, *c))
         sub.flush()
-        return sub.state
+        return gate(state, sub.state, c, out)
 
     def body(carry: tuple) -> tuple:
         i, state, c = carry
         sub = ctx.child(state, iters=(*ctx.iters, i))
         outs = sub.eval_jaxpr(body_jaxpr.jaxpr, body_jaxpr.consts, (*bconsts, *c))
         sub.flush()
-        state = checked_cond(sub.state, i + 1, tuple(outs))
+        if batched:
+            outs = [_lane_select(pred(c), new, old) for new, old in zip(outs, c)]
+        state = gate(state, sub.state, c, outs)
+        state = checked_cond(state, i + 1, tuple(outs))
         return i + 1, state, tuple(outs)
 
     state = checked_cond(ctx.state, jnp.zeros((), jnp.int32), init)
@@ -179,6 +194,12 @@ def _while_rule(
     )
     ctx.state = state
     return ctx, list(carry)
+
+
+def _lane_select(pred: Any, new: Any, old: Any) -> Any:
+    """`new` where the batched predicate holds, `old` elsewhere (leading axes)."""
+    p = jnp.reshape(pred, pred.shape + (1,) * (jnp.ndim(new) - pred.ndim))
+    return jnp.where(p, new, old)
 
 
 # -- shard_map -----------------------------------------------------------

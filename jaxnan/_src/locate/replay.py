@@ -96,7 +96,9 @@ class Run:
         self.depth = primitives.loop_depth(self.closed.jaxpr)
         self.consts = list(self.closed.consts)
 
-    def detect(self, allow=None) -> tuple[blocks.Detection, np.ndarray, np.ndarray]:
+    def detect(
+        self, allow=None, escaping: bool = False
+    ) -> tuple[blocks.Detection, np.ndarray, np.ndarray]:
         """The first event (restricted by `allow`) and counts.
 
         Block by block (`blocks.detect`: each distinct block compiled once).
@@ -104,7 +106,8 @@ class Run:
         `allow` accepts (the cone of the bad outputs) reuses its compiled
         blocks wherever a block's nodes are all allowed. The detection also
         holds the first NaN-creating event (``nan_index``) under the same
-        restriction.
+        restriction. `escaping` (with `allow`): inside loops, only events of
+        an iteration whose outputs went nonfinite (`blocks.detect`).
         """
         in_counts = counts(self.leaves)
         if allow is None or self.first is None:
@@ -125,6 +128,7 @@ class Run:
             allow=allow,
             known=self.first,
             cache=self.cache,
+            escaping=escaping,
         )
         return det, in_counts, counts(det.outs)
 

@@ -179,11 +179,32 @@ class Detect:
         min_code: the smallest code an event must create (`CODE_NAN`: NaN
             events only). The record's ``nan_index`` holds the first
             NaN-creating event whatever `min_code` is.
+        escaping: count an event inside a loop body only in an iteration
+            whose outputs (carry or stacked) hold a nonfinite value: a value
+            created under a `jnp.where` and masked in iteration 0 is passed
+            over for the iteration where one got through (`gate`). Events
+            of a `while` condition, whose outputs are booleans, are dropped.
     """
 
-    def __init__(self, allow: Any = None, min_code: int = CODE_INF):
+    def __init__(
+        self, allow: Any = None, min_code: int = CODE_INF, escaping: bool = False
+    ):
         self.allow = allow
         self.min_code = min_code
+        self.escaping = escaping
+
+    def gate(self, before: Record, after: Record, ins, outs) -> Record:
+        """The record after one loop iteration (`escaping`: see the class)."""
+        del ins
+        if not self.escaping:
+            return after
+        codes = [value_code(x) for x in outs if dtypes.is_inexact_dtype(x.dtype)]
+        if not codes:
+            return before
+        escaped = functools.reduce(jnp.maximum, codes) > CODE_FINITE
+        return jax.tree_util.tree_map(
+            lambda a, b: jnp.where(escaped, a, b), after, before
+        )
 
     def initial_state(self, interp: Any) -> Record:
         """The record before any equation ran."""
@@ -265,6 +286,8 @@ class Table:
     value.
     """
 
+    escaping = False
+
     def initial_state(self, interp: Any) -> Record:
         """An empty record (threaded through loops like `Detect`'s)."""
         return Record.empty(interp.depth)
@@ -276,6 +299,11 @@ class Table:
         """Nothing is pending."""
         ctx.pending = []
 
+    def gate(self, before: Record, after: Record, ins, outs) -> Record:
+        """The record after a loop iteration (nothing is recorded)."""
+        del before, ins, outs
+        return after
+
     def merge_devices(self, ctx: Any, stacked: Record, ndev: int) -> Record:
         """The record before the device map (nothing was recorded)."""
         del stacked, ndev
@@ -284,6 +312,8 @@ class Table:
 
 class Capture:
     """Strategy of the second pass: read the values of the target equation."""
+
+    escaping = False
 
     def __init__(self, target: Target):
         self.target = target
@@ -318,6 +348,11 @@ class Capture:
     def flush(self, ctx: Any) -> None:
         """Nothing is pending in the capture pass."""
         ctx.pending = []
+
+    def gate(self, before: tuple, after: tuple, ins, outs) -> tuple:
+        """The buffers after a loop iteration (the target's iteration decides)."""
+        del before, ins, outs
+        return after
 
     def merge_devices(self, ctx: Any, stacked: tuple, ndev: int) -> tuple:
         """The buffers of the device where the event happened."""
