@@ -91,6 +91,26 @@ def is_array(x: Any) -> bool:
     return isinstance(x, (jax.Array, np.ndarray, np.generic, int, float, complex))
 
 
+def flatten_tree(tree: Any) -> tuple[list[Any], Any, list[bool]]:
+    """``(leaves, treedef, arrays)``: `tree`'s leaves and which travel as arrays.
+
+    A framework's own rule comes first (Equinox: inside a module, only
+    `eqx.is_array` leaves are arrays, as under `eqx.filter_jit`; a Python
+    bool such as ``Dropout.inference`` stays static), then `is_array`.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    says = registry.static_leaves(tree)
+    if says is None:
+        return leaves, treedef, [is_array(x) for x in leaves]
+    arrays = [is_array(x) if s is None else not s for x, s in zip(leaves, says)]
+    return leaves, treedef, arrays
+
+
+def statics_of(leaves: Sequence[Any], arrays: Sequence[bool]) -> tuple[Any, ...]:
+    """The layout's record of leaves: None for an array, else `Static`."""
+    return tuple(None if a else Static(x) for x, a in zip(leaves, arrays))
+
+
 class Static:
     """A non-array leaf (an Equinox activation function): compared by identity."""
 
@@ -186,9 +206,9 @@ def make_layout(args: Sequence[Any], state_args: tuple[int, ...]) -> Layout:
     for i, a in enumerate(args):
         if i in graph:
             continue
-        leaves, treedef = jax.tree_util.tree_flatten(a)
+        leaves, treedef, arrays = flatten_tree(a)
         treedefs.append(treedef)
-        statics.append(tuple(None if is_array(x) else Static(x) for x in leaves))
+        statics.append(statics_of(leaves, arrays))
     return Layout(
         len(args),
         graph,
@@ -207,7 +227,9 @@ def _tree_position(layout: Layout, i: int) -> int:
 
 def flatten_arg(layout: Layout, args: Sequence[Any], i: int) -> list[Any]:
     """The array leaves of non-graph argument `i`."""
-    return [x for x in jax.tree_util.tree_leaves(args[i]) if is_array(x)]
+    statics = layout.statics[layout.positions[i]]
+    leaves = jax.tree_util.tree_leaves(args[i])
+    return [x for x, s in zip(leaves, statics) if s is None]
 
 
 def flatten(layout: Layout, args: Sequence[Any]) -> tuple[list[Any], list[Any]]:
@@ -345,9 +367,9 @@ def read_new_state(
         return state, out
     n = len(layout.state_args)
     for j, i in enumerate(layout.state_args):
-        leaves, treedef = jax.tree_util.tree_flatten(out[j])
+        leaves, treedef, arrays = flatten_tree(out[j])
         pos = _tree_position(layout, i)
-        statics = tuple(None if is_array(x) else Static(x) for x in leaves)
+        statics = statics_of(leaves, arrays)
         if treedef != layout.treedefs[pos] or statics != layout.statics[pos]:
             raise ValueError(
                 f"jaxnan.guard: output {j} of `{fn_name}` does not have the "
@@ -355,7 +377,7 @@ def read_new_state(
                 "(new_state..., metrics) with the new state in the order and "
                 "structure of its first arguments."
             )
-        state += [x for x in leaves if is_array(x)]
+        state += [x for x, a in zip(leaves, arrays) if a]
     metrics = out[n] if len(out) == n + 1 else tuple(out[n:])
     return state, metrics
 

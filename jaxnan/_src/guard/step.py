@@ -149,9 +149,10 @@ class GuardedStep:
         paths = []
         for i in layout.input_args:
             flat, _ = jax.tree_util.tree_flatten_with_path(args[i])
-            for p, x in flat:
+            statics = layout.statics[layout.positions[i]]
+            for (p, x), s in zip(flat, statics):
                 where = f"{names[i]}{jax.tree_util.keystr(p)}"
-                if not program.is_array(x):
+                if s is not None:
                     raise TypeError(
                         f"jaxnan.guard: argument `{names[i]}` of `{self.name}` "
                         f"holds a {type(x).__name__} at {where} ({x!r}). The "
@@ -503,8 +504,8 @@ class GuardedStep:
                 graphdefs[i], pure = program.adapter(layout).split(a)
                 located.append(pure)
             else:
-                leaves, treedef = jax.tree_util.tree_flatten(a)
-                keep = [x if program.is_array(x) else None for x in leaves]
+                leaves, treedef, arrays = program.flatten_tree(a)
+                keep = [x if k else None for x, k in zip(leaves, arrays)]
                 located.append(jax.tree_util.tree_unflatten(treedef, keep))
 
         def replay(*pure):
