@@ -27,7 +27,7 @@ def guard(
     log: str | os.PathLike | None = None,
     window: int = 8,
     growth: float = 100.0,
-    donate: bool = True,
+    donate: bool | None = None,
     verbose: bool = True,
 ) -> GuardedStep:
     """Wraps a train step once: every bad step is skipped, replayed and explained.
@@ -87,11 +87,18 @@ def guard(
         max_streak: raise after this many bad steps in a row.
         snapshot_every: with ``"rollback"``, copy the state (on device, in
             its sharding) after every this many steps.
-        log: a file to append one JSON object per incident to.
+        log: a file to append one JSON object per incident to (created at
+            the first incident; its directory must exist and be writable,
+            checked here).
         window: healthy steps kept for the early warning.
         growth: growth factor over `window` steps that triggers a warning.
-        donate: donate the state to the compiled step (as `jax.jit`'s
-            ``donate_argnums``); the arguments passed in are then consumed.
+        donate: None (default): donate exactly what the wrapped jit donates
+            (`jax.jit`/`nnx.jit` ``donate_argnums``/``donate_argnames``,
+            `eqx.filter_jit` ``donate=``), nothing for an unjitted step.
+            True: donate the whole state (every argument the step returns
+            again, and NNX objects); False: nothing. Donated arguments are
+            consumed (``Array has been deleted`` on their next use), as
+            under the wrapped jit.
         verbose: print each incident once (they always go to the
             ``jaxnan.guard`` logger at WARNING too).
 
@@ -101,9 +108,12 @@ def guard(
 
     Raises:
         TypeError: when `step_fn` is not callable.
+        TypeError: for a `log` that is not a path, a `donate` not None/bool.
         ValueError: for an unknown `policy`, `snapshot_every` or `max_streak`
-            below 1, or `window` below 3 (and at the first call, for a step
-            whose outputs, loss or optimizer state the guard cannot read).
+            below 1, `window` below 3, a `log` path that cannot be written (a
+            directory, a missing directory), and at the first call, for a
+            step whose outputs, loss or optimizer state the guard cannot
+            read.
 
     Examples:
         >>> import jax, jax.numpy as jnp, optax, jaxnan
@@ -154,6 +164,12 @@ def guard(
             f"jaxnan.guard: loss must be a metrics key or a function of the "
             f"metrics, got {type(loss).__name__}."
         )
+    if donate is not None and not isinstance(donate, bool):
+        raise TypeError(
+            f"jaxnan.guard: donate must be None (follow the wrapped jit), True or "
+            f"False, got {donate!r}."
+        )
+    incidents.check_log_path(log)
     return GuardedStep(
         step_fn,
         policy=policy,
