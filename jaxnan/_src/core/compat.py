@@ -47,3 +47,15 @@ def jit_donated_argnums(fn: Any) -> tuple[int, ...] | None:
     info = getattr(fn, "_jit_info", None)
     nums = getattr(info, "donate_argnums", None)
     return None if nums is None else tuple(nums)
+
+
+def in_current_trace(x: Any) -> bool:
+    """False for a tracer of another trace than the current one.
+
+    Such as a tracer that leaked out of a `lax.scan` body; True for anything
+    else.
+    """
+    from jax._src import core
+
+    trace = getattr(x, "_trace", None)
+    return trace is None or trace is core.trace_ctx.trace
