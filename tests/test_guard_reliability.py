@@ -110,7 +110,7 @@ class _Interrupt(KeyboardInterrupt):
     pass
 
 
-def test_keyboard_interrupt_keeps_the_last_state_and_nnx_objects_readable():
+def test_keyboard_interrupt_keeps_the_last_state():
     tx = jaxnan.skip_nonfinite(optax.sgd(0.1))
     jitted = jax.jit(helpers.optax_train_step(tx, _loss), donate_argnums=(0, 1))
     step = jaxnan.guard(jitted, verbose=False)
@@ -132,6 +132,45 @@ def test_keyboard_interrupt_keeps_the_last_state_and_nnx_objects_readable():
     assert params["w"].is_deleted()  # donated to step 2, as the jit asked
     last_params, last_opt = step.last_state
     assert _bits((last_params, last_opt)) == _bits((ref_params, ref_opt))
+
+
+def test_keyboard_interrupt_leaves_donated_nnx_objects_holding_the_new_state():
+    nnx = pytest.importorskip("flax.nnx")
+    tx = jaxnan.skip_nonfinite(optax.sgd(0.1))
+
+    def train_step(model, optimizer, x, y):
+        def loss_fn(model):
+            return jnp.mean((model(x)[:, 0] - y) ** 2)
+
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        optimizer.update(model, grads, loss=loss)
+        return loss
+
+    def make():
+        model = nnx.Linear(3, 1, rngs=nnx.Rngs(0))
+        return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    batches = _data(3)
+    model, optimizer = make()
+    step = jaxnan.guard(nnx.jit(train_step, donate_argnums=(0, 1)), verbose=False)
+    step(model, optimizer, batches[0]["x"], batches[0]["y"])
+    kernel = model.kernel[...]
+
+    def interrupt(*_):
+        raise _Interrupt
+
+    step._read = interrupt
+    with pytest.raises(_Interrupt):
+        step(model, optimizer, batches[1]["x"], batches[1]["y"])
+    assert kernel.is_deleted()  # donated to the interrupted step, as asked
+    assert step.last_state == (model, optimizer)
+    ref_model, ref_opt = make()
+    plain = nnx.jit(train_step)
+    for b in batches[:2]:
+        plain(ref_model, ref_opt, b["x"], b["y"])
+    assert _bits(nnx.state((model, optimizer))) == _bits(
+        nnx.state((ref_model, ref_opt))
+    )
 
 
 def test_an_exception_in_an_incident_keeps_the_state():
