@@ -9,7 +9,7 @@ their compile time.
 
 A test marked ``@pytest.mark.default_compiler`` compares a result bit for bit
 with the same computation without jaxnan. Which rounding XLA's CPU code gives
-depends on how it fuses (see `benchmarks/fusion_rounding.py`), so that claim
+depends on how it fuses (see `benchmarks/studies/fusion_rounding.py`), so that claim
 is only worth something under the configuration users get: XLA's defaults.
 XLA reads its flags once per process, so all the marked tests of a run go to
 one child pytest with the environment the suite was started with. The first

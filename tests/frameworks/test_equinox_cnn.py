@@ -98,7 +98,7 @@ FUSION_ROUNDING = pytest.mark.xfail(
     "and after it with, and XLA's CPU code then contracts mu*0.9 + g*0.1 into "
     "fma(mu, 0.9, g*0.1) in one program and fma(g, 0.1, mu*0.9) in the other. "
     "The same happens with checked alone and, in plain JAX, when "
-    "jnp.isfinite(g).all() is also returned (benchmarks/fusion_rounding.py); "
+    "jnp.isfinite(g).all() is also returned (benchmarks/studies/fusion_rounding.py); "
     "skip_nonfinite itself keeps optax's arithmetic (linen and nanolm are "
     "bit for bit)",
 )

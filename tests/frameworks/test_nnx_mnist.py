@@ -133,7 +133,7 @@ def test_checked_keeps_every_state_update_bit_for_bit(healthy):
     "smallest gradient (g - token * 0, exact), which changes how XLA fuses "
     "the gradients into adamw; its CPU code contracts a*b + c*d into an FMA "
     "on either product depending on the fusion: 9 of 14 state leaves 1 ulp "
-    "apart after 20 steps (benchmarks/fusion_rounding.py shows the same in "
+    "apart after 20 steps (benchmarks/studies/fusion_rounding.py shows the same in "
     "plain JAX)",
 )
 @pytest.mark.default_compiler
@@ -157,7 +157,7 @@ def test_guarded_optimizer_state_is_readable(healthy):
     "guard's reads of the gradients change XLA's fusion of the gradients "
     "into adamw, and with it which product its CPU code contracts into an "
     "FMA (1 ulp). skip_nonfinite keeps optax's arithmetic itself (linen and "
-    "nanolm are bit for bit; benchmarks/fusion_rounding.py)",
+    "nanolm are bit for bit; benchmarks/studies/fusion_rounding.py)",
 )
 @pytest.mark.default_compiler
 def test_guarded_twenty_steps_bit_for_bit(healthy):

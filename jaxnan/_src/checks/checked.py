@@ -14,7 +14,6 @@ on mutable arguments, such as Flax NNX modules, reach the caller's objects).
 from __future__ import annotations
 
 import functools
-import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -24,7 +23,7 @@ from jax.interpreters import ad
 
 from jaxnan._src.checks import check, device, host
 from jaxnan._src.checks.host import NonfiniteRecord
-from jaxnan._src.core import dtypes, tree
+from jaxnan._src.core import dtypes, tree, validation
 from jaxnan._src.core.errors import Phase
 from jaxnan._src.frameworks import state
 
@@ -33,21 +32,8 @@ source_info_util.register_exclusion(__file__)
 
 def _call_signature(fn: Callable, args: tuple, kwargs: dict) -> str:
     """The `(params, batch, k=k)` text of a call, for the locate hint."""
-    try:
-        params = list(inspect.signature(fn).parameters.values())
-    except (TypeError, ValueError):
-        params = []
-    names = []
-    for i in range(len(args)):
-        if i < len(params) and params[i].kind in (
-            inspect.Parameter.POSITIONAL_ONLY,
-            inspect.Parameter.POSITIONAL_OR_KEYWORD,
-        ):
-            names.append(params[i].name)
-        else:
-            names.append(f"args[{i}]")
-    text = ", ".join(names + [f"{k}={k}" for k in sorted(kwargs)])
-    return f"({text})"
+    names = validation.argument_names(fn, len(args))
+    return "(" + ", ".join(names + [f"{k}={k}" for k in sorted(kwargs)]) + ")"
 
 
 def _require_callable(fn: Any, where: str) -> None:

@@ -5,7 +5,7 @@ max can skip NaN) and never from `jnp.isfinite(x).all()` (which writes a
 boolean array and reduces it in a second pass on CPU). Each leaf is read once
 by one variadic `lax.reduce` that sums several int32 indicators at a time
 (NaN, and Inf or +Inf and -Inf): XLA compiles it into one vectorized loop.
-Measured on CPU (`benchmarks/pass_floor.py`), this pass costs about half of
+Measured on CPU (`benchmarks/studies/pass_floor.py`), this pass costs about half of
 what a single-operand reduction such as `sum(x * 0)` costs, because XLA routes
 single-operand reductions to a slower library or two-stage path. Leaves of
 one shape share a reduction, and reporting branches pack small leaves, to

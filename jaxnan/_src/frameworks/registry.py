@@ -44,6 +44,9 @@ class Adapter:
         constants: ``constants(tree) -> [bool]`` per leaf of `tree`: a model
             constant (not trained, not data: an attention mask of ``-inf``).
             None: no constants.
+        view: ``view(obj)``: a pytree whose leaves are the object's own arrays
+            (the same objects), where the guard finds the optimizer states
+            inside it. None: the object is a pytree itself (NNX objects are).
         static_leaves: ``static_leaves(tree) -> [bool | None] | None`` per
             leaf of a pytree: True for a leaf the framework treats as static
             configuration (Equinox: a Python bool or float field of a
@@ -63,7 +66,12 @@ class Adapter:
     sync: Callable[[Any, Any, dict[int, Any]], None] | None = None
     is_sync_node: Callable[[Any], bool] | None = None
     constants: Callable[[Any], list[bool]] | None = None
+    view: Callable[[Any], Any] | None = None
     static_leaves: Callable[[Any], list[bool | None] | None] | None = None
+
+    def pytree(self, obj: Any) -> Any:
+        """`obj` as a pytree of its own arrays (`view`, or `obj` itself)."""
+        return obj if self.view is None else self.view(obj)
 
 
 _FACTORIES: dict[str, Callable[[], Adapter]] = {}

@@ -82,6 +82,11 @@ def adapter(layout: Layout) -> Adapter:
     return registry.ADAPTERS[layout.framework]
 
 
+def graph_view(layout: Layout, obj: Any) -> Any:
+    """A graph argument as a pytree of its own arrays (`Adapter.pytree`)."""
+    return adapter(layout).pytree(obj)
+
+
 def is_array(x: Any) -> bool:
     """Arrays and numbers travel through the program; other leaves are static.
 
@@ -530,7 +535,10 @@ def guarded_body(
     def run(state: list, inputs: list, hold: jax.Array):
         samples = sample_first(state)
         args = rebuild(layout, state, inputs)
-        old_skip = skip_states([args[i] for i in layout.graph_args + layout.state_args])
+        old_skip = skip_states(
+            [graph_view(layout, args[i]) for i in layout.graph_args]
+            + [args[i] for i in layout.state_args]
+        )
         if not old_skip:
             raise ValueError(
                 f"jaxnan.guard: the state of `{fn_name}` holds no "
@@ -549,7 +557,7 @@ def guarded_body(
         if tapped and not any(r.loss_given for r in tapped):
             notes.append(NO_LOSS.format(fn_name=fn_name))
         new_state, metrics = read_new_state(layout, args, out, fn_name)
-        holders = [args[i] for i in layout.graph_args]
+        holders = [graph_view(layout, args[i]) for i in layout.graph_args]
         if layout.state_args:
             holders += list(out[: len(layout.state_args)])
         new_skip = skip_states(holders)

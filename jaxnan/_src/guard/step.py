@@ -342,6 +342,8 @@ class GuardedStep:
 
         A healthy step also goes through `_healthy` (history, snapshots).
         """
+        if incidents.LOGGER.isEnabledFor(logging.DEBUG):
+            incidents.LOGGER.debug("reading health of step %d", previous.step)
         h = np.asarray(previous.health)
         bad = bool(h[program.BAD] > 0)
         figures = (h[program.LOSS], h[program.GRAD_NORM], h[program.RATIO])

@@ -1,6 +1,6 @@
 """What an untaken reporting branch costs, by the kind of host callback in it.
 
-Usage: python benchmarks/callback_cost.py [--rounds 30]
+Usage: python benchmarks/studies/callback_cost.py [--rounds 30]
 
 The SGD steps of `benchmarks/decorators.py` (MLP and transformer), plain and
 with a finite check of the gradients (`jaxnan.all_finite`) in four forms: the
@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import decorators as models  # noqa: E402
 
 import jaxnan  # noqa: E402

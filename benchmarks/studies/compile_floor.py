@@ -1,6 +1,6 @@
 """The compile-time floor of an in-graph finite check, next to the guards.
 
-Usage: python benchmarks/compile_floor.py [--reps 7] [--models mlp,transformer]
+Usage: python benchmarks/studies/compile_floor.py [--reps 7] [--models mlp,transformer]
 
 For the adamw train steps of `benchmarks/overhead.py`, times fresh
 ``jit(...).lower(...)`` (tracing) and ``.compile()`` (XLA) of: the plain
@@ -24,7 +24,7 @@ import time
 import jax
 import optax
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from models import MODELS  # noqa: E402
 from overhead import make_step  # noqa: E402
 

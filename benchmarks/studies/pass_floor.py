@@ -1,6 +1,6 @@
 """The floor of any separate finite check: one extra read of params and grads.
 
-Usage: python benchmarks/pass_floor.py [--rounds 30]
+Usage: python benchmarks/studies/pass_floor.py [--rounds 30]
 
 Times a jitted SGD step of the ~1M-parameter MLP plain, and with two extra
 reads (one over the parameters, one over the gradients) in two forms: a
@@ -24,7 +24,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from models import MODELS  # noqa: E402
 
 import jaxnan  # noqa: E402

@@ -7,7 +7,7 @@ any check of the gradients adds). On CPU, XLA compiles ``a*b + c*d`` with a
 fused multiply-add on one of the two products, and which one depends on the
 fusion: alone, the reduction is fused into the update (its sum is also
 ordered differently); with the check, it is written out first.
-Usage: ``python benchmarks/fusion_rounding.py``.
+Usage: ``python benchmarks/studies/fusion_rounding.py``.
 """
 
 import jax

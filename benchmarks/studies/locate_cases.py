@@ -10,7 +10,7 @@ Reported: the CPU seconds of the detect passes, the layer statistics, the
 compiled run and the whole `locate`, summed over the cases, and whether
 every answer (primitive, phase, cause, line) is the same under both.
 
-Usage: python benchmarks/locate_cases.py [--rounds 2] [--small 100]
+Usage: python benchmarks/studies/locate_cases.py [--rounds 2] [--small 100]
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ import pathlib
 import sys
 import time
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import jax  # noqa: E402
 

@@ -6,7 +6,7 @@ Usage (from the repository root)::
     git show a4e70b4:lint_rules > /tmp/old_lint_rules.py
     sed -i 's/from jaxnan._src.lint_rules import/from old_lint_rules import/' \\
         /tmp/old_lint.py
-    python benchmarks/lint_refactor_speed.py /tmp
+    python benchmarks/studies/lint_refactor_speed.py /tmp
 
 Prints, per model, the warm median of the per-round ratio new/old of the
 process CPU time (rounds alternate which one runs first) and both medians.
@@ -18,7 +18,9 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(
+    0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+)
 
 import jax  # noqa: E402
 
