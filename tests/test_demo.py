@@ -76,6 +76,7 @@ def test_demo_survives_three_incidents_and_explains_each(tmp_path):
         (25, "rolled_back", [21, 22, 23, 24, 25]),
         (40, "warned", []),
         (41, "rolled_back", [36, 37, 38, 39, 40, 41]),
+        (42, "warned", []),  # growing again on the restored state
         (43, "rolled_back", [42, 43]),
     ]
     assert [r["cause"] for r in records] == [
@@ -83,6 +84,7 @@ def test_demo_survives_three_incidents_and_explains_each(tmp_path):
         "unsafe_op",
         "growth",
         "learning_rate",
+        "growth",
         "learning_rate",
     ]
     assert records[3]["diagnosis"]["cause"] == "learning_rate"  # one spelling

@@ -35,3 +35,27 @@ def unnamed_debug_info(what: str) -> Any:
     from jax._src.core import DebugInfo
 
     return DebugInfo("jaxnan", what, None, None)
+
+
+def jit_donated_argnums(fn: Any) -> tuple[int, ...] | None:
+    """The positions a `jax.jit` function donates (names resolved), or None.
+
+    None when `fn` is not a `jax.jit` function (jax keeps its arguments in
+    the private ``_jit_info``, with ``donate_argnames`` already turned into
+    positions).
+    """
+    info = getattr(fn, "_jit_info", None)
+    nums = getattr(info, "donate_argnums", None)
+    return None if nums is None else tuple(nums)
+
+
+def in_current_trace(x: Any) -> bool:
+    """False for a tracer of another trace than the current one.
+
+    Such as a tracer that leaked out of a `lax.scan` body; True for anything
+    else.
+    """
+    from jax._src import core
+
+    trace = getattr(x, "_trace", None)
+    return trace is None or trace is core.trace_ctx.trace

@@ -47,17 +47,27 @@ class Adapter:
         view: ``view(obj)``: a pytree whose leaves are the object's own arrays
             (the same objects), where the guard finds the optimizer states
             inside it. None: the object is a pytree itself (NNX objects are).
+        static_leaves: ``static_leaves(tree) -> [bool | None] | None`` per
+            leaf of a pytree: True for a leaf the framework treats as static
+            configuration (Equinox: a Python bool or float field of a
+            module, such as ``Dropout.inference``), False for an array, None
+            where it has no say; None for a tree it has no say about at all.
+            None: the framework has no static leaves.
+
+    A framework whose models are plain pytrees (Equinox) has no mutable
+    objects: its `is_node` is always False and it gives `static_leaves` only.
     """
 
     name: str
-    is_node: Callable[[Any], bool]
-    split: Callable[[tuple], tuple[Any, Any]]
-    merge: Callable[[Any, Any], tuple]
-    update: Callable[[tuple, Any], None]
+    is_node: Callable[[Any], bool] = lambda x: False
+    split: Callable[[tuple], tuple[Any, Any]] | None = None
+    merge: Callable[[Any, Any], tuple] | None = None
+    update: Callable[[tuple, Any], None] | None = None
     sync: Callable[[Any, Any, dict[int, Any]], None] | None = None
     is_sync_node: Callable[[Any], bool] | None = None
     constants: Callable[[Any], list[bool]] | None = None
     view: Callable[[Any], Any] | None = None
+    static_leaves: Callable[[Any], list[bool | None] | None] | None = None
 
     def pytree(self, obj: Any) -> Any:
         """`obj` as a pytree of its own arrays (`view`, or `obj` itself)."""
@@ -126,6 +136,20 @@ def one_adapter(objs: Sequence[Any], where: str) -> Adapter:
     return next(iter(found.values()))
 
 
+def static_leaves(tree: Any) -> list[bool | None] | None:
+    """Per leaf of `tree`, whether an active framework calls it static.
+
+    None when no framework has a say about `tree` (see
+    `Adapter.static_leaves`).
+    """
+    for a in active():
+        if a.static_leaves is not None:
+            found = a.static_leaves(tree)
+            if found is not None:
+                return found
+    return None
+
+
 def _load_builtin() -> None:
     """Imports the built-in adapter modules (they import no framework)."""
-    from jaxnan._src.frameworks import nnx  # noqa: F401
+    from jaxnan._src.frameworks import equinox, nnx  # noqa: F401

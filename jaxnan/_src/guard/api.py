@@ -27,32 +27,64 @@ def guard(
     log: str | os.PathLike | None = None,
     window: int = 8,
     growth: float = 100.0,
-    donate: bool = True,
+    donate: bool | None = None,
     verbose: bool = True,
 ) -> GuardedStep:
     """Wraps a train step once: every bad step is skipped, replayed and explained.
 
     ``step = jaxnan.guard(train_step)`` compiles `train_step` (with or
-    without its own `jax.jit`/`nnx.jit`/`eqx.filter_jit`) into one donated
-    program and is called exactly like it. It reads the steps users write:
+    without its own `jax.jit`/`nnx.jit`/`eqx.filter_jit`) into one program
+    and is called exactly like it. It reads the steps users write:
 
     * plain optax: ``(params, opt_state, batch[, rng]) -> (params, opt_state,
-      metrics)``; Equinox: ``(model, opt_state, batch) -> (model, opt_state,
-      loss)``; linen: ``(state, batch) -> (state, metrics)``. The leading
-      outputs whose structure is that of the leading arguments are the new
-      state; the last output holds the metrics.
+      metrics...)``; Equinox: ``(model, opt_state, batch) -> (model,
+      opt_state, loss)`` (with ``eqx.nn.State``: ``(model, state, opt_state,
+      ...)``; a module's Python bool/float fields stay static, as under
+      `eqx.filter_jit`); linen: ``(state, batch) -> (state, metrics)``. The
+      new state is the leading outputs that repeat the tree structure and
+      leaf shapes of the argument at the same position; the outputs after
+      it are the metrics (so ``(params, opt, x, y) -> (params, opt, loss,
+      acc)`` has metrics ``(loss, acc)``).
     * Flax NNX: ``(model, optimizer, batch) -> metrics``, mutating `model`
       and `optimizer` in place (the guard updates them after each call).
 
-    The optimizer must be wrapped in `jaxnan.skip_nonfinite`, and the
-    metrics must hold the loss (a scalar, a dict with ``"loss"``, or name it
-    with `loss`). In the compiled step, a step is bad when `skip_nonfinite`
-    skipped the update (a NaN/Inf gradient, or loss given as ``loss=``) or
-    the loss is not finite; a bad step then changes nothing: every state leaf
-    the step wrote (parameters, BatchNorm statistics, RNG counters, step
-    counters) is selected back, bit for bit, while `skip_nonfinite`'s own
-    counters advance. A healthy step is the step unchanged: no copy of the
-    parameters, no host callback.
+    The loss is found in the metrics: `loss` (a dict key or a function of
+    the metrics) when given, else the metrics themselves when a scalar,
+    ``metrics["loss"]``, or the first metric when a scalar (the first
+    output after the state).
+
+    Several optimizer steps per call (a `lax.scan` over `skip_nonfinite`
+    updates) are one guarded step: the call is bad when any of its updates
+    was skipped, and then all of it is undone.
+
+    The optimizer must be wrapped in `jaxnan.skip_nonfinite`. In the
+    compiled step, a step is bad when `skip_nonfinite` skipped the update (a
+    NaN/Inf gradient, or loss given as ``loss=``), the loss is not finite, or
+    the step wrote a nonfinite value into state that `skip_nonfinite` does
+    not guard (a BatchNorm running variance overflowing). A bad step then
+    changes nothing: every state leaf the step wrote (parameters, optimizer
+    state, BatchNorm statistics, RNG counters, step counters) is as before,
+    bit for bit, while `skip_nonfinite`'s own counters advance. A healthy
+    step is the step unchanged: no host callback, and no copy of the
+    parameters when the optimizer is handed the loss and the step writes no
+    other float state; otherwise the parameters and optimizer state go
+    through one `lax.cond` that puts them back on a step bad for a reason
+    `skip_nonfinite` did not see.
+
+    Donation follows the wrapped step: the guard donates exactly the
+    arguments the wrapped `jax.jit`/`nnx.jit` donates (``donate_argnums``/
+    ``donate_argnames``) or `eqx.filter_jit`'s ``donate=`` names, and
+    nothing for an unjitted step; `donate` overrides. Without donation the
+    caller's arrays stay valid after the call and the device holds the old
+    and the new state at once (about twice the state's bytes at the peak,
+    as under the wrapped jit); with it the new state reuses the old buffers
+    and the arguments passed in are deleted. The batch is never donated
+    (it is kept for the replay), and host numpy batches are copied before
+    dispatch, so a loader may reuse its buffers.
+
+    No state is lost on an exception, Ctrl-C included: `GuardedStep.last_state`
+    is the state to go on from (the last dispatched step's, or after a bad
+    step the state before it), and NNX objects are left holding it.
 
     On the host the flag is read one step late, after the next step has been
     dispatched, so the device never waits. The step dispatched right after a
@@ -70,6 +102,10 @@ def guard(
     before the first NaN, and a NaN after such growth is put down to the
     learning rate / exploding gradients.
 
+    Memory on the host stays bounded: ``step.figures`` keeps the last
+    `GuardedStep.FIGURES_KEPT` steps and ``step.incidents`` the last
+    `GuardedStep.INCIDENTS_KEPT` incidents (``summary`` counts all).
+
     Cost per healthy step: the loss check and a few scalars in the graph, the
     gradient norm from `skip_nonfinite`'s own pass, a select fused into each
     state write, and one read of a 5-float health vector on the host
@@ -80,7 +116,8 @@ def guard(
         policy: ``"skip"`` (default), ``"raise"`` (a `jaxnan.NonFiniteError`
             whose ``details`` hold the ``incident``, the ``diagnosis`` and
             the ``state`` as it was before the bad step) or ``"rollback"``
-            (restore the last good snapshot); a `jaxnan.Policy`.
+            (restore the last good snapshot; a rollback also forgets the
+            undone steps' early-warning figures); a `jaxnan.Policy`.
         loss: where the loss is in the metrics: a dict key or a function of
             the metrics. None: the metrics themselves, ``metrics["loss"]`` or
             ``metrics[0]``.
@@ -89,11 +126,18 @@ def guard(
             (`jaxnan.skip_nonfinite`'s ``give_up_after`` only sets a flag.)
         snapshot_every: with ``"rollback"``, copy the state (on device, in
             its sharding) after every this many steps.
-        log: a file to append one JSON object per incident to.
+        log: a file to append one JSON object per incident to (created at
+            the first incident; its directory must exist and be writable,
+            checked here).
         window: healthy steps kept for the early warning.
         growth: growth factor over `window` steps that triggers a warning.
-        donate: donate the state to the compiled step (as `jax.jit`'s
-            ``donate_argnums``); the arguments passed in are then consumed.
+        donate: None (default): donate exactly what the wrapped jit donates
+            (`jax.jit`/`nnx.jit` ``donate_argnums``/``donate_argnames``,
+            `eqx.filter_jit` ``donate=``), nothing for an unjitted step.
+            True: donate the whole state (every argument the step returns
+            again, and NNX objects); False: nothing. Donated arguments are
+            consumed (``Array has been deleted`` on their next use), as
+            under the wrapped jit.
         verbose: print each incident once (they always go to the
             ``jaxnan.guard`` logger at WARNING too).
 
@@ -103,9 +147,12 @@ def guard(
 
     Raises:
         TypeError: when `step_fn` is not callable.
+        TypeError: for a `log` that is not a path, a `donate` not None/bool.
         ValueError: for an unknown `policy`, `snapshot_every` or `max_streak`
-            below 1, or `window` below 3 (and at the first call, for a step
-            whose outputs, loss or optimizer state the guard cannot read).
+            below 1, `window` below 3, a `log` path that cannot be written (a
+            directory, a missing directory), and at the first call, for a
+            step whose outputs, loss or optimizer state the guard cannot
+            read.
 
     Examples:
         >>> import jax, jax.numpy as jnp, optax, jaxnan
@@ -156,6 +203,12 @@ def guard(
             f"jaxnan.guard: loss must be a metrics key or a function of the "
             f"metrics, got {type(loss).__name__}."
         )
+    if donate is not None and not isinstance(donate, bool):
+        raise TypeError(
+            f"jaxnan.guard: donate must be None (follow the wrapped jit), True or "
+            f"False, got {donate!r}."
+        )
+    incidents.check_log_path(log)
     return GuardedStep(
         step_fn,
         policy=policy,

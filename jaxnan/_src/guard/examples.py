@@ -22,6 +22,8 @@ import jax
 import numpy as np
 from jax.extend import source_info_util
 
+from jaxnan._src.core import dtypes
+
 source_info_util.register_exclusion(__file__)
 
 
@@ -48,14 +50,28 @@ def _is_key(x: Any) -> bool:
     return jax.dtypes.issubdtype(getattr(x, "dtype", np.float32), jax.dtypes.prng_key)
 
 
+def _host_values(x: Any) -> np.ndarray | None:
+    """`x` on the host as a numpy float array, or None when not floating.
+
+    bfloat16 and the float8 types (ml_dtypes) are not numpy inexact types:
+    they are read as float32, which holds each of their values exactly.
+    """
+    values = np.asarray(x)
+    if not dtypes.is_inexact_dtype(values.dtype):
+        return None
+    if not np.issubdtype(values.dtype, np.inexact):
+        values = values.astype(np.float32)
+    return values
+
+
 def nonfinite_rows(
     inputs: Sequence[Any], paths: Sequence[str], axes: Sequence[bool]
 ) -> tuple[str | None, tuple[int, ...]]:
     """The first batch leaf holding NaN/Inf and its rows, read on the host."""
     for x, path, is_batch in zip(inputs, paths, axes):
-        if not is_batch or not np.issubdtype(np.asarray(x).dtype, np.inexact):
+        values = _host_values(x) if is_batch else None
+        if values is None:
             continue
-        values = np.asarray(x)
         bad = ~np.isfinite(values.reshape(values.shape[0], -1)).all(axis=1)
         if bad.any():
             return path, tuple(int(i) for i in np.flatnonzero(bad))
@@ -70,8 +86,8 @@ def input_counts(
     for x, path in zip(inputs, paths):
         if _is_key(x):
             continue
-        values = np.asarray(x)
-        if not np.issubdtype(values.dtype, np.inexact) or np.isfinite(values).all():
+        values = _host_values(x)
+        if values is None or np.isfinite(values).all():
             continue
         nan = int(np.isnan(values).sum())
         pos = int(np.isposinf(values).sum())
@@ -93,7 +109,8 @@ def standout_leaf(
     for x, path, is_batch in zip(inputs, paths, axes):
         if not is_batch:
             continue
-        values = np.asarray(x)
+        floats = _host_values(x)
+        values = np.asarray(x) if floats is None else floats
         flat = values.reshape(values.shape[0], -1)
         good = np.setdiff1d(np.arange(flat.shape[0]), rows)
         if flat.size == 0 or good.size == 0:

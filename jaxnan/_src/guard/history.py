@@ -51,16 +51,32 @@ class History:
         self.growth = growth
         # One column per figure of `FIGURES`, the last `window` healthy steps.
         self.columns = [collections.deque(maxlen=window) for _ in FIGURES]
+        self.steps: collections.deque[int] = collections.deque(maxlen=window)
         self.warned_at: int | None = None  # step of the active warning
         self.warned: list[Growth] = []  # what it said
 
     def add(self, step: int, loss: float, grad_norm: float, ratio: float) -> None:
         """Appends a healthy step's figures."""
+        self.steps.append(step)
         for column, value in zip(self.columns, (abs(loss), grad_norm, ratio)):
             column.append(value)
 
+    def drop_after(self, step: int) -> None:
+        """Forgets the figures of the steps after `step` (a rollback undid them).
+
+        An active warning raised on an undone step is withdrawn too.
+        """
+        while self.steps and self.steps[-1] > step:
+            self.steps.pop()
+            for column in self.columns:
+                column.pop()
+        if self.warned_at is not None and self.warned_at > step:
+            self.warned_at = None
+            self.warned = []
+
     def reset(self) -> None:
         """Forgets the figures (after a rollback: they describe undone steps)."""
+        self.steps.clear()
         for column in self.columns:
             column.clear()
         self.warned_at = None

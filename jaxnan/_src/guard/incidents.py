@@ -7,6 +7,7 @@ object per line to an optional file, and counted for `summary`.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import enum
 import json
@@ -159,13 +160,69 @@ def undone_text(undone: tuple[int, ...]) -> str:
     )
 
 
-class IncidentLog:
-    """Where incidents go: Python logging, a JSON-lines file and counters."""
+def check_log_path(path: Any) -> str | None:
+    """`path` as a string, checked writable before any step runs.
 
-    def __init__(self, path: str | os.PathLike | None, verbose: bool):
-        self.path = None if path is None else os.fspath(path)
+    The file itself is created at the first incident.
+
+    Raises:
+        TypeError: when `path` is not a path (str or os.PathLike) or None.
+        ValueError: when it is a directory, its directory does not exist, or
+            either is not writable.
+
+    Examples:
+        >>> from jaxnan._src.guard import incidents
+        >>> incidents.check_log_path(None) is None
+        True
+        >>> try:
+        ...     incidents.check_log_path("/no/such/dir/log.jsonl")
+        ... except ValueError as e:
+        ...     print(str(e)[:60])
+        jaxnan.guard: log='/no/such/dir/log.jsonl': its directory '/
+    """
+    if path is None:
+        return None
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(
+            f"jaxnan.guard: log must be a path (str or os.PathLike) or None, got "
+            f"{type(path).__name__} {path!r}."
+        )
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    problem = None
+    if os.path.isdir(path):
+        problem = "is a directory"
+    elif not os.path.isdir(folder):
+        problem = f"its directory {folder!r} does not exist"
+    elif os.path.exists(path) and not os.access(path, os.W_OK):
+        problem = "is not writable"
+    elif not os.path.exists(path) and not os.access(folder, os.W_OK):
+        problem = f"its directory {folder!r} is not writable"
+    if problem is not None:
+        raise ValueError(
+            f"jaxnan.guard: log={path!r}: {problem}. Create it first, or pass "
+            "another path (or log=None)."
+        )
+    return path
+
+
+class IncidentLog:
+    """Where incidents go: Python logging, a JSON-lines file and counters.
+
+    Args:
+        path: the JSON-lines file (see `check_log_path`), or None.
+        verbose: print each incident once.
+        keep: how many incidents `incidents` keeps (the latest); the
+            counts of `summary` cover all of them.
+    """
+
+    def __init__(self, path: str | os.PathLike | None, verbose: bool, keep: int = 1000):
+        self.path = check_log_path(path)
         self.verbose = verbose
-        self.incidents: list[Incident] = []
+        self.incidents: collections.deque[Incident] = collections.deque(maxlen=keep)
+        self._actions: Counter[Action] = Counter()
+        self._causes: Counter[str] = Counter()
+        self._nondeterministic = 0
         self._file: IO[str] | None = None
 
     def add(self, incident: Incident) -> None:
@@ -176,6 +233,10 @@ class IncidentLog:
         configured); with `verbose` the message is also printed, once.
         """
         self.incidents.append(incident)
+        self._actions[incident.action] += 1
+        if incident.action is not Action.WARNED:
+            self._causes[incident.cause] += 1
+        self._nondeterministic += not incident.deterministic
         LOGGER.warning("%s", incident.message)
         if self.verbose:
             print(incident.message, flush=True)
@@ -193,10 +254,7 @@ class IncidentLog:
 
     def summary(self, steps: int) -> dict[str, Any]:
         """Counts for loggers: steps, skipped, rolled back, raised, causes."""
-        actions = Counter(i.action for i in self.incidents)
-        causes = Counter(
-            i.cause for i in self.incidents if i.action is not Action.WARNED
-        )
+        actions, causes = self._actions, self._causes
         return {
             "steps": steps,
             "bad_steps": sum(actions[a] for a in Action if a is not Action.WARNED),
@@ -204,6 +262,6 @@ class IncidentLog:
             "rolled_back": actions[Action.ROLLED_BACK],
             "raised": actions[Action.RAISED],
             "warnings": actions[Action.WARNED],
-            "nondeterministic": sum(not i.deterministic for i in self.incidents),
+            "nondeterministic": self._nondeterministic,
             "causes": dict(sorted(causes.items())),
         }

@@ -37,7 +37,7 @@ import numpy as np
 from jax import lax
 from jax.extend import source_info_util
 
-from jaxnan._src.core import dtypes
+from jaxnan._src.core import compat, dtypes
 from jaxnan._src.frameworks import registry
 from jaxnan._src.frameworks.registry import Adapter
 from jaxnan._src.transforms import nonfinite, update_tap
@@ -94,6 +94,26 @@ def is_array(x: Any) -> bool:
     becomes an array after the first step, so it is an array from the start.
     """
     return isinstance(x, (jax.Array, np.ndarray, np.generic, int, float, complex))
+
+
+def flatten_tree(tree: Any) -> tuple[list[Any], Any, list[bool]]:
+    """``(leaves, treedef, arrays)``: `tree`'s leaves and which travel as arrays.
+
+    A framework's own rule comes first (Equinox: inside a module, only
+    `eqx.is_array` leaves are arrays, as under `eqx.filter_jit`; a Python
+    bool such as ``Dropout.inference`` stays static), then `is_array`.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    says = registry.static_leaves(tree)
+    if says is None:
+        return leaves, treedef, [is_array(x) for x in leaves]
+    arrays = [is_array(x) if s is None else not s for x, s in zip(leaves, says)]
+    return leaves, treedef, arrays
+
+
+def statics_of(leaves: Sequence[Any], arrays: Sequence[bool]) -> tuple[Any, ...]:
+    """The layout's record of leaves: None for an array, else `Static`."""
+    return tuple(None if a else Static(x) for x, a in zip(leaves, arrays))
 
 
 class Static:
@@ -191,9 +211,9 @@ def make_layout(args: Sequence[Any], state_args: tuple[int, ...]) -> Layout:
     for i, a in enumerate(args):
         if i in graph:
             continue
-        leaves, treedef = jax.tree_util.tree_flatten(a)
+        leaves, treedef, arrays = flatten_tree(a)
         treedefs.append(treedef)
-        statics.append(tuple(None if is_array(x) else Static(x) for x in leaves))
+        statics.append(statics_of(leaves, arrays))
     return Layout(
         len(args),
         graph,
@@ -212,7 +232,9 @@ def _tree_position(layout: Layout, i: int) -> int:
 
 def flatten_arg(layout: Layout, args: Sequence[Any], i: int) -> list[Any]:
     """The array leaves of non-graph argument `i`."""
-    return [x for x in jax.tree_util.tree_leaves(args[i]) if is_array(x)]
+    statics = layout.statics[layout.positions[i]]
+    leaves = jax.tree_util.tree_leaves(args[i])
+    return [x for x, s in zip(leaves, statics) if s is None]
 
 
 def flatten(layout: Layout, args: Sequence[Any]) -> tuple[list[Any], list[Any]]:
@@ -350,9 +372,9 @@ def read_new_state(
         return state, out
     n = len(layout.state_args)
     for j, i in enumerate(layout.state_args):
-        leaves, treedef = jax.tree_util.tree_flatten(out[j])
+        leaves, treedef, arrays = flatten_tree(out[j])
         pos = _tree_position(layout, i)
-        statics = tuple(None if is_array(x) else Static(x) for x in leaves)
+        statics = statics_of(leaves, arrays)
         if treedef != layout.treedefs[pos] or statics != layout.statics[pos]:
             raise ValueError(
                 f"jaxnan.guard: output {j} of `{fn_name}` does not have the "
@@ -360,16 +382,26 @@ def read_new_state(
                 "(new_state..., metrics) with the new state in the order and "
                 "structure of its first arguments."
             )
-        state += [x for x in leaves if is_array(x)]
+        state += [x for x, a in zip(leaves, arrays) if a]
     metrics = out[n] if len(out) == n + 1 else tuple(out[n:])
     return state, metrics
 
 
 def output_structure(out: Any) -> tuple[Any, ...] | None:
-    """The tree structure of each element of a tuple output (None otherwise)."""
+    """The `signature` of each element of a tuple output (None otherwise)."""
     if not isinstance(out, (tuple, list)):
         return None
-    return tuple(jax.tree_util.tree_structure(x) for x in out)
+    return tuple(signature(x) for x in out)
+
+
+def signature(tree: Any) -> tuple[Any, tuple[Any, ...]]:
+    """``(treedef, shapes)`` of a pytree: what a new state must repeat.
+
+    Shapes, not dtypes: linen's ``TrainState.step`` enters as a Python int
+    and leaves as an int32 array. Static leaves have shape None.
+    """
+    leaves, treedef, arrays = flatten_tree(tree)
+    return treedef, tuple(np.shape(x) if a else None for x, a in zip(leaves, arrays))
 
 
 def infer_state_args(
@@ -377,15 +409,18 @@ def infer_state_args(
 ) -> tuple[int, ...]:
     """Positions of the pytree arguments a step returns first (plain/linen/eqx).
 
-    A step returning ``(a', b', metrics)`` for arguments ``(a, b, batch...)``
-    returns the state of ``a`` and ``b``: the leading outputs whose tree
-    structure is that of the argument at the same position.
+    A step returning ``(a', b', metrics...)`` for arguments ``(a, b,
+    batch...)`` returns the state of ``a`` and ``b``: the leading outputs
+    with the tree structure and leaf shapes (`signature`) of the argument at
+    the same position. The outputs after them are the metrics: in
+    ``(params, opt, x, y) -> (params, opt, loss, acc)`` the scalar loss does
+    not repeat the batch ``x``, so the metrics are ``(loss, acc)``.
     """
     if outs is None or len(outs) < 2:
         return ()
     n = 0
     for j in range(min(len(outs) - 1, len(args))):
-        if outs[j] != jax.tree_util.tree_structure(args[j]):
+        if outs[j] != signature(args[j]):
             break
         n += 1
     return tuple(range(n))
@@ -515,6 +550,10 @@ def guarded_body(
         old_totals = [first_leaf(s.nonfinite_total) for s in old_skip]
         with update_tap.collect_updates(hold) as tapped:
             out = fn(*args)
+        # A `skip_nonfinite` update traced inside a `lax.scan` (several
+        # optimizer steps per call) reports tracers of the scan's body:
+        # unusable here, and its per-step skips do not make the call's.
+        direct = [r for r in tapped if compat.in_current_trace(r.norm)]
         if tapped and not any(r.loss_given for r in tapped):
             notes.append(NO_LOSS.format(fn_name=fn_name))
         new_state, metrics = read_new_state(layout, args, out, fn_name)
@@ -522,38 +561,30 @@ def guarded_body(
         if layout.state_args:
             holders += list(out[: len(layout.state_args)])
         new_skip = skip_states(holders)
-        # The optimizer state inside skip_nonfinite is left untouched by its
-        # own skip (a conditional, no copy) and the params it guards get
-        # exactly zero updates: neither is selected back. Its counters
-        # advance on a bad step and are put back on a held one. Everything
-        # else the step wrote is selected back on a bad or held step.
-        inner = {
-            id(x) for s in new_skip for x in jax.tree_util.tree_leaves(s.inner_state)
-        }
-        counters = {
-            id(x)
-            for s in new_skip
-            for x in jax.tree_util.tree_leaves(s._replace(inner_state=None))
-        }
-        params = {id(x) for r in tapped for x in jax.tree_util.tree_leaves(r.params)}
+        value = loss_of(metrics, loss, fn_name)
         skipped = jnp.array(False)
         for s, total in zip(new_skip, old_totals):
             skipped = skipped | (first_leaf(s.nonfinite_total) > total)
-        value = loss_of(metrics, loss, fn_name)
-        bad = (skipped | ~jnp.all(jnp.isfinite(value))) & ~hold
+        kinds = _kinds(state, new_state, new_skip, direct, len(direct) == len(tapped))
+        # A bad step is one skip_nonfinite skipped, one whose loss is
+        # nonfinite, or one that wrote a nonfinite value into the state it
+        # does not guard (a BatchNorm variance overflowing): every written
+        # leaf is then selected back; what skip_nonfinite guards only when
+        # it did not skip the step itself.
+        written_ok = _all_finite([new_state[j] for j in kinds["other"]])
+        bad = (skipped | ~jnp.all(jnp.isfinite(value)) | ~written_ok) & ~hold
         kept = list(new_state)
-        for pred, wanted in ((bad | hold, "other"), (hold, "counter")):
-            chosen = []
-            for j, (o, n) in enumerate(zip(state, new_state)):
-                if n is o or id(n) in inner or id(o) in params:
-                    continue
-                if (id(n) in counters) == (wanted == "counter"):
-                    chosen.append(j)
+        for pred, chosen in (
+            (bad | hold, kinds["other"]),
+            (hold, kinds["counter"]),
+            (bad & ~skipped, kinds["guarded"]),
+        ):
             picked = select_back(
                 pred, [state[j] for j in chosen], [new_state[j] for j in chosen]
             )
             for j, x in zip(chosen, picked):
                 kept[j] = x
+        params = {id(x) for r in direct for x in jax.tree_util.tree_leaves(r.params)}
         ratio = _ratio(
             [
                 (samples[j], new_state[j])
@@ -561,7 +592,7 @@ def guarded_body(
                 if id(o) in params and j in samples
             ]
         )
-        norms = [r.norm for r in tapped]
+        norms = [r.norm for r in direct]
         if norms:
             gnorm = jnp.sqrt(sum(jnp.square(x) for x in norms))
         else:
@@ -582,6 +613,63 @@ def guarded_body(
         return run(state, inputs, previous[BAD] > 0)
 
     return body, run
+
+
+def _kinds(
+    state: Sequence[Any],
+    new_state: Sequence[Any],
+    new_skip: Sequence[Any],
+    direct: Sequence[update_tap.TapRecord],
+    trusted: bool,
+) -> dict[str, list[int]]:
+    """The written state leaves by how a bad step puts them back.
+
+    * ``"counter"``: `skip_nonfinite`'s own counters (advance on a bad step,
+      put back on a held one);
+    * ``"guarded"``: the parameters it updates and its inner optimizer state,
+      which its own skip leaves untouched: selected back only on a step that
+      is bad for a reason it did not see (the loss, when not handed to it as
+      ``loss=``; a nonfinite statistic). Empty when nothing else can make a
+      step bad (no loss-less update, no other written float leaf), so the
+      usual step selects no parameter;
+    * ``"other"``: everything else the step wrote (statistics, RNG and step
+      counters): selected back on every bad or held step.
+
+    Without `trusted` (an update inside a `lax.scan`, whose per-step skips
+    leave the call's other steps applied), the parameters and the inner
+    state are ``"other"``.
+    """
+    inner = {id(x) for s in new_skip for x in jax.tree_util.tree_leaves(s.inner_state)}
+    counters = {
+        id(x)
+        for s in new_skip
+        for x in jax.tree_util.tree_leaves(s._replace(inner_state=None))
+    }
+    params = {id(x) for r in direct for x in jax.tree_util.tree_leaves(r.params)}
+    kinds: dict[str, list[int]] = {"counter": [], "guarded": [], "other": []}
+    for j, (o, n) in enumerate(zip(state, new_state)):
+        if n is o:
+            continue
+        if id(n) in counters:
+            kinds["counter"].append(j)
+        elif trusted and (id(n) in inner or id(o) in params):
+            kinds["guarded"].append(j)
+        else:
+            kinds["other"].append(j)
+    floats = [j for j in kinds["other"] if dtypes.is_inexact_dtype(new_state[j].dtype)]
+    loss_seen = bool(direct) and all(r.loss_given for r in direct)
+    if loss_seen and not floats:  # nothing but skip_nonfinite can make it bad
+        kinds["guarded"] = []
+    return kinds
+
+
+def _all_finite(leaves: Sequence[Any]) -> jax.Array:
+    """Whether every float leaf is finite (True for none)."""
+    ok = jnp.array(True)
+    for x in leaves:
+        if dtypes.is_inexact_dtype(x.dtype):
+            ok = ok & jnp.all(jnp.isfinite(x))
+    return ok
 
 
 def per_example_body(run: Callable, batch_axes: Sequence[bool]) -> Callable:

@@ -3,7 +3,8 @@
 A snapshot of the state after step ``s`` is a *candidate* until step
 ``s + 1``, which ran on it, is read healthy (and nothing was growing); it
 then becomes the *good* snapshot a rollback restores. A store holds at most
-one candidate and one good snapshot.
+two candidates (with ``every=1`` the candidate of step ``s + 1`` is taken
+before step ``s + 1`` is read) and one good snapshot.
 """
 
 from __future__ import annotations
@@ -45,21 +46,22 @@ class Snapshots:
 
     def __init__(self, every: int):
         self.every = every
-        self._candidate: tuple[int, list] | None = None
+        self._candidates: dict[int, list] = {}
         self._good: tuple[int, list] | None = None
         self._rolled_back_at: int | None = None  # the bad step of the last rollback
 
     def offer(self, step: int, state: list) -> None:
         """Takes a candidate of `state`, the state after `step`, when due."""
         if step % self.every == 0:
-            self._candidate = (step, copy_leaves(state))
+            self._candidates[step] = copy_leaves(state)
 
     def confirm(self, step: int, *, growing: bool) -> None:
         """Step `step` was healthy: the candidate before it becomes good."""
-        if self._candidate is not None and self._candidate[0] == step - 1:
-            if not growing:
-                self._good = self._candidate
-            self._candidate = None
+        leaves = self._candidates.pop(step - 1, None)
+        if leaves is not None and not growing:
+            self._good = (step - 1, leaves)
+        for old in [s for s in self._candidates if s < step - 1]:
+            del self._candidates[old]
 
     def good(self) -> tuple[int, list] | None:
         """``(step, leaves)`` of the good snapshot, or None (none yet)."""
@@ -86,10 +88,13 @@ class Snapshots:
     def restore(self) -> tuple[int, list[Any]]:
         """``(step, fresh copy of its leaves)`` of the good snapshot.
 
+        The candidates, taken after steps that are now undone, are dropped.
+
         Raises:
             LookupError: when there is no good snapshot yet.
         """
         if self._good is None:
             raise LookupError("no good snapshot yet")
+        self._candidates.clear()  # states of the steps now undone
         step, leaves = self._good
         return step, copy_leaves(leaves)

@@ -16,6 +16,7 @@ the previous step was bad, the step just dispatched was held in the graph
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import logging
@@ -31,24 +32,20 @@ from jax.extend import source_info_util
 
 from jaxnan._src.checks import check
 from jaxnan._src.core import errors, validation
-from jaxnan._src.guard import examples, history, incidents, policies, program
+from jaxnan._src.guard import (
+    diagnoses,
+    donation,
+    examples,
+    history,
+    incidents,
+    policies,
+    program,
+)
 from jaxnan._src.guard.snapshots import Snapshots, copy_leaves
 from jaxnan._src.locate import causes
-from jaxnan._src.locate.api import Diagnosis, locate
+from jaxnan._src.locate.api import Diagnosis
 
 source_info_util.register_exclusion(__file__)
-
-_FIXES = {
-    "growth": (
-        "lower the learning rate, or guard the optimizer with "
-        "jaxnan.skip_spikes / jaxnan.zscore_clip / jaxnan.clip_by_global_norm"
-    ),
-    "nondeterministic": (
-        "the same step on the same state, batch and RNG was finite on replay: "
-        "suspect hardware, an unseeded random op or a race (a host callback, "
-        "asynchronous data loading writing into the batch)"
-    ),
-}
 
 
 @dataclasses.dataclass
@@ -78,11 +75,24 @@ class GuardedStep:
     """A train step wrapped by `jaxnan.guard`; call it as the step itself.
 
     Attributes:
-        incidents: every `jaxnan.Incident` so far (bad steps and warnings).
+        incidents: the latest `INCIDENTS_KEPT` incidents (`jaxnan.Incident`: bad
+            steps and warnings; `summary` counts all of them).
         figures: one ``(step, loss, grad_norm, update_ratio, bad)`` tuple
-            per step whose health was read (for plots).
+            per step whose health was read, the latest `FIGURES_KEPT` (for
+            plots; a ring buffer, `collections.deque`).
+        last_state: the state to go on from after the last call, even one
+            that raised (see the property).
         steps: the number of calls so far.
+
+    Memory stays bounded over any number of steps: `figures` and
+    `incidents` are ring buffers, the early-warning history holds `window`
+    steps (measured over 1e6 steps by `benchmarks/guard_memory.py`).
     """
+
+    FIGURES_KEPT = 10_000
+    """Steps whose figures `figures` keeps (about 1.5 MB of tuples)."""
+    INCIDENTS_KEPT = 1_000
+    """Incidents `incidents` keeps (each holds its diagnosis)."""
 
     def __init__(
         self,
@@ -95,20 +105,25 @@ class GuardedStep:
         log: str | os.PathLike | None,
         window: int,
         growth: float,
-        donate: bool,
+        donate: bool | None,
         verbose: bool,
     ):
         self.fn = program.unwrap_jit(fn)
+        if donate is None:
+            self._donates = donation.donated_positions(fn)
+        else:
+            self._donates = lambda i: donate
         self.name = check.function_name(self.fn)
         self.policy = policy
         self._rule = policies.rule_of(policy)
         self.loss = loss
         self.max_streak = max_streak
         self.snapshot_every = snapshot_every
-        self.donate = donate
         self.history = history.History(window, growth)
-        self.log = incidents.IncidentLog(log, verbose)
-        self.figures: list[tuple[int, float, float, float, bool]] = []
+        self.log = incidents.IncidentLog(log, verbose, keep=self.INCIDENTS_KEPT)
+        self.figures: collections.deque[tuple[int, float, float, float, bool]] = (
+            collections.deque(maxlen=self.FIGURES_KEPT)
+        )
         self.steps = 0
         self._entries: dict[program.Layout, _Entry] = {}
         self._by_treedef: dict[Any, _Entry] = {}  # fast path, see `_flatten`
@@ -116,13 +131,14 @@ class GuardedStep:
         self._warned: set[str] = set()
         self._pending: _Pending | None = None
         self._streak = 0
-        self._last: tuple[list, list[Any]] | None = None  # (state leaves, args)
+        # (state leaves, args, entry) to go on from: see `_step`.
+        self._last: tuple[list, list[Any], _Entry] | None = None
         self._snapshots = Snapshots(snapshot_every)
         self._zeros = jnp.zeros((program.HEALTH_SIZE,), jnp.float32)
         functools.update_wrapper(self, self.fn)
 
     @property
-    def incidents(self) -> list[incidents.Incident]:
+    def incidents(self) -> collections.deque[incidents.Incident]:
         return self.log.incidents
 
     # -- compiling ------------------------------------------------------
@@ -149,9 +165,10 @@ class GuardedStep:
         paths = []
         for i in layout.input_args:
             flat, _ = jax.tree_util.tree_flatten_with_path(args[i])
-            for p, x in flat:
+            statics = layout.statics[layout.positions[i]]
+            for (p, x), s in zip(flat, statics):
                 where = f"{names[i]}{jax.tree_util.keystr(p)}"
-                if not program.is_array(x):
+                if s is not None:
                     raise TypeError(
                         f"jaxnan.guard: argument `{names[i]}` of `{self.name}` "
                         f"holds a {type(x).__name__} at {where} ({x!r}). The "
@@ -163,7 +180,12 @@ class GuardedStep:
         body, run = program.guarded_body(
             self.fn, layout, self.loss, self.name, self._notes
         )
-        compiled = jax.jit(body, donate_argnums=(1,) if self.donate else ())
+        graph_state = None
+        if layout.graph_args:
+            objs = tuple(args[i] for i in layout.graph_args)
+            graph_state = program.adapter(layout).split(objs)[1]
+        mask = donation.state_mask(layout, graph_state, self._donates)
+        compiled = donation.Donating(body, mask)
         entry = _Entry(layout, compiled, run, out_len, paths)
         entry.split = program.make_split(layout)
         self._entries[probe] = entry
@@ -199,8 +221,25 @@ class GuardedStep:
                 f"(got keywords {sorted(kwargs)})."
             )
         entry, state, inputs = self._flatten(args)
+        inputs = _owned(inputs)
         before = self._zeros if self._pending is None else self._pending.health
+        try:
+            new_state, metrics = self._step(entry, args, state, inputs, before)
+        except BaseException:
+            self._restore_objects()
+            raise
+        return self._outputs(entry, args, new_state, metrics)
+
+    def _step(self, entry, args, state, inputs, before):
+        """Dispatches one step and settles the one before; ``(state, metrics)``.
+
+        `_last` always holds a consistent state to go on from (the caller's
+        arguments until this step is dispatched, then its new state, then
+        the state after the bad step's policy), so an exception anywhere,
+        Ctrl-C included, loses nothing (`last_state`).
+        """
         new_state, metrics, health = entry.compiled(before, state, inputs)
+        self._last = (new_state, list(args), entry)
         if self._notes:
             self._warn_notes()
         if incidents.LOGGER.isEnabledFor(logging.DEBUG):
@@ -210,16 +249,62 @@ class GuardedStep:
         previous, self._pending = self._pending, current
         if previous is not None:
             new_state, metrics = self._settle(previous, current, new_state, metrics)
-        self._last = (new_state, list(args))
+            self._last = (new_state, list(args), entry)
         self._snapshot(current.step, new_state)
-        return self._outputs(entry, args, new_state, metrics)
+        return new_state, metrics
+
+    @property
+    def last_state(self) -> Any:
+        """The state to go on from after the last call, even one that raised.
+
+        A call interrupted (Ctrl-C) or failing after its step was dispatched
+        has consumed its donated arguments; this is the state that step made
+        (or, after a bad step, the state before it): the same tuple of
+        state arguments the step returns first (``(params, opt_state)``), or
+        for Flax NNX the objects themselves, which hold it already. None
+        before the first call.
+
+        Examples:
+            >>> import jax, jax.numpy as jnp, optax, jaxnan
+            >>> tx = jaxnan.skip_nonfinite(optax.sgd(0.1))
+            >>> def train_step(params, opt_state, x):
+            ...     loss, g = jax.value_and_grad(lambda p: jnp.sum(p * x))(params)
+            ...     updates, opt_state = tx.update(g, opt_state, params, loss=loss)
+            ...     return optax.apply_updates(params, updates), opt_state, loss
+            >>> step = jaxnan.guard(train_step, verbose=False)
+            >>> params, opt_state = jnp.ones(2), tx.init(jnp.ones(2))
+            >>> _ = step(params, opt_state, jnp.ones(2))
+            >>> step.last_state[0].tolist()
+            [0.8999999761581421, 0.8999999761581421]
+        """
+        if self._last is None:
+            return None
+        state, args, entry = self._last
+        layout = entry.layout
+        if layout.graph_args:
+            self._restore_objects()
+            objs = tuple(args[i] for i in layout.graph_args)
+            return objs[0] if len(objs) == 1 else objs
+        return tuple(program.rebuild_state_args(layout, state))
+
+    def _restore_objects(self) -> None:
+        """NNX objects of the last call hold `_last`'s state (never deleted)."""
+        if self._last is None:
+            return
+        state, args, entry = self._last
+        layout = entry.layout
+        if layout.graph_args:
+            graph_leaves, _ = program.split_state(layout, state)
+            new = jax.tree_util.tree_unflatten(layout.graph_treedef, graph_leaves)
+            objs = tuple(args[i] for i in layout.graph_args)
+            program.adapter(layout).update(objs, new)
 
     def _warn_notes(self) -> None:
         """Warns, at the user's call, what tracing the step found (once each)."""
         for note in dict.fromkeys(self._notes):
             if note not in self._warned:
                 self._warned.add(note)
-                warnings.warn(note, UserWarning, stacklevel=3)
+                warnings.warn(note, UserWarning, stacklevel=4)  # _step, __call__
                 incidents.LOGGER.warning(note)
         self._notes.clear()
 
@@ -275,11 +360,18 @@ class GuardedStep:
         self._streak += 1
         incident = self._incident(previous, state, h)
         state = self._apply(incident, previous, current, state)
+        self._keep(state)
         new_state, metrics, health = current.entry.compiled(
             self._zeros, state, current.inputs
         )
+        self._keep(new_state)
         current.health = health
         return new_state, metrics
+
+    def _keep(self, state: list) -> None:
+        """`state` is now the one to go on from (`last_state`)."""
+        if self._last is not None:
+            self._last = (state, *self._last[1:])
 
     def _healthy(self, step: int, h: np.ndarray) -> None:
         self._streak = 0
@@ -299,7 +391,8 @@ class GuardedStep:
                     cause=incidents.Cause.GROWTH.value,
                     message=(
                         f"jaxnan.guard: warning at step {step}, before any NaN: "
-                        f"{figures}. Training is diverging: {_FIXES['growth']}."
+                        f"{figures}. Training is diverging: "
+                        f"{diagnoses.FIXES['growth']}."
                     ),
                     loss=float(h[program.LOSS]),
                     grad_norm=float(h[program.GRAD_NORM]),
@@ -322,11 +415,27 @@ class GuardedStep:
         if not bad:
             return
         self._streak += 1
-        state, args = self._last
+        state, args, entry = self._last
         incident = self._incident(previous, state, h, last=True)
         if self._rule.raises:
             self._raise(incident, previous.entry, args, state)
-        self.log.add(incident)
+        done = self._resolve(incident, previous.step, state)
+        if done.state is not state:
+            self._keep(done.state)
+            self._restore_objects()
+            if not entry.layout.mutates:
+                done = dataclasses.replace(
+                    done,
+                    incident=dataclasses.replace(
+                        done.incident,
+                        message=(
+                            f"{done.incident.message} The state the last call "
+                            "returned is the one before this step: go on "
+                            "from step.last_state."
+                        ),
+                    ),
+                )
+        self.log.add(done.incident)
 
     def summary(self) -> dict[str, Any]:
         """Counts for loggers: steps, bad steps, skipped, rolled back, causes.
@@ -347,28 +456,12 @@ class GuardedStep:
             self._zeros, copy_leaves(state), previous.inputs
         )
         if not bool(np.asarray(again)[program.BAD] > 0):
-            return self._nondeterministic(step, loss, gnorm)
+            return diagnoses.nondeterministic(step, loss, gnorm)
         counts = examples.input_counts(previous.inputs, previous.entry.input_paths)
         repeat = self._repeat(previous, state, loss, gnorm, counts)
         if repeat is not None:
             return repeat
         return self._diagnosed(previous, state, loss, gnorm, counts)
-
-    def _nondeterministic(self, step: int, loss: float, gnorm: float):
-        """The incident of a bad step whose replay was finite."""
-        return incidents.Incident(
-            step=step,
-            action=incidents.Action.SKIPPED,
-            cause=incidents.Cause.NONDETERMINISTIC.value,
-            message=(
-                f"jaxnan.guard: step {step} was nonfinite (loss {loss:.4g}) but "
-                f"its replay was finite: nondeterministic. "
-                f"{_FIXES['nondeterministic']}."
-            ),
-            loss=loss,
-            grad_norm=gnorm,
-            deterministic=False,
-        )
 
     def _repeat(
         self, previous: _Pending, state: list, loss: float, gnorm: float, counts: dict
@@ -440,13 +533,20 @@ class GuardedStep:
             lines.append(line)
         evidence = ""
         if grown and cause not in ("input_data", "poisoned_state"):
-            cause, evidence = causes.Cause.LEARNING_RATE.value, _overruled(grown, cause)
+            cause, evidence = (
+                causes.Cause.LEARNING_RATE.value,
+                diagnoses.overruled(grown, cause),
+            )
             if diagnosis is not None:
                 diagnosis = dataclasses.replace(
-                    diagnosis, cause=causes.Cause.LEARNING_RATE, fix=_growth_fix()
+                    diagnosis,
+                    cause=causes.Cause.LEARNING_RATE,
+                    fix=diagnoses.growth_fix(),
                 )
         if diagnosis is not None:
-            lines.append(_indent(_with_evidence(str(diagnosis), evidence)))
+            lines.append(
+                diagnoses.indent(diagnoses.with_evidence(str(diagnosis), evidence))
+            )
         elif evidence:
             lines.append(f"  cause:   {cause}\n  why:     {evidence}")
         elif failure:
@@ -490,49 +590,7 @@ class GuardedStep:
                 ),
                 "",
             )
-        return self._locate(entry, state, inputs)
-
-    def _locate(
-        self, entry: _Entry, state: list, inputs: list
-    ) -> tuple[Diagnosis | None, str]:
-        """`jaxnan.locate` on the step, as a pure function of its arguments.
-
-        Framework objects (NNX) are passed as their state and merged inside;
-        non-array leaves (Equinox functions) are closed over.
-        """
-        layout, fn = entry.layout, self.fn
-        args = program.rebuild(layout, state, inputs)
-        graphdefs, located = {}, []
-        for i, a in enumerate(args):
-            if i in layout.graph_args:
-                graphdefs[i], pure = program.adapter(layout).split(a)
-                located.append(pure)
-            else:
-                leaves, treedef = jax.tree_util.tree_flatten(a)
-                keep = [x if program.is_array(x) else None for x in leaves]
-                located.append(jax.tree_util.tree_unflatten(treedef, keep))
-
-        def replay(*pure):
-            full = list(args)
-            for i in layout.graph_args:
-                full[i] = program.adapter(layout).merge(graphdefs[i], pure[i])
-            for pos, i in enumerate(layout.tree_args):
-                it = iter(jax.tree_util.tree_leaves(pure[i]))
-                filled = [
-                    next(it) if s is None else s.value for s in layout.statics[pos]
-                ]
-                full[i] = jax.tree_util.tree_unflatten(layout.treedefs[pos], filled)
-            return fn(*full)
-
-        functools.update_wrapper(replay, fn)
-        try:
-            # No `check_compiled`: the guard has just re-run its own compiled
-            # step on these arguments (`_incident`), which went nonfinite
-            # again; a plain compile of the step would only repeat that, at
-            # the cost of one more whole-program compile per incident.
-            return locate(replay, check_compiled=False)(*located), ""
-        except Exception as e:  # noqa: BLE001 - the replay is ours, not the user's
-            return None, f"jaxnan.locate could not replay the step: {e!r}"
+        return diagnoses.locate_step(self.fn, entry.layout, state, inputs)
 
     def _examples(self, previous: _Pending, state: list, diagnosis):
         """``(line, leaf, rows)``: the bad examples of a step and their text.
@@ -570,9 +628,17 @@ class GuardedStep:
         args = self._last[1] if self._last is not None else None
         if self._rule.raises or self._streak > self.max_streak:
             self._raise(incident, current.entry, args, state)
-        done = self._rule.resolve(incident, previous.step, state, self._snapshots)
+        done = self._resolve(incident, previous.step, state)
         self.log.add(done.incident)
         return done.state
+
+    def _resolve(self, incident, bad_step: int, state: list) -> policies.Resolution:
+        """The policy's resolution; a rollback forgets the undone steps' figures."""
+        done = self._rule.resolve(incident, bad_step, state, self._snapshots)
+        restored = done.incident.restored_step
+        if restored is not None:
+            self.history.drop_after(restored)
+        return done
 
     def _raise(self, incident, entry, args, state):
         incident = dataclasses.replace(incident, action=incidents.Action.RAISED)
@@ -592,7 +658,7 @@ class GuardedStep:
             errors.Details(
                 function=self.name,
                 phase=incident.phase,
-                leaves=_nonfinite_leaves(incident.diagnosis),
+                leaves=diagnoses.nonfinite_leaves(incident.diagnosis),
                 incident=incident,
                 diagnosis=incident.diagnosis,
                 state=outputs,
@@ -600,49 +666,14 @@ class GuardedStep:
         )
 
 
-def _nonfinite_leaves(diagnosis: Diagnosis | None) -> dict[str, tuple[int, int, int]]:
-    """The nonfinite leaves of a bad step's phase (`errors.CommonDetails`).
+def _owned(inputs: list) -> list:
+    """The inputs, host numpy arrays copied: a loader may reuse its buffers.
 
-    Its arguments for `Phase.INPUT`, else its outputs; empty when the replay
-    failed.
+    The guard keeps a step's batch to replay it one step late; on CPU a
+    numpy array can be used by the compiled step without a copy, so a loader
+    writing the next batch into the same buffer would change the kept one
+    (and every replay would come back finite, "nondeterministic"). Device
+    arrays are immutable and kept as they are; the copy costs one host
+    memcpy of the numpy leaves per step.
     """
-    if diagnosis is None:
-        return {}
-    if diagnosis.phase is causes.Phase.INPUT:
-        found = diagnosis.nonfinite_inputs
-    else:
-        found = diagnosis.nonfinite_outputs
-    return dict(found)  # already int counts (`replay.rows`)
-
-
-def _growth_fix() -> str:
-    """The fix of a NaN after growth, as a sentence (a diagnosis's ``fix``)."""
-    fix = _FIXES["growth"]
-    return f"{fix[0].upper()}{fix[1:]}."
-
-
-def _overruled(grown: list, located: str | None) -> str:
-    """Why a nonfinite step after growth is put down to the learning rate."""
-    figures = "; ".join(str(g) for g in grown)
-    if located is None:
-        return f"{figures}, then the NaN"
-    return (
-        f"{figures}, then the NaN; without that growth the cause at the line "
-        f"would be {located}"
-    )
-
-
-def _with_evidence(text: str, evidence: str) -> str:
-    """A diagnosis's text with a ``why:`` line under its ``cause:`` line."""
-    if not evidence:
-        return text
-    lines = text.splitlines()
-    at = next(
-        (i + 1 for i, line in enumerate(lines) if line.startswith("  cause:")),
-        len(lines),
-    )
-    return "\n".join([*lines[:at], f"  why:     {evidence}", *lines[at:]])
-
-
-def _indent(text: str) -> str:
-    return "\n".join("  " + line for line in text.splitlines())
+    return [np.array(x) if isinstance(x, np.ndarray) else x for x in inputs]

@@ -1,0 +1,139 @@
+"""How the guard words and locates a bad step: its fixes, `jaxnan.locate` replay.
+
+The host half (`step`) decides when a step is diagnosed; this module holds
+what does not depend on the run: the fix texts, the incident of a step whose
+replay was finite, and `jaxnan.locate` run on a step's exact arguments.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+from jax.extend import source_info_util
+
+from jaxnan._src.guard import incidents, program
+from jaxnan._src.locate import causes
+from jaxnan._src.locate.api import Diagnosis, locate
+
+source_info_util.register_exclusion(__file__)
+
+FIXES = {
+    "growth": (
+        "lower the learning rate, or guard the optimizer with "
+        "jaxnan.skip_spikes / jaxnan.zscore_clip / jaxnan.clip_by_global_norm"
+    ),
+    "nondeterministic": (
+        "the same step on the same state, batch and RNG was finite on replay: "
+        "suspect hardware, an unseeded random op or a race (a host callback, "
+        "asynchronous data loading writing into the batch)"
+    ),
+}
+
+
+def nondeterministic(step: int, loss: float, gnorm: float) -> incidents.Incident:
+    """The incident of a bad step whose replay was finite."""
+    return incidents.Incident(
+        step=step,
+        action=incidents.Action.SKIPPED,
+        cause=incidents.Cause.NONDETERMINISTIC.value,
+        message=(
+            f"jaxnan.guard: step {step} was nonfinite (loss {loss:.4g}) but "
+            f"its replay was finite: nondeterministic. "
+            f"{FIXES['nondeterministic']}."
+        ),
+        loss=loss,
+        grad_norm=gnorm,
+        deterministic=False,
+    )
+
+
+def locate_step(
+    fn: Callable, layout: program.Layout, state: list, inputs: list
+) -> tuple[Diagnosis | None, str]:
+    """`jaxnan.locate` on the step, as a pure function of its arguments.
+
+    Framework objects (NNX) are passed as their state and merged inside;
+    non-array leaves (Equinox functions) are closed over. Returns
+    ``(diagnosis, "")``, or ``(None, why)`` when the replay failed.
+    """
+    args = program.rebuild(layout, state, inputs)
+    graphdefs, located = {}, []
+    for i, a in enumerate(args):
+        if i in layout.graph_args:
+            graphdefs[i], pure = program.adapter(layout).split(a)
+            located.append(pure)
+        else:
+            leaves, treedef, arrays = program.flatten_tree(a)
+            keep = [x if k else None for x, k in zip(leaves, arrays)]
+            located.append(jax.tree_util.tree_unflatten(treedef, keep))
+
+    def replay(*pure):
+        full = list(args)
+        for i in layout.graph_args:
+            full[i] = program.adapter(layout).merge(graphdefs[i], pure[i])
+        for pos, i in enumerate(layout.tree_args):
+            it = iter(jax.tree_util.tree_leaves(pure[i]))
+            filled = [next(it) if s is None else s.value for s in layout.statics[pos]]
+            full[i] = jax.tree_util.tree_unflatten(layout.treedefs[pos], filled)
+        return fn(*full)
+
+    functools.update_wrapper(replay, fn)
+    try:
+        # No `check_compiled`: the guard has just re-run its own compiled
+        # step on these arguments, which went nonfinite again; a plain
+        # compile of the step would only repeat that, at the cost of one
+        # more whole-program compile per incident.
+        return locate(replay, check_compiled=False)(*located), ""
+    except Exception as e:  # noqa: BLE001 - the replay is ours, not the user's
+        return None, f"jaxnan.locate could not replay the step: {e!r}"
+
+
+def nonfinite_leaves(diagnosis: Diagnosis | None) -> dict[str, tuple[int, int, int]]:
+    """The nonfinite leaves of a bad step's phase (`errors.CommonDetails`).
+
+    Its arguments for `Phase.INPUT`, else its outputs; empty when the replay
+    failed.
+    """
+    if diagnosis is None:
+        return {}
+    if diagnosis.phase is causes.Phase.INPUT:
+        found = diagnosis.nonfinite_inputs
+    else:
+        found = diagnosis.nonfinite_outputs
+    return dict(found)  # already int counts (`replay.rows`)
+
+
+def growth_fix() -> str:
+    """The fix of a NaN after growth, as a sentence (a diagnosis's ``fix``)."""
+    fix = FIXES["growth"]
+    return f"{fix[0].upper()}{fix[1:]}."
+
+
+def overruled(grown: list, located: str | None) -> str:
+    """Why a nonfinite step after growth is put down to the learning rate."""
+    figures = "; ".join(str(g) for g in grown)
+    if located is None:
+        return f"{figures}, then the NaN"
+    return (
+        f"{figures}, then the NaN; without that growth the cause at the line "
+        f"would be {located}"
+    )
+
+
+def with_evidence(text: str, evidence: str) -> str:
+    """A diagnosis's text with a ``why:`` line under its ``cause:`` line."""
+    if not evidence:
+        return text
+    lines = text.splitlines()
+    at = next(
+        (i + 1 for i, line in enumerate(lines) if line.startswith("  cause:")),
+        len(lines),
+    )
+    return "\n".join([*lines[:at], f"  why:     {evidence}", *lines[at:]])
+
+
+def indent(text: str) -> str:
+    """`text` indented by two spaces (a diagnosis inside an incident)."""
+    return "\n".join("  " + line for line in text.splitlines())
