@@ -18,6 +18,7 @@ from typing import IO, Any
 from jax.extend import source_info_util
 
 from jaxnan._src.core.errors import Phase
+from jaxnan._src.guard import multihost
 from jaxnan._src.locate.api import Diagnosis
 
 source_info_util.register_exclusion(__file__)
@@ -147,16 +148,19 @@ class IncidentLog:
 
         The ``jaxnan.guard`` logger gets every incident at WARNING (it has a
         `logging.NullHandler`, so nothing reaches stderr unless logging is
-        configured); with `verbose` the message is also printed, once.
+        configured); with `verbose` the message is also printed, once, by
+        process 0 only (every process decides the same, `multihost`). Each
+        JSON line says which process wrote it (``"process"``).
         """
         self.incidents.append(incident)
         LOGGER.warning("%s", incident.message)
-        if self.verbose:
+        if self.verbose and multihost.process_index() == 0:
             print(incident.message, flush=True)
         if self.path is not None:
             if self._file is None:
                 self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
-            self._file.write(json.dumps(incident.to_dict(), default=str) + "\n")
+            record = {**incident.to_dict(), "process": multihost.process_index()}
+            self._file.write(json.dumps(record, default=str) + "\n")
             self._file.flush()
 
     def close(self) -> None:

@@ -45,20 +45,27 @@ class Snapshots:
 
     def __init__(self, every: int):
         self.every = every
-        self._candidate: tuple[int, list] | None = None
+        self._candidates: dict[int, list] = {}  # at most the two latest
         self._good: tuple[int, list] | None = None
 
     def offer(self, step: int, state: list) -> None:
         """Takes a candidate of `state`, the state after `step`, when due."""
         if step % self.every == 0:
-            self._candidate = (step, copy_leaves(state))
+            self._candidates[step] = copy_leaves(state)
+            for old in sorted(self._candidates)[:-2]:
+                del self._candidates[old]
 
     def confirm(self, step: int, *, growing: bool) -> None:
-        """Step `step` was healthy: the candidate before it becomes good."""
-        if self._candidate is not None and self._candidate[0] == step - 1:
-            if not growing:
-                self._good = self._candidate
-            self._candidate = None
+        """Step `step` was healthy: the candidate before it becomes good.
+
+        With ``every=1`` the candidate after step ``s + 1`` is taken before
+        step ``s + 1`` is read, so up to two candidates wait at a time.
+        """
+        leaves = self._candidates.pop(step - 1, None)
+        if leaves is not None and not growing:
+            self._good = (step - 1, leaves)
+        for old in [s for s in self._candidates if s < step - 1]:
+            del self._candidates[old]
 
     def good(self) -> tuple[int, list] | None:
         """``(step, leaves)`` of the good snapshot, or None (none yet)."""

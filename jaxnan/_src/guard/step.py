@@ -31,7 +31,14 @@ from jax.extend import source_info_util
 
 from jaxnan._src.checks import check
 from jaxnan._src.core import errors, validation
-from jaxnan._src.guard import examples, history, incidents, policies, program
+from jaxnan._src.guard import (
+    examples,
+    history,
+    incidents,
+    multihost,
+    policies,
+    program,
+)
 from jaxnan._src.guard.snapshots import Snapshots, copy_leaves
 from jaxnan._src.locate import causes
 from jaxnan._src.locate.api import Diagnosis, locate
@@ -160,6 +167,7 @@ class GuardedStep:
                         "with functools.partial before jaxnan.guard."
                     )
                 paths.append(where)
+        multihost.check_global(program.flatten(layout, args)[1], paths, self.name)
         body, run = program.guarded_body(
             self.fn, layout, self.loss, self.name, self._notes
         )
@@ -536,11 +544,13 @@ class GuardedStep:
         are dropped when every example is bad (not a property of some).
         """
         leaf, rows = self._rows(previous.entry, state, previous.inputs, diagnosis)
-        size, _ = examples.batch_axes(previous.inputs)
+        size, axes = examples.batch_axes(previous.inputs)
+        owners = multihost.owners_of(previous.inputs, axes, rows)
         line = ""
         if rows or leaf:
             step = previous.step
-            line = f"  examples: {examples.describe(rows, leaf, step, size)}"
+            text = examples.describe(rows, leaf, step, size, owners)
+            line = f"  examples: {text}"
         if size and len(rows) == size:
             leaf, rows = None, ()
         return line, leaf, rows
@@ -555,7 +565,7 @@ class GuardedStep:
                 return leaf, rows
         if entry.per_example is None:
             entry.per_example = jax.jit(program.per_example_body(entry.run, axes))
-        bad = np.asarray(entry.per_example(state, inputs))
+        bad = multihost.host_value(entry.per_example(state, inputs))
         rows = tuple(int(i) for i in np.flatnonzero(bad))
         return examples.standout_leaf(inputs, entry.input_paths, axes, rows), rows
 
