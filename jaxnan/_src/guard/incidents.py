@@ -19,6 +19,7 @@ from typing import IO, Any
 from jax.extend import source_info_util
 
 from jaxnan._src.core.errors import Phase
+from jaxnan._src.guard import multihost
 from jaxnan._src.locate.api import Diagnosis
 from jaxnan._src.locate.causes import Cause as Cause  # one cause vocabulary
 
@@ -230,7 +231,9 @@ class IncidentLog:
 
         The ``jaxnan.guard`` logger gets every incident at WARNING (it has a
         `logging.NullHandler`, so nothing reaches stderr unless logging is
-        configured); with `verbose` the message is also printed, once.
+        configured); with `verbose` the message is also printed, once, by
+        process 0 only (every process decides the same, `multihost`). Each
+        JSON line says which process wrote it (``"process"``).
         """
         self.incidents.append(incident)
         self._actions[incident.action] += 1
@@ -238,12 +241,13 @@ class IncidentLog:
             self._causes[incident.cause] += 1
         self._nondeterministic += not incident.deterministic
         LOGGER.warning("%s", incident.message)
-        if self.verbose:
+        if self.verbose and multihost.process_index() == 0:
             print(incident.message, flush=True)
         if self.path is not None:
             if self._file is None:
                 self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
-            self._file.write(json.dumps(incident.to_dict(), default=str) + "\n")
+            record = {**incident.to_dict(), "process": multihost.process_index()}
+            self._file.write(json.dumps(record, default=str) + "\n")
             self._file.flush()
 
     def close(self) -> None:

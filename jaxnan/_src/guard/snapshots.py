@@ -46,7 +46,7 @@ class Snapshots:
 
     def __init__(self, every: int):
         self.every = every
-        self._candidates: dict[int, list] = {}
+        self._candidates: dict[int, list] = {}  # at most the two latest
         self._good: tuple[int, list] | None = None
         self._rolled_back_at: int | None = None  # the bad step of the last rollback
 
@@ -54,9 +54,15 @@ class Snapshots:
         """Takes a candidate of `state`, the state after `step`, when due."""
         if step % self.every == 0:
             self._candidates[step] = copy_leaves(state)
+            for old in sorted(self._candidates)[:-2]:
+                del self._candidates[old]
 
     def confirm(self, step: int, *, growing: bool) -> None:
-        """Step `step` was healthy: the candidate before it becomes good."""
+        """Step `step` was healthy: the candidate before it becomes good.
+
+        With ``every=1`` the candidate after step ``s + 1`` is taken before
+        step ``s + 1`` is read, so up to two candidates wait at a time.
+        """
         leaves = self._candidates.pop(step - 1, None)
         if leaves is not None and not growing:
             self._good = (step - 1, leaves)

@@ -38,6 +38,7 @@ from jaxnan._src.guard import (
     examples,
     history,
     incidents,
+    multihost,
     policies,
     program,
 )
@@ -177,6 +178,7 @@ class GuardedStep:
                         "with functools.partial before jaxnan.guard."
                     )
                 paths.append(where)
+        multihost.check_global(program.flatten(layout, args)[1], paths, self.name)
         body, run = program.guarded_body(
             self.fn, layout, self.loss, self.name, self._notes
         )
@@ -599,11 +601,13 @@ class GuardedStep:
         are dropped when every example is bad (not a property of some).
         """
         leaf, rows = self._rows(previous.entry, state, previous.inputs, diagnosis)
-        size, _ = examples.batch_axes(previous.inputs)
+        size, axes = examples.batch_axes(previous.inputs)
+        owners = multihost.owners_of(previous.inputs, axes, rows)
         line = ""
         if rows or leaf:
             step = previous.step
-            line = f"  examples: {examples.describe(rows, leaf, step, size)}"
+            text = examples.describe(rows, leaf, step, size, owners)
+            line = f"  examples: {text}"
         if size and len(rows) == size:
             leaf, rows = None, ()
         return line, leaf, rows
@@ -618,7 +622,7 @@ class GuardedStep:
                 return leaf, rows
         if entry.per_example is None:
             entry.per_example = jax.jit(program.per_example_body(entry.run, axes))
-        bad = np.asarray(entry.per_example(state, inputs))
+        bad = multihost.host_value(entry.per_example(state, inputs))
         rows = tuple(int(i) for i in np.flatnonzero(bad))
         return examples.standout_leaf(inputs, entry.input_paths, axes, rows), rows
 
