@@ -10,6 +10,7 @@ import pathlib
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
@@ -136,3 +137,28 @@ def optax_train_step(tx, loss_fn):
         return optax.apply_updates(params, updates), opt_state, loss
 
     return train_step
+
+
+# -- the guard tests' linear-regression run --------------------------------
+
+
+def regression_batches(steps, bad=(), size=8, seed=0):
+    """`steps` batches ``{"x", "y"}`` of a linear model; NaN at ``x[2, 0]`` in `bad`."""
+    rng = np.random.default_rng(seed)
+    w_true = rng.normal(size=(3,)).astype(np.float32)
+    out = []
+    for i in range(steps):
+        x = rng.normal(size=(size, 3)).astype(np.float32)
+        if i in bad:
+            x[2, 0] = np.nan
+        out.append({"x": x, "y": (x @ w_true).astype(np.float32)})
+    return out
+
+
+def regression_loss(params, batch):
+    return jnp.mean((batch["x"] @ params["w"] - batch["y"]) ** 2)
+
+
+def regression_init(tx):
+    params = {"w": jnp.zeros(3)}
+    return params, tx.init(params)

@@ -13,26 +13,9 @@ import pytest
 import jaxnan
 from tests import helpers
 
-
-def _data(steps, bad=(), size=8, seed=0):
-    rng = np.random.default_rng(seed)
-    w_true = rng.normal(size=(3,)).astype(np.float32)
-    out = []
-    for i in range(steps):
-        x = rng.normal(size=(size, 3)).astype(np.float32)
-        if i in bad:
-            x[2, 0] = np.nan
-        out.append({"x": x, "y": (x @ w_true).astype(np.float32)})
-    return out
-
-
-def _loss(params, batch):
-    return jnp.mean((batch["x"] @ params["w"] - batch["y"]) ** 2)
-
-
-def _init(tx):
-    params = {"w": jnp.zeros(3)}
-    return params, tx.init(params)
+_data = helpers.regression_batches
+_loss = helpers.regression_loss
+_init = helpers.regression_init
 
 
 def _bits(tree):

@@ -241,7 +241,5 @@ def test_process_local_batch_is_a_clear_error(results):
     for proc in (0, 1):
         text = _value(results, "scenario_local_batch", proc)
         assert text is not None
-        assert (
-            "`batch['scale']` of `train_step` is a numpy array" in text
-        )
+        assert "`batch['scale']` of `train_step` is a numpy array" in text
         assert "jax.make_array_from_process_local_data" in text
