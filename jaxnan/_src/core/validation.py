@@ -165,7 +165,11 @@ def validate_update_call(
         validate_same_shapes(updates, params, fn_name=fn_name)
     if mirror is not None:
         validate_same_structure(
-            updates, getattr(state, mirror), name_a="updates", name_b="params", fn_name=fn_name
+            updates,
+            getattr(state, mirror),
+            name_a="updates",
+            name_b="params",
+            fn_name=fn_name,
         )
     validate_state_shapes(updates, state, fn_name=fn_name)
     loss = (extra_args or {}).get("loss")
