@@ -130,6 +130,97 @@ def validate_same_shapes(
             )
 
 
+def validate_update_call(
+    updates: Any,
+    state: Any,
+    expected: type,
+    *,
+    params: Any = None,
+    mirror: str | None = None,
+    extra_args: dict | None = None,
+    fn_name: str,
+) -> None:
+    """The checks at the top of every jaxnan transform's ``update``.
+
+    In order: `state` is an `expected` (the transform's own state); `updates`
+    is a tree of floating arrays (None leaves allowed); `params`, when given,
+    has the structure and leaf shapes of `updates`; the state field named
+    `mirror` (one entry per parameter leaf, such as per-leaf counters), when
+    given, has the structure of `updates`; the leaves of `state` that
+    mirror the params (an optimizer's moments, a `MultiSteps` accumulator)
+    have their shapes; and the extra argument ``loss=`` is numeric.
+
+    Raises:
+        TypeError: for a state of another transform, non-floating update
+            leaves or a non-numeric loss.
+        ValueError: for an empty updates tree, another tree structure, or a
+            leaf of another shape (naming the leaf's path and both shapes).
+    """
+    validate_state(state, expected, fn_name=fn_name)
+    validate_updates(updates, fn_name=fn_name)
+    if params is not None:
+        validate_same_structure(
+            updates, params, name_a="updates", name_b="params", fn_name=fn_name
+        )
+        validate_same_shapes(updates, params, fn_name=fn_name)
+    if mirror is not None:
+        validate_same_structure(
+            updates,
+            getattr(state, mirror),
+            name_a="updates",
+            name_b="params",
+            fn_name=fn_name,
+        )
+    validate_state_shapes(updates, state, fn_name=fn_name)
+    loss = (extra_args or {}).get("loss")
+    if loss is not None:
+        validate_loss(loss, fn_name=fn_name)
+
+
+def validate_state_shapes(updates: Any, state: Any, *, fn_name: str) -> None:
+    """Raises ValueError when a part of `state` that mirrors `updates` differs.
+
+    A part mirrors the updates when it has their tree structure and holds at
+    least one non-scalar array (per-leaf scalar counters have the structure
+    too, and are not compared): Adam's ``mu`` and ``nu``, a momentum trace,
+    a `MultiSteps` accumulator. Gradients of another model would otherwise
+    fail deep inside the optimizer's arithmetic, with no word of the leaf.
+    """
+    u_def = jax.tree_util.tree_structure(updates)
+    u_flat, _ = jax.tree_util.tree_flatten_with_path(updates)
+    if not u_flat or all(np.ndim(u) == 0 for _, u in u_flat):
+        return
+    parts: list[tuple[Any, Any]] = []
+
+    def mirrors(x: Any) -> bool:
+        return (
+            x is not updates
+            and not isinstance(x, jax.Array | np.ndarray)
+            and jax.tree_util.tree_structure(x) == u_def
+        )
+
+    def visit(path: Any, x: Any) -> None:
+        if mirrors(x):
+            parts.append((path, x))
+
+    jax.tree_util.tree_map_with_path(visit, state, is_leaf=mirrors)
+    for path, part in parts:
+        leaves = jax.tree_util.tree_leaves(part)
+        if not any(np.ndim(x) for x in leaves):
+            continue
+        for (leaf_path, u), x in zip(u_flat, leaves):
+            su, sx = np.shape(u), np.shape(x)
+            if su != sx:
+                where = jax.tree_util.keystr(leaf_path)
+                raise ValueError(
+                    f"jaxnan: {fn_name}: updates{where} has shape {su}, but the "
+                    f"optimizer state's state{jax.tree_util.keystr(path)}{where} "
+                    f"has shape {sx}. Pass the gradients of the params given to "
+                    "init (one gradient entry per parameter entry), or init "
+                    "the optimizer again for the new params."
+                )
+
+
 def validate_loss(loss: Any, *, fn_name: str) -> None:
     """Raises TypeError unless `loss` is a tree of numeric arrays or numbers.
 

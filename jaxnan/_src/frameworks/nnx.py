@@ -93,7 +93,8 @@ def opt_state(optimizer: Any) -> optax.OptState:
         The optax state tree, its Variables replaced by their values.
 
     Raises:
-        TypeError: when `optimizer` holds no optimizer state.
+        TypeError: when `optimizer` holds no optimizer state (a model, a
+            single Variable, None).
 
     Examples:
         >>> import jax.numpy as jnp, optax, jaxnan, jaxnan.flax
@@ -112,10 +113,11 @@ def opt_state(optimizer: Any) -> optax.OptState:
     from flax import nnx
 
     tree = getattr(optimizer, "opt_state", optimizer)
-    if isinstance(tree, nnx.Variable) or tree is None:
+    if isinstance(tree, nnx.Variable | nnx.Module) or tree is None:
         raise TypeError(
             f"jaxnan.flax.opt_state needs an nnx.Optimizer (or its opt_state), "
-            f"got {type(optimizer).__name__}."
+            f"got {type(optimizer).__name__}; pass the optimizer built by "
+            "nnx.Optimizer(model, tx, wrt=nnx.Param), not the model."
         )
 
     def value(x: Any) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -69,7 +70,28 @@ def _validate(batch, strategy, axis, fill, fn_name):
             f"{strategy.value!r}; fill is used only with strategy='constant'."
         )
     leaves, treedef, axes = vocab.feature_axes(batch, axis, fn_name=fn_name)
+    if fill is not None:
+        for i in axes:
+            _check_fill(fill, jnp.result_type(leaves[i]), fn_name)
     return strategy, leaves, treedef, axes
+
+
+def _check_fill(fill: Any, dtype: Any, fn_name: str) -> None:
+    """Rejects a `fill` that is not a finite number in `dtype` (NaN, 1e5 in float16)."""
+    try:
+        value = float(fill)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"jaxnan: {fn_name} got fill={fill!r}; pass a finite number, e.g. "
+            "fill=-1.0."
+        ) from None
+    if not math.isfinite(value) or not math.isfinite(float(jnp.asarray(value, dtype))):
+        raise ValueError(
+            f"jaxnan: {fn_name} got fill={fill!r}, which is not a finite "
+            f"{jnp.dtype(dtype).name} (its largest finite value is "
+            f"{float(jnp.finfo(dtype).max):g}); the fill replaces nonfinite "
+            "entries, so pass a finite number within the batch's dtype."
+        )
 
 
 def impute_stats(
@@ -99,7 +121,10 @@ def impute_stats(
 
     Raises:
         ValueError: for an unknown strategy, `axis` out of range for a float
-            leaf, a batch with no float leaf, or a missing/unused `fill`.
+            leaf, a batch with no float leaf, a missing/unused `fill`, or a
+            `fill` that is not finite in a float leaf's dtype (NaN, or 1e5
+            for float16).
+        TypeError: for a `fill` that is not a number.
 
     Examples:
         >>> import jax.numpy as jnp, jaxnan
@@ -159,8 +184,11 @@ def impute(
 
     Raises:
         ValueError: for an unknown strategy, `axis` out of range for a float
-            leaf, a batch with no float leaf, a missing/unused `fill`, or
-            `stats` of another structure.
+            leaf, a batch with no float leaf, a missing/unused `fill`, a
+            `fill` that is not finite in a float leaf's dtype, or `stats` of
+            another structure (other keys or order of leaves) or feature
+            shape.
+        TypeError: for a `fill` that is not a number.
 
     Examples:
         >>> import jax.numpy as jnp, numpy as np, jaxnan

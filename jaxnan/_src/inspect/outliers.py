@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any, NamedTuple
 
 import jax
@@ -45,10 +47,22 @@ def _bounds(x, axis, z, quantiles):
         finite = jnp.isfinite(x)
         n = jnp.maximum(count, 1).astype(acc)
         xf = jnp.where(finite, x, 0).astype(acc)
-        mean = jnp.sum(xf, axis=axis) / n
-        dev = jnp.where(finite, xf - jnp.expand_dims(mean, axis), 0)
+        # Scaled down by a power of two near the largest finite |x| (exact),
+        # so that the sums of values near the dtype's max cannot overflow to
+        # Inf and make NaN bounds (Inf - Inf). Never scaled up, and never by
+        # more than 2**(maxexp - 2): 1 / scale stays a normal number, which
+        # the CPU does not flush to zero.
+        peak = jnp.max(jnp.abs(xf), axis=axis, keepdims=True)
+        _, exponent = jnp.frexp(peak)  # peak = m * 2**exponent, 0.5 <= m < 1
+        shift = jnp.clip(exponent - 1, 0, jnp.finfo(acc).maxexp - 2)
+        scale = jnp.ldexp(jnp.ones_like(peak), shift)
+        xs = xf / scale
+        mean = jnp.sum(xs, axis=axis) / n
+        dev = jnp.where(finite, xs - jnp.expand_dims(mean, axis), 0)
         std = jnp.sqrt(jnp.sum(dev * dev, axis=axis) / n)
-        lo, hi = mean - z * std, mean + z * std
+        scale = jnp.squeeze(scale, axis)
+        lo = mean * scale - (z * std) * scale
+        hi = mean * scale + (z * std) * scale
     empty = count == 0
     lo = jnp.where(empty, -jnp.inf, lo).astype(x.dtype)
     hi = jnp.where(empty, jnp.inf, hi).astype(x.dtype)
@@ -73,7 +87,12 @@ def _check_rule(z, quantiles):
             )
         return None, (lo, hi)
     z = 6.0 if z is None else z
-    if not isinstance(z, (int, float)) or not z > 0:
+    if (
+        isinstance(z, bool)
+        or not isinstance(z, numbers.Real)
+        or not math.isfinite(float(z))
+        or not z > 0
+    ):
         raise ValueError(
             f"jaxnan: {_NAME} got z={z!r}; pass a positive number of standard "
             "deviations, e.g. z=6.0."
@@ -113,7 +132,9 @@ def clip_outliers(
         ``(clipped_batch, report)`` with a `ClipReport`.
 
     Raises:
-        ValueError: for both `z` and `quantiles`, a bad value of either,
+        ValueError: for both `z` and `quantiles`, a bad value of either (`z`
+            must be a positive finite real number: a Python or NumPy float or
+            int, not a bool),
             `axis` out of range, a batch with no float leaf or `bounds` of
             another structure.
 

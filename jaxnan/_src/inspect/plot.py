@@ -53,6 +53,9 @@ def plot_stats(
 
     Raises:
         ImportError: when matplotlib is not installed (the ``plot`` extra).
+        TypeError: when `stats` is not a dict of `LayerStats` (the function
+            `activation_stats(fn)` itself, a list, a dict of other values)
+            or `path` is not a path.
         ValueError: for an empty `stats`.
 
     Examples:
@@ -68,6 +71,14 @@ def plot_stats(
 
     .. versionadded:: 0.1.0
     """
+    _check_stats(stats)
+    try:
+        out = os.fspath(path)
+    except TypeError:
+        raise TypeError(
+            f"jaxnan: plot_stats got path={path!r}; pass the PNG file to write, "
+            "e.g. 'stats.png'."
+        ) from None
     Figure = _figure_class()
     if not stats:
         raise ValueError(
@@ -91,7 +102,6 @@ def plot_stats(
         ax.grid(axis="x", alpha=0.3)
     note = "red: near overflow or nonfinite"
     fig.suptitle(f"{title}  ({note})" if title else note)
-    out = os.fspath(path)
     fig.savefig(out, dpi=110)
     return out
 
@@ -114,6 +124,26 @@ def _log_axis(ax, values: np.ndarray) -> None:
         ax.set_xlim(10.0**low, 10.0**high)
     ax.xaxis.set_major_locator(LogLocator(base=10, numticks=8))
     ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def _check_stats(stats: object) -> None:
+    """Rejects what is not ``activation_stats(fn)(*args)``'s dict, saying why."""
+    fix = (
+        "pass the dict returned by jaxnan.activation_stats(fn)(*args) (call "
+        "the measuring function on the model's arguments first)."
+    )
+    if callable(stats) and not isinstance(stats, Mapping):
+        raise TypeError(f"jaxnan: plot_stats got a function as stats; {fix}")
+    if not isinstance(stats, Mapping):
+        raise TypeError(
+            f"jaxnan: plot_stats got stats of type {type(stats).__name__}; {fix}"
+        )
+    for key, value in stats.items():
+        if not isinstance(value, LayerStats):
+            raise TypeError(
+                f"jaxnan: plot_stats got stats[{key!r}] of type "
+                f"{type(value).__name__}, not a LayerStats; {fix}"
+            )
 
 
 def _flagged(s: LayerStats) -> bool:

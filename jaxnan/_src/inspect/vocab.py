@@ -94,11 +94,15 @@ def norm_axis(x: Any, axis: int, path: str, *, fn_name: str) -> int:
 def side_tree(stats: Any, treedef: Any, n: int, argname: str, *, fn_name: str):
     """Leaves of a tree matching the batch, with None for non-float leaves."""
     leaves, got = jax.tree_util.tree_flatten(stats, is_leaf=_none_leaf)
-    if len(leaves) != n:
+    same = len(leaves) == n and jax.tree_util.tree_structure(
+        jax.tree_util.tree_unflatten(got, [0] * len(leaves))
+    ) == jax.tree_util.tree_structure(jax.tree_util.tree_unflatten(treedef, [0] * n))
+    if not same:
         raise ValueError(
-            f"jaxnan: {fn_name} got {argname} with {len(leaves)} leaves for a "
-            f"batch with {n} ({got} vs {treedef}). Pass the statistics fitted on "
-            "a batch of the same structure."
+            f"jaxnan: {fn_name} got {argname} of another structure than the "
+            f"batch ({got} vs {treedef}): its values would be applied to other "
+            "leaves. Pass the statistics fitted on a batch of the same "
+            "structure."
         )
     return leaves
 

@@ -129,12 +129,15 @@ def adagc(
         )
 
     def update(updates, state, params=None, **extra_args):
-        del params, extra_args
-        validation.validate_state(state, AdaGCState, fn_name=name)
-        validation.validate_updates(updates, fn_name=name)
-        validation.validate_same_structure(
-            updates, state.adagc_gamma, name_a="updates", name_b="params", fn_name=name
+        validation.validate_update_call(
+            updates,
+            state,
+            AdaGCState,
+            params=params,
+            mirror="adagc_gamma",
+            fn_name=name,
         )
+        del params, extra_args
         leaves, treedef = jax.tree_util.tree_flatten(nonfinite.as_arrays(updates))
         gammas = treedef.flatten_up_to(state.adagc_gamma)
         idx = [i for i, x in enumerate(leaves) if dtypes.is_checked_leaf(x)]

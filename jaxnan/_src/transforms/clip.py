@@ -141,9 +141,10 @@ def clip_by_global_norm(
         return ClipByGlobalNormState(jnp.zeros((), acc), jnp.array(True))
 
     def update(updates, state, params=None, **extra_args):
+        validation.validate_update_call(
+            updates, state, ClipByGlobalNormState, params=params, fn_name=name
+        )
         del params
-        validation.validate_state(state, ClipByGlobalNormState, fn_name=name)
-        validation.validate_updates(updates, fn_name=name)
         known = extra_args.get("known_norm")
         if isinstance(known, KnownNorm) and known.updates is updates:
             norm, finite = known.norm, known.finite  # a guard's, on these updates

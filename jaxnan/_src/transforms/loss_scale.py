@@ -172,10 +172,15 @@ def dynamic_loss_scale(
         )
 
     def update(updates, state, params=None, **extra_args):
-        validation.validate_state(state, DynamicLossScaleState, fn_name=name)
-        updates = nonfinite.validate_guard_input(
-            updates, params, extra_args, fn_name=name
+        validation.validate_update_call(
+            updates,
+            state,
+            DynamicLossScaleState,
+            params=params,
+            extra_args=extra_args,
+            fn_name=name,
         )
+        updates = nonfinite.as_arrays(updates)
         grads = unscale_grads(updates, state)
         finite = jnp.array(True)
         loss = extra_args.get("loss")

@@ -139,13 +139,13 @@ def monitor(
         return MonitorState(f0(), f0(), i0, f0(), inner_state)
 
     def update(updates, state, params=None, **extra_args):
-        validation.validate_state(state, MonitorState, fn_name=name)
-        validation.validate_updates(updates, fn_name=name)
-        validation.validate_same_structure(
+        validation.validate_update_call(
             updates,
-            state.monitor_grad_norm,
-            name_a="updates",
-            name_b="params",
+            state,
+            MonitorState,
+            params=params,
+            mirror="monitor_grad_norm",
+            extra_args=extra_args,
             fn_name=name,
         )
         if inner is None:

@@ -89,16 +89,15 @@ def zero_nonfinite() -> optax.GradientTransformationExtraArgs:
         return ZeroNonfiniteState(zeros(), zeros())
 
     def update(updates, state, params=None, **extra_args):
-        del params, extra_args
-        validation.validate_state(state, ZeroNonfiniteState, fn_name=name)
-        validation.validate_updates(updates, fn_name=name)
-        validation.validate_same_structure(
+        validation.validate_update_call(
             updates,
-            state.nonfinite_zeroed,
-            name_a="updates",
-            name_b="params",
+            state,
+            ZeroNonfiniteState,
+            params=params,
+            mirror="nonfinite_zeroed",
             fn_name=name,
         )
+        del params, extra_args
         leaves, treedef = jax.tree_util.tree_flatten(updates)
         counts, new = [], []
         for x in leaves:
@@ -196,27 +195,6 @@ def norm_for_inner(
     sq = sum(q.astype(jnp.float32) for q, _ in parts)
     finite = functools.reduce(jnp.logical_and, [ok for _, ok in parts])
     return jnp.sqrt(sq), finite, extra_args
-
-
-def validate_guard_input(
-    updates: optax.Updates, params: optax.Params | None, extra_args: dict, *, fn_name
-) -> optax.Updates:
-    """Validates what a guard's update gets; returns `updates` as arrays.
-
-    The updates tree (floating leaves, `None` leaves allowed), its structure
-    and leaf shapes against `params` when given, and the ``loss=`` extra
-    argument (a number, never a string).
-    """
-    validation.validate_updates(updates, fn_name=fn_name)
-    if params is not None:
-        validation.validate_same_structure(
-            updates, params, name_a="updates", name_b="params", fn_name=fn_name
-        )
-        validation.validate_same_shapes(updates, params, fn_name=fn_name)
-    loss = extra_args.get("loss")
-    if loss is not None:
-        validation.validate_loss(loss, fn_name=fn_name)
-    return as_arrays(updates)
 
 
 @deprecations.renamed_keywords
@@ -320,8 +298,15 @@ def skip_nonfinite(
         )
 
     def update(updates, state, params=None, **extra_args):
-        validation.validate_state(state, SkipNonfiniteState, fn_name=name)
-        updates = validate_guard_input(updates, params, extra_args, fn_name=name)
+        validation.validate_update_call(
+            updates,
+            state,
+            SkipNonfiniteState,
+            params=params,
+            extra_args=extra_args,
+            fn_name=name,
+        )
+        updates = as_arrays(updates)
         incoming: list[Any] = []
         tap = update_tap.current()
         clip = _leads_with_clip(state.inner_state)

@@ -260,7 +260,8 @@ def _apply_or_skip(
         for v in jaxpr.outvars[:n_updates]
         if _made_by_multiply(v, made_by)
     }
-    flat = _evaluate(jaxpr, closed.consts, before, after)
+    consts = [_cut_on_skip(ok, c) for c in closed.consts]
+    flat = _evaluate(jaxpr, consts, before, after)
     leaves = []
     for v, u, t in zip(
         jaxpr.outvars, flat[:n_updates], jax.tree_util.tree_leaves(out_types)
@@ -281,8 +282,35 @@ def _apply_or_skip(
     )
 
 
-def _select(ok: jax.Array, new: jax.Array, *, old: jax.Array) -> jax.Array:
-    return jnp.where(ok, new, old)
+def _cut_on_skip(ok: jax.Array, x: Any) -> Any:
+    """`x`, through which no derivative flows back on a skipped step.
+
+    ``where(ok, x, stop_gradient(x))`` has the value of `x` (XLA folds it
+    away: the program is unchanged) and, under `jax.grad`, passes the
+    cotangent back only when `ok`: on a skip the derivative of the inner
+    optimizer's arithmetic on a NaN gradient is NaN (Adam's 0 * NaN), and a
+    select, unlike a multiply, turns it into exactly 0. So a hyper-gradient
+    through a skipped step is finite: zero through the update, the identity
+    through the params and state that are kept.
+    """
+    if not (
+        validation.is_traced(x) and jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+    ):
+        return x
+    return jnp.where(ok, x, lax.stop_gradient(x))
+
+
+def _select(
+    ok: jax.Array, new: jax.Array, *, old: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """``where(ok, new, old)``, twice: as the later equations see it, and as kept.
+
+    The same value (XLA folds the two into one); the later equations' copy
+    passes no derivative back to `old` on a skip (`_cut_on_skip`): the
+    updates computed from it are dropped, and their derivative on a NaN
+    gradient is NaN.
+    """
+    return jnp.where(ok, new, lax.stop_gradient(old)), jnp.where(ok, new, old)
 
 
 def _select_factors(ok: jax.Array, a: Any, b: Any) -> tuple[jax.Array, jax.Array]:
@@ -317,9 +345,11 @@ def _evaluate(jaxpr: Any, consts: list, before: dict, after: dict) -> list:
     """`jaxpr`'s outputs, as `jax.extend.core.jaxpr_as_fun` computes them, with hooks.
 
     ``before[eqn](*operands)`` replaces the operands of an equation,
-    ``after[var](value)`` the value of a variable as soon as it is made.
+    ``after[var](value)`` gives ``(seen, kept)`` for a variable as soon as
+    it is made: the equations after it read `seen`, the outputs `kept`.
     """
     env = dict(zip(jaxpr.constvars, consts))
+    kept: dict = {}
 
     def read(v):
         return v.val if isinstance(v, jex_core.Literal) else env[v]
@@ -342,8 +372,11 @@ def _evaluate(jaxpr: Any, consts: list, before: dict, after: dict) -> list:
             if not eqn.primitive.multiple_results:
                 outs = [outs]
             for v, x in zip(eqn.outvars, outs):
-                env[v] = after[v](x) if v in after else x
-    return [read(v) for v in jaxpr.outvars]
+                if v in after:
+                    env[v], kept[v] = after[v](x)
+                else:
+                    env[v] = x
+    return [kept[v] if v in kept else read(v) for v in jaxpr.outvars]
 
 
 def no_update(a: Any) -> jax.Array:
@@ -351,8 +384,13 @@ def no_update(a: Any) -> jax.Array:
 
     Negative zero is the additive identity of IEEE arithmetic: ``p + -0.0``
     is `p` bit for bit, a ``-0.0`` parameter included (``-0.0 + 0.0`` is
-    ``+0.0``). It compares equal to 0. Integer leaves get 0.
+    ``+0.0``). It compares equal to 0. Complex leaves get ``complex(-0.0,
+    -0.0)``, the complex additive identity. Integer leaves get 0.
     """
+    if jnp.issubdtype(a.dtype, jnp.complexfloating):
+        # complex(-0.0, -0.0): -0+0j would turn a -0.0 imaginary part into +0.0.
+        part = jnp.full(a.shape, -0.0, jnp.real(jnp.zeros((), a.dtype)).dtype)
+        return lax.complex(part, part)
     if jnp.issubdtype(a.dtype, jnp.inexact):
         return jnp.full(a.shape, -0.0, a.dtype)
     return jnp.zeros(a.shape, a.dtype)

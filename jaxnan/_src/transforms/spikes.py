@@ -196,9 +196,10 @@ def zscore_clip(
         )
 
     def update(updates, state, params=None, **extra_args):
+        validation.validate_update_call(
+            updates, state, ZScoreClipState, params=params, fn_name=name
+        )
         del params, extra_args
-        validation.validate_state(state, ZScoreClipState, fn_name=name)
-        validation.validate_updates(updates, fn_name=name)
         updates = nonfinite.as_arrays(updates)
         norm_wide, finite = tree.norm_and_finite(tree.checked_leaves(updates))
         norm = norm_wide
@@ -456,10 +457,15 @@ def skip_spikes(
         )
 
     def update(updates, state, params=None, **extra_args):
-        validation.validate_state(state, SkipSpikesState, fn_name=name)
-        updates = nonfinite.validate_guard_input(
-            updates, params, extra_args, fn_name=name
+        validation.validate_update_call(
+            updates,
+            state,
+            SkipSpikesState,
+            params=params,
+            extra_args=extra_args,
+            fn_name=name,
         )
+        updates = nonfinite.as_arrays(updates)
         loss = extra_args.get("loss")
         if loss is not None:
             loss = jnp.asarray(loss)
