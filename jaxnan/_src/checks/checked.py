@@ -21,7 +21,7 @@ import jax
 from jax.extend import source_info_util
 from jax.interpreters import ad
 
-from jaxnan._src.checks import check, device, host
+from jaxnan._src.checks import check, device, host, processes
 from jaxnan._src.checks.host import NonfiniteRecord
 from jaxnan._src.core import dtypes, tree, validation
 from jaxnan._src.core.errors import Phase
@@ -222,8 +222,10 @@ def checked(
         for i, a in enumerate(args):
             owner += [i] * len(jax.tree_util.tree_leaves(a))
         owner += [None] * (len(leaves) - len(owner))
+        # Under several processes: every process reports (`processes`).
+        mesh = processes.mesh_of(leaves)
         report = functools.partial(
-            device.check, reporter=reporter, site=site, tie=grads
+            device.check, reporter=reporter, site=site, tie=grads, mesh=mesh
         )
 
         # grads=True: the callbacks are `pure_callback`s tied into the outputs
