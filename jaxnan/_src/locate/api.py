@@ -253,8 +253,24 @@ def locate(
     Higher-order primitives are evaluated with instrumented bodies: `jit`,
     `custom_jvp` and `custom_vjp` (the primal body), `checkpoint`, `cond`
     and `switch` (the taken branch), `scan` and `while`/`fori_loop` (with the
-    iteration of the event), and `shard_map` (with the device). Sharded
-    `jit` works unchanged. Integer and boolean values are not checked.
+    iteration of the event), and `shard_map` and `pmap` (with the device).
+    Sharded `jit` works unchanged. ``device`` and ``process`` name who held
+    the first nonfinite value (the report says ``on device 5 (process
+    0)``): the device where the event happened first inside `shard_map` and
+    `pmap`, the device holding the first nonfinite element of the event's
+    output under a sharded `jit`. Integer and boolean values are not
+    checked.
+
+    Multi-process (`jax.distributed`): call it on every process with the
+    same global arrays, as the step itself is called; every process runs
+    the same programs in the same order and returns the same diagnosis,
+    naming the process and device holding the first nonfinite value
+    (possibly another process's). Nothing waits on a collective only some
+    processes enter: the decisions are read from values reduced over the
+    whole global array. The event equation's inputs and outputs are
+    gathered to every process (one all-gather each, the size of that
+    equation's values); a nonfinite argument is read shard by shard, each
+    process sending only the indices of its first nonfinite elements.
 
     The replay follows JAX semantics equation by equation; XLA may compile
     the same step differently (``x * mask`` into a select that hides a NaN).
