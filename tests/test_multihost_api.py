@@ -198,6 +198,17 @@ def scenario_checked_warns():
     return [str(w.message).splitlines()[0] for w in caught]
 
 
+def scenario_check_vmapped_report():
+    """A per-example report, its counts sharded over both processes' rows."""
+    f = jax.jit(jax.vmap(jaxnan.check(lambda x: jnp.log(x + 5.0))))
+    report, _ = f(_global(_local_rows(BAD_STEP))["x"])
+    try:
+        report.throw()
+    except jaxnan.NonFiniteError as e:
+        return [str(e.details["phase"]), e.details["leaves"]]
+    return None
+
+
 # -- locate ----------------------------------------------------------------
 
 
@@ -227,6 +238,26 @@ def scenario_locate_nan_input():
         "phase": str(d.phase),
         "elements": {k: [list(e) for e in v] for k, v in d.input_elements.items()},
         "inputs": d.nonfinite_inputs,
+    }
+
+
+def scenario_locate_float16_per_example():
+    """A float16 overflow; outputs (per-example losses) sharded by rows."""
+
+    def losses(params, batch):
+        h = batch["x"].astype(jnp.float16) * 3e4  # <- float16 overflow
+        return (h * params["b"].astype(jnp.float16)).sum(axis=1)
+
+    rows = _local_rows(0, nan=False)
+    if jax.process_index() == 1:
+        rows["x"][BAD_ROW - 4, 0] = 5.0
+    d = jaxnan.locate(jax.jit(losses))(_params(), _global(rows))
+    return {
+        "primitive": d.primitive,
+        "where": d.where,
+        "cause": str(d.cause),
+        "device": d.device,
+        "process": d.process,
     }
 
 
@@ -386,3 +417,23 @@ def test_locate_names_the_device_of_a_shard_map_on_another_process(results):
         assert got["where"] == f"{__file__}:{line}"
         assert (got["device"], got["process"]) == (2049, 1)
         assert "on device 2049 (process 1)" in got["text"]
+
+
+def test_check_report_batched_over_processes_throws_on_both(results):
+    for proc in (0, 1):
+        assert _value(results, "scenario_check_vmapped_report", proc) == [
+            "input",
+            {"x": [1, 0, 0]},
+        ]
+
+
+def test_locate_float16_overflow_with_outputs_sharded_over_processes(results):
+    line = line_of("# <- " + "float16 overflow", __file__)
+    for proc in (0, 1):
+        assert _value(results, "scenario_locate_float16_per_example", proc) == {
+            "primitive": "mul",
+            "where": f"{__file__}:{line}",
+            "cause": "precision",  # finite when re-run in float32
+            "device": 2048,
+            "process": 1,
+        }
