@@ -8,7 +8,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.extend import source_info_util
 
 from jaxnan._src.core import errors, hosts, tree, validation

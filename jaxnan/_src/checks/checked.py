@@ -127,15 +127,15 @@ def checked(
     then arrives twice, identical (``"warn"`` prints it once; a callable gets
     both records); `jax.grad`, which drops the value, reports it once.
 
-    Multi-process (`jax.distributed`): every process reports. The predicate
-    is the in-graph one, reduced over the whole global value, so every
-    process takes the reporting branch of the same step; the report callback
-    of a check on values sharded over a mesh then runs on every device of
-    that mesh (JAX would run it on the program's first device only).
-    ``"raise"`` raises on every process (every device stops at the same
-    point, so none is left waiting in a collective: the next step runs);
-    ``"warn"`` and a callable act once per process, with the same counts,
-    summed over the whole global batch.
+    Sharded values and multi-process `jax.distributed`: every process
+    reports. The predicate is the in-graph one, reduced over the whole
+    global value, so every process takes the reporting branch of the same
+    step; the report callback of a check on values sharded over a mesh then
+    runs on every device of that mesh (JAX would run it on the program's
+    first device only). ``"raise"`` raises on every process (every device
+    stops at the same point, so none is left waiting in a collective: the
+    next step runs); ``"warn"`` and a callable act once per process, with
+    the same counts, summed over the whole global batch.
 
     The message names the function, the phase, every nonfinite leaf by path
     with its NaN/+Inf/-Inf counts, and ends with the line to run for a full

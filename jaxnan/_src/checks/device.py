@@ -177,6 +177,13 @@ def check(
     )
     try:
         token = lax.cond(fold_all(quiet), no_report, do_report, (xs, quiet))
+        if eager:
+            # A program over several devices runs asynchronously: its
+            # callback's error would surface later, at some other read.
+            if token is None:
+                jax.effects_barrier()
+            else:
+                jax.block_until_ready(token)
     except Exception:
         if eager and box:  # our own NonFiniteError, wrapped by the runtime
             raise box[0] from None

@@ -1,24 +1,25 @@
-"""`jaxnan.checked` under multi-process `jax.distributed`: a report on every process.
+"""`jaxnan.checked` on sharded values: a report on every device, every process.
 
 JAX runs a host callback of a program with automatic sharding (a sharded
-`jax.jit`) once, on the program's first device: under several processes
-only the process owning it would hear of a nonfinite value, and with
-``on_nonfinite="raise"`` that process would stop in the middle of the
-program while the others wait for it in the next collective, forever (the
-hang of jax-ml/jax#11987).
+`jax.jit`) once, on the program's first device. With
+``on_nonfinite="raise"`` that device stopped in the middle of the program
+while the others waited for it in the next collective: on one process XLA
+killed the process after its 40 s rendezvous timeout; under several
+processes (`jax.distributed`) the others hung (as jax-ml/jax#11987 does
+with `jax_debug_nans`), and only the process owning that device heard of
+the nonfinite value at all.
 
-So under several processes the report callback of a check on values
-sharded over a mesh runs inside a `shard_map` over every device of that
-mesh, each device calling it with its position: with ``"raise"`` every
-device raises (no device is left inside a collective that another has
-left); ``"warn"`` and a callable act once per process, on whichever of its
+So the report callback of a check on values sharded over a mesh runs
+inside a `shard_map` over every device of that mesh, each device calling
+it with its position: with ``"raise"`` every device raises at the same
+point (none is left inside a collective that another has left);
+``"warn"`` and a callable act once per process, on whichever of its
 devices calls first (`per_device`). The check's predicate is the in-graph
 one, reduced over the whole global value, so every process takes the
 reporting branch of the same step, with the same counts.
 
-With one process, inside a `shard_map`/`pmap` body (whose callbacks already
-run on every device), or for values on one device, the callback is the
-plain one.
+Inside a `shard_map`/`pmap` body (whose callbacks already run on every
+device), or for values on one device, the callback is the plain one.
 """
 
 from __future__ import annotations
@@ -39,12 +40,10 @@ source_info_util.register_exclusion(__file__)
 def mesh_of(leaves: Sequence[Any]) -> Any:
     """The mesh to spread reports over, or None (see the module doc).
 
-    Under several processes, outside a `shard_map`/`pmap` body: the mesh of
-    the first leaf whose (abstract) sharding has a mesh of several devices;
-    the mesh set by `jax.set_mesh` when no leaf has one.
+    Outside a `shard_map`/`pmap` body: the mesh of the first leaf whose
+    (abstract) sharding has a mesh of several devices; else the mesh set by
+    `jax.set_mesh`, if it has several devices.
     """
-    if jax.process_count() == 1:
-        return None
     context = jax.sharding.get_abstract_mesh()
     if context.manual_axes:
         return None
