@@ -68,6 +68,20 @@ def scenario_warn_and_record_once():
     return {"records": records, "warnings": len(caught)}
 
 
+def scenario_raise_on_a_2d_mesh():
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 2), ("data", "model"))
+    x = jax.device_put(
+        jnp.ones((4, 4)).at[3, 2].set(0.0), NamedSharding(mesh, P("data", "model"))
+    )
+    step = jax.jit(jax.grad(jaxnan.checked(loss)))
+    try:
+        with jaxnan.nonfinite_errors():
+            jax.block_until_ready(step(x))
+    except jaxnan.NonFiniteError as e:
+        return [str(e.details["phase"]), e.details["leaves"]]
+    return None
+
+
 SCENARIOS = [name for name in dict(globals()) if name.startswith("scenario_")]
 
 
@@ -101,3 +115,10 @@ def test_one_record_and_one_warning_not_one_per_device(results):
         "records": [{"output": [0, 0, 1]}],
         "warnings": 1,
     }
+
+
+def test_raise_on_a_2d_mesh(results):
+    assert _value(results, "scenario_raise_on_a_2d_mesh") == [
+        "forward",
+        {"output": [0, 0, 1]},
+    ]
