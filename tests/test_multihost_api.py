@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax import lax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -282,6 +283,15 @@ def scenario_locate_shard_map():
     }
 
 
+def scenario_locate_pmap_is_a_clear_error():
+    f = jax.pmap(lambda x: jnp.log(x) + lax.psum(x, "i"), axis_name="i")
+    try:
+        jaxnan.locate(f)(np.ones((2, 3), np.float32))
+    except NotImplementedError as e:
+        return str(e)
+    return None
+
+
 # -- the tests -------------------------------------------------------------
 
 SCENARIOS = [name for name in dict(globals()) if name.startswith("scenario_")]
@@ -437,3 +447,10 @@ def test_locate_float16_overflow_with_outputs_sharded_over_processes(results):
             "device": 2048,
             "process": 1,
         }
+
+
+def test_locate_of_a_multiprocess_pmap_is_a_clear_error_on_both(results):
+    for proc in (0, 1):
+        text = _value(results, "scenario_locate_pmap_is_a_clear_error", proc)
+        assert text.startswith("jaxnan.locate(`<lambda>`): `jax.pmap` under several")
+        assert "jax.shard_map over a mesh of jax.devices()" in text

@@ -313,7 +313,10 @@ def locate(
             array, or the arguments are tracers (locate under `jax.vmap` or
             `jax.jit`).
         NotImplementedError: when `fn` uses a higher-order primitive
-            without a rule (see `jaxnan.register_rule`).
+            without a rule (see `jaxnan.register_rule`); when `fn` calls
+            `jax.pmap` under several processes (its traced program covers
+            this process's devices only: write the step with `jax.jit` on
+            global arrays or `jax.shard_map`).
 
     Examples:
         >>> import jax, jax.numpy as jnp, jaxnan
