@@ -134,6 +134,74 @@ def scenario_transforms():
     }
 
 
+# Inside `shard_map`, each device updating with its own gradients (no
+# pmean): given `axis_name`, the devices still agree on the decision.
+MAPPED = {
+    "skip_nonfinite": lambda: jaxnan.skip_nonfinite(optax.sgd(0.1), axis_name="data"),
+    "skip_spikes": lambda: jaxnan.skip_spikes(
+        optax.sgd(0.1), window=4, min_history=2, axis_name="data"
+    ),
+    "dynamic_loss_scale": lambda: jaxnan.dynamic_loss_scale(
+        optax.sgd(0.1), init_scale=8.0, axis_name="data"
+    ),
+    "zscore_clip": lambda: optax.chain(
+        jaxnan.zscore_clip(warmup=2, axis_name="data"), optax.sgd(0.1)
+    ),
+    "adagc": lambda: optax.chain(
+        jaxnan.adagc(warmup=2, axis_name="data"), optax.sgd(0.1)
+    ),
+    "monitor": lambda: jaxnan.monitor(optax.sgd(0.1), axis_name="data"),
+}
+
+
+def _mapped_run(name: str):
+    """Per-device params and state after each step (a leading device axis)."""
+    tx = MAPPED[name]()
+    scaled = name == "dynamic_loss_scale"
+    mesh = _mesh()
+    stack = lambda t: jax.tree.map(lambda v: v[None], t)  # noqa: E731
+
+    def body(params, opt_state, batch):
+        params, opt_state = jax.tree.map(lambda v: v[0], (params, opt_state))
+
+        def loss(p):
+            value = loss_fn(p, batch)  # this device's rows only
+            return jaxnan.scale_loss(value, opt_state) if scaled else value
+
+        value, grads = jax.value_and_grad(loss)(params)
+        updates, opt_state = tx.update(grads, opt_state, params, loss=value)
+        return stack((optax.apply_updates(params, updates), opt_state))
+
+    spec = P("data")
+    step = jax.jit(
+        jax.shard_map(
+            body,
+            mesh=mesh,
+            in_specs=(spec, spec, spec),
+            out_specs=spec,
+            check_vma=False,
+        )
+    )
+    params = {"w": jnp.full((3,), 0.5), "b": jnp.ones(())}
+    params = jax.tree.map(lambda v: jnp.stack([v] * len(jax.devices())), params)
+    params = jax.device_put(params, NamedSharding(mesh, spec))
+    opt_state = jax.jit(jax.vmap(tx.init))(params)
+    trace = []
+    gather = lambda v: np.asarray(  # noqa: E731
+        multihost_utils.process_allgather(v, tiled=True)
+    )
+    for i in range(STEPS):
+        params, opt_state = step(params, opt_state, _global(_local_rows(i)))
+        whole = jax.tree.map(gather, {"params": params, "state": opt_state})
+        devices = range(len(jax.devices()))
+        trace.append([_plain(whole, lambda a, d=d: a[d]) for d in devices])
+    return trace
+
+
+def scenario_mapped_transforms():
+    return {name: _mapped_run(name) for name in MAPPED}
+
+
 # -- checked ---------------------------------------------------------------
 
 
@@ -454,3 +522,25 @@ def test_locate_of_a_multiprocess_pmap_is_a_clear_error_on_both(results):
         text = _value(results, "scenario_locate_pmap_is_a_clear_error", proc)
         assert text.startswith("jaxnan.locate(`<lambda>`): `jax.pmap` under several")
         assert "jax.shard_map over a mesh of jax.devices()" in text
+
+
+def _counters(state):
+    """The int32 counters and bool flags of a state (the decisions taken)."""
+    return [v for v in jax.tree.leaves(state) if isinstance(v, bool | int)]
+
+
+@pytest.mark.parametrize("name", list(MAPPED))
+def test_mapped_transform_agrees_over_devices_of_both_processes(results, name):
+    runs = [_value(results, "scenario_mapped_transforms", p)[name] for p in (0, 1)]
+    assert runs[0] == runs[1]
+    trace = runs[0]  # per step, per device: {"params", "state"}
+    for devices in trace:
+        # every device, on both processes, took the same decisions
+        decided = [_counters(d["state"]) for d in devices]
+        assert decided == [decided[0]] * 4
+    # device 0's own rows were finite at the bad step; the NaN was on device
+    # 2048 (process 1): a skipping transform skips on every device
+    if name in ("skip_nonfinite", "skip_spikes", "dynamic_loss_scale"):
+        for before, bad in zip(trace[BAD_STEP - 1], trace[BAD_STEP]):
+            assert bad["params"] == before["params"]
+        assert trace[BAD_STEP + 1][0]["params"] != trace[BAD_STEP][0]["params"]
