@@ -64,6 +64,23 @@ def test_shard_map_names_device_and_process(mesh8):
     assert _first_line(d).endswith(f"on device {device} (process 0).")
 
 
+def test_partial_manual_shard_map_names_the_position_on_its_manual_axes():
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
+    f = jax.jit(
+        jax.shard_map(
+            jnp.log,
+            mesh=mesh,
+            in_specs=P("data"),
+            out_specs=P("data"),
+            axis_names={"data"},
+        )
+    )
+    x = jnp.ones((4, 8)).at[3, 5].set(0.0)  # rows 2-3: data position 1
+    d = jaxnan.locate(f)(jax.device_put(x, NamedSharding(mesh, P("data", "model"))))
+    assert (d.primitive, d.device, d.process) == ("log", 1, None)
+    assert _first_line(d).endswith("at position 1 of the shard_map's manual mesh axes.")
+
+
 def test_pmap_names_device_and_process():
     f = jax.pmap(lambda x: jnp.log(x) + lax.psum(x, "i"), axis_name="i")
     d = jaxnan.locate(f)(jnp.ones((8, 2)).at[6, 0].set(-1.0))

@@ -85,9 +85,12 @@ class Diagnosis:
             inside `shard_map` and `pmap` the device where the event
             happened first, under a sharded `jit` the device holding the
             first nonfinite element of the event's output; None when the
-            values are not split over devices.
+            values are not split over devices. (Inside a `shard_map` over
+            some mesh axes only, the others automatic: the position in the
+            grid of its manual axes.)
         process: the index of the process (`jax.process_index`) owning
-            `device`; 0 with one process, None when `device` is None.
+            `device`; 0 with one process, None when `device` is None or a
+            position.
         name_stack: the name stack of the creating equation, without the
             transformation wrappers (``jvp(...)``, ``transpose(...)``).
         dtype: the dtype of the creating equation's first floating output.

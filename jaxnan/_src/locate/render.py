@@ -52,8 +52,8 @@ def _nan_event_line(e: Mapping[str, Any]) -> str:
 def on_device(device: int | None, process: int | None) -> str:
     """`` on device 3 (process 0)``: who held the first nonfinite value.
 
-    Empty when no device is known; without a process (a device map over some
-    mesh axes only: `device` is a position in their grid), the position.
+    Empty when no device is known; without a process (a `shard_map` over
+    some mesh axes only: `device` is a position in their grid), the position.
 
     Examples:
         >>> on_device(3, 0)
@@ -64,7 +64,7 @@ def on_device(device: int | None, process: int | None) -> str:
     if device is None:
         return ""
     if process is None:
-        return f" at device position {device}"
+        return f" at position {device} of the shard_map's manual mesh axes"
     return f" on device {device} (process {process})"
 
 
