@@ -82,6 +82,19 @@ def scenario_raise_on_a_2d_mesh():
     return None
 
 
+def scenario_closed_over_sharded_constant_under_remat():
+    """A sharded array closed over, not passed: the step still compiles."""
+    x = _sharded(np.arange(1.0, 9.0))
+    records = []
+    loss_w = jaxnan.checked(
+        lambda w, x: jnp.sum(jnp.log(x - w)), on_nonfinite=records.append
+    )
+    step = jax.jit(jax.grad(jax.checkpoint(lambda w: loss_w(w, x))))
+    healthy = float(step(0.0))
+    jax.block_until_ready(step(1.0))  # log(1 - 1)
+    return {"healthy": healthy, "phases": [str(r.phase) for r in records]}
+
+
 SCENARIOS = [name for name in dict(globals()) if name.startswith("scenario_")]
 
 
@@ -122,3 +135,9 @@ def test_raise_on_a_2d_mesh(results):
         "forward",
         {"output": [0, 0, 1]},
     ]
+
+
+def test_a_closed_over_sharded_constant_under_remat(results):
+    got = _value(results, "scenario_closed_over_sharded_constant_under_remat")
+    assert got["healthy"] == pytest.approx(-float(np.sum(1.0 / np.arange(1.0, 9.0))))
+    assert got["phases"] == ["forward"]

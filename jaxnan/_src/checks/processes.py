@@ -32,6 +32,7 @@ from typing import Any
 import jax
 import numpy as np
 from jax.extend import source_info_util
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 source_info_util.register_exclusion(__file__)
@@ -47,13 +48,21 @@ def mesh_of(leaves: Sequence[Any]) -> Any:
     context = jax.sharding.get_abstract_mesh()
     if context.manual_axes:
         return None
+    found = None
     for x in leaves:
+        sharding = getattr(x, "sharding", None)  # a concrete array's
+        if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
+            # Its concrete mesh: a shard_map over an abstract one fails to
+            # lower where its operands derive from a closed-over constant.
+            return sharding.mesh
         try:
             mesh = jax.typeof(x).sharding.mesh
         except (AttributeError, TypeError):
             continue
-        if not mesh.empty and mesh.size > 1:
-            return mesh
+        if found is None and not mesh.empty and mesh.size > 1:
+            found = mesh
+    if found is not None:
+        return found
     return None if context.empty or context.size < 2 else context
 
 
