@@ -232,7 +232,7 @@ def checked(
         for i, a in enumerate(args):
             owner += [i] * len(jax.tree_util.tree_leaves(a))
         owner += [None] * (len(leaves) - len(owner))
-        # Under several processes: every process reports (`processes`).
+        # Values sharded over a mesh: the report runs on each of its devices.
         mesh = processes.mesh_of(leaves)
         report = functools.partial(
             device.check, reporter=reporter, site=site, tie=grads, mesh=mesh

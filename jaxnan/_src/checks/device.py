@@ -123,9 +123,9 @@ def check(
     is the token: the caller must tie it into values the user consumes
     (`tie`), or JAX would delete the unused callback.
 
-    `mesh` (`processes.mesh_of`, under several processes): the callback
-    runs on every device of that mesh, so that every process reports
-    (`processes.report`).
+    `mesh` (`processes.mesh_of`, for values sharded over a mesh): the
+    callback runs on every device of that mesh, so that every device raises
+    at the same point and every process reports (`processes.report`).
     """
     constants = list(constants) or [False] * len(leaves)
     pairs = [(p, x, c) for p, x, c in zip(paths, leaves, constants) if counted(x)]
@@ -157,7 +157,7 @@ def check(
         # Batched exactly when `quiet` is, so that vmap sees (and folds) it.
         bad = fold_sum((~quiet).astype(jnp.int32))
         total = fold_sum((quiet | True).astype(jnp.int32))
-        if mesh is not None:  # several processes: a report on each
+        if mesh is not None:  # sharded: a report on every device
             raises = reporter.policy == "raise"
             return processes.report(mesh, host_fn, raises, tie, counts, bad, total)
         if not tie:
