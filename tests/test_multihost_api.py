@@ -134,6 +134,18 @@ def scenario_transforms():
     }
 
 
+def scenario_monitor_metrics_on_the_host():
+    tx = jaxnan.monitor(optax.sgd(0.1))
+    step = _train_step(tx, scaled=False)
+    params = jax.device_put(
+        {"w": jnp.full((3,), 0.5), "b": jnp.ones(())}, NamedSharding(_mesh(), P())
+    )
+    opt_state = jax.jit(tx.init)(params)
+    _, opt_state = step(params, opt_state, _global(_local_rows(BAD_STEP)))
+    metrics = jaxnan.monitor_metrics(opt_state, host=True)
+    return {k: v for k, v in metrics.items() if k.startswith("grad_nonfinite")}
+
+
 # Inside `shard_map`, each device updating with its own gradients (no
 # pmean): given `axis_name`, the devices still agree on the decision.
 MAPPED = {
@@ -544,3 +556,12 @@ def test_mapped_transform_agrees_over_devices_of_both_processes(results, name):
         for before, bad in zip(trace[BAD_STEP - 1], trace[BAD_STEP]):
             assert bad["params"] == before["params"]
         assert trace[BAD_STEP + 1][0]["params"] != trace[BAD_STEP][0]["params"]
+
+
+def test_monitor_metrics_read_on_the_host_of_both_processes(results):
+    for proc in (0, 1):
+        assert _value(results, "scenario_monitor_metrics_on_the_host", proc) == {
+            "grad_nonfinite": 4,
+            "grad_nonfinite/b": 1,
+            "grad_nonfinite/w": 3,
+        }
