@@ -93,3 +93,17 @@ def test_unsharded_names_no_device():
     d = jaxnan.locate(lambda x: jnp.log(x))(jnp.zeros(3))
     assert (d.device, d.process) == (None, None)
     assert _first_line(d).endswith("pass of `<lambda>`.")
+
+
+def test_a_checked_step_sharded_on_an_explicit_mesh():
+    # checked's report runs on every device (a shard_map in its reporting
+    # branch): the replay gives its token without a device map
+    mesh = jax.make_mesh((8,), ("d",), axis_types=(jax.sharding.AxisType.Explicit,))
+    records = []
+    loss = jaxnan.checked(lambda x: jnp.sum(jnp.sqrt(x)), on_nonfinite=records.append)
+    with jax.set_mesh(mesh):
+        x = jax.device_put(jnp.arange(16.0).at[11].set(-1.0), P("d"))
+        d = jaxnan.locate(jax.jit(jax.value_and_grad(loss)))(x)
+    device = mesh.devices.flat[5].id
+    assert (d.primitive, d.device, d.process) == ("sqrt", device, 0)
+    assert [r.phase for r in records] == ["forward"]  # the compiled run's
