@@ -107,3 +107,14 @@ def test_a_checked_step_sharded_on_an_explicit_mesh():
     device = mesh.devices.flat[5].id
     assert (d.primitive, d.device, d.process) == ("sqrt", device, 0)
     assert [r.phase for r in records] == ["forward"]  # the compiled run's
+
+
+def test_shard_map_on_an_explicit_mesh_names_device_and_process():
+    mesh = jax.make_mesh((8,), ("d",), axis_types=(jax.sharding.AxisType.Explicit,))
+    with jax.set_mesh(mesh):
+        f = jax.shard_map(jnp.log, in_specs=P("d"), out_specs=P("d"))  # its mesh
+        x = jax.device_put(jnp.ones(16).at[11].set(0.0), P("d"))  # shard 5
+        d = jaxnan.locate(f)(x)
+    device = mesh.devices.flat[5].id
+    assert (d.primitive, d.device, d.process) == ("log", device, 0)
+    assert d.inputs_seen == "log received 0.0 at 1 of 2 positions"

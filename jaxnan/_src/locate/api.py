@@ -21,9 +21,11 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 from jax.extend import core as jex_core
 from jax.extend import source_info_util
+from jax.sharding import AbstractMesh
 
 from jaxnan._src.checks import check
 from jaxnan._src.core import dtypes, errors, frames, hosts, primitives
@@ -429,6 +431,10 @@ def _device(
     if node.shard is None or device_pos < 0:
         return element_device, hosts.process_of(element_device)
     mesh, axes = node.shard
+    if isinstance(mesh, AbstractMesh):  # `jax.set_mesh`'s: the concrete one
+        mesh = jax.sharding.get_mesh()
+        if mesh.empty or tuple(mesh.axis_names) != tuple(node.shard[0].axis_names):
+            return device_pos, None
     if tuple(axes) == tuple(mesh.axis_names):
         device = int(mesh.devices.flat[device_pos].id)
         return device, hosts.process_of(device)
