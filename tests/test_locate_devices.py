@@ -118,3 +118,12 @@ def test_shard_map_on_an_explicit_mesh_names_device_and_process():
     device = mesh.devices.flat[5].id
     assert (d.primitive, d.device, d.process) == ("log", device, 0)
     assert d.inputs_seen == "log received 0.0 at 1 of 2 positions"
+
+
+def test_nonfinite_argument_names_the_device_holding_its_first_element(mesh8):
+    x = jax.device_put(jnp.ones(16).at[13].set(jnp.nan), NamedSharding(mesh8, P("d")))
+    d = jaxnan.locate(lambda x: jnp.sum(x * 2.0))(x)
+    device = mesh8.devices.flat[6].id  # elements 12-13
+    assert (d.phase, d.device, d.process) == ("input", device, 0)
+    assert d.input_elements == {"x": [(13,)]}
+    assert _first_line(d).endswith(f"on device {device} (process 0):")

@@ -86,7 +86,8 @@ class Diagnosis:
         device: the id of the device that held the first nonfinite value:
             inside `shard_map` and `pmap` the device where the event
             happened first, under a sharded `jit` the device holding the
-            first nonfinite element of the event's output; None when the
+            first nonfinite element of the event's output (phase
+            ``"input"``: of the first nonfinite argument); None when the
             values are not split over devices. (Inside a `shard_map` over
             some mesh axes only, the others automatic: the position in the
             grid of its manual axes.)
@@ -571,6 +572,7 @@ def _input_diagnosis(run: replay.Run, common: dict) -> Diagnosis:
     nonfinite = common["nonfinite_inputs"]
     found = causes.classify_inputs(nonfinite)
     elements, consumed = {}, {}
+    device = None
     for k, path in enumerate(run.in_paths):
         if path not in nonfinite:
             continue
@@ -579,6 +581,8 @@ def _input_diagnosis(run: replay.Run, common: dict) -> Diagnosis:
             # Read shard by shard: an argument spanning processes is never
             # gathered whole (every process takes this branch: lock-step).
             elements[path] = hosts.first_nonfinite(x, 3)
+            if device is None and elements[path]:
+                device = hosts.holder(x, elements[path][0])
         hit = _first_consumer(run.closed.jaxpr, run.closed.jaxpr.invars[k])
         if hit is not None:
             consumed[path] = _frame_dict(*hit)
@@ -590,6 +594,8 @@ def _input_diagnosis(run: replay.Run, common: dict) -> Diagnosis:
         inputs_seen=found.seen,
         input_elements=elements,
         consumed_by=consumed,
+        device=device,
+        process=hosts.process_of(device),
         **common,
     )
 
