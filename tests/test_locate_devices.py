@@ -93,3 +93,37 @@ def test_unsharded_names_no_device():
     d = jaxnan.locate(lambda x: jnp.log(x))(jnp.zeros(3))
     assert (d.device, d.process) == (None, None)
     assert _first_line(d).endswith("pass of `<lambda>`.")
+
+
+def test_a_checked_step_sharded_on_an_explicit_mesh():
+    # checked's report runs on every device (a shard_map in its reporting
+    # branch): the replay gives its token without a device map
+    mesh = jax.make_mesh((8,), ("d",), axis_types=(jax.sharding.AxisType.Explicit,))
+    records = []
+    loss = jaxnan.checked(lambda x: jnp.sum(jnp.sqrt(x)), on_nonfinite=records.append)
+    with jax.set_mesh(mesh):
+        x = jax.device_put(jnp.arange(16.0).at[11].set(-1.0), P("d"))
+        d = jaxnan.locate(jax.jit(jax.value_and_grad(loss)))(x)
+    device = mesh.devices.flat[5].id
+    assert (d.primitive, d.device, d.process) == ("sqrt", device, 0)
+    assert [r.phase for r in records] == ["forward"]  # the compiled run's
+
+
+def test_shard_map_on_an_explicit_mesh_names_device_and_process():
+    mesh = jax.make_mesh((8,), ("d",), axis_types=(jax.sharding.AxisType.Explicit,))
+    with jax.set_mesh(mesh):
+        f = jax.shard_map(jnp.log, in_specs=P("d"), out_specs=P("d"))  # its mesh
+        x = jax.device_put(jnp.ones(16).at[11].set(0.0), P("d"))  # shard 5
+        d = jaxnan.locate(f)(x)
+    device = mesh.devices.flat[5].id
+    assert (d.primitive, d.device, d.process) == ("log", device, 0)
+    assert d.inputs_seen == "log received 0.0 at 1 of 2 positions"
+
+
+def test_nonfinite_argument_names_the_device_holding_its_first_element(mesh8):
+    x = jax.device_put(jnp.ones(16).at[13].set(jnp.nan), NamedSharding(mesh8, P("d")))
+    d = jaxnan.locate(lambda x: jnp.sum(x * 2.0))(x)
+    device = mesh8.devices.flat[6].id  # elements 12-13
+    assert (d.phase, d.device, d.process) == ("input", device, 0)
+    assert d.input_elements == {"x": [(13,)]}
+    assert _first_line(d).endswith(f"on device {device} (process 0):")

@@ -145,6 +145,34 @@ def scenario_skip_finite_batch():
     }
 
 
+def scenario_guard_with_checked_loss():
+    """A `checked` loss inside the guarded step: it warns on each process."""
+    import warnings  # noqa: PLC0415 - this scenario only
+
+    params, opt_state, _ = _setup()
+    tx = jaxnan.skip_nonfinite(optax.adam(1e-2))
+    checked_loss = jaxnan.checked(loss_fn, on_nonfinite="warn")
+
+    def train_step(params, opt_state, batch):
+        loss, grads = jax.value_and_grad(checked_loss)(params, batch)
+        updates, opt_state = tx.update(grads, opt_state, params, loss=loss)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    step = jaxnan.guard(jax.jit(train_step), verbose=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i in range(4):
+            params, opt_state, _ = step(params, opt_state, _batch(i, zero_scale=True))
+        step.finish()
+    [incident] = step.incidents
+    return {
+        "where": incident.where,
+        "rows": list(incident.rows),
+        "warned": sorted({str(w.message).splitlines()[0] for w in caught}),
+        "params": _host(params),
+    }
+
+
 def scenario_raise():
     try:
         _guarded_run(5, "raise", nan=True)
@@ -230,6 +258,19 @@ def test_finite_batch_replayed_per_example_and_located(results):
     assert "on device 2048 (process 1)" in printed
     assert printed.count("went nonfinite") == 1
     assert _value(results, "scenario_skip_finite_batch", 1)["printed"] == ""
+
+
+def test_guard_with_a_checked_loss_on_both_processes(results):
+    line = line_of("# <- " + "log: a scale")
+    got = [_value(results, "scenario_guard_with_checked_loss", p) for p in (0, 1)]
+    for g in got:
+        assert g["where"] == f"{__file__}:{line}"
+        assert g["rows"] == [BAD_ROW]
+        assert g["warned"] == [
+            "jaxnan: nonfinite values in the outputs of `loss_fn` (its inputs "
+            "were finite) [phase forward]:"
+        ]
+    assert got[0]["params"] == got[1]["params"]
 
 
 def test_raise_raises_on_every_process(results):

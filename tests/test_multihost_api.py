@@ -319,6 +319,8 @@ def scenario_locate_nan_input():
         "phase": str(d.phase),
         "elements": {k: [list(e) for e in v] for k, v in d.input_elements.items()},
         "inputs": d.nonfinite_inputs,
+        "holder": [d.device, d.process],
+        "first_line": str(d).splitlines()[0],
     }
 
 
@@ -497,6 +499,9 @@ def test_locate_nan_argument_elements_by_global_index(results):
             "batch['y']": [[BAD_ROW]],
         }
         assert got["inputs"] == {"batch['x']": [1, 0, 0], "batch['y']": [1, 0, 0]}
+        # global row 5: on process 1's first device
+        assert got["holder"] == [2048, 1]
+        assert got["first_line"].endswith("on device 2048 (process 1):")
 
 
 def test_locate_names_the_device_of_a_shard_map_on_another_process(results):

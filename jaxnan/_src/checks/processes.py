@@ -41,9 +41,11 @@ source_info_util.register_exclusion(__file__)
 def mesh_of(leaves: Sequence[Any]) -> Any:
     """The mesh to spread reports over, or None (see the module doc).
 
-    Outside a `shard_map`/`pmap` body: the mesh of the first leaf whose
-    (abstract) sharding has a mesh of several devices; else the mesh set by
-    `jax.set_mesh`, if it has several devices.
+    Outside a `shard_map`/`pmap` body: the concrete mesh of the first
+    concrete leaf sharded over several devices; else the abstract mesh of
+    the first traced leaf whose type carries one of several devices; else
+    the mesh set by `jax.set_mesh`, if it has several devices. None for
+    values on one device (the plain callback runs there).
     """
     context = jax.sharding.get_abstract_mesh()
     if context.manual_axes:

@@ -132,3 +132,28 @@ def first_nonfinite(x: Any, k: int = 3) -> list[tuple[int, ...]]:
         local = every.reshape(-1, local.shape[1])
     hits = sorted({tuple(int(i) for i in row[1:]) for row in local if row[0]})
     return hits[:k]
+
+
+def holder(x: Any, index: tuple[int, ...]) -> int | None:
+    """The id of the device holding element `index` of `x`, if split.
+
+    Read from the sharding (known to every process): the lowest id among
+    the devices holding that element; None for a value that is not a
+    `jax.Array`, is fully replicated, or sits on one device.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from jaxnan._src.core import hosts
+        >>> hosts.holder(jnp.zeros(4), (2,)) is None  # one device
+        True
+    """
+    sharding = getattr(x, "sharding", None)
+    if sharding is None or sharding.is_fully_replicated or len(sharding.device_set) < 2:
+        return None
+    shape = tuple(x.shape)
+    ids = [
+        d.id
+        for d, idx in sharding.devices_indices_map(shape).items()
+        if all(i in range(*s.indices(n)) for i, s, n in zip(index, idx, shape))
+    ]
+    return min(ids) if ids else None

@@ -21,9 +21,11 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 from jax.extend import core as jex_core
 from jax.extend import source_info_util
+from jax.sharding import AbstractMesh
 
 from jaxnan._src.checks import check
 from jaxnan._src.core import dtypes, errors, frames, hosts, primitives
@@ -84,7 +86,8 @@ class Diagnosis:
         device: the id of the device that held the first nonfinite value:
             inside `shard_map` and `pmap` the device where the event
             happened first, under a sharded `jit` the device holding the
-            first nonfinite element of the event's output; None when the
+            first nonfinite element of the event's output (phase
+            ``"input"``: of the first nonfinite argument); None when the
             values are not split over devices. (Inside a `shard_map` over
             some mesh axes only, the others automatic: the position in the
             grid of its manual axes.)
@@ -429,6 +432,10 @@ def _device(
     if node.shard is None or device_pos < 0:
         return element_device, hosts.process_of(element_device)
     mesh, axes = node.shard
+    if isinstance(mesh, AbstractMesh):  # `jax.set_mesh`'s: the concrete one
+        mesh = jax.sharding.get_mesh()
+        if mesh.empty or tuple(mesh.axis_names) != tuple(node.shard[0].axis_names):
+            return device_pos, None
     if tuple(axes) == tuple(mesh.axis_names):
         device = int(mesh.devices.flat[device_pos].id)
         return device, hosts.process_of(device)
@@ -565,6 +572,7 @@ def _input_diagnosis(run: replay.Run, common: dict) -> Diagnosis:
     nonfinite = common["nonfinite_inputs"]
     found = causes.classify_inputs(nonfinite)
     elements, consumed = {}, {}
+    device = None
     for k, path in enumerate(run.in_paths):
         if path not in nonfinite:
             continue
@@ -573,6 +581,8 @@ def _input_diagnosis(run: replay.Run, common: dict) -> Diagnosis:
             # Read shard by shard: an argument spanning processes is never
             # gathered whole (every process takes this branch: lock-step).
             elements[path] = hosts.first_nonfinite(x, 3)
+            if device is None and elements[path]:
+                device = hosts.holder(x, elements[path][0])
         hit = _first_consumer(run.closed.jaxpr, run.closed.jaxpr.invars[k])
         if hit is not None:
             consumed[path] = _frame_dict(*hit)
@@ -584,6 +594,8 @@ def _input_diagnosis(run: replay.Run, common: dict) -> Diagnosis:
         inputs_seen=found.seen,
         input_elements=elements,
         consumed_by=consumed,
+        device=device,
+        process=hosts.process_of(device),
         **common,
     )
 

@@ -86,14 +86,6 @@ def _first_nonfinite_device(arrays: Sequence[Any], values: Sequence[Any]) -> Any
         bad = np.flatnonzero(~np.isfinite(val))
         if bad.size == 0:
             continue
-        sharding = getattr(arr, "sharding", None)
-        if sharding is None or sharding.is_fully_replicated:
-            return None
         where = np.unravel_index(int(bad[0]), val.shape)
-        holders = [
-            d.id
-            for d, idx in sharding.devices_indices_map(val.shape).items()
-            if all(i in range(*s.indices(n)) for i, s, n in zip(where, idx, val.shape))
-        ]
-        return min(holders) if holders else None
+        return hosts.holder(arr, tuple(int(i) for i in where))
     return None

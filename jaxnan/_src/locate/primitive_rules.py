@@ -80,6 +80,13 @@ for _p in (compat.pure_callback_p, compat.debug_callback_p):
     register_rule(_p)(_callback_rule(_p))
 
 
+def _is_own_report(eqn: Any) -> bool:
+    callback = eqn.params.get("callback")
+    return eqn.primitive in (compat.pure_callback_p, compat.debug_callback_p) and (
+        getattr(getattr(callback, "callback_func", None), "jaxnan_report", False)
+    )
+
+
 # -- cond / switch -------------------------------------------------------
 
 
@@ -215,6 +222,11 @@ def _shard_map_rule(
     out_specs: tuple,
     **params: Any,
 ):
+    body_eqns = getattr(jaxpr, "jaxpr", jaxpr).eqns
+    if any(_is_own_report(e) for e in body_eqns):
+        # `jaxnan.checked`'s report spread over the devices
+        # (`checks.processes`): no device map to replay, its token is 0.
+        return ctx, [jnp.zeros(v.aval.shape, v.aval.dtype) for v in ctx.eqn.outvars]
     ctx.flush()
     manual = params.get("newly_manual_axes", params.get("manual_axes"))
     manual = set(mesh.axis_names if manual is None else manual)

@@ -89,7 +89,10 @@ def _event_lines(d: Any, name: str) -> list[str]:
 
 
 def _input_lines(d: Any, name: str) -> list[str]:
-    lines = [f"jaxnan: nonfinite values were already in the arguments of {name}:"]
+    where = on_device(d.device, getattr(d, "process", None))
+    lines = [
+        f"jaxnan: nonfinite values were already in the arguments of {name}{where}:"
+    ]
     for path, counts in sorted(d.nonfinite_inputs.items()):
         text = f"  {path}: {describe_counts(*counts)}"
         elements = d.input_elements.get(path)

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.extend import source_info_util
+from jax.sharding import PartitionSpec
 
 from jaxnan._src.core import dtypes
 
@@ -254,6 +255,7 @@ class Detect:
     def merge_devices(self, ctx: Any, stacked: Record, ndev: int) -> Record:
         """The event with the smallest index over devices, with its position."""
         del ndev
+        stacked = jax.tree_util.tree_map(replicated, stacked)
         old = ctx.state
         valid = stacked.index >= 0
         key = jnp.where(valid, stacked.index, jnp.iinfo(jnp.int32).max)
@@ -268,6 +270,19 @@ class Detect:
             jnp.where(take, pos, old.device),
             jnp.where(take_nan, jnp.min(nan_key), old.nan_index),
         )
+
+
+def replicated(x: jax.Array) -> jax.Array:
+    """`x` replicated when it is sharded over a mesh of explicit axes.
+
+    The per-device records of a device map are stacked on a leading axis
+    sharded over the devices; on a mesh of explicit axes (`jax.set_mesh`)
+    jax refuses to index such an axis. Elsewhere `x` is returned as is.
+    """
+    spec = getattr(jax.typeof(x).sharding, "spec", ())
+    if any(p is not None for p in spec):
+        return jax.sharding.reshard(x, PartitionSpec())
+    return x
 
 
 def _first(flags: list, idxs: np.ndarray) -> tuple[Any, Any]:
@@ -357,4 +372,4 @@ class Capture:
     def merge_devices(self, ctx: Any, stacked: tuple, ndev: int) -> tuple:
         """The buffers of the device where the event happened."""
         pos = max(self.target.device, 0) if ndev > 1 else 0
-        return jax.tree_util.tree_map(lambda s: s[pos], stacked)
+        return jax.tree_util.tree_map(lambda s: replicated(s)[pos], stacked)
