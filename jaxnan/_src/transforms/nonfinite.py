@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from jax.extend import source_info_util
 
-from jaxnan._src.core import deprecations, dtypes, tree, validation
+from jaxnan._src.core import deprecations, dtypes, shard_norms, tree, validation
 from jaxnan._src.transforms import update_tap
 from jaxnan._src.transforms.clip import ClipByGlobalNormState, KnownNorm, as_arrays
 from jaxnan._src.transforms.select import guarded_update
@@ -169,7 +169,10 @@ def _leads_with_clip(inner_state: optax.OptState) -> bool:
 
 
 def norm_for_inner(
-    updates: optax.Updates, extra_args: dict, inner_state: optax.OptState
+    updates: optax.Updates,
+    extra_args: dict,
+    inner_state: optax.OptState,
+    shard_axes: list[tuple] | None = None,
 ) -> tuple[jax.Array, jax.Array, dict]:
     """One pass over `updates`: their global norm and exact finiteness.
 
@@ -183,10 +186,20 @@ def norm_for_inner(
     is the square root of the float32 sum of squares (+Inf when the squares
     overflow), read in the same loop per leaf as the finiteness
     (`tree.squares_and_finite`): no slow path, no extra buffer.
+
+    `shard_axes` (inside `shard_map`, the mesh axes each checked leaf is
+    split over): the norms and the flag are those of the whole tensors
+    (`shard_norms.global_norm`), the same on every device.
     """
     leaves = tree.checked_leaves(updates)
     if not leaves:
         return jnp.zeros((), jnp.float32), jnp.array(True), extra_args
+    if shard_axes is not None:
+        plain, safe, finite = shard_norms.global_norm(leaves, shard_axes)
+        if not _leads_with_clip(inner_state):
+            return plain.astype(jnp.float32), finite, extra_args
+        known = KnownNorm(updates, safe, finite)
+        return safe, finite, {**extra_args, "known_norm": known}
     if _leads_with_clip(inner_state):
         norm, finite = tree.norm_and_finite(leaves)
         known = KnownNorm(updates, norm, finite)
