@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import NamedSharding
+from jax.sharding import Mesh, NamedSharding
 
 import jaxnan
 from tests.helpers import P, mesh_of
@@ -271,3 +271,31 @@ def test_shard_specs_not_a_prefix_is_a_clear_error():
     tx = jaxnan.zscore_clip(shard_specs={"w": P("d")})
     with pytest.raises(ValueError, match="shard_specs must be a tree prefix"):
         tx.update(g, tx.init(g))
+
+
+def test_two_axis_mesh_data_and_fsdp():
+    # Gradients averaged over 'data' (replicas) and split over 'fsdp': the
+    # replicas agree over axis_name, the blocks are summed over shard_specs.
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "fsdp"))
+    specs = {"w": P("fsdp"), "v": P(None, "fsdp"), "b": P()}
+    grads = _grads(exact=True)
+    tx1 = jaxnan.zscore_clip(warmup=3, z_threshold=2.0)
+    txm = jaxnan.zscore_clip(
+        warmup=3, z_threshold=2.0, axis_name="data", shard_specs=specs
+    )
+    mapped = jax.jit(
+        jax.shard_map(
+            lambda g, s: txm.update(g, s),
+            mesh=mesh,
+            in_specs=(specs, P()),
+            out_specs=(specs, P()),
+            check_vma=False,
+        )
+    )
+    s1 = sm = tx1.init(grads[0])
+    for g in grads:
+        u1, s1 = jax.jit(tx1.update)(g, s1)
+        um, sm = mapped(g, sm)
+        chex.assert_trees_all_equal(u1, um)
+        assert float(s1.zclip_norm) == float(sm.zclip_norm)
+        assert bool(s1.zclip_clipped) == bool(sm.zclip_clipped)
