@@ -299,3 +299,50 @@ def test_two_axis_mesh_data_and_fsdp():
         chex.assert_trees_all_equal(u1, um)
         assert float(s1.zclip_norm) == float(sm.zclip_norm)
         assert bool(s1.zclip_clipped) == bool(sm.zclip_clipped)
+
+
+def test_skip_spikes_with_adam_moments_sharded_like_the_params():
+    # The inner state (Adam's moments) is split like the params; the
+    # outgoing check agrees over the shard axes, so every device skips the
+    # NaN step and takes the one-device run's decisions. Adam's elementwise
+    # arithmetic is fused differently in the partitioned program (1 ulp of a
+    # few entries per step, measured, compounding over the 9 steps), hence
+    # the tolerance of a few ulps of the terms on params and moments
+    # (absolute near 0, where the moments cancel).
+    grads = _grads(exact=True)
+    mesh = mesh_of(8)
+
+    def make(**kw):
+        return jaxnan.skip_spikes(optax.adam(0.1), window=8, min_history=3, **kw)
+
+    params = {k: jnp.zeros(s, jnp.float32) for k, s in SHAPES.items()}
+    tx1, txm = make(), make(shard_specs=SPECS)
+    state_specs = jax.tree.map(
+        lambda _: P(), txm.init(params), is_leaf=lambda x: isinstance(x, jax.Array)
+    )
+    state_specs = state_specs._replace(
+        spike_inner_state=(
+            optax.ScaleByAdamState(P(), SPECS, SPECS),
+            optax.EmptyState(),
+        )
+    )
+    mapped = jax.jit(
+        jax.shard_map(
+            _step(txm),
+            mesh=mesh,
+            in_specs=(SPECS, state_specs, SPECS, P()),
+            out_specs=(SPECS, state_specs),
+            check_vma=False,
+        )
+    )
+    p1, s1, pm, sm = params, tx1.init(params), params, txm.init(params)
+    for g, loss in zip(grads, _losses()):
+        p1, s1 = jax.jit(_step(tx1))(p1, s1, g, jnp.float32(loss))
+        pm, sm = mapped(pm, sm, g, jnp.float32(loss))
+        chex.assert_trees_all_close(p1, pm, rtol=2e-6, atol=1e-7)
+        chex.assert_trees_all_close(
+            s1.spike_inner_state, sm.spike_inner_state, rtol=2e-6, atol=1e-7
+        )
+        assert int(s1.spike_skips_total) == int(sm.spike_skips_total)
+        assert int(s1.last_skip_reason) == int(sm.last_skip_reason)
+    assert int(sm.spike_nonfinite_total) == 1
