@@ -7,7 +7,8 @@ warm (every variant compiled and run first):
 
 * plain: ``jax.jit(step)`` with ``optax.adamw``;
 * skip: the same with ``jaxnan.skip_nonfinite(optax.adamw)`` (loss passed);
-* guard: ``jaxnan.guard(step)`` around the skip step.
+* guard: ``jaxnan.guard(step)`` around the skip step;
+* for FSDP also both with ``skip_nonfinite(..., sharded_params=True)``.
 
 Two layouts: DP (parameters replicated) and FSDP (each kernel and bias
 sharded over the mesh on its largest axis the mesh divides). Each round
@@ -142,6 +143,16 @@ def run_layout(layout, rounds, steps):
         "skip": (skip, skip_tx, None),
         "guard": (guard, skip_tx, guard),
     }
+    if layout == "fsdp":  # the reductions that partition into all-reduces
+        sharded_tx = jaxnan.skip_nonfinite(optax.adamw(1e-3), sharded_params=True)
+        step = make_step(mlp_loss, sharded_tx, True)
+        vs["skip sharded_params"] = (
+            jax.jit(step, donate_argnums=(0, 1)),
+            sharded_tx,
+            None,
+        )
+        g = jaxnan.guard(step, verbose=False)
+        vs["guard sharded_params"] = (g, sharded_tx, g)
     copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=shardings)
     counts = {
         k: collective_counts(

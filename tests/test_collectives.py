@@ -3,13 +3,14 @@
 Counted in XLA's optimized program (``lower(...).compile().as_text()``), the
 guarded step against the same step under plain `jax.jit` with plain optax.
 The target: at most one extra collective, and it an all-reduce of scalars.
-Data parallel meets it with none. FSDP (parameters sharded) does not yet:
+Data parallel meets it with none. FSDP (parameters sharded) meets it with
+``skip_nonfinite(..., sharded_params=True)``; by default it does not:
 `skip_nonfinite`'s finiteness and norm reductions are variadic
 `lax.reduce`s (one loop per leaf shape reads gradients, moments and params),
 which XLA's SPMD partitioner splits into an all-gather of the per-device
-partials per operand instead of one all-reduce; the test is a strict xfail
-that turns into a failure the day it passes (`benchmarks/RESULTS.md`,
-"Collectives of the guarded step", has the counts and the alternative).
+partials per operand instead of one all-reduce. That case is a strict xfail,
+which turns into a failure the day it passes (`benchmarks/RESULTS.md`, "The
+guard on sharded steps", has the counts).
 """
 
 import collections
@@ -101,7 +102,7 @@ def _step(tx):
     return train_step
 
 
-def _programs(param_specs):
+def _programs(param_specs, sharded_params=False):
     mesh = mesh_of(8)
     rng = np.random.default_rng(0)
     params = {
@@ -127,7 +128,7 @@ def _programs(param_specs):
         return optax.apply_updates(params, updates), opt_state, loss
 
     plain = jax.jit(plain_step).lower(params, plain_tx.init(params), batch)
-    tx = jaxnan.skip_nonfinite(optax.adam(1e-3))
+    tx = jaxnan.skip_nonfinite(optax.adam(1e-3), sharded_params=sharded_params)
     guarded = jaxnan.guard(_step(tx), verbose=False)
     lowered = guarded.lower(params, tx.init(params), batch)
     return plain.compile().as_text(), lowered.compile().as_text()
@@ -147,6 +148,16 @@ def test_data_parallel_guard_adds_at_most_one_scalar_all_reduce():
     _assert_at_most_one_scalar_all_reduce(plain, guarded)
 
 
+FSDP = {"w1": P(None, "d"), "b1": P("d"), "w2": P("d")}
+
+
+def test_fsdp_guard_with_sharded_params_adds_one_scalar_all_reduce():
+    plain, guarded = _programs(FSDP, sharded_params=True)
+    extra = extra_collectives(plain, guarded)
+    assert len(extra) == 1 and _is_scalar_all_reduce(*extra[0]), extra
+    _assert_at_most_one_scalar_all_reduce(plain, guarded)
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="skip_nonfinite's variadic reductions are partitioned into "
@@ -154,7 +165,7 @@ def test_data_parallel_guard_adds_at_most_one_scalar_all_reduce():
     "tuple all-reduce of scalars more than plain)",
 )
 def test_fsdp_guard_adds_at_most_one_scalar_all_reduce():
-    plain, guarded = _programs({"w1": P(None, "d"), "b1": P("d"), "w2": P("d")})
+    plain, guarded = _programs(FSDP)  # sharded_params left at its default
     assert collectives(plain)
     _assert_at_most_one_scalar_all_reduce(plain, guarded)
 
@@ -176,3 +187,40 @@ def test_extra_collectives_finds_an_added_gather():
     assert [op for op, _ in extra] == ["all-gather"]
     with pytest.raises(AssertionError, match="the guard adds"):
         _assert_at_most_one_scalar_all_reduce(plain, more)
+
+
+def test_sharded_params_takes_the_same_decisions_bit_for_bit():
+    mesh = mesh_of(8)
+    put = {k: NamedSharding(mesh, s) for k, s in FSDP.items()}
+    rng = np.random.default_rng(1)
+    grads = [
+        {
+            "w1": rng.normal(size=(16, 64)).astype(np.float32),
+            "b1": rng.normal(size=(64,)).astype(np.float32),
+            "w2": rng.normal(size=(64,)).astype(np.float32),
+        }
+        for _ in range(6)
+    ]
+    grads[2]["w1"][3, 40] = np.nan
+    grads[4]["b1"][9] = -np.inf
+    runs = []
+    for flag in (False, True):
+        tx = jaxnan.skip_nonfinite(optax.adam(0.1), sharded_params=flag)
+        params = jax.device_put(jax.tree.map(np.zeros_like, grads[0]), put)
+        state = tx.init(params)
+
+        @jax.jit
+        def step(params, state, g, tx=tx):
+            u, state = tx.update(g, state, params)
+            return optax.apply_updates(params, u), state
+
+        for g in grads:
+            params, state = step(params, state, jax.device_put(g, put))
+        runs.append(jax.device_get((params, state)))
+    np.testing.assert_array_equal(runs[0][1].nonfinite_total, 2)
+    jax.tree.map(np.testing.assert_array_equal, runs[0], runs[1])
+
+
+def test_sharded_params_must_be_a_bool():
+    with pytest.raises(TypeError, match="sharded_params must be True or False"):
+        jaxnan.skip_nonfinite(optax.sgd(0.1), sharded_params="yes")

@@ -18,8 +18,9 @@ it): `jaxnan.guard` advances it on a bad step and puts it back on the step it
 holds, so a planted fault fires once, with no host sync and no new state.
 The guard's replay of the bad step starts from that advanced clock, so the
 fault does not come back on replay: the guard reports it as
-``nondeterministic``, as it would a hardware glitch. After a ``"rollback"`` to a snapshot taken before the faulty step the clock
-is restored too and the fault fires again when the run gets there: an
+``nondeterministic``, as it would a hardware glitch. After a
+``"rollback"`` to a snapshot taken before the faulty step the clock is
+restored too and the fault fires again when the run gets there: an
 in-graph fault is persistent, like a bug in the model; a fault planted in
 the batches is transient, tied to the data position, like a corrupt record
 (the loop goes on with the next batch). Megatron's error injector for its

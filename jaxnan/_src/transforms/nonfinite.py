@@ -216,6 +216,7 @@ def skip_nonfinite(
     *,
     give_up_after: int | None = None,
     axis_name: str | None = None,
+    sharded_params: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Skips the whole step when anything nonfinite would reach the params.
 
@@ -245,6 +246,17 @@ def skip_nonfinite(
     one int32 `lax.psum` (of two flags: what came in, and what `inner` made):
     if any replica sees a nonfinite value, all skip.
     Under sharded `jit` no collective is needed: the reduction is global.
+    When the params themselves are split over devices there (FSDP), pass
+    ``sharded_params=True``: the finiteness reductions are then summed in a
+    form XLA partitions into all-reduces of a few scalars, which it merges
+    with the step's own (on the FSDP MLP of `tests/test_collectives.py`,
+    `skip_nonfinite` adds no collective and `jaxnan.guard` one all-reduce of
+    scalars). By default they are variadic reductions, which read each
+    input once on a device but which XLA partitions into an all-gather of
+    the per-device partials per operand (a few bytes each, but one
+    latency-bound collective per leaf shape and operand); on one device the
+    ``sharded_params`` form writes its masks out (+21% bytes accessed on
+    the MLP step, `benchmarks/RESULTS.md`).
 
     Cost: one fused reduction over the gradients (leaves of one shape share
     it), none when `inner` begins with `jaxnan.clip_by_global_norm`, whose
@@ -266,6 +278,8 @@ def skip_nonfinite(
             ``max_streak`` before 0.2 (still accepted, with a
             `DeprecationWarning`); `jaxnan.guard`'s ``max_streak`` raises.
         axis_name: the mapped axis to agree over, inside `shard_map`/`pmap`.
+        sharded_params: the params are split over devices under sharded
+            `jit` (FSDP): reductions that partition into all-reduces.
 
     Returns:
         An `optax.GradientTransformationExtraArgs` whose state is a
@@ -294,6 +308,11 @@ def skip_nonfinite(
     if give_up_after is not None:
         give_up_after = validation.check_int(
             "skip_nonfinite", "give_up_after", give_up_after, low=1
+        )
+    if not isinstance(sharded_params, bool):
+        raise TypeError(
+            "jaxnan.skip_nonfinite: sharded_params must be True or False, got "
+            f"{sharded_params!r}."
         )
     inner = optax.with_extra_args_support(inner)
 
@@ -345,6 +364,7 @@ def skip_nonfinite(
             axis_name,
             incoming=incoming,
             norm_incoming=tap is not None and not clip,
+            sharded_params=sharded_params,
         )
         if tap is not None:
             tap.records.append(
