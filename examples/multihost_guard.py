@@ -33,7 +33,8 @@ also name them, as the flags do. For example, on SLURM::
     srun --ntasks-per-node=1 python examples/multihost_guard.py --policy rollback
 
 Options: ``--steps``, ``--bad-step``, ``--policy {skip,rollback,raise}``,
-``--log-dir`` (one ``incidents.process<i>.jsonl`` per process),
+``--log-dir`` (one ``incidents.process<i>.jsonl`` and one
+``result.process<i>.json`` per process),
 ``--skip-from FILE`` (a JSON-lines log of an earlier run: its steps' batches
 are left out, the way to resume without the batches that went bad).
 """
@@ -211,8 +212,13 @@ def main(argv=None) -> int:
     skip = bad_steps(args.skip_from)  # read before any process rewrites its log
     _initialize(args)
     out = train(args, skip)
-    # Each process prints one line; process 0 has printed the incidents.
-    print(f"jaxnan multihost result: {json.dumps(out)}", flush=True)
+    # Each process prints one line (process 0 has printed the incidents) and
+    # writes it to result.process<i>.json beside its log.
+    text = json.dumps(out)
+    (pathlib.Path(args.log_dir) / f"result.process{out['process']}.json").write_text(
+        text
+    )
+    print(f"jaxnan multihost result: {text}", flush=True)
     jax.distributed.shutdown()
     return 0
 
