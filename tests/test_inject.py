@@ -199,3 +199,31 @@ def test_bad_arguments_are_clear_errors():
         list(jaxnan.inject_rows([{"x": np.ones((2, 2))}], at=0, rows=5))
     with pytest.raises(ValueError, match="no floating leaf"):
         list(jaxnan.inject_rows([{"i": np.ones(2, int)}], at=0))
+
+
+def test_grads_fault_on_the_data_position_is_transient_under_rollback():
+    base = jaxnan.skip_nonfinite(optax.sgd(0.1))
+    tx = jaxnan.inject_grads(base, at=5)
+
+    def train_step(params, opt_state, batch):
+        loss, grads = jax.value_and_grad(regression_loss)(params, batch)
+        updates, opt_state = tx.update(
+            grads, opt_state, params, loss=loss, fault_step=batch["position"]
+        )
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    step = jaxnan.guard(train_step, policy="rollback", snapshot_every=3, verbose=False)
+    batches = [
+        {**b, "position": np.int32(i)} for i, b in enumerate(regression_batches(9))
+    ]
+    got = _train(step, tx, batches)
+    step.finish()
+    (incident,) = step.incidents  # fired once: the loop moved past position 5
+    assert incident.step == 5 and incident.action == "rolled_back"
+    assert incident.restored_step == 3
+    want = _train(
+        jax.jit(optax_train_step(base, regression_loss)),
+        base,
+        [{"x": b["x"], "y": b["y"]} for b in batches[:4] + batches[6:]],
+    )
+    _assert_same_run(got, want)

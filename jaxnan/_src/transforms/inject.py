@@ -164,7 +164,11 @@ def inject_grads(
 
     Under `jaxnan.guard` the fault fires once per pass over the step (the
     replay does not see it: cause ``nondeterministic``); a rollback to a
-    snapshot before it makes it fire again (see the module docstring).
+    snapshot before it makes it fire again (see the module docstring). To
+    tie it to the data position instead (a transient fault that a rollback
+    does not bring back), pass the clock yourself:
+    ``tx.update(g, state, params, fault_step=batch["position"])`` (the
+    extra argument is not handed on to `inner`).
 
     Args:
         inner: the optimizer, holding a `jaxnan.skip_nonfinite`.
@@ -197,7 +201,8 @@ def inject_grads(
     inner = optax.with_extra_args_support(inner)
 
     def update(updates, state, params=None, **extra_args):
-        fire = _fires(fault_step(state), steps)
+        clock = extra_args.pop("fault_step", None)
+        fire = _fires(fault_step(state) if clock is None else clock, steps)
 
         def plant(x):
             if not dtypes.is_checked_leaf(x) or not jnp.size(x):
