@@ -44,6 +44,11 @@ from jaxnan._src.transforms.adagc import AdaGCState as AdaGCState
 from jaxnan._src.transforms.adagc import adagc as adagc
 from jaxnan._src.transforms.clip import ClipByGlobalNormState as ClipByGlobalNormState
 from jaxnan._src.transforms.clip import clip_by_global_norm as clip_by_global_norm
+from jaxnan._src.transforms.inject import Fault as Fault
+from jaxnan._src.transforms.inject import fault_step as fault_step
+from jaxnan._src.transforms.inject import inject_grads as inject_grads
+from jaxnan._src.transforms.inject import inject_loss as inject_loss
+from jaxnan._src.transforms.inject import inject_rows as inject_rows
 from jaxnan._src.transforms.loss_scale import (
     DynamicLossScaleState as DynamicLossScaleState,
 )
@@ -74,6 +79,7 @@ __all__ = (
     "Diagnosis",
     "DropReport",
     "DynamicLossScaleState",
+    "Fault",
     "Finding",
     "GradStats",
     "GuardedStep",
@@ -107,10 +113,14 @@ __all__ = (
     "clip_outliers",
     "drop_nonfinite_rows",
     "dynamic_loss_scale",
+    "fault_step",
     "grad_stats",
     "guard",
     "impute",
     "impute_stats",
+    "inject_grads",
+    "inject_loss",
+    "inject_rows",
     "lint",
     "locate",
     "monitor",

@@ -537,7 +537,7 @@ def finite_flags(sets: list[list[Any]]) -> list[jax.Array]:
 
 
 def finite_flags_and_squares(
-    sets: list[list[Any]], squares_of: int | None
+    sets: list[list[Any]], squares_of: int | None, *, stacked: bool = False
 ) -> tuple[list[jax.Array], jax.Array]:
     """`finite_flags`, and the float32 sum of squares of ``sets[squares_of]``.
 
@@ -547,6 +547,14 @@ def finite_flags_and_squares(
     `squares_and_finite` per gradient read each of them once more (+5% of
     the bytes the step accesses). A nonfinite entry makes the sum nonfinite.
     With `squares_of=None` the sum is 0.
+
+    `stacked=True` (leaves split over devices under sharded `jit`): each
+    group's operands are stacked on a new leading axis and summed by one
+    single-operand reduction, which XLA's SPMD partitioner turns into one
+    all-reduce of a few scalars (it splits a variadic reduction into an
+    all-gather of the per-device partials per operand). On one device that
+    form writes the masks out (measured on the MLP step: +21% bytes accessed,
+    temporary memory 4.7 -> 8.9 MB), hence not the default.
     """
     pairs = [
         (k, x) for k, xs in enumerate(sets) for x in xs if dtypes.is_checked_leaf(x)
@@ -557,7 +565,7 @@ def finite_flags_and_squares(
     for group in _shape_groups(flat, list(range(len(flat))), size=2 * _GROUP):
         leaves_of = _by_owner([pairs[i] for i in group])
         squared = leaves_of.get(squares_of, []) if squares_of is not None else []
-        flags, sq = _group_flags(list(leaves_of.values()), squared)
+        flags, sq = _group_flags(list(leaves_of.values()), squared, stacked)
         for k, flag in zip(leaves_of, flags):
             ok[k] = ok[k] & flag
         total = total + sq
@@ -581,7 +589,9 @@ def _or_kind_masks(leaves: list) -> tuple[jax.Array, jax.Array]:
     return nan, inf
 
 
-def _group_flags(leaves_of: list[list], squared: list = ()) -> tuple[list, jax.Array]:
+def _group_flags(
+    leaves_of: list[list], squared: list = (), stacked: bool = False
+) -> tuple[list, jax.Array]:
     """Per owner, whether all its leaves (one shape for all) are finite.
 
     One variadic reduction: with one owner its NaN and Inf masks are two
@@ -596,7 +606,9 @@ def _group_flags(leaves_of: list[list], squared: list = ()) -> tuple[list, jax.A
         for leaves in leaves_of:
             nan, inf = _or_kind_masks(leaves)
             masks.append(nan | inf)
-    if squared:
+    if stacked:
+        counts, sq = _stacked_sums(tuple(masks), squared)
+    elif squared:
         counts, sq = _sum_indicators_and_squares(tuple(masks), squared)
     else:
         counts, sq = _sum_indicators(tuple(masks)), jnp.zeros((), jnp.float32)
@@ -617,3 +629,25 @@ def _sum_indicators_and_squares(
     )
     *counts, total = _summed((*(m.astype(jnp.int32) for m in masks), sq))
     return tuple(counts), total
+
+
+def _stacked_sums(
+    masks: tuple[jax.Array, ...], leaves: list
+) -> tuple[tuple[jax.Array, ...], jax.Array]:
+    """`_sum_indicators_and_squares` as one single-operand float32 reduction.
+
+    The masks (as 0/1) and the squares are stacked on a new leading axis and
+    summed over the others: a count is only compared with 0, which a float32
+    sum of 0s and 1s gets right whatever its size.
+    """
+    rows = [m.astype(jnp.float32) for m in masks]
+    if leaves:
+        rows.append(
+            functools.reduce(
+                jnp.add, [_abs_squared(jnp.asarray(x), jnp.float32) for x in leaves]
+            )
+        )
+    sums = jnp.sum(jnp.stack(rows), axis=tuple(range(1, rows[0].ndim + 1)))
+    counts = tuple(sums[i] for i in range(len(masks)))
+    sq = sums[len(masks)] if leaves else jnp.zeros((), jnp.float32)
+    return counts, sq

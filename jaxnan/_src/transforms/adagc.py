@@ -6,7 +6,7 @@ host sync; a step with a nonfinite tensor changes no statistic.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +14,7 @@ import optax
 from jax import lax
 from jax.extend import source_info_util
 
-from jaxnan._src.core import dtypes, scaling, tree, validation
+from jaxnan._src.core import dtypes, scaling, shard_norms, tree, validation
 from jaxnan._src.transforms import nonfinite
 
 source_info_util.register_exclusion(__file__)
@@ -48,6 +48,7 @@ def adagc(
     warmup: int = 100,
     warmup_max_norm: float = 1.0,
     axis_name: str | None = None,
+    shard_specs: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""AdaGC: clips each tensor against an EMA of its own clipped norm.
 
@@ -77,7 +78,15 @@ def adagc(
     with it, one `lax.pmax` of a float32 vector (two entries per leaf: its
     norm and its nonfinite flag): every replica uses the largest norm of each tensor,
     passes through the tensors that are nonfinite on any replica, and keeps
-    identical :math:`\gamma`.
+    identical :math:`\gamma`. With `shard_specs`, one `lax.all_gather` of
+    four numbers per leaf per distinct set of mesh axes.
+
+    Sharded parameters (FSDP): under sharded `jit` each tensor's norm is
+    already that of the whole tensor. Inside `shard_map`, pass `shard_specs`
+    (the params' `PartitionSpec` tree): each norm is then the whole
+    tensor's, bit-identical on every device, and the clipping and
+    :math:`\gamma` are those of the same step on replicated params (to the
+    rounding of summing the blocks' squares in another order).
 
     Args:
         relative_threshold: :math:`\lambda_{rel}`, the allowed ratio of a
@@ -87,6 +96,9 @@ def adagc(
         warmup_max_norm: :math:`\lambda_{abs}`, the global clipping threshold
             during warm-up; positive.
         axis_name: the mapped axis to agree over inside `shard_map`/`pmap`.
+        shard_specs: inside `shard_map`, the `PartitionSpec` of each update
+            leaf (a tree prefix of the updates, such as the params'
+            `in_specs`); None: every device holds whole tensors.
 
     Returns:
         An `optax.GradientTransformationExtraArgs` whose state is an
@@ -143,7 +155,13 @@ def adagc(
         idx = [i for i, x in enumerate(leaves) if dtypes.is_checked_leaf(x)]
         # Overflow-safe per-tensor norms: a finite spike such as [1e20, 0] in
         # float32 has norm 1e20 (its squares overflow), and is clipped.
-        c_norms, c_oks = tree.leaf_norms_and_flags([leaves[i] for i in idx])
+        checked = [leaves[i] for i in idx]
+        if shard_specs is None:
+            c_norms, c_oks = tree.leaf_norms_and_flags(checked)
+        else:
+            axes = shard_norms.checked_leaf_axes(shard_specs, updates, fn_name=name)
+            g = shard_norms.global_leaf_norms(checked, axes)
+            c_norms, c_oks = g.norms, g.finite
         norms = [jnp.float32(0) for _ in leaves]
         oks = [jnp.array(True) for _ in leaves]
         for j, i in enumerate(idx):

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from jax.extend import source_info_util
 
-from jaxnan._src.core import deprecations, dtypes, tree, validation
+from jaxnan._src.core import deprecations, dtypes, shard_norms, tree, validation
 from jaxnan._src.transforms import update_tap
 from jaxnan._src.transforms.clip import ClipByGlobalNormState, KnownNorm, as_arrays
 from jaxnan._src.transforms.select import guarded_update
@@ -169,7 +169,10 @@ def _leads_with_clip(inner_state: optax.OptState) -> bool:
 
 
 def norm_for_inner(
-    updates: optax.Updates, extra_args: dict, inner_state: optax.OptState
+    updates: optax.Updates,
+    extra_args: dict,
+    inner_state: optax.OptState,
+    shard_axes: list[tuple] | None = None,
 ) -> tuple[jax.Array, jax.Array, dict]:
     """One pass over `updates`: their global norm and exact finiteness.
 
@@ -183,10 +186,20 @@ def norm_for_inner(
     is the square root of the float32 sum of squares (+Inf when the squares
     overflow), read in the same loop per leaf as the finiteness
     (`tree.squares_and_finite`): no slow path, no extra buffer.
+
+    `shard_axes` (inside `shard_map`, the mesh axes each checked leaf is
+    split over): the norms and the flag are those of the whole tensors
+    (`shard_norms.global_norm`), the same on every device.
     """
     leaves = tree.checked_leaves(updates)
     if not leaves:
         return jnp.zeros((), jnp.float32), jnp.array(True), extra_args
+    if shard_axes is not None:
+        plain, safe, finite = shard_norms.global_norm(leaves, shard_axes)
+        if not _leads_with_clip(inner_state):
+            return plain.astype(jnp.float32), finite, extra_args
+        known = KnownNorm(updates, safe, finite)
+        return safe, finite, {**extra_args, "known_norm": known}
     if _leads_with_clip(inner_state):
         norm, finite = tree.norm_and_finite(leaves)
         known = KnownNorm(updates, norm, finite)
@@ -203,6 +216,7 @@ def skip_nonfinite(
     *,
     give_up_after: int | None = None,
     axis_name: str | None = None,
+    sharded_params: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Skips the whole step when anything nonfinite would reach the params.
 
@@ -232,6 +246,17 @@ def skip_nonfinite(
     one int32 `lax.psum` (of two flags: what came in, and what `inner` made):
     if any replica sees a nonfinite value, all skip.
     Under sharded `jit` no collective is needed: the reduction is global.
+    When the params themselves are split over devices there (FSDP), pass
+    ``sharded_params=True``: the finiteness reductions are then summed in a
+    form XLA partitions into all-reduces of a few scalars, which it merges
+    with the step's own (on the FSDP MLP of `tests/test_collectives.py`,
+    `skip_nonfinite` adds no collective and `jaxnan.guard` one all-reduce of
+    scalars). By default they are variadic reductions, which read each
+    input once on a device but which XLA partitions into an all-gather of
+    the per-device partials per operand (a few bytes each, but one
+    latency-bound collective per leaf shape and operand); on one device the
+    ``sharded_params`` form writes its masks out (+21% bytes accessed on
+    the MLP step, `benchmarks/RESULTS.md`).
 
     Cost: one fused reduction over the gradients (leaves of one shape share
     it), none when `inner` begins with `jaxnan.clip_by_global_norm`, whose
@@ -253,6 +278,8 @@ def skip_nonfinite(
             ``max_streak`` before 0.2 (still accepted, with a
             `DeprecationWarning`); `jaxnan.guard`'s ``max_streak`` raises.
         axis_name: the mapped axis to agree over, inside `shard_map`/`pmap`.
+        sharded_params: the params are split over devices under sharded
+            `jit` (FSDP): reductions that partition into all-reduces.
 
     Returns:
         An `optax.GradientTransformationExtraArgs` whose state is a
@@ -281,6 +308,11 @@ def skip_nonfinite(
     if give_up_after is not None:
         give_up_after = validation.check_int(
             "skip_nonfinite", "give_up_after", give_up_after, low=1
+        )
+    if not isinstance(sharded_params, bool):
+        raise TypeError(
+            "jaxnan.skip_nonfinite: sharded_params must be True or False, got "
+            f"{sharded_params!r}."
         )
     inner = optax.with_extra_args_support(inner)
 
@@ -332,6 +364,7 @@ def skip_nonfinite(
             axis_name,
             incoming=incoming,
             norm_incoming=tap is not None and not clip,
+            sharded_params=sharded_params,
         )
         if tap is not None:
             tap.records.append(

@@ -89,6 +89,7 @@ def guarded_update(
     incoming: list[Any] = (),
     check_outgoing: bool = True,
     norm_incoming: bool = False,
+    sharded_params: bool = False,
 ) -> Guarded:
     """`inner.update` when the step is wanted and all is finite, else a skip.
 
@@ -117,6 +118,8 @@ def guarded_update(
     outgoing check out (for the benchmark that measures its cost; the guards
     always check). `norm_incoming=True` also returns the norm of the
     `incoming` leaves, summed in the same reductions (no extra pass).
+    `sharded_params=True` sums them in the form XLA partitions into one
+    all-reduce (`tree.finite_flags_and_squares` with ``stacked=True``).
 
     The step itself (`_apply_or_skip`) evaluates `inner`'s equations again,
     outside any conditional, with a select on each new state leaf as it is
@@ -187,7 +190,9 @@ def guarded_update(
     else:
         outgoing = []
     (in_ok, out_ok), sq = tree.finite_flags_and_squares(
-        [list(incoming), outgoing], 0 if norm_incoming else None
+        [list(incoming), outgoing],
+        0 if norm_incoming else None,
+        stacked=sharded_params,
     )
     in_ok = accept & in_ok
     if axis_name is not None:

@@ -16,7 +16,7 @@ statistics; a spike seen by one replica is seen by all.
 from __future__ import annotations
 
 import enum
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +24,7 @@ import optax
 from jax import lax
 from jax.extend import source_info_util
 
-from jaxnan._src.core import scaling, tree, validation
+from jaxnan._src.core import scaling, shard_norms, tree, validation
 from jaxnan._src.transforms import nonfinite
 
 source_info_util.register_exclusion(__file__)
@@ -92,6 +92,7 @@ def zscore_clip(
     max_norm: float | None = None,
     eps: float = 1e-6,
     axis_name: str | None = None,
+    shard_specs: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""ZClip: clips the global norm when it is an outlier of its own history.
 
@@ -127,7 +128,17 @@ def zscore_clip(
     `axis_name`; with it, one `lax.pmax` of two float32 scalars so that all
     replicas use the largest norm and keep identical statistics (with
     gradients already averaged over replicas this is the single-device
-    result).
+    result). With `shard_specs`, one `lax.all_gather` of four numbers per
+    leaf per distinct set of mesh axes (see below).
+
+    Sharded parameters (FSDP): under sharded `jit` (`NamedSharding`) the
+    norm is already that of the whole gradient, with nothing to pass. Inside
+    `shard_map`, where each device holds a block of each sharded leaf, pass
+    `shard_specs`, the `PartitionSpec` tree the params are mapped with: the
+    norm is then the whole gradient's, bit-identical on every device, and
+    the decision and the update are those of the same step on replicated
+    params (to the rounding of summing the blocks' squares in another
+    order, a few ulps of the norm).
 
     Args:
         z_threshold: the z-score above which a norm is a spike; positive.
@@ -141,6 +152,9 @@ def zscore_clip(
             (during warm-up it is the only clipping).
         eps: added to :math:`\sigma` in the z-score.
         axis_name: the mapped axis to agree over inside `shard_map`/`pmap`.
+        shard_specs: inside `shard_map`, the `PartitionSpec` of each update
+            leaf (a tree prefix of the updates, such as the params'
+            `in_specs`); None: every device holds whole tensors.
 
     Returns:
         An `optax.GradientTransformationExtraArgs` whose state is a
@@ -201,7 +215,12 @@ def zscore_clip(
         )
         del params, extra_args
         updates = nonfinite.as_arrays(updates)
-        norm_wide, finite = tree.norm_and_finite(tree.checked_leaves(updates))
+        leaves = tree.checked_leaves(updates)
+        if shard_specs is None:
+            norm_wide, finite = tree.norm_and_finite(leaves)
+        else:
+            axes = shard_norms.checked_leaf_axes(shard_specs, updates, fn_name=name)
+            _, norm_wide, finite = shard_norms.global_norm(leaves, axes)
         norm = norm_wide
         # The statistics are float32: a float64 norm beyond its range counts
         # as a spike of float32 max (it is clipped, never lets Inf in).
@@ -354,6 +373,7 @@ def skip_spikes(
     threshold: float = 6.0,
     min_history: int | None = None,
     axis_name: str | None = None,
+    shard_specs: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Skips a step whose loss or gradient norm spikes; NaN never enters the window.
 
@@ -387,7 +407,17 @@ def skip_spikes(
     float32 scalars (the flag, the loss and the norm): a replica that sees a
     spike or a NaN makes all replicas skip, and every window holds the
     largest value over replicas, so the states stay identical; and one int32
-    `lax.psum` of the outgoing check.
+    `lax.psum` of the outgoing check. With `shard_specs`, one
+    `lax.all_gather` of four numbers per leaf per distinct set of mesh axes,
+    and the outgoing check's `lax.psum` runs over those axes too.
+
+    Sharded parameters (FSDP): under sharded `jit` the norm is already that
+    of the whole gradient. Inside `shard_map`, pass `shard_specs` (the
+    params' `PartitionSpec` tree): the norm is the whole gradient's and
+    every device takes the decision of the same step on replicated params.
+    A clip inside `inner` must see the whole norm too: lead `inner` with
+    `jaxnan.clip_by_global_norm`, which is handed this norm (an
+    `optax.clip_by_global_norm` there would clip each block by its own).
 
     Args:
         inner: the transformation to protect, e.g. ``optax.adamw(1e-3)``.
@@ -396,6 +426,9 @@ def skip_spikes(
         min_history: accepted steps needed before spikes are tested; between
             2 and `window`. None: ``max(2, window // 2)`` (OLMo-core's choice).
         axis_name: the mapped axis to agree over inside `shard_map`/`pmap`.
+        shard_specs: inside `shard_map`, the `PartitionSpec` of each update
+            leaf (a tree prefix of the updates, such as the params'
+            `in_specs`); None: every device holds whole tensors.
 
     Returns:
         An `optax.GradientTransformationExtraArgs` whose state is a
@@ -477,8 +510,11 @@ def skip_spikes(
             loss = loss.reshape(()).astype(jnp.float32)
         # One pass: the norm, exact finiteness, and the norm handed on to a
         # leading jaxnan.clip_by_global_norm.
+        axes = None
+        if shard_specs is not None:
+            axes = shard_norms.checked_leaf_axes(shard_specs, updates, fn_name=name)
         norm, finite, extra_args = nonfinite.norm_for_inner(
-            updates, extra_args, state.spike_inner_state
+            updates, extra_args, state.spike_inner_state, axes
         )
         # Without a leading clip the norm is the one-pass one, +Inf when
         # finite squares overflow: such a step is skipped too, so that no
@@ -507,7 +543,7 @@ def skip_spikes(
             state.spike_inner_state,
             params,
             extra_args,
-            axis_name,
+            axis_name if axes is None else shard_norms.agreement_axes(axis_name, axes),
         )
         accept = wanted & inner_ok
         slot = state.spike_window_next
