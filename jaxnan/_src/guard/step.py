@@ -82,8 +82,8 @@ class GuardedStep:
         figures: one ``(step, loss, grad_norm, update_ratio, bad)`` tuple
             per step whose health was read, the latest `FIGURES_KEPT` (for
             plots; a ring buffer, `collections.deque`).
-        last_state: the state to go on from after the last call, even one
-            that raised (see the property).
+        last_state, last_good, position: see the properties.
+        bad_batches: the run's bad-batch record (`jaxnan.BadBatches`).
         steps: the number of calls so far.
 
     Memory stays bounded over any number of steps: `figures` and
@@ -138,6 +138,7 @@ class GuardedStep:
         self._last: tuple[list, list[Any], _Entry] | None = None
         self._plan = plan or rollback.RunPlan(policy, rolls_back=self._rule.snapshots)
         self._snapshots = self._plan.snapshots(snapshot_every)
+        self.bad_batches = self._plan.record  # a `jaxnan.BadBatches`
         self._zeros = jnp.zeros((program.HEALTH_SIZE,), jnp.float32)
         functools.update_wrapper(self, self.fn)
 
