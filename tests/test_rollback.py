@@ -172,8 +172,14 @@ def test_rollback_steps_back_and_skip_window_with_record(tmp_path):
     (incident,) = step.incidents
     # newest good snapshot at least 4 steps before step 9: after step 4
     assert incident.restored_step == 4 and incident.undone == (5, 6, 7, 8, 9)
+    assert "rolled back to the state after step 4; steps 5-8 undone" in (
+        incident.message
+    )
     summary = step.summary()
     assert summary["rolled_back"] == 1 and summary["batches_skipped"] == 3
+    # bounded: the newest good snapshot (14) and the one at least 4 steps
+    # before the next step (12); 6 and 8 were undone, 10 taken on a held step
+    assert sorted(step._snapshots.kept()) == [12, 14]
     # trained on 0-4, then 13-15: 5-8 undone, 9 bad, 10-12 the skip window
     assert _equal(got, _plain(tx, batches[:5] + batches[13:]))
     lines = [json.loads(line) for line in path.read_text().splitlines()]
@@ -235,6 +241,22 @@ def test_the_loop_skips_itself_and_sets_the_position(tmp_path):
         (2,),
     )
     assert step.summary()["batches_skipped"] == 0
+
+
+def test_steps_back_before_any_old_enough_snapshot_takes_the_oldest():
+    tx = jaxnan.skip_nonfinite(optax.adam(0.1))
+    step = jaxnan.guard(
+        _step(tx), policy="rollback", snapshot_every=2, steps_back=50, verbose=False
+    )
+    batches = _data(12, bad=(9,))
+    got = _run(step, tx, batches)
+    (incident,) = step.incidents
+    assert incident.restored_step == 0
+    assert (
+        "rolled back to the state after step 0 (the oldest snapshot kept: none "
+        "50 steps back yet); steps 1-8 undone" in incident.message
+    )
+    assert _equal(got, _plain(tx, batches[:1] + batches[10:]))
 
 
 # -- the budget ------------------------------------------------------------

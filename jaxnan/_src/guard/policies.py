@@ -163,8 +163,13 @@ class Rollback:
             return Resolution(done, leaves, stop=head)
         restored, leaves = store.restore(bad_step)
         undone = store.undone(restored, bad_step)
+        short = (
+            f" (the oldest snapshot kept: none {store.back} steps back yet)"
+            if restored > bad_step - store.back
+            else ""
+        )
         line = (
-            f"rolled back to the state after step {restored}; "
+            f"rolled back to the state after step {restored}{short}; "
             f"{incidents.undone_text(undone)}"
         )
         incident = with_action(
