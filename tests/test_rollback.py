@@ -34,7 +34,12 @@ def _run(step, tx, batches, params=None, opt_state=None):
 
 
 def _leaves(tree):
-    return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
+    def host(x):
+        if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
+            return np.asarray(jax.random.key_data(x))
+        return np.asarray(x)
+
+    return [host(x) for x in jax.tree_util.tree_leaves(tree)]
 
 
 def _equal(a, b):
@@ -359,3 +364,48 @@ def test_bad_record_and_position_are_clear_errors(tmp_path):
     step = jaxnan.guard(_step(tx))
     with pytest.raises(ValueError, match="position must be an int >= 0, got -1"):
         step.position = -1
+
+
+# -- Flax NNX --------------------------------------------------------------
+
+
+def test_nnx_rollback_restores_variables_and_rng_state_bit_exact():
+    nnx = pytest.importorskip("flax.nnx")
+
+    class Model(nnx.Module):
+        def __init__(self, rngs):
+            self.linear = nnx.Linear(3, 4, rngs=rngs)
+            self.bn = nnx.BatchNorm(4, rngs=rngs)
+            self.dropout = nnx.Dropout(0.2, rngs=rngs)
+            self.out = nnx.Linear(4, 1, rngs=rngs)
+
+        def __call__(self, x):
+            return self.out(self.dropout(nnx.relu(self.bn(self.linear(x)))))[:, 0]
+
+    def loss_fn(model, batch):
+        return jnp.mean((model(batch["x"]) - batch["y"]) ** 2)
+
+    @nnx.jit
+    def train_step(model, optimizer, batch):
+        loss, grads = nnx.value_and_grad(loss_fn)(model, batch)
+        optimizer.update(model, grads, loss=loss)
+        return loss
+
+    def make():
+        model = Model(nnx.Rngs(0, dropout=1))
+        tx = jaxnan.skip_nonfinite(optax.adam(1e-2))
+        return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    batches = _data(9, bad=(5,))
+    model, optimizer = make()
+    step = jaxnan.guard(train_step, policy="rollback", snapshot_every=3, verbose=False)
+    for b in batches:
+        step(model, optimizer, b)
+    step.finish()
+    assert step.incidents[0].restored_step == 3
+    ref_model, ref_opt = make()
+    for b in batches[:4] + batches[6:]:
+        train_step(ref_model, ref_opt, b)
+    assert _equal(nnx.state((model, optimizer)), nnx.state((ref_model, ref_opt)))
+    s, objects = step.last_good
+    assert s == 8 and objects[0] is model
