@@ -14,7 +14,7 @@ the record and skips those batches itself.
 `naive=True` runs the same loop without the guard, saving what the step
 returns, to show what is lost.
 
-Orbax is an optional dependency (``pip install orbax-checkpoint``); jaxnan
+Orbax is an optional dependency (``pip install jaxnan[orbax]``); jaxnan
 itself never imports it.
 
 Run: python examples/orbax_last_good.py
