@@ -14,6 +14,9 @@ from jaxnan._src.core.tree import NonfiniteCounts as NonfiniteCounts
 from jaxnan._src.core.tree import all_finite as all_finite
 from jaxnan._src.core.tree import nonfinite_counts as nonfinite_counts
 from jaxnan._src.guard.api import guard as guard
+from jaxnan._src.guard.bad_batches import BadBatch as BadBatch
+from jaxnan._src.guard.bad_batches import BadBatches as BadBatches
+from jaxnan._src.guard.bad_batches import SkippedAs as SkippedAs
 from jaxnan._src.guard.incidents import Incident as Incident
 from jaxnan._src.guard.incidents import Policy as Policy
 from jaxnan._src.guard.step import GuardedStep as GuardedStep
@@ -74,6 +77,8 @@ __all__ = (
     "ActivationStats",
     "AdaGCState",
     "ArrayTree",
+    "BadBatch",
+    "BadBatches",
     "ClipByGlobalNormState",
     "ClipReport",
     "Diagnosis",
@@ -99,6 +104,7 @@ __all__ = (
     "SkipNonfiniteState",
     "SkipReason",
     "SkipSpikesState",
+    "SkippedAs",
     "Strategy",
     "ZScoreClipState",
     "ZeroNonfiniteState",

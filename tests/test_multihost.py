@@ -184,11 +184,18 @@ def scenario_raise():
 def scenario_rollback():
     params, step, _, _ = _guarded_run(5, "rollback", nan=True)
     [incident] = step.incidents
+    copies = list(step._snapshots.kept().values())
+    blocks = [b for c in copies for leaf in c for b in leaf.blocks.values()]
     return {
         "action": incident.action.value,
         "restored": incident.restored_step,
         "params": _host(params),
         "expected": _host(_plain_run(5, skip=(BAD_STEP - 1, BAD_STEP))),
+        "sharding": params["w"].sharding == _mesh()[1],
+        # host memory, this process's devices, each replicated leaf once
+        "kinds": sorted({b.sharding.memory_kind for b in blocks}),
+        "devices": sorted({d.process_index for b in blocks for d in b.devices()}),
+        "blocks": sorted({len(leaf.blocks) for c in copies for leaf in c}),
     }
 
 
@@ -287,6 +294,12 @@ def test_rollback_restores_the_same_step_everywhere(results):
         assert got["action"] == "rolled_back"
         assert got["restored"] == BAD_STEP - 2
         assert got["params"] == got["expected"]
+        assert got["sharding"] is True
+        assert (got["kinds"], got["devices"], got["blocks"]) == (
+            ["pinned_host"],
+            [proc],
+            [1],
+        )
     assert (
         _value(results, "scenario_rollback", 0)["params"]
         == _value(results, "scenario_rollback", 1)["params"]

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from jax.extend import source_info_util
 
-from jaxnan._src.guard import incidents
+from jaxnan._src.guard import incidents, policies, rollback
 from jaxnan._src.guard.step import GuardedStep
 
 source_info_util.register_exclusion(__file__)
@@ -29,6 +29,11 @@ def guard(
     growth: float = 100.0,
     donate: bool | None = None,
     verbose: bool = True,
+    steps_back: int = 0,
+    skip_batches: int = 0,
+    max_rollbacks: int | None = None,
+    bad_batches: str | os.PathLike | None = None,
+    start_step: int = 0,
 ) -> GuardedStep:
     """Wraps a train step once: every bad step is skipped, replayed and explained.
 
@@ -140,6 +145,26 @@ def guard(
             under the wrapped jit.
         verbose: print each incident once (they always go to the
             ``jaxnan.guard`` logger at WARNING too).
+        steps_back: with ``"rollback"``, restore the newest good snapshot
+            at least this many steps before the bad step (PaLM went back
+            about 100); the guard keeps the host snapshots that needs
+            (about ``steps_back / snapshot_every + 1``). 0: the newest.
+        skip_batches: with ``"rollback"``, skip the next this many batches
+            after the bad one (PaLM skipped 200-500): each such call runs
+            held (the state comes back as it went in, bit for bit, with the
+            step's metrics) and goes into the bad-batch record.
+        max_rollbacks: with ``"rollback"``, the most rollbacks of the run;
+            the next bad step raises `jaxnan.NonFiniteError` whose
+            ``details["state"]`` is the last good state (also `last_state`).
+            None: no limit.
+        bad_batches: a JSON-lines file of the batches the run took out of
+            training (`jaxnan.BadBatches`: step, data position, reason,
+            cause, rows): read when it exists, so a resumed run skips those
+            positions itself, and appended to (by process 0). None: the
+            record is kept in memory (``step.bad_batches``).
+        start_step: the global step number of the first call (a run resumed
+            after step ``s`` passes ``s + 1``); the data position of a call
+            is its step unless the loop sets ``step.position``.
 
     Returns:
         A `jaxnan.GuardedStep`, called like `step_fn`; ``.summary()``,
@@ -150,7 +175,10 @@ def guard(
         TypeError: for a `log` that is not a path, a `donate` not None/bool.
         ValueError: for an unknown `policy`, `snapshot_every` or `max_streak`
             below 1, `window` below 3, a `log` path that cannot be written (a
-            directory, a missing directory), and at the first call, for a
+            directory, a missing directory), `steps_back`, `skip_batches` or
+            `start_step` below 0, `max_rollbacks` below 1, a rollback option
+            with a policy that does not roll back, a `bad_batches` path in no
+            directory or a record file that does not parse, and at the first call, for a
             step whose outputs, loss or optimizer state the guard cannot
             read.
 
@@ -209,6 +237,16 @@ def guard(
             f"False, got {donate!r}."
         )
     incidents.check_log_path(log)
+    plan = rollback.RunPlan(
+        policy,
+        rolls_back=policies.rule_of(policy).snapshots,
+        snapshot_every=snapshot_every,
+        steps_back=steps_back,
+        skip_batches=skip_batches,
+        max_rollbacks=max_rollbacks,
+        bad_batches=bad_batches,
+        start_step=start_step,
+    )
     return GuardedStep(
         step_fn,
         policy=policy,
@@ -220,4 +258,5 @@ def guard(
         growth=growth,
         donate=donate,
         verbose=verbose,
+        plan=plan,
     )

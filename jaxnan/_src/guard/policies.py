@@ -27,10 +27,13 @@ class Resolution:
     Attributes:
         incident: the incident, its action and action line filled in.
         state: the state leaves the run goes on from.
+        stop: when set, the guard raises `jaxnan.NonFiniteError` headed by
+            this line, carrying `state` (a spent rollback budget).
     """
 
     incident: incidents.Incident
     state: list[Any]
+    stop: str | None = None
 
 
 class PolicyRule(Protocol):
@@ -130,7 +133,11 @@ class Raise:
 
 @register_policy(incidents.Policy.ROLLBACK)
 class Rollback:
-    """Restore the last good snapshot; skip when there is none yet."""
+    """Restore a good snapshot (the store picks which); skip when there is none.
+
+    When the store's rollback budget is spent (``max_rollbacks``), stop:
+    the guard raises, carrying the snapshot this rollback would restore.
+    """
 
     snapshots = True
     raises = False
@@ -141,10 +148,28 @@ class Rollback:
             return Resolution(
                 with_action(incident, incidents.Action.SKIPPED, line), state
             )
-        restored, leaves = store.restore()
+        if store.spent():
+            restored, leaves = store.peek(bad_step)
+            head = (
+                f"jaxnan.guard: gave up after {store.restores} rollbacks "
+                f"(max_rollbacks={store.max_restores}); details['state'] is the "
+                f"last good state, after step {restored}. Resume from it with "
+                "the bad-batch record, or raise max_rollbacks.\n"
+            )
+            line = f"raised (rollback budget spent); last good state: step {restored}."
+            done = with_action(
+                incident, incidents.Action.RAISED, line, restored_step=restored
+            )
+            return Resolution(done, leaves, stop=head)
+        restored, leaves = store.restore(bad_step)
         undone = store.undone(restored, bad_step)
+        short = (
+            f" (the oldest snapshot kept: none {store.back} steps back yet)"
+            if restored > bad_step - store.back
+            else ""
+        )
         line = (
-            f"rolled back to the state after step {restored}; "
+            f"rolled back to the state after step {restored}{short}; "
             f"{incidents.undone_text(undone)}"
         )
         incident = with_action(

@@ -41,8 +41,9 @@ from jaxnan._src.guard import (
     multihost,
     policies,
     program,
+    rollback,
 )
-from jaxnan._src.guard.snapshots import Snapshots, copy_leaves
+from jaxnan._src.guard.snapshots import copy_leaves
 from jaxnan._src.locate import causes
 from jaxnan._src.locate.api import Diagnosis
 
@@ -81,8 +82,8 @@ class GuardedStep:
         figures: one ``(step, loss, grad_norm, update_ratio, bad)`` tuple
             per step whose health was read, the latest `FIGURES_KEPT` (for
             plots; a ring buffer, `collections.deque`).
-        last_state: the state to go on from after the last call, even one
-            that raised (see the property).
+        last_state, last_good, position: see the properties.
+        bad_batches: the run's bad-batch record (`jaxnan.BadBatches`).
         steps: the number of calls so far.
 
     Memory stays bounded over any number of steps: `figures` and
@@ -108,6 +109,7 @@ class GuardedStep:
         growth: float,
         donate: bool | None,
         verbose: bool,
+        plan: rollback.RunPlan | None = None,
     ):
         self.fn = program.unwrap_jit(fn)
         if donate is None:
@@ -134,13 +136,33 @@ class GuardedStep:
         self._streak = 0
         # (state leaves, args, entry) to go on from: see `_step`.
         self._last: tuple[list, list[Any], _Entry] | None = None
-        self._snapshots = Snapshots(snapshot_every)
+        self._plan = plan or rollback.RunPlan(policy, rolls_back=self._rule.snapshots)
+        self._snapshots = self._plan.snapshots(snapshot_every)
+        self.bad_batches = self._plan.record  # a `jaxnan.BadBatches`
         self._zeros = jnp.zeros((program.HEALTH_SIZE,), jnp.float32)
         functools.update_wrapper(self, self.fn)
 
     @property
     def incidents(self) -> collections.deque[incidents.Incident]:
         return self.log.incidents
+
+    @property
+    def last_good(self) -> tuple[int, Any] | None:
+        """``(step, state)``: the newest state verified healthy, or None (`rollback`).
+
+        It waits for the last call's step: call it to save a checkpoint.
+        """
+        last = self._plan.step_of(self.steps - 1)
+        return rollback.last_good(self._pending, last, self._plan, self.last_state)
+
+    @property
+    def position(self) -> int:
+        """The data position of the next call; set it to a loop's own position."""
+        return self._plan.position
+
+    @position.setter
+    def position(self, value: int) -> None:
+        self._plan.position = rollback.checked_position(value)
 
     # -- compiling ------------------------------------------------------
 
@@ -223,7 +245,7 @@ class GuardedStep:
                 f"(got keywords {sorted(kwargs)})."
             )
         entry, state, inputs = self._flatten(args)
-        inputs = _owned(inputs)
+        inputs = donation.owned(inputs)
         before = self._zeros if self._pending is None else self._pending.health
         try:
             new_state, metrics = self._step(entry, args, state, inputs, before)
@@ -240,13 +262,15 @@ class GuardedStep:
         the state after the bad step's policy), so an exception anywhere,
         Ctrl-C included, loses nothing (`last_state`).
         """
+        step = self._plan.step_of(self.steps)
+        before = self._plan.held if self._plan.place(step) else before
         new_state, metrics, health = entry.compiled(before, state, inputs)
         self._last = (new_state, list(args), entry)
         if self._notes:
             self._warn_notes()
         if incidents.LOGGER.isEnabledFor(logging.DEBUG):
             incidents.LOGGER.debug("dispatched step %d", self.steps)
-        current = _Pending(self.steps, entry, inputs, health)
+        current = _Pending(step, entry, inputs, health)
         self.steps += 1
         previous, self._pending = self._pending, current
         if previous is not None:
@@ -350,7 +374,7 @@ class GuardedStep:
         bad = bool(h[program.BAD] > 0)
         figures = (h[program.LOSS], h[program.GRAD_NORM], h[program.RATIO])
         self.figures.append((previous.step, *map(float, figures), bad))
-        if not bad:
+        if not bad and not h[program.HELD] > 0:  # a skipped batch verifies nothing
             self._healthy(previous.step, h)
         return h, bad
 
@@ -363,9 +387,8 @@ class GuardedStep:
         incident = self._incident(previous, state, h)
         state = self._apply(incident, previous, current, state)
         self._keep(state)
-        new_state, metrics, health = current.entry.compiled(
-            self._zeros, state, current.inputs
-        )
+        held = self._plan.held if self._plan.holds(current.step) else self._zeros
+        new_state, metrics, health = current.entry.compiled(held, state, current.inputs)
         self._keep(new_state)
         current.health = health
         return new_state, metrics
@@ -377,6 +400,7 @@ class GuardedStep:
 
     def _healthy(self, step: int, h: np.ndarray) -> None:
         self._streak = 0
+        self._plan.verified = step
         self.history.add(
             step,
             float(h[program.LOSS]),
@@ -445,7 +469,7 @@ class GuardedStep:
         Reads the last step's health first (`finish`).
         """
         self.finish()
-        return self.log.summary(self.steps)
+        return {**self.log.summary(self.steps), **self._plan.summary()}
 
     # -- an incident ----------------------------------------------------
 
@@ -639,19 +663,24 @@ class GuardedStep:
     def _resolve(self, incident, bad_step: int, state: list) -> policies.Resolution:
         """The policy's resolution; a rollback forgets the undone steps' figures."""
         done = self._rule.resolve(incident, bad_step, state, self._snapshots)
+        if done.stop is not None:  # a spent budget: raise with the last good state
+            self._keep(done.state)
+            self._raise(done.incident, *self._last[2:0:-1], done.state, done.stop)
+        self._plan.resolved(done.incident)
         restored = done.incident.restored_step
         if restored is not None:
             self.history.drop_after(restored)
         return done
 
-    def _raise(self, incident, entry, args, state):
+    def _raise(self, incident, entry, args, state, head=""):
         incident = dataclasses.replace(incident, action=incidents.Action.RAISED)
+        self._plan.resolved(incident)
         gave_up = self._streak > self.max_streak
         head = (
             f"jaxnan.guard: gave up after {self._streak} nonfinite steps in a row "
             f"(max_streak={self.max_streak}).\n"
             if gave_up
-            else ""
+            else head
         )
         self.log.add(incident)
         outputs = None
@@ -668,16 +697,3 @@ class GuardedStep:
                 state=outputs,
             ),
         )
-
-
-def _owned(inputs: list) -> list:
-    """The inputs, host numpy arrays copied: a loader may reuse its buffers.
-
-    The guard keeps a step's batch to replay it one step late; on CPU a
-    numpy array can be used by the compiled step without a copy, so a loader
-    writing the next batch into the same buffer would change the kept one
-    (and every replay would come back finite, "nondeterministic"). Device
-    arrays are immutable and kept as they are; the copy costs one host
-    memcpy of the numpy leaves per step.
-    """
-    return [np.array(x) if isinstance(x, np.ndarray) else x for x in inputs]
