@@ -14,6 +14,10 @@ from jaxnan._src.core.tree import NonfiniteCounts as NonfiniteCounts
 from jaxnan._src.core.tree import all_finite as all_finite
 from jaxnan._src.core.tree import nonfinite_counts as nonfinite_counts
 from jaxnan._src.guard.api import guard as guard
+from jaxnan._src.guard.evidence import Evidence as Evidence
+from jaxnan._src.guard.history_rules import (
+    register_history_rule as register_history_rule,
+)
 from jaxnan._src.guard.incidents import Incident as Incident
 from jaxnan._src.guard.incidents import Policy as Policy
 from jaxnan._src.guard.step import GuardedStep as GuardedStep
@@ -74,6 +78,7 @@ __all__ = (
     "Diagnosis",
     "DropReport",
     "DynamicLossScaleState",
+    "Evidence",
     "Finding",
     "GradStats",
     "GuardedStep",
@@ -119,6 +124,7 @@ __all__ = (
     "nonfinite_errors",
     "param_stats",
     "plot_stats",
+    "register_history_rule",
     "register_rule",
     "scale_loss",
     "skip_nonfinite",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import Any
 
 from jax.extend import source_info_util
 
@@ -29,6 +30,7 @@ def guard(
     growth: float = 100.0,
     donate: bool | None = None,
     verbose: bool = True,
+    schedule: Callable[[Any], Any] | None = None,
 ) -> GuardedStep:
     """Wraps a train step once: every bad step is skipped, replayed and explained.
 
@@ -99,8 +101,16 @@ def guard(
     the batch is the cause); one that fails another way is diagnosed afresh.
     Every healthy step also records loss, gradient norm and update-to-state
     ratio; when one grows `growth`-fold over `window` steps the guard warns
-    before the first NaN, and a NaN after such growth is put down to the
-    learning rate / exploding gradients.
+    before the first NaN. The cause of a bad step is decided by history-aware
+    rules (`jaxnan.register_history_rule`) on locate's diagnosis, the
+    figures of the steps before (a loss or update ratio that climbed: the
+    learning rate; a gradient norm that grew geometrically while the loss
+    did not: exploding gradients), the learning rate of the step (from an
+    `optax.inject_hyperparams` state or `schedule`: nonfinite or surging)
+    and the Adam moments (``nu`` at 0, ``mu`` near its dtype's range, for an
+    update that is nonfinite from finite gradients); each incident lists
+    the `jaxnan.Evidence` its cause rests on (``why:`` lines, ``evidence``
+    in the JSONL log).
 
     Memory on the host stays bounded: ``step.figures`` keeps the last
     `GuardedStep.FIGURES_KEPT` steps and ``step.incidents`` the last
@@ -140,6 +150,11 @@ def guard(
             under the wrapped jit.
         verbose: print each incident once (they always go to the
             ``jaxnan.guard`` logger at WARNING too).
+        schedule: the learning-rate schedule of the optimizer (an optax
+            schedule: optimizer step count -> learning rate), evaluated on
+            the host only at an incident, at the optimizer's ``count``
+            and the `window` counts before it. None: the learning rate is
+            read from an `optax.inject_hyperparams` state, if any.
 
     Returns:
         A `jaxnan.GuardedStep`, called like `step_fn`; ``.summary()``,
@@ -147,7 +162,8 @@ def guard(
 
     Raises:
         TypeError: when `step_fn` is not callable.
-        TypeError: for a `log` that is not a path, a `donate` not None/bool.
+        TypeError: for a `log` that is not a path, a `donate` not None/bool,
+            a `schedule` that is not callable.
         ValueError: for an unknown `policy`, `snapshot_every` or `max_streak`
             below 1, `window` below 3, a `log` path that cannot be written (a
             directory, a missing directory), and at the first call, for a
@@ -208,6 +224,11 @@ def guard(
             f"jaxnan.guard: donate must be None (follow the wrapped jit), True or "
             f"False, got {donate!r}."
         )
+    if schedule is not None and not callable(schedule):
+        raise TypeError(
+            f"jaxnan.guard: schedule must be an optax schedule (a function of the "
+            f"step count) or None, got {type(schedule).__name__}."
+        )
     incidents.check_log_path(log)
     return GuardedStep(
         step_fn,
@@ -220,4 +241,5 @@ def guard(
         growth=growth,
         donate=donate,
         verbose=verbose,
+        schedule=schedule,
     )

@@ -1,0 +1,372 @@
+"""The cause of a bad step from the run's history: one registered rule each.
+
+`jaxnan.locate` explains the equation that created the first nonfinite
+value; the guard knows more: the figures of the healthy steps before it
+(`evidence.Trace`), its early-warning growth (`history.History`), and what
+it gathers at the incident (`evidence.Probe`: per-leaf parameter norms, the
+Adam moments, the learning rate). A history rule reads all of it
+(`Context`) and returns a `Verdict` (cause, fix and the `evidence.Evidence`
+it cites), or None. `decide` runs the rules by priority (lower first; ties
+in registration order); the first verdict is the incident's. The last rule,
+``located``, always answers: locate's own cause with what the equation
+received, so every incident names a cause with the evidence it used.
+
+A rule of one's own::
+
+    @jaxnan.register_history_rule(priority=5)
+    def loss_scale_collapsed(ctx):
+        ...
+        return Verdict(Cause.PRECISION, "raise the loss scale", (evidence,))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+from jax.extend import source_info_util
+
+from jaxnan._src.guard import history
+from jaxnan._src.guard.evidence import (
+    HISTORY_FIGURES,
+    Evidence,
+    Figure,
+    Probe,
+    Trace,
+    num,
+)
+from jaxnan._src.locate.api import Diagnosis
+from jaxnan._src.locate.causes import Cause, Phase, finfo_max
+
+source_info_util.register_exclusion(__file__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """What a history rule reads about one bad step.
+
+    Attributes:
+        step: the bad step.
+        located: `jaxnan.locate`'s diagnosis of its replay (None when the
+            replay failed).
+        trace: the healthy steps' figures before it (`evidence.Trace`).
+        growth: the early-warning growth behind it (`history.Growth`).
+        probe: what was gathered at the incident (`evidence.Probe`).
+        factor: the guard's ``growth`` (a figure that grew this many times is
+            exploding).
+        failure: why the replay failed, when it did.
+    """
+
+    step: int
+    located: Diagnosis | None
+    trace: Trace
+    growth: tuple[history.Growth, ...] = ()
+    probe: Probe = Probe()
+    factor: float = 100.0
+    failure: str = ""
+
+    @property
+    def located_cause(self) -> Cause | None:
+        return self.located.cause if self.located is not None else None
+
+
+class Verdict(NamedTuple):
+    """A rule's answer: the cause, one fix sentence, the evidence it cites."""
+
+    cause: Cause
+    fix: str
+    evidence: tuple[Evidence, ...]
+
+
+HistoryRule = Callable[[Context], "Verdict | None"]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Registered:
+    priority: int
+    order: int
+    name: str
+    fn: HistoryRule
+
+
+HISTORY_RULES: dict[str, _Registered] = {}
+"""The history rules by name (see `register_history_rule`)."""
+
+
+def register_history_rule(
+    fn: HistoryRule | None = None, *, name: str | None = None, priority: int = 50
+):
+    """Registers a history-aware cause rule of `jaxnan.guard`.
+
+    A rule is a function of a `Context` (the bad step, locate's diagnosis,
+    the figures of the steps before, what the guard gathered at the
+    incident) returning a `Verdict` (cause, fix, the evidence it cites) or
+    None. Rules run by `priority`, lower first (the built-in ones use 0 to
+    40, and 1000 for the catch-all ``located``); the first verdict names the
+    incident's cause. A rule registered again under its name replaces it.
+
+    Args:
+        fn: the rule (when used as a bare decorator).
+        name: the rule's name in the evidence (default: the function's).
+        priority: where it runs among the rules.
+
+    Returns:
+        The rule, unchanged (or a decorator, without `fn`).
+
+    Examples:
+        >>> import jaxnan
+        >>> from jaxnan._src.guard import history_rules
+        >>> @jaxnan.register_history_rule(priority=99)
+        ... def never(ctx):
+        ...     return None
+        >>> "never" in history_rules.HISTORY_RULES
+        True
+        >>> del history_rules.HISTORY_RULES["never"]
+    """
+
+    def decorator(rule: HistoryRule) -> HistoryRule:
+        key = name or rule.__name__
+        order = len(HISTORY_RULES)
+        if key in HISTORY_RULES:
+            order = HISTORY_RULES[key].order
+        HISTORY_RULES[key] = _Registered(priority, order, key, rule)
+        return rule
+
+    return decorator(fn) if fn is not None else decorator
+
+
+def decide(ctx: Context) -> Verdict | None:
+    """The verdict of the first rule that answers.
+
+    None only when no rule answers: the replay failed and the history
+    tells nothing (the incident's cause is then ``unknown``).
+    """
+    for entry in sorted(HISTORY_RULES.values(), key=lambda r: (r.priority, r.order)):
+        verdict = entry.fn(ctx)
+        if verdict is not None:
+            return verdict
+    return None
+
+
+# --------------------------------------------------------------------------
+# the built-in rules
+
+
+def _seen(ctx: Context, rule: str) -> Evidence:
+    d = ctx.located
+    text = (d.inputs_seen if d is not None else "") or ctx.failure
+    return Evidence(rule, Figure.LOCATED, text or "no replay")
+
+
+@register_history_rule(priority=0)
+def input_or_state(ctx: Context) -> Verdict | None:
+    """NaN already in the batch or the state: no history explains it away."""
+    cause = ctx.located_cause
+    if cause not in (Cause.INPUT_DATA, Cause.POISONED_STATE):
+        return None
+    return Verdict(cause, ctx.located.fix or cause.fix, (_seen(ctx, "input_or_state"),))
+
+
+_SCHEDULE_FIX = (
+    "The learning rate schedule is {what} at optimizer step {count}: fix the "
+    "schedule (a warm-up of at least 1 step, no division by a zero step count "
+    "or length, a peak value in range), e.g. optax.warmup_cosine_decay_schedule"
+    "(0.0, peak, warmup_steps, decay_steps) with warmup_steps >= 1."
+)
+
+
+@register_history_rule(priority=10)
+def schedule(ctx: Context) -> Verdict | None:
+    """The learning rate of the step is nonfinite, or surged over its past."""
+    lr = ctx.probe.learning_rate
+    if lr is None or ctx.located_cause in (Cause.INPUT_DATA, Cause.POISONED_STATE):
+        return None
+    where = f"({lr.source})"
+    if not math.isfinite(lr.value):
+        ev = Evidence(
+            "schedule",
+            Figure.LEARNING_RATE,
+            f"learning rate at optimizer step {lr.count} is {num(lr.value)} {where}",
+            last=lr.value,
+        )
+        fix = _SCHEDULE_FIX.format(what=num(lr.value), count=lr.count)
+        return Verdict(Cause.LEARNING_RATE, fix, (ev, _seen(ctx, "schedule")))
+    earlier = [v for v in lr.earlier if math.isfinite(v) and v > 0]
+    if len(earlier) >= 2:
+        base = sorted(earlier)[len(earlier) // 2]
+        if abs(lr.value) >= ctx.factor * base:
+            ev = Evidence(
+                "schedule",
+                Figure.LEARNING_RATE,
+                f"learning rate at optimizer step {lr.count} is {num(lr.value)}, "
+                f"{num(abs(lr.value) / base)}x its median {num(base)} over the "
+                f"{len(earlier)} steps before {where}",
+                first=base,
+                last=lr.value,
+                steps=len(earlier),
+            )
+            fix = _SCHEDULE_FIX.format(what=f"{num(lr.value)}", count=lr.count)
+            return Verdict(Cause.LEARNING_RATE, fix, (ev, _seen(ctx, "schedule")))
+    return None
+
+
+def _located_note(ctx: Context, rule: str) -> tuple[Evidence, ...]:
+    cause = ctx.located_cause
+    if cause is None:
+        return ()
+    return (
+        Evidence(
+            rule,
+            Figure.LOCATED,
+            f"without that growth the cause at the line would be {cause}",
+        ),
+    )
+
+
+def _lr_fix(ctx: Context) -> str:
+    lr = ctx.probe.learning_rate
+    at = f" (it was {num(lr.value)} at this step)" if lr is not None else ""
+    return (
+        f"Lower the learning rate{at}, or add a warm-up; guard the optimizer "
+        "with jaxnan.skip_spikes / jaxnan.zscore_clip / "
+        "jaxnan.clip_by_global_norm and restart from a checkpoint taken before "
+        "the growth."
+    )
+
+
+@register_history_rule(priority=20)
+def exploding_gradient(ctx: Context) -> Verdict | None:
+    """The gradient norm grew geometrically while the loss did not climb."""
+    if ctx.located_cause in (Cause.INPUT_DATA, Cause.POISONED_STATE):
+        return None
+    grad = ctx.trace.climb("grad_norm", ctx.factor, "exploding_gradient")
+    if grad is None or ctx.trace.climb("loss", 10.0, "exploding_gradient"):
+        return None
+    fix = (
+        "Clip the gradients (optax.chain(optax.clip_by_global_norm(1.0), ...) "
+        "or jaxnan.clip_by_global_norm(1.0) first in the chain); for a "
+        "recurrent network also shorten the unrolled sequence or keep the "
+        "recurrent weights' spectral norm below 1 (orthogonal init)."
+    )
+    return Verdict(
+        Cause.EXPLODING_GRADIENT, fix, (grad, *_located_note(ctx, "exploding_gradient"))
+    )
+
+
+@register_history_rule(priority=30)
+def divergence(ctx: Context) -> Verdict | None:
+    """The loss or the update ratio climbed before the NaN: the learning rate."""
+    if ctx.located_cause in (Cause.INPUT_DATA, Cause.POISONED_STATE):
+        return None
+    found = [
+        e
+        for e in (
+            ctx.trace.climb("loss", 10.0, "divergence"),
+            ctx.trace.climb("update_ratio", 10.0, "divergence"),
+        )
+        if e is not None
+    ]
+    found += [
+        Evidence(
+            "divergence",
+            HISTORY_FIGURES.get(g.figure, Figure.LOSS),
+            f"{g}, then the NaN",
+            g.median,
+            g.last,
+            g.steps,
+        )
+        for g in ctx.growth
+        if not any(e.figure == HISTORY_FIGURES.get(g.figure) for e in found)
+    ]
+    if not found:
+        return None
+    return Verdict(
+        Cause.LEARNING_RATE, _lr_fix(ctx), (*found, *_located_note(ctx, "divergence"))
+    )
+
+
+def _moments(ctx: Context) -> list[Evidence]:
+    """Adam's ``nu`` at 0 where ``mu`` is not, or moments near their range."""
+    found = []
+    mus = {
+        s.path.replace(".mu", ".?").replace("['mu']", "['?']"): s for s in ctx.probe.mu
+    }
+    for nu in ctx.probe.nu:
+        mu = mus.get(nu.path.replace(".nu", ".?").replace("['nu']", "['?']"))
+        if nu.zeros and (mu is None or mu.zeros < nu.zeros or nu.dtype != "float32"):
+            found.append(
+                Evidence(
+                    "optimizer_state",
+                    Figure.SECOND_MOMENT,
+                    f"{nu.path} ({nu.dtype}) is exactly 0.0 at {nu.zeros} of "
+                    f"{nu.size} entries"
+                    + (
+                        f" where {mu.path} is 0.0 at only {mu.zeros}: nu underflowed"
+                        if mu is not None and mu.zeros < nu.zeros
+                        else ""
+                    ),
+                    last=0.0,
+                    leaf=nu.path,
+                )
+            )
+    for mu in ctx.probe.mu:
+        top = finfo_max(mu.dtype)
+        if mu.max_abs >= top / 8:
+            found.append(
+                Evidence(
+                    "optimizer_state",
+                    Figure.FIRST_MOMENT,
+                    f"{mu.path} ({mu.dtype}) reaches {num(mu.max_abs)}, near its "
+                    f"max {num(top)}: mu overflows",
+                    last=mu.max_abs,
+                    leaf=mu.path,
+                )
+            )
+    return found
+
+
+@register_history_rule(priority=40)
+def optimizer_state(ctx: Context) -> Verdict | None:
+    """Finite gradients, nonfinite update: Adam's ``nu`` underflow / ``mu`` overflow."""
+    d = ctx.located
+    if d is None or d.phase is not Phase.UPDATE:
+        return None
+    found = _moments(ctx)
+    if not found:
+        return None
+    low = any(
+        e.leaf and "float32" not in e.text and "float64" not in e.text for e in found
+    )
+    fix = (
+        "The optimizer's moments lost the value while the gradients are finite: "
+        "raise Adam's eps (optax.adam(lr, eps=1e-8) in float32"
+        + (", eps=1e-4 for float16/bfloat16 moments" if low else "")
+        + "), add eps_root, or keep the optimizer state in float32 "
+        "(float32 master parameters, mu_dtype=jnp.float32)."
+    )
+    return Verdict(Cause.UPDATE, fix, (*found, _seen(ctx, "optimizer_state")))
+
+
+@register_history_rule(priority=1000)
+def located(ctx: Context) -> Verdict | None:
+    """Locate's own cause, with what the creating equation received."""
+    d = ctx.located
+    cause = ctx.located_cause
+    if d is None or cause is None:
+        return None
+    extra: tuple[Evidence, ...] = ()
+    big = ctx.probe.largest_param()
+    if cause in (Cause.OVERFLOW, Cause.EXPLODING_GRADIENT) and big is not None:
+        extra = (
+            Evidence(
+                "located",
+                Figure.PARAM_NORM,
+                f"largest parameter leaf {big.path}: max |x| {num(big.max_abs)}, "
+                f"norm {num(big.norm)} over {big.size} entries",
+                last=big.norm,
+                leaf=big.path,
+            ),
+        )
+    return Verdict(cause, d.fix or cause.fix, (_seen(ctx, "located"), *extra))
