@@ -87,7 +87,13 @@ def locate_step(
             it = iter(jax.tree_util.tree_leaves(pure[i]))
             filled = [next(it) if s is None else s.value for s in layout.statics[pos]]
             full[i] = jax.tree_util.tree_unflatten(layout.treedefs[pos], filled)
-        return fn(*full)
+        # Only the arrays of the outputs: an Equinox model returned as new
+        # state holds its functions (`jax.nn.relu`) as leaves.
+        out = fn(*full)
+        leaves, treedef = jax.tree_util.tree_flatten(out)
+        return jax.tree_util.tree_unflatten(
+            treedef, [x if program.is_array(x) else None for x in leaves]
+        )
 
     functools.update_wrapper(replay, fn)
     try:
@@ -178,6 +184,8 @@ def verdict_text(
     elif verdict is not None:
         lines.append(indent(with_evidence(f"cause:   {cause}", why)))
         lines.append(f"  fix:     {verdict.fix}")
+        if ctx.failure:
+            lines.append(f"  {ctx.failure}")
     elif ctx.failure:
         lines.append(f"  {ctx.failure}")
     return diagnosis, "\n".join(lines), cause, cited

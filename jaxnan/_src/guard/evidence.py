@@ -168,6 +168,26 @@ class Trace:
         first, last, steps = found
         return Evidence.grew(rule, HISTORY_FIGURES[name], first, last, steps)
 
+    def shift(
+        self, name: str, factor: float, rule: str, recent: int = 8
+    ) -> Evidence | None:
+        """`shift` of a column, as evidence cited by `rule`."""
+        found = shift(self.columns.get(name, ()), factor, recent)
+        if found is None:
+            return None
+        before, after, steps = found
+        figure = HISTORY_FIGURES[name]
+        return Evidence(
+            rule,
+            figure,
+            f"{figure} rose {num(after / before)}x: median {num(before)} over "
+            f"the first {steps} of the last {len(self.steps)} steps, median "
+            f"{num(after)} over the last {recent}",
+            before,
+            after,
+            len(self.steps),
+        )
+
 
 def climb(
     values: Sequence[float], factor: float, rising: float = 0.6
@@ -197,6 +217,33 @@ def climb(
     if ups < rising * steps:
         return None
     return low, last, steps
+
+
+def shift(
+    values: Sequence[float], factor: float, recent: int = 8
+) -> tuple[float, float, int] | None:
+    """``(before, after, n)`` when the last `recent` values sit far above the rest.
+
+    `after` is the median of the last `recent` values, `before` that of the
+    `n` values before them; a shift counts when `after` is at least `factor`
+    times `before` (an erratic divergence that `climb` misses: the loss
+    jumping between 1e5 and 1e13 after a learning-rate surge).
+
+    Examples:
+        >>> shift([1.0] * 8 + [1e5, 3.0, 1e8, 2e6, 1e4, 5e7, 1e3, 1e6], 100.0)
+        (1.0, 1500000.0, 8)
+        >>> shift([1.0] * 8 + [0.9] * 8, 100.0) is None
+        True
+    """
+    vals = [float(v) for v in values]
+    if len(vals) < recent + 4 or not all(math.isfinite(v) and v >= 0 for v in vals):
+        return None
+    head, tail = sorted(vals[:-recent]), sorted(vals[-recent:])
+    before = head[len(head) // 2]
+    after = (tail[(recent - 1) // 2] + tail[recent // 2]) / 2
+    if before <= 0 or after < factor * before:
+        return None
+    return before, after, len(head)
 
 
 # --------------------------------------------------------------------------

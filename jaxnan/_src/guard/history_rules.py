@@ -160,7 +160,7 @@ def _seen(ctx: Context, rule: str) -> Evidence:
     return Evidence(rule, Figure.LOCATED, text or "no replay")
 
 
-@register_history_rule(priority=0)
+@register_history_rule(priority=5)
 def input_or_state(ctx: Context) -> Verdict | None:
     """NaN already in the batch or the state: no history explains it away."""
     cause = ctx.located_cause
@@ -177,39 +177,52 @@ _SCHEDULE_FIX = (
 )
 
 
-@register_history_rule(priority=10)
-def schedule(ctx: Context) -> Verdict | None:
-    """The learning rate of the step is nonfinite, or surged over its past."""
+SURGE = 4.0
+"""A learning rate this many times its median over the window is a surge."""
+
+
+def _lr_evidence(ctx: Context) -> Evidence | None:
+    """The step's learning rate when nonfinite, or a surge over the window."""
     lr = ctx.probe.learning_rate
-    if lr is None or ctx.located_cause in (Cause.INPUT_DATA, Cause.POISONED_STATE):
+    if lr is None:
         return None
-    where = f"({lr.source})"
+    head = f"learning rate at optimizer step {lr.count} is {num(lr.value)}"
     if not math.isfinite(lr.value):
-        ev = Evidence(
-            "schedule",
-            Figure.LEARNING_RATE,
-            f"learning rate at optimizer step {lr.count} is {num(lr.value)} {where}",
-            last=lr.value,
+        return Evidence(
+            "schedule", Figure.LEARNING_RATE, f"{head} ({lr.source})", last=lr.value
         )
-        fix = _SCHEDULE_FIX.format(what=num(lr.value), count=lr.count)
-        return Verdict(Cause.LEARNING_RATE, fix, (ev, _seen(ctx, "schedule")))
     earlier = [v for v in lr.earlier if math.isfinite(v) and v > 0]
-    if len(earlier) >= 2:
-        base = sorted(earlier)[len(earlier) // 2]
-        if abs(lr.value) >= ctx.factor * base:
-            ev = Evidence(
-                "schedule",
-                Figure.LEARNING_RATE,
-                f"learning rate at optimizer step {lr.count} is {num(lr.value)}, "
-                f"{num(abs(lr.value) / base)}x its median {num(base)} over the "
-                f"{len(earlier)} steps before {where}",
-                first=base,
-                last=lr.value,
-                steps=len(earlier),
-            )
-            fix = _SCHEDULE_FIX.format(what=f"{num(lr.value)}", count=lr.count)
-            return Verdict(Cause.LEARNING_RATE, fix, (ev, _seen(ctx, "schedule")))
-    return None
+    if len(earlier) < 2:
+        return None
+    base = sorted(earlier)[len(earlier) // 2]
+    if abs(lr.value) < SURGE * base:
+        return None
+    return Evidence(
+        "schedule",
+        Figure.LEARNING_RATE,
+        f"{head}, {num(abs(lr.value) / base)}x its median {num(base)} over the "
+        f"{len(earlier)} steps before ({lr.source})",
+        first=base,
+        last=lr.value,
+        steps=len(earlier),
+    )
+
+
+@register_history_rule(priority=0)
+def schedule(ctx: Context) -> Verdict | None:
+    """The learning rate of the step is nonfinite, or surged over its past.
+
+    Runs before the state check: a nonfinite learning rate held in an
+    `optax.inject_hyperparams` state makes locate call the state poisoned.
+    """
+    if ctx.located_cause is Cause.INPUT_DATA:
+        return None
+    ev = _lr_evidence(ctx)
+    if ev is None:
+        return None
+    lr = ctx.probe.learning_rate
+    fix = _SCHEDULE_FIX.format(what=num(lr.value), count=lr.count)
+    return Verdict(Cause.LEARNING_RATE, fix, (ev, _seen(ctx, "schedule")))
 
 
 def _located_note(ctx: Context, rule: str) -> tuple[Evidence, ...]:
@@ -236,19 +249,41 @@ def _lr_fix(ctx: Context) -> str:
     )
 
 
+def _grew(ctx: Context, figure: str) -> history.Growth | None:
+    return next((g for g in ctx.growth if g.figure == figure), None)
+
+
+def _growth_evidence(g: history.Growth, rule: str) -> Evidence:
+    return Evidence(
+        rule,
+        HISTORY_FIGURES[g.figure],
+        f"{g}, then the NaN",
+        g.median,
+        g.last,
+        g.steps,
+    )
+
+
 @register_history_rule(priority=20)
 def exploding_gradient(ctx: Context) -> Verdict | None:
-    """The gradient norm grew geometrically while the loss did not climb."""
+    """The gradient norm grew geometrically (or spiked) while the loss did not."""
     if ctx.located_cause in (Cause.INPUT_DATA, Cause.POISONED_STATE):
         return None
     grad = ctx.trace.climb("grad_norm", ctx.factor, "exploding_gradient")
-    if grad is None or ctx.trace.climb("loss", 10.0, "exploding_gradient"):
+    spike = _grew(ctx, "grad_norm")
+    if grad is None and spike is not None:
+        grad = _growth_evidence(spike, "exploding_gradient")
+    loss_climbed = ctx.trace.climb(
+        "loss", 10.0, "exploding_gradient"
+    ) or ctx.trace.shift("loss", ctx.factor, "exploding_gradient")
+    if grad is None or loss_climbed or _grew(ctx, "loss"):
         return None
     fix = (
         "Clip the gradients (optax.chain(optax.clip_by_global_norm(1.0), ...) "
         "or jaxnan.clip_by_global_norm(1.0) first in the chain); for a "
-        "recurrent network also shorten the unrolled sequence or keep the "
-        "recurrent weights' spectral norm below 1 (orthogonal init)."
+        "recurrent network also shorten the unrolled sequence (truncated "
+        "backpropagation through time) or keep the recurrent weights' "
+        "spectral norm below 1 (orthogonal init)."
     )
     return Verdict(
         Cause.EXPLODING_GRADIENT, fix, (grad, *_located_note(ctx, "exploding_gradient"))
@@ -263,27 +298,40 @@ def divergence(ctx: Context) -> Verdict | None:
     found = [
         e
         for e in (
-            ctx.trace.climb("loss", 10.0, "divergence"),
+            ctx.trace.climb("loss", 10.0, "divergence")
+            or ctx.trace.shift("loss", ctx.factor, "divergence"),
             ctx.trace.climb("update_ratio", 10.0, "divergence"),
         )
         if e is not None
     ]
     found += [
-        Evidence(
-            "divergence",
-            HISTORY_FIGURES.get(g.figure, Figure.LOSS),
-            f"{g}, then the NaN",
-            g.median,
-            g.last,
-            g.steps,
-        )
+        _growth_evidence(g, "divergence")
         for g in ctx.growth
-        if not any(e.figure == HISTORY_FIGURES.get(g.figure) for e in found)
+        if not any(e.figure == HISTORY_FIGURES[g.figure] for e in found)
     ]
     if not found:
         return None
     return Verdict(
-        Cause.LEARNING_RATE, _lr_fix(ctx), (*found, *_located_note(ctx, "divergence"))
+        Cause.LEARNING_RATE,
+        _lr_fix(ctx),
+        (*found, *_largest(ctx, "divergence"), *_located_note(ctx, "divergence")),
+    )
+
+
+def _largest(ctx: Context, rule: str) -> tuple[Evidence, ...]:
+    """The parameter leaf of largest magnitude, as evidence."""
+    big = ctx.probe.largest_param()
+    if big is None:
+        return ()
+    return (
+        Evidence(
+            rule,
+            Figure.PARAM_NORM,
+            f"largest parameter leaf {big.path}: max |x| {num(big.max_abs)}, "
+            f"norm {num(big.norm)} over {big.size} entries",
+            last=big.norm,
+            leaf=big.path,
+        ),
     )
 
 
@@ -357,16 +405,6 @@ def located(ctx: Context) -> Verdict | None:
     if d is None or cause is None:
         return None
     extra: tuple[Evidence, ...] = ()
-    big = ctx.probe.largest_param()
-    if cause in (Cause.OVERFLOW, Cause.EXPLODING_GRADIENT) and big is not None:
-        extra = (
-            Evidence(
-                "located",
-                Figure.PARAM_NORM,
-                f"largest parameter leaf {big.path}: max |x| {num(big.max_abs)}, "
-                f"norm {num(big.norm)} over {big.size} entries",
-                last=big.norm,
-                leaf=big.path,
-            ),
-        )
+    if cause in (Cause.OVERFLOW, Cause.EXPLODING_GRADIENT):
+        extra = _largest(ctx, "located")
     return Verdict(cause, d.fix or cause.fix, (_seen(ctx, "located"), *extra))
