@@ -140,8 +140,9 @@ def probe_step(
     trees, labels = [], []
     if layout.graph_args:
         pure = jax.tree_util.tree_unflatten(layout.graph_treedef, graph)
-        trees.append(pure)
-        labels.append("(" + ", ".join(names[i] for i in layout.graph_args) + ")")
+        for k, i in enumerate(layout.graph_args):  # one state per object
+            trees.append(pure[k])
+            labels.append(names[i])
     trees += program.rebuild_state_args(layout, state)
     labels += [names[i] for i in layout.state_args]
     return evidence.probe(

@@ -303,12 +303,15 @@ class Probe:
         nu: per-leaf statistics of the second moments (Adam's ``nu``).
         learning_rate: the learning rate, when an `optax.inject_hyperparams`
             state or a schedule tells it.
+        count: the optimizer's step count (its first ``count`` leaf), None
+            when the state has none.
     """
 
     params: tuple[LeafStats, ...] = ()
     mu: tuple[LeafStats, ...] = ()
     nu: tuple[LeafStats, ...] = ()
     learning_rate: LearningRate | None = None
+    count: int | None = None
 
     def largest_param(self) -> LeafStats | None:
         """The parameter leaf of largest magnitude, or None."""
@@ -318,6 +321,7 @@ class Probe:
 _OPT = re.compile(
     r"(opt|optimizer|inner_state|nonfinite|hyperparams|skip_step|gave_up|count)"
 )
+_COUNT = re.compile(r"(?:\.|\[')count(?:'\])?(?:\.value)?$")
 _MOMENT = re.compile(r"(?:\.|\[')(mu|nu)(?:'\]|\b)")
 
 
@@ -358,6 +362,12 @@ def _floats(named: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
     ]
 
 
+def _count(named: Sequence[tuple[str, Any]]) -> int | None:
+    """The optimizer's step count: its first ``count`` leaf."""
+    counts = [x for p, x in named if _COUNT.search(p)]
+    return int(np.asarray(counts[0])) if counts else None
+
+
 def _learning_rate(
     named: Sequence[tuple[str, Any]],
     schedule: Callable[[Any], Any] | None,
@@ -365,8 +375,8 @@ def _learning_rate(
     window: int,
 ) -> LearningRate | None:
     """From the passed schedule, else from an inject_hyperparams state."""
-    counts = [x for p, x in named if p.endswith(".count") and not _MOMENT.search(p)]
-    count = int(np.asarray(counts[0])) if counts else fallback_count
+    count = _count(named)
+    count = fallback_count if count is None else count
     if schedule is not None:
         value = float(np.asarray(schedule(count)))
         earlier = tuple(
@@ -430,6 +440,7 @@ def probe(
         tuple(stats["mu"]),
         tuple(stats["nu"]),
         _learning_rate(named, schedule, step, window),
+        _count(named),
     )
 
 

@@ -38,7 +38,7 @@ from jaxnan._src.guard.evidence import (
     num,
 )
 from jaxnan._src.locate.api import Diagnosis
-from jaxnan._src.locate.causes import Cause, Phase, finfo_max
+from jaxnan._src.locate.causes import LOW_PRECISION, Cause, Phase, finfo_max
 
 source_info_util.register_exclusion(__file__)
 
@@ -335,30 +335,35 @@ def _largest(ctx: Context, rule: str) -> tuple[Evidence, ...]:
     )
 
 
+def _pair(path: str) -> str:
+    return (
+        path.replace(".nu", ".?")
+        .replace("['nu']", "['?']")
+        .replace(".mu", ".?")
+        .replace("['mu']", "['?']")
+    )
+
+
 def _moments(ctx: Context) -> list[Evidence]:
-    """Adam's ``nu`` at 0 where ``mu`` is not, or moments near their range."""
+    """Adam's ``nu`` at 0 where ``mu`` is not, or ``mu`` near its dtype's range."""
     found = []
-    mus = {
-        s.path.replace(".mu", ".?").replace("['mu']", "['?']"): s for s in ctx.probe.mu
-    }
+    mus = {_pair(s.path): s for s in ctx.probe.mu}
+    fresh = ctx.probe.count == 0
     for nu in ctx.probe.nu:
-        mu = mus.get(nu.path.replace(".nu", ".?").replace("['nu']", "['?']"))
-        if nu.zeros and (mu is None or mu.zeros < nu.zeros or nu.dtype != "float32"):
-            found.append(
-                Evidence(
-                    "optimizer_state",
-                    Figure.SECOND_MOMENT,
-                    f"{nu.path} ({nu.dtype}) is exactly 0.0 at {nu.zeros} of "
-                    f"{nu.size} entries"
-                    + (
-                        f" where {mu.path} is 0.0 at only {mu.zeros}: nu underflowed"
-                        if mu is not None and mu.zeros < nu.zeros
-                        else ""
-                    ),
-                    last=0.0,
-                    leaf=nu.path,
-                )
+        mu = mus.get(_pair(nu.path))
+        if not nu.zeros or fresh and nu.zeros == nu.size:
+            continue  # as initialized: says nothing yet
+        under = mu is not None and mu.zeros < nu.zeros
+        text = (
+            f"{nu.path} ({nu.dtype}) is exactly 0.0 at {nu.zeros} of {nu.size} entries"
+        )
+        if under:
+            text += f" where {mu.path} is 0.0 at only {mu.zeros}: nu underflowed"
+        found.append(
+            Evidence(
+                "optimizer_state", Figure.SECOND_MOMENT, text, last=0.0, leaf=nu.path
             )
+        )
     for mu in ctx.probe.mu:
         top = finfo_max(mu.dtype)
         if mu.max_abs >= top / 8:
@@ -375,18 +380,42 @@ def _moments(ctx: Context) -> list[Evidence]:
     return found
 
 
+def _low_precision_division(ctx: Context) -> Evidence | None:
+    """The update divides in float16/bfloat16 by a zero denominator."""
+    d = ctx.located
+    if d.primitive != "div" or d.dtype not in LOW_PRECISION:
+        return None
+    moments = ", ".join(
+        sorted({n.dtype for n in ctx.probe.nu if n.dtype in LOW_PRECISION})
+    )
+    held = f" with {moments} second moments" if moments else ""
+    return Evidence(
+        "optimizer_state",
+        Figure.SECOND_MOMENT,
+        f"the update divides in {d.dtype} by sqrt(nu) + eps = 0.0{held}: an "
+        f"eps below {num(_smallest(d.dtype))} is 0.0 in {d.dtype} (Adam's "
+        "default 1e-8 is)",
+    )
+
+
+def _smallest(dtype: str) -> float:
+    """The smallest positive (subnormal) value of a 16-bit float dtype."""
+    return 5.96e-08 if dtype == "float16" else 9.18e-41
+
+
 @register_history_rule(priority=40)
 def optimizer_state(ctx: Context) -> Verdict | None:
     """Finite gradients, nonfinite update: Adam's ``nu`` underflow / ``mu`` overflow."""
     d = ctx.located
-    if d is None or d.phase is not Phase.UPDATE:
+    if d is None or d.phase != Phase.UPDATE:
         return None
     found = _moments(ctx)
+    division = _low_precision_division(ctx)
+    if division is not None:
+        found.append(division)
     if not found:
         return None
-    low = any(
-        e.leaf and "float32" not in e.text and "float64" not in e.text for e in found
-    )
+    low = division is not None or any(n.dtype in LOW_PRECISION for n in ctx.probe.nu)
     fix = (
         "The optimizer's moments lost the value while the gradients are finite: "
         "raise Adam's eps (optax.adam(lr, eps=1e-8) in float32"
