@@ -26,7 +26,7 @@ EXPECT = {
     "phase": "input",
     "steps": (0, 0),
     "fix": ("schedule", "warm-up of at least 1 step"),
-    "not_fix": ("eps",),
+    "not_fix": ("epsilon", "eps="),
     "evidence": "learning rate at optimizer step 0 is nan",
     "persistent": True,
 }

@@ -16,7 +16,6 @@ underflows float16 and the first update divides by 0. The fix that helped the
 reporter, a float16-sized eps, is what the guard must say.
 """
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax

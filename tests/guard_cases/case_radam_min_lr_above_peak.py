@@ -29,9 +29,9 @@ EXPECT = {
     "phase": "update",
     "steps": (20, 80),
     "fix": ("Lower the learning rate",),
-    "not_fix": ("eps",),
+    "not_fix": ("epsilon", "eps="),
     "evidence": "loss rose",
-    "persistent": True,
+    "persistent": False,
 }
 
 WARMUP = 20

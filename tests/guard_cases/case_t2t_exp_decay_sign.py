@@ -25,7 +25,7 @@ EXPECT = {
     "phase": "forward",
     "steps": (30, 60),
     "fix": ("schedule",),
-    "not_fix": ("eps",),
+    "not_fix": ("epsilon", "eps="),
     "evidence": "x its median",
     "persistent": True,
 }

@@ -168,6 +168,40 @@ class Trace:
         first, last, steps = found
         return Evidence.grew(rule, HISTORY_FIGURES[name], first, last, steps)
 
+    def jump(
+        self, name: str, factor: float, rule: str, calm: str, recent: int = 16
+    ) -> Evidence | None:
+        """A jump of `name` while `calm` stayed put, as evidence cited by `rule`.
+
+        The first step of the last `recent` where `name` is `factor` times
+        its median over the 8 steps before while `calm` stays under 10 times
+        its own: ``gradient norm jumped 1e+06x at step 41 (...) while the
+        loss stayed at 0.3``. None when `calm` moved first or with it.
+        """
+        col, other = self.columns.get(name, ()), self.columns.get(calm, ())
+        n = len(col)
+        for i in range(max(3, n - recent), n):
+            before = sorted(v for v in col[max(0, i - 8) : i] if math.isfinite(v))
+            quiet = sorted(v for v in other[max(0, i - 8) : i] if math.isfinite(v))
+            if len(before) < 3 or not quiet:
+                continue
+            base, calm_base = before[len(before) // 2], quiet[len(quiet) // 2]
+            if base > 0 and col[i] >= factor * base:
+                if not other[i] < 10 * max(calm_base, 1e-30):
+                    return None  # the other figure moved first, or with it
+                figure = HISTORY_FIGURES[name]
+                return Evidence(
+                    rule,
+                    figure,
+                    f"{figure} jumped {num(col[i] / base)}x at step "
+                    f"{self.steps[i]} ({num(base)} -> {num(col[i])}) while the "
+                    f"{HISTORY_FIGURES[calm]} stayed at {num(other[i])}",
+                    base,
+                    col[i],
+                    n - 1 - i,
+                )
+        return None
+
     def shift(
         self, name: str, factor: float, rule: str, recent: int = 8
     ) -> Evidence | None:
@@ -205,8 +239,8 @@ def climb(
         >>> climb([1.0, 0.9, 0.8, 0.7, 90.0], 100.0) is None
         True
     """
-    vals = [float(v) for v in values]
-    if len(vals) < 4 or not all(math.isfinite(v) and v >= 0 for v in vals):
+    vals = [float(v) for v in values if math.isfinite(v)]  # an overflowed norm
+    if len(vals) < 4 or not all(v >= 0 for v in vals):
         return None
     start = min(range(len(vals) - 2), key=lambda i: (vals[i], -i))
     low, last = vals[start], vals[-1]
@@ -235,8 +269,8 @@ def shift(
         >>> shift([1.0] * 8 + [0.9] * 8, 100.0) is None
         True
     """
-    vals = [float(v) for v in values]
-    if len(vals) < recent + 4 or not all(math.isfinite(v) and v >= 0 for v in vals):
+    vals = [float(v) for v in values if math.isfinite(v)]
+    if len(vals) < recent + 4 or not all(v >= 0 for v in vals):
         return None
     head, tail = sorted(vals[:-recent]), sorted(vals[-recent:])
     before = head[len(head) // 2]

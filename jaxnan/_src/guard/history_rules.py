@@ -266,17 +266,23 @@ def _growth_evidence(g: history.Growth, rule: str) -> Evidence:
 
 @register_history_rule(priority=20)
 def exploding_gradient(ctx: Context) -> Verdict | None:
-    """The gradient norm grew geometrically (or spiked) while the loss did not."""
+    """The gradient norm grew geometrically, or jumped, while the loss did not.
+
+    A jump counts on a step whose own loss was ordinary, even when the loss
+    climbs after it (the update the jump made).
+    """
     if ctx.located_cause in (Cause.INPUT_DATA, Cause.POISONED_STATE):
         return None
-    grad = ctx.trace.climb("grad_norm", ctx.factor, "exploding_gradient")
-    spike = _grew(ctx, "grad_norm")
-    if grad is None and spike is not None:
-        grad = _growth_evidence(spike, "exploding_gradient")
-    loss_climbed = ctx.trace.climb(
-        "loss", 10.0, "exploding_gradient"
-    ) or ctx.trace.shift("loss", ctx.factor, "exploding_gradient")
-    if grad is None or loss_climbed or _grew(ctx, "loss"):
+    rule = "exploding_gradient"
+    grad = ctx.trace.climb("grad_norm", ctx.factor, rule)
+    loss_up = (
+        ctx.trace.climb("loss", 10.0, rule)
+        or ctx.trace.shift("loss", ctx.factor, rule)
+        or _grew(ctx, "loss")
+    )
+    if grad is None or loss_up:
+        grad = ctx.trace.jump("grad_norm", ctx.factor, rule, calm="loss")
+    if grad is None:
         return None
     fix = (
         "Clip the gradients (optax.chain(optax.clip_by_global_norm(1.0), ...) "
@@ -436,4 +442,14 @@ def located(ctx: Context) -> Verdict | None:
     extra: tuple[Evidence, ...] = ()
     if cause in (Cause.OVERFLOW, Cause.EXPLODING_GRADIENT):
         extra = _largest(ctx, "located")
-    return Verdict(cause, d.fix or cause.fix, (_seen(ctx, "located"), *extra))
+    fix = d.fix or cause.fix
+    if cause == Cause.EXPLODING_GRADIENT and d.iteration:
+        fix = (
+            f"The backward pass overflows inside a loop (iteration "
+            f"{', '.join(map(str, d.iteration))}): shorten the unrolled sequence "
+            "(truncated backpropagation through time, or split long sequences), "
+            "keep the recurrent weights' spectral norm below 1 (orthogonal "
+            "init), and clip the gradients (optax.clip_by_global_norm(1.0)); "
+            "clipping alone cannot undo an overflow inside the backward pass."
+        )
+    return Verdict(cause, fix, (_seen(ctx, "located"), *extra))
