@@ -176,7 +176,13 @@ def verdict_text(
     if examples_line:
         lines.append(examples_line)
     why = [e.text for e in cited if e.text]
-    if diagnosis is not None and verdict is not None:
+    if diagnosis is not None and verdict is not None and diagnosis.cause is None:
+        # The replay stayed finite or found nothing to blame: the verdict
+        # rests on the history alone.
+        lines.append(indent(str(diagnosis)))
+        lines.append(indent(with_evidence(f"  cause:   {cause}", why)))
+        lines.append(f"    fix:     {verdict.fix}")
+    elif diagnosis is not None and verdict is not None:
         if verdict.cause != diagnosis.cause or verdict.fix != diagnosis.fix:
             diagnosis = dataclasses.replace(
                 diagnosis, cause=verdict.cause, fix=verdict.fix

@@ -291,6 +291,7 @@ class LeafStats:
     Attributes:
         path: the leaf as written in the step's arguments.
         dtype: its dtype name.
+        shape: its shape.
         size: its number of entries.
         norm: its L2 norm (in float32).
         max_abs: its largest magnitude.
@@ -300,6 +301,7 @@ class LeafStats:
 
     path: str
     dtype: str
+    shape: tuple[int, ...]
     size: int
     norm: float
     max_abs: float
@@ -346,6 +348,21 @@ class Probe:
     nu: tuple[LeafStats, ...] = ()
     learning_rate: LearningRate | None = None
     count: int | None = None
+
+    def gain(self, leaf: LeafStats) -> float | None:
+        """A weight matrix's scale against a LeCun init: RMS * sqrt(fan_in).
+
+        1 for ``lecun_normal`` (the default of `flax.linen.Dense` and
+        `flax.nnx.Linear`), about 1.4 for He, up to 1 for Glorot; None for
+        leaves of fewer than 2 dimensions (biases, scales). The fan-in is the
+        leading dimensions of a Flax ``kernel`` (in, out) and the trailing
+        ones of a PyTorch-style ``weight`` (out, in: Equinox).
+        """
+        if len(leaf.shape) < 2 or not leaf.size:
+            return None
+        shape = leaf.shape
+        fan_in = math.prod(shape[1:] if "weight" in leaf.path else shape[:-1])
+        return leaf.norm / math.sqrt(leaf.size) * math.sqrt(fan_in)
 
     def largest_param(self) -> LeafStats | None:
         """The parameter leaf of largest magnitude, or None."""
@@ -462,6 +479,7 @@ def probe(
                     LeafStats(
                         p,
                         str(x.dtype),
+                        tuple(x.shape),
                         int(x.size),
                         float(n),
                         float(mx),

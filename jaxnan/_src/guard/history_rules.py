@@ -341,6 +341,52 @@ def _largest(ctx: Context, rule: str) -> tuple[Evidence, ...]:
     )
 
 
+INIT_GAIN = 3.0
+"""A weight matrix this many times the scale of a LeCun init is too large."""
+
+
+@register_history_rule(priority=35)
+def initialization(ctx: Context) -> Verdict | None:
+    """A forward overflow with weights far above their initialization scale.
+
+    Runs after the history rules: activations that overflow after the run
+    grew are the learning rate's; with no such growth, a weight matrix at
+    `INIT_GAIN` times the scale of a LeCun init or more explains them.
+    """
+    d = ctx.located
+    if d is None or d.cause != Cause.OVERFLOW or d.phase != Phase.FORWARD:
+        return None
+    gains = [
+        (g, s)
+        for s in ctx.probe.params
+        if "embed" not in s.path.lower() and (g := ctx.probe.gain(s)) is not None
+    ]  # an embedding table's rows are not a fan-in
+    if not gains:
+        return None
+    gain, leaf = max(gains, key=lambda t: t[0])
+    if gain < INIT_GAIN:
+        return None
+    rms = leaf.norm / math.sqrt(leaf.size)
+    lecun = rms / gain
+    ev = Evidence(
+        "initialization",
+        Figure.PARAM_NORM,
+        f"{leaf.path} {list(leaf.shape)} has RMS {num(rms)}, {num(gain)}x the "
+        f"1/sqrt(fan_in) = {num(lecun)} of a LeCun init",
+        first=lecun,
+        last=rms,
+        leaf=leaf.path,
+    )
+    fix = (
+        f"The weights are {num(gain)}x the scale of a standard initialization "
+        f"({leaf.path}), so the activations overflow: initialize at 1/sqrt(fan_in)"
+        " (nn.initializers.lecun_normal(), the default of nn.Dense / nnx.Linear; "
+        f"or a std {num(gain)}x smaller than now) and normalize the layer inputs. "
+        f"{d.fix or Cause.OVERFLOW.fix}"
+    )
+    return Verdict(Cause.OVERFLOW, fix, (ev, _seen(ctx, "initialization")))
+
+
 def _pair(path: str) -> str:
     return (
         path.replace(".nu", ".?")
