@@ -26,7 +26,7 @@ EXPECT = {
     "cause": "learning_rate",
     "phase": "forward",
     "steps": (100, 200),
-    "fix": ("Lower the learning rate (it was", "warm-up"),
+    "fix": ("Lower the learning rate",),
     "evidence": "loss grew",
     "persistent": True,
 }
