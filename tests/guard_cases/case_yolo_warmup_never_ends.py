@@ -12,7 +12,8 @@ Written as the reporter's loop: `optax.inject_hyperparams` so that the loop can
 print the learning rate, which rises linearly for the whole run. Once it
 passes the head's stability limit the box loss climbs geometrically for a few
 steps and overflows float32. The cause is the learning rate (the loss climbed
-before the NaN), and the fix names the rate of that step.
+before the NaN), and the fix that helps is a lower learning rate (the guard's
+also names the rate of that step, read from the injected state).
 """
 
 import jax
