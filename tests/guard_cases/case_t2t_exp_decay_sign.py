@@ -24,7 +24,7 @@ EXPECT = {
     "cause": "learning_rate",
     "phase": "forward",
     "steps": (30, 60),
-    "fix": ("schedule",),
+    "fix": ("schedule surges to", "stays at or below its peak"),
     "not_fix": ("epsilon", "eps="),
     "evidence": "x its median",
     "persistent": True,

@@ -169,11 +169,17 @@ def input_or_state(ctx: Context) -> Verdict | None:
     return Verdict(cause, ctx.located.fix or cause.fix, (_seen(ctx, "input_or_state"),))
 
 
-_SCHEDULE_FIX = (
-    "The learning rate schedule is {what} at optimizer step {count}: fix the "
-    "schedule (a warm-up of at least 1 step, no division by a zero step count "
-    "or length, a peak value in range), e.g. optax.warmup_cosine_decay_schedule"
-    "(0.0, peak, warmup_steps, decay_steps) with warmup_steps >= 1."
+_NONFINITE_FIX = (
+    "The learning rate schedule gives {what} at optimizer step {count}: fix "
+    "the schedule (a warm-up of at least 1 step, no division by a zero step "
+    "count or length), e.g. optax.warmup_cosine_decay_schedule(0.0, peak, "
+    "warmup_steps, decay_steps) with warmup_steps >= 1."
+)
+_SURGE_FIX = (
+    "The learning rate schedule surges to {what} at optimizer step {count}: fix "
+    "the schedule (a sign or a unit in a decay exponent, an end or floor value "
+    "above the peak) so that it stays at or below its peak, and clip the "
+    "gradients (optax.clip_by_global_norm) while it is fixed."
 )
 
 
@@ -221,7 +227,8 @@ def schedule(ctx: Context) -> Verdict | None:
     if ev is None:
         return None
     lr = ctx.probe.learning_rate
-    fix = _SCHEDULE_FIX.format(what=num(lr.value), count=lr.count)
+    template = _NONFINITE_FIX if not math.isfinite(lr.value) else _SURGE_FIX
+    fix = template.format(what=num(lr.value), count=lr.count)
     return Verdict(Cause.LEARNING_RATE, fix, (ev, _seen(ctx, "schedule")))
 
 
