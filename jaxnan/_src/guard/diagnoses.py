@@ -145,12 +145,17 @@ def probe_step(
             labels.append(names[i])
     trees += program.rebuild_state_args(layout, state)
     labels += [names[i] for i in layout.state_args]
-    return evidence.probe(
-        evidence.named_leaves(trees, labels),
-        schedule=schedule,
-        step=step,
-        window=window,
-    )
+    try:
+        return evidence.probe(
+            evidence.named_leaves(trees, labels),
+            schedule=schedule,
+            step=step,
+            window=window,
+        )
+    except Exception:  # noqa: BLE001 - a user schedule that fails, say
+        # The probe only adds evidence: without it the cause rests on the
+        # replay and the run's figures.
+        return evidence.Probe()
 
 
 def verdict_text(

@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import source_info_util
 
+from jaxnan._src.guard import multihost
+
 source_info_util.register_exclusion(__file__)
 
 
@@ -416,7 +418,7 @@ def _floats(named: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
 def _count(named: Sequence[tuple[str, Any]]) -> int | None:
     """The optimizer's step count: its first ``count`` leaf."""
     counts = [x for p, x in named if _COUNT.search(p)]
-    return int(np.asarray(counts[0])) if counts else None
+    return int(multihost.host_value(counts[0])) if counts else None
 
 
 def _learning_rate(
@@ -436,7 +438,7 @@ def _learning_rate(
         return LearningRate(value, count, "schedule", earlier)
     for p, x in named:
         if "hyperparams" in p and "learning_rate" in p and np.size(x) == 1:
-            return LearningRate(float(np.asarray(x)), count, p)
+            return LearningRate(float(multihost.host_value(x)), count, p)
     return None
 
 
@@ -471,7 +473,8 @@ def probe(
     floats = _floats(named)
     stats: dict[str, list[LeafStats]] = {"param": [], "mu": [], "nu": []}
     if floats:
-        rows = np.asarray(_leaf_figures([x for _, x in floats]))
+        # One small array; gathered when it spans several processes.
+        rows = multihost.host_value(_leaf_figures([x for _, x in floats]))
         for (p, x), (n, mx, z, bad) in zip(floats, rows):
             kind = _kind(p)
             if kind:
