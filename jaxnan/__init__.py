@@ -17,6 +17,10 @@ from jaxnan._src.guard.api import guard as guard
 from jaxnan._src.guard.bad_batches import BadBatch as BadBatch
 from jaxnan._src.guard.bad_batches import BadBatches as BadBatches
 from jaxnan._src.guard.bad_batches import SkippedAs as SkippedAs
+from jaxnan._src.guard.evidence import Evidence as Evidence
+from jaxnan._src.guard.history_rules import (
+    register_history_rule as register_history_rule,
+)
 from jaxnan._src.guard.incidents import Incident as Incident
 from jaxnan._src.guard.incidents import Policy as Policy
 from jaxnan._src.guard.step import GuardedStep as GuardedStep
@@ -84,6 +88,7 @@ __all__ = (
     "Diagnosis",
     "DropReport",
     "DynamicLossScaleState",
+    "Evidence",
     "Fault",
     "Finding",
     "GradStats",
@@ -135,6 +140,7 @@ __all__ = (
     "nonfinite_errors",
     "param_stats",
     "plot_stats",
+    "register_history_rule",
     "register_rule",
     "scale_loss",
     "skip_nonfinite",

@@ -227,6 +227,8 @@ def test_nondeterministic_failure_is_reported_as_such():
     assert incident.step == 2 and incident.cause == "nondeterministic"
     assert not incident.deterministic and incident.action == "skipped"
     assert "nondeterministic" in incident.message
+    (cited,) = incident.evidence  # what the verdict rests on
+    assert cited.figure == "replay" and cited.rule == "nondeterministic"
     assert step.summary()["nondeterministic"] == 1
     want = _train(jax.jit(_make_step(tx)), tx, batches[:2] + batches[3:])
     assert np.array_equal(got[0]["w"], want[0]["w"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import Any
 
 from jax.extend import source_info_util
 
@@ -34,6 +35,7 @@ def guard(
     max_rollbacks: int | None = None,
     bad_batches: str | os.PathLike | None = None,
     start_step: int = 0,
+    schedule: Callable[[Any], Any] | None = None,
 ) -> GuardedStep:
     """Wraps a train step once: every bad step is skipped, replayed and explained.
 
@@ -104,8 +106,16 @@ def guard(
     the batch is the cause); one that fails another way is diagnosed afresh.
     Every healthy step also records loss, gradient norm and update-to-state
     ratio; when one grows `growth`-fold over `window` steps the guard warns
-    before the first NaN, and a NaN after such growth is put down to the
-    learning rate / exploding gradients.
+    before the first NaN. The cause of a bad step is decided by history-aware
+    rules (`jaxnan.register_history_rule`) on locate's diagnosis, the
+    figures of the steps before (a loss or update ratio that climbed: the
+    learning rate; a gradient norm that grew geometrically while the loss
+    did not: exploding gradients), the learning rate of the step (from an
+    `optax.inject_hyperparams` state or `schedule`: nonfinite or surging)
+    and the Adam moments (``nu`` at 0, ``mu`` near its dtype's range, for an
+    update that is nonfinite from finite gradients); each incident lists
+    the `jaxnan.Evidence` its cause rests on (``why:`` lines, ``evidence``
+    in the JSONL log).
 
     Memory on the host stays bounded: ``step.figures`` keeps the last
     `GuardedStep.FIGURES_KEPT` steps and ``step.incidents`` the last
@@ -165,6 +175,11 @@ def guard(
         start_step: the global step number of the first call (a run resumed
             after step ``s`` passes ``s + 1``); the data position of a call
             is its step unless the loop sets ``step.position``.
+        schedule: the learning-rate schedule of the optimizer (an optax
+            schedule: optimizer step count -> learning rate), evaluated on
+            the host only at an incident, at the optimizer's ``count``
+            and the `window` counts before it. None: the learning rate is
+            read from an `optax.inject_hyperparams` state, if any.
 
     Returns:
         A `jaxnan.GuardedStep`, called like `step_fn`; ``.summary()``,
@@ -172,7 +187,8 @@ def guard(
 
     Raises:
         TypeError: when `step_fn` is not callable.
-        TypeError: for a `log` that is not a path, a `donate` not None/bool.
+        TypeError: for a `log` that is not a path, a `donate` not None/bool,
+            a `schedule` that is not callable.
         ValueError: for an unknown `policy`, `snapshot_every` or `max_streak`
             below 1, `window` below 3, a `log` path that cannot be written (a
             directory, a missing directory), `steps_back`, `skip_batches` or
@@ -236,6 +252,11 @@ def guard(
             f"jaxnan.guard: donate must be None (follow the wrapped jit), True or "
             f"False, got {donate!r}."
         )
+    if schedule is not None and not callable(schedule):
+        raise TypeError(
+            f"jaxnan.guard: schedule must be an optax schedule (a function of the "
+            f"step count) or None, got {type(schedule).__name__}."
+        )
     incidents.check_log_path(log)
     plan = rollback.RunPlan(
         policy,
@@ -259,4 +280,5 @@ def guard(
         donate=donate,
         verbose=verbose,
         plan=plan,
+        schedule=schedule,
     )

@@ -7,13 +7,15 @@ replay was finite, and `jaxnan.locate` run on a step's exact arguments.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 
 import jax
 from jax.extend import source_info_util
 
-from jaxnan._src.guard import incidents, program
+from jaxnan._src.core import validation
+from jaxnan._src.guard import evidence, history_rules, incidents, program
 from jaxnan._src.locate import causes
 from jaxnan._src.locate.api import Diagnosis, locate
 
@@ -46,6 +48,14 @@ def nondeterministic(step: int, loss: float, gnorm: float) -> incidents.Incident
         loss=loss,
         grad_norm=gnorm,
         deterministic=False,
+        evidence=(
+            evidence.Evidence(
+                "nondeterministic",
+                evidence.Figure.REPLAY,
+                f"the replay of step {step} on the same state, batch and RNG "
+                "was finite",
+            ),
+        ),
     )
 
 
@@ -77,7 +87,13 @@ def locate_step(
             it = iter(jax.tree_util.tree_leaves(pure[i]))
             filled = [next(it) if s is None else s.value for s in layout.statics[pos]]
             full[i] = jax.tree_util.tree_unflatten(layout.treedefs[pos], filled)
-        return fn(*full)
+        # Only the arrays of the outputs: an Equinox model returned as new
+        # state holds its functions (`jax.nn.relu`) as leaves.
+        out = fn(*full)
+        leaves, treedef = jax.tree_util.tree_flatten(out)
+        return jax.tree_util.tree_unflatten(
+            treedef, [x if program.is_array(x) else None for x in leaves]
+        )
 
     functools.update_wrapper(replay, fn)
     try:
@@ -105,33 +121,102 @@ def nonfinite_leaves(diagnosis: Diagnosis | None) -> dict[str, tuple[int, int, i
     return dict(found)  # already int counts (`replay.rows`)
 
 
-def growth_fix() -> str:
-    """The fix of a NaN after growth, as a sentence (a diagnosis's ``fix``)."""
-    fix = FIXES["growth"]
-    return f"{fix[0].upper()}{fix[1:]}."
+def probe_step(
+    fn: Callable,
+    layout: program.Layout,
+    state: list,
+    schedule: Callable | None,
+    step: int,
+    window: int,
+) -> evidence.Probe:
+    """`evidence.probe` of the state a bad step ran on, leaves named by argument.
+
+    Pytree state arguments by their parameter names (``params['w']``,
+    ``opt_state[0].mu['w']``); Flax NNX objects by theirs, through their
+    framework state.
+    """
+    names = validation.argument_names(fn, layout.nargs)
+    graph, _ = program.split_state(layout, state)
+    trees, labels = [], []
+    if layout.graph_args:
+        pure = jax.tree_util.tree_unflatten(layout.graph_treedef, graph)
+        for k, i in enumerate(layout.graph_args):  # one state per object
+            trees.append(pure[k])
+            labels.append(names[i])
+    trees += program.rebuild_state_args(layout, state)
+    labels += [names[i] for i in layout.state_args]
+    try:
+        return evidence.probe(
+            evidence.named_leaves(trees, labels),
+            schedule=schedule,
+            step=step,
+            window=window,
+        )
+    except Exception:  # noqa: BLE001 - a user schedule that fails, say
+        # The probe only adds evidence: without it the cause rests on the
+        # replay and the run's figures.
+        return evidence.Probe()
 
 
-def overruled(grown: list, located: str | None) -> str:
-    """Why a nonfinite step after growth is put down to the learning rate."""
-    figures = "; ".join(str(g) for g in grown)
-    if located is None:
-        return f"{figures}, then the NaN"
-    return (
-        f"{figures}, then the NaN; without that growth the cause at the line "
-        f"would be {located}"
-    )
+def verdict_text(
+    step: int,
+    loss: float,
+    examples_line: str,
+    ctx: history_rules.Context,
+    verdict: history_rules.Verdict | None,
+) -> tuple[Diagnosis | None, str, str, tuple[evidence.Evidence, ...]]:
+    """``(diagnosis, message, cause, evidence)`` of a bad step's incident.
+
+    The diagnosis carries the verdict's cause and fix (one cause per
+    incident, the final one); the message has one ``why:`` line per piece
+    of evidence under its ``cause:`` line.
+    """
+    diagnosis = ctx.located
+    if verdict is None:
+        cited = (evidence.Evidence("located", evidence.Figure.REPLAY, ctx.failure),)
+        cause = "unknown"
+    else:
+        cited, cause = verdict.evidence, verdict.cause.value
+    lines = [f"jaxnan.guard: step {step} went nonfinite (loss {loss:.4g})."]
+    if examples_line:
+        lines.append(examples_line)
+    why = [e.text for e in cited if e.text]
+    if diagnosis is not None and verdict is not None and diagnosis.cause is None:
+        # The replay stayed finite or found nothing to blame: the verdict
+        # rests on the history alone.
+        lines.append(indent(str(diagnosis)))
+        lines.append(indent(with_evidence(f"  cause:   {cause}", why)))
+        lines.append(f"    fix:     {verdict.fix}")
+    elif diagnosis is not None and verdict is not None:
+        if verdict.cause != diagnosis.cause or verdict.fix != diagnosis.fix:
+            diagnosis = dataclasses.replace(
+                diagnosis, cause=verdict.cause, fix=verdict.fix
+            )
+        lines.append(indent(with_evidence(str(diagnosis), why)))
+    elif verdict is not None:
+        lines.append(indent(with_evidence(f"cause:   {cause}", why)))
+        lines.append(f"  fix:     {verdict.fix}")
+        if ctx.failure:
+            lines.append(f"  {ctx.failure}")
+    elif ctx.failure:
+        lines.append(f"  {ctx.failure}")
+    return diagnosis, "\n".join(lines), cause, cited
 
 
-def with_evidence(text: str, evidence: str) -> str:
-    """A diagnosis's text with a ``why:`` line under its ``cause:`` line."""
-    if not evidence:
+def with_evidence(text: str, why: list[str]) -> str:
+    """A diagnosis's text with one ``why:`` line per evidence under ``cause:``."""
+    if not why:
         return text
     lines = text.splitlines()
     at = next(
-        (i + 1 for i, line in enumerate(lines) if line.startswith("  cause:")),
+        (i + 1 for i, line in enumerate(lines) if line.lstrip().startswith("cause:")),
         len(lines),
     )
-    return "\n".join([*lines[:at], f"  why:     {evidence}", *lines[at:]])
+    pad = (
+        lines[at - 1][: len(lines[at - 1]) - len(lines[at - 1].lstrip())] if at else ""
+    )
+    added = [f"{pad}why:     {w}" for w in why]
+    return "\n".join([*lines[:at], *added, *lines[at:]])
 
 
 def indent(text: str) -> str:

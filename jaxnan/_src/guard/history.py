@@ -18,6 +18,8 @@ import math
 
 from jax.extend import source_info_util
 
+from jaxnan._src.guard import evidence
+
 source_info_util.register_exclusion(__file__)
 
 FIGURES = ("loss", "grad_norm", "update_ratio")
@@ -40,6 +42,13 @@ class Growth:
         return (
             f"{self.figure} {self.last:.3g}, x{self.factor:.3g} its median "
             f"{self.median:.3g} over the {self.steps} steps before"
+        )
+
+    def evidence(self) -> evidence.Evidence:
+        """This growth as the evidence of an early warning."""
+        figure = evidence.HISTORY_FIGURES[self.figure]
+        return evidence.Evidence(
+            "growth", figure, str(self), self.median, self.last, self.steps
         )
 
 

@@ -20,6 +20,7 @@ from jax.extend import source_info_util
 
 from jaxnan._src.core.errors import Phase
 from jaxnan._src.guard import multihost
+from jaxnan._src.guard.evidence import Evidence
 from jaxnan._src.locate.api import Diagnosis
 from jaxnan._src.locate.causes import Cause as Cause  # one cause vocabulary
 
@@ -88,6 +89,9 @@ class Incident:
         undone: for a rollback, the steps whose updates it undid, this one
             last; their batches are not trained on again (the loop goes on
             with the next batch).
+        evidence: what the cause rests on (`jaxnan.Evidence`, one per
+            figure: ``gradient norm grew 1.1e+04x over 20 steps: 3.1 ->
+            3.4e+04``), the report's ``why:`` lines.
     """
 
     step: int
@@ -106,6 +110,7 @@ class Incident:
     diagnosis: Diagnosis | None = None
     repeat_of: int | None = None
     undone: tuple[int, ...] = ()
+    evidence: tuple[Evidence, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values for JSON and loggers (the diagnosis as a dict)."""
@@ -113,6 +118,7 @@ class Incident:
         d["action"] = self.action.value
         d["rows"] = list(self.rows)
         d["undone"] = list(self.undone)
+        d["evidence"] = [e.to_dict() for e in self.evidence]
         d["diagnosis"] = self.diagnosis.to_dict() if self.diagnosis else None
         for key in ("loss", "grad_norm"):
             value = d[key]

@@ -35,8 +35,10 @@ from jaxnan._src.core import errors, validation
 from jaxnan._src.guard import (
     diagnoses,
     donation,
+    evidence,
     examples,
     history,
+    history_rules,
     incidents,
     multihost,
     policies,
@@ -110,7 +112,9 @@ class GuardedStep:
         donate: bool | None,
         verbose: bool,
         plan: rollback.RunPlan | None = None,
+        schedule: Callable[[Any], Any] | None = None,
     ):
+        self.schedule = schedule
         self.fn = program.unwrap_jit(fn)
         if donate is None:
             self._donates = donation.donated_positions(fn)
@@ -422,6 +426,7 @@ class GuardedStep:
                     ),
                     loss=float(h[program.LOSS]),
                     grad_norm=float(h[program.GRAD_NORM]),
+                    evidence=tuple(g.evidence() for g in grown),
                 )
             )
         # A snapshot of the state after step s is good once step s + 1, which
@@ -552,36 +557,28 @@ class GuardedStep:
         entry, step = previous.entry, previous.step
         diagnosis, failure = self._diagnose(entry, state, previous.inputs, counts)
         line, leaf, rows = self._examples(previous, state, diagnosis)
-        grown = self.history.recent(step)
-        cause = diagnosis.cause if diagnosis is not None else None
-        lines = [f"jaxnan.guard: step {step} went nonfinite (loss {loss:.4g})."]
-        if line:
-            lines.append(line)
-        evidence = ""
-        if grown and cause not in ("input_data", "poisoned_state"):
-            cause, evidence = (
-                causes.Cause.LEARNING_RATE.value,
-                diagnoses.overruled(grown, cause),
-            )
-            if diagnosis is not None:
-                diagnosis = dataclasses.replace(
-                    diagnosis,
-                    cause=causes.Cause.LEARNING_RATE,
-                    fix=diagnoses.growth_fix(),
-                )
-        if diagnosis is not None:
-            lines.append(
-                diagnoses.indent(diagnoses.with_evidence(str(diagnosis), evidence))
-            )
-        elif evidence:
-            lines.append(f"  cause:   {cause}\n  why:     {evidence}")
-        elif failure:
-            lines.append(f"  {failure}")
+        ctx = history_rules.Context(
+            step,
+            diagnosis,
+            evidence.Trace.before(
+                self.figures, step, (u for i in self.incidents for u in i.undone)
+            ),
+            tuple(self.history.recent(step)),
+            diagnoses.probe_step(
+                self.fn, entry.layout, state, self.schedule, step, self.history.window
+            ),
+            self.history.growth,
+            failure,
+        )
+        verdict = history_rules.decide(ctx)
+        diagnosis, message, cause, cited = diagnoses.verdict_text(
+            step, loss, line, ctx, verdict
+        )
         return incidents.Incident(
             step=step,
             action=incidents.Action.SKIPPED,
-            cause=cause or "unknown",
-            message="\n".join(lines),
+            cause=cause,
+            message=message,
             leaf=leaf,
             rows=tuple(rows),
             primitive=diagnosis.primitive if diagnosis else None,
@@ -590,6 +587,7 @@ class GuardedStep:
             loss=loss,
             grad_norm=gnorm,
             diagnosis=diagnosis,
+            evidence=cited,
         )
 
     def _diagnose(
