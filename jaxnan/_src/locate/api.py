@@ -414,10 +414,12 @@ def _event_diagnosis(run, opts, det, node, phase, cone, common) -> Diagnosis:
     event = causes.Event(eqn, eqn.primitive.name, phase, inputs, outputs, api)
     event.history = opts.history
     if phase != Phase.UPDATE:
+        # A constant-valued cotangent (of a mean) is no constant of the line.
+        values = inputs if phase == Phase.FORWARD else ()
         event.lost_constant = precision.lost_constant(
-            where["file"], where["line"], dtype, inputs
+            where["file"], where["line"], dtype, values
         )
-        if not event.lost_constant and dtype in causes.LOW_PRECISION:
+        if not event.lost_constant and precision.is_narrow(dtype):
             event.finite_in_float32 = _finite_in_float32(run, eqn, inputs)
     found = cause_rules.classify(event)
     nan_event = None

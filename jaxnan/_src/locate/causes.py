@@ -311,9 +311,9 @@ def finfo_max(dtype_name: str) -> float:
     try:
         import ml_dtypes  # shipped with jaxlib
 
-        if dtype_name == "bfloat16":
-            return float(ml_dtypes.finfo(ml_dtypes.bfloat16).max)
-    except ImportError:  # pragma: no cover
+        if dtype_name == "bfloat16" or dtype_name.startswith(("float8_", "float4_")):
+            return float(ml_dtypes.finfo(getattr(ml_dtypes, dtype_name)).max)
+    except (ImportError, AttributeError):  # pragma: no cover
         pass
     try:
         return float(np.finfo(np.dtype(dtype_name)).max)
