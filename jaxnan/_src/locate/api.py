@@ -36,6 +36,7 @@ from jaxnan._src.locate import (
     precision,
     render,
     replay,
+    terms,
 )
 from jaxnan._src.locate.causes import Cause, Phase
 from jaxnan._src.locate.flow import Flow
@@ -107,6 +108,11 @@ class Diagnosis:
             agree or when not checked.
         layer_stats: the activation (and gradient) statistics of the layer
             holding the creating equation (see `jaxnan.activation_stats`).
+        loss_term: when the nonfinite loss is a sum of terms, the term that
+            went nonfinite first: ``{"name", "file", "line", "code",
+            "terms"}`` (the name is the key under which the step returns it,
+            ``aux["kl"]``, else the name assigned on its line; ``terms``
+            lists them all).
     """
 
     found: bool
@@ -141,6 +147,7 @@ class Diagnosis:
     consumed_by: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     compiled_outputs: dict[str, tuple[int, int, int]] | None = None
     layer_stats: str | None = None
+    loss_term: dict[str, Any] | None = None
 
     @property
     def where(self) -> str | None:
@@ -384,6 +391,15 @@ def _diagnose(run: replay.Run, opts: _Options) -> Diagnosis:
         return Diagnosis(found=bool(nonfinite_outputs), **common)
     node = det.nodes[index]
     phase = flow.phase(node, bad_primal, bool(bad))
+    if bad_primal:
+        common["loss_term"] = terms.first_term(
+            det.nodes,
+            det.out_producers,
+            run.out_paths,
+            [v.aval.shape for v in run.closed.jaxpr.outvars],
+            [i for i in bad if i in flow.primal_outputs],
+            node.unit,
+        )
     return _event_diagnosis(run, opts, det, node, phase, cone, common)
 
 
