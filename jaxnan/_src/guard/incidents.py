@@ -88,6 +88,13 @@ class Incident:
         undone: for a rollback, the steps whose updates it undid, this one
             last; their batches are not trained on again (the loop goes on
             with the next batch).
+        loss_term: when the nonfinite loss is a sum of terms, the one that
+            went nonfinite first (its key in the returned metrics, or the
+            name assigned on its line; see `jaxnan.Diagnosis.loss_term`).
+        gradients: the gradient bracket: ``{"nonfinite": {path: count},
+            "finite_before", "finite_after", "leaves"}``, the parameter leaves
+            whose gradients are nonfinite, in model order, and the nearest
+            ones that stayed finite (computed at the incident only).
     """
 
     step: int
@@ -106,6 +113,8 @@ class Incident:
     diagnosis: Diagnosis | None = None
     repeat_of: int | None = None
     undone: tuple[int, ...] = ()
+    loss_term: str | None = None
+    gradients: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values for JSON and loggers (the diagnosis as a dict)."""

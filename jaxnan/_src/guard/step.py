@@ -36,6 +36,7 @@ from jaxnan._src.guard import (
     diagnoses,
     donation,
     examples,
+    gradients,
     history,
     incidents,
     multihost,
@@ -553,6 +554,9 @@ class GuardedStep:
             lines.append(f"  cause:   {cause}\n  why:     {evidence}")
         elif failure:
             lines.append(f"  {failure}")
+        bracket = gradients.safe_bracket(self.fn, entry.layout, state, previous.inputs)
+        if bracket is not None:
+            lines.append(f"  {bracket}")
         return incidents.Incident(
             step=step,
             action=incidents.Action.SKIPPED,
@@ -566,6 +570,8 @@ class GuardedStep:
             loss=loss,
             grad_norm=gnorm,
             diagnosis=diagnosis,
+            loss_term=gradients.term_name(diagnosis),
+            gradients=bracket.to_dict() if bracket is not None else None,
         )
 
     def _diagnose(

@@ -340,6 +340,7 @@ def skip_nonfinite(
                     params,
                     out,
                     loss is not None,
+                    updates,
                 )
             )
         applied = finite & inner_ok
