@@ -29,6 +29,7 @@ def guard(
     growth: float = 100.0,
     donate: bool | None = None,
     verbose: bool = True,
+    underflow: float | None = None,
 ) -> GuardedStep:
     """Wraps a train step once: every bad step is skipped, replayed and explained.
 
@@ -140,6 +141,15 @@ def guard(
             under the wrapped jit.
         verbose: print each incident once (they always go to the
             ``jaxnan.guard`` logger at WARNING too).
+        underflow: None (default): off. A number in (0, 1): the compiled
+            step also computes the fraction of exact zeros in the gradients
+            `jaxnan.skip_nonfinite` receives (with `jaxnan.dynamic_loss_scale`
+            inside it, the loss-scaled gradients), kept for every healthy step
+            in ``step.underflow.figures``; when it rises by this much or more
+            above its median over `window` steps, the guard warns once
+            (cause ``underflow``), before anything goes nonfinite
+            (marin-community/marin#7279). Cost: one fused reduction over the
+            gradients per step (`benchmarks/RESULTS.md`).
 
     Returns:
         A `jaxnan.GuardedStep`, called like `step_fn`; ``.summary()``,
@@ -208,6 +218,15 @@ def guard(
             f"jaxnan.guard: donate must be None (follow the wrapped jit), True or "
             f"False, got {donate!r}."
         )
+    if underflow is not None and (
+        isinstance(underflow, bool)
+        or not isinstance(underflow, (int, float))
+        or not 0 < underflow < 1
+    ):
+        raise ValueError(
+            "jaxnan.guard: underflow must be None (off) or the rise of the zero "
+            f"fraction that warns, a number in (0, 1) such as 0.1; got {underflow!r}."
+        )
     incidents.check_log_path(log)
     return GuardedStep(
         step_fn,
@@ -220,4 +239,5 @@ def guard(
         growth=growth,
         donate=donate,
         verbose=verbose,
+        underflow=underflow,
     )

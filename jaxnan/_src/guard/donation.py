@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 from jax.extend import source_info_util
 
 from jaxnan._src.core import compat
@@ -112,3 +113,16 @@ class Donating:
     def lower(self, health: Any, state: Sequence[Any], inputs: Sequence[Any]):
         """The lowered program (nothing runs or is donated)."""
         return self._jitted.lower(health, *self._split(state), inputs)
+
+
+def owned(inputs: list) -> list:
+    """The inputs, host numpy arrays copied: a loader may reuse its buffers.
+
+    The guard keeps a step's batch to replay it one step late; on CPU a
+    numpy array can be used by the compiled step without a copy, so a loader
+    writing the next batch into the same buffer would change the kept one
+    (and every replay would come back finite, "nondeterministic"). Device
+    arrays are immutable and kept as they are; the copy costs one host
+    memcpy of the numpy leaves per step.
+    """
+    return [np.array(x) if isinstance(x, np.ndarray) else x for x in inputs]

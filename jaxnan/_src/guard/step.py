@@ -44,6 +44,7 @@ from jaxnan._src.guard import (
     program,
 )
 from jaxnan._src.guard.snapshots import Snapshots, copy_leaves
+from jaxnan._src.guard.underflow import Watch
 from jaxnan._src.locate import causes
 from jaxnan._src.locate.api import Diagnosis
 
@@ -85,6 +86,8 @@ class GuardedStep:
         last_state: the state to go on from after the last call, even one
             that raised (see the property).
         steps: the number of calls so far.
+        underflow: with ``underflow=``, the `underflow.Watch` whose ``figures``
+            hold ``(step, zero fraction of the gradients)``; else None.
 
     Memory stays bounded over any number of steps: `figures` and
     `incidents` are ring buffers, the early-warning history holds `window`
@@ -109,6 +112,7 @@ class GuardedStep:
         growth: float,
         donate: bool | None,
         verbose: bool,
+        underflow: float | None = None,
     ):
         self.fn = program.unwrap_jit(fn)
         if donate is None:
@@ -122,6 +126,7 @@ class GuardedStep:
         self.max_streak = max_streak
         self.snapshot_every = snapshot_every
         self.history = history.History(window, growth)
+        self.underflow = Watch(underflow, window) if underflow else None
         self.log = incidents.IncidentLog(log, verbose, keep=self.INCIDENTS_KEPT)
         self.figures: collections.deque[tuple[int, float, float, float, bool]] = (
             collections.deque(maxlen=self.FIGURES_KEPT)
@@ -181,7 +186,7 @@ class GuardedStep:
                 paths.append(where)
         multihost.check_global(program.flatten(layout, args)[1], paths, self.name)
         body, run = program.guarded_body(
-            self.fn, layout, self.loss, self.name, self._notes
+            self.fn, layout, self.loss, self.name, self._notes, bool(self.underflow)
         )
         graph_state = None
         if layout.graph_args:
@@ -224,7 +229,7 @@ class GuardedStep:
                 f"(got keywords {sorted(kwargs)})."
             )
         entry, state, inputs = self._flatten(args)
-        inputs = _owned(inputs)
+        inputs = donation.owned(inputs)
         before = self._zeros if self._pending is None else self._pending.health
         try:
             new_state, metrics = self._step(entry, args, state, inputs, before)
@@ -401,6 +406,8 @@ class GuardedStep:
                     grad_norm=float(h[program.GRAD_NORM]),
                 )
             )
+        if self.underflow is not None:
+            self.underflow.observe(step, float(h[program.ZEROS]), self.log)
         # A snapshot of the state after step s is good once step s + 1, which
         # ran on it, was healthy (and nothing was growing).
         self._snapshots.confirm(step, growing=self.history.growing_at(step))
@@ -648,6 +655,8 @@ class GuardedStep:
         restored = done.incident.restored_step
         if restored is not None:
             self.history.drop_after(restored)
+            if self.underflow is not None:
+                self.underflow.drop_after(restored)
         return done
 
     def _raise(self, incident, entry, args, state):
@@ -674,16 +683,3 @@ class GuardedStep:
                 state=outputs,
             ),
         )
-
-
-def _owned(inputs: list) -> list:
-    """The inputs, host numpy arrays copied: a loader may reuse its buffers.
-
-    The guard keeps a step's batch to replay it one step late; on CPU a
-    numpy array can be used by the compiled step without a copy, so a loader
-    writing the next batch into the same buffer would change the kept one
-    (and every replay would come back finite, "nondeterministic"). Device
-    arrays are immutable and kept as they are; the copy costs one host
-    memcpy of the numpy leaves per step.
-    """
-    return [np.array(x) if isinstance(x, np.ndarray) else x for x in inputs]
