@@ -189,3 +189,25 @@ def test_bracket_of_separated_runs():
     assert str(bracket_of(["a"], [1])) == (
         "gradients: nonfinite in a (1 of 1 leaves, model order); none finite"
     )
+
+
+def test_aux_keys_name_the_terms_without_source():
+    # Compiled from a string: no line to read, the aux keys name the terms
+    # (a mean is a division of a sum: the key is found through the scaling).
+    src = (
+        "def loss(params, x):\n"
+        "    fit = jnp.mean(jnp.square(jnp.log(x * params['w'])))\n"
+        "    l2 = 1e-4 * jnp.sum(params['w'] ** 2)\n"
+        "    return fit + l2, {'fit': fit, 'l2': l2}\n"
+    )
+    namespace = {"jnp": jnp}
+    exec(compile(src, "<notebook cell>", "exec"), namespace)
+    vg = jax.value_and_grad(namespace["loss"], has_aux=True)
+    d = jaxnan.locate(vg)({"w": jnp.ones(3)}, jnp.array([1.0, 0.0, 2.0]))
+    assert d.loss_term == {
+        "name": "fit",
+        "file": "<notebook cell>",
+        "line": 2,
+        "code": None,
+        "terms": ["fit", "l2"],
+    }

@@ -33,20 +33,24 @@ _KEY = re.compile(r"\[['\"]?([^'\"\]]+)['\"]?\]$")
 _ASSIGNED = re.compile(r"^\s*([A-Za-z_]\w*)\s*(?::[^=]+)?=(?!=)")
 
 
-def _expand(nodes: Sequence[Any], i: int, out: list[int], depth: int = 0) -> None:
-    """Appends the terms of the sum that node `i` computes (itself if none)."""
+def _expand(nodes: Sequence[Any], i: int, out: dict, chain: tuple = ()) -> None:
+    """Adds the terms of the sum that node `i` computes (itself if none).
+
+    `out` maps each term to the scaling nodes between it and the sum
+    (``fit`` is the division of a mean: the step may return either).
+    """
     node = nodes[i]
     name = node.eqn.primitive.name
     prods = node.producers
-    if depth < 200 and len(out) < _MAX_TERMS:
+    if len(chain) < 200 and len(out) < _MAX_TERMS:
         if name in _SUMS and prods:
             for q in prods:
-                _expand(nodes, q, out, depth + 1)
+                _expand(nodes, q, out)
             return
         if name in _SCALINGS and len(prods) == 1:
-            _expand(nodes, prods[0], out, depth + 1)
+            _expand(nodes, prods[0], out, (*chain, i))
             return
-    out.append(i)
+    out.setdefault(i, chain)
 
 
 def _cone(nodes: Sequence[Any], i: int) -> set[int]:
@@ -76,22 +80,23 @@ def _frame_label(node: Any) -> dict[str, Any]:
     return where
 
 
-def _label(nodes, out_producers, out_paths, term: int) -> dict[str, Any]:
+def _label(nodes, out_producers, out_paths, term: int, chain) -> dict[str, Any]:
     """Name and line of one term (see the module)."""
     where = _frame_label(nodes[term])
+    mine = {term, *chain}
     for k, p in enumerate(out_producers):
-        key = _KEY.search(out_paths[k]) if p == term else None
+        key = _KEY.search(out_paths[k]) if p in mine else None
         if key and not key.group(1).isdigit():
             where["name"] = key.group(1)
             break
     return where
 
 
-def _terms(nodes: Sequence[Any], producer: int) -> list[int]:
-    """The terms of the sum a node computes, in program order."""
-    found: list[int] = []
+def _terms(nodes: Sequence[Any], producer: int) -> dict[int, tuple]:
+    """The terms of the sum a node computes, in program order (see `_expand`)."""
+    found: dict[int, tuple] = {}
     _expand(nodes, producer, found)
-    return sorted(set(found))
+    return dict(sorted(found.items()))
 
 
 def first_term(
@@ -119,11 +124,13 @@ def first_term(
     """
     for k in bad_outputs:
         scalar = out_producers[k] >= 0 and tuple(out_shapes[k]) == ()
-        terms = _terms(nodes, out_producers[k]) if scalar else []
+        terms = _terms(nodes, out_producers[k]) if scalar else {}
         hits = [t for t in terms if event_unit in _cone(nodes, t)]
         if len(terms) >= 2 and hits:
-            labels = [_label(nodes, out_producers, out_paths, t) for t in terms]
-            return {**labels[terms.index(hits[0])], "terms": _names(labels)}
+            labels = [
+                _label(nodes, out_producers, out_paths, *t) for t in terms.items()
+            ]
+            return {**labels[list(terms).index(hits[0])], "terms": _names(labels)}
     return None
 
 
