@@ -51,6 +51,7 @@ def test_taxonomy_is_the_registry():
         "learning_rate",
         "nondeterministic",
         "growth",
+        "underflow",
     ]
     # One vocabulary: the guard's incidents speak the same enum.
     from jaxnan._src.guard import incidents

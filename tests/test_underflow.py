@@ -154,3 +154,14 @@ def test_watch_rearms_and_forgets_undone_steps():
     assert [s is not None for s in said] == [False, False, True, False, False, False]
     w.drop_after(3)
     assert [s for s, _ in w.figures] == [0, 1, 2, 3]
+
+
+def test_a_large_leaf_is_read_on_its_first_entries():
+    big = np.ones(1 << 20, np.float32)
+    big[: underflow.SAMPLE // 2] = 0.0  # half of the entries read are 0
+    rec = type("Record", (), {"incoming": {"big": jnp.asarray(big), "b": jnp.ones(8)}})
+    expected = 0.5 * (1 << 20) / ((1 << 20) + 8)
+    assert float(underflow.zero_fraction([rec])) == pytest.approx(expected, rel=1e-6)
+    rec.incoming = jnp.array([0.0, 1.0, 0.0, 2.0])
+    assert float(underflow.zero_fraction([rec])) == 0.5
+    assert np.isnan(float(underflow.zero_fraction([])))

@@ -5,10 +5,11 @@ the loss-scaled cotangents of a float16/float8 run) round to exactly 0 and
 the finiteness checks stay quiet, as in marin-community/marin#7279. With
 ``jaxnan.guard(step, underflow=0.1)`` the compiled step also computes the
 fraction of exact zeros in the gradients `jaxnan.skip_nonfinite` receives
-(one fused reduction per leaf; with `jaxnan.dynamic_loss_scale` inside
-`skip_nonfinite`, these are the scaled gradients), read with the health
-vector; `Watch` keeps it for every healthy step and warns once when it rises
-by `jump` or more above its median over the last `window` steps.
+(one reduction per leaf, on the first 4096 entries of a larger one; with
+`jaxnan.dynamic_loss_scale` inside `skip_nonfinite`, these are the scaled
+gradients), read with the health vector; `Watch` keeps it for every healthy
+step and warns once when it rises by `jump` or more above its median over the
+last `window` steps.
 """
 
 from __future__ import annotations
@@ -30,20 +31,37 @@ FIGURES_KEPT = 10_000
 """Steps whose zero fraction `Watch.figures` keeps."""
 
 
+SAMPLE = 4096
+"""Entries of a leaf read for its zero fraction: its first `SAMPLE` (all of
+a smaller leaf). A contiguous prefix is the one sample XLA reads without
+touching the rest: evenly spaced slices made it materialize the gradients
+(1.8x the bytes accessed on the MLP step), a strided one read 1.05x."""
+
+
+def _leaf_fraction(g: jax.Array) -> jax.Array:
+    """The fraction of exact zeros of one leaf (of its first `SAMPLE` entries)."""
+    flat = jnp.ravel(g)[:SAMPLE]
+    return jnp.sum(flat == 0, dtype=jnp.float32) / jnp.float32(flat.size)
+
+
 def zero_fraction(records: Sequence[Any]) -> jax.Array:
     """Exact zeros over all entries of the gradients the records received.
 
-    NaN when no record holds gradients (the figure is then not computed).
+    Each leaf's fraction is weighted by its size; a leaf larger than
+    `SAMPLE` entries is read on its first `SAMPLE` (its first rows: an
+    estimate, for a figure whose jumps matter, at a fixed read per leaf
+    instead of one more pass over the gradients). NaN when no record holds
+    gradients (the figure is then not computed).
     """
-    zeros, size = [], 0
+    parts, size = [], 0
     for r in records:
         for g in jax.tree_util.tree_leaves(getattr(r, "incoming", None)):
             if dtypes.is_inexact_dtype(g.dtype) and g.size:
-                zeros.append(jnp.sum(g == 0, dtype=jnp.float32))
+                parts.append(_leaf_fraction(g) * jnp.float32(g.size))
                 size += g.size
-    if not zeros:
+    if not parts:
         return jnp.full((), jnp.nan, jnp.float32)
-    return sum(zeros) / jnp.float32(size)
+    return sum(parts) / jnp.float32(size)
 
 
 class Watch:
