@@ -165,3 +165,65 @@ def test_a_large_leaf_is_read_on_its_first_entries():
     rec.incoming = jnp.array([0.0, 1.0, 0.0, 2.0])
     assert float(underflow.zero_fraction([rec])) == 0.5
     assert np.isnan(float(underflow.zero_fraction([])))
+
+
+def test_equinox_step_gradient_bracket_and_underflow():
+    import equinox as eqx
+
+    class Model(eqx.Module):
+        encoder: eqx.nn.Linear
+        decoder: eqx.nn.Linear
+
+        def __init__(self, key):
+            k1, k2 = jax.random.split(key)
+            self.encoder = eqx.nn.Linear(4, 16, key=k1)
+            self.decoder = eqx.nn.Linear(16, 3, key=k2)
+
+        def __call__(self, x):
+            h = jax.nn.relu(self.encoder(x.astype(jnp.float16)).astype(jnp.float32))
+            return self.decoder(jnp.log(h + 1.0))
+
+    model = Model(jax.random.key(0))
+    tx = jaxnan.skip_nonfinite(optax.adam(1e-3))
+    opt_state = tx.init(eqx.filter(model, eqx.is_array))
+
+    @eqx.filter_jit
+    def train_step(model, opt_state, batch):
+        def loss_fn(model):
+            return jnp.mean(jnp.square(jax.vmap(model)(batch["x"]) - batch["y"]))
+
+        loss, grads = eqx.filter_value_and_grad(loss_fn)(model)
+        params = eqx.filter(model, eqx.is_array)
+        updates, opt_state = tx.update(grads, opt_state, params, loss=loss)
+        return eqx.apply_updates(model, updates), opt_state, loss
+
+    step = jaxnan.guard(train_step, verbose=False, underflow=0.3)
+    rng = np.random.default_rng(0)
+    for k in range(6):
+        x = rng.normal(size=(8, 4)).astype(np.float32)
+        # step 2: float16 overflows in the encoder (inf -> a NaN gradient
+        # there); steps 4-5: the encoder's input rounds to 0 in float16.
+        scale = {2: 1e6, 4: 1e-9, 5: 1e-9}.get(k, 1.0)
+        batch = {"x": x * scale, "y": np.ones((8, 3), np.float32)}
+        model, opt_state, _ = step(model, opt_state, batch)
+    step.finish()
+    bad, warning = step.incidents
+    assert (bad.step, bad.cause, warning.step, warning.cause) == (
+        2,
+        "precision",
+        4,
+        "underflow",
+    )
+    # The loss itself is NaN: every gradient leaf is, in model order.
+    assert bad.gradients == {
+        "nonfinite": {
+            ".encoder.weight": 64,
+            ".encoder.bias": 9,
+            ".decoder.weight": 48,
+            ".decoder.bias": 3,
+        },
+        "finite_before": None,
+        "finite_after": None,
+        "leaves": 4,
+    }
+    assert "; none finite" in bad.message
