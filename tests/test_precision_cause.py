@@ -254,3 +254,23 @@ def test_xlogy_and_xlog1py_divisions_are_blamed_on_the_log_op():
         "y may be -1 select it away inside and outside: "
         "jnp.where(y > -1, xlog1py(x, jnp.where(y > -1, y, 1.0)), 0.0)."
     )
+
+
+def test_a_float16_cast_that_overflows_names_bfloat16():
+    def loss_fn(w, x):
+        h = (x @ w).astype(jnp.float16)  # <- f16 cast
+        return jnp.mean(jnp.tanh(h).astype(jnp.float32))
+
+    x = 100.0 * jax.random.uniform(jax.random.key(0), (2, 4), minval=1.0, maxval=2.0)
+    d = jaxnan.locate(jax.value_and_grad(loss_fn))(jnp.full((4, 4), 300.0), x)
+    assert (d.primitive, d.phase, d.cause) == (
+        "convert_element_type",
+        "forward",
+        "precision",
+    )
+    assert d.line == line("f16 cast")
+    assert d.fix == (
+        "The values exceed float16's range (max 65504.0) as they are cast to "
+        "float16: cast to bfloat16 instead, which has float32's range, or keep "
+        "them in float32 (or scale them down before the cast)."
+    )

@@ -94,6 +94,12 @@ def _backward_fix(event: causes.Event, dt: str, limit: float) -> str:
 
 
 def _forward_overflow_fix(event: causes.Event, dt: str, limit: float) -> str:
+    if event.primitive == _CAST:
+        return (
+            f"The values exceed {dt}'s range (max {causes.fmt(limit)}) as they are "
+            f"cast to {dt}: cast to bfloat16 instead, which has float32's range, "
+            "or keep them in float32 (or scale them down before the cast)."
+        )
     matmul = (
         ", preferred_element_type=jnp.float32 for a matmul"
         if event.primitive in ("dot_general", "conv_general_dilated")
