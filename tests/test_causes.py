@@ -51,6 +51,7 @@ def test_taxonomy_is_the_registry():
         "learning_rate",
         "nondeterministic",
         "growth",
+        "underflow",
     ]
     # One vocabulary: the guard's incidents speak the same enum.
     from jaxnan._src.guard import incidents
@@ -347,7 +348,12 @@ def test_precision_when_the_step_is_finite_in_float32():
     assert classify(ev).cause == "overflow"  # no experiment: the rule alone
     ev.finite_in_float32 = True
     cause, fix, seen = classify(ev)
-    assert cause == "precision" and fix == Cause.PRECISION.fix
+    assert cause == "precision"
+    assert fix == (
+        "`exp` overflows float16 (max 65504.0) where float32 does not: compute it "
+        "in bfloat16, which has float32's range, or in float32 "
+        "(x.astype(jnp.float32) before it), then cast back."
+    )
     assert seen == (
         "exp received max 12.0, overflow above 11.1 for float16 (1 of 2 positions); "
         "the same step is finite in float32 (float16 is too narrow here)"

@@ -50,7 +50,7 @@ def is_user_file(file_name: str) -> bool:
     """Whether a source file holds the user's code: the line a report names.
 
     Not the user's: the packages of `libraries.LIBRARIES` (jax, optax, chex,
-    flax, equinox, jaxnan; jaxnan's shipped examples excepted), the standard
+    flax, equinox, jmp, jaxnan; jaxnan's shipped examples excepted), the standard
     library (``contextlib``/``functools`` wrappers included; a package
     installed under it in ``site-packages`` excepted) and Python's frozen
     modules (``<frozen runpy>``). Code without a file (``<stdin>``,
@@ -83,7 +83,16 @@ _API_PREFIXES = (
     ("optax", "", "optax."),
     ("flax", "", "flax."),
     ("equinox", "", "eqx."),
+    ("jmp", "", "jmp."),
 )
+
+
+def _function_name(rel: str, function_name: str) -> str:
+    """The public name of a library frame's function (``_xlogy_jvp``: xlogy)."""
+    fname = function_name.split(".")[-1]
+    if rel.startswith("_src/scipy/special") and re.fullmatch(r"_\w+_jvp", fname):
+        return fname[1:-4]  # the jvp rule of xlogy is "gradient of xlogy"
+    return fname
 
 
 def _api_name(frame: Any) -> str | None:
@@ -98,7 +107,7 @@ def _api_name(frame: Any) -> str | None:
     rel = rel.replace(os.sep, "/")
     if rel.endswith("array_methods.py"):
         return None
-    fname = frame.function_name.split(".")[-1]
+    fname = _function_name(rel, frame.function_name)
     if fname.startswith("_") or fname.startswith("<"):
         return None
     for want_lib, sub, prefix in _API_PREFIXES:

@@ -11,7 +11,7 @@ from jax.extend import source_info_util
 source_info_util.register_exclusion(__file__)
 
 # Packages whose frames are never "the user's line" in a report.
-LIBRARIES = ("jax", "jaxlib", "optax", "chex", "flax", "equinox", "jaxnan")
+LIBRARIES = ("jax", "jaxlib", "optax", "chex", "flax", "equinox", "jmp", "jaxnan")
 
 
 @functools.lru_cache(maxsize=1)

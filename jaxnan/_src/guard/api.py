@@ -36,6 +36,7 @@ def guard(
     bad_batches: str | os.PathLike | None = None,
     start_step: int = 0,
     schedule: Callable[[Any], Any] | None = None,
+    underflow: float | None = None,
 ) -> GuardedStep:
     """Wraps a train step once: every bad step is skipped, replayed and explained.
 
@@ -180,6 +181,15 @@ def guard(
             the host only at an incident, at the optimizer's ``count``
             and the `window` counts before it. None: the learning rate is
             read from an `optax.inject_hyperparams` state, if any.
+        underflow: None (default): off. A number in (0, 1): the compiled
+            step also computes the fraction of exact zeros in the gradients
+            `jaxnan.skip_nonfinite` receives (with `jaxnan.dynamic_loss_scale`
+            inside it, the loss-scaled gradients), kept for every healthy step
+            in ``step.underflow.figures``; when it rises by this much or more
+            above its median over `window` steps, the guard warns once
+            (cause ``underflow``), before anything goes nonfinite
+            (marin-community/marin#7279). Cost: one fused reduction over the
+            gradients per step (`benchmarks/RESULTS.md`).
 
     Returns:
         A `jaxnan.GuardedStep`, called like `step_fn`; ``.summary()``,
@@ -252,11 +262,7 @@ def guard(
             f"jaxnan.guard: donate must be None (follow the wrapped jit), True or "
             f"False, got {donate!r}."
         )
-    if schedule is not None and not callable(schedule):
-        raise TypeError(
-            f"jaxnan.guard: schedule must be an optax schedule (a function of the "
-            f"step count) or None, got {type(schedule).__name__}."
-        )
+    _check_diagnosis_options(schedule, underflow)
     incidents.check_log_path(log)
     plan = rollback.RunPlan(
         policy,
@@ -281,4 +287,23 @@ def guard(
         verbose=verbose,
         plan=plan,
         schedule=schedule,
+        underflow=underflow,
     )
+
+
+def _check_diagnosis_options(schedule: Any, underflow: Any) -> None:
+    """Rejects a `schedule` that is not callable and an `underflow` outside (0, 1)."""
+    if schedule is not None and not callable(schedule):
+        raise TypeError(
+            f"jaxnan.guard: schedule must be an optax schedule (a function of the "
+            f"step count) or None, got {type(schedule).__name__}."
+        )
+    if underflow is not None and (
+        isinstance(underflow, bool)
+        or not isinstance(underflow, (int, float))
+        or not 0 < underflow < 1
+    ):
+        raise ValueError(
+            "jaxnan.guard: underflow must be None (off) or the rise of the zero "
+            f"fraction that warns, a number in (0, 1) such as 0.1; got {underflow!r}."
+        )

@@ -59,6 +59,30 @@ def nondeterministic(step: int, loss: float, gnorm: float) -> incidents.Incident
     )
 
 
+def diagnose_step(
+    fn: Callable, layout: program.Layout, state: list, inputs: list, counts: dict, name
+) -> tuple[Diagnosis | None, str]:
+    """What `jaxnan.locate` says about a bad step (its input check on the host).
+
+    A batch that already holds NaN/Inf (`counts`, from
+    `examples.input_counts`) is the root cause whatever the step does with
+    it; that is read on the host without compiling the instrumented replay.
+    """
+    if counts:
+        found = causes.classify_inputs(counts)
+        diagnosis = Diagnosis(
+            found=True,
+            phase=causes.Phase.INPUT,
+            cause=found.cause,
+            fix=found.fix,
+            inputs_seen=found.seen,
+            nonfinite_inputs=counts,
+            fn_name=name,
+        )
+        return diagnosis, ""
+    return locate_step(fn, layout, state, inputs)
+
+
 def locate_step(
     fn: Callable, layout: program.Layout, state: list, inputs: list
 ) -> tuple[Diagnosis | None, str]:

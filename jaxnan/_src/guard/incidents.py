@@ -92,6 +92,13 @@ class Incident:
         evidence: what the cause rests on (`jaxnan.Evidence`, one per
             figure: ``gradient norm grew 1.1e+04x over 20 steps: 3.1 ->
             3.4e+04``), the report's ``why:`` lines.
+        loss_term: when the nonfinite loss is a sum of terms, the one that
+            went nonfinite first (its key in the returned metrics, or the
+            name assigned on its line; see `jaxnan.Diagnosis.loss_term`).
+        gradients: the gradient bracket: ``{"nonfinite": {path: count},
+            "finite_before", "finite_after", "leaves"}``, the parameter leaves
+            whose gradients are nonfinite, in model order, and the nearest
+            ones that stayed finite (computed at the incident only).
     """
 
     step: int
@@ -111,6 +118,8 @@ class Incident:
     repeat_of: int | None = None
     undone: tuple[int, ...] = ()
     evidence: tuple[Evidence, ...] = ()
+    loss_term: str | None = None
+    gradients: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values for JSON and loggers (the diagnosis as a dict)."""

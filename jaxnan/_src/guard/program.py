@@ -40,13 +40,14 @@ from jax.extend import source_info_util
 from jaxnan._src.core import compat, dtypes
 from jaxnan._src.frameworks import registry
 from jaxnan._src.frameworks.registry import Adapter
+from jaxnan._src.guard import underflow
 from jaxnan._src.transforms import nonfinite, update_tap
 
 source_info_util.register_exclusion(__file__)
 
-# Health vector layout (float32).
-BAD, LOSS, GRAD_NORM, RATIO, HELD = range(5)
-HEALTH_SIZE = 5
+# Health vector layout (float32); ZEROS is NaN unless asked for (`underflow`).
+BAD, LOSS, GRAD_NORM, RATIO, HELD, ZEROS = range(6)
+HEALTH_SIZE = 6
 # Largest leaf whose old value is kept for the update-to-parameter ratio.
 RATIO_SAMPLE = 4096
 
@@ -468,8 +469,7 @@ def _describe(metrics: Any) -> str:
 
 def _ratio(pairs: Sequence[tuple[Any, Any]]) -> jax.Array:
     """||new - old|| / ||old|| over ``(old_sample, new_param)`` pairs."""
-    du = jnp.zeros((), jnp.float32)
-    dp = jnp.zeros((), jnp.float32)
+    du = dp = jnp.zeros((), jnp.float32)
     for so, p in pairs:
         du = du + jnp.sum(jnp.square(p.astype(jnp.float32) - so))
         dp = dp + jnp.sum(jnp.square(so))
@@ -521,6 +521,7 @@ def guarded_body(
     loss: str | Callable | None,
     fn_name: str,
     notes: list[str],
+    zeros: bool = False,
 ) -> Callable:
     """``(hold, state, inputs) -> (new_state, metrics, health)``, to be jitted.
 
@@ -604,6 +605,7 @@ def guarded_body(
                 gnorm.astype(jnp.float32),
                 ratio,
                 hold.astype(jnp.float32),
+                underflow.zero_fraction(direct if zeros else ()),
             ]
         )
         return kept, metrics, health

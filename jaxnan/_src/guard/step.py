@@ -37,6 +37,7 @@ from jaxnan._src.guard import (
     donation,
     evidence,
     examples,
+    gradients,
     history,
     history_rules,
     incidents,
@@ -46,8 +47,8 @@ from jaxnan._src.guard import (
     rollback,
 )
 from jaxnan._src.guard.snapshots import copy_leaves
+from jaxnan._src.guard.underflow import Watch
 from jaxnan._src.locate import causes
-from jaxnan._src.locate.api import Diagnosis
 
 source_info_util.register_exclusion(__file__)
 
@@ -87,6 +88,8 @@ class GuardedStep:
         last_state, last_good, position: see the properties.
         bad_batches: the run's bad-batch record (`jaxnan.BadBatches`).
         steps: the number of calls so far.
+        underflow: with ``underflow=``, the `underflow.Watch` whose ``figures``
+            hold ``(step, zero fraction of the gradients)``; else None.
 
     Memory stays bounded over any number of steps: `figures` and
     `incidents` are ring buffers, the early-warning history holds `window`
@@ -113,6 +116,7 @@ class GuardedStep:
         verbose: bool,
         plan: rollback.RunPlan | None = None,
         schedule: Callable[[Any], Any] | None = None,
+        underflow: float | None = None,
     ):
         self.schedule = schedule
         self.fn = program.unwrap_jit(fn)
@@ -127,6 +131,7 @@ class GuardedStep:
         self.max_streak = max_streak
         self.snapshot_every = snapshot_every
         self.history = history.History(window, growth)
+        self.underflow = Watch(underflow, window) if underflow else None
         self.log = incidents.IncidentLog(log, verbose, keep=self.INCIDENTS_KEPT)
         self.figures: collections.deque[tuple[int, float, float, float, bool]] = (
             collections.deque(maxlen=self.FIGURES_KEPT)
@@ -206,7 +211,7 @@ class GuardedStep:
                 paths.append(where)
         multihost.check_global(program.flatten(layout, args)[1], paths, self.name)
         body, run = program.guarded_body(
-            self.fn, layout, self.loss, self.name, self._notes
+            self.fn, layout, self.loss, self.name, self._notes, bool(self.underflow)
         )
         graph_state = None
         if layout.graph_args:
@@ -429,6 +434,8 @@ class GuardedStep:
                     evidence=tuple(g.evidence() for g in grown),
                 )
             )
+        if self.underflow is not None:
+            self.underflow.observe(step, float(h[program.ZEROS]), self.log)
         # A snapshot of the state after step s is good once step s + 1, which
         # ran on it, was healthy (and nothing was growing).
         self._snapshots.confirm(step, growing=self.history.growing_at(step))
@@ -555,7 +562,9 @@ class GuardedStep:
     ):
         """The incident of a new bad step: replayed, its examples, its cause."""
         entry, step = previous.entry, previous.step
-        diagnosis, failure = self._diagnose(entry, state, previous.inputs, counts)
+        diagnosis, failure = diagnoses.diagnose_step(
+            self.fn, entry.layout, state, previous.inputs, counts, self.name
+        )
         line, leaf, rows = self._examples(previous, state, diagnosis)
         ctx = history_rules.Context(
             step,
@@ -574,6 +583,9 @@ class GuardedStep:
         diagnosis, message, cause, cited = diagnoses.verdict_text(
             step, loss, line, ctx, verdict
         )
+        bracket = gradients.safe_bracket(self.fn, entry.layout, state, previous.inputs)
+        if bracket is not None:
+            message += f"\n  {bracket}"
         return incidents.Incident(
             step=step,
             action=incidents.Action.SKIPPED,
@@ -588,33 +600,9 @@ class GuardedStep:
             grad_norm=gnorm,
             diagnosis=diagnosis,
             evidence=cited,
+            loss_term=gradients.term_name(diagnosis),
+            gradients=bracket.to_dict() if bracket is not None else None,
         )
-
-    def _diagnose(
-        self, entry: _Entry, state: list, inputs: list, counts: dict
-    ) -> tuple[Diagnosis | None, str]:
-        """What `jaxnan.locate` says about the step (its input check on the host).
-
-        A batch that already holds NaN/Inf (`counts`, from
-        `examples.input_counts`) is the root cause whatever the step does
-        with it; that is read on the host without compiling the instrumented
-        replay.
-        """
-        if counts:
-            found = causes.classify_inputs(counts)
-            return (
-                Diagnosis(
-                    found=True,
-                    phase=causes.Phase.INPUT,
-                    cause=found.cause,
-                    fix=found.fix,
-                    inputs_seen=found.seen,
-                    nonfinite_inputs=counts,
-                    fn_name=self.name,
-                ),
-                "",
-            )
-        return diagnoses.locate_step(self.fn, entry.layout, state, inputs)
 
     def _examples(self, previous: _Pending, state: list, diagnosis):
         """``(line, leaf, rows)``: the bad examples of a step and their text.
@@ -668,6 +656,8 @@ class GuardedStep:
         restored = done.incident.restored_step
         if restored is not None:
             self.history.drop_after(restored)
+            if self.underflow is not None:
+                self.underflow.drop_after(restored)
         return done
 
     def _raise(self, incident, entry, args, state, head=""):

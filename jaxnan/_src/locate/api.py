@@ -38,6 +38,7 @@ from jaxnan._src.locate import (
     precision,
     render,
     replay,
+    terms,
 )
 from jaxnan._src.locate.causes import Cause, Phase
 from jaxnan._src.locate.flow import Flow
@@ -118,6 +119,11 @@ class Diagnosis:
             agree or when not checked.
         layer_stats: the activation (and gradient) statistics of the layer
             holding the creating equation (see `jaxnan.activation_stats`).
+        loss_term: when the nonfinite loss is a sum of terms, the term that
+            went nonfinite first: ``{"name", "file", "line", "code",
+            "terms"}`` (the name is the key under which the step returns it,
+            ``aux["kl"]``, else the name assigned on its line; ``terms``
+            lists them all).
     """
 
     found: bool
@@ -153,6 +159,7 @@ class Diagnosis:
     consumed_by: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     compiled_outputs: dict[str, tuple[int, int, int]] | None = None
     layer_stats: str | None = None
+    loss_term: dict[str, Any] | None = None
 
     @property
     def where(self) -> str | None:
@@ -415,6 +422,15 @@ def _diagnose(run: replay.Run, opts: _Options) -> Diagnosis:
         return Diagnosis(found=bool(nonfinite_outputs), **common)
     node = det.nodes[index]
     phase = flow.phase(node, bad_primal, bool(bad))
+    if bad_primal:
+        common["loss_term"] = terms.first_term(
+            det.nodes,
+            det.out_producers,
+            run.out_paths,
+            [v.aval.shape for v in run.closed.jaxpr.outvars],
+            [i for i in bad if i in flow.primal_outputs],
+            node.unit,
+        )
     return _event_diagnosis(run, opts, det, node, phase, cone, common)
 
 
@@ -458,10 +474,12 @@ def _event_diagnosis(run, opts, det, node, phase, cone, common) -> Diagnosis:
     event = causes.Event(eqn, eqn.primitive.name, phase, inputs, outputs, api)
     event.history = opts.history
     if phase != Phase.UPDATE:
+        # A constant-valued cotangent (of a mean) is no constant of the line.
+        values = inputs if phase == Phase.FORWARD else ()
         event.lost_constant = precision.lost_constant(
-            where["file"], where["line"], dtype, inputs
+            where["file"], where["line"], dtype, values
         )
-        if not event.lost_constant and dtype in causes.LOW_PRECISION:
+        if not event.lost_constant and precision.is_narrow(dtype):
             event.finite_in_float32 = _finite_in_float32(run, eqn, inputs)
     found = cause_rules.classify(event)
     nan_event = None

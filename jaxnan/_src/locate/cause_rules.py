@@ -16,7 +16,7 @@ import numpy as np
 from jax.extend import source_info_util
 
 from jaxnan._src.core.primitives import Domain
-from jaxnan._src.locate import causes
+from jaxnan._src.locate import causes, precision_fix
 from jaxnan._src.locate.causes import Cause, Classification
 
 source_info_util.register_exclusion(__file__)
@@ -29,6 +29,30 @@ source_info_util.register_exclusion(__file__)
 def _unary(event: causes.Event) -> np.ndarray | None:
     floats = [a for a in event.inputs if causes.is_float(a)]
     return causes.as_f64(floats[0]) if floats else None
+
+
+def _log_op(event: causes.Event) -> str | None:
+    """``xlogy``/``xlog1py`` when the equation is their derivative's x / y."""
+    name = (event.user_function or "").rsplit(".", 1)[-1]
+    return name if name in ("xlogy", "xlog1py") else None
+
+
+def _log_op_gradient(event: causes.Event, op: str, text: str) -> Classification:
+    """The derivative of xlogy(x, y) (x / y, and log(y)) at y = 0 (xlog1py: -1)."""
+    y0, arg, low = (
+        ("0", "y", "1e-7") if op == "xlogy" else ("-1", "(1 + y)", "-1 + 1e-7")
+    )
+    seen = (
+        f"{text} (gradient of {event.user_function}: its derivative x / {arg} "
+        f"and log({arg}) are not finite where y = {y0}, although {op}(0, {y0}) = 0)"
+    )
+    fix = (
+        f"{op}(x, y) is 0 where x = 0, but its gradient is not finite where "
+        f"y = {y0}: keep y away from {y0} (jnp.clip(y, {low}) or y + eps), "
+        f"or where y may be {y0} select it away inside and outside: "
+        f"jnp.where(y > {y0}, {op}(x, jnp.where(y > {y0}, y, 1.0)), 0.0)."
+    )
+    return Classification(Cause.UNSAFE_OP, fix, seen)
 
 
 @causes.rule(Domain.LOG)
@@ -436,38 +460,6 @@ def _history_classification(
     return None
 
 
-def _low_precision(event: causes.Event) -> str | None:
-    for a in (*event.outputs, *event.inputs):
-        if causes.is_float(a) and causes.dtype_name(a) in causes.LOW_PRECISION:
-            return causes.dtype_name(a)
-    return None
-
-
-def _precision(event: causes.Event, found: Classification) -> Classification | None:
-    dt = _low_precision(event)
-    if event.lost_constant:
-        return Classification(
-            Cause.PRECISION,
-            Cause.PRECISION.fix,
-            f"{found.seen}; the constant {event.lost_constant}",
-        )
-    if event.finite_in_float32 and dt is not None:
-        return Classification(
-            Cause.PRECISION,
-            Cause.PRECISION.fix,
-            f"{found.seen}; the same step is finite in float32 ({dt} is too "
-            "narrow here)",
-        )
-    if event.finite_in_float32:
-        return Classification(
-            Cause.PRECISION,
-            Cause.PRECISION.fix,
-            f"{found.seen}; the same step is finite when its float16/bfloat16 "
-            "values are computed in float32",
-        )
-    return None
-
-
 def classify(event: causes.Event) -> Classification:
     """Classify a creation event into a cause, a fix and what it received.
 
@@ -514,11 +506,20 @@ def classify(event: causes.Event) -> Classification:
         )
 
 
-def _classify(event: causes.Event) -> Classification:
+def _specific(event: causes.Event) -> Classification | None:
+    """The domain rule's classification, else the overflow rule's."""
     rule = causes.rule_for(event.primitive)
     specific = rule(event) if rule is not None else None
     if specific is None:
-        specific = _rule_overflow(event)
+        return _rule_overflow(event)
+    op = _log_op(event)
+    if op and event.phase == "backward" and specific.cause is Cause.UNSAFE_OP:
+        return _log_op_gradient(event, op, specific.seen.split(" (gradient of")[0])
+    return specific
+
+
+def _classify(event: causes.Event) -> Classification:
+    specific = _specific(event)
     seen = causes.describe_generic(event) or (
         f"{event.primitive} produced a nonfinite value"
     )
@@ -538,7 +539,7 @@ def _classify(event: causes.Event) -> Classification:
             )
         found = Classification(Cause.UPDATE, fix, found.seen)
     else:
-        found = _precision(event, found) or found
+        found = precision_fix.classify(event, found) or found
     if found.cause in (Cause.OVERFLOW, Cause.EXPLODING_GRADIENT, Cause.UPDATE):
         found = _history_classification(event, found) or found
     return found

@@ -18,8 +18,9 @@
     -inf, a cancellation).
   - ``learning_rate``: the parameters grew over the recent steps until a value
     overflowed.
-  - ``nondeterministic`` and ``growth``: the guard's own verdicts (a bad step
-    whose replay was not bad; the early warning, before any NaN).
+  - ``nondeterministic``, ``growth`` and ``underflow``: the guard's own
+    verdicts (a bad step whose replay was not bad; the early warnings, before
+    any NaN: figures that grow, gradients that round to 0).
 
 - `Classification`: ``(cause, fix, seen)`` for one event.
 - `RULES`: the classification rule of each primitive, registered with `rule`
@@ -129,6 +130,13 @@ class Cause(str, enum.Enum):
         "growth",
         "Training is diverging before any NaN: lower the learning rate (or add "
         "warm-up) and clip the gradients (optax.clip_by_global_norm).",
+    )
+    UNDERFLOW = (
+        "underflow",
+        "Gradient entries are rounding to exactly 0 while everything stays "
+        "finite: raise the loss scale (jaxnan.dynamic_loss_scale grows it), keep "
+        "the gradients in float32 or bfloat16 where float16/float8 underflow, "
+        "and check for units gone silent (a dead ReLU layer).",
     )
 
 
@@ -311,9 +319,9 @@ def finfo_max(dtype_name: str) -> float:
     try:
         import ml_dtypes  # shipped with jaxlib
 
-        if dtype_name == "bfloat16":
-            return float(ml_dtypes.finfo(ml_dtypes.bfloat16).max)
-    except ImportError:  # pragma: no cover
+        if dtype_name == "bfloat16" or dtype_name.startswith(("float8_", "float4_")):
+            return float(ml_dtypes.finfo(getattr(ml_dtypes, dtype_name)).max)
+    except (ImportError, AttributeError):  # pragma: no cover
         pass
     try:
         return float(np.finfo(np.dtype(dtype_name)).max)

@@ -1,7 +1,7 @@
 """The precision experiment of `jaxnan.locate`: the step again, in float32.
 
-`finite_in_float32` re-evaluates a closed jaxpr with every float16 and
-bfloat16 value computed in float32 (arguments, constants, literals, casts,
+`finite_in_float32` re-evaluates a closed jaxpr with every float16,
+bfloat16 and float8 value computed in float32 (arguments, constants, literals, casts,
 ``preferred_element_type``), inlining calls and rebuilding `cond`, `scan`,
 `while` and `shard_map` around the upcast bodies, and says whether every
 output is finite. When the nonfinite value disappears, the dtype lost it.
@@ -34,18 +34,33 @@ _LOW = primitives.LOW_PRECISION_NAMES
 _DTYPE_PARAMS = ("new_dtype", "preferred_element_type", "dtype")
 
 
+def is_narrow(dtype: Any) -> bool:
+    """Whether the experiment recomputes `dtype` in float32.
+
+    float16, bfloat16 and the 8- and 4-bit floats (``float8_e4m3fn``,
+    ``float8_e5m2``, ...).
+
+    Examples:
+        >>> from jaxnan._src.locate.precision import is_narrow
+        >>> is_narrow("float16"), is_narrow("float8_e4m3fn"), is_narrow("float32")
+        (True, True, False)
+    """
+    name = str(dtype)
+    return name in _LOW or name.startswith(("float8_", "float4_"))
+
+
 class Unsupported(Exception):
     """A primitive the upcast evaluator cannot rebuild."""
 
 
 def has_low_precision(jaxpr: Any) -> bool:
-    """Whether any value of `jaxpr` (nested bodies included) is float16/bf16."""
+    """Whether any value of `jaxpr` (nested bodies included) is narrow."""
     for v in (*jaxpr.invars, *jaxpr.outvars, *jaxpr.constvars):
-        if str(getattr(getattr(v, "aval", None), "dtype", "")) in _LOW:
+        if is_narrow(getattr(getattr(v, "aval", None), "dtype", "")):
             return True
     for eqn in jaxpr.eqns:
         for v in (*eqn.invars, *eqn.outvars):
-            if str(getattr(getattr(v, "aval", None), "dtype", "")) in _LOW:
+            if is_narrow(getattr(getattr(v, "aval", None), "dtype", "")):
                 return True
         for sub in primitives.sub_jaxprs(eqn, strict=False):
             if has_low_precision(sub.jaxpr):
@@ -55,7 +70,7 @@ def has_low_precision(jaxpr: Any) -> bool:
 
 def _up(x: Any) -> Any:
     dt = getattr(x, "dtype", None)
-    if dt is not None and str(dt) in _LOW:
+    if dt is not None and is_narrow(dt):
         return jnp.asarray(x, jnp.float32)
     return x
 
@@ -63,7 +78,7 @@ def _up(x: Any) -> Any:
 def _params(params: dict) -> dict:
     out = dict(params)
     for key in _DTYPE_PARAMS:
-        if key in out and str(out[key]) in _LOW:
+        if key in out and is_narrow(out[key]):
             out[key] = np.dtype(np.float32)
     return out
 
@@ -75,7 +90,7 @@ def _closed(body: Any) -> tuple[Any, Sequence[Any]]:
 
 
 def evaluate(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any]) -> list:
-    """Evaluates `jaxpr` with float16/bfloat16 values computed in float32."""
+    """Evaluates `jaxpr` with its narrow values (`is_narrow`) computed in float32."""
     env: dict[Any, Any] = {}
     for v, x in zip(jaxpr.constvars, consts):
         env[v] = _up(x)
@@ -169,7 +184,7 @@ def _shard_map(p: dict, ins: list) -> list:
 def finite_in_float32(closed: Any, consts: Sequence[Any], args: Sequence[Any]):
     """True/False: whether every output of the upcast step is finite.
 
-    None when the step holds no float16/bfloat16 value, or when a primitive
+    None when the step holds no narrow value (`is_narrow`), or when a primitive
     cannot be re-evaluated in float32.
     """
     if not has_low_precision(closed.jaxpr):

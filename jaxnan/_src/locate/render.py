@@ -49,6 +49,17 @@ def _nan_event_line(e: Mapping[str, Any]) -> str:
     )
 
 
+def _term_line(t: Mapping[str, Any]) -> str:
+    """The term of a summed loss that went nonfinite first."""
+    name = f"`{t['name']}`" if t.get("name") else "the term"
+    where = shown_where(t.get("file"), t.get("line")) or "an unknown line"
+    code = f": {t['code']}" if t.get("code") else ""
+    return (
+        f"  term:    {name} went nonfinite first, of the loss terms "
+        f"{', '.join(t['terms'])} (at {where}{code})"
+    )
+
+
 def on_device(device: int | None, process: int | None) -> str:
     """`` on device 3 (process 0)``: who held the first nonfinite value.
 
@@ -79,6 +90,8 @@ def _event_lines(d: Any, name: str) -> list[str]:
     ]
     if d.nan_event:
         lines.append(_nan_event_line(d.nan_event))
+    if getattr(d, "loss_term", None):
+        lines.append(_term_line(d.loss_term))
     for field, label in _EVENT_FIELDS:
         value = getattr(d, field)
         if _is_set(value):

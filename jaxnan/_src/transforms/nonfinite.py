@@ -373,6 +373,7 @@ def skip_nonfinite(
                     params,
                     out,
                     loss is not None,
+                    updates,
                 )
             )
         applied = finite & inner_ok

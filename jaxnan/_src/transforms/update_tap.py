@@ -23,12 +23,14 @@ class TapRecord(NamedTuple):
         params: its `params` argument (None if absent).
         updates: the updates it returns.
         loss_given: whether ``loss=`` was passed to it.
+        incoming: the updates it received (the gradients), as arrays.
     """
 
     norm: Any
     params: Any
     updates: Any
     loss_given: bool
+    incoming: Any = None
 
 
 class UpdateTap(NamedTuple):

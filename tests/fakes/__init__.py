@@ -1,0 +1,1 @@
+"""Stand-ins for libraries that users' code calls (jmp), for tests."""
