@@ -24,6 +24,7 @@ source_info_util.register_exclusion(__file__)
 _NAME = "jaxnan.activation_stats"
 GRAD_SUFFIX = " (grad)"
 
+
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=[
@@ -112,6 +113,9 @@ class ActivationStats(dict):
 
     A dict whose order survives `jit`: it is a pytree that flattens in its
     own order (a plain dict flattens sorted by key).
+
+    Raises:
+        KeyError: for a layer name it does not hold (as a dict does).
     """
 
 
@@ -220,9 +224,7 @@ def _sub_jaxpr(eqn: Any) -> tuple[Any, Sequence[Any]] | None:
     if len(subs) != 1 or subs[0].role is not primitives.Role.CALL:
         return None
     jaxpr = subs[0].jaxpr
-    if len(jaxpr.invars) != len(eqn.invars) or len(jaxpr.outvars) != len(
-        eqn.outvars
-    ):
+    if len(jaxpr.invars) != len(eqn.invars) or len(jaxpr.outvars) != len(eqn.outvars):
         return None  # remat_opt's forward also returns residuals
     return jaxpr, subs[0].consts
 
@@ -660,6 +662,7 @@ def activation_stats(
         if bound:
             args = (first, *args)
         closed, dyn, provs = trace(call, args, kwargs, argnums)
+
         def measure(consts, xs):
             walker = Walker()
             walker.run(closed.jaxpr, consts, xs, provs)
