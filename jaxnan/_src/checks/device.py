@@ -91,6 +91,28 @@ def counted(leaf: Any) -> bool:
     return True
 
 
+def _read(pairs: list, phase: errors.Phase) -> list[jax.Array]:
+    """The values a check reads: (leaf, is a stored constant) pairs.
+
+    A constant's +-Inf entries are intentional (only its NaN entries count).
+    Gradients are read through a view of another rank: XLA folds it into
+    the gradient's own reshape (say of a bias gradient summed over
+    [1, 1, 1, C]), which then keeps the optimizer as its only reader and
+    moves past its arithmetic as it does without the check (the fused
+    update, and the rounding of its multiply-adds, stay those of the plain
+    step; `tests/frameworks/test_bit_exact.py`).
+    """
+    xs = []
+    for x, constant in pairs:
+        x = lax.stop_gradient(jnp.asarray(x))
+        if constant:
+            x = jnp.where(jnp.isinf(x), jnp.zeros_like(x), x)
+        if phase is errors.Phase.BACKWARD:
+            x = x.reshape((1, *x.shape))
+        xs.append(x)
+    return xs
+
+
 def check(
     leaves: list,
     paths: Sequence[str],
@@ -132,18 +154,7 @@ def check(
     if not pairs:
         return None, None
     paths = [p for p, _, _ in pairs]
-    xs = [lax.stop_gradient(jnp.asarray(x)) for _, x, _ in pairs]
-    xs = [
-        jnp.where(jnp.isinf(x), jnp.zeros_like(x), x) if c else x
-        for x, (_, _, c) in zip(xs, pairs)
-    ]
-    if phase is errors.Phase.BACKWARD:
-        # A view of another rank: XLA folds it into the gradient's own
-        # reshape (say of a bias gradient summed over [1, 1, 1, C]), which
-        # then keeps the optimizer as its only reader and moves past its
-        # arithmetic as it does without the check (the fused update, and the
-        # rounding of its multiply-adds, stay those of the plain step).
-        xs = [x.reshape((1, *x.shape)) for x in xs]
+    xs = _read([(x, c) for _, x, c in pairs], phase)
     # Arguments are all ready at once: their small leaves share a reduction.
     ok = (
         tree.all_finite_packed(xs)
