@@ -91,19 +91,6 @@ def batches(n, seed=0):
     ]
 
 
-FUSION_ROUNDING = pytest.mark.xfail(
-    strict=True,
-    reason="mu of the conv bias, 1 ulp at step 3: its gradient (a reduce, "
-    "reshaped to (3, 1, 1)) is scaled by 0.1 before the reshape without jaxnan "
-    "and after it with, and XLA's CPU code then contracts mu*0.9 + g*0.1 into "
-    "fma(mu, 0.9, g*0.1) in one program and fma(g, 0.1, mu*0.9) in the other. "
-    "The same happens with checked alone and, in plain JAX, when "
-    "jnp.isfinite(g).all() is also returned (benchmarks/studies/fusion_rounding.py); "
-    "skip_nonfinite itself keeps optax's arithmetic (linen and nanolm are "
-    "bit for bit)",
-)
-
-
 @pytest.fixture(scope="module")
 def plain():
     """The 20 healthy steps without jaxnan."""
@@ -120,9 +107,9 @@ def healthy(plain):
 
 
 @pytest.mark.default_compiler
-def test_twenty_healthy_steps_close_and_losses_bit_for_bit(healthy):
+def test_twenty_healthy_steps_close(healthy):
     (m0, s0, l0), (m1, s1, l1) = healthy
-    np.testing.assert_array_equal(np.asarray(l0), np.asarray(l1))
+    np.testing.assert_allclose(np.asarray(l0), np.asarray(l1), rtol=1e-6)
     a, b = eqx.filter(m0, eqx.is_array), eqx.filter(m1, eqx.is_array)
     chex.assert_trees_all_close(a, b, rtol=1e-5, atol=1e-7)
     # adamw's state, inside the guard's, on the filtered tree (None leaves).
@@ -141,10 +128,17 @@ def test_checked_gradients_bit_for_bit(healthy):
     jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
-@FUSION_ROUNDING
+@pytest.mark.xfail(
+    strict=True,
+    reason="skip_nonfinite alone (no checked) changes how XLA fuses this "
+    "model's gradients into adamw: 1 ulp in a moment from the second step "
+    "on, 21 of 24 leaves apart by step 20; checked alone is bit for bit "
+    "(tests/frameworks/test_bit_exact.py)",
+)
 @pytest.mark.default_compiler
 def test_twenty_healthy_steps_bit_for_bit(healthy):
-    (m0, s0, _), (m1, s1, _) = healthy
+    (m0, s0, l0), (m1, s1, l1) = healthy
+    np.testing.assert_array_equal(np.asarray(l0), np.asarray(l1))
     a, b = eqx.filter(m0, eqx.is_array), eqx.filter(m1, eqx.is_array)
     jax.tree.map(np.testing.assert_array_equal, a, b)
     jax.tree.map(np.testing.assert_array_equal, s0, s1.inner_state)

@@ -111,13 +111,6 @@ def healthy(plain):
 
 
 @pytest.mark.default_compiler
-@pytest.mark.xfail(
-    strict=False,
-    reason="open bug: on this 2-core machine with jax 0.10.2 / flax 0.12.8, "
-    "the @checked run's losses differ from the plain run's by 1 ulp at steps "
-    "16-18 under XLA's defaults (also on the commit before this round's move); "
-    "being investigated, not a tolerance",
-)
 def test_checked_keeps_every_state_update_bit_for_bit(healthy):
     (m0, o0, l0), (m1, o1, l1), _ = healthy
     # Every loss of the 20 steps is bit for bit: each step saw the same
@@ -126,23 +119,11 @@ def test_checked_keeps_every_state_update_bit_for_bit(healthy):
     assert int(m1.dropout1.rngs.count[...]) == 20  # the RNG advanced
     assert int(m0.dropout1.rngs.count[...]) == 20
     assert not np.array_equal(np.asarray(m1.bn1.mean[...]), np.zeros(4))
-    s0, s1 = nnx.state(m0, nnx.BatchStat), nnx.state(m1, nnx.BatchStat)
-    chex.assert_trees_all_close(s0, s1, rtol=1e-5)
-    chex.assert_trees_all_close(
-        jaxnan.flax.opt_state(o0), jaxnan.flax.opt_state(o1), rtol=1e-5, atol=1e-8
+    chex.assert_trees_all_equal(
+        jaxnan.flax.opt_state(o0), jaxnan.flax.opt_state(o1), strict=True
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the 20 losses are bit for bit and one step's gradients are too "
-    "(value_and_grad alone), but checked ties its report token into the "
-    "smallest gradient (g - token * 0, exact), which changes how XLA fuses "
-    "the gradients into adamw; its CPU code contracts a*b + c*d into an FMA "
-    "on either product depending on the fusion: 9 of 14 state leaves 1 ulp "
-    "apart after 20 steps (benchmarks/studies/fusion_rounding.py shows the same in "
-    "plain JAX)",
-)
 @pytest.mark.default_compiler
 def test_checked_final_state_bit_for_bit(healthy):
     (m0, _, _), (m1, _, _), _ = healthy
@@ -158,14 +139,6 @@ def test_guarded_optimizer_state_is_readable(healthy):
     np.testing.assert_allclose(np.asarray(l0), np.asarray(l2), rtol=1e-5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="as test_checked_final_state_bit_for_bit: checked's token and the "
-    "guard's reads of the gradients change XLA's fusion of the gradients "
-    "into adamw, and with it which product its CPU code contracts into an "
-    "FMA (1 ulp). skip_nonfinite keeps optax's arithmetic itself (linen and "
-    "nanolm are bit for bit; benchmarks/studies/fusion_rounding.py)",
-)
 @pytest.mark.default_compiler
 def test_guarded_twenty_steps_bit_for_bit(healthy):
     (m0, o0, l0), _, (m2, o2, l2) = healthy

@@ -29,6 +29,10 @@ class Report:
         input_paths: the input leaf paths, such as ``params['w']``.
         output_paths: the output leaf paths, such as ``output[1]['w']``.
         fn_name: the name of the checked function.
+
+    Raises:
+        NonFiniteError: from `throw`, when a leaf was nonfinite.
+        TypeError: from `throw` on a traced report (inside a transformation).
     """
 
     def __init__(

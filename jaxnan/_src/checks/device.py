@@ -91,6 +91,28 @@ def counted(leaf: Any) -> bool:
     return True
 
 
+def _read(pairs: list, phase: errors.Phase) -> list[jax.Array]:
+    """The values a check reads: (leaf, is a stored constant) pairs.
+
+    A constant's +-Inf entries are intentional (only its NaN entries count).
+    Gradients are read through a view of another rank: XLA folds it into
+    the gradient's own reshape (say of a bias gradient summed over
+    [1, 1, 1, C]), which then keeps the optimizer as its only reader and
+    moves past its arithmetic as it does without the check (the fused
+    update, and the rounding of its multiply-adds, stay those of the plain
+    step; `tests/frameworks/test_bit_exact.py`).
+    """
+    xs = []
+    for x, constant in pairs:
+        x = lax.stop_gradient(jnp.asarray(x))
+        if constant:
+            x = jnp.where(jnp.isinf(x), jnp.zeros_like(x), x)
+        if phase is errors.Phase.BACKWARD:
+            x = x.reshape((1, *x.shape))
+        xs.append(x)
+    return xs
+
+
 def check(
     leaves: list,
     paths: Sequence[str],
@@ -132,11 +154,7 @@ def check(
     if not pairs:
         return None, None
     paths = [p for p, _, _ in pairs]
-    xs = [lax.stop_gradient(jnp.asarray(x)) for _, x, _ in pairs]
-    xs = [
-        jnp.where(jnp.isinf(x), jnp.zeros_like(x), x) if c else x
-        for x, (_, _, c) in zip(xs, pairs)
-    ]
+    xs = _read([(x, c) for _, x, c in pairs], phase)
     # Arguments are all ready at once: their small leaves share a reduction.
     ok = (
         tree.all_finite_packed(xs)
@@ -198,14 +216,24 @@ def add_tokens(*tokens: jax.Array | None) -> jax.Array | None:
 
 
 def tie(leaves: list, token: jax.Array | None, groups: Sequence[Any] = ()) -> list:
-    """`leaves`, with `token` (a float32 0) tied into the smallest floating one.
+    """`leaves`, with `token` (a float32 0) tied into the largest floating one.
 
     ``x - token * 0`` is `x` bit for bit (also -0.0, Inf and NaN), and XLA
     cannot fold ``token * 0`` (it would be NaN for a NaN token), so the
     computation of `token`, and the callback in it, stays alive exactly as
-    long as `x` is used. With `groups` (one label per leaf), one leaf per
-    label is tied, so that each differentiated argument carries it. None
-    leaves (symbolic zeros) are skipped.
+    long as `x` is used. Only the first element of `x` is rewritten so
+    (``x.at[0].set(x[0] - token * 0)``, `_tie_one`), in the largest leaf: an
+    update in place of a buffer that exists anyway (a weight gradient is
+    the output of a matmul or a convolution), which leaves the code that
+    reads `x` as it is without the tie. An elementwise ``x - token * 0``
+    fused into an optimizer's ``b1 * mu + (1 - b1) * g``, or an update in
+    place of a small gradient whose last reshape XLA would otherwise move
+    into the optimizer, changed which of its products XLA's CPU code
+    contracts into a fused multiply-add: 1 ulp in Adam's moments from the
+    second step on (`tests/frameworks/test_bit_exact.py`). With `groups`
+    (one label per leaf), one leaf per label is tied, so that each
+    differentiated argument carries it. None leaves (symbolic zeros) are
+    skipped.
     """
     if token is None:
         return leaves
@@ -214,13 +242,20 @@ def tie(leaves: list, token: jax.Array | None, groups: Sequence[Any] = ()) -> li
     for i, (x, g) in enumerate(zip(leaves, labels)):
         if x is None or not isinstance(x, jax.Array) or not dtypes.is_checked_leaf(x):
             continue
-        if g not in best or math.prod(x.shape) < math.prod(leaves[best[g]].shape):
+        if g not in best or math.prod(x.shape) > math.prod(leaves[best[g]].shape):
             best[g] = i
     out = list(leaves)
     for i in best.values():
-        x = out[i]
-        out[i] = x - (token * 0).astype(x.dtype)
+        out[i] = _tie_one(out[i], token)
     return out
+
+
+def _tie_one(x: jax.Array, token: jax.Array) -> jax.Array:
+    zero = (token * 0).astype(x.dtype)
+    if not x.size or not x.ndim:
+        return x - zero
+    first = (0,) * x.ndim
+    return x.at[first].set(x[first] - zero)
 
 
 def tie_outputs(

@@ -262,6 +262,11 @@ def all_finite(tree: Any) -> jax.Array:
     Returns:
         A bool scalar array.
 
+    Raises:
+        Nothing: leaves that cannot be nonfinite (integers,
+        booleans, and any non-array Python object, a str included) are
+        ignored, as above, so it accepts any pytree.
+
     Examples:
         >>> import jax.numpy as jnp, jaxnan
         >>> jaxnan.all_finite({"w": jnp.ones(3), "step": jnp.int32(4)})
@@ -295,6 +300,11 @@ def nonfinite_counts(tree: Any) -> Any:
     Returns:
         A pytree of the same structure whose leaves are `NonfiniteCounts`
         (three int32 scalars).
+
+    Raises:
+        Nothing: leaves that cannot be nonfinite (integers,
+        booleans, and any non-array Python object) get zero counts, so it
+        accepts any pytree.
 
     Examples:
         >>> import jax.numpy as jnp, jaxnan

@@ -94,6 +94,13 @@ class GuardedStep:
     Memory stays bounded over any number of steps: `figures` and
     `incidents` are ring buffers, the early-warning history holds `window`
     steps (measured over 1e6 steps by `benchmarks/guard_memory.py`).
+
+    Raises:
+        TypeError: when called with keyword arguments, or with a batch
+            argument holding a str or another non-array Python object
+            (naming the argument and the leaf; bind constants with
+            `functools.partial` before `jaxnan.guard`).
+        NonFiniteError: on a bad step under ``policy="raise"``.
     """
 
     FIGURES_KEPT = 10_000

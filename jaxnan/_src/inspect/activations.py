@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -15,19 +16,13 @@ from jax import lax
 from jax.extend import core as jex_core
 from jax.extend import source_info_util
 
+from jaxnan._src.core import primitives
 from jaxnan._src.inspect import layers
 
 source_info_util.register_exclusion(__file__)
 
 _NAME = "jaxnan.activation_stats"
 GRAD_SUFFIX = " (grad)"
-
-# Call-like primitives whose body is evaluated inline, so that the layers
-# inside a `jit`, `checkpoint` or custom-derivative function are seen.
-_INLINE = frozenset(
-    "jit pjit closed_call core_call checkpoint remat custom_jvp_call "
-    "custom_vjp_call custom_vjp_call_jaxpr".split()
-)
 
 
 @functools.partial(
@@ -118,6 +113,9 @@ class ActivationStats(dict):
 
     A dict whose order survives `jit`: it is a pytree that flattens in its
     own order (a plain dict flattens sorted by key).
+
+    Raises:
+        KeyError: for a layer name it does not hold (as a dict does).
     """
 
 
@@ -215,21 +213,20 @@ def _float_dtype(aval: Any) -> bool:
 
 
 def _sub_jaxpr(eqn: Any) -> tuple[Any, Sequence[Any]] | None:
-    """(jaxpr, consts) of an inlinable call primitive, else None."""
-    if eqn.primitive.name not in _INLINE:
+    """(jaxpr, consts) of a call-like equation, evaluated inline; else None.
+
+    The call-like primitives are the `Role.CALL` bodies of the one table,
+    `core.primitives.sub_jaxprs` (`jit`, `remat2` for `jax.checkpoint` and
+    `nnx.remat`, custom derivatives, ...), whose body takes the equation's
+    operands and gives its outputs.
+    """
+    subs = primitives.sub_jaxprs(eqn, strict=False)
+    if len(subs) != 1 or subs[0].role is not primitives.Role.CALL:
         return None
-    for v in eqn.params.values():
-        if isinstance(v, jex_core.ClosedJaxpr):
-            jaxpr, consts = v.jaxpr, v.consts
-        elif isinstance(v, jex_core.Jaxpr):
-            jaxpr, consts = v, ()
-        else:
-            continue
-        if len(jaxpr.invars) == len(eqn.invars) and len(jaxpr.outvars) == len(
-            eqn.outvars
-        ):
-            return jaxpr, consts
-    return None
+    jaxpr = subs[0].jaxpr
+    if len(jaxpr.invars) != len(eqn.invars) or len(jaxpr.outvars) != len(eqn.outvars):
+        return None  # remat_opt's forward also returns residuals
+    return jaxpr, subs[0].consts
 
 
 def _bind(eqn: Any, invals: list) -> Any:
@@ -495,10 +492,59 @@ def trace(fn: Callable, args: tuple, kwargs: dict, argnums: tuple[int, ...]):
     return closed, [leaves[i] for i in dyn], provs
 
 
+def _is_model(fn: Any) -> bool:
+    """A callable object holding arrays: a Flax NNX or Equinox module."""
+    if inspect.isroutine(fn) or isinstance(fn, functools.partial):
+        return False
+    return any(_is_array(x) for x in jax.tree_util.tree_leaves(fn))
+
+
+def _call_model(model: Any, *args: Any, **kwargs: Any) -> Any:
+    return model(*args, **kwargs)
+
+
+def _argnums(params_argnums: Any, default: int) -> tuple[int, ...]:
+    if params_argnums is None:
+        return (default,)
+    nums = (params_argnums,) if isinstance(params_argnums, int) else params_argnums
+    nums = tuple(nums)
+    if not nums or not all(
+        isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in nums
+    ):
+        raise ValueError(
+            f"jaxnan: {_NAME} got params_argnums={params_argnums!r}; pass "
+            "non-negative argument positions, e.g. 0 for fn(model, x)."
+        )
+    return nums
+
+
+def _no_layers_error(provs: list, argnums: tuple[int, ...], bound: bool) -> None:
+    """Raises when nothing was measured because no argument was data."""
+    if any(p is DATA for p in provs):
+        return  # there was data, and nothing computed on it: no layers
+    form = (
+        "jaxnan.activation_stats(model)(x) for a Flax NNX or Equinox module, "
+        "jaxnan.activation_stats(apply_fn, params)(x) for Flax linen"
+    )
+    if bound:
+        raise ValueError(
+            f"jaxnan: {_NAME} measured nothing: every array argument of the "
+            "call is a parameter, so no layer computes on data. Pass the "
+            f"input batch to the returned function ({form})."
+        )
+    raise ValueError(
+        f"jaxnan: {_NAME} measured nothing: params_argnums={argnums!r} takes "
+        "every array argument for parameters, so no layer computes on data. "
+        f"Use {form}, or params_argnums= the positions of the model's "
+        "arguments only (the batch must not be among them)."
+    )
+
+
 def activation_stats(
     fn: Callable,
+    params: Any = None,
     *,
-    params_argnums: int | Sequence[int] = 0,
+    params_argnums: int | Sequence[int] | None = None,
     near_overflow: float = 0.25,
 ) -> Callable[..., ActivationStats]:
     """Per-layer statistics of the intermediate values of ``fn(*args)``.
@@ -531,10 +577,24 @@ def activation_stats(
     small transformer LM of `benchmarks/inspect_cost.py` (one fused
     max/count reduction per intermediate).
 
+    Three ways to call it, as models are written:
+
+    - ``activation_stats(model)(x)``: a Flax NNX or Equinox module (any
+      callable object that holds arrays), whose arrays are the parameters;
+    - ``activation_stats(apply_fn, params)(x)``: Flax linen's
+      ``model.apply`` with its variables, or any ``fn(params, *data)``;
+    - ``activation_stats(fn)(params, x)``: a function whose argument 0 (or
+      those in `params_argnums`) holds the parameters.
+
     Args:
-        fn: the function to measure, e.g. ``lambda model, x: model(x)``.
+        fn: the function or module to measure, e.g. an ``nnx.Module``,
+            ``model.apply`` or ``lambda model, x: model(x)``.
+        params: the parameters of ``fn(params, *data)`` (linen's variables),
+            bound here; the returned function then takes the data only.
         params_argnums: positions of the arguments holding the parameters
-            (the model): their leaves name layers and are not data.
+            (the model): their leaves name layers and are not data. Default
+            0, and no position with a module or bound `params` (the
+            positions then count the data arguments).
         near_overflow: the fraction of the dtype's range at which a layer is
             flagged (0.25: two doublings from overflow).
 
@@ -547,7 +607,12 @@ def activation_stats(
     Raises:
         TypeError: when `fn` is not callable.
         ValueError: for a `near_overflow` outside (0, 1] or bad
-            `params_argnums`.
+            `params_argnums`; and, from the returned function, when no layer
+            was measured because every array argument was taken for a
+            parameter (the batch among `params_argnums`, as
+            ``activation_stats(nnx_model)`` called as ``(model, x)``). An
+            empty result means the model has no layer that computes on
+            the data.
 
     Examples:
         >>> import jax, jax.numpy as jnp, jaxnan
@@ -575,24 +640,37 @@ def activation_stats(
             f"jaxnan: {_NAME} got near_overflow={near_overflow!r}; pass a "
             "fraction of the dtype's range in (0, 1], e.g. 0.25."
         )
-    if isinstance(params_argnums, int):
-        params_argnums = (params_argnums,)
-    argnums = tuple(params_argnums)
-    if not all(isinstance(i, int) and i >= 0 for i in argnums):
+    model = _is_model(fn)
+    bound = model or params is not None
+    if model and params is not None:
         raise ValueError(
-            f"jaxnan: {_NAME} got params_argnums={params_argnums!r}; pass "
-            "non-negative argument positions, e.g. 0 for fn(model, x)."
+            f"jaxnan: {_NAME} got a module and params=; a Flax NNX or Equinox "
+            "module holds its parameters: use jaxnan.activation_stats(model)(x)."
         )
+    argnums = _argnums(params_argnums, 0)
+    if bound:
+        # The module (or params) is argument 0; the positions given count
+        # the data arguments, which now start at 1.
+        extra = () if params_argnums is None else tuple(i + 1 for i in argnums)
+        argnums = (0, *extra)
+        call, first = (_call_model, fn) if model else (fn, params)
+    else:
+        call, first = fn, None
 
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> ActivationStats:
-        closed, dyn, provs = trace(fn, args, kwargs, argnums)
+        if bound:
+            args = (first, *args)
+        closed, dyn, provs = trace(call, args, kwargs, argnums)
 
         def measure(consts, xs):
             walker = Walker()
             walker.run(closed.jaxpr, consts, xs, provs)
             return walker.results(near_overflow)
 
-        return jax.jit(measure)(list(closed.consts), dyn)
+        stats = jax.jit(measure)(list(closed.consts), dyn)
+        if not stats:
+            _no_layers_error(provs, argnums, bound)
+        return stats
 
     return run

@@ -42,6 +42,10 @@ class Finding:
             nonfinite), ``"possible"`` (the witness stayed finite; an error
             is then reported as a warning) or ``"unchecked"``.
 
+    Raises:
+        ValueError: for a `severity` or `confidence` that is not one of
+            their values.
+
     Examples:
         >>> import jaxnan
         >>> f = jaxnan.Finding("log-softmax", "warning", "jaxnan: ...",

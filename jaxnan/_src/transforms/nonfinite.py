@@ -66,6 +66,13 @@ def zero_nonfinite() -> optax.GradientTransformationExtraArgs:
     Returns:
         An `optax.GradientTransformationExtraArgs`.
 
+    Raises:
+        TypeError: when init or update gets non-floating leaves, or update
+            gets a state of another transform.
+        ValueError: when update gets an empty or mismatched tree, or leaves
+            of another shape than `params` (naming the leaf path and both
+            shapes).
+
     Examples:
         >>> import jax.numpy as jnp, jaxnan
         >>> tx = jaxnan.zero_nonfinite()

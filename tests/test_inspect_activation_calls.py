@@ -1,0 +1,124 @@
+"""`activation_stats` read the way models are called, and through remat.
+
+Models as the Flax NNX, linen and Equinox tutorials write them; each test
+names the exact layers and checks a value against the model's own output.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxnan
+
+nnx = pytest.importorskip("flax.nnx")
+nn = pytest.importorskip("flax.linen")
+eqx = pytest.importorskip("equinox")
+
+X = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3)), jnp.float32)
+
+
+class MLP(nnx.Module):
+    def __init__(self, *, rngs: nnx.Rngs):
+        self.linear1 = nnx.Linear(3, 4, rngs=rngs)
+        self.linear2 = nnx.Linear(4, 2, rngs=rngs)
+
+    def __call__(self, x):
+        return self.linear2(nnx.relu(self.linear1(x)))
+
+
+RELU_LINE = MLP.__call__.__code__.co_firstlineno + 1
+
+
+class RematMLP(MLP):
+    @nnx.remat
+    def __call__(self, x):
+        return self.linear2(nnx.relu(self.linear1(x)))  # under remat
+
+
+REMAT_LINE = next(
+    i + 1
+    for i, line in enumerate(open(__file__).read().splitlines())
+    if line.endswith("# under remat")
+)
+
+
+def max_abs(x):
+    return float(jnp.max(jnp.abs(x)))
+
+
+def test_nnx_module_called_as_written():
+    model = MLP(rngs=nnx.Rngs(0))
+    stats = jaxnan.activation_stats(model)(X)
+    relu = f"test_inspect_activation_calls.py:{RELU_LINE} (MLP.__call__)"
+    assert list(stats) == ["linear1", relu, "linear2"]
+    assert float(stats["linear1"].max_abs) == max_abs(model.linear1(X))
+    assert float(stats["linear2"].max_abs) == max_abs(model(X))
+    # The same as the explicit form.
+    explicit = jaxnan.activation_stats(lambda m, x: m(x))(model, X)
+    assert list(explicit) == list(stats)
+
+
+def test_layers_under_nnx_remat_and_jax_checkpoint():
+    model = RematMLP(rngs=nnx.Rngs(0))
+    stats = jaxnan.activation_stats(model)(X)
+    relu = f"test_inspect_activation_calls.py:{REMAT_LINE} (RematMLP.__call__)"
+    assert list(stats) == ["linear1", relu, "linear2"]
+    assert float(stats[relu].max_abs) == max_abs(nnx.relu(model.linear1(X)))
+
+    def mlp(params, x):
+        h = jax.checkpoint(lambda x: jnp.tanh(x @ params["w"]))(x)
+        with jax.named_scope("out"):
+            return h @ params["v"]
+
+    params = {"w": jnp.ones((3, 4)), "v": jnp.ones((4, 2))}
+    got = jaxnan.activation_stats(mlp)(params, X)
+    line = mlp.__code__.co_firstlineno + 1
+    inner = (
+        f"test_inspect_activation_calls.py:{line} "
+        "(test_layers_under_nnx_remat_and_jax_checkpoint.<locals>.mlp.<locals>.<lambda>)"
+    )
+    assert list(got) == [inner, "out"]
+    assert int(got[inner].equations) == 2  # the matmul and the tanh, inside
+    # The largest |x| over what the layer computes: the matmul's output.
+    assert float(got[inner].max_abs) == max_abs(X @ params["w"])
+    assert float(got["out"].max_abs) == max_abs(mlp(params, X))
+
+
+class LinenMLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(features=4)(x)
+        x = nn.relu(x)
+        return nn.Dense(features=2)(x)
+
+
+def test_linen_apply_with_params():
+    model = LinenMLP()
+    variables = model.init(jax.random.key(0), X)
+    stats = jaxnan.activation_stats(model.apply, variables)(X)
+    assert set(stats) == {"LinenMLP/Dense_0", "LinenMLP", "LinenMLP/Dense_1"}
+    out = model.apply(variables, X)
+    assert float(stats["LinenMLP/Dense_1"].max_abs) == max_abs(out)
+
+
+def test_equinox_module_called_as_written():
+    model = eqx.nn.MLP(3, 2, 4, 1, key=jax.random.key(0))
+    x = X[0]
+    stats = jaxnan.activation_stats(model)(x)
+    assert list(stats) == ["layers/0", "eqx.nn.MLP", "layers/1"]
+    assert float(stats["layers/1"].max_abs) == max_abs(model(x))
+
+
+def test_batch_taken_for_parameters_is_an_error_not_an_empty_result():
+    model = MLP(rngs=nnx.Rngs(0))
+    with pytest.raises(
+        ValueError, match=r"params_argnums=\(0, 1\).*activation_stats\(model\)\(x\)"
+    ):
+        jaxnan.activation_stats(lambda m, x: m(x), params_argnums=(0, 1))(model, X)
+    with pytest.raises(ValueError, match="Pass the input batch"):
+        jaxnan.activation_stats(lambda p: jnp.sum(p["w"] ** 2), {"w": X})()
+    with pytest.raises(ValueError, match="module and params="):
+        jaxnan.activation_stats(model, {"w": X})
+    # A model with no layer on the data: an empty result, no error.
+    assert jaxnan.activation_stats(lambda p, x: x)({"w": X}, X) == {}
