@@ -310,3 +310,36 @@ def test_wrappers_the_preamble_once_rejected(name):
     assert _bits(u) == _bits(u_ref)
     assert _bits(state.inner_state) == _bits(s_ref)
     assert int(state.nonfinite_total) == 0
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_skipped_step_vjp_and_signed_zeros_both_variants(exact):
+    """A skipped step is the identity under `jax.vjp` (zero through the
+    gradients, never NaN) and keeps -0.0 of real and complex params, in the
+    exact variant as in the default."""
+    tx = jaxnan.skip_nonfinite(optax.adam(1e-2), exact=exact)
+    p = {
+        "w": jnp.array([-0.0, 0.5]),
+        "c": jnp.array([complex(-0.0, -0.0), complex(1.0, -0.0)], jnp.complex64),
+    }
+    g = {"w": jnp.array([jnp.nan, 1.0]), "c": jnp.array([1j, 1.0], jnp.complex64)}
+
+    def step(g, s, p):
+        u, s2 = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s2.inner_state
+
+    s = tx.init(p)
+    (new, kept), vjp = jax.vjp(jax.jit(step), g, s, p)
+    assert _bits(new) == _bits(p)
+    assert _bits(kept) == _bits(s.inner_state)
+
+    def ones(x):
+        if jnp.issubdtype(x.dtype, jnp.inexact):
+            return jnp.ones_like(x)
+        return np.zeros(x.shape, jax.dtypes.float0)
+
+    ct_g, _, ct_p = vjp(jax.tree_util.tree_map(ones, (new, kept)))
+    for x in jax.tree_util.tree_leaves(ct_g):
+        np.testing.assert_array_equal(x, np.zeros_like(x))
+    for x in jax.tree_util.tree_leaves(ct_p):
+        np.testing.assert_array_equal(x, np.ones_like(x))
