@@ -221,7 +221,7 @@ def test_shard_map_reports_device(mesh8):
     check(d, "log", "shmap")
     assert d.device == mesh8.devices.flat[5].id
     assert d.shapes == {"inputs": [(2,)], "outputs": [(2,)]}
-    assert "device:  " in str(d)
+    assert f"on device {d.device} (process 0)" in str(d)
 
 
 def test_register_rule_first_order():

@@ -31,6 +31,16 @@ BAD_ROW = 5  # global row: process 1's local row 1, on its first device (2048)
 BAD_STEP = 2
 
 
+def line_of(text: str, path: str = __file__) -> int:
+    """The number of the one line of `path` holding `text` (a ``# <-`` mark)."""
+    [line] = [
+        i
+        for i, ln in enumerate(pathlib.Path(path).read_text().splitlines(), 1)
+        if text in ln
+    ]
+    return line
+
+
 def _mesh():
     mesh = Mesh(np.array(jax.devices()), ("data",))
     return NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
@@ -38,7 +48,7 @@ def _mesh():
 
 def loss_fn(params, batch):
     pred = jnp.tanh(batch["x"] @ params["w"]) * params["b"]
-    weight = jnp.log(batch["scale"])  # a scale <= 0: a finite batch goes bad
+    weight = jnp.log(batch["scale"])  # <- log: a scale <= 0 makes a finite batch bad
     return (((pred - batch["y"]) ** 2) * weight).mean()
 
 
@@ -207,14 +217,19 @@ def test_nan_rows_of_one_process_named_by_global_row(results):
 
 
 def test_finite_batch_replayed_per_example_and_located(results):
+    line = line_of("# <- " + "log: a scale")
     for proc in (0, 1):
         got = _value(results, "scenario_skip_finite_batch", proc)
         assert got["rows"] == [BAD_ROW]
         assert got["leaf"] == "batch['scale']"
-        assert (
-            "row 5 of batch['scale'] (batch 2) on process 1"
-            in _value(results, "scenario_skip_finite_batch", 0)["printed"]
-        )
+        # located on both processes (the event's values read in lock-step)
+        assert got["primitive"] == "log"
+        assert got["where"] == f"{__file__}:{line}"
+    printed = _value(results, "scenario_skip_finite_batch", 0)["printed"]
+    assert "row 5 of batch['scale'] (batch 2) on process 1, device 2048" in printed
+    assert "on device 2048 (process 1)" in printed
+    assert printed.count("went nonfinite") == 1
+    assert _value(results, "scenario_skip_finite_batch", 1)["printed"] == ""
 
 
 def test_raise_raises_on_every_process(results):

@@ -8,10 +8,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.extend import source_info_util
 
-from jaxnan._src.core import errors, tree, validation
+from jaxnan._src.core import errors, hosts, tree, validation
 
 source_info_util.register_exclusion(__file__)
 
@@ -81,7 +80,9 @@ class Report:
                 "scan or grad. Return the report from the transformed function "
                 "and call report.throw() outside it."
             )
-        c = np.asarray(counts).reshape(-1, len(paths), 3).sum(axis=0)
+        # Batched by vmap over a batch sharded across processes, the counts
+        # span them: gathered (small), the same on every process.
+        c = hosts.read(counts).reshape(-1, len(paths), 3).sum(axis=0)
         return [
             (p, tuple(int(v) for v in row)) for p, row in zip(paths, c) if row.any()
         ]

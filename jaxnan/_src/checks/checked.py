@@ -21,7 +21,7 @@ import jax
 from jax.extend import source_info_util
 from jax.interpreters import ad
 
-from jaxnan._src.checks import check, device, host
+from jaxnan._src.checks import check, device, host, processes
 from jaxnan._src.checks.host import NonfiniteRecord
 from jaxnan._src.core import dtypes, tree, validation
 from jaxnan._src.core.errors import Phase
@@ -127,6 +127,16 @@ def checked(
     then arrives twice, identical (``"warn"`` prints it once; a callable gets
     both records); `jax.grad`, which drops the value, reports it once.
 
+    Sharded values and multi-process `jax.distributed`: every process
+    reports. The predicate is the in-graph one, reduced over the whole
+    global value, so every process takes the reporting branch of the same
+    step; the report callback of a check on values sharded over a mesh then
+    runs on every device of that mesh (JAX would run it on the program's
+    first device only). ``"raise"`` raises on every process (every device
+    stops at the same point, so none is left waiting in a collective: the
+    next step runs); ``"warn"`` and a callable act once per process, with
+    the same counts, summed over the whole global batch.
+
     The message names the function, the phase, every nonfinite leaf by path
     with its NaN/+Inf/-Inf counts, and ends with the line to run for a full
     diagnosis, such as ``jaxnan.locate(loss_fn)(params, batch)`` (or
@@ -222,8 +232,10 @@ def checked(
         for i, a in enumerate(args):
             owner += [i] * len(jax.tree_util.tree_leaves(a))
         owner += [None] * (len(leaves) - len(owner))
+        # Values sharded over a mesh: the report runs on each of its devices.
+        mesh = processes.mesh_of(leaves)
         report = functools.partial(
-            device.check, reporter=reporter, site=site, tie=grads
+            device.check, reporter=reporter, site=site, tie=grads, mesh=mesh
         )
 
         # grads=True: the callbacks are `pure_callback`s tied into the outputs

@@ -32,7 +32,7 @@ from jax.custom_batching import custom_vmap
 from jax.custom_derivatives import SymbolicZero
 from jax.extend import source_info_util
 
-from jaxnan._src.checks import host
+from jaxnan._src.checks import host, processes
 from jaxnan._src.core import dtypes, errors, tree, validation
 
 source_info_util.register_exclusion(__file__)
@@ -102,6 +102,7 @@ def check(
     skip: jax.Array | None = None,
     site: host.CallSite | None = None,
     constants: Sequence[bool] = (),
+    mesh: Any = None,
 ) -> tuple[jax.Array | None, jax.Array | None]:
     """Reports the nonfinite leaves of `leaves`: ``(all-finite flag, token)``.
 
@@ -121,6 +122,10 @@ def check(
     1.17x, against 1.14x for the check alone). Its float32 result (always 0)
     is the token: the caller must tie it into values the user consumes
     (`tie`), or JAX would delete the unused callback.
+
+    `mesh` (`processes.mesh_of`, for values sharded over a mesh): the
+    callback runs on every device of that mesh, so that every device raises
+    at the same point and every process reports (`processes.report`).
     """
     constants = list(constants) or [False] * len(leaves)
     pairs = [(p, x, c) for p, x, c in zip(paths, leaves, constants) if counted(x)]
@@ -152,6 +157,9 @@ def check(
         # Batched exactly when `quiet` is, so that vmap sees (and folds) it.
         bad = fold_sum((~quiet).astype(jnp.int32))
         total = fold_sum((quiet | True).astype(jnp.int32))
+        if mesh is not None:  # sharded: a report on every device
+            raises = reporter.policy == "raise"
+            return processes.report(mesh, host_fn, raises, tie, counts, bad, total)
         if not tie:
             jax.debug.callback(host_fn, counts, bad, total)
             return None
@@ -169,6 +177,13 @@ def check(
     )
     try:
         token = lax.cond(fold_all(quiet), no_report, do_report, (xs, quiet))
+        if eager:
+            # A program over several devices runs asynchronously: its
+            # callback's error would surface later, at some other read.
+            if token is None:
+                jax.effects_barrier()
+            else:
+                jax.block_until_ready(token)
     except Exception:
         if eager and box:  # our own NonFiniteError, wrapped by the runtime
             raise box[0] from None

@@ -262,6 +262,7 @@ DETAILS_KEYS: tuple[str, ...] = (
     "nonfinite_outputs",
     "iteration",
     "device",
+    "process",
     "name_stack",
     "dtype",
     "shapes",

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from jax.extend import source_info_util
 
-from jaxnan._src.core import dtypes
+from jaxnan._src.core import dtypes, hosts
 
 source_info_util.register_exclusion(__file__)
 
@@ -70,11 +70,7 @@ def host_value(x: Any) -> np.ndarray:
     An array spanning several processes is gathered (every process must call
     this at the same point); keep it to small arrays (a per-row flag).
     """
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils  # noqa: PLC0415
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)
+    return hosts.read(x)
 
 
 def local_blocks(x: Any) -> Iterator[tuple[int, np.ndarray]]:

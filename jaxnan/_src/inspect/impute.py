@@ -7,6 +7,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.extend import source_info_util
 
 from jaxnan._src.inspect import vocab
@@ -85,7 +86,9 @@ def _check_fill(fill: Any, dtype: Any, fn_name: str) -> None:
             f"jaxnan: {fn_name} got fill={fill!r}; pass a finite number, e.g. "
             "fill=-1.0."
         ) from None
-    if not math.isfinite(value) or not math.isfinite(float(jnp.asarray(value, dtype))):
+    with np.errstate(over="ignore"):  # an overflow is the error reported below
+        rounded = float(np.asarray(value, dtype=jnp.dtype(dtype)))
+    if not math.isfinite(value) or not math.isfinite(rounded):
         raise ValueError(
             f"jaxnan: {fn_name} got fill={fill!r}, which is not a finite "
             f"{jnp.dtype(dtype).name} (its largest finite value is "

@@ -26,7 +26,7 @@ from jax.extend import core as jex_core
 from jax.extend import source_info_util
 
 from jaxnan._src.checks import check
-from jaxnan._src.core import dtypes, errors, frames, primitives
+from jaxnan._src.core import dtypes, errors, frames, hosts, primitives
 from jaxnan._src.locate import (
     blocks,
     cause_rules,
@@ -81,8 +81,16 @@ class Diagnosis:
             ``value_and_grad``).
         iteration: one index per enclosing `scan`/`while`/`fori_loop`,
             outermost first (for `scan`, the index into the scanned axis).
-        device: the id of the device where the event happened first, inside
-            `shard_map`; None elsewhere.
+        device: the id of the device that held the first nonfinite value:
+            inside `shard_map` and `pmap` the device where the event
+            happened first, under a sharded `jit` the device holding the
+            first nonfinite element of the event's output; None when the
+            values are not split over devices. (Inside a `shard_map` over
+            some mesh axes only, the others automatic: the position in the
+            grid of its manual axes.)
+        process: the index of the process (`jax.process_index`) owning
+            `device`; 0 with one process, None when `device` is None or a
+            position.
         name_stack: the name stack of the creating equation, without the
             transformation wrappers (``jvp(...)``, ``transpose(...)``).
         dtype: the dtype of the creating equation's first floating output.
@@ -127,6 +135,7 @@ class Diagnosis:
     )
     iteration: tuple[int, ...] | None = None
     device: int | None = None
+    process: int | None = None
     name_stack: str = ""
     dtype: str | None = None
     shapes: dict[str, list[tuple[int, ...]]] = dataclasses.field(default_factory=dict)
@@ -247,8 +256,24 @@ def locate(
     Higher-order primitives are evaluated with instrumented bodies: `jit`,
     `custom_jvp` and `custom_vjp` (the primal body), `checkpoint`, `cond`
     and `switch` (the taken branch), `scan` and `while`/`fori_loop` (with the
-    iteration of the event), and `shard_map` (with the device). Sharded
-    `jit` works unchanged. Integer and boolean values are not checked.
+    iteration of the event), and `shard_map` and `pmap` (with the device).
+    Sharded `jit` works unchanged. ``device`` and ``process`` name who held
+    the first nonfinite value (the report says ``on device 5 (process
+    0)``): the device where the event happened first inside `shard_map` and
+    `pmap`, the device holding the first nonfinite element of the event's
+    output under a sharded `jit`. Integer and boolean values are not
+    checked.
+
+    Multi-process (`jax.distributed`): call it on every process with the
+    same global arrays, as the step itself is called; every process runs
+    the same programs in the same order and returns the same diagnosis,
+    naming the process and device holding the first nonfinite value
+    (possibly another process's). Nothing waits on a collective only some
+    processes enter: the decisions are read from values reduced over the
+    whole global array. The event equation's inputs and outputs are
+    gathered to every process (one all-gather each, the size of that
+    equation's values); a nonfinite argument is read shard by shard, each
+    process sending only the indices of its first nonfinite elements.
 
     The replay follows JAX semantics equation by equation; XLA may compile
     the same step differently (``x * mask`` into a select that hides a NaN).
@@ -291,7 +316,10 @@ def locate(
             array, or the arguments are tracers (locate under `jax.vmap` or
             `jax.jit`).
         NotImplementedError: when `fn` uses a higher-order primitive
-            without a rule (see `jaxnan.register_rule`).
+            without a rule (see `jaxnan.register_rule`); when `fn` calls
+            `jax.pmap` under several processes (its traced program covers
+            this process's devices only: write the step with `jax.jit` on
+            global arrays or `jax.shard_map`).
 
     Examples:
         >>> import jax, jax.numpy as jnp, jaxnan
@@ -387,22 +415,31 @@ def _diagnose(run: replay.Run, opts: _Options) -> Diagnosis:
     return _event_diagnosis(run, opts, det, node, phase, cone, common)
 
 
-def _device(node: interpreter.Node, device_pos: int) -> int | None:
+def _device(
+    node: interpreter.Node, device_pos: int, element_device: int | None
+) -> tuple[int | None, int | None]:
+    """``(device, process)`` of the event (see `Diagnosis.device`).
+
+    Inside a device map over every mesh axis, the device at the event's
+    position; over some axes only (the others automatic), the position in
+    the grid of the manual axes, with no process (a group of devices holds
+    it). Elsewhere (a sharded `jit`) the device holding the first nonfinite
+    element of the event's output (`capture.Captured.device`).
+    """
     if node.shard is None or device_pos < 0:
-        return None
+        return element_device, hosts.process_of(element_device)
     mesh, axes = node.shard
     if tuple(axes) == tuple(mesh.axis_names):
-        return int(mesh.devices.flat[device_pos].id)
-    return device_pos
+        device = int(mesh.devices.flat[device_pos].id)
+        return device, hosts.process_of(device)
+    return device_pos, None
 
 
 def _event_diagnosis(run, opts, det, node, phase, cone, common) -> Diagnosis:
     iteration = tuple(int(i) for i in np.asarray(det.iteration)[: node.loop_depth])
     device_pos = det.device
     inputs, outputs, element_device = run.capture(det, node, iteration, device_pos)
-    device = _device(node, device_pos)
-    if device is None:  # a sharded jit: the device holding the first element
-        device = element_device
+    device, process = _device(node, device_pos, element_device)
     eqn = node.eqn
     where = _frame_dict(eqn, node.callers)
     _, api = frames.node_frame(node)
@@ -438,6 +475,7 @@ def _event_diagnosis(run, opts, det, node, phase, cone, common) -> Diagnosis:
         inputs_seen=found.seen,
         iteration=iteration or None,
         device=device,
+        process=process,
         name_stack=frames.clean_name_stack(node.name_stack),
         dtype=dtype,
         shapes={
@@ -530,10 +568,11 @@ def _input_diagnosis(run: replay.Run, common: dict) -> Diagnosis:
     for k, path in enumerate(run.in_paths):
         if path not in nonfinite:
             continue
-        a = np.asarray(run.leaves[k])
-        if dtypes.is_inexact_dtype(a.dtype):
-            idx = np.argwhere(~np.isfinite(a.astype(np.complex128)))[:3]
-            elements[path] = [tuple(int(i) for i in row) for row in idx]
+        x = run.leaves[k]
+        if dtypes.is_inexact_dtype(replay.dtype_of(x)):
+            # Read shard by shard: an argument spanning processes is never
+            # gathered whole (every process takes this branch: lock-step).
+            elements[path] = hosts.first_nonfinite(x, 3)
         hit = _first_consumer(run.closed.jaxpr, run.closed.jaxpr.invars[k])
         if hit is not None:
             consumed[path] = _frame_dict(*hit)

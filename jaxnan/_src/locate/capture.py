@@ -15,6 +15,7 @@ import jax
 import numpy as np
 from jax.extend import source_info_util
 
+from jaxnan._src.core import hosts
 from jaxnan._src.locate import interpreter, strategies
 from jaxnan._src.locate.blocks import EXTERNAL, Detection, compiler_options
 from jaxnan._src.locate.strategies import Node
@@ -29,8 +30,8 @@ class Captured(NamedTuple):
         inputs: its inputs, as numpy arrays.
         outputs: its outputs, as numpy arrays.
         device: under a sharded `jit`, the id of the device holding the first
-            nonfinite element of its outputs; None when they are not split
-            over devices.
+            nonfinite element of its outputs (of any process); None when they
+            are not split over devices.
     """
 
     inputs: list[np.ndarray]
@@ -67,7 +68,9 @@ def capture_event(
         return state
 
     arrays = jax.jit(fn, compiler_options=compiler_options())(det.event_args)
-    values = [np.asarray(v) for v in jax.device_get(arrays)]
+    # Under several processes an event value spanning them is gathered to
+    # every process (the same arrays in the same order on each: lock-step).
+    values = [hosts.read(v) for v in arrays]
     n_in = len(node.in_avals)
     holder = None
     if node.shard is None:

@@ -174,17 +174,19 @@ def finite_in_float32(closed: Any, consts: Sequence[Any], args: Sequence[Any]):
     """
     if not has_low_precision(closed.jaxpr):
         return None
+
+    def finite(c, a):
+        # Reduced in the program: outputs sharded over processes are not read.
+        outs = jax.tree_util.tree_leaves(evaluate(closed.jaxpr, c, a))
+        flags = [
+            jnp.isfinite(o).all() for o in outs if jnp.issubdtype(o.dtype, jnp.inexact)
+        ]
+        return jnp.stack(flags).all() if flags else jnp.bool_(True)
+
     try:
-        outs = jax.jit(lambda c, a: evaluate(closed.jaxpr, c, a))(
-            list(consts), list(args)
-        )
+        return bool(jax.jit(finite)(list(consts), list(args)))
     except Exception:  # noqa: BLE001 - an experiment that cannot run says nothing
         return None
-    for o in jax.tree_util.tree_leaves(outs):
-        a = np.asarray(o)
-        if a.dtype.kind in "fc" and not np.isfinite(a).all():
-            return False
-    return True
 
 
 def equation_finite_in_float32(eqn: Any, inputs: Sequence[np.ndarray]):

@@ -12,10 +12,9 @@ from jaxnan._src.core.errors import describe_counts, leaf_lines, shown_where
 source_info_util.register_exclusion(__file__)
 
 # The labelled lines of a creation event after its phase, in order: each is
-# shown when its field is set (a device id of 0 is set).
+# shown when its field is set. (The device is named in the first line.)
 _EVENT_FIELDS: tuple[tuple[str, str], ...] = (
     ("iteration", "iteration: "),
-    ("device", "device:  "),
     ("signature", "types:   "),
     ("name_stack", "name stack: "),
     ("inputs_seen", "inputs:  "),
@@ -50,11 +49,31 @@ def _nan_event_line(e: Mapping[str, Any]) -> str:
     )
 
 
+def on_device(device: int | None, process: int | None) -> str:
+    """`` on device 3 (process 0)``: who held the first nonfinite value.
+
+    Empty when no device is known; without a process (a `shard_map` over
+    some mesh axes only: `device` is a position in their grid), the position.
+
+    Examples:
+        >>> on_device(3, 0)
+        ' on device 3 (process 0)'
+        >>> on_device(None, None)
+        ''
+    """
+    if device is None:
+        return ""
+    if process is None:
+        return f" at position {device} of the shard_map's manual mesh axes"
+    return f" on device {device} (process {process})"
+
+
 def _event_lines(d: Any, name: str) -> list[str]:
     what = f" ({describe_counts(*d.created)})" if d.created else ""
+    where = on_device(d.device, getattr(d, "process", None))
     lines = [
         f"jaxnan: `{d.primitive}` created the first nonfinite value{what} in "
-        f"the {d.phase} pass of {name}.",
+        f"the {d.phase} pass of {name}{where}.",
         *_where_lines(d),
         f"  phase:   {d.phase}",
     ]

@@ -92,6 +92,7 @@ class Run:
         self.flat_fn = flat_fn
         self.leaves = leaves
         self.closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*leaves)
+        reject_multiprocess_pmap(name, self.closed.jaxpr)
         self.out_paths = [p for p, _ in tree.paths_and_leaves(out_shape, "output")]
         self.depth = primitives.loop_depth(self.closed.jaxpr)
         self.consts = list(self.closed.consts)
@@ -231,6 +232,41 @@ def reject_tracers(name, args, kwargs):
                 "Call jaxnan.locate(fn)(*args) outside any transformation (on "
                 "one example, or on the whole batch with fn = jax.vmap(f))."
             )
+
+
+# What `jax.pmap` on process-local data traces to under several processes.
+_PMAP_LOCAL = "host_local_array_to_global_array"
+
+
+def _primitive_names(jaxpr: Any) -> set[str]:
+    names = set()
+    for eqn in jaxpr.eqns:
+        names.add(eqn.primitive.name)
+        for sub in primitives.sub_jaxprs(eqn, strict=False):
+            names |= _primitive_names(getattr(sub.jaxpr, "jaxpr", sub.jaxpr))
+    return names
+
+
+def reject_multiprocess_pmap(name: str, jaxpr: Any) -> None:
+    """A clear error for `jax.pmap` under several processes (not replayable).
+
+    Under `jax.distributed` the program `jax.pmap` traces to runs its
+    collectives over this process's devices only (its mesh is the local
+    one), while the compiled `pmap` reduces over every process: replayed,
+    each process would see a different program. Every process raises the
+    same error (no process waits for another).
+    """
+    if jax.process_count() == 1 or _PMAP_LOCAL not in _primitive_names(jaxpr):
+        return
+    raise NotImplementedError(
+        f"jaxnan.locate(`{name}`): `jax.pmap` under several processes "
+        f"({jax.process_count()}, jax.distributed) traces to a program over "
+        "this process's devices only, which cannot be replayed as the "
+        "compiled pmap runs. Locate the step written with jax.jit on global "
+        "arrays (jax.make_array_from_process_local_data) or with "
+        "jax.shard_map over a mesh of jax.devices(); both are located on "
+        "every process, naming the process and device."
+    )
 
 
 def check_output(name, out):
