@@ -85,6 +85,25 @@ def validate_same_structure(
         )
 
 
+def inner_accepts(
+    update: Callable, updates: Any, state: Any, params: Any, extra_args: dict
+) -> bool:
+    """Whether a wrapper's inner update takes these arguments.
+
+    True when ``update(updates, state, params, **extra_args)`` traces
+    (`jax.eval_shape`) and, given params, returns updates of their structure
+    (``optax.lookahead`` takes gradients of the fast params and returns
+    updates of its ``LookaheadParams``).
+    """
+    try:
+        out, _ = jax.eval_shape(lambda: update(updates, state, params, **extra_args))
+    except (TypeError, ValueError):
+        return False
+    return params is None or jax.tree_util.tree_structure(
+        out
+    ) == jax.tree_util.tree_structure(params)
+
+
 def validate_inner(inner: Any, *, fn_name: str) -> None:
     """Raises TypeError when `inner` is not an optax gradient transformation."""
     if not (hasattr(inner, "init") and hasattr(inner, "update")):
@@ -138,6 +157,7 @@ def validate_update_call(
     params: Any = None,
     mirror: str | None = None,
     extra_args: dict | None = None,
+    inner_accepts: Callable[[], bool] | None = None,
     fn_name: str,
 ) -> None:
     """The checks at the top of every jaxnan transform's ``update``.
@@ -150,6 +170,14 @@ def validate_update_call(
     mirror the params (an optimizer's moments, a `MultiSteps` accumulator)
     have their shapes; and the extra argument ``loss=`` is numeric.
 
+    A wrapper passes `inner_accepts`, which says whether its inner
+    transformation traces on these arguments (``jax.eval_shape`` of its
+    update): a params tree or a state that does not mirror the updates is
+    then accepted when the inner optimizer accepts it (``optax.lookahead``
+    takes ``LookaheadParams``, ``optax.adafactor``'s factored moments and
+    ``optax.lbfgs``'s memory have other shapes), and rejected, naming the
+    leaf, when it does not. It is called only when a check fails.
+
     Raises:
         TypeError: for a state of another transform, non-floating update
             leaves or a non-numeric loss.
@@ -158,11 +186,6 @@ def validate_update_call(
     """
     validate_state(state, expected, fn_name=fn_name)
     validate_updates(updates, fn_name=fn_name)
-    if params is not None:
-        validate_same_structure(
-            updates, params, name_a="updates", name_b="params", fn_name=fn_name
-        )
-        validate_same_shapes(updates, params, fn_name=fn_name)
     if mirror is not None:
         validate_same_structure(
             updates,
@@ -171,7 +194,20 @@ def validate_update_call(
             name_b="params",
             fn_name=fn_name,
         )
-    validate_state_shapes(updates, state, fn_name=fn_name)
+    same = params is None or jax.tree_util.tree_structure(
+        updates
+    ) == jax.tree_util.tree_structure(params)
+    if same and params is not None:  # one gradient entry per parameter entry
+        validate_same_shapes(updates, params, fn_name=fn_name)
+    try:
+        if not same:
+            validate_same_structure(
+                updates, params, name_a="updates", name_b="params", fn_name=fn_name
+            )
+        validate_state_shapes(updates, state, fn_name=fn_name)
+    except ValueError:
+        if inner_accepts is None or not inner_accepts():
+            raise
     loss = (extra_args or {}).get("loss")
     if loss is not None:
         validate_loss(loss, fn_name=fn_name)

@@ -178,6 +178,9 @@ def dynamic_loss_scale(
             DynamicLossScaleState,
             params=params,
             extra_args=extra_args,
+            inner_accepts=lambda: validation.inner_accepts(
+                inner.update, updates, state.loss_scale_inner_state, params, extra_args
+            ),
             fn_name=name,
         )
         updates = nonfinite.as_arrays(updates)

@@ -146,6 +146,11 @@ def monitor(
             params=params,
             mirror="monitor_grad_norm",
             extra_args=extra_args,
+            inner_accepts=None
+            if inner is None
+            else lambda: validation.inner_accepts(
+                inner.update, updates, state.monitor_inner_state, params, extra_args
+            ),
             fn_name=name,
         )
         if inner is None:

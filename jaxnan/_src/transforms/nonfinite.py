@@ -224,6 +224,7 @@ def skip_nonfinite(
     give_up_after: int | None = None,
     axis_name: str | None = None,
     sharded_params: bool = False,
+    exact: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Skips the whole step when anything nonfinite would reach the params.
 
@@ -241,8 +242,30 @@ def skip_nonfinite(
     ``p + -0.0`` is `p` bit for bit, signed zeros included) and leaves the
     inner state bit for bit unchanged: Adam's moments and step count are
     never touched by a bad step. The one exception is a `jaxnan.monitor`
-    inside `inner`: it records every step, skipped or not. A finite step is
-    exactly `inner`.
+    inside `inner`: it records every step, skipped or not.
+
+    What is exact on a finite step. The updates and the new state are made
+    by `inner`'s own equations, and each state leaf keeps the dtype `init`
+    gave it. Bit for bit:
+
+    * default (``exact=False``): the params and state of a jitted step
+      ``optax.apply_updates(params, updates)`` are those of the same step
+      without the guard, for the optax optimizers and wrappers tested
+      (`tests/test_skip_matrix.py`), except ``optax.contrib``'s
+      ``dadapt_adamw``, ``momo``, ``momo_adam``, ``muon`` and
+      ``optax.rmsprop(centered=True, momentum=0.9)``, and the updates are
+      ``jax.jit(inner.update)``'s except for those five: there
+      the last bit of some entries can differ (XLA:CPU lets LLVM contract
+      ``a * b + c`` into an FMA kernel by kernel, and the guard's select in
+      a kernel can change that choice for the arithmetic before it);
+    * ``exact=True``: the updates and the new state are always bit for
+      bit ``jax.jit(inner.update)``'s, for every optimizer: `inner` runs in
+      a branch of a `lax.cond`, which XLA compiles on its own. The updates
+      are then written out of the conditional, so the caller's
+      ``params + updates`` is rounded on its own, where a fused unguarded
+      step may contract it into one FMA (1 ulp apart from the fused
+      unguarded step for most optimizers); it costs a second evaluation of
+      `inner` (`benchmarks/RESULTS.md` has the step time).
 
     Unlike `optax.apply_if_finite`, reaching `give_up_after` consecutive
     skips never lets a nonfinite update through (which would poison the moments for
@@ -274,7 +297,7 @@ def skip_nonfinite(
     out). Then `inner` runs as without the guard, with a select on each new
     state leaf and inside its last multiply (`guarded_update`): no copy of
     the params or moments, and XLA fuses it with `optax.apply_updates` as it
-    does without the guard, so that a healthy step is bit for bit `inner`'s.
+    does without the guard (what is bit for bit: above).
     `benchmarks/RESULTS.md` has the figures.
 
     Args:
@@ -287,6 +310,9 @@ def skip_nonfinite(
         axis_name: the mapped axis to agree over, inside `shard_map`/`pmap`.
         sharded_params: the params are split over devices under sharded
             `jit` (FSDP): reductions that partition into all-reduces.
+        exact: run `inner` in a `lax.cond` branch, so that its updates and
+            state are bit for bit ``jax.jit(inner.update)``'s for every
+            optimizer (see above for the cost).
 
     Returns:
         An `optax.GradientTransformationExtraArgs` whose state is a
@@ -343,6 +369,9 @@ def skip_nonfinite(
             SkipNonfiniteState,
             params=params,
             extra_args=extra_args,
+            inner_accepts=lambda: validation.inner_accepts(
+                inner.update, updates, state.inner_state, params, extra_args
+            ),
             fn_name=name,
         )
         updates = as_arrays(updates)
@@ -372,6 +401,7 @@ def skip_nonfinite(
             incoming=incoming,
             norm_incoming=tap is not None and not clip,
             sharded_params=sharded_params,
+            exact=exact,
         )
         if tap is not None:
             tap.records.append(

@@ -90,6 +90,7 @@ def guarded_update(
     check_outgoing: bool = True,
     norm_incoming: bool = False,
     sharded_params: bool = False,
+    exact: bool = False,
 ) -> Guarded:
     """`inner.update` when the step is wanted and all is finite, else a skip.
 
@@ -200,7 +201,21 @@ def guarded_update(
         bad = lax.psum(bad, axis_name)
         in_ok, out_ok = bad[0] == 0, bad[1] == 0
     apply_ok = in_ok & out_ok
-    if eager:
+    if exact and not eager:
+        checked_state = keep_types(
+            jax.tree_util.tree_unflatten(
+                jax.tree_util.tree_structure(inner_types), flat[n_updates:]
+            )
+        )
+        out, new_inner = _apply_in_branch(
+            apply_ok,
+            lambda: inner.update(updates, inner_state, params, **extra_args),
+            out_types,
+            inner_state,
+            checked_state,
+            keep_types,
+        )
+    elif eager:
         out = jax.tree_util.tree_map(
             lambda u: jnp.where(apply_ok, u, no_update(u)), new_updates
         )
@@ -212,6 +227,43 @@ def guarded_update(
             apply_ok, closed, out_types, inner_state, inner_types, state_axes
         )
     return Guarded(out, new_inner, in_ok, out_ok, jnp.sqrt(sq))
+
+
+def _apply_in_branch(
+    ok: jax.Array,
+    step: Any,
+    out_types: Any,
+    inner_state: optax.OptState,
+    checked_state: optax.OptState,
+    keep_types: Any,
+) -> tuple[optax.Updates, optax.OptState]:
+    """``step()`` in one branch of a `lax.cond`, a skip in the other.
+
+    The exact variant (``exact=True``). XLA compiles a conditional's branch
+    as a computation of its own, into which nothing outside it is fused: the
+    inner optimizer's kernels are those of ``jax.jit(inner.update)`` alone,
+    and so are its roundings (XLA:CPU lets LLVM contract ``a * b + c`` into
+    an FMA kernel by kernel, so that a select added to a kernel can change
+    the rounding of the arithmetic before it). The cost: the updates are
+    written out of the conditional, so the caller's ``params + updates``
+    is rounded twice where an unguarded step may contract it into one FMA,
+    and the step reads the gradients and the state once more than the
+    default (`benchmarks/RESULTS.md`). Observer records (`jaxnan.monitor`)
+    take `checked_state`'s, the step's own, on a skip too.
+    """
+
+    def apply():
+        u, n = step()
+        return u, keep_types(n)
+
+    def skip():
+        u = jax.tree_util.tree_map(
+            lambda t: no_update(jnp.zeros(t.shape, t.dtype)), out_types
+        )
+        kept = observers.merge_observed(checked_state, inner_state, lambda n, o: o)
+        return u, kept
+
+    return lax.cond(ok, apply, skip)
 
 
 def _apply_or_skip(
@@ -381,7 +433,10 @@ def _evaluate(jaxpr: Any, consts: list, before: dict, after: dict) -> list:
                     env[v], kept[v] = after[v](x)
                 else:
                     env[v] = x
-    return [kept[v] if v in kept else read(v) for v in jaxpr.outvars]
+    return [
+        kept[v] if isinstance(v, jex_core.Var) and v in kept else read(v)
+        for v in jaxpr.outvars
+    ]
 
 
 def no_update(a: Any) -> jax.Array:

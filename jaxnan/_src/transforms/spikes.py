@@ -496,6 +496,9 @@ def skip_spikes(
             SkipSpikesState,
             params=params,
             extra_args=extra_args,
+            inner_accepts=lambda: validation.inner_accepts(
+                inner.update, updates, state.spike_inner_state, params, extra_args
+            ),
             fn_name=name,
         )
         updates = nonfinite.as_arrays(updates)
