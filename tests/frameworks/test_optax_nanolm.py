@@ -188,7 +188,11 @@ def test_float16_layernorm_epsilon_underflow_cause(layernorm_bug):
     d = layernorm_bug[-1]
     assert d.cause == "precision"
     assert d.inputs_seen.endswith("; the constant 1e-08 is 0.0 in float16")
-    assert d.fix.startswith("Compute this step in float32")
+    # The fix names the two changes that help: an epsilon float16 holds, or
+    # the line computed in float32.
+    assert d.fix.startswith("float16 cannot hold the constant (1e-08 is 0.0")
+    assert "eps >= 1e-5 for float16" in d.fix
+    assert "compute this line in float32" in d.fix
 
 
 def test_learning_rate_1000x_too_high_never_applies_a_nonfinite_update():

@@ -86,6 +86,10 @@ class BadBatches:
         path: the JSON-lines file new records are appended to (process 0
             only), or None.
 
+    Raises:
+        TypeError: for a `path` that is not a str or os.PathLike, or
+            `records` that are not `jaxnan.BadBatch` records.
+
     Examples:
         >>> import os, tempfile
         >>> import jaxnan
@@ -103,8 +107,19 @@ class BadBatches:
     def __init__(
         self, records: Iterable[BadBatch] = (), *, path: str | os.PathLike | None = None
     ):
+        if path is not None and not isinstance(path, (str, os.PathLike)):
+            raise TypeError(
+                f"jaxnan.BadBatches: path must be a str, os.PathLike or None, got "
+                f"{type(path).__name__} {path!r}."
+            )
         self.path = None if path is None else os.fspath(path)
         self._records: list[BadBatch] = list(records)
+        for r in self._records:
+            if not isinstance(r, BadBatch):
+                raise TypeError(
+                    "jaxnan.BadBatches: records must be jaxnan.BadBatch records "
+                    f"(as BadBatches.load reads them), got {type(r).__name__}."
+                )
         self._positions = {r.position for r in self._records}
         self._file: IO[str] | None = None
 

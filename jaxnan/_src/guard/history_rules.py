@@ -115,6 +115,10 @@ def register_history_rule(
     Returns:
         The rule, unchanged (or a decorator, without `fn`).
 
+    Raises:
+        TypeError: for a rule that is not callable, or a `priority` that is
+            not an int.
+
     Examples:
         >>> import jaxnan
         >>> from jaxnan._src.guard import history_rules
@@ -125,8 +129,18 @@ def register_history_rule(
         True
         >>> del history_rules.HISTORY_RULES["never"]
     """
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise TypeError(
+            "jaxnan.register_history_rule: priority must be an int (lower runs "
+            f"first; the built-in rules use 0 to 40), got {priority!r}."
+        )
 
     def decorator(rule: HistoryRule) -> HistoryRule:
+        if not callable(rule):
+            raise TypeError(
+                "jaxnan.register_history_rule: the rule must be a function of a "
+                f"Context returning a Verdict or None, got {type(rule).__name__}."
+            )
         key = name or rule.__name__
         order = len(HISTORY_RULES)
         if key in HISTORY_RULES:

@@ -172,7 +172,7 @@ def classify(event: causes.Event, found: Classification) -> Classification | Non
         >>> ev.finite_in_float32 = True
         >>> c = precision_fix.classify(ev, Classification(Cause.OVERFLOW, "", "exp"))
         >>> c.cause, c.fix[:45]
-        ('precision', '`jnp.exp` overflows float16 (max 65504.0) wh')
+        ('precision', '`jnp.exp` overflows float16 (max 65504.0) whe')
     """
     dt = narrow_dtype(event)
     if dt is not None and event.primitive == _CAST and found.cause is Cause.UNSAFE_OP:
