@@ -266,15 +266,18 @@ def test_skip_equals_the_reference_loop(name, run, events):
 
 
 @pytest.mark.parametrize(
-    "name", sorted(cat.FUSION_ULP) + ["optax.adam", "optax.rmsprop", "optax.chain"]
+    ("name", "run"),
+    [
+        pytest.param(name, run, marks=_marks(name, run), id=f"{run}-{name}")
+        for run in ("f32_bf16_c64", "f16")
+        for name in sorted(cat.FUSION_ULP)
+        + ["optax.adam", "optax.rmsprop", "optax.chain"]
+    ],
 )
-@pytest.mark.parametrize("run", ["f32_bf16_c64", "f16"])
 def test_exact_variant_is_the_update_jitted_alone(name, run):
     """``exact=True``: every update and state bit for bit ``jit(inner.update)``'s,
     the optimizers whose default guard XLA rounds 1 ulp apart included."""
     events = [("healthy", 0), ("nan", 1), ("healthy", 2), ("huge", 5), ("healthy", 3)]
-    if (name, run) in DTYPE_DRIFT:
-        pytest.xfail("state dtype drift (DTYPE_DRIFT)")
     _run(name, run, events, exact=True)
 
 
