@@ -168,7 +168,8 @@ def classify(event: causes.Event, found: Classification) -> Classification | Non
         >>> from jaxnan._src.locate import precision_fix
         >>> x = np.array([12.0], np.float16)
         >>> eqn = jax.make_jaxpr(jnp.exp)(x).eqns[0]
-        >>> ev = Event(eqn, "exp", "forward", [x], [np.full(1, np.inf, np.float16)], "jnp.exp")
+        >>> inf = np.full(1, np.inf, np.float16)  # what exp(12) is in float16
+        >>> ev = Event(eqn, "exp", "forward", [x], [inf], "jnp.exp")
         >>> ev.finite_in_float32 = True
         >>> c = precision_fix.classify(ev, Classification(Cause.OVERFLOW, "", "exp"))
         >>> c.cause, c.fix[:45]
