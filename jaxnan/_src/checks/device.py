@@ -33,7 +33,7 @@ from jax.custom_derivatives import SymbolicZero
 from jax.extend import source_info_util
 
 from jaxnan._src.checks import host, processes
-from jaxnan._src.core import dtypes, errors, tree, validation
+from jaxnan._src.core import dtypes, errors, sharding, tree, validation
 
 source_info_util.register_exclusion(__file__)
 
@@ -250,15 +250,9 @@ def tie(leaves: list, token: jax.Array | None, groups: Sequence[Any] = ()) -> li
     return out
 
 
-def _sharded_in_type(x: jax.Array) -> bool:
-    """Whether `x`'s type names a sharded dim (a `jax.set_mesh` explicit mesh)."""
-    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
-    return bool(spec) and any(s is not None for s in spec)
-
-
 def _tie_one(x: jax.Array, token: jax.Array) -> jax.Array:
     zero = (token * 0).astype(x.dtype)
-    if not x.size or not x.ndim or _sharded_in_type(x):
+    if not x.size or not x.ndim or sharding.sharded_in_type(x):
         # An explicitly sharded dim cannot be sliced to one element.
         return x - zero
     first = (0,) * x.ndim

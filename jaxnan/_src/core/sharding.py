@@ -1,4 +1,8 @@
-"""Varying manual axes (`shard_map`): reading and setting them on values."""
+"""What a value's type says of its sharding.
+
+Varying manual axes (`shard_map`), and dims sharded over a mesh of explicit
+axes (`jax.set_mesh`).
+"""
 
 from __future__ import annotations
 
@@ -25,3 +29,13 @@ def make_varying(x: Any, axes: Any) -> Any:
     if not missing:
         return x
     return lax.pcast(x, tuple(sorted(missing)), to="varying")
+
+
+def sharded_in_type(x: Any) -> bool:
+    """Whether `x`'s type names a sharded dim (a mesh of explicit axes).
+
+    On such a mesh (`jax.set_mesh`) jax refuses to slice or index a sharded
+    dim to a size its axes do not divide; elsewhere the type's spec is empty.
+    """
+    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+    return bool(spec) and any(p is not None for p in spec)

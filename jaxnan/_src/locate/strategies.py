@@ -21,7 +21,7 @@ import numpy as np
 from jax.extend import source_info_util
 from jax.sharding import PartitionSpec
 
-from jaxnan._src.core import dtypes
+from jaxnan._src.core import dtypes, sharding
 
 source_info_util.register_exclusion(__file__)
 
@@ -279,8 +279,7 @@ def replicated(x: jax.Array) -> jax.Array:
     sharded over the devices; on a mesh of explicit axes (`jax.set_mesh`)
     jax refuses to index such an axis. Elsewhere `x` is returned as is.
     """
-    spec = getattr(jax.typeof(x).sharding, "spec", ())
-    if any(p is not None for p in spec):
+    if sharding.sharded_in_type(x):
         return jax.sharding.reshard(x, PartitionSpec())
     return x
 
