@@ -141,6 +141,13 @@ def launch(
     ]
 
 
+def value(results: list[dict[str, Any]], name: str, process: int) -> Any:
+    """What scenario `name` returned on `process`; a failure shows its traceback."""
+    got = results[process][name]
+    assert "value" in got, got.get("traceback")
+    return got["value"]
+
+
 def _worker(argv: Sequence[str]) -> None:
     port, index, count, out, module, *names = argv
     import jax  # noqa: PLC0415 - after the environment is set

@@ -225,15 +225,9 @@ def results(tmp_path_factory):
     return multiprocess.launch(__file__, SCENARIOS, out=out, timeout=150)
 
 
-def _value(results, name, process):
-    got = results[process][name]
-    assert "value" in got, got.get("traceback")
-    return got["value"]
-
-
 def test_nan_rows_of_one_process_named_by_global_row(results):
     for proc in (0, 1):
-        got = _value(results, "scenario_skip_nan_rows", proc)
+        got = multiprocess.value(results, "scenario_skip_nan_rows", proc)
         assert got["rows"] == [BAD_ROW]
         assert got["leaf"] == "batch['x']"
         assert got["cause"] == "input_data"
@@ -241,35 +235,41 @@ def test_nan_rows_of_one_process_named_by_global_row(results):
         assert got["params"] == got["expected"]
         # each process logs its own record, saying so
         assert got["records"] == [[BAD_STEP, proc, [BAD_ROW]]]
-    first = _value(results, "scenario_skip_nan_rows", 0)
+    first = multiprocess.value(results, "scenario_skip_nan_rows", 0)
     assert (
         f"row {BAD_ROW} of batch['x'] (batch {BAD_STEP}) on process 1, device 2048"
         in first["printed"]
     )
     assert first["printed"].count("went nonfinite") == 1
-    assert _value(results, "scenario_skip_nan_rows", 1)["printed"] == ""
-    assert first["params"] == _value(results, "scenario_skip_nan_rows", 1)["params"]
+    assert multiprocess.value(results, "scenario_skip_nan_rows", 1)["printed"] == ""
+    assert (
+        first["params"]
+        == multiprocess.value(results, "scenario_skip_nan_rows", 1)["params"]
+    )
 
 
 def test_finite_batch_replayed_per_example_and_located(results):
     line = line_of("# <- " + "log: a scale")
     for proc in (0, 1):
-        got = _value(results, "scenario_skip_finite_batch", proc)
+        got = multiprocess.value(results, "scenario_skip_finite_batch", proc)
         assert got["rows"] == [BAD_ROW]
         assert got["leaf"] == "batch['scale']"
         # located on both processes (the event's values read in lock-step)
         assert got["primitive"] == "log"
         assert got["where"] == f"{__file__}:{line}"
-    printed = _value(results, "scenario_skip_finite_batch", 0)["printed"]
+    printed = multiprocess.value(results, "scenario_skip_finite_batch", 0)["printed"]
     assert "row 5 of batch['scale'] (batch 2) on process 1, device 2048" in printed
     assert "on device 2048 (process 1)" in printed
     assert printed.count("went nonfinite") == 1
-    assert _value(results, "scenario_skip_finite_batch", 1)["printed"] == ""
+    assert multiprocess.value(results, "scenario_skip_finite_batch", 1)["printed"] == ""
 
 
 def test_guard_with_a_checked_loss_on_both_processes(results):
     line = line_of("# <- " + "log: a scale")
-    got = [_value(results, "scenario_guard_with_checked_loss", p) for p in (0, 1)]
+    got = [
+        multiprocess.value(results, "scenario_guard_with_checked_loss", p)
+        for p in (0, 1)
+    ]
     for g in got:
         assert g["where"] == f"{__file__}:{line}"
         assert g["rows"] == [BAD_ROW]
@@ -282,7 +282,7 @@ def test_guard_with_a_checked_loss_on_both_processes(results):
 
 def test_raise_raises_on_every_process(results):
     for proc in (0, 1):
-        assert _value(results, "scenario_raise", proc) == {
+        assert multiprocess.value(results, "scenario_raise", proc) == {
             "raised": "NonFiniteError",
             "step": BAD_STEP,
         }
@@ -290,7 +290,7 @@ def test_raise_raises_on_every_process(results):
 
 def test_rollback_restores_the_same_step_everywhere(results):
     for proc in (0, 1):
-        got = _value(results, "scenario_rollback", proc)
+        got = multiprocess.value(results, "scenario_rollback", proc)
         assert got["action"] == "rolled_back"
         assert got["restored"] == BAD_STEP - 2
         assert got["params"] == got["expected"]
@@ -301,14 +301,14 @@ def test_rollback_restores_the_same_step_everywhere(results):
             [1],
         )
     assert (
-        _value(results, "scenario_rollback", 0)["params"]
-        == _value(results, "scenario_rollback", 1)["params"]
+        multiprocess.value(results, "scenario_rollback", 0)["params"]
+        == multiprocess.value(results, "scenario_rollback", 1)["params"]
     )
 
 
 def test_process_local_batch_is_a_clear_error(results):
     for proc in (0, 1):
-        text = _value(results, "scenario_local_batch", proc)
+        text = multiprocess.value(results, "scenario_local_batch", proc)
         assert text is not None
         assert "`batch['scale']` of `train_step` is a numpy array" in text
         assert "jax.make_array_from_process_local_data" in text

@@ -385,12 +385,6 @@ def results(tmp_path_factory):
     return multiprocess.launch(__file__, SCENARIOS, out=out, timeout=150)
 
 
-def _value(results, name, process):
-    got = results[process][name]
-    assert "value" in got, got.get("traceback")
-    return got["value"]
-
-
 def _step(trace, i, *keys):
     got = trace[i]
     for k in keys:
@@ -400,7 +394,7 @@ def _step(trace, i, *keys):
 
 @pytest.mark.parametrize("name", list(TRANSFORMS))
 def test_transform_decides_identically_on_both_processes(results, name):
-    runs = [_value(results, "scenario_transforms", p)[name] for p in (0, 1)]
+    runs = [multiprocess.value(results, "scenario_transforms", p)[name] for p in (0, 1)]
     # bit for bit: the same params and state on both processes, every step
     assert runs[0]["sharded"] == runs[1]["sharded"]
     # and the run of one device with the whole batch
@@ -414,7 +408,8 @@ def test_transform_decides_identically_on_both_processes(results, name):
 
 def test_transform_decisions_on_the_bad_step(results):
     runs = {
-        k: v["sharded"] for k, v in _value(results, "scenario_transforms", 0).items()
+        k: v["sharded"]
+        for k, v in multiprocess.value(results, "scenario_transforms", 0).items()
     }
     before, bad = BAD_STEP - 1, BAD_STEP
     skip = runs["skip_nonfinite"]
@@ -456,11 +451,14 @@ def test_checked_reports_every_phase_on_both_processes(results):
         ["backward", {"params['b']": [0, 1, 0]}, [1, 1]],
     ]
     for proc in (0, 1):
-        assert _value(results, "scenario_checked_phases", proc) == want
+        assert multiprocess.value(results, "scenario_checked_phases", proc) == want
 
 
 def test_checked_raises_on_both_processes_and_the_run_goes_on(results):
-    got = [_value(results, "scenario_checked_raise_then_go_on", p) for p in (0, 1)]
+    got = [
+        multiprocess.value(results, "scenario_checked_raise_then_go_on", p)
+        for p in (0, 1)
+    ]
     assert got[0]["raised"] == [
         "input",
         {"batch['x']": [1, 0, 0], "batch['y']": [1, 0, 0]},
@@ -471,7 +469,7 @@ def test_checked_raises_on_both_processes_and_the_run_goes_on(results):
 
 def test_checked_warns_once_per_process(results):
     for proc in (0, 1):
-        assert _value(results, "scenario_checked_warns", proc) == [
+        assert multiprocess.value(results, "scenario_checked_warns", proc) == [
             "jaxnan: nonfinite values in the inputs of `loss_fn` [phase input]:"
         ]
 
@@ -479,20 +477,23 @@ def test_checked_warns_once_per_process(results):
 def test_locate_names_line_device_and_process_of_a_sharded_jit(results):
     line = line_of("# <- " + "log", __file__)
     for proc in (0, 1):
-        got = _value(results, "scenario_locate_sharded_jit", proc)
+        got = multiprocess.value(results, "scenario_locate_sharded_jit", proc)
         assert got["primitive"] == "log"
         assert got["where"] == f"{__file__}:{line}"
         assert got["phase"] == "forward"
         # global row 5: process 1's local row 1, on its first device
         assert (got["device"], got["process"]) == (2048, 1)
         assert "on device 2048 (process 1)" in got["text"]
-    texts = [_value(results, "scenario_locate_sharded_jit", p)["text"] for p in (0, 1)]
+    texts = [
+        multiprocess.value(results, "scenario_locate_sharded_jit", p)["text"]
+        for p in (0, 1)
+    ]
     assert texts[0] == texts[1]
 
 
 def test_locate_nan_argument_elements_by_global_index(results):
     for proc in (0, 1):
-        got = _value(results, "scenario_locate_nan_input", proc)
+        got = multiprocess.value(results, "scenario_locate_nan_input", proc)
         assert got["phase"] == "input"
         assert got["elements"] == {
             "batch['x']": [[BAD_ROW, 1]],
@@ -507,7 +508,7 @@ def test_locate_nan_argument_elements_by_global_index(results):
 def test_locate_names_the_device_of_a_shard_map_on_another_process(results):
     line = line_of("# <- " + "shard_map log", __file__)
     for proc in (0, 1):
-        got = _value(results, "scenario_locate_shard_map", proc)
+        got = multiprocess.value(results, "scenario_locate_shard_map", proc)
         assert got["primitive"] == "log"
         assert got["where"] == f"{__file__}:{line}"
         assert (got["device"], got["process"]) == (2049, 1)
@@ -516,7 +517,7 @@ def test_locate_names_the_device_of_a_shard_map_on_another_process(results):
 
 def test_check_report_batched_over_processes_throws_on_both(results):
     for proc in (0, 1):
-        assert _value(results, "scenario_check_vmapped_report", proc) == [
+        assert multiprocess.value(results, "scenario_check_vmapped_report", proc) == [
             "input",
             {"x": [1, 0, 0]},
         ]
@@ -525,7 +526,9 @@ def test_check_report_batched_over_processes_throws_on_both(results):
 def test_locate_float16_overflow_with_outputs_sharded_over_processes(results):
     line = line_of("# <- " + "float16 overflow", __file__)
     for proc in (0, 1):
-        assert _value(results, "scenario_locate_float16_per_example", proc) == {
+        assert multiprocess.value(
+            results, "scenario_locate_float16_per_example", proc
+        ) == {
             "primitive": "mul",
             "where": f"{__file__}:{line}",
             "cause": "precision",  # finite when re-run in float32
@@ -536,7 +539,9 @@ def test_locate_float16_overflow_with_outputs_sharded_over_processes(results):
 
 def test_locate_of_a_multiprocess_pmap_is_a_clear_error_on_both(results):
     for proc in (0, 1):
-        text = _value(results, "scenario_locate_pmap_is_a_clear_error", proc)
+        text = multiprocess.value(
+            results, "scenario_locate_pmap_is_a_clear_error", proc
+        )
         assert text.startswith("jaxnan.locate(`<lambda>`): `jax.pmap` under several")
         assert "jax.shard_map over a mesh of jax.devices()" in text
 
@@ -548,7 +553,10 @@ def _counters(state):
 
 @pytest.mark.parametrize("name", list(MAPPED))
 def test_mapped_transform_agrees_over_devices_of_both_processes(results, name):
-    runs = [_value(results, "scenario_mapped_transforms", p)[name] for p in (0, 1)]
+    runs = [
+        multiprocess.value(results, "scenario_mapped_transforms", p)[name]
+        for p in (0, 1)
+    ]
     assert runs[0] == runs[1]
     trace = runs[0]  # per step, per device: {"params", "state"}
     for devices in trace:
@@ -565,7 +573,9 @@ def test_mapped_transform_agrees_over_devices_of_both_processes(results, name):
 
 def test_monitor_metrics_read_on_the_host_of_both_processes(results):
     for proc in (0, 1):
-        assert _value(results, "scenario_monitor_metrics_on_the_host", proc) == {
+        assert multiprocess.value(
+            results, "scenario_monitor_metrics_on_the_host", proc
+        ) == {
             "grad_nonfinite": 4,
             "grad_nonfinite/b": 1,
             "grad_nonfinite/w": 3,
