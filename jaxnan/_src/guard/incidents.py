@@ -138,6 +138,23 @@ class Incident:
         return d
 
 
+def warning(step: int, cause: Cause, figures: str, advice: str, **fields) -> Incident:
+    """The early-warning incident of a healthy step (growth, underflow).
+
+    Its message: ``jaxnan.guard: warning at step <step>, before any NaN:
+    <figures>. <advice>``; `fields` are the other `Incident` fields.
+    """
+    return Incident(
+        step=step,
+        action=Action.WARNED,
+        cause=cause.value,
+        message=(
+            f"jaxnan.guard: warning at step {step}, before any NaN: {figures}. {advice}"
+        ),
+        **fields,
+    )
+
+
 def steps_text(steps: tuple[int, ...] | list[int]) -> str:
     """Steps as ranges: ``11, 21-24, 36-40``.
 

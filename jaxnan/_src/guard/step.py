@@ -427,15 +427,11 @@ class GuardedStep:
         if grown:
             figures = "; ".join(str(g) for g in grown)
             self.log.add(
-                incidents.Incident(
-                    step=step,
-                    action=incidents.Action.WARNED,
-                    cause=incidents.Cause.GROWTH.value,
-                    message=(
-                        f"jaxnan.guard: warning at step {step}, before any NaN: "
-                        f"{figures}. Training is diverging: "
-                        f"{diagnoses.FIXES['growth']}."
-                    ),
+                incidents.warning(
+                    step,
+                    incidents.Cause.GROWTH,
+                    figures,
+                    f"Training is diverging: {diagnoses.FIXES['growth']}.",
                     loss=float(h[program.LOSS]),
                     grad_norm=float(h[program.GRAD_NORM]),
                     evidence=tuple(g.evidence() for g in grown),

@@ -115,17 +115,8 @@ class Watch:
         said = self.add(step, fraction)
         if said is None:
             return
-        log.add(
-            incidents.Incident(
-                step=step,
-                action=incidents.Action.WARNED,
-                cause=incidents.Cause.UNDERFLOW.value,
-                message=(
-                    f"jaxnan.guard: warning at step {step}, before any NaN: {said}. "
-                    f"{incidents.Cause.UNDERFLOW.fix}"
-                ),
-            )
-        )
+        cause = incidents.Cause.UNDERFLOW
+        log.add(incidents.warning(step, cause, said, cause.fix))
 
     def drop_after(self, step: int) -> None:
         """Forgets the steps after `step` (a rollback undid them)."""
