@@ -65,8 +65,17 @@ def _obj(params, loss, grads):
     return {"obj_fn": objective}
 
 
+def _line_objective(params: Any, loss: Any = None) -> jax.Array:
+    """`objective` as a line search's ``value_fn``: optax's zoom line search
+    hands the extra arguments of the update it does not consume itself
+    (``loss=``, `skip_nonfinite`'s, included) to the parameters of
+    ``value_fn`` of those names, and raises TypeError for any left over."""
+    del loss
+    return objective(params)
+
+
 def _linesearch(params, loss, grads):
-    return {"value": loss, "grad": grads, "value_fn": objective}
+    return {"value": loss, "grad": grads, "value_fn": _line_objective}
 
 
 def _adam():

@@ -27,7 +27,7 @@ Time: one compile pair per (optimizer, run) and two examples each. The
 default profile runs every third optimizer, in one of the three runs in
 turn (about 50 tests); ``JAXNAN_SKIP_MATRIX=full`` runs all three runs for
 every optimizer (about 430 tests; its outcome is in benchmarks/RESULTS.md).
-Known open cases are marked with their cause (`DTYPE_DRIFT`, `OPEN`).
+Known open cases are marked with their cause (`DTYPE_DRIFT`).
 """
 
 from __future__ import annotations
@@ -95,40 +95,33 @@ def _x64(run: str):
     return jax.enable_x64(True) if run == "f64_c128" else contextlib.nullcontext()
 
 
-# Open: the guard keeps each state leaf in the dtype init gave it (a
-# fixed-type carry); these optimizers change it at their first update (a
-# bfloat16 or real scalar becomes float32 or complex in a mixed tree), so
-# the guard's state is rounded where optax's is not, and later steps differ.
+# The guard's state takes the dtypes the update gives it at init
+# (`_update_dtypes_init`), found by tracing the update without extra
+# arguments: momo's needs ``value=``, which init does not have, so its state
+# keeps init's dtypes and the update rounds (a complex scalar to a real one).
 DTYPE_DRIFT = {
-    ("contrib.dowg", "f32_bf16_c64"),
-    ("contrib.dog", "f32_bf16_c64"),
     ("contrib.momo", "f32_bf16_c64"),
     ("contrib.momo", "f64_c128"),
     ("contrib.momo_adam", "f32_bf16_c64"),
     ("contrib.momo_adam", "f64_c128"),
-    ("contrib.prodigy", "f32_bf16_c64"),
-    ("contrib.prodigy", "f64_c128"),
-    ("contrib.dadapt_adamw", "f32_bf16_c64"),
-    ("optax.inject_stateful_hyperparams", "f32_bf16_c64"),
 }
 # Optax's own update fails on the tree of that run (a complex128 leaf).
 OPTAX_FAILS = {
     ("contrib.hutchinson_estimator_diag_hessian", "f64_c128"),
     ("contrib.scale_by_muon", "f64_c128"),
 }
-# Open, not investigated: differs from the reference loop.
-OPEN = {("optax.lbfgs", "f16")}
 
 
 def _marks(name: str, run: str) -> list:
     if (name, run) in DTYPE_DRIFT:
         return [
-            pytest.mark.xfail(reason="state dtype drift (DTYPE_DRIFT)", strict=False)
+            pytest.mark.xfail(
+                reason="update needs value= to trace at init (DTYPE_DRIFT)",
+                strict=True,
+            )
         ]
     if (name, run) in OPTAX_FAILS:
         return [pytest.mark.skip(reason="optax's own update fails on this tree")]
-    if (name, run) in OPEN:
-        return [pytest.mark.xfail(reason="open, not investigated", strict=False)]
     return []
 
 
@@ -220,14 +213,45 @@ def _finite(tree) -> bool:
     return True
 
 
-def _as_init_types(state, like):
-    """`state` in the dtypes of `like`: the guard keeps each state leaf in the
-    dtype init gave it (optax's dog, dowg and prodigy turn bfloat16 scalars
-    into float32 ones at their first update), so that its state is a
-    fixed-type carry."""
-    return jax.tree_util.tree_map(
-        lambda r, k: r.astype(k.dtype) if r.dtype != k.dtype else r, state, like
-    )
+def _update_dtypes_init(opt, case: cat.Case, params, base) -> object:
+    """``opt.init(params)`` widened to the dtypes ``opt.update`` gives its leaves.
+
+    The reference's own account of what `skip_nonfinite`'s state starts
+    from: optax's dog, dowg, prodigy, momo and dadapt_adamw change a state
+    leaf's dtype at their first update (a bfloat16 scalar becomes float32,
+    a real one complex, in a mixed tree), and prodigy's second update
+    widens its moments too; the guard's state takes those dtypes from init
+    on (a widening, exact), so that it is a fixed-type carry. Found here by
+    casting until `jax.eval_shape` of one update changes no dtype.
+    """
+    state = opt.init(params)
+    g, loss = _grads(base, 0, "healthy", 0)
+    for _ in range(4):
+        _, out = jax.eval_shape(
+            lambda s: opt.update(g, s, params, **case.extra(params, loss, g)), state
+        )
+        new = jax.tree_util.tree_map(
+            lambda x, t: (
+                x.astype(t.dtype)
+                if jnp.promote_types(x.dtype, t.dtype) == t.dtype
+                and jnp.issubdtype(x.dtype, jnp.inexact)
+                else x
+            ),
+            state,
+            out,
+        )
+        if _dtypes(new) == _dtypes(state):
+            return state
+        state = new
+    raise AssertionError(f"{case.name}: no fixed point of the update's dtypes")
+
+
+def _dtypes(tree) -> list:
+    return [jnp.result_type(x) for x in jax.tree_util.tree_leaves(tree)]
+
+
+def _as_dtypes(state, like):
+    return jax.tree_util.tree_map(lambda x, k: x.astype(k.dtype), state, like)
 
 
 def _run(name: str, run: str, events: list, exact: bool) -> None:
@@ -236,7 +260,11 @@ def _run(name: str, run: str, events: list, exact: bool) -> None:
     base = _params_of_run(run, case)
     params = case.wrap(base)
     p_run, s_run = params, tx.init(params)
-    p_ref, s_ref = params, opt.init(params)
+    p_ref, s_ref = params, _update_dtypes_init(opt, case, params, base)
+    # The widening keeps init's values: optax's own init, bit for bit.
+    assert _bits(_as_dtypes(s_ref, opt.init(params))) == _bits(opt.init(params))
+    assert _dtypes(s_run.inner_state) == _dtypes(s_ref), (name, run, "init dtypes")
+    assert _bits(s_run.inner_state) == _bits(s_ref), (name, run, "init")
     skipped = 0
     for i, (kind, where) in enumerate(events):
         g, loss = _grads(base, i, kind, where)
@@ -248,8 +276,8 @@ def _run(name: str, run: str, events: list, exact: bool) -> None:
             skipped += 1
         assert _finite(p_run), (name, run, i, kind)
         assert _bits(p_run) == _bits(p_ref), (name, run, i, kind, "params")
-        kept = _as_init_types(s_ref, s_run.inner_state)
-        assert _bits(s_run.inner_state) == _bits(kept), (name, run, i, kind, "state")
+        assert _dtypes(s_run.inner_state) == _dtypes(s_ref), (name, run, i, kind)
+        assert _bits(s_run.inner_state) == _bits(s_ref), (name, run, i, kind, "state")
     assert int(s_run.nonfinite_total) == skipped
 
 
@@ -346,3 +374,59 @@ def test_skipped_step_vjp_and_signed_zeros_both_variants(exact):
         np.testing.assert_array_equal(x, np.zeros_like(x))
     for x in jax.tree_util.tree_leaves(ct_p):
         np.testing.assert_array_equal(x, np.ones_like(x))
+
+
+def test_a_dtype_widening_optimizer_under_the_guard():
+    """optax's prodigy widens bfloat16 and float32 scalars of a mixed tree
+    (to float32, and its moments to the dtype of that scalar's arithmetic)
+    at its first updates. `skip_nonfinite`'s init takes those dtypes, so
+    that `jaxnan.guard`'s donated state keeps one type over the run, and
+    every step, the one after a skipped step included, is bit for bit the
+    unguarded optax step from the same state."""
+    opt = optax.contrib.prodigy(1.0)
+    tx = jaxnan.skip_nonfinite(opt)
+    params = {"w": jnp.zeros(3), "b": jnp.zeros((), jnp.bfloat16)}
+
+    def make_step(tx):
+        def train_step(params, opt_state, batch):
+            def loss_fn(p):
+                pred = batch["x"] @ p["w"] + p["b"].astype(jnp.float32)
+                return jnp.mean((pred - batch["y"]) ** 2)
+
+            loss, grads = jax.value_and_grad(loss_fn)(params)
+            updates, opt_state = tx.update(grads, opt_state, params, loss=loss)
+            return optax.apply_updates(params, updates), opt_state, loss
+
+        return train_step
+
+    rng = np.random.default_rng(0)
+    batches = []
+    for i in range(6):
+        x = rng.normal(size=(8, 3)).astype(np.float32)
+        if i == 2:
+            x[3, 1] = np.nan
+        batches.append({"x": x, "y": x.sum(1)})
+    # Independently: optax's init in the dtypes its own update gives.
+    case = cat.Case("contrib.prodigy", lambda: opt)
+    widened = _update_dtypes_init(opt, case, params, params)
+    assert _dtypes(widened) != _dtypes(opt.init(params))  # it widens
+    state0 = tx.init(params)
+    assert _dtypes(state0.inner_state) == _dtypes(widened)
+    assert _bits(state0.inner_state) == _bits(widened)
+
+    plain = jax.jit(make_step(opt))  # the unguarded step, skipped by hand
+    ref = (params, widened)
+    for batch in batches:
+        p, s, loss = plain(*ref, batch)
+        if _finite((p, s, loss)):
+            ref = (p, s)
+        assert _dtypes(s) == _dtypes(widened)  # a fixed-type carry
+
+    step = jaxnan.guard(make_step(tx), verbose=False)
+    params_run, state_run = params, state0
+    for batch in batches:
+        params_run, state_run, _ = step(params_run, state_run, batch)
+    assert step.summary()["skipped"] == 1
+    run = (params_run, state_run.inner_state)
+    assert _dtypes(run) == _dtypes(ref)
+    assert _bits(run) == _bits(ref)

@@ -17,7 +17,7 @@ import optax
 from jax.extend import source_info_util
 
 from jaxnan._src.core import deprecations, dtypes, shard_norms, tree, validation
-from jaxnan._src.transforms import update_tap
+from jaxnan._src.transforms import state_types, update_tap
 from jaxnan._src.transforms.clip import ClipByGlobalNormState, KnownNorm, as_arrays
 from jaxnan._src.transforms.select import guarded_update
 
@@ -245,8 +245,14 @@ def skip_nonfinite(
     inside `inner`: it records every step, skipped or not.
 
     What is exact on a finite step. The updates and the new state are made
-    by `inner`'s own equations, and each state leaf keeps the dtype `init`
-    gave it. Bit for bit:
+    by `inner`'s own equations, and each state leaf keeps one dtype: the one
+    `inner`'s update gives it, taken from `init` on (optax's ``contrib.dog``,
+    ``dowg`` and ``prodigy`` turn a bfloat16 scalar of a mixed tree into a
+    float32 one at their first update; init's state is widened to it, which
+    is exact), so that the state is a fixed-type carry. Where that update
+    cannot be traced at init (it needs an extra argument, such as
+    ``contrib.momo``'s ``value=``), each new leaf is rounded to init's
+    dtype. Bit for bit:
 
     * default (``exact=False``): the params and state of a jitted step
       ``optax.apply_updates(params, updates)`` are those of the same step
@@ -359,7 +365,7 @@ def skip_nonfinite(
             last_nonfinite_step=jnp.full((), -1, jnp.int32),
             skip_step=_int32_zero(),
             gave_up=jnp.array(False),
-            inner_state=inner.init(params),
+            inner_state=state_types.settled(inner, params, inner.init(params)),
         )
 
     def update(updates, state, params=None, **extra_args):
