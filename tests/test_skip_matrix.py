@@ -7,10 +7,14 @@ the optimizer's own arithmetic overflows) runs through
 ``jit(skip_nonfinite(opt).update + optax.apply_updates)`` and, beside it,
 through a reference loop: the unguarded jitted step, whose result is kept
 only when the gradients, the loss, the new params and the new state are all
-finite, else params and state are left as they were. Params and the inner
-state must be the reference's bit for bit after every step (the guard's own
-counters aside, checked against the number of bad steps), and nothing
-nonfinite is ever applied.
+finite, else params and state are left as they were. Both start from
+optax's init in the dtypes optax's update gives its state
+(`_update_dtypes_init`: dog, dowg, prodigy, dadapt_adamw and the injected
+hyperparameters widen a bfloat16 or real leaf of a mixed tree at their
+first updates), which `skip_nonfinite`'s init must give, bit for bit.
+Params and the inner state must be the reference's bit for bit, dtypes
+included, after every step (the guard's own counters aside, checked against
+the number of bad steps), and nothing nonfinite is ever applied.
 
 Three dtype runs: float32 with bfloat16 and complex64 leaves in one tree,
 float16, and float64 with complex128 (x64). Complex leaves where the
@@ -23,10 +27,14 @@ exact variant (``exact=True``) is compared with the update jitted on its
 own, as it promises, and so is every optimizer in
 `test_exact_variant_is_the_update_jitted_alone`.
 
-Time: one compile pair per (optimizer, run) and two examples each. The
+Time: XLA compiling the two programs of each (optimizer, run) is nearly
+all of it; they compile at once (the reference runs on a helper thread),
+the init is checked once per case, and each case runs two examples. The
 default profile runs every third optimizer, in one of the three runs in
-turn (about 50 tests); ``JAXNAN_SKIP_MATRIX=full`` runs all three runs for
-every optimizer (about 430 tests; its outcome is in benchmarks/RESULTS.md).
+turn, and the exact-variant test in one of its two runs in turn (about 60
+tests); ``JAXNAN_SKIP_MATRIX=full`` runs every optimizer in all three runs
+with six examples each (about 430 tests; its outcome and time are in
+benchmarks/RESULTS.md).
 Known open cases are marked with their cause (`DTYPE_DRIFT`).
 """
 
