@@ -374,6 +374,37 @@ def scenario_locate_pmap_is_a_clear_error():
     return None
 
 
+# -- the guard with an injected fault --------------------------------------
+
+
+def scenario_guard_names_an_injected_fault():
+    """`inject_grads` under the guard on both processes: cause `injected`."""
+    tx = jaxnan.inject_grads(
+        jaxnan.skip_nonfinite(optax.adam(1e-2)), at=BAD_STEP, fault="-inf"
+    )
+
+    def train_step(params, opt_state, batch):
+        value, grads = jax.value_and_grad(loss_fn)(params, batch)
+        updates, opt_state = tx.update(grads, opt_state, params, loss=value)
+        return optax.apply_updates(params, updates), opt_state, value
+
+    step = jaxnan.guard(train_step, verbose=False)
+    params = _params()
+    opt_state = jax.jit(tx.init)(params)
+    for i in range(STEPS):
+        batch = _global(_local_rows(i, nan=False))
+        params, opt_state, _ = step(params, opt_state, batch)
+    step.finish()
+    return {
+        "incidents": [
+            [i.step, i.cause, i.deterministic, [e.text for e in i.evidence]]
+            for i in step.incidents
+        ],
+        "params": _host(params),
+        "clock": int(np.asarray(jaxnan.fault_step(opt_state))),
+    }
+
+
 # -- the tests -------------------------------------------------------------
 
 SCENARIOS = [name for name in dict(globals()) if name.startswith("scenario_")]
@@ -580,3 +611,16 @@ def test_monitor_metrics_read_on_the_host_of_both_processes(results):
             "grad_nonfinite/b": 1,
             "grad_nonfinite/w": 3,
         }
+
+
+def test_guard_names_an_injected_fault_on_both_processes(results):
+    got = [
+        multiprocess.value(results, "scenario_guard_names_an_injected_fault", p)
+        for p in (0, 1)
+    ]
+    assert got[0] == got[1]
+    planted = "jaxnan.inject_grads planted Fault.NEG_INF (-inf) in the gradients"
+    assert got[0]["incidents"] == [
+        [BAD_STEP, "injected", True, [f"{planted} at step {BAD_STEP}"]]
+    ]
+    assert got[0]["clock"] == STEPS

@@ -21,6 +21,8 @@
   - ``nondeterministic``, ``growth`` and ``underflow``: the guard's own
     verdicts (a bad step whose replay was not bad; the early warnings, before
     any NaN: figures that grow, gradients that round to 0).
+  - ``injected``: a fault planted on purpose by `jaxnan.inject_grads` (or
+    `jaxnan.inject_loss`), named by the guard with the fault and the step.
 
 - `Classification`: ``(cause, fix, seen)`` for one event.
 - `RULES`: the classification rule of each primitive, registered with `rule`
@@ -137,6 +139,12 @@ class Cause(str, enum.Enum):
         "finite: raise the loss scale (jaxnan.dynamic_loss_scale grows it), keep "
         "the gradients in float32 or bfloat16 where float16/float8 underflow, "
         "and check for units gone silent (a dead ReLU layer).",
+    )
+    INJECTED = (
+        "injected",
+        "This fault was planted on purpose (jaxnan.inject_grads or "
+        "jaxnan.inject_loss): the run handled it as configured; remove the "
+        "injector to train for real.",
     )
 
 
