@@ -374,6 +374,47 @@ def scenario_locate_pmap_is_a_clear_error():
     return None
 
 
+def wide_log(x):
+    return jnp.log(x + 1.0).sum(axis=1)  # <- wide log
+
+
+def scenario_locate_gathers_no_operand():
+    """A log of an 8 x 512 operand sharded over both processes' devices.
+
+    Every all-gather is recorded: the report needs fixed-size answers only
+    (counts, the first position, min/max), never the operand itself.
+    """
+    mesh = _mesh()
+    local = np.ones((4, 512), np.float32)
+    if jax.process_index() == 1:
+        local[BAD_ROW - 4, 7] = -1.0  # log(0)
+        local[BAD_ROW - 4, 300] = -3.0  # log(-2)
+    x = jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")), local)
+    gathered = []
+    real = multihost_utils.process_allgather
+
+    def recording(tree, tiled=False):
+        gathered.append(sum(int(np.size(v)) for v in jax.tree.leaves(tree)))
+        return real(tree, tiled=tiled)
+
+    multihost_utils.process_allgather = recording
+    try:
+        d = jaxnan.locate(jax.jit(wide_log))(x)
+    finally:
+        multihost_utils.process_allgather = real
+    # The same step on the whole value, on this process alone (host arrays).
+    ref = jaxnan.locate(jax.jit(wide_log))(np.asarray(real(x, tiled=True)))
+    keys = ("primitive", "where", "phase", "cause", "fix", "inputs_seen", "created")
+    return {
+        "largest_gather": max(gathered, default=0),
+        "operand_size": int(x.size),
+        "got": {k: str(getattr(d, k)) for k in keys},
+        "want": {k: str(getattr(ref, k)) for k in keys},
+        "holder": [d.device, d.process],
+        "text": str(d),
+    }
+
+
 # -- the guard with an injected fault --------------------------------------
 
 
@@ -624,3 +665,24 @@ def test_guard_names_an_injected_fault_on_both_processes(results):
         [BAD_STEP, "injected", True, [f"{planted} at step {BAD_STEP}"]]
     ]
     assert got[0]["clock"] == STEPS
+
+
+def test_locate_gathers_only_fixed_size_summaries_of_a_sharded_operand(results):
+    got = [
+        multiprocess.value(results, "scenario_locate_gathers_no_operand", p)
+        for p in (0, 1)
+    ]
+    assert got[0] == got[1]
+    for proc in (0, 1):
+        g = got[proc]
+        # 4096 elements spread over 2 processes; nothing near that moved
+        assert g["operand_size"] == 4096 and g["largest_gather"] <= 16
+        # the report of the same step on one host, word for word
+        assert g["got"] == g["want"]
+        assert g["got"]["inputs_seen"] == (
+            "log received 0.0 at 1 of 4096 positions; log received values below "
+            "0.0 (min -2.0) at 1 of 4096 positions"
+        )
+        line = line_of("# <- " + "wide log", __file__)
+        assert g["got"]["where"] == f"{__file__}:{line}"
+        assert g["holder"] == [2048, 1]

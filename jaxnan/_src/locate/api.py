@@ -35,6 +35,7 @@ from jaxnan._src.locate import (
     causes,
     interpreter,
     layer_text,
+    operands,
     precision,
     render,
     replay,
@@ -179,16 +180,16 @@ class Diagnosis:
 # -- locate --------------------------------------------------------------
 
 
-def _host_counts(values: Sequence[np.ndarray]) -> tuple[int, int, int]:
+def _host_counts(values: Sequence[Any]) -> tuple[int, int, int]:
+    """NaN, +inf, -inf counts of `values` (arrays or `operands.Operand`)."""
     nan = pos = neg = 0
     for v in values:
-        a = np.asarray(v)
+        a = operands.of(v)
         if not dtypes.is_inexact_dtype(a.dtype):
             continue
-        a = a.astype(np.complex128 if np.iscomplexobj(a) else np.float64)
-        nan += int(np.isnan(a).sum())
-        pos += int((a == np.inf).sum())
-        neg += int((a == -np.inf).sum())
+        nan += a.count(operands.is_nan)
+        pos += a.count(operands.is_posinf)
+        neg += a.count(operands.is_neginf)
     return nan, pos, neg
 
 
@@ -533,7 +534,7 @@ def _layer_text(run: replay.Run, eqn: Any) -> str | None:
         return f"layer statistics unavailable ({type(e).__name__}: {e})"
 
 
-def _finite_in_float32(run: replay.Run, eqn: Any, inputs: Sequence[np.ndarray]):
+def _finite_in_float32(run: replay.Run, eqn: Any, inputs: Sequence[Any]):
     whole = precision.finite_in_float32(run.closed, run.consts, run.leaves)
     if whole is None:
         return precision.equation_finite_in_float32(eqn, inputs)
