@@ -365,13 +365,41 @@ def scenario_locate_shard_map():
     }
 
 
-def scenario_locate_pmap_is_a_clear_error():
-    f = jax.pmap(lambda x: jnp.log(x) + lax.psum(x, "i"), axis_name="i")
+def scenario_locate_pmap():
+    """A pmap over each process's 2 devices, its axis over all 4."""
+
+    def body(x):
+        return jnp.log(x) + lax.psum(x, "i")  # <- pmap log
+
+    f = jax.pmap(body, axis_name="i")
+    local = np.ones((2, 3), np.float32)
+    if jax.process_index() == 1:
+        local[1, 2] = 0.0  # global position 3: device 2049
+    d = jaxnan.locate(f)(local)
+    plain = np.asarray(f(local))  # the pmap itself: psum over 4 devices
+    return {
+        "primitive": d.primitive,
+        "where": d.where,
+        "device": d.device,
+        "process": d.process,
+        "outputs": d.nonfinite_outputs,
+        "text": str(d),
+        "plain_psum": float(plain[0, 0] - np.log(local[0, 0])),
+    }
+
+
+def scenario_pmap_inside_a_function_is_a_clear_error():
+    pmapped = jax.pmap(lambda v: lax.psum(v, "i"), axis_name="i")
+    ones = np.ones((2, 3), np.float32)
+    # The reproduction the error names: traced (here under jit), the pmap
+    # reduces over this process's 2 devices; called, over all 4.
+    traced = float(np.asarray(jax.jit(pmapped)(ones))[0, 0])
+    called = float(np.asarray(pmapped(ones))[0, 0])
     try:
-        jaxnan.locate(f)(np.ones((2, 3), np.float32))
+        jaxnan.locate(lambda x: jnp.log(pmapped(x)))(ones)
     except NotImplementedError as e:
-        return str(e)
-    return None
+        return {"error": str(e), "traced": traced, "called": called}
+    return {"error": None, "traced": traced, "called": called}
 
 
 def wide_log(x):
@@ -609,13 +637,31 @@ def test_locate_float16_overflow_with_outputs_sharded_over_processes(results):
         }
 
 
-def test_locate_of_a_multiprocess_pmap_is_a_clear_error_on_both(results):
+def test_locate_of_a_pmap_names_line_device_and_process_on_both(results):
+    line = line_of("# <- " + "pmap log", __file__)
+    got = [multiprocess.value(results, "scenario_locate_pmap", p) for p in (0, 1)]
+    assert got[0] == got[1]
+    g = got[0]
+    assert g["primitive"] == "log" and g["where"] == f"{__file__}:{line}"
+    # global position 3 of the pmapped axis: process 1's second device
+    assert (g["device"], g["process"]) == (2049, 1)
+    assert "on device 2049 (process 1)" in g["text"]
+    # the outputs of the pmap over all 4 devices, as it ran (psum of 4 ones)
+    assert g["outputs"] == {"output": [0, 0, 1]}
+    assert g["plain_psum"] == 4.0
+
+
+def test_locate_of_a_pmap_inside_a_function_is_a_clear_error_on_both(results):
     for proc in (0, 1):
-        text = multiprocess.value(
-            results, "scenario_locate_pmap_is_a_clear_error", proc
+        got = multiprocess.value(
+            results, "scenario_pmap_inside_a_function_is_a_clear_error", proc
         )
-        assert text.startswith("jaxnan.locate(`<lambda>`): `jax.pmap` under several")
-        assert "jax.shard_map over a mesh of jax.devices()" in text
+        # the reason, reproduced: traced, the pmap reduces over 2 devices
+        assert (got["traced"], got["called"]) == (2.0, 4.0)
+        text = got["error"]
+        assert text.startswith("jaxnan.locate(`<lambda>`): a `jax.pmap` inside")
+        assert "a pmapped lax.psum of ones shows 2, the pmap computes 4" in text
+        assert "jaxnan.locate(jax.pmap(f))(x)" in text
 
 
 def _counters(state):

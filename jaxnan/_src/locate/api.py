@@ -328,9 +328,11 @@ def locate(
             `jax.jit`).
         NotImplementedError: when `fn` uses a higher-order primitive
             without a rule (see `jaxnan.register_rule`); when `fn` calls
-            `jax.pmap` under several processes (its traced program covers
-            this process's devices only: write the step with `jax.jit` on
-            global arrays or `jax.shard_map`).
+            `jax.pmap` inside it under several processes (traced, the pmap
+            covers this process's devices only: locate the pmap itself,
+            ``locate(jax.pmap(f))``, which replays what it runs over every
+            process, or the step written with `jax.jit` on global arrays or
+            `jax.shard_map`).
 
     Examples:
         >>> import jax, jax.numpy as jnp, jaxnan
@@ -379,6 +381,7 @@ class _Options:
 
 
 def _locate(fn, name, opts: _Options, args, kwargs) -> Diagnosis:
+    fn, args, kwargs = replay.global_pmap(fn, args, kwargs)
     run = replay.Run(fn, name, opts.static, args, kwargs)
     compiled = None
     if opts.check_compiled:
