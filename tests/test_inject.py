@@ -105,6 +105,11 @@ def test_loss_fault_under_the_guard_skip():
     step.finish()
     (incident,) = step.incidents
     assert incident.step == 2 and np.isnan(incident.loss)
+    # fault_step=jaxnan.fault_step(opt_state): the guard's clock, so the
+    # replay (the step as it ran) plants it again and names it
+    assert incident.cause == "injected" and incident.deterministic
+    planted = "jaxnan.inject_loss planted Fault.NAN (nan) in the loss at step 2"
+    assert f"why:     {planted}" in incident.message
     want = _train(
         jax.jit(optax_train_step(base, regression_loss)),
         base,

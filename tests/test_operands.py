@@ -147,3 +147,27 @@ def test_float8_cast_and_float32_replay_from_device_operands(mesh8):
     assert (
         "received max |x| 1000.0, above float8_e4m3fn's max 448.0, at 9 of" in got.seen
     )
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, jnp.bfloat16])
+@pytest.mark.parametrize("kinds", ["special", "no_nan", "infinite_only", "empty"])
+def test_census_and_extremes_are_numpys_on_host_and_device(mesh8, dtype, kinds):
+    x = _special((16, 6), dtype).astype(np.float64)
+    if kinds == "no_nan":
+        x[np.isnan(x)] = 1.5
+    elif kinds == "infinite_only":
+        x = np.where(np.arange(x.size).reshape(x.shape) % 2, np.inf, -np.inf)
+    elif kinds == "empty":
+        x = np.zeros((0, 6))
+    x = x.astype(dtype)
+    host = Operand(x)
+    device = Operand(sharded(jnp.asarray(x), mesh8), on_device=True)
+    np.testing.assert_array_equal(host.census(), device.census())  # NaN == NaN
+    f64 = x.astype(np.float64)
+    want = (
+        [np.min(f64), np.max(f64), np.abs(f64).max()] if f64.size else [np.nan] * 3
+    )
+    for op in (host, device):
+        got = [op.min(), op.max(), op.abs_max()]
+        np.testing.assert_array_equal(got, want)
+        assert op.census().nan == int(np.isnan(f64).sum())

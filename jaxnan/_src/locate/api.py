@@ -187,9 +187,8 @@ def _host_counts(values: Sequence[Any]) -> tuple[int, int, int]:
         a = operands.of(v)
         if not dtypes.is_inexact_dtype(a.dtype):
             continue
-        nan += a.count(operands.is_nan)
-        pos += a.count(operands.is_posinf)
-        neg += a.count(operands.is_neginf)
+        c = a.census()
+        nan, pos, neg = nan + c.nan, pos + c.posinf, neg + c.neginf
     return nan, pos, neg
 
 

@@ -336,7 +336,7 @@ def _rule_exp(event: causes.Event):
     if not n:
         return None
     seen = (
-        f"{p} received max {causes.fmt(x.max(operands.finite))}, overflow above "
+        f"{p} received max {causes.fmt(x.census().high)}, overflow above "
         f"{causes.fmt(limit)} for {dt}"
     )
     if n < x.size:

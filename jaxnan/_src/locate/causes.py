@@ -361,10 +361,10 @@ def out_dtype(event: Event) -> str:
 
 def finite_range(a: Any) -> str:
     """'min .., max ..' of the finite values of `a` (an array or `Operand`)."""
-    f = operands.stats(operands.finite, operands.of(a))
-    if f.count == 0:
+    c = operands.of(a).census()
+    if c.finite == 0:
         return "no finite values"
-    return f"min {fmt(f.min)}, max {fmt(f.max)}"
+    return f"min {fmt(c.low)}, max {fmt(c.high)}"
 
 
 def _describe_input(a: Any) -> str:
@@ -373,11 +373,8 @@ def _describe_input(a: Any) -> str:
     shape = "x".join(str(d) for d in x.shape) or "scalar"
     if not is_float(x):
         return f"{x.dtype}[{shape}]"
-    counts = (
-        (x.count(operands.is_nan), "nan"),
-        (x.count(operands.is_posinf), "+inf"),
-        (x.count(operands.is_neginf), "-inf"),
-    )
+    c = x.census()
+    counts = ((c.nan, "nan"), (c.posinf, "+inf"), (c.neginf, "-inf"))
     desc = finite_range(x) if x.size else "empty"
     extra = ", ".join(f"{n} {kind}" for n, kind in counts if n)
     if extra:

@@ -88,9 +88,10 @@ class Planted(NamedTuple):
         injector: ``"inject_grads"`` or ``"inject_loss"``.
         fault: the `Fault` it plants.
         at: the steps it fires at.
-        on_clock: whether it reads `skip_nonfinite`'s clock (`fault_step`);
-            False when the caller passed its own ``fault_step`` (a data
-            position), whose value is known only in the graph.
+        on_clock: whether it reads `skip_nonfinite`'s clock (`fault_step`,
+            called in the same trace); False when the caller passed another
+            ``fault_step`` (a data position), whose value is known only in
+            the graph.
     """
 
     injector: str
@@ -137,12 +138,30 @@ def noted() -> Iterator[list[Planted]]:
         yield found
     finally:
         stack.pop()
+        if not stack:
+            _NOTING.__dict__.pop("clocks", None)
 
 
 def _note(planted: Planted) -> None:
     for found in getattr(_NOTING, "stack", ()):
         if planted not in found:
             found.append(planted)
+
+
+def _note_clock(clock: Any) -> Any:
+    """`clock` (a clock `fault_step` returned), remembered while noting."""
+    if getattr(_NOTING, "stack", None):
+        _NOTING.__dict__.setdefault("clocks", []).append(clock)
+    return clock
+
+
+def _is_clock(value: Any) -> bool:
+    """Whether `value` is a clock `fault_step` returned in this trace.
+
+    Compared by identity (the traced value itself): a loss called with
+    ``fault_step=jaxnan.fault_step(opt_state)`` reads the guard's clock.
+    """
+    return any(value is c for c in getattr(_NOTING, "clocks", ()))
 
 
 def _steps(fn: str, at: int | Sequence[int]) -> tuple[int, ...]:
@@ -203,7 +222,7 @@ def fault_step(opt_state: optax.OptState) -> jax.Array:
             "skip_nonfinite's clock: wrap the optimizer, e.g. "
             "jaxnan.inject_grads(jaxnan.skip_nonfinite(optax.adam(1e-3)), at=5)."
         )
-    return found[0].skip_step
+    return _note_clock(found[0].skip_step)
 
 
 def _plant_first(x: jax.Array, fire: jax.Array, value: Any) -> jax.Array:
@@ -270,7 +289,7 @@ def inject_grads(
 
     def update(updates, state, params=None, **extra_args):
         clock = extra_args.pop("fault_step", None)
-        _note(Planted(fn, fault, steps, clock is None))
+        _note(Planted(fn, fault, steps, clock is None or _is_clock(clock)))
         fire = _fires(fault_step(state) if clock is None else clock, steps)
 
         def plant(x):
@@ -340,7 +359,7 @@ def inject_loss(
                 "jaxnan.inject_loss: call the wrapped loss with fault_step=, "
                 "e.g. loss_fn(params, batch, fault_step=jaxnan.fault_step(opt_state))."
             )
-        _note(Planted(fn, fault, steps, False))
+        _note(Planted(fn, fault, steps, _is_clock(fault_step)))
         out = loss_fn(*args, **kwargs)
         loss, rest = (out[0], out[1:]) if isinstance(out, tuple) else (out, None)
         loss = jnp.asarray(loss)
