@@ -1,11 +1,12 @@
 """The values an event equation received and produced, as fixed-size summaries.
 
 The cause rules (`cause_rules`, `precision_fix`, `causes.describe_generic`)
-read an equation's operands through one question, `stats`: for the
-positions where a predicate holds, how many there are, the first one in
-row-major order (its index and the operands' values there), and the
-minimum, maximum and largest magnitude of the first operand over them.
-The answer (`Stats`) has a fixed size whatever the operand's.
+read an equation's operands through three questions, each answer of a
+fixed size whatever the operand's: `Operand.census` (its NaN, +inf, -inf
+and finite counts and finite range, asked once), `count` (how many
+positions a predicate holds at) and `stats` (for those positions, also the
+first one in row-major order, the operands' values there, and the minimum,
+maximum and largest magnitude of the first operand over them).
 
 An `Operand` holds either a host array (one process, or a value this
 process holds whole: the question is answered in NumPy, in float64, as the
@@ -159,10 +160,6 @@ class Operand:
     @property
     def is_float(self) -> bool:
         return self.dtype.kind in "fc" or "float" in self.dtype.name
-
-    def host(self) -> np.ndarray:
-        """The whole value on this host (a gather only when it spans processes)."""
-        return self.value if not self.on_device else hosts.read(self.value)
 
     def census(self) -> Census:
         """Its NaN, +inf, -inf and finite counts and finite range (one pass)."""
