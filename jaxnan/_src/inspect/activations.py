@@ -117,6 +117,26 @@ class ActivationStats(dict):
         KeyError: for a layer name it does not hold (as a dict does).
     """
 
+    def first_nonfinite(self) -> str | None:
+        """The first layer in program order with a NaN or Inf; None if none.
+
+        Forward layers come first, so this is where the forward pass first
+        went nonfinite (in a scan over layers, the iteration: ``layers/2``).
+        Reads the counts, so call it outside `jit`.
+
+        Examples:
+            >>> import jax, jax.numpy as jnp, jaxnan
+            >>> def f(w, x):
+            ...     with jax.named_scope("scale"):
+            ...         h = x * w
+            ...     with jax.named_scope("log"):
+            ...         return jnp.log(h)
+            >>> stats = jaxnan.activation_stats(f)(2.0, jnp.array([1.0, -1.0]))
+            >>> list(stats), stats.first_nonfinite()
+            (['scale', 'log'], 'log')
+        """
+        return next((k for k, s in self.items() if int(s.nonfinite)), None)
+
 
 def _flatten(d: ActivationStats):
     keys = tuple(d)

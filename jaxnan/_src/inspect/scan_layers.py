@@ -119,14 +119,20 @@ def body_provenances(eqn: Any, provs: Sequence[Any]) -> list:
 
 
 def _inner_scope(body: Any) -> str:
-    """The first scope opened inside the body (a linen module's name), if any.
+    """The scope that the whole body runs in (a linen module's name), if any.
 
-    A dotted scope (Equinox's ``eqx.nn.Linear``, the same for every Linear)
-    names no layer and is skipped.
+    Flax linen's `nn.scan` runs the body inside the scanned module's scope;
+    a `jax.named_scope` around part of a body is a layer of it, not the
+    stack. A dotted scope (Equinox's ``eqx.nn.Linear``, the same for every
+    Linear) names no layer.
     """
-    for eqn in body.eqns:
-        first = layers.scope_path(eqn.source_info.name_stack).split("/")[0]
-        if first and "." not in first:
+    firsts = {
+        layers.scope_path(eqn.source_info.name_stack).split("/")[0]
+        for eqn in body.eqns
+    }
+    if len(firsts) == 1:
+        (first,) = firsts
+        if "." not in first:
             return first
     return ""
 
