@@ -127,8 +127,7 @@ def _inner_scope(body: Any) -> str:
     Linear) names no layer.
     """
     firsts = {
-        layers.scope_path(eqn.source_info.name_stack).split("/")[0]
-        for eqn in body.eqns
+        layers.scope_path(eqn.source_info.name_stack).split("/")[0] for eqn in body.eqns
     }
     if len(firsts) == 1:
         (first,) = firsts
