@@ -4,23 +4,21 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.extend import core as jex_core
 from jax.extend import source_info_util
 
 from jaxnan._src.core import primitives
-from jaxnan._src.inspect import layers, reductions, scan_layers
+from jaxnan._src.inspect import arguments, layers, reductions, scan_layers
 
 source_info_util.register_exclusion(__file__)
 
-_NAME = "jaxnan.activation_stats"
+_NAME = arguments.NAME
 GRAD_SUFFIX = layers.GRAD_SUFFIX
 
 
@@ -477,86 +475,6 @@ def _finish(layer: reductions.Accumulator, near_overflow: float) -> LayerStats:
     )
 
 
-def _is_array(x: Any) -> bool:
-    return isinstance(x, (jax.Array, np.ndarray, np.generic))
-
-
-def trace(fn: Callable, args: tuple, kwargs: dict, argnums: tuple[int, ...]):
-    """(closed jaxpr, dynamic leaves, their provenances) of ``fn(*args)``.
-
-    Array leaves are traced; every other leaf (Equinox's functions, Python
-    numbers) stays static. Leaves of the arguments in `argnums` are
-    parameters, named by their layer; the rest is data.
-    """
-    flat, treedef = jax.tree_util.tree_flatten_with_path((args, kwargs))
-    leaves = [x for _, x in flat]
-    dyn = [i for i, x in enumerate(leaves) if _is_array(x)]
-    provs = []
-    for i in dyn:
-        path = flat[i][0]
-        arg = getattr(path[1], "idx", None)
-        is_param = getattr(path[0], "idx", None) == 0 and arg in argnums
-        provs.append((layers.param_layer(path[2:]) or CONST) if is_param else DATA)
-
-    def flat_fn(*xs):
-        full = list(leaves)
-        for i, x in zip(dyn, xs):
-            full[i] = x
-        a, kw = jax.tree_util.tree_unflatten(treedef, full)
-        return fn(*a, **kw)
-
-    closed = jax.make_jaxpr(flat_fn)(*[leaves[i] for i in dyn])
-    return closed, [leaves[i] for i in dyn], provs
-
-
-def _is_model(fn: Any) -> bool:
-    """A callable object holding arrays: a Flax NNX or Equinox module."""
-    if inspect.isroutine(fn) or isinstance(fn, functools.partial):
-        return False
-    return any(_is_array(x) for x in jax.tree_util.tree_leaves(fn))
-
-
-def _call_model(model: Any, *args: Any, **kwargs: Any) -> Any:
-    return model(*args, **kwargs)
-
-
-def _argnums(params_argnums: Any, default: int) -> tuple[int, ...]:
-    if params_argnums is None:
-        return (default,)
-    nums = (params_argnums,) if isinstance(params_argnums, int) else params_argnums
-    nums = tuple(nums)
-    if not nums or not all(
-        isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in nums
-    ):
-        raise ValueError(
-            f"jaxnan: {_NAME} got params_argnums={params_argnums!r}; pass "
-            "non-negative argument positions, e.g. 0 for fn(model, x)."
-        )
-    return nums
-
-
-def _no_layers_error(provs: list, argnums: tuple[int, ...], bound: bool) -> None:
-    """Raises when nothing was measured because no argument was data."""
-    if any(p is DATA for p in provs):
-        return  # there was data, and nothing computed on it: no layers
-    form = (
-        "jaxnan.activation_stats(model)(x) for a Flax NNX or Equinox module, "
-        "jaxnan.activation_stats(apply_fn, params)(x) for Flax linen"
-    )
-    if bound:
-        raise ValueError(
-            f"jaxnan: {_NAME} measured nothing: every array argument of the "
-            "call is a parameter, so no layer computes on data. Pass the "
-            f"input batch to the returned function ({form})."
-        )
-    raise ValueError(
-        f"jaxnan: {_NAME} measured nothing: params_argnums={argnums!r} takes "
-        "every array argument for parameters, so no layer computes on data. "
-        f"Use {form}, or params_argnums= the positions of the model's "
-        "arguments only (the batch must not be among them)."
-    )
-
-
 def activation_stats(
     fn: Callable,
     params: Any = None,
@@ -580,15 +498,27 @@ def activation_stats(
     parameter an equation consumes (Flax NNX attribute paths such as
     ``linear1``, Equinox field paths such as ``layers/0``), else the user's
     source line (``model.py:12 (__call__)``), so an activation function
-    without parameters is named by its line. Equations made by `jax.grad`'s
-    transposition are gradients: their key ends in ``" (grad)"``.
+    without parameters is named by its line. A linen module's own code
+    between two of its submodules' calls is named by its scope and line
+    (``Net/model.py:12 (Net.__call__)``), so that every layer is one run of
+    the program and layers come in the order they run. Equations made by
+    `jax.grad`'s transposition are gradients: their key ends in
+    ``" (grad)"``.
 
     Only equations that depend on a data argument are measured (weight-only
     computations are weights, see `jaxnan.param_stats`), and ops that only
     move entries (reshape, transpose, slice, ...) are skipped. Call-like
     primitives (`jit`, `checkpoint`, custom derivatives) are evaluated
-    inline; `scan`, `while`, `cond` and `shard_map` are measured on their
-    outputs as one equation.
+    inline. A scan over layers (a `lax.scan` whose scanned operands hold
+    parameters: linen's `nn.scan`, `nnx.scan` over an `nnx.vmap`-built
+    stack, Equinox's `eqx.filter_vmap` stack under `lax.scan`) reports each
+    iteration as its own layer, the index after the stack's path
+    (``layers/3/linear``, ``Net/layers/3/Dense_0``): the body is run inside
+    a new `lax.scan` whose stacked outputs carry each iteration's
+    reductions, so one pass measures every layer.
+    `ActivationStats.first_nonfinite` then names the iteration where a NaN
+    or Inf first appeared. Other `scan`s (over time), `while`, `cond` and
+    `shard_map` are measured on their outputs as one equation.
 
     Cost: one compile, and one run at most 2x a plain forward pass on the
     small transformer LM of `benchmarks/inspect_cost.py` (one fused
@@ -657,20 +587,20 @@ def activation_stats(
             f"jaxnan: {_NAME} got near_overflow={near_overflow!r}; pass a "
             "fraction of the dtype's range in (0, 1], e.g. 0.25."
         )
-    model = _is_model(fn)
+    model = arguments.is_model(fn)
     bound = model or params is not None
     if model and params is not None:
         raise ValueError(
             f"jaxnan: {_NAME} got a module and params=; a Flax NNX or Equinox "
             "module holds its parameters: use jaxnan.activation_stats(model)(x)."
         )
-    argnums = _argnums(params_argnums, 0)
+    argnums = arguments.argnums_of(params_argnums, 0)
     if bound:
         # The module (or params) is argument 0; the positions given count
         # the data arguments, which now start at 1.
         extra = () if params_argnums is None else tuple(i + 1 for i in argnums)
         argnums = (0, *extra)
-        call, first = (_call_model, fn) if model else (fn, params)
+        call, first = (arguments.call_model, fn) if model else (fn, params)
     else:
         call, first = fn, None
 
@@ -678,7 +608,7 @@ def activation_stats(
     def run(*args: Any, **kwargs: Any) -> ActivationStats:
         if bound:
             args = (first, *args)
-        closed, dyn, provs = trace(call, args, kwargs, argnums)
+        closed, dyn, provs = arguments.trace(call, args, kwargs, argnums)
 
         def measure(consts, xs):
             walker = Walker()
@@ -687,7 +617,7 @@ def activation_stats(
 
         stats = jax.jit(measure)(list(closed.consts), dyn)
         if not stats:
-            _no_layers_error(provs, argnums, bound)
+            arguments.no_layers_error(provs, argnums, bound)
         return stats
 
     return run
