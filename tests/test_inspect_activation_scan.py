@@ -324,3 +324,22 @@ def test_a_stack_called_twice_keeps_each_call_apart():
     stats = jaxnan.activation_stats(twice)(params, X)
     assert "a/layers/0/dense" not in stats  # the scan's scope is the stack's
     assert [k for k in stats if k.endswith("/0/dense")] == ["a/0/dense", "b/0/dense"]
+
+
+def test_a_stack_that_is_the_whole_parameter_tree():
+    # Top-level stacked arrays name no layer: still a scan over layers.
+    def net(stack, x):
+        def body(h, p):
+            return jnp.tanh(h @ p["w"]), None
+
+        return lax.scan(body, x, stack)[0]
+
+    stack = {"w": _stack_params()["layers"]["w"]}
+    stats = jaxnan.activation_stats(net)(stack, X)
+    line = _here(net, "jnp.tanh", "body")
+    assert list(stats) == [f"{i}/{line}" for i in range(L)]
+    h = X
+    for i in range(L):
+        dot = h @ stack["w"][i]
+        h = jnp.tanh(dot)
+        assert float(stats[f"{i}/{line}"].max_abs) == _max_abs(dot, h)

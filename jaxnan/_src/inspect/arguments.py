@@ -39,7 +39,9 @@ def trace(fn: Callable, args: tuple, kwargs: dict, argnums: tuple[int, ...]):
         arg = getattr(path[1], "idx", None)
         is_param = getattr(path[0], "idx", None) == 0 and arg in argnums
         provs.append(
-            (layers.param_layer(path[2:]) or layers.CONST) if is_param else layers.DATA
+            (layers.param_layer(path[2:]) or layers.UNNAMED)
+            if is_param
+            else layers.DATA
         )
 
     def flat_fn(*xs):

@@ -52,6 +52,23 @@ DATA = None
 CONST = ""
 
 
+class _Unnamed:
+    """The provenance of a parameter leaf that names no layer.
+
+    A top-level array of the parameters: false like `CONST`, but still a
+    parameter (a `lax.scan` over it is a scan over layers).
+    """
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __repr__(self) -> str:
+        return "UNNAMED"
+
+
+UNNAMED = _Unnamed()
+
+
 def provenance(eqn: Any, in_provs: list) -> tuple[bool, str]:
     """(whether the equation computes on data, the first parameter it uses).
 

@@ -72,11 +72,15 @@ def _split(eqn: Any) -> tuple[int, int]:
 
 
 def stacked_layers(eqn: Any, provs: Sequence[Any]) -> set[str]:
-    """The parameter layers among a `scan`'s ``xs``; empty for other equations."""
+    """The parameter layers among a `scan`'s ``xs``; empty for other equations.
+
+    A parameter that names no layer (`layers.UNNAMED`) counts as ``""``.
+    """
     if eqn.primitive.name != "scan":
         return set()
     nc, ncar = _split(eqn)
-    return {p for p in provs[nc + ncar :] if p}
+    xs = provs[nc + ncar :]
+    return {p for p in xs if p} | {"" for p in xs if p is layers.UNNAMED}
 
 
 def _propagate(jaxpr: Any, in_provs: Sequence[Any]) -> list:
