@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
+from jax.extend import core as jex_core
 
 import jaxnan
 
@@ -343,3 +344,36 @@ def test_a_stack_that_is_the_whole_parameter_tree():
         dot = h @ stack["w"][i]
         h = jnp.tanh(dot)
         assert float(stats[f"{i}/{line}"].max_abs) == _max_abs(dot, h)
+
+
+def test_a_scan_body_computes_the_moments_of_each_layer_output_only():
+    # One layer of three intermediates per iteration: three fused max/count
+    # reductions in the loop body, and the four sums of the output's moments
+    # (finite count, sum, squared deviations, zeros) once, for its last
+    # value: XLA does not drop unused loop outputs' work.
+    def net(params, x):
+        def body(h, p):
+            with jax.named_scope("block"):
+                return jnp.tanh(h @ p["w"] + p["b"]), None
+
+        return lax.scan(body, x, params)[0]
+
+    params = _stack_params()["layers"]
+    closed = jax.make_jaxpr(jaxnan.activation_stats(net))(params, X)
+
+    def eqns(jaxpr):
+        for e in jaxpr.eqns:
+            yield e
+            for sub in jex_core.jaxprs_in_params(e.params):
+                yield from eqns(sub)
+
+    def count(jaxpr, name):
+        return sum(e.primitive.name == name for e in eqns(jaxpr))
+
+    (scan,) = [e for e in eqns(closed.jaxpr) if e.primitive.name == "scan"]
+    body = scan.params["jaxpr"].jaxpr
+
+    assert count(body, "reduce") == 3
+    assert count(body, "reduce_sum") == 4
+    stats = jaxnan.activation_stats(net)(params, X)
+    assert list(stats) == [f"block/{i}" for i in range(L)]

@@ -208,9 +208,9 @@ class _Entry(NamedTuple):
     """One measured equation, named once the whole jaxpr has been seen.
 
     `values` are its floating outputs. An equation of the body of a scan
-    over layers has none: it has its `stack` and `reduced`, the ranges of
-    its outputs' dtypes and their `reductions.Reduced`, stacked over the
-    iterations.
+    over layers has none: it has its `stack`, `reduced` (the ranges of its
+    outputs' dtypes and their `reductions.Reduced`, stacked over the
+    iterations) and `body_name`, its layer in the body (without the index).
     """
 
     eqn: Any
@@ -221,6 +221,7 @@ class _Entry(NamedTuple):
     values: list
     stack: scan_layers.Stack | None = None
     reduced: tuple | None = None
+    body_name: str = ""
 
 
 class Walker:
@@ -295,16 +296,23 @@ class Walker:
         def body(args):
             child = Walker(frozenset(self.model_layers), expand_scans=False)
             outs = child._walk(sub.jaxpr, sub.consts, args, provs, *context)
-            traced[:] = [child, [p for _, p in outs]]
-            reduced = [reductions.reduce_outputs(e.values) for e in child.entries]
+            names = child._names()  # the body's layers, named by the body
+            ends = [a != b for a, b in zip(names, [*names[1:], None])]
+            traced[:] = [child, [p for _, p in outs], names]
+            reduced = [
+                reductions.reduce_outputs(e.values, moments=end)
+                for e, end in zip(child.entries, ends)
+            ]
             return [x for x, _ in outs], reduced
 
         outs, reduced = scan_layers.run_scan(eqn, [x for x, _ in ins], body)
-        child, out_provs = traced
+        child, out_provs, names = traced
         first = len(self.entries)
-        for e, red in zip(child.entries, reduced):
+        for e, red, name in zip(child.entries, reduced, names):
             tops = tuple(reductions.top_of(x) for x in e.values)
-            self.entries.append(e._replace(values=[], stack=stack, reduced=(tops, red)))
+            self.entries.append(
+                e._replace(values=[], stack=stack, reduced=(tops, red), body_name=name)
+            )
         for *flow, k in child.flow:
             self.flow.append((*flow, None if k is None else first + k))
         self._alive.append(child._alive)
@@ -387,11 +395,12 @@ class Walker:
                 site_params.setdefault(e.site.key, set()).add(e.param)
         next_params = self._next_params()
         names = [
-            self._name(e, site_params, n) for e, n in zip(self.entries, next_params)
+            e.body_name if e.stack is not None else self._name(e, site_params, n)
+            for e, n in zip(self.entries, next_params)
         ]
         return layers.split_interrupted(
             names,
-            [_scope_named(e) for e in self.entries],
+            [e.stack is None and _scope_named(e) for e in self.entries],
             [e.site.text if e.site is not None else "" for e in self.entries],
         )
 
