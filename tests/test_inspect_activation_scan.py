@@ -137,6 +137,14 @@ def test_nnx_scan_over_an_nnx_vmap_stack_gives_one_layer_per_iteration():
     jax.tree_util.tree_map(
         np.testing.assert_array_equal, before, _host(nnx.state(model))
     )
+    # In training mode the loop updates batch statistics and RNG counts: the
+    # model keeps its own.
+    model.train()
+    before = _host(nnx.state(model))
+    assert len(jaxnan.activation_stats(model)(X)) == len(want)
+    jax.tree_util.tree_map(
+        np.testing.assert_array_equal, before, _host(nnx.state(model))
+    )
 
 
 # -- Flax linen: nn.scan ---------------------------------------------------
