@@ -8,7 +8,12 @@ clock one ahead: replayed on it, a step that reads the clock (an injected
 fault, `jaxnan.fault_step`; a schedule on it) would not be the step that
 ran. `as_it_ran` puts each clock back by one before the replay, locate and
 the other incident passes run; `clock_of` reads it on the host (a
-replicated scalar, the same on every process).
+replicated scalar, the same on every process). The other counters
+(``nonfinite_total``, ``nonfinite_streak``, ``last_nonfinite_step``,
+``gave_up``) stay as the bad step left them: `skip_nonfinite` only writes
+them (a set ``gave_up`` still skips), so the step computes the same with
+them, and whether the bad step bumped them (a skip) or not (a nonfinite
+loss the update did not see) is not known here.
 """
 
 from __future__ import annotations
