@@ -44,6 +44,7 @@ from jaxnan._src.guard import (
     multihost,
     policies,
     program,
+    replayed,
     rollback,
 )
 from jaxnan._src.guard.snapshots import copy_leaves
@@ -493,6 +494,7 @@ class GuardedStep:
     ) -> incidents.Incident:
         step = previous.step
         loss, gnorm = float(h[program.LOSS]), float(h[program.GRAD_NORM])
+        state = replayed.as_it_ran(previous.entry.layout, state)  # its clock
         _, _, again = previous.entry.compiled(
             self._zeros, copy_leaves(state), previous.inputs
         )
@@ -565,7 +567,7 @@ class GuardedStep:
     ):
         """The incident of a new bad step: replayed, its examples, its cause."""
         entry, step = previous.entry, previous.step
-        diagnosis, failure = diagnoses.diagnose_step(
+        diagnosis, failure, planted = diagnoses.diagnose_step(
             self.fn, entry.layout, state, previous.inputs, counts, self.name
         )
         line, leaf, rows = self._examples(previous, state, diagnosis)
@@ -581,6 +583,7 @@ class GuardedStep:
             ),
             self.history.growth,
             failure,
+            planted,
         )
         verdict = history_rules.decide(ctx)
         diagnosis, message, cause, cited = diagnoses.verdict_text(
