@@ -225,6 +225,7 @@ SVD_OF_GRADIENTS = frozenset({"contrib.galore", "contrib.scale_by_galore"})
 FUSION_ULP = frozenset(
     {
         "contrib.dadapt_adamw",
+        "contrib.mechanize",  # in float64
         "contrib.momo",
         "contrib.momo_adam",
         "contrib.muon",

@@ -258,9 +258,10 @@ def skip_nonfinite(
       ``optax.apply_updates(params, updates)`` are those of the same step
       without the guard, for the optax optimizers and wrappers tested
       (`tests/test_skip_matrix.py`), except ``optax.contrib``'s
-      ``dadapt_adamw``, ``momo``, ``momo_adam``, ``muon`` and
+      ``dadapt_adamw``, ``mechanize`` (in float64), ``momo``,
+      ``momo_adam``, ``muon`` and
       ``optax.rmsprop(centered=True, momentum=0.9)``, and the updates are
-      ``jax.jit(inner.update)``'s except for those five: there
+      ``jax.jit(inner.update)``'s except for those six: there
       the last bit of some entries can differ (XLA:CPU lets LLVM contract
       ``a * b + c`` into an FMA kernel by kernel, and the guard's select in
       a kernel can change that choice for the arithmetic before it);
