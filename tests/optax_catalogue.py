@@ -235,6 +235,7 @@ FUSION_ULP = frozenset(
         "contrib.muon",
         "contrib.schedule_free",  # mixed tree, float64
         "optax.adaptive_grad_clip",  # float16
+        "optax.noisy_sgd",  # float16, mixed tree
         "optax.scale_by_radam",  # float16
         "optax.scale_by_rms",  # float16
         "optax.scale_by_stddev",  # float16

@@ -260,11 +260,11 @@ def skip_nonfinite(
       (`tests/test_skip_matrix.py`), except ``optax.contrib``'s
       ``dadapt_adamw``, ``mechanize`` (in float64), ``momo``,
       ``momo_adam``, ``muon``, ``schedule_free`` and
-      ``optax.rmsprop(centered=True, momentum=0.9)``, and in float16
-      ``optax``'s ``adaptive_grad_clip``, ``scale_by_radam``,
-      ``scale_by_rms`` and ``scale_by_stddev``, and the updates are
-      ``jax.jit(inner.update)``'s except for those: there
-      the last bit of some entries can differ (XLA:CPU lets LLVM contract
+      ``optax.rmsprop(centered=True, momentum=0.9)``, and in float16 or
+      bfloat16 ``optax``'s ``adaptive_grad_clip``, ``noisy_sgd``,
+      ``scale_by_radam``, ``scale_by_rms`` and ``scale_by_stddev``, and the
+      updates are ``jax.jit(inner.update)``'s except for those: there the
+      last bit of some entries can differ (XLA:CPU lets LLVM contract
       ``a * b + c`` into an FMA kernel by kernel, and the guard's select in
       a kernel can change that choice for the arithmetic before it);
     * ``exact=True``: the updates and the new state are always bit for
