@@ -18,12 +18,26 @@ ArrayTree = chex.ArrayTree
 """A pytree whose leaves are arrays (an alias of `chex.ArrayTree`)."""
 
 
-def scale_where(t: Any, clip: jax.Array, factor: jax.Array) -> Any:
-    """`t * factor` where `clip`, else `t` bit for bit (a select, never 0*NaN).
+def scale_where(t: Any, clip: jax.Array, num: jax.Array, den: jax.Array) -> Any:
+    """`t * (num / den)` where `clip`, else `t` bit for bit (a select, never 0*NaN).
 
-    Non-floating leaves pass through.
+    Non-floating leaves pass through, and so do the nonfinite entries of a
+    clipped leaf (an Inf times a factor of 0 would be NaN). A factor below
+    the smallest normal number of `t`'s dtype (a norm near float32's max
+    clipped to 1: XLA's CPU code flushes such subnormals to zero, which
+    would zero the updates instead of clipping them) is applied as two
+    normal factors, ``num / sqrt(den)`` and ``1 / sqrt(den)``; the first
+    form is the one multiply of every other step.
     """
     if not is_checked_leaf(t):
         return t
     t = jnp.asarray(t)
-    return lax.select(clip, t * factor.astype(t.dtype), t)
+    factor = num / den
+    tiny = jnp.finfo(t.dtype).tiny
+    root = jnp.sqrt(den)
+    small = factor < tiny
+    # Both paths are scalar work but one: the split factors only matter
+    # when `small`, and cost a multiply per entry in the fused select.
+    split = (t * (num / root).astype(t.dtype)) * (1 / root).astype(t.dtype)
+    scaled = jnp.where(small, split, t * factor.astype(t.dtype))
+    return lax.select(clip & jnp.isfinite(t), scaled, t)

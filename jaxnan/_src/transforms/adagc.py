@@ -190,18 +190,20 @@ def adagc(
         safe = jnp.where(big > 0, big, 1.0)
         g_norm = safe * jnp.sqrt(sum(jnp.square(n / safe) for n in fin))
         g_clip = g_norm > warmup_max_norm
-        g_factor = warmup_max_norm / jnp.where(g_clip, g_norm, 1.0)
+        g_den = jnp.where(g_clip, g_norm, 1.0)
         f32_max = jnp.finfo(jnp.float32).max
 
         out, new_gamma, clipped = [], [], []
         for x, n, o, gam in zip(leaves, norms, oks, gammas):
             limit = relative_threshold * gam
             r_clip = ~in_warmup & o & (n > limit)
-            r_factor = limit / jnp.where(r_clip, n, 1.0)
+            r_den = jnp.where(r_clip, n, 1.0)
             clip = jnp.where(in_warmup, g_clip & o, r_clip)
-            factor = jnp.where(in_warmup, g_factor, r_factor)
-            out.append(scaling.scale_where(x, clip, factor))
-            clipped_norm = jnp.where(clip, n * factor, n)
+            den = jnp.where(in_warmup, g_den, r_den)
+            num = jnp.where(in_warmup, jnp.asarray(warmup_max_norm, den.dtype), limit)
+            out.append(scaling.scale_where(x, clip, num, den))
+            # num * (n / den): n <= den, so a tiny factor cannot flush to 0
+            clipped_norm = jnp.where(clip, num * (n / den), n)
             warm_gamma = jnp.where(
                 steps == 0, clipped_norm, jnp.minimum(gam, clipped_norm)
             )

@@ -112,7 +112,10 @@ def zscore_clip(
     capped by `max_norm` when given), and the statistics follow the clipped
     norm: :math:`\mu \leftarrow \alpha\mu + (1-\alpha)c`,
     :math:`\sigma^2 \leftarrow \alpha\sigma^2 + (1-\alpha)(c - \mu)^2` (with
-    the new :math:`\mu`), as in the reference implementation.
+    the new :math:`\mu`), as in the reference implementation. The statistics
+    are float32 and saturate at its max (a norm beyond it counts as that
+    max, and so does a mean or variance that would exceed it): no finite
+    step can make them Inf.
 
     Nonfinite values (NaN, +Inf, -Inf): the norm is taken over the finite
     entries, finite entries are clipped by it and nonfinite ones pass through
@@ -241,13 +244,13 @@ def zscore_clip(
         adaptive = jnp.where(spike, target, norm)
         clip_to = jnp.minimum(adaptive, cap)
         clip = clip_to < norm
-        factor = clip_to / jnp.where(clip, norm, 1.0)
+        num, den = clip_to, jnp.where(clip, norm, 1.0)
         if norm_wide.dtype != jnp.float32:  # float64 updates: scale in float64
             agreed = norm.astype(norm_wide.dtype)
             wide = jnp.where(norm_wide > f32_max, norm_wide, agreed)
-            factor = clip_to.astype(wide.dtype) / jnp.where(clip, wide, 1.0)
+            num, den = clip_to.astype(wide.dtype), jnp.where(clip, wide, 1.0)
         out = jax.tree_util.tree_map(
-            lambda t: scaling.scale_where(t, clip, factor), updates
+            lambda t: scaling.scale_where(t, clip, num, den), updates
         )
 
         # Statistics: warm-up buffer, initialisation, then EMA of the clipped
@@ -256,10 +259,15 @@ def zscore_clip(
         buf = state.zclip_warmup_norms
         buf = jnp.where(finite & ~warm, buf.at[slot].set(norm), buf)
         init_now = finite & (steps == warmup - 1)
+        # Statistics saturate at float32's max, as the norm does: a norm near
+        # it would otherwise overflow a sum or a square into Inf, which no
+        # later step could leave (z = 0 for ever).
         w_mean = jnp.mean(buf)
-        w_var = jnp.mean(jnp.square(buf - w_mean))
-        e_mean = alpha * mean + (1 - alpha) * adaptive
+        w_mean = jnp.where(jnp.isfinite(w_mean), w_mean, jnp.sum(buf / warmup))
+        w_var = jnp.minimum(jnp.mean(jnp.square(buf - w_mean)), f32_max)
+        e_mean = jnp.minimum(alpha * mean + (1 - alpha) * adaptive, f32_max)
         e_var = alpha * var + (1 - alpha) * jnp.square(adaptive - e_mean)
+        e_var = jnp.minimum(e_var, f32_max)
         new_mean = jnp.where(init_now, w_mean, jnp.where(finite & warm, e_mean, mean))
         new_var = jnp.where(init_now, w_var, jnp.where(finite & warm, e_var, var))
         new_steps = jnp.where(finite, optax.safe_increment(steps), steps)
