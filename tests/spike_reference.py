@@ -93,10 +93,20 @@ class SkipSpikesRef:
         self.last_step = -1
         self.step = 0
 
-    def _spike(self, x: float, history: list[float]) -> bool:
+    def bound(self, history: list[float]) -> float:
+        """``m + threshold * s`` of `history` (sample std, ddof=1)."""
         h = np.asarray(history)
-        bound = float(h.mean() + self.threshold * h.std(ddof=1))
-        return greater(x, bound)
+        return float(h.mean() + self.threshold * h.std(ddof=1))
+
+    def edge_scales(self, leaves: list[np.ndarray], target: float) -> list | None:
+        """Per-leaf factors putting the norm at `target` times the spike bound."""
+        if len(self.norms) < self.min_history or finite_norm(leaves) == 0:
+            return None
+        scale = self.bound(self.norms) * target / finite_norm(leaves)
+        return [scale] * len(leaves)
+
+    def _spike(self, x: float, history: list[float]) -> bool:
+        return greater(x, self.bound(history))
 
     def decide(self, grads: list[np.ndarray], loss: float | None) -> SpikeDecision:
         ssq = sum(float(np.sum(np.square(g))) for g in grads)
@@ -169,6 +179,13 @@ class ZScoreClipRef:
         self.clipped = False
         self.clipped_total = 0
 
+    def edge_scales(self, leaves: list[np.ndarray], target: float) -> list | None:
+        """Per-leaf factors putting z at `target` times the threshold."""
+        if self.steps < self.warmup or finite_norm(leaves) == 0:
+            return None
+        z_norm = self.mean + self.z_thr * target * (math.sqrt(self.var) + self.eps)
+        return [z_norm / finite_norm(leaves)] * len(leaves)
+
     def step(self, leaves: list[np.ndarray]) -> tuple[list[np.ndarray], bool]:
         """The updates (float64) and whether they were scaled."""
         finite = all_finite(leaves)
@@ -229,6 +246,18 @@ class AdaGCRef:
         self.gamma = [0.0] * n
         self.steps = 0
         self.clipped = [False] * n
+
+    def edge_scales(self, leaves: list[np.ndarray], target: float) -> list | None:
+        """Per-leaf factors putting each norm at `target` times its limit (the
+        global norm at `target` times `warmup_max_norm` in warm-up)."""
+        norms = [finite_norm([x]) for x in leaves]
+        if self.steps < self.warmup:
+            total = finite_norm([np.asarray(norms)])
+            return None if total == 0 else [self.max_norm * target / total] * len(norms)
+        return [
+            self.rel * g * target / n if n > 0 else 1.0
+            for n, g in zip(norms, self.gamma)
+        ]
 
     def step(self, leaves: list[np.ndarray]) -> tuple[list[np.ndarray], list[bool]]:
         """The updates (float64) and which tensors were scaled."""

@@ -67,6 +67,7 @@ KINDS = (
     "healthy",
     "zero",
     "spike",
+    "moderate",
     "nan",
     "posinf",
     "neginf",
@@ -74,6 +75,9 @@ KINDS = (
     "loss_nan",
     "loss_inf",
     "loss_spike",
+    "loss_moderate",
+    "edge",
+    "loss_edge",
 )
 INNERS = {"sgd": lambda: optax.sgd(0.1), "adam": lambda: optax.adam(1e-2)}
 # float32 statistics against the reference's float64 ones: the means and
@@ -129,11 +133,13 @@ def draw_step(kind: str, k: int, rng: np.random.Generator, dtype: str) -> Step:
     """The gradients and loss of one step of `kind` (`k`: a size or an index)."""
     g = {name: rng.normal(size=shape) for name, shape in SHAPES.items()}
     loss = 1.0 + 0.1 * rng.normal()
-    names = sorted(SHAPES)
+    names = sorted(SHAPES)  # "edge" and "loss_edge": healthy here, see `_edge`
     if kind == "zero":
         g = {name: np.zeros(shape) for name, shape in SHAPES.items()}
     elif kind == "spike":  # beyond float16's (or bfloat16's) range: Inf there
         g = {name: x * 10.0**k for name, x in g.items()}
+    elif kind == "moderate":  # 1.15x to 2.5x: where the window's std decides
+        g = {name: x * (1 + k / 20) for name, x in g.items()}
     elif kind in ("nan", "posinf", "neginf"):
         leaf = g[names[k % 3]]
         leaf.flat[k % leaf.size] = {"nan": np.nan, "posinf": np.inf}.get(kind, -np.inf)
@@ -147,6 +153,8 @@ def draw_step(kind: str, k: int, rng: np.random.Generator, dtype: str) -> Step:
         loss = np.inf
     elif kind == "loss_spike":
         loss = 1.0 + 10.0**k
+    elif kind == "loss_moderate":  # 0.6 to 6 times the healthy losses' std
+        loss = 1.0 + 0.02 * k
     with np.errstate(over="ignore"):
         grads = {name: jnp.asarray(x.astype(dtype)) for name, x in g.items()}
     return Step(grads, jnp.float32(loss))
@@ -161,29 +169,40 @@ def draw_steps(steps, seed: int, dtype: str) -> list[Step]:
 # Running the implementation: step by step (eager or jit) or in one scan.
 
 
-def _run(step_fn, state, params, steps: list[Step], variant: str) -> list[tuple]:
-    """``(updates, state, params)`` after each step, under `variant`."""
-    if variant == "scan":
+class Runner:
+    """The implementation's ``(updates, state, params)``, one step per call.
 
-        @jax.jit
-        def scanned(state, params, xs):
-            def body(carry, x):
-                u, s, p = step_fn(x.grads, *carry, x.loss)
-                return (s, p), (u, s, p)
+    Step by step (eager or jit): each call runs the step it is given, so a
+    check may shape a step from the reference's state (the edge kinds).
+    Under "scan": all of `steps` in one `lax.scan`, run up front; each call
+    returns the next step's result (its argument must be that step).
+    """
 
-            return lax.scan(body, (state, params), xs)[1]
+    def __init__(self, step_fn, state, params, variant: str, steps: list[Step]):
+        self.state, self.params, self.out = state, params, []
+        if variant == "scan":
 
-        stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *steps)
-        outs = scanned(state, params, stacked)
-        return [
-            jax.tree_util.tree_map(lambda x, i=i: x[i], outs) for i in range(len(steps))
-        ]
-    fn = jax.jit(step_fn) if variant == "jit" else step_fn
-    out = []
-    for x in steps:
-        u, state, params = fn(x.grads, state, params, x.loss)
-        out.append((u, state, params))
-    return out
+            @jax.jit
+            def scanned(state, params, xs):
+                def body(carry, x):
+                    u, s, p = step_fn(x.grads, *carry, x.loss)
+                    return (s, p), (u, s, p)
+
+                return lax.scan(body, (state, params), xs)[1]
+
+            stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *steps)
+            outs = scanned(state, params, stacked)
+            self.out = [
+                jax.tree_util.tree_map(lambda x, i=i: x[i], outs)
+                for i in range(len(steps))
+            ][::-1]
+        self.fn = jax.jit(step_fn) if variant == "jit" else step_fn
+
+    def __call__(self, x: Step) -> tuple:
+        if self.out:
+            return self.out.pop()
+        u, self.state, self.params = self.fn(x.grads, self.state, self.params, x.loss)
+        return u, self.state, self.params
 
 
 def _guarded(tx, with_loss: bool = True):
@@ -243,18 +262,44 @@ def _ring(window: np.ndarray, fill: int, nxt: int) -> list[float]:
     return w[nxt:] + w[:nxt]
 
 
+def _edge(kind_k: tuple, x: Step, r, dtype: str) -> Step:
+    """An edge step: its norm (or loss) 0.5% above or below the reference's
+    threshold (where a ddof or a formula decides, far from a `ref.Tie`).
+
+    `r.edge_scales` says how to scale each leaf to get there.
+    """
+    kind, k = kind_k
+    target = 1.005 if k % 2 else 0.995
+    if kind == "loss_edge" and isinstance(r, ref.SkipSpikesRef):
+        if len(r.losses) >= r.min_history:
+            return x._replace(loss=jnp.float32(r.bound(r.losses) * target))
+        return x
+    scales = r.edge_scales(_floating(x.grads), target) if kind == "edge" else None
+    if scales is None:
+        return x
+    leaves, treedef = jax.tree_util.tree_flatten(x.grads)
+    with np.errstate(over="ignore"):
+        leaves = [
+            jnp.asarray((ref.as64(g) * c).astype(dtype)) for g, c in zip(leaves, scales)
+        ]
+    return x._replace(grads=jax.tree_util.tree_unflatten(treedef, leaves))
+
+
 def check_skip_spikes(dtype, inner_name, hp, with_loss, steps, seed, variant):
     params = _params(dtype, seed)
     inner = INNERS[inner_name]()
     tx = jaxnan.skip_spikes(inner, **hp)
     seq = draw_steps(steps, seed, dtype)
-    outs = _run(_guarded(tx, with_loss), tx.init(params), params, seq, variant)
+    run = Runner(_guarded(tx, with_loss), tx.init(params), params, variant, seq)
     plain = _plain_step(inner_name, dtype, variant != "eager")
     r = ref.SkipSpikesRef(**hp)
     p_ref, s_ref = params, inner.init(params)
     p_old, s_old = params, tx.init(params)
-    for i, (x, (u, s, p)) in enumerate(zip(seq, outs)):
+    for i, x in enumerate(seq):
         where = (dtype, inner_name, hp, with_loss, variant, i, steps[i])
+        if variant != "scan":
+            x = _edge(steps[i], x, r, dtype)
+        u, s, p = run(x)
         try:
             d = r.decide(_floating(x.grads), float(x.loss) if with_loss else None)
         except ref.Tie:
@@ -411,10 +456,13 @@ def check_clipper_alone(name, dtype, hp, steps, seed, variant):
     params = _params(dtype, seed)
     tx = c.make(hp)
     seq = draw_steps(steps, seed, dtype)
-    outs = _run(_bare(tx), tx.init(params), params, seq, variant)
+    run = Runner(_bare(tx), tx.init(params), params, variant, seq)
     r = c.reference(hp)
-    for i, (x, (u, s, _)) in enumerate(zip(seq, outs)):
+    for i, x in enumerate(seq):
         where = (name, dtype, hp, variant, i, steps[i])
+        if variant != "scan":
+            x = _edge(steps[i], x, r, dtype)
+        u, s, _ = run(x)
         try:
             out_ref, scaled = r.step(_floating(x.grads))
         except ref.Tie:
@@ -444,14 +492,17 @@ def check_clipper_guarded(name, dtype, inner_name, hp, steps, seed, variant):
     inner = INNERS[inner_name]()
     tx = jaxnan.skip_nonfinite(optax.chain(c.make(hp), inner))
     seq = draw_steps(steps, seed, dtype)
-    outs = _run(_guarded(tx), tx.init(params), params, seq, variant)
+    run = Runner(_guarded(tx), tx.init(params), params, variant, seq)
     plain = _plain_step(inner_name, dtype, variant != "eager")
     r = c.reference(hp)
     p_ref, s_ref = params, inner.init(params)
     budget = jax.tree_util.tree_map(lambda p: np.zeros(p.shape), params)
     p_old, s_old, accepted = params, tx.init(params), 0
-    for i, (x, (u, s, p)) in enumerate(zip(seq, outs)):
+    for i, x in enumerate(seq):
         where = (name, dtype, inner_name, hp, variant, i, steps[i])
+        if variant != "scan":
+            x = _edge(steps[i], x, r, dtype)
+        u, s, p = run(x)
         skip = not ref.all_finite(_floating(x.grads)) or not np.isfinite(x.loss)
         if not skip:
             before = copy.deepcopy(r)
