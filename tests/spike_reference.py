@@ -109,7 +109,8 @@ class SkipSpikesRef:
         return greater(x, self.bound(history))
 
     def decide(self, grads: list[np.ndarray], loss: float | None) -> SpikeDecision:
-        ssq = sum(float(np.sum(np.square(g))) for g in grads)
+        with np.errstate(over="ignore"):  # float64 squares of float64's max / 4
+            ssq = sum(float(np.sum(np.square(g))) for g in grads)
         if math.isfinite(ssq) and abs(ssq - F32_MAX) <= TIE * F32_MAX:
             raise Tie("sum of squares at float32's max")
         loss32 = 0.0 if loss is None else float(np.float32(loss))
@@ -194,7 +195,8 @@ class ZScoreClipRef:
         warm = self.steps >= self.warmup
         std = math.sqrt(self.var)
         z = (g - self.mean) / (std + self.eps)
-        spike = warm and greater(z, self.z_thr)
+        # z > z_thr, as a comparison of norms: a tie is one of g and the bound
+        spike = warm and greater(g, self.mean + self.z_thr * (std + self.eps))
         c = g
         if spike:
             c = (

@@ -553,6 +553,9 @@ HEALTHY3 = [("healthy", 3)] * 3
 # mean and variance Inf for good (sum and square overflow; now saturated).
 @example("zscore_clip", "float32", 0, [("huge", 1), *HEALTHY3], 0, "jit")
 @example("zscore_clip", "float64", 0, [("huge", 1), *HEALTHY3], 0, "jit")
+# Found (fixed): squares of the warm-up deviations overflowed float32 where
+# their mean does not (a norm of 4e19): the variance saturated too early.
+@example("zscore_clip", "float32", 1, [("spike", 19), *HEALTHY3], 0, "jit")
 # Found (fixed): clipped to 0 after a zero-norm warm-up, an Inf entry became
 # NaN (Inf * 0); nonfinite entries now pass through bit for bit.
 @example(
@@ -598,3 +601,70 @@ def test_clipper_in_skip_nonfinite_under_scan(name, dtype, inner_name, steps, se
     hp = (ZCLIP_HPS if name == "zscore_clip" else ADAGC_HPS)[1]
     with _x64(dtype):
         check_clipper_guarded(name, dtype, inner_name, hp, steps, seed, "scan")
+
+
+# --------------------------------------------------------------------------
+# Differentiating through a skipped step
+
+GUARDS = {
+    "skip_spikes": lambda: jaxnan.skip_spikes(
+        optax.adam(1e-2), window=4, min_history=2
+    ),
+    "zscore_clip": lambda: jaxnan.skip_nonfinite(
+        optax.chain(jaxnan.zscore_clip(warmup=2), optax.adam(1e-2))
+    ),
+    "adagc": lambda: jaxnan.skip_nonfinite(
+        optax.chain(jaxnan.adagc(warmup=1), optax.adam(1e-2))
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    "name, bad",
+    [
+        ("skip_spikes", "nan"),
+        ("skip_spikes", "spike"),
+        ("skip_spikes", "loss_nan"),
+        ("zscore_clip", "posinf"),
+        ("adagc", "nan"),
+    ],
+)
+def test_vjp_through_a_skipped_step_is_finite(name, bad):
+    # Found (fixed): skip_spikes could not be differentiated at all (its norm,
+    # a decision's input, went through a variadic reduction with no JVP).
+    tx = GUARDS[name]()
+    params = _params("float32", 0)
+    rng = np.random.default_rng(0)
+    state = tx.init(params)
+    for _ in range(2 if bad == "spike" else 0):  # a history: a spike is one
+        x = draw_step("healthy", 3, rng, "float32")
+        u, state = tx.update(x.grads, state, params, loss=x.loss)
+        params = optax.apply_updates(params, u)
+    x = draw_step(bad, 4, rng, "float32")
+
+    def step(g, s, p):
+        u, s2 = tx.update(g, s, p, loss=x.loss)
+        return optax.apply_updates(p, u), s2
+
+    @jax.jit
+    def through(g, s, p):
+        (new_p, new_s), vjp = jax.vjp(step, g, s, p)
+        ones = jax.tree_util.tree_map(
+            lambda v: (
+                jnp.ones_like(v)
+                if jnp.issubdtype(v.dtype, jnp.inexact)
+                else np.zeros(v.shape, jax.dtypes.float0)
+            ),
+            (new_p, new_s),
+        )
+        return new_p, vjp(ones)
+
+    new_p, (ct_g, ct_s, ct_p) = through(x.grads, state, params)
+    assert _bits(new_p) == _bits(params)  # skipped
+    # The skipped step is the identity: one through params, zero through the
+    # gradients (NaN there: 0 * NaN in the optimizer's derivative, selected).
+    for v in _floating(ct_p):
+        np.testing.assert_array_equal(v, np.ones_like(v))
+    for v in _floating(ct_g):
+        np.testing.assert_array_equal(v, np.zeros_like(v))
+    _assert_finite(ct_s, "cotangent of the state")

@@ -262,12 +262,20 @@ def zscore_clip(
         # Statistics saturate at float32's max, as the norm does: a norm near
         # it would otherwise overflow a sum or a square into Inf, which no
         # later step could leave (z = 0 for ever).
+        # Where a square overflows but the statistic does not, it is taken
+        # in an order that overflows only when the result does.
         w_mean = jnp.mean(buf)
         w_mean = jnp.where(jnp.isfinite(w_mean), w_mean, jnp.sum(buf / warmup))
-        w_var = jnp.minimum(jnp.mean(jnp.square(buf - w_mean)), f32_max)
+        dev = buf - w_mean
+        w_var = jnp.mean(jnp.square(dev))
+        big = jnp.maximum(jnp.max(jnp.abs(dev)), jnp.finfo(jnp.float32).tiny)
+        w_var_safe = (jnp.mean(jnp.square(dev / big)) * big) * big
+        w_var = jnp.minimum(jnp.where(jnp.isfinite(w_var), w_var, w_var_safe), f32_max)
         e_mean = jnp.minimum(alpha * mean + (1 - alpha) * adaptive, f32_max)
-        e_var = alpha * var + (1 - alpha) * jnp.square(adaptive - e_mean)
-        e_var = jnp.minimum(e_var, f32_max)
+        e_dev = jnp.abs(adaptive - e_mean)
+        e_sq = (1 - alpha) * jnp.square(e_dev)
+        e_sq = jnp.where(jnp.isfinite(e_sq), e_sq, ((1 - alpha) * e_dev) * e_dev)
+        e_var = jnp.minimum(alpha * var + e_sq, f32_max)
         new_mean = jnp.where(init_now, w_mean, jnp.where(finite & warm, e_mean, mean))
         new_var = jnp.where(init_now, w_var, jnp.where(finite & warm, e_var, var))
         new_steps = jnp.where(finite, optax.safe_increment(steps), steps)
