@@ -235,11 +235,13 @@ class AdaGCRef:
     """`jaxnan.adagc`: per-tensor clipping against an EMA of its clipped norm.
 
     From the docstring: for the first `warmup` finite steps, global-norm
-    clipping to `warmup_max_norm` and gamma_i <- min(gamma_i, |g_i hat|) (the
-    first step sets it); then g_i hat = min(1, lambda_rel gamma_i / |g_i|) g_i
-    and gamma_i <- beta gamma_i + (1 - beta) |g_i hat|. A tensor with a
-    nonfinite entry passes unchanged and is left out of the global norm; such
-    a step changes no gamma and does not count. Gamma is float32.
+    clipping to `warmup_max_norm` and gamma_i <- min(gamma_i, |g_i hat|) over
+    nonzero norms (the first nonzero norm sets it, in warm-up or after; no
+    relative clipping while gamma_i is 0); then
+    g_i hat = min(1, lambda_rel gamma_i / |g_i|) g_i and
+    gamma_i <- beta gamma_i + (1 - beta) |g_i hat|. A tensor with a nonfinite
+    entry passes unchanged and is left out of the global norm; such a step
+    changes no gamma and does not count. Gamma is float32.
     """
 
     def __init__(self, *, relative_threshold, beta, warmup, warmup_max_norm, n):
@@ -276,14 +278,16 @@ class AdaGCRef:
                 rel_clipped.append(False)
             else:
                 limit = self.rel * gam
-                clip = ok and greater(n, limit)
+                clip = ok and gam > 0 and greater(n, limit)
                 factor = limit / n if clip else 1.0
                 rel_clipped.append(clip)
             out.append(x * factor if clip else x)
             scaled.append(clip)
             cn = n * factor if clip else n
-            if in_warmup:
-                g_new = cn if self.steps == 0 else min(gam, cn)
+            if gam == 0:  # the first nonzero norm sets gamma
+                g_new = cn
+            elif in_warmup:
+                g_new = min(gam, cn) if cn > 0 else gam
             else:
                 g_new = self.beta * gam + (1 - self.beta) * cn
             new_gamma.append(saturate(g_new))

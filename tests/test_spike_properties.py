@@ -565,6 +565,9 @@ HEALTHY3 = [("healthy", 3)] * 3
 # factor, flushed to 0 by XLA:CPU: zero updates and a halved gamma.
 @example("adagc", "float32", 0, [("healthy", 3), ("huge", 4), *HEALTHY3], 0, "jit")
 @example("adagc", "bfloat16", 0, [("healthy", 3), ("huge", 4), *HEALTHY3], 0, "jit")
+# Changed (a departure from the paper, see `jaxnan.adagc`): a zero-gradient
+# first step set gamma to 0 for good, every later update clipped to 0.
+@example("adagc", "float32", 0, [("zero", 3), *HEALTHY3], 0, "jit")
 def test_clipper_alone_against_reference(name, dtype, hp_index, steps, seed, variant):
     hp = (ZCLIP_HPS if name == "zscore_clip" else ADAGC_HPS)[hp_index]
     with _x64(dtype):

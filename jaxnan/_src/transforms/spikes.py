@@ -117,9 +117,14 @@ def zscore_clip(
     max, and so does a mean or variance that would exceed it): no finite
     step can make them Inf.
 
+    A warm-up of identical norms has :math:`\sigma = 0`: every later larger
+    norm is then a spike clipped to :math:`\mu` (to 0 after a warm-up of
+    zero gradients, for good, since the statistics then follow 0): start it
+    once the gradients are live.
+
     Nonfinite values (NaN, +Inf, -Inf): the norm is taken over the finite
     entries, finite entries are clipped by it and nonfinite ones pass through
-    unchanged, for a later `jaxnan.skip_nonfinite` to catch. Such a step
+    unchanged (bit for bit), for a later `jaxnan.skip_nonfinite` to catch. Such a step
     changes no statistic and does not count as a warm-up step.
     Float16 and bfloat16 norms are taken in float32 and float64 ones in
     float64; the statistics are float32. Differentiable (`jax.grad`,
@@ -402,7 +407,11 @@ def skip_spikes(
     float32 sum of squares overflows, unless `inner` begins with
     `jaxnan.clip_by_global_norm` (whose overflow-safe norm is then used).
     Skipped steps never enter the window, so a spike or a NaN costs exactly
-    one step, never a run of them.
+    one step, never a run of them. One degenerate case: a window whose values
+    are all equal (zero gradients, a loss that does not move) has
+    :math:`s = 0`, so every later larger value is a spike, and since those
+    never enter the window they are skipped until a value at most :math:`m`
+    comes; `spike_skips_total` and `last_skip_step` show such a run.
 
     The promise of `jaxnan.skip_nonfinite` holds here too: no nonfinite value
     ever reaches the params or the optimizer state through this guard. What
@@ -410,10 +419,11 @@ def skip_spikes(
     ``optax.apply_updates`` would give) is checked, and a step where it is
     not finite is skipped as well (reason ``INNER_NONFINITE``).
 
-    A skipped step returns updates that are exactly 0 (a `where`-select, no
-    0 * NaN) and leaves the inner state bit for bit unchanged; the state
-    counts the skips by reason and records the `SkipReason` bits of the last
-    one. Without ``loss=`` only the norm is tested. The loss must be a scalar.
+    A skipped step returns updates that are exactly ``-0.0`` (a
+    `where`-select, no 0 * NaN; ``p + -0.0`` is `p` bit for bit) and leaves
+    the inner state bit for bit unchanged; the state counts the skips by
+    reason and records the `SkipReason` bits of the last one. Without
+    ``loss=`` only the norm is tested. The loss must be a scalar.
 
     Cost: one fused reduction per gradient leaf (the sum of squares), none
     when `inner` begins with `jaxnan.clip_by_global_norm`, whose norm and
