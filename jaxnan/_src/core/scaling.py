@@ -26,18 +26,17 @@ def scale_where(t: Any, clip: jax.Array, num: jax.Array, den: jax.Array) -> Any:
     the smallest normal number of `t`'s dtype (a norm near float32's max
     clipped to 1: XLA's CPU code flushes such subnormals to zero, which
     would zero the updates instead of clipping them) is applied as two
-    normal factors, ``num / sqrt(den)`` and ``1 / sqrt(den)``; the first
-    form is the one multiply of every other step.
+    normal factors, ``num / sqrt(den)`` and ``1 / sqrt(den)`` (on every
+    other step the second is 1).
     """
     if not is_checked_leaf(t):
         return t
     t = jnp.asarray(t)
     factor = num / den
-    tiny = jnp.finfo(t.dtype).tiny
     root = jnp.sqrt(den)
-    small = factor < tiny
-    # Both paths are scalar work but one: the split factors only matter
-    # when `small`, and cost a multiply per entry in the fused select.
-    split = (t * (num / root).astype(t.dtype)) * (1 / root).astype(t.dtype)
-    scaled = jnp.where(small, split, t * factor.astype(t.dtype))
-    return lax.select(clip & jnp.isfinite(t), scaled, t)
+    small = factor < jnp.finfo(t.dtype).tiny
+    # Scalars: (factor, 1), or the two halves. ``x * 1`` is exact, so an
+    # ordinary step's result is ``t * factor`` bit for bit.
+    first = jnp.where(small, num / root, factor).astype(t.dtype)
+    second = jnp.where(small, 1 / root, 1).astype(t.dtype)
+    return lax.select(clip & jnp.isfinite(t), (t * first) * second, t)
