@@ -289,6 +289,25 @@ def test_a_gradient_that_overflows_in_layer_3s_backward():
     assert int(stats[f"layers/{L - 1} (grad)"].nonfinite) == 0
 
 
+# -- outside a scan: the layer as before, no iteration ------------------------
+
+
+def two_layers(params, x):
+    with jax.named_scope("hidden"):
+        h = x @ params["w"]
+    with jax.named_scope("out"):
+        return jnp.sum(jnp.log(h))
+
+
+def test_outside_a_scan_the_layer_is_its_activation_stats_key():
+    params = {"w": -jnp.eye(D)}
+    d = jaxnan.locate(two_layers)(params, X)
+    stats = jaxnan.activation_stats(two_layers)(params, X)
+    assert (d.primitive, d.iteration, d.layer) == ("log", None, "out")
+    assert stats.first_nonfinite() == "out"
+    assert d.layer_stats == f"activations of `out`: {stats['out']}"
+
+
 # -- a scan over time keeps its report ------------------------------------
 
 
