@@ -560,11 +560,12 @@ def finite_flags_and_squares(
 
     `stacked=True` (leaves split over devices under sharded `jit`): each
     group's operands are stacked on a new leading axis and summed by one
-    single-operand reduction, which XLA's SPMD partitioner turns into one
-    all-reduce of a few scalars (it splits a variadic reduction into an
-    all-gather of the per-device partials per operand). On one device that
-    form writes the masks out (measured on the MLP step: +21% bytes accessed,
-    temporary memory 4.7 -> 8.9 MB), hence not the default.
+    single-operand reduction (`split_sum`), which XLA's SPMD partitioner
+    turns into one all-reduce of a few scalars (it splits a variadic
+    reduction into an all-gather of the per-device partials per operand).
+    On one device that form writes the masks out (measured on the MLP step:
+    +21% bytes accessed, temporary memory 4.7 -> 8.9 MB), hence only for
+    the leaves that are split (`split_leaves`).
     """
     pairs = [
         (k, x) for k, xs in enumerate(sets) for x in xs if dtypes.is_checked_leaf(x)
@@ -644,11 +645,13 @@ def _sum_indicators_and_squares(
 def _stacked_sums(
     masks: tuple[jax.Array, ...], leaves: list
 ) -> tuple[tuple[jax.Array, ...], jax.Array]:
-    """`_sum_indicators_and_squares` as one single-operand float32 reduction.
+    """`_sum_indicators_and_squares` as one single-operand reduction.
 
     The masks (as 0/1) and the squares are stacked on a new leading axis and
     summed over the others: a count is only compared with 0, which a float32
-    sum of 0s and 1s gets right whatever its size.
+    sum of 0s and 1s gets right whatever its size. The rows are summed as
+    complex64, two float32 rows to an element (`split_sum`): the sum of a
+    complex is the float32 sum of each part.
     """
     rows = [m.astype(jnp.float32) for m in masks]
     if leaves:
@@ -657,7 +660,33 @@ def _stacked_sums(
                 jnp.add, [_abs_squared(jnp.asarray(x), jnp.float32) for x in leaves]
             )
         )
-    sums = jnp.sum(jnp.stack(rows), axis=tuple(range(1, rows[0].ndim + 1)))
+    sums = split_sum(jnp.stack(rows), axis=tuple(range(1, rows[0].ndim + 1)))
     counts = tuple(sums[i] for i in range(len(masks)))
     sq = sums[len(masks)] if leaves else jnp.zeros((), jnp.float32)
     return counts, sq
+
+
+def split_sum(x: jax.Array, axis: tuple[int, ...] | None = None) -> jax.Array:
+    """The float32 sum of `x` over `axis`, in the form for leaves split over devices.
+
+    Summed as complex64 (pairs of rows of the first axis as real and
+    imaginary parts when `axis` leaves it, else the real part only). XLA's
+    SPMD partitioner makes a single-operand reduction over a sharded dim one
+    all-reduce, and its all-reduce combiner merges only all-reduces of one
+    element type. In float32 the checks' sums would be merged with the
+    step's own gradient all-reduces, whose group the combiner closes at the
+    first one that depends on another (a check depends on its gradient's
+    all-reduce): the step's one tuple all-reduce came out in three. As
+    complex64 the checks' sums, which do not depend on one another, make
+    one all-reduce of their own, and the step's are left as without them.
+    """
+    x = jnp.asarray(x, jnp.float32)
+    keep = axis is not None and 0 not in axis
+    if not keep:
+        return jnp.real(jnp.sum(x.astype(jnp.complex64), axis=axis))
+    n = x.shape[0]
+    if n % 2:
+        x = jnp.concatenate([x, jnp.zeros((1, *x.shape[1:]), x.dtype)])
+    pairs = lax.complex(x[0::2], x[1::2])
+    s = jnp.sum(pairs, axis=axis)
+    return jnp.stack([jnp.real(s), jnp.imag(s)], axis=1).reshape(-1, *s.shape[1:])[:n]
