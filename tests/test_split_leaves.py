@@ -1,8 +1,8 @@
 """The checks' reductions over leaves split over devices (8 CPU devices).
 
 `core.split_leaves` says which leaves are split (by their type, or by the
-shapes of the state `jaxnan.guard` was called with); `tree.split_sum` is the
-sum they are reduced with. The guard's decisions and figures are the same
+shapes of the state `jaxnan.guard` was called with); `tree.split_sums` are
+the sums they are reduced with. The guard's decisions and figures are the same
 whichever form is taken (`tests/test_collectives.py` counts the collectives).
 """
 
@@ -19,20 +19,19 @@ from tests.helpers import P, mesh_of
 from tests.test_collectives import collectives
 
 
-@pytest.mark.parametrize(
-    ("shape", "axis"), [((5,), None), ((3, 4, 5), (1, 2)), ((4, 6), (1,))]
-)
-def test_split_sum_is_the_float32_sum(shape, axis):
-    x = np.arange(np.prod(shape), dtype=np.float32).reshape(shape) - 7.0
-    got = tree.split_sum(jnp.asarray(x), axis)
-    np.testing.assert_array_equal(got, np.sum(x, axis=axis))
-    assert got.dtype == jnp.float32
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_split_sums_are_the_float32_sums(n):
+    rows = [np.arange(12, dtype=np.float32).reshape(3, 4) * (k - 1.5) for k in range(n)]
+    got = tree.split_sums([jnp.asarray(r) for r in rows])
+    assert [g.dtype for g in got] == [jnp.float32] * n
+    np.testing.assert_array_equal(got, [np.sum(r) for r in rows])
 
 
-def test_split_sum_keeps_nonfinite_sums():
-    x = jnp.array([[1.0, jnp.inf], [2.0, 3.0], [jnp.nan, 0.0]])
-    got = tree.split_sum(x, (1,))
-    assert got[0] == jnp.inf and got[1] == 5.0 and jnp.isnan(got[2])
+def test_split_sums_keep_nonfinite_sums():
+    inf, nan, ok = tree.split_sums(
+        [jnp.array([1.0, jnp.inf]), jnp.array([jnp.nan, 0.0]), jnp.array([2.0, 3.0])]
+    )
+    assert inf == jnp.inf and jnp.isnan(nan) and ok == 5.0
 
 
 def test_split_shapes_names_the_sharded_leaves_only():

@@ -3,7 +3,7 @@
 Over the parameter leaves of at most `program.RATIO_SAMPLE` entries (their
 old values are kept; see `program.sample_first`). A leaf split over devices
 (FSDP, `core.split_leaves`) is read as `jaxnan.skip_nonfinite` proposed it,
-before its skip decision, and summed in the checks' form (`tree.split_sum`):
+before its skip decision, and summed in the checks' form (`tree.split_sums`):
 its sums then ride in the checks' one all-reduce, where the new parameters,
 known only after the decision, would cost an all-reduce of their own after
 it. On a step that is not applied that leaf's difference is 0, as the new
@@ -64,9 +64,9 @@ def update_ratio(
             p, u = pair
             p = jnp.asarray(p)
             new = (p + u).astype(p.dtype).astype(jnp.float32)
-            diff = tree.split_sum(jnp.square(new - so))
+            diff, old = tree.split_sums([jnp.square(new - so), jnp.square(so)])
             du = du + jnp.where(not_applied, jnp.zeros_like(diff), diff)
-            dp = dp + tree.split_sum(jnp.square(so))
+            dp = dp + old
         else:
             du = du + jnp.sum(jnp.square(new_state[j].astype(jnp.float32) - so))
             dp = dp + jnp.sum(jnp.square(so))
