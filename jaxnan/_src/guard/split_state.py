@@ -25,7 +25,9 @@ def traced_with_split(body: Callable, state: Sequence[Any]) -> Callable:
     """`body`, traced with the shapes of the split leaves of `state` named.
 
     Without a split leaf (one device, data parallel) `body` itself: the
-    program is the one the guard compiles without this hint.
+    program is the one the guard compiles without this hint. Read once, from
+    the state of the call that builds the compiled entry; a later call whose
+    state is sharded otherwise keeps it (a cost, never another decision).
     """
     shapes = split_leaves.split_shapes(state)
     if not shapes:
