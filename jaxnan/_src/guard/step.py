@@ -44,6 +44,7 @@ from jaxnan._src.guard import (
     multihost,
     policies,
     program,
+    replayed,
     rollback,
     split_state,
 )
@@ -495,6 +496,7 @@ class GuardedStep:
     ) -> incidents.Incident:
         step = previous.step
         loss, gnorm = float(h[program.LOSS]), float(h[program.GRAD_NORM])
+        state = replayed.as_it_ran(previous.entry.layout, state)  # its clock
         _, _, again = previous.entry.compiled(
             self._zeros, copy_leaves(state), previous.inputs
         )
@@ -567,7 +569,7 @@ class GuardedStep:
     ):
         """The incident of a new bad step: replayed, its examples, its cause."""
         entry, step = previous.entry, previous.step
-        diagnosis, failure = diagnoses.diagnose_step(
+        diagnosis, failure, planted = diagnoses.diagnose_step(
             self.fn, entry.layout, state, previous.inputs, counts, self.name
         )
         line, leaf, rows = self._examples(previous, state, diagnosis)
@@ -583,6 +585,7 @@ class GuardedStep:
             ),
             self.history.growth,
             failure,
+            planted,
         )
         verdict = history_rules.decide(ctx)
         diagnosis, message, cause, cited = diagnoses.verdict_text(

@@ -35,6 +35,7 @@ from jaxnan._src.locate import (
     causes,
     interpreter,
     layer_text,
+    operands,
     precision,
     render,
     replay,
@@ -179,16 +180,15 @@ class Diagnosis:
 # -- locate --------------------------------------------------------------
 
 
-def _host_counts(values: Sequence[np.ndarray]) -> tuple[int, int, int]:
+def _host_counts(values: Sequence[Any]) -> tuple[int, int, int]:
+    """NaN, +inf, -inf counts of `values` (arrays or `operands.Operand`)."""
     nan = pos = neg = 0
     for v in values:
-        a = np.asarray(v)
+        a = operands.of(v)
         if not dtypes.is_inexact_dtype(a.dtype):
             continue
-        a = a.astype(np.complex128 if np.iscomplexobj(a) else np.float64)
-        nan += int(np.isnan(a).sum())
-        pos += int((a == np.inf).sum())
-        neg += int((a == -np.inf).sum())
+        c = a.census()
+        nan, pos, neg = nan + c.nan, pos + c.posinf, neg + c.neginf
     return nan, pos, neg
 
 
@@ -327,9 +327,11 @@ def locate(
             `jax.jit`).
         NotImplementedError: when `fn` uses a higher-order primitive
             without a rule (see `jaxnan.register_rule`); when `fn` calls
-            `jax.pmap` under several processes (its traced program covers
-            this process's devices only: write the step with `jax.jit` on
-            global arrays or `jax.shard_map`).
+            `jax.pmap` inside it under several processes (traced, the pmap
+            covers this process's devices only: locate the pmap itself,
+            ``locate(jax.pmap(f))``, which replays what it runs over every
+            process, or the step written with `jax.jit` on global arrays or
+            `jax.shard_map`).
 
     Examples:
         >>> import jax, jax.numpy as jnp, jaxnan
@@ -378,6 +380,7 @@ class _Options:
 
 
 def _locate(fn, name, opts: _Options, args, kwargs) -> Diagnosis:
+    fn, args, kwargs = replay.global_pmap(fn, args, kwargs)
     run = replay.Run(fn, name, opts.static, args, kwargs)
     compiled = None
     if opts.check_compiled:
@@ -533,7 +536,7 @@ def _layer_text(run: replay.Run, eqn: Any) -> str | None:
         return f"layer statistics unavailable ({type(e).__name__}: {e})"
 
 
-def _finite_in_float32(run: replay.Run, eqn: Any, inputs: Sequence[np.ndarray]):
+def _finite_in_float32(run: replay.Run, eqn: Any, inputs: Sequence[Any]):
     whole = precision.finite_in_float32(run.closed, run.consts, run.leaves)
     if whole is None:
         return precision.equation_finite_in_float32(eqn, inputs)
