@@ -52,6 +52,7 @@ def test_taxonomy_is_the_registry():
         "nondeterministic",
         "growth",
         "underflow",
+        "injected",
     ]
     # One vocabulary: the guard's incidents speak the same enum.
     from jaxnan._src.guard import incidents

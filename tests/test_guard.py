@@ -262,6 +262,12 @@ def test_bad_arguments_name_the_argument():
         jaxnan.guard(_make_step(tx), policy="skp")
     with pytest.raises(ValueError, match="snapshot_every must be an int >= 1"):
         jaxnan.guard(_make_step(tx), snapshot_every=0)
+    with pytest.raises(TypeError, match="window must be an int, got float"):
+        jaxnan.guard(_make_step(tx), window=5.0)
+    with pytest.raises(ValueError, match=r"growth must be > 1, got 0\.5\. Such as 100"):
+        jaxnan.guard(_make_step(tx), growth=0.5)
+    with pytest.raises(TypeError, match="growth must be a real number, got str"):
+        jaxnan.guard(_make_step(tx), growth="big")
     with pytest.raises(TypeError, match="needs a callable"):
         jaxnan.guard(None)
     params, opt_state = _init(tx)

@@ -73,8 +73,12 @@ def test_grads_fault_under_the_guard_skip_fires_once_and_is_reported():
     step.finish()
     (incident,) = step.incidents
     assert incident.step == 3 and incident.action == "skipped"
-    # The replay starts from the advanced clock: the fault does not come back.
-    assert incident.cause == "nondeterministic" and not incident.deterministic
+    # The replay runs the step as it ran (skip_nonfinite's clock at 3): the
+    # fault comes back, and the incident says it was planted, what and when.
+    assert incident.cause == "injected" and incident.deterministic
+    planted = "jaxnan.inject_grads planted Fault.POS_INF (+inf) in the gradients"
+    assert f"why:     {planted} at step 3" in incident.message
+    assert [e.rule for e in incident.evidence] == ["injected"]
     assert step.summary()["skipped"] == 1
     want = _train(
         jax.jit(optax_train_step(base, regression_loss)),
@@ -101,6 +105,11 @@ def test_loss_fault_under_the_guard_skip():
     step.finish()
     (incident,) = step.incidents
     assert incident.step == 2 and np.isnan(incident.loss)
+    # fault_step=jaxnan.fault_step(opt_state): the guard's clock, so the
+    # replay (the step as it ran) plants it again and names it
+    assert incident.cause == "injected" and incident.deterministic
+    planted = "jaxnan.inject_loss planted Fault.NAN (nan) in the loss at step 2"
+    assert f"why:     {planted}" in incident.message
     want = _train(
         jax.jit(optax_train_step(base, regression_loss)),
         base,
@@ -227,3 +236,33 @@ def test_grads_fault_on_the_data_position_is_transient_under_rollback():
         [{"x": b["x"], "y": b["y"]} for b in batches[:4] + batches[6:]],
     )
     _assert_same_run(got, want)
+
+
+def test_grads_fault_in_a_flax_nnx_optimizer_under_the_guard_is_named_injected():
+    nnx = pytest.importorskip("flax.nnx")
+    model = nnx.Linear(3, 1, rngs=nnx.Rngs(0))
+    tx = jaxnan.inject_grads(jaxnan.skip_nonfinite(optax.sgd(0.1)), at=2, fault="nan")
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    def loss_fn(model, batch):
+        return jnp.mean((model(batch["x"])[:, 0] - batch["y"]) ** 2)
+
+    @nnx.jit
+    def train_step(model, optimizer, batch):
+        loss, grads = nnx.value_and_grad(loss_fn)(model, batch)
+        optimizer.update(model, grads, loss=loss)
+        return loss
+
+    step = jaxnan.guard(train_step, verbose=False)
+    for b in regression_batches(5):
+        step(model, optimizer, b)
+    step.finish()
+    (incident,) = step.incidents
+    assert (incident.step, incident.cause, incident.deterministic) == (
+        2,
+        "injected",
+        True,
+    )
+    assert "planted Fault.NAN (nan) in the gradients at step 2" in incident.message
+    # The clock went on past the fault: the guard put back only its replay's.
+    assert int(jaxnan.fault_step(optimizer.opt_state)) == 5

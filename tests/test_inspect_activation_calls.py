@@ -97,7 +97,8 @@ def test_linen_apply_with_params():
     model = LinenMLP()
     variables = model.init(jax.random.key(0), X)
     stats = jaxnan.activation_stats(model.apply, variables)(X)
-    assert set(stats) == {"LinenMLP/Dense_0", "LinenMLP", "LinenMLP/Dense_1"}
+    # The module's own relu runs once between its Dense layers: named by it.
+    assert list(stats) == ["LinenMLP/Dense_0", "LinenMLP", "LinenMLP/Dense_1"]
     out = model.apply(variables, X)
     assert float(stats["LinenMLP/Dense_1"].max_abs) == max_abs(out)
 
@@ -122,3 +123,39 @@ def test_batch_taken_for_parameters_is_an_error_not_an_empty_result():
         jaxnan.activation_stats(model, {"w": X})
     # A model with no layer on the data: an empty result, no error.
     assert jaxnan.activation_stats(lambda p, x: x)({"w": X}, X) == {}
+
+
+class LinenSetupOrder(nn.Module):
+    """Submodules defined in another order than they are called."""
+
+    def setup(self):
+        self.head = nn.Dense(2)
+        self.mid = nn.Dense(4)
+        self.first = nn.Dense(4)
+
+    def __call__(self, x):
+        x = nn.relu(self.first(x))  # first's output, then the module's relu
+        x = jnp.tanh(self.mid(x))  # mid's, then the module's tanh
+        return self.head(x)
+
+
+def _line(text):
+    lines = open(__file__).read().splitlines()
+    return next(i + 1 for i, line in enumerate(lines) if line.endswith(text))
+
+
+def test_linen_layers_in_the_order_they_run():
+    model = LinenSetupOrder()
+    variables = model.init(jax.random.key(0), X)
+    stats = jaxnan.activation_stats(model.apply, variables)(X)
+    where = "test_inspect_activation_calls.py:{} (LinenSetupOrder.__call__)"
+    relu = "LinenSetupOrder/" + where.format(_line("then the module's relu"))
+    tanh = "LinenSetupOrder/" + where.format(_line("then the module's tanh"))
+    names = ["LinenSetupOrder/first", relu, "LinenSetupOrder/mid", tanh]
+    assert list(stats) == [*names, "LinenSetupOrder/head"]
+    p = variables["params"]
+    h = jax.nn.relu(X @ p["first"]["kernel"] + p["first"]["bias"])
+    assert float(stats[relu].max_abs) == max_abs(h)
+    t = jnp.tanh(h @ p["mid"]["kernel"] + p["mid"]["bias"])
+    assert float(stats[tanh].max_abs) == max_abs(t)
+    assert stats[relu].equations == stats[tanh].equations == 1

@@ -365,13 +365,113 @@ def scenario_locate_shard_map():
     }
 
 
-def scenario_locate_pmap_is_a_clear_error():
-    f = jax.pmap(lambda x: jnp.log(x) + lax.psum(x, "i"), axis_name="i")
+def scenario_locate_pmap():
+    """A pmap over each process's 2 devices, its axis over all 4."""
+
+    def body(x):
+        return jnp.log(x) + lax.psum(x, "i")  # <- pmap log
+
+    f = jax.pmap(body, axis_name="i")
+    local = np.ones((2, 3), np.float32)
+    if jax.process_index() == 1:
+        local[1, 2] = 0.0  # global position 3: device 2049
+    d = jaxnan.locate(f)(local)
+    plain = np.asarray(f(local))  # the pmap itself: psum over 4 devices
+    return {
+        "primitive": d.primitive,
+        "where": d.where,
+        "device": d.device,
+        "process": d.process,
+        "outputs": d.nonfinite_outputs,
+        "text": str(d),
+        "plain_psum": float(plain[0, 0] - np.log(local[0, 0])),
+    }
+
+
+def scenario_pmap_inside_a_function_is_a_clear_error():
+    pmapped = jax.pmap(lambda v: lax.psum(v, "i"), axis_name="i")
+    ones = np.ones((2, 3), np.float32)
+    # The reproduction the error names: traced (here under jit), the pmap
+    # reduces over this process's 2 devices; called, over all 4.
+    traced = float(np.asarray(jax.jit(pmapped)(ones))[0, 0])
+    called = float(np.asarray(pmapped(ones))[0, 0])
     try:
-        jaxnan.locate(f)(np.ones((2, 3), np.float32))
+        jaxnan.locate(lambda x: jnp.log(pmapped(x)))(ones)
     except NotImplementedError as e:
-        return str(e)
-    return None
+        return {"error": str(e), "traced": traced, "called": called}
+    return {"error": None, "traced": traced, "called": called}
+
+
+def wide_log(x):
+    return jnp.log(x + 1.0).sum(axis=1)  # <- wide log
+
+
+def scenario_locate_gathers_no_operand():
+    """A log of an 8 x 512 operand sharded over both processes' devices.
+
+    Every all-gather is recorded: the report needs fixed-size answers only
+    (counts, the first position, min/max), never the operand itself.
+    """
+    mesh = _mesh()
+    local = np.ones((4, 512), np.float32)
+    if jax.process_index() == 1:
+        local[BAD_ROW - 4, 7] = -1.0  # log(0)
+        local[BAD_ROW - 4, 300] = -3.0  # log(-2)
+    x = jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")), local)
+    gathered = []
+    real = multihost_utils.process_allgather
+
+    def recording(tree, tiled=False):
+        gathered.append(sum(int(np.size(v)) for v in jax.tree.leaves(tree)))
+        return real(tree, tiled=tiled)
+
+    multihost_utils.process_allgather = recording
+    try:
+        d = jaxnan.locate(jax.jit(wide_log))(x)
+    finally:
+        multihost_utils.process_allgather = real
+    # The same step on the whole value, on this process alone (host arrays).
+    ref = jaxnan.locate(jax.jit(wide_log))(np.asarray(real(x, tiled=True)))
+    keys = ("primitive", "where", "phase", "cause", "fix", "inputs_seen", "created")
+    return {
+        "largest_gather": max(gathered, default=0),
+        "operand_size": int(x.size),
+        "got": {k: str(getattr(d, k)) for k in keys},
+        "want": {k: str(getattr(ref, k)) for k in keys},
+        "holder": [d.device, d.process],
+        "text": str(d),
+    }
+
+
+# -- the guard with an injected fault --------------------------------------
+
+
+def scenario_guard_names_an_injected_fault():
+    """`inject_grads` under the guard on both processes: cause `injected`."""
+    tx = jaxnan.inject_grads(
+        jaxnan.skip_nonfinite(optax.adam(1e-2)), at=BAD_STEP, fault="-inf"
+    )
+
+    def train_step(params, opt_state, batch):
+        value, grads = jax.value_and_grad(loss_fn)(params, batch)
+        updates, opt_state = tx.update(grads, opt_state, params, loss=value)
+        return optax.apply_updates(params, updates), opt_state, value
+
+    step = jaxnan.guard(train_step, verbose=False)
+    params = _params()
+    opt_state = jax.jit(tx.init)(params)
+    for i in range(STEPS):
+        batch = _global(_local_rows(i, nan=False))
+        params, opt_state, _ = step(params, opt_state, batch)
+    step.finish()
+    return {
+        "incidents": [
+            [i.step, i.cause, i.deterministic, [e.text for e in i.evidence]]
+            for i in step.incidents
+        ],
+        "params": _host(params),
+        "clock": int(np.asarray(jaxnan.fault_step(opt_state))),
+    }
 
 
 # -- the tests -------------------------------------------------------------
@@ -537,13 +637,31 @@ def test_locate_float16_overflow_with_outputs_sharded_over_processes(results):
         }
 
 
-def test_locate_of_a_multiprocess_pmap_is_a_clear_error_on_both(results):
+def test_locate_of_a_pmap_names_line_device_and_process_on_both(results):
+    line = line_of("# <- " + "pmap log", __file__)
+    got = [multiprocess.value(results, "scenario_locate_pmap", p) for p in (0, 1)]
+    assert got[0] == got[1]
+    g = got[0]
+    assert g["primitive"] == "log" and g["where"] == f"{__file__}:{line}"
+    # global position 3 of the pmapped axis: process 1's second device
+    assert (g["device"], g["process"]) == (2049, 1)
+    assert "on device 2049 (process 1)" in g["text"]
+    # the outputs of the pmap over all 4 devices, as it ran (psum of 4 ones)
+    assert g["outputs"] == {"output": [0, 0, 1]}
+    assert g["plain_psum"] == 4.0
+
+
+def test_locate_of_a_pmap_inside_a_function_is_a_clear_error_on_both(results):
     for proc in (0, 1):
-        text = multiprocess.value(
-            results, "scenario_locate_pmap_is_a_clear_error", proc
+        got = multiprocess.value(
+            results, "scenario_pmap_inside_a_function_is_a_clear_error", proc
         )
-        assert text.startswith("jaxnan.locate(`<lambda>`): `jax.pmap` under several")
-        assert "jax.shard_map over a mesh of jax.devices()" in text
+        # the reason, reproduced: traced, the pmap reduces over 2 devices
+        assert (got["traced"], got["called"]) == (2.0, 4.0)
+        text = got["error"]
+        assert text.startswith("jaxnan.locate(`<lambda>`): a `jax.pmap` inside")
+        assert "a pmapped lax.psum of ones shows 2, the pmap computes 4" in text
+        assert "jaxnan.locate(jax.pmap(f))(x)" in text
 
 
 def _counters(state):
@@ -580,3 +698,37 @@ def test_monitor_metrics_read_on_the_host_of_both_processes(results):
             "grad_nonfinite/b": 1,
             "grad_nonfinite/w": 3,
         }
+
+
+def test_guard_names_an_injected_fault_on_both_processes(results):
+    got = [
+        multiprocess.value(results, "scenario_guard_names_an_injected_fault", p)
+        for p in (0, 1)
+    ]
+    assert got[0] == got[1]
+    planted = "jaxnan.inject_grads planted Fault.NEG_INF (-inf) in the gradients"
+    assert got[0]["incidents"] == [
+        [BAD_STEP, "injected", True, [f"{planted} at step {BAD_STEP}"]]
+    ]
+    assert got[0]["clock"] == STEPS
+
+
+def test_locate_gathers_only_fixed_size_summaries_of_a_sharded_operand(results):
+    got = [
+        multiprocess.value(results, "scenario_locate_gathers_no_operand", p)
+        for p in (0, 1)
+    ]
+    assert got[0] == got[1]
+    for proc in (0, 1):
+        g = got[proc]
+        # 4096 elements spread over 2 processes; nothing near that moved
+        assert g["operand_size"] == 4096 and g["largest_gather"] <= 16
+        # the report of the same step on one host, word for word
+        assert g["got"] == g["want"]
+        assert g["got"]["inputs_seen"] == (
+            "log received 0.0 at 1 of 4096 positions; log received values below "
+            "0.0 (min -2.0) at 1 of 4096 positions"
+        )
+        line = line_of("# <- " + "wide log", __file__)
+        assert g["got"]["where"] == f"{__file__}:{line}"
+        assert g["holder"] == [2048, 1]

@@ -342,7 +342,8 @@ def test_last_good_is_none_until_a_step_is_healthy():
             ValueError,
             "max_rollbacks must be an int >= 1, got 0. Or None: no limit.",
         ),
-        ({"start_step": 1.5}, ValueError, "start_step must be an int >= 0"),
+        ({"start_step": 1.5}, TypeError, "start_step must be an int, got float"),
+        ({"steps_back": "3"}, TypeError, "steps_back must be an int, got str"),
         ({"bad_batches": 3}, TypeError, "bad_batches must be a path"),
         ({"bad_batches": "/no/such/dir/b.jsonl"}, ValueError, "has no folder"),
     ],
@@ -364,6 +365,8 @@ def test_bad_record_and_position_are_clear_errors(tmp_path):
     step = jaxnan.guard(_step(tx))
     with pytest.raises(ValueError, match="position must be an int >= 0, got -1"):
         step.position = -1
+    with pytest.raises(TypeError, match="position must be an int, got float"):
+        step.position = 2.0
 
 
 # -- Flax NNX --------------------------------------------------------------

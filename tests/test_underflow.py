@@ -106,9 +106,19 @@ def test_off_by_default_computes_nothing():
     assert on_text.count("compare") > text.count("compare")
 
 
-@pytest.mark.parametrize("bad", [0.0, 1.0, 2, True, "0.1"])
-def test_underflow_argument_is_checked(bad):
-    with pytest.raises(ValueError, match="underflow must be None"):
+@pytest.mark.parametrize(
+    "bad, error",
+    [
+        (0.0, ValueError),
+        (1.0, ValueError),
+        (2, ValueError),
+        (float("nan"), ValueError),
+        (True, TypeError),
+        ("0.1", TypeError),
+    ],
+)
+def test_underflow_argument_is_checked(bad, error):
+    with pytest.raises(error, match=r"underflow must be .*Pass None \(off\)"):
         jaxnan.guard(lambda p, s, b: (p, s, 0.0), underflow=bad)
 
 

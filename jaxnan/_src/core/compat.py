@@ -59,3 +59,28 @@ def in_current_trace(x: Any) -> bool:
 
     trace = getattr(x, "_trace", None)
     return trace is None or trace is core.trace_ctx.trace
+
+
+def pmap_global_call(fn: Any, args: tuple, kwargs: dict) -> tuple | None:
+    """What a `jax.pmap` function runs under several processes, or None.
+
+    Called outside any trace, jax's pmap (``jax/_src/pmap.py``) runs a
+    `jax.jit` of a `shard_map` over the devices of EVERY process, its
+    arguments made global (``host_local_array_to_global_array``); traced
+    (`jax.make_jaxpr`), it gives a program over this process's devices only
+    (`_get_mesh_devices`), whose collectives and axis sizes differ. Its
+    ``infer_params`` closure, called here outside any trace, returns that
+    jit and those global arguments: ``(jitted, flat global arguments,
+    their treedef of (dynamic args, kwargs))``. None when `fn` is not a
+    pmap function of this layout.
+    """
+    code = getattr(fn, "__code__", None)
+    if code is None or not code.co_filename.replace("\\", "/").endswith(
+        "jax/_src/pmap.py"
+    ):
+        return None
+    if "infer_params" not in code.co_freevars or fn.__closure__ is None:
+        return None
+    infer = fn.__closure__[code.co_freevars.index("infer_params")].cell_contents
+    _, jitted, flat, tree, *_ = infer(*args, **kwargs)
+    return jitted, list(flat), tree

@@ -313,7 +313,7 @@ def _out_of_range(
     return below or above
 
 
-def _concrete_scalar(fn: str, name: str, value: Any, kind: str) -> Any:
+def _concrete_scalar(fn: str, name: str, value: Any, kind: str, fix: str = "") -> Any:
     """`value` as a NumPy scalar, None for a tracer; TypeError for non-scalars.
 
     Python numbers, NumPy scalars and 0-d NumPy or JAX arrays are accepted
@@ -329,8 +329,11 @@ def _concrete_scalar(fn: str, name: str, value: Any, kind: str) -> Any:
     if not _is_kind(value, kind):
         want = "an int" if kind == "int" else "a real number"
         raise TypeError(
-            f"jaxnan.{fn}: {name} must be {want}, got {type(value).__name__} "
-            f"({value!r:.60})."
+            _ended(
+                f"jaxnan.{fn}: {name} must be {want}, got {type(value).__name__} "
+                f"({value!r:.60}).",
+                fix,
+            )
         )
     arr = np.asarray(value)
     if arr.shape != ():
@@ -349,18 +352,19 @@ def check_number(
     high: float | None = None,
     low_open: bool = True,
     high_open: bool = True,
+    fix: str = "",
 ) -> None:
     """Validates a real hyperparameter: finite, within (low, high).
 
     Accepts Python numbers, NumPy scalars and 0-d arrays; NaN, +-Inf and
     booleans are rejected. A traced value is not checked (it has no value
-    at trace time).
+    at trace time). `fix`, when given, ends the message (what to pass).
 
     Raises:
         TypeError: for a non-number (a string, a bool, an array of shape > 0).
         ValueError: for NaN, +-Inf or a value out of range, naming `name`.
     """
-    v = _concrete_scalar(fn, name, value, "number")
+    v = _concrete_scalar(fn, name, value, "number", fix)
     if v is None:
         return
     x = float(v)
@@ -369,27 +373,34 @@ def check_number(
     rng = _range_text(low, high, low_open, high_open)
     if not math.isfinite(x):
         rng = f"finite ({rng})" if rng else "finite"
-    raise ValueError(f"jaxnan.{fn}: {name} must be {rng}, got {value!r}.")
+    raise ValueError(_ended(f"jaxnan.{fn}: {name} must be {rng}, got {value!r}.", fix))
 
 
-def check_int(fn: str, name: str, value: Any, *, low: int) -> int:
+def check_int(fn: str, name: str, value: Any, *, low: int, fix: str = "") -> int:
     """Validates an int hyperparameter (Python, NumPy or 0-d array) >= `low`.
 
-    Returns it as a Python int.
+    Returns it as a Python int. `fix`, when given, ends the message.
 
     Raises:
         TypeError: for a non-integer (a float, a bool, a string).
         ValueError: for a value below `low`, naming `name`.
     """
-    v = _concrete_scalar(fn, name, value, "int")
+    v = _concrete_scalar(fn, name, value, "int", fix)
     if v is None:
         raise TypeError(
             f"jaxnan.{fn}: {name} must be a concrete int (it sets array shapes "
             "or loop counts), not a traced value."
         )
     if int(v) < low:
-        raise ValueError(f"jaxnan.{fn}: {name} must be an int >= {low}, got {value!r}.")
+        raise ValueError(
+            _ended(f"jaxnan.{fn}: {name} must be an int >= {low}, got {value!r}.", fix)
+        )
     return int(v)
+
+
+def _ended(message: str, fix: str) -> str:
+    """`message` followed by `fix` when there is one."""
+    return f"{message} {fix}" if fix else message
 
 
 # --------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from typing import Any
 
 from jax.extend import source_info_util
 
+from jaxnan._src.core.validation import check_int, check_number
 from jaxnan._src.guard import incidents, policies, rollback
 from jaxnan._src.guard.step import GuardedStep
 
@@ -198,9 +199,13 @@ def guard(
     Raises:
         TypeError: when `step_fn` is not callable.
         TypeError: for a `log` that is not a path, a `donate` not None/bool,
-            a `schedule` that is not callable.
+            a `schedule` that is not callable, an int option (`snapshot_every`,
+            `max_streak`, `window`, `steps_back`, `skip_batches`,
+            `max_rollbacks`, `start_step`) that is not an int, a `growth` or
+            `underflow` that is not a real number.
         ValueError: for an unknown `policy`, `snapshot_every` or `max_streak`
-            below 1, `window` below 3, a `log` path that cannot be written (a
+            below 1, `window` below 3, `growth` not above 1 or not finite,
+            `underflow` outside (0, 1), a `log` path that cannot be written (a
             directory, a missing directory), `steps_back`, `skip_batches` or
             `start_step` below 0, `max_rollbacks` below 1, a rollback option
             with a policy that does not roll back, a `bad_batches` path in no
@@ -241,17 +246,10 @@ def guard(
             f"jaxnan.guard: unknown policy={policy!r}; use one of "
             f"{[p.value for p in incidents.Policy]}."
         ) from None
-    for name, value, low in (
-        ("snapshot_every", snapshot_every, 1),
-        ("max_streak", max_streak, 1),
-        ("window", window, 3),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(
-                f"jaxnan.guard: {name} must be an int >= {low}, got {value!r}."
-            )
-    if not growth > 1:
-        raise ValueError(f"jaxnan.guard: growth must be > 1, got {growth!r}.")
+    snapshot_every = check_int("guard", "snapshot_every", snapshot_every, low=1)
+    max_streak = check_int("guard", "max_streak", max_streak, low=1)
+    window = check_int("guard", "window", window, low=3)
+    check_number("guard", "growth", growth, low=1, fix="Such as 100 (the default).")
     if loss is not None and not (isinstance(loss, str) or callable(loss)):
         raise TypeError(
             f"jaxnan.guard: loss must be a metrics key or a function of the "
@@ -298,12 +296,13 @@ def _check_diagnosis_options(schedule: Any, underflow: Any) -> None:
             f"jaxnan.guard: schedule must be an optax schedule (a function of the "
             f"step count) or None, got {type(schedule).__name__}."
         )
-    if underflow is not None and (
-        isinstance(underflow, bool)
-        or not isinstance(underflow, (int, float))
-        or not 0 < underflow < 1
-    ):
-        raise ValueError(
-            "jaxnan.guard: underflow must be None (off) or the rise of the zero "
-            f"fraction that warns, a number in (0, 1) such as 0.1; got {underflow!r}."
+    if underflow is not None:
+        check_number(
+            "guard",
+            "underflow",
+            underflow,
+            low=0,
+            high=1,
+            fix="Pass None (off) or the rise of the zero fraction that warns, "
+            "such as 0.1.",
         )

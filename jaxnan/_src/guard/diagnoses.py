@@ -15,9 +15,10 @@ import jax
 from jax.extend import source_info_util
 
 from jaxnan._src.core import validation
-from jaxnan._src.guard import evidence, history_rules, incidents, program
+from jaxnan._src.guard import evidence, history_rules, incidents, program, replayed
 from jaxnan._src.locate import causes
 from jaxnan._src.locate.api import Diagnosis, locate
+from jaxnan._src.transforms import inject
 
 source_info_util.register_exclusion(__file__)
 
@@ -61,12 +62,16 @@ def nondeterministic(step: int, loss: float, gnorm: float) -> incidents.Incident
 
 def diagnose_step(
     fn: Callable, layout: program.Layout, state: list, inputs: list, counts: dict, name
-) -> tuple[Diagnosis | None, str]:
+) -> tuple[Diagnosis | None, str, tuple[inject.Planted, ...]]:
     """What `jaxnan.locate` says about a bad step (its input check on the host).
 
     A batch that already holds NaN/Inf (`counts`, from
     `examples.input_counts`) is the root cause whatever the step does with
     it; that is read on the host without compiling the instrumented replay.
+    Returns ``(diagnosis, why the replay failed, the injectors that fired
+    on the step)``: the replay's trace notes the step's injectors
+    (`inject.noted`), read against its clock (`state` is the step's input,
+    `replayed.as_it_ran`).
     """
     if counts:
         found = causes.classify_inputs(counts)
@@ -79,8 +84,10 @@ def diagnose_step(
             nonfinite_inputs=counts,
             fn_name=name,
         )
-        return diagnosis, ""
-    return locate_step(fn, layout, state, inputs)
+        return diagnosis, "", ()
+    with inject.noted() as planted:
+        diagnosis, failure = locate_step(fn, layout, state, inputs)
+    return diagnosis, failure, replayed.fired(planted, layout, state)
 
 
 def locate_step(

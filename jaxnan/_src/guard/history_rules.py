@@ -39,6 +39,7 @@ from jaxnan._src.guard.evidence import (
 )
 from jaxnan._src.locate.api import Diagnosis
 from jaxnan._src.locate.causes import LOW_PRECISION, Cause, Phase, finfo_max
+from jaxnan._src.transforms import inject
 
 source_info_util.register_exclusion(__file__)
 
@@ -57,6 +58,8 @@ class Context:
         factor: the guard's ``growth`` (a figure that grew this many times is
             exploding).
         failure: why the replay failed, when it did.
+        injected: the injectors (`jaxnan.inject_grads`, ...) that planted
+            their fault on this step (`inject.Planted`).
     """
 
     step: int
@@ -66,6 +69,7 @@ class Context:
     probe: Probe = Probe()
     factor: float = 100.0
     failure: str = ""
+    injected: tuple[inject.Planted, ...] = ()
 
     @property
     def located_cause(self) -> Cause | None:
@@ -226,6 +230,21 @@ def _lr_evidence(ctx: Context) -> Evidence | None:
         last=lr.value,
         steps=len(earlier),
     )
+
+
+@register_history_rule(priority=-10)
+def injected(ctx: Context) -> Verdict | None:
+    """A fault planted on purpose on this step (`jaxnan.inject_grads`).
+
+    Answers first: whatever the replay located, the step went bad because
+    the test asked it to.
+    """
+    if not ctx.injected:
+        return None
+    cited = tuple(
+        Evidence("injected", Figure.REPLAY, p.text(ctx.step)) for p in ctx.injected
+    )
+    return Verdict(Cause.INJECTED, Cause.INJECTED.fix, cited)
 
 
 @register_history_rule(priority=0)

@@ -26,19 +26,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import source_info_util
 
+from jaxnan._src.core.validation import check_int
 from jaxnan._src.guard import incidents, program
 from jaxnan._src.guard.bad_batches import BadBatch, BadBatches, SkippedAs
 from jaxnan._src.guard.snapshots import Snapshots
 
 source_info_util.register_exclusion(__file__)
-
-
-def _int_at_least(name: str, value: Any, low: int, fix: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(
-            f"jaxnan.guard: {name} must be an int >= {low}, got {value!r}. {fix}"
-        )
-    return value
 
 
 def check_path(path: Any) -> str | None:
@@ -110,12 +103,16 @@ class RunPlan:
         start_step: int = 0,
     ):
         fix = "Pass an int, or leave it out."
-        self.steps_back = _int_at_least("steps_back", steps_back, 0, fix)
-        self.skip_batches = _int_at_least("skip_batches", skip_batches, 0, fix)
+        self.steps_back = check_int("guard", "steps_back", steps_back, low=0, fix=fix)
+        self.skip_batches = check_int(
+            "guard", "skip_batches", skip_batches, low=0, fix=fix
+        )
         if max_rollbacks is not None:
-            _int_at_least("max_rollbacks", max_rollbacks, 1, "Or None: no limit.")
+            max_rollbacks = check_int(
+                "guard", "max_rollbacks", max_rollbacks, low=1, fix="Or None: no limit."
+            )
         self.max_rollbacks = max_rollbacks
-        self.start_step = _int_at_least("start_step", start_step, 0, fix)
+        self.start_step = check_int("guard", "start_step", start_step, low=0, fix=fix)
         options = {
             "steps_back": steps_back,
             "skip_batches": skip_batches,
@@ -208,9 +205,12 @@ def checked_position(value: Any) -> int:
     """A data position set by the loop (``step.position = value``), checked.
 
     Raises:
-        ValueError: when it is not an int >= 0.
+        TypeError: when it is not an int.
+        ValueError: when it is an int below 0.
     """
-    return _int_at_least("position", value, 0, "Set the batch index of the next call.")
+    return check_int(
+        "guard", "position", value, low=0, fix="Set the batch index of the next call."
+    )
 
 
 def last_good(

@@ -44,7 +44,9 @@ from jaxnan._src.guard import (
     multihost,
     policies,
     program,
+    replayed,
     rollback,
+    split_state,
 )
 from jaxnan._src.guard.snapshots import copy_leaves
 from jaxnan._src.guard.underflow import Watch
@@ -225,7 +227,8 @@ class GuardedStep:
             objs = tuple(args[i] for i in layout.graph_args)
             graph_state = program.adapter(layout).split(objs)[1]
         mask = donation.state_mask(layout, graph_state, self._donates)
-        compiled = donation.Donating(body, mask)
+        state = program.flatten(layout, args)[0]
+        compiled = donation.Donating(split_state.traced_with_split(body, state), mask)
         entry = _Entry(layout, compiled, run, out_len, paths)
         entry.split = program.make_split(layout)
         self._entries[probe] = entry
@@ -493,6 +496,7 @@ class GuardedStep:
     ) -> incidents.Incident:
         step = previous.step
         loss, gnorm = float(h[program.LOSS]), float(h[program.GRAD_NORM])
+        state = replayed.as_it_ran(previous.entry.layout, state)  # its clock
         _, _, again = previous.entry.compiled(
             self._zeros, copy_leaves(state), previous.inputs
         )
@@ -565,7 +569,7 @@ class GuardedStep:
     ):
         """The incident of a new bad step: replayed, its examples, its cause."""
         entry, step = previous.entry, previous.step
-        diagnosis, failure = diagnoses.diagnose_step(
+        diagnosis, failure, planted = diagnoses.diagnose_step(
             self.fn, entry.layout, state, previous.inputs, counts, self.name
         )
         line, leaf, rows = self._examples(previous, state, diagnosis)
@@ -581,6 +585,7 @@ class GuardedStep:
             ),
             self.history.growth,
             failure,
+            planted,
         )
         verdict = history_rules.decide(ctx)
         diagnosis, message, cause, cited = diagnoses.verdict_text(

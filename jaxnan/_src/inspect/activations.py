@@ -4,25 +4,22 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax import lax
 from jax.extend import core as jex_core
 from jax.extend import source_info_util
 
 from jaxnan._src.core import primitives
-from jaxnan._src.inspect import layers
+from jaxnan._src.inspect import arguments, layers, reductions, scan_layers
 
 source_info_util.register_exclusion(__file__)
 
-_NAME = "jaxnan.activation_stats"
-GRAD_SUFFIX = " (grad)"
+_NAME = arguments.NAME
+GRAD_SUFFIX = layers.GRAD_SUFFIX
 
 
 @functools.partial(
@@ -118,6 +115,26 @@ class ActivationStats(dict):
         KeyError: for a layer name it does not hold (as a dict does).
     """
 
+    def first_nonfinite(self) -> str | None:
+        """The first layer in program order with a NaN or Inf; None if none.
+
+        Forward layers come first, so this is where the forward pass first
+        went nonfinite (in a scan over layers, the iteration: ``layers/2``).
+        Reads the counts, so call it outside `jit`.
+
+        Examples:
+            >>> import jax, jax.numpy as jnp, jaxnan
+            >>> def f(w, x):
+            ...     with jax.named_scope("scale"):
+            ...         h = x * w
+            ...     with jax.named_scope("log"):
+            ...         return jnp.log(h)
+            >>> stats = jaxnan.activation_stats(f)(2.0, jnp.array([1.0, -1.0]))
+            >>> list(stats), stats.first_nonfinite()
+            (['scale', 'log'], 'log')
+        """
+        return next((k for k, s in self.items() if int(s.nonfinite)), None)
+
 
 def _flatten(d: ActivationStats):
     keys = tuple(d)
@@ -131,80 +148,6 @@ def _unflatten(keys: tuple, values) -> ActivationStats:
 jax.tree_util.register_pytree_with_keys(
     ActivationStats, _flatten, _unflatten, lambda d: (list(d.values()), tuple(d))
 )
-
-
-def _max_add(a: tuple, b: tuple) -> tuple:
-    return jnp.maximum(a[0], b[0]), a[1] + b[1]
-
-
-def _maxabs_and_nonfinite(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(largest finite |x| as float32, int32 count of NaN/Inf) in one pass.
-
-    One variadic reduction: two separate ones cost 2.6x a forward pass on
-    the benchmark LM, this one 1.1x (`benchmarks/inspect_cost.py`).
-    """
-    finite = jnp.isfinite(x)
-    mag = jnp.where(finite, jnp.abs(x), 0).astype(jnp.float32)
-    bad = (~finite).astype(jnp.int32)
-    init = (np.float32(0), np.int32(0))
-    return lax.reduce((mag, bad), init, _max_add, tuple(range(x.ndim)))
-
-
-class _Layer:
-    """Host-side accumulator of one layer during tracing.
-
-    Each floating output adds one fused reduction (its largest finite |x| and
-    its nonfinite count); they are combined once per layer in `_finish`, the
-    magnitudes grouped by their dtype's largest value, so that the measuring
-    program grows by one reduction per intermediate and not by a chain of
-    scalar operations as well.
-    """
-
-    def __init__(self, phase: str):
-        self.phase = phase
-        # The largest finite value of a dtype, capped at float32's -> the
-        # largest finite |x| of each intermediate of that dtype.
-        self.max_abs: dict[float, list[jax.Array]] = {}
-        self.nonfinite: list[jax.Array] = []
-        self.dtype_max = np.inf
-        self.dtype = "float32"
-        self.last: jax.Array | None = None
-        self.equations = 0
-
-    def add(self, floats: list[jax.Array]) -> None:
-        """Adds one equation's floating outputs (one fused reduction each)."""
-        for x in floats:
-            m, bad = _maxabs_and_nonfinite(x)
-            top = float(jnp.finfo(x.dtype).max)
-            top32 = float(np.float32(min(top, np.finfo(np.float32).max)))
-            self.max_abs.setdefault(top32, []).append(m)
-            self.nonfinite.append(bad)
-            if top < self.dtype_max:
-                self.dtype_max, self.dtype = top, str(x.dtype)
-        self.last = floats[0]
-        self.equations += 1
-
-    def extremes(self) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-        """(max |x|, range used, headroom, nonfinite count) of the layer.
-
-        The headroom of an intermediate is ``log2(top) - log2(m)`` for its
-        dtype's top; it decreases with m, so the smallest over a dtype is the
-        one of its largest m, exactly (rounding is monotonic), and likewise
-        the range used, ``2 ** -headroom``.
-        """
-        rooms, peaks = [], []
-        for top32, ms in self.max_abs.items():
-            m = jnp.max(jnp.stack(ms))
-            peaks.append(m)
-            rooms.append(jnp.log2(np.float32(top32)) - jnp.log2(m))  # +inf at 0
-        room = functools.reduce(jnp.minimum, rooms)
-        # Not m / top32: XLA turns it into m * (1 / top32), a float32 denormal
-        # that the CPU backend flushes to 0 (4e37 read as "0% of the float32
-        # range").
-        used = jnp.exp2(-room)
-        max_abs = functools.reduce(jnp.maximum, peaks)
-        bad = jnp.sum(jnp.stack(self.nonfinite), dtype=jnp.int32)
-        return max_abs, used, room, bad
 
 
 def _float_dtype(aval: Any) -> bool:
@@ -240,19 +183,10 @@ def _bind(eqn: Any, invals: list) -> Any:
         return eqn.primitive.bind(*subfuns, *invals, **params)
 
 
-# Provenance of a value: DATA (depends on a non-parameter argument), CONST
-# (literals and constants only) or the name of the parameter's layer.
-DATA = None
-CONST = ""
-
-
-def _provenance(eqn: Any, in_provs: list) -> tuple[bool, str]:
-    """(whether the equation computes on data, the first parameter it uses).
-
-    An equation without inputs (an RNG draw, an iota) counts as data.
-    """
-    data = any(p is DATA for p in in_provs) or not eqn.invars
-    return data, next((p for p in in_provs if p), "")
+# Provenances (`layers.DATA`, `layers.CONST` or a parameter's layer), also
+# read by `locate.layer_text`.
+DATA = layers.DATA
+CONST = layers.CONST
 
 
 def _computes(eqn: Any) -> bool:
@@ -271,7 +205,13 @@ def _context(eqn: Any, scope: str, backward: bool, outer: Any) -> tuple:
 
 
 class _Entry(NamedTuple):
-    """One measured equation, named once the whole jaxpr has been seen."""
+    """One measured equation, named once the whole jaxpr has been seen.
+
+    `values` are its floating outputs. An equation of the body of a scan
+    over layers has none: it has its `stack`, `reduced` (the ranges of its
+    outputs' dtypes and their `reductions.Reduced`, stacked over the
+    iterations) and `body_name`, its layer in the body (without the index).
+    """
 
     eqn: Any
     scope: str
@@ -279,26 +219,44 @@ class _Entry(NamedTuple):
     site: layers.Site | None
     backward: bool
     values: list
+    stack: scan_layers.Stack | None = None
+    reduced: tuple | None = None
+    body_name: str = ""
 
 
 class Walker:
     """Evaluates a jaxpr equation by equation and measures every layer.
 
+    Args:
+        model_layers: the layers of the parameters (filled by `run`).
+        expand_scans: measure each iteration of a scan over layers
+            (`inspect.scan_layers`); False inside one.
+
     Attributes:
         entries: the measured equations, in program order.
-        names: id(eqn) -> layer key, for every measured equation (filled by
-            `results`).
+        names: id(eqn) -> layer key, for every measured equation outside a
+            scan over layers (filled by `results`).
+        stacked: id(eqn) -> (its `scan_layers.Stack`, its layer in the body,
+            without the index), for the equations of a scan over layers'
+            body (filled by `results`; see `layer_name`).
     """
 
-    def __init__(self) -> None:
+    def __init__(
+        self, model_layers: frozenset[str] = frozenset(), expand_scans: bool = True
+    ) -> None:
         self.entries: list[_Entry] = []
         self.names: dict[int, str] = {}
+        self.stacked: dict[int, tuple[scan_layers.Stack, str]] = {}
         # (input ids, output ids, chain, parameter used directly, entry index)
         # of every first-order equation: the data flow that `results` reads.
         self.flow: list[tuple] = []
+        self.model_layers = set(model_layers)
+        self._expand = expand_scans
+        self._alive: list = []  # the values whose ids `flow` holds
 
     def run(self, jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], provs):
         """Evaluates `jaxpr` on `args` (with their provenances); the outputs."""
+        self.model_layers |= {p for p in provs if p}
         return self._walk(jaxpr, consts, args, provs, "", False, None)
 
     def _walk(self, jaxpr, consts, args, provs, scope, backward, outer):
@@ -315,18 +273,54 @@ class Walker:
 
         for eqn in jaxpr.eqns:
             ins = [read(v) for v in eqn.invars]
-            eqn_scope, bwd, where = _context(eqn, scope, backward, outer)
+            context = _context(eqn, scope, backward, outer)
             sub = _sub_jaxpr(eqn)
+            in_provs = [p for _, p in ins]
+            stacked = (
+                scan_layers.stacked_layers(eqn, in_provs) if self._expand else None
+            )
             if sub is not None:
-                invals, in_provs = [x for x, _ in ins], [p for _, p in ins]
-                outs = self._walk(
-                    sub[0], sub[1], invals, in_provs, eqn_scope, bwd, where
-                )
+                invals = [x for x, _ in ins]
+                outs = self._walk(sub[0], sub[1], invals, in_provs, *context)
+            elif stacked:
+                outs = self._scan(eqn, ins, stacked, context)
             else:
-                outs = self._first_order(eqn, ins, eqn_scope, bwd, where)
+                outs = self._first_order(eqn, ins, *context)
             for v, (x, p) in zip(eqn.outvars, outs):
                 env[v] = (x, p)
         return [read(v) for v in jaxpr.outvars]
+
+    def _scan(self, eqn, ins, stacked, context):
+        """A scan over layers, its body measured per iteration (`scan_layers`)."""
+        stack = scan_layers.stack_of(eqn, context[0], stacked, self.model_layers)
+        sub = primitives.sub_jaxprs(eqn)[0]
+        provs = scan_layers.body_provenances(eqn, [p for _, p in ins])
+        traced: list = []
+
+        def body(args):
+            child = Walker(frozenset(self.model_layers), expand_scans=False)
+            outs = child._walk(sub.jaxpr, sub.consts, args, provs, *context)
+            names = child._names()  # the body's layers, named by the body
+            ends = [a != b for a, b in zip(names, [*names[1:], None])]
+            traced[:] = [child, [p for _, p in outs], names]
+            reduced = [
+                reductions.reduce_outputs(e.values, moments=end)
+                for e, end in zip(child.entries, ends)
+            ]
+            return [x for x, _ in outs], reduced
+
+        outs, reduced = scan_layers.run_scan(eqn, [x for x, _ in ins], body)
+        child, out_provs, names = traced
+        first = len(self.entries)
+        for e, red, name in zip(child.entries, reduced, names):
+            tops = tuple(reductions.top_of(x) for x in e.values)
+            self.entries.append(
+                e._replace(values=[], stack=stack, reduced=(tops, red), body_name=name)
+            )
+        for *flow, k in child.flow:
+            self.flow.append((*flow, None if k is None else first + k))
+        self._alive.append(child._alive)
+        return list(zip(outs, out_provs))
 
     def _first_order(self, eqn, ins, scope, backward, where):
         """Binds one first-order equation, measures it; its (value, prov)s."""
@@ -334,7 +328,7 @@ class Walker:
         outs = _bind(eqn, invals)
         if not eqn.primitive.multiple_results:
             outs = [outs]
-        data, param = _provenance(eqn, [p for _, p in ins])
+        data, param = layers.provenance(eqn, [p for _, p in ins])
         entry = None
         if data and _computes(eqn):
             entry = self._measure(eqn, outs, scope, param, where, backward)
@@ -348,6 +342,7 @@ class Walker:
         direct = param if where.direct else ""
         ids_in, ids_out = [id(x) for x in invals], [id(x) for x in outs]
         self.flow.append((ids_in, ids_out, (backward, where.chain), direct, entry))
+        self._alive.append((invals, outs))  # no id reused while `flow` holds it
 
     def _measure(self, eqn, outs, scope, param, where, backward) -> int | None:
         """Records the equation's nonempty float outputs; its entry index."""
@@ -361,7 +356,7 @@ class Walker:
 
     def _name(self, e: _Entry, site_params: dict, next_param: str) -> str:
         site = e.site.key if e.site is not None else None
-        if e.scope and not (e.param and "." in e.scope):
+        if _scope_named(e):
             name = e.scope
         elif e.param:  # Equinox scopes are class names: its field path is unique
             name = e.param
@@ -396,60 +391,115 @@ class Walker:
                     claim[i] = (chain, label)
         return found
 
-    def results(self, near_overflow: float, layer_of: Any = None) -> ActivationStats:
-        """The per-layer statistics, forward layers first, in program order.
-
-        With `layer_of` (an equation) only the layer holding it is measured,
-        its activations and its gradients (`names` still names every
-        equation); empty when the equation is not measured.
-        """
+    def _names(self) -> list[str]:
+        """The layer name of every entry (of a scan body: without the index)."""
         site_params: dict[tuple, set[str]] = {}
         for e in self.entries:
             if e.param and e.site is not None:
                 site_params.setdefault(e.site.key, set()).add(e.param)
         next_params = self._next_params()
         names = [
-            self._name(e, site_params, n) for e, n in zip(self.entries, next_params)
+            e.body_name if e.stack is not None else self._name(e, site_params, n)
+            for e, n in zip(self.entries, next_params)
         ]
+        return layers.split_interrupted(
+            names,
+            [e.stack is None and _scope_named(e) for e in self.entries],
+            [e.site.text if e.site is not None else "" for e in self.entries],
+        )
+
+    def _per_layer(self, names: list[str]):
+        """(entry, iteration, layer name) in program order.
+
+        The body of a scan over layers gives its entries once per iteration,
+        in the order the iterations run; other entries have iteration None.
+        """
+        k = 0
+        while k < len(self.entries):
+            stack = self.entries[k].stack
+            if stack is None:
+                yield self.entries[k], None, names[k]
+                k += 1
+                continue
+            end = k
+            while end < len(self.entries) and self.entries[end].stack is stack:
+                end += 1
+            for i in stack.order():
+                for j in range(k, end):
+                    yield self.entries[j], i, _iteration_name(stack, names[j], i)
+            k = end
+
+    def layer_name(self, eqn: Any, iteration: int | None = None) -> str | None:
+        """The layer key of a measured equation (after `results`); else None.
+
+        An equation of the body of a scan over layers is named with its
+        `iteration` (the index into the stacked parameters: ``layers/3/...``);
+        None without one or outside the stack's length.
+        """
+        name = self.names.get(id(eqn))
+        if name is not None:
+            return name
+        stack, body_name = self.stacked.get(id(eqn), (None, ""))
+        if stack is None or iteration is None or not 0 <= iteration < stack.length:
+            return None
+        return _iteration_name(stack, body_name, iteration)
+
+    def results(
+        self, near_overflow: float, layer_of: Any = None, iteration: int | None = None
+    ) -> ActivationStats:
+        """The per-layer statistics, forward layers first, in program order.
+
+        With `layer_of` (an equation) only the layer holding it is measured,
+        its activations and its gradients (`names` still names every
+        equation); empty when the equation is not measured. An equation of
+        the body of a scan over layers is in the layer of its `iteration`
+        (`layer_name`).
+        """
+        names = self._names()
         for e, name in zip(self.entries, names):
-            self.names[id(e.eqn)] = name
+            if e.stack is None:
+                self.names[id(e.eqn)] = name
+            else:
+                self.stacked[id(e.eqn)] = (e.stack, name)
         wanted = None
         if layer_of is not None:
-            own = self.names.get(id(layer_of), "").removesuffix(GRAD_SUFFIX)
+            own = self.layer_name(layer_of, iteration) or ""
+            own = own.removesuffix(GRAD_SUFFIX)
             wanted = {own, own + GRAD_SUFFIX} if own else set()
-        groups: dict[str, _Layer] = {}
-        for e, name in zip(self.entries, names):
+        groups: dict[str, reductions.Accumulator] = {}
+        for e, i, name in self._per_layer(names):
             if wanted is not None and name not in wanted:
                 continue
             layer = groups.get(name)
             if layer is None:
                 phase = "backward" if e.backward else "forward"
-                layer = groups[name] = _Layer(phase)
-            layer.add(e.values)
+                layer = groups[name] = reductions.Accumulator(phase)
+            if e.reduced is None:
+                layer.add(e.values)
+            else:
+                layer.add_reduced(*e.reduced, i)
         order = sorted(groups, key=lambda k: groups[k].phase == "backward")
         return ActivationStats((k, _finish(groups[k], near_overflow)) for k in order)
 
 
-def _finish(layer: _Layer, near_overflow: float) -> LayerStats:
-    x = layer.last
-    finite = jnp.isfinite(x)
-    acc = jnp.promote_types(x.dtype, jnp.float32)
-    count = jnp.sum(finite, dtype=jnp.int32)
-    n = jnp.maximum(count, 1).astype(acc)
-    xf = jnp.where(finite, x, 0).astype(acc)
-    mean = jnp.sum(xf) / n
-    dev = jnp.where(finite, xf - mean, 0)
-    std = jnp.sqrt(jnp.sum(dev * dev) / n)
-    # No finite entry: no mean to give (NaN), not a mean of 0.
-    mean = jnp.where(count > 0, mean, jnp.nan)
-    std = jnp.where(count > 0, std, jnp.nan)
-    zeros = jnp.sum(x == 0, dtype=jnp.int32) / x.size
+def _scope_named(e: _Entry) -> bool:
+    """Whether an entry is named by its scope (see `_name`)."""
+    return bool(e.scope) and not (e.param and "." in e.scope)
+
+
+def _iteration_name(stack: scan_layers.Stack, name: str, i: int) -> str:
+    base = name.removesuffix(GRAD_SUFFIX)
+    return stack.layer(base, i) + name[len(base) :]
+
+
+def _finish(layer: reductions.Accumulator, near_overflow: float) -> LayerStats:
+    mean, std, zeros = layer.moments()
     max_abs, used, room, bad = layer.extremes()
     return LayerStats(
         max_abs=max_abs,
-        mean=mean.astype(jnp.float32),
-        std=std.astype(jnp.float32),
-        zero_fraction=zeros.astype(jnp.float32),
+        mean=mean,
+        std=std,
+        zero_fraction=zeros,
         nonfinite=bad,
         range_used=used,
         headroom=room.astype(jnp.float32),
@@ -457,86 +507,6 @@ def _finish(layer: _Layer, near_overflow: float) -> LayerStats:
         dtype=layer.dtype,
         phase=layer.phase,
         equations=layer.equations,
-    )
-
-
-def _is_array(x: Any) -> bool:
-    return isinstance(x, (jax.Array, np.ndarray, np.generic))
-
-
-def trace(fn: Callable, args: tuple, kwargs: dict, argnums: tuple[int, ...]):
-    """(closed jaxpr, dynamic leaves, their provenances) of ``fn(*args)``.
-
-    Array leaves are traced; every other leaf (Equinox's functions, Python
-    numbers) stays static. Leaves of the arguments in `argnums` are
-    parameters, named by their layer; the rest is data.
-    """
-    flat, treedef = jax.tree_util.tree_flatten_with_path((args, kwargs))
-    leaves = [x for _, x in flat]
-    dyn = [i for i, x in enumerate(leaves) if _is_array(x)]
-    provs = []
-    for i in dyn:
-        path = flat[i][0]
-        arg = getattr(path[1], "idx", None)
-        is_param = getattr(path[0], "idx", None) == 0 and arg in argnums
-        provs.append((layers.param_layer(path[2:]) or CONST) if is_param else DATA)
-
-    def flat_fn(*xs):
-        full = list(leaves)
-        for i, x in zip(dyn, xs):
-            full[i] = x
-        a, kw = jax.tree_util.tree_unflatten(treedef, full)
-        return fn(*a, **kw)
-
-    closed = jax.make_jaxpr(flat_fn)(*[leaves[i] for i in dyn])
-    return closed, [leaves[i] for i in dyn], provs
-
-
-def _is_model(fn: Any) -> bool:
-    """A callable object holding arrays: a Flax NNX or Equinox module."""
-    if inspect.isroutine(fn) or isinstance(fn, functools.partial):
-        return False
-    return any(_is_array(x) for x in jax.tree_util.tree_leaves(fn))
-
-
-def _call_model(model: Any, *args: Any, **kwargs: Any) -> Any:
-    return model(*args, **kwargs)
-
-
-def _argnums(params_argnums: Any, default: int) -> tuple[int, ...]:
-    if params_argnums is None:
-        return (default,)
-    nums = (params_argnums,) if isinstance(params_argnums, int) else params_argnums
-    nums = tuple(nums)
-    if not nums or not all(
-        isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in nums
-    ):
-        raise ValueError(
-            f"jaxnan: {_NAME} got params_argnums={params_argnums!r}; pass "
-            "non-negative argument positions, e.g. 0 for fn(model, x)."
-        )
-    return nums
-
-
-def _no_layers_error(provs: list, argnums: tuple[int, ...], bound: bool) -> None:
-    """Raises when nothing was measured because no argument was data."""
-    if any(p is DATA for p in provs):
-        return  # there was data, and nothing computed on it: no layers
-    form = (
-        "jaxnan.activation_stats(model)(x) for a Flax NNX or Equinox module, "
-        "jaxnan.activation_stats(apply_fn, params)(x) for Flax linen"
-    )
-    if bound:
-        raise ValueError(
-            f"jaxnan: {_NAME} measured nothing: every array argument of the "
-            "call is a parameter, so no layer computes on data. Pass the "
-            f"input batch to the returned function ({form})."
-        )
-    raise ValueError(
-        f"jaxnan: {_NAME} measured nothing: params_argnums={argnums!r} takes "
-        "every array argument for parameters, so no layer computes on data. "
-        f"Use {form}, or params_argnums= the positions of the model's "
-        "arguments only (the batch must not be among them)."
     )
 
 
@@ -563,15 +533,27 @@ def activation_stats(
     parameter an equation consumes (Flax NNX attribute paths such as
     ``linear1``, Equinox field paths such as ``layers/0``), else the user's
     source line (``model.py:12 (__call__)``), so an activation function
-    without parameters is named by its line. Equations made by `jax.grad`'s
-    transposition are gradients: their key ends in ``" (grad)"``.
+    without parameters is named by its line. A linen module's own code
+    between two of its submodules' calls is named by its scope and line
+    (``Net/model.py:12 (Net.__call__)``), so that every layer is one run of
+    the program and layers come in the order they run. Equations made by
+    `jax.grad`'s transposition are gradients: their key ends in
+    ``" (grad)"``.
 
     Only equations that depend on a data argument are measured (weight-only
     computations are weights, see `jaxnan.param_stats`), and ops that only
     move entries (reshape, transpose, slice, ...) are skipped. Call-like
     primitives (`jit`, `checkpoint`, custom derivatives) are evaluated
-    inline; `scan`, `while`, `cond` and `shard_map` are measured on their
-    outputs as one equation.
+    inline. A scan over layers (a `lax.scan` whose scanned operands hold
+    parameters: linen's `nn.scan`, `nnx.scan` over an `nnx.vmap`-built
+    stack, Equinox's `eqx.filter_vmap` stack under `lax.scan`) reports each
+    iteration as its own layer, the index after the stack's path
+    (``layers/3/linear``, ``Net/layers/3/Dense_0``): the body is run inside
+    a new `lax.scan` whose stacked outputs carry each iteration's
+    reductions, so one pass measures every layer.
+    `ActivationStats.first_nonfinite` then names the iteration where a NaN
+    or Inf first appeared. Other `scan`s (over time), `while`, `cond` and
+    `shard_map` are measured on their outputs as one equation.
 
     Cost: one compile, and one run at most 2x a plain forward pass on the
     small transformer LM of `benchmarks/inspect_cost.py` (one fused
@@ -640,20 +622,20 @@ def activation_stats(
             f"jaxnan: {_NAME} got near_overflow={near_overflow!r}; pass a "
             "fraction of the dtype's range in (0, 1], e.g. 0.25."
         )
-    model = _is_model(fn)
+    model = arguments.is_model(fn)
     bound = model or params is not None
     if model and params is not None:
         raise ValueError(
             f"jaxnan: {_NAME} got a module and params=; a Flax NNX or Equinox "
             "module holds its parameters: use jaxnan.activation_stats(model)(x)."
         )
-    argnums = _argnums(params_argnums, 0)
+    argnums = arguments.argnums_of(params_argnums, 0)
     if bound:
         # The module (or params) is argument 0; the positions given count
         # the data arguments, which now start at 1.
         extra = () if params_argnums is None else tuple(i + 1 for i in argnums)
         argnums = (0, *extra)
-        call, first = (_call_model, fn) if model else (fn, params)
+        call, first = (arguments.call_model, fn) if model else (fn, params)
     else:
         call, first = fn, None
 
@@ -661,7 +643,7 @@ def activation_stats(
     def run(*args: Any, **kwargs: Any) -> ActivationStats:
         if bound:
             args = (first, *args)
-        closed, dyn, provs = trace(call, args, kwargs, argnums)
+        closed, dyn, provs = arguments.trace(call, args, kwargs, argnums)
 
         def measure(consts, xs):
             walker = Walker()
@@ -670,7 +652,7 @@ def activation_stats(
 
         stats = jax.jit(measure)(list(closed.consts), dyn)
         if not stats:
-            _no_layers_error(provs, argnums, bound)
+            arguments.no_layers_error(provs, argnums, bound)
         return stats
 
     return run

@@ -43,6 +43,41 @@ STRUCTURAL = frozenset(
 )
 
 
+# The end of the name of a layer's gradients (equations made by transposition).
+GRAD_SUFFIX = " (grad)"
+
+# Provenance of a value: DATA (depends on a non-parameter argument), CONST
+# (literals and constants only) or the name of the parameter's layer.
+DATA = None
+CONST = ""
+
+
+class _Unnamed:
+    """The provenance of a parameter leaf that names no layer.
+
+    A top-level array of the parameters: false like `CONST`, but still a
+    parameter (a `lax.scan` over it is a scan over layers).
+    """
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __repr__(self) -> str:
+        return "UNNAMED"
+
+
+UNNAMED = _Unnamed()
+
+
+def provenance(eqn: Any, in_provs: list) -> tuple[bool, str]:
+    """(whether the equation computes on data, the first parameter it uses).
+
+    An equation without inputs (an RNG draw, an iota) counts as data.
+    """
+    data = any(p is DATA for p in in_provs) or not eqn.invars
+    return data, next((p for p in in_provs if p), "")
+
+
 def scope_path(name_stack: Any) -> str:
     """The scopes of a name stack joined by '/'.
 
@@ -144,4 +179,47 @@ def param_paths(args: tuple, argnums: tuple[int, ...]) -> list[tuple[str, Any]]:
     for i in argnums:
         for path, leaf in jax.tree_util.tree_flatten_with_path(args[i])[0]:
             out.append((param_layer(path), leaf))
+    return out
+
+
+def split_interrupted(
+    names: list[str], scoped: list[bool], sites: list[str]
+) -> list[str]:
+    """Names under which every layer's equations are contiguous (program order).
+
+    A Flax linen module's own equations between the calls of its submodules
+    (the ``relu`` and ``tanh`` of ``Net`` around ``Net/mid``) share its
+    scope; each run of them between other layers becomes a layer of its own,
+    named by the scope and the source line where the run starts
+    (``Net/model.py:12 (Net.__call__)``). Names not made from a scope
+    (`scoped` false) are kept.
+
+    Args:
+        names: the layer name of each measured equation, in program order
+            (gradients end in `GRAD_SUFFIX`).
+        scoped: per equation, whether its name is its scope.
+        sites: per equation, its ``file.py:LINE (function)``, or "".
+
+    Returns:
+        The names, with the interrupted scopes split.
+
+    Examples:
+        >>> from jaxnan._src.inspect import layers
+        >>> layers.split_interrupted(
+        ...     ["Net", "Net/mid", "Net"], [True] * 3, ["m.py:3 (f)", "", "m.py:4 (f)"]
+        ... )
+        ['Net/m.py:3 (f)', 'Net/mid', 'Net/m.py:4 (f)']
+    """
+    starts = [k for k, n in enumerate(names) if k == 0 or names[k - 1] != n]
+    runs: dict[str, int] = {}
+    for k in starts:
+        runs[names[k]] = runs.get(names[k], 0) + 1
+    out, start, seen = list(names), 0, {}
+    for k, name in enumerate(names):
+        if k == 0 or names[k - 1] != name:
+            start, seen[name] = k, seen.get(name, 0) + 1
+        if scoped[k] and runs[name] > 1:
+            base = name.removesuffix(GRAD_SUFFIX)
+            where = sites[start] or str(seen[name])
+            out[k] = f"{base}/{where}" + name[len(base) :]
     return out

@@ -4,6 +4,11 @@
 `capture_event` re-runs that block alone with the `Capture` strategy, which
 stores the inputs and outputs of the event equation (at the loop iteration
 and device of the event) and stops the block there.
+
+The values come back as `operands.Operand` summaries: read whole on the
+host when this process holds them, left on the devices when they span
+processes (the cause rules then ask for fixed-size answers, never the
+whole value).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import numpy as np
 from jax.extend import source_info_util
 
 from jaxnan._src.core import hosts
-from jaxnan._src.locate import interpreter, strategies
+from jaxnan._src.locate import interpreter, operands, strategies
 from jaxnan._src.locate.blocks import EXTERNAL, Detection, compiler_options
 from jaxnan._src.locate.strategies import Node
 
@@ -27,15 +32,15 @@ class Captured(NamedTuple):
     """The concrete values of the event equation (see `capture_event`).
 
     Attributes:
-        inputs: its inputs, as numpy arrays.
-        outputs: its outputs, as numpy arrays.
+        inputs: its inputs (`operands.Operand`).
+        outputs: its outputs (`operands.Operand`).
         device: under a sharded `jit`, the id of the device holding the first
             nonfinite element of its outputs (of any process); None when they
             are not split over devices.
     """
 
-    inputs: list[np.ndarray]
-    outputs: list[np.ndarray]
+    inputs: list[operands.Operand]
+    outputs: list[operands.Operand]
     device: int | None
 
 
@@ -68,9 +73,9 @@ def capture_event(
         return state
 
     arrays = jax.jit(fn, compiler_options=compiler_options())(det.event_args)
-    # Under several processes an event value spanning them is gathered to
-    # every process (the same arrays in the same order on each: lock-step).
-    values = [hosts.read(v) for v in arrays]
+    # A value spanning processes stays on its devices: every process asks it
+    # the same fixed-size questions in the same order (lock-step).
+    values = [operands.Operand(v) for v in arrays]
     n_in = len(node.in_avals)
     holder = None
     if node.shard is None:
@@ -78,14 +83,14 @@ def capture_event(
     return Captured(values[:n_in], values[n_in:], holder)
 
 
-def _first_nonfinite_device(arrays: Sequence[Any], values: Sequence[Any]) -> Any:
+def _first_nonfinite_device(
+    arrays: Sequence[Any], values: Sequence[operands.Operand]
+) -> int | None:
     """Id of the device holding the first nonfinite element, if split."""
     for arr, val in zip(arrays, values):
         if not np.issubdtype(val.dtype, np.inexact):
             continue
-        bad = np.flatnonzero(~np.isfinite(val))
-        if bad.size == 0:
-            continue
-        where = np.unravel_index(int(bad[0]), val.shape)
-        return hosts.holder(arr, tuple(int(i) for i in where))
+        bad = operands.stats(operands.nonfinite, val)
+        if bad.count:
+            return hosts.holder(arr, bad.index)
     return None

@@ -16,8 +16,9 @@ import numpy as np
 from jax.extend import source_info_util
 
 from jaxnan._src.core.primitives import Domain
-from jaxnan._src.locate import causes, precision_fix
+from jaxnan._src.locate import causes, operands, precision_fix
 from jaxnan._src.locate.causes import Cause, Classification
+from jaxnan._src.locate.operands import Operand, stats
 
 source_info_util.register_exclusion(__file__)
 
@@ -26,9 +27,10 @@ source_info_util.register_exclusion(__file__)
 # the rules: each returns (cause, fix, inputs_seen) or None
 
 
-def _unary(event: causes.Event) -> np.ndarray | None:
+def _unary(event: causes.Event) -> Operand | None:
+    """The first floating input, as a fixed-size summary (`operands.Operand`)."""
     floats = [a for a in event.inputs if causes.is_float(a)]
-    return causes.as_f64(floats[0]) if floats else None
+    return operands.of(floats[0]) if floats else None
 
 
 def _log_op(event: causes.Event) -> str | None:
@@ -62,8 +64,8 @@ def _rule_log(event: causes.Event):
         return None
     lo = -1.0 if event.primitive == "log1p" else 0.0
     at = "-1.0" if event.primitive == "log1p" else "0.0"
-    boundary = int((x == lo).sum())
-    below = int((x < lo).sum())
+    boundary = x.count(lambda xp, v: v == lo)
+    below = x.count(lambda xp, v: v < lo)
     if not boundary and not below:
         return None
     seen = []
@@ -97,8 +99,8 @@ def _rule_sqrt(event: causes.Event):
     if x is None:
         return None
     p = event.primitive
-    neg = int((x < 0).sum())
-    zero = int((x == 0).sum())
+    neg = x.count(lambda xp, v: v < 0)
+    zero = x.count(lambda xp, v: v == 0)
     if neg:
         seen = (
             f"{p} received negative values (min {causes.fmt(x.min())}) "
@@ -134,16 +136,16 @@ def _rule_sqrt(event: causes.Event):
     return None
 
 
-def _two_operands(event: causes.Event) -> tuple[np.ndarray, np.ndarray] | None:
-    """The first two inputs as float64 arrays of one shape, or None."""
+def _two_operands(event: causes.Event) -> tuple[Operand, Operand] | None:
+    """The first two inputs, when they broadcast to one shape, or None."""
     if len(event.inputs) < 2:
         return None
+    a, b = operands.of(event.inputs[0]), operands.of(event.inputs[1])
     try:
-        return np.broadcast_arrays(
-            causes.as_f64(event.inputs[0]), causes.as_f64(event.inputs[1])
-        )
+        np.broadcast_shapes(a.shape, b.shape)
     except ValueError:
         return None
+    return a, b
 
 
 @causes.rule(Domain.DIVISION)
@@ -152,19 +154,18 @@ def _rule_div(event: causes.Event):
     if pair is None:
         return None
     num, den = pair
-    size = num.size
-    zden = den == 0
-    n00 = int((zden & (num == 0)).sum())
-    nx0 = int((zden & (num != 0) & ~np.isnan(num)).sum())
-    ninf = int((np.isinf(num) & np.isinf(den)).sum())
+    n00 = stats(lambda xp, n, d: (d == 0) & (n == 0), num, den).count
+    nx0 = stats(lambda xp, n, d: (d == 0) & (n != 0) & ~xp.isnan(n), num, den)
+    size, nx0 = nx0.size, nx0.count
+    ninf = stats(lambda xp, n, d: xp.isinf(n) & xp.isinf(d), num, den).count
     backward = event.phase == "backward"
     if n00 or nx0:
         seen = []
         if n00:
             seen.append(f"0/0 {causes.positions(n00, size)}")
         if nx0:
-            nz = num[zden & (num != 0)]
-            example = causes.fmt(nz.flat[0]) if nz.size else "x"
+            nz = stats(lambda xp, n, d: (d == 0) & (n != 0), num, den)
+            example = causes.fmt(nz.values[0]) if nz.count else "x"
             seen.append(f"x/0 (e.g. {example}/0) {causes.positions(nx0, size)}")
         text = f"{event.primitive} received a zero denominator: " + ", ".join(seen)
         if backward:
@@ -197,15 +198,14 @@ def _rule_pow(event: causes.Event):
     pair = _two_operands(event)
     if pair is None:
         return None
-    x, y = pair
-    frac = (x < 0) & (y != np.round(y))
-    zero_neg = (x == 0) & (y < 0)
-    n_frac, n_zero = int(frac.sum()), int(zero_neg.sum())
+    frac = stats(lambda xp, x, y: (x < 0) & (y != xp.round(y)), *pair)
+    zero_neg = stats(lambda xp, x, y: (x == 0) & (y < 0), *pair)
+    n_frac, n_zero = frac.count, zero_neg.count
     if n_frac:
         seen = (
-            f"pow received a negative base (min {causes.fmt(x[frac].min())}) with a "
-            f"fractional exponent ({causes.fmt(y[frac].flat[0])}) "
-            f"{causes.positions(n_frac, x.size)}"
+            f"pow received a negative base (min {causes.fmt(frac.min)}) with a "
+            f"fractional exponent ({causes.fmt(frac.values[1])}) "
+            f"{causes.positions(n_frac, frac.size)}"
         )
         fix = (
             "A fractional power of a negative number is NaN: clamp the base "
@@ -216,7 +216,8 @@ def _rule_pow(event: causes.Event):
     if n_zero:
         seen = (
             f"pow received 0.0 with a negative exponent "
-            f"({causes.fmt(y[zero_neg].flat[0])}) {causes.positions(n_zero, x.size)}"
+            f"({causes.fmt(zero_neg.values[1])}) "
+            f"{causes.positions(n_zero, zero_neg.size)}"
         )
         if event.phase == "backward":
             seen += f" ({causes.gradient_of(event, 'x ** p')} at 0)"
@@ -235,7 +236,7 @@ def _rule_integer_pow(event: causes.Event):
     y = event.eqn.params.get("y") if event.eqn is not None else None
     if x is None or y is None or y >= 0:
         return None
-    zero = int((x == 0).sum())
+    zero = x.count(lambda xp, v: v == 0)
     if not zero:
         return None
     seen = (
@@ -256,12 +257,12 @@ def _rule_arc(event: causes.Event):
     if x is None:
         return None
     p = event.primitive
-    out = int((np.abs(x) > 1).sum())
-    edge = int((np.abs(x) == 1).sum())
+    out = x.count(lambda xp, v: xp.abs(v) > 1)
+    edge = x.count(lambda xp, v: xp.abs(v) == 1)
     if out:
         seen = (
             f"{p} received values outside [-1, 1] (max |x| "
-            f"{causes.fmt(np.abs(x).max())}) {causes.positions(out, x.size)}"
+            f"{causes.fmt(x.abs_max())}) {causes.positions(out, x.size)}"
         )
     elif edge and p == "atanh":
         seen = f"atanh received +/-1.0 {causes.positions(edge, x.size)}"
@@ -284,13 +285,13 @@ def _rule_poles(event: causes.Event):
     x = _unary(event)
     if x is None:
         return None
-    poles = (x <= 0) & (x == np.round(x))
-    n = int(poles.sum())
+    poles = stats(lambda xp, v: (v <= 0) & (v == xp.round(v)), x)
+    n = poles.count
     if not n:
         return None
     seen = (
         f"{event.primitive} received a pole (non-positive integer, e.g. "
-        f"{causes.fmt(x[poles].flat[0])}) {causes.positions(n, x.size)}"
+        f"{causes.fmt(poles.values[0])}) {causes.positions(n, x.size)}"
     )
     fix = (
         f"{event.primitive} has poles at 0, -1, -2, ...: keep its argument "
@@ -305,9 +306,7 @@ def _rule_cholesky(event: causes.Event):
     if x is None or x.ndim < 2:
         return None
     try:
-        sym = (x + np.swapaxes(x, -1, -2)) / 2
-        eig = np.linalg.eigvalsh(sym)
-        mn = float(eig.min())
+        mn = x.eigvalsh_min()
     except (np.linalg.LinAlgError, ValueError):
         mn = float("nan")
     n = x.shape[-1]
@@ -333,14 +332,13 @@ def _rule_exp(event: causes.Event):
     limit = {"exp": np.log(mx), "exp2": np.log2(mx), "expm1": np.log(mx)}.get(
         p, np.log(mx)
     )
-    over = x > limit
-    if not over.any():
+    n = x.count(lambda xp, v: v > limit)
+    if not n:
         return None
     seen = (
-        f"{p} received max {causes.fmt(x[np.isfinite(x)].max())}, overflow above "
+        f"{p} received max {causes.fmt(x.census().high)}, overflow above "
         f"{causes.fmt(limit)} for {dt}"
     )
-    n = int(over.sum())
     if n < x.size:
         seen += f" ({n} of {x.size} positions)"
     fix = (
@@ -363,19 +361,20 @@ def _rule_inf_arith(event: causes.Event):
     pair = _two_operands(event)
     if pair is None:
         return None
-    a, b = pair
     if p in ("sub", "add", "add_any"):
-        if p == "sub":
-            bad = np.isinf(a) & np.isinf(b) & (np.sign(a) == np.sign(b))
-        else:
-            bad = np.isinf(a) & np.isinf(b) & (np.sign(a) != np.sign(b))
-        n = int(bad.sum())
+        same = p == "sub"
+        bad = stats(
+            lambda xp, a, b: (
+                xp.isinf(a) & xp.isinf(b) & ((xp.sign(a) == xp.sign(b)) == same)
+            ),
+            *pair,
+        )
+        n = bad.count
         if not n:
             return None
-        sample = causes.fmt(a[bad].flat[0])
+        sample, other = (causes.fmt(v) for v in bad.values)
         op = "-" if p == "sub" else "+"
-        other = causes.fmt(b[bad].flat[0])
-        seen = f"{p} received {sample} {op} {other} {causes.positions(n, a.size)}"
+        seen = f"{p} received {sample} {op} {other} {causes.positions(n, bad.size)}"
         fix = (
             "inf - inf is NaN: mask with a large finite value "
             "(jnp.finfo(x.dtype).min) instead of -inf, and handle rows that are "
@@ -383,11 +382,14 @@ def _rule_inf_arith(event: causes.Event):
         )
         return Classification(Cause.UNSAFE_OP, fix, seen)
     if p == "mul":
-        bad = ((a == 0) & np.isinf(b)) | (np.isinf(a) & (b == 0))
-        n = int(bad.sum())
+        bad = stats(
+            lambda xp, a, b: ((a == 0) & xp.isinf(b)) | (xp.isinf(a) & (b == 0)),
+            *pair,
+        )
+        n = bad.count
         if not n:
             return None
-        seen = f"mul received 0 * inf {causes.positions(n, a.size)}"
+        seen = f"mul received 0 * inf {causes.positions(n, bad.size)}"
         fix = (
             "0 * inf is NaN: select with jnp.where(mask, x, 0.0) instead of "
             "multiplying by a 0/1 mask, and keep the inf from being produced."
@@ -400,16 +402,16 @@ def _rule_overflow(event: causes.Event):
     """Finite inputs, +/-inf output (and no domain problem): overflow."""
     if not event.outputs:
         return None
-    outs = [causes.as_f64(o) for o in event.outputs if causes.is_float(o)]
-    ins = [causes.as_f64(i) for i in event.inputs if causes.is_float(i)]
-    if not outs or any(not np.isfinite(i).all() for i in ins):
+    outs = [operands.of(o) for o in event.outputs if causes.is_float(o)]
+    ins = [operands.of(i) for i in event.inputs if causes.is_float(i)]
+    if not outs or any(i.count(operands.nonfinite) for i in ins):
         return None
-    n_inf = sum(int(np.isinf(o).sum()) for o in outs)
+    n_inf = sum(o.count(lambda xp, v: xp.isinf(v)) for o in outs)
     if not n_inf:
         return None
     dt = causes.out_dtype(event)
     mx = causes.finfo_max(dt)
-    biggest = max((float(np.abs(i).max()) for i in ins if i.size), default=float("nan"))
+    biggest = max((i.abs_max() for i in ins if i.size), default=float("nan"))
     size = sum(o.size for o in outs)
     seen = (
         f"{event.primitive} received max |x| {causes.fmt(biggest)} and overflowed "

@@ -21,6 +21,8 @@
   - ``nondeterministic``, ``growth`` and ``underflow``: the guard's own
     verdicts (a bad step whose replay was not bad; the early warnings, before
     any NaN: figures that grow, gradients that round to 0).
+  - ``injected``: a fault planted on purpose by `jaxnan.inject_grads` (or
+    `jaxnan.inject_loss`), named by the guard with the fault and the step.
 
 - `Classification`: ``(cause, fix, seen)`` for one event.
 - `RULES`: the classification rule of each primitive, registered with `rule`
@@ -40,6 +42,7 @@ from jax.extend import source_info_util
 from jaxnan._src.core import primitives
 from jaxnan._src.core.errors import Phase as Phase
 from jaxnan._src.core.primitives import Domain
+from jaxnan._src.locate import operands
 
 source_info_util.register_exclusion(__file__)
 
@@ -138,6 +141,12 @@ class Cause(str, enum.Enum):
         "the gradients in float32 or bfloat16 where float16/float8 underflow, "
         "and check for units gone silent (a dead ReLU layer).",
     )
+    INJECTED = (
+        "injected",
+        "This fault was planted on purpose (jaxnan.inject_grads or "
+        "jaxnan.inject_loss): the run handled it as configured; remove the "
+        "injector to train for real.",
+    )
 
 
 CAUSES: tuple[Cause, ...] = tuple(Cause)
@@ -200,8 +209,10 @@ class Event:
         eqn: the creating `jax.extend.core.JaxprEqn` (primitive and params).
         primitive: the primitive name, e.g. ``"log"``.
         phase: a `Phase` (``"forward"``, ``"backward"`` or ``"update"``).
-        inputs: concrete values of all inputs of the equation (host arrays).
-        outputs: concrete values of all outputs of the equation (host arrays).
+        inputs: concrete values of all inputs of the equation: host arrays,
+            or `operands.Operand` summaries (what `jaxnan.locate` passes:
+            a value spanning processes stays on its devices).
+        outputs: concrete values of all outputs of the equation, likewise.
         user_function: the user-level function when known (``"jnp.sqrt"``),
             used to say "gradient of jnp.sqrt".
         finite_in_float32: whether the whole step is finite when its
@@ -226,8 +237,8 @@ class Event:
     eqn: Any
     primitive: str
     phase: str
-    inputs: list[np.ndarray]
-    outputs: list[np.ndarray]
+    inputs: list[Any]
+    outputs: list[Any]
     user_function: str | None = None
     finite_in_float32: bool | None = None
     lost_constant: str | None = None
@@ -303,16 +314,21 @@ def as_f64(a: Any) -> np.ndarray:
         return np.zeros(a.shape)
 
 
+def _dtype(a: Any) -> np.dtype:
+    dt = getattr(a, "dtype", None)  # an `operands.Operand`, an array
+    return np.dtype(dt) if dt is not None else np.asarray(a).dtype
+
+
 def is_float(a: Any) -> bool:
     try:
-        dt = np.asarray(a).dtype
+        dt = _dtype(a)
     except Exception:  # noqa: BLE001
         return False
     return dt.kind in "fc" or dt.name == "bfloat16" or "float" in dt.name
 
 
 def dtype_name(a: Any) -> str:
-    return str(np.asarray(a).dtype)
+    return str(_dtype(a))
 
 
 def finfo_max(dtype_name: str) -> float:
@@ -343,30 +359,27 @@ def out_dtype(event: Event) -> str:
     return "float32"
 
 
-def finite_range(a: np.ndarray) -> str:
-    f = a[np.isfinite(a)]
-    if f.size == 0:
+def finite_range(a: Any) -> str:
+    """'min .., max ..' of the finite values of `a` (an array or `Operand`)."""
+    c = operands.of(a).census()
+    if c.finite == 0:
         return "no finite values"
-    return f"min {fmt(f.min())}, max {fmt(f.max())}"
+    return f"min {fmt(c.low)}, max {fmt(c.high)}"
 
 
 def _describe_input(a: Any) -> str:
     """'float32[4] (min .., max .., 1 nan)' for one input of an equation."""
-    arr = np.asarray(a)
-    shape = "x".join(str(d) for d in arr.shape) or "scalar"
-    if not is_float(arr):
-        return f"{arr.dtype}[{shape}]"
-    x = as_f64(arr)
-    counts = (
-        (int(np.isnan(x).sum()), "nan"),
-        (int(np.isposinf(x).sum()), "+inf"),
-        (int(np.isneginf(x).sum()), "-inf"),
-    )
+    x = operands.of(a)
+    shape = "x".join(str(d) for d in x.shape) or "scalar"
+    if not is_float(x):
+        return f"{x.dtype}[{shape}]"
+    c = x.census()
+    counts = ((c.nan, "nan"), (c.posinf, "+inf"), (c.neginf, "-inf"))
     desc = finite_range(x) if x.size else "empty"
     extra = ", ".join(f"{n} {kind}" for n, kind in counts if n)
     if extra:
         desc += ", " + extra
-    return f"{arr.dtype}[{shape}] ({desc})"
+    return f"{x.dtype}[{shape}] ({desc})"
 
 
 def describe_generic(event: Event) -> str:

@@ -26,7 +26,8 @@ from jax import lax
 from jax.extend import core as jex_core
 from jax.extend import source_info_util
 
-from jaxnan._src.core import compat, primitives
+from jaxnan._src.core import compat, hosts, primitives
+from jaxnan._src.locate import operands
 
 source_info_util.register_exclusion(__file__)
 
@@ -207,14 +208,16 @@ def finite_in_float32(closed: Any, consts: Sequence[Any], args: Sequence[Any]):
 def equation_finite_in_float32(eqn: Any, inputs: Sequence[np.ndarray]):
     """Whether the one creating equation is finite with float32 inputs."""
     try:
-        ins = [_up(jnp.asarray(a)) for a in inputs]
+        # A value spanning processes stays where it is: the equation runs on
+        # the global arrays, and only its finiteness is read back.
+        ins = [_up(jnp.asarray(operands.of(a).value)) for a in inputs]
         with jax.ensure_compile_time_eval():
             out = eqn.primitive.bind(*ins, **_params(eqn.params))
         outs = out if isinstance(out, list | tuple) else [out]
         return all(
-            np.isfinite(np.asarray(o, np.float64)).all()
+            bool(np.asarray(hosts.read(jnp.all(jnp.isfinite(o)))))
             for o in outs
-            if np.asarray(o).dtype.kind in "fc"
+            if jnp.issubdtype(o.dtype, jnp.inexact)
         )
     except Exception:  # noqa: BLE001 - a primitive that cannot be re-bound
         return None
@@ -249,9 +252,10 @@ def lost_constant(
     if dtype not in _LOW:
         return None
     for a in inputs:  # a cast of a constant array (jnp.full(shape, -1e10))
-        arr = np.asarray(a)
-        if arr.dtype == np.float32 and arr.size and (arr == arr.flat[0]).all():
-            hit = _vanishes(float(arr.flat[0]), dtype)
+        arr = operands.of(a)
+        value = arr.constant() if arr.dtype == np.float32 else None
+        if value is not None:
+            hit = _vanishes(value, dtype)
             if hit:
                 return hit
     if not file or not line:

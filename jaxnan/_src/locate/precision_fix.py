@@ -20,11 +20,11 @@ that helps, by what was lost:
 
 from __future__ import annotations
 
-import numpy as np
 from jax.extend import source_info_util
 
-from jaxnan._src.locate import causes, precision
+from jaxnan._src.locate import causes, operands, precision
 from jaxnan._src.locate.causes import Cause, Classification
+from jaxnan._src.locate.operands import stats
 
 source_info_util.register_exclusion(__file__)
 
@@ -44,24 +44,25 @@ def _overflowed(event: causes.Event, found: Classification, dt: str) -> bool:
     if found.cause in (Cause.OVERFLOW, Cause.EXPLODING_GRADIENT):
         return True
     limit = causes.finfo_max(dt)
-    ins = [causes.as_f64(i) for i in event.inputs if causes.is_float(i)]
+    ins = [operands.of(i) for i in event.inputs if causes.is_float(i)]
     if event.primitive == _CAST:  # float8_e4m3fn: an overflowing cast is NaN
-        return any(bool((np.abs(i[np.isfinite(i)]) > limit).any()) for i in ins)
+        over = lambda xp, v: xp.isfinite(v) & (xp.abs(v) > limit)  # noqa: E731
+        return any(i.count(over) for i in ins)
     return False
 
 
 def _cast_seen(event: causes.Event, dt: str) -> str | None:
     """A cast past the dtype's range that made NaN (float8 without inf)."""
     limit = causes.finfo_max(dt)
-    x = next((causes.as_f64(i) for i in event.inputs if causes.is_float(i)), None)
+    x = next((operands.of(i) for i in event.inputs if causes.is_float(i)), None)
     if x is None:
         return None
-    over = np.isfinite(x) & (np.abs(x) > limit)
-    if not over.any():
+    over = stats(lambda xp, v: xp.isfinite(v) & (xp.abs(v) > limit), x)
+    if not over.count:
         return None
     return (
-        f"{_CAST} received max |x| {causes.fmt(np.abs(x[over]).max())}, above "
-        f"{dt}'s max {causes.fmt(limit)}, {causes.positions(int(over.sum()), x.size)}"
+        f"{_CAST} received max |x| {causes.fmt(over.abs_max)}, above "
+        f"{dt}'s max {causes.fmt(limit)}, {causes.positions(over.count, x.size)}"
     )
 
 

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from jax.extend import source_info_util
 
-from jaxnan._src.core import dtypes, primitives, tree, validation
+from jaxnan._src.core import compat, dtypes, primitives, tree, validation
 from jaxnan._src.locate import blocks, capture
 
 source_info_util.register_exclusion(__file__)
@@ -247,24 +247,61 @@ def _primitive_names(jaxpr: Any) -> set[str]:
     return names
 
 
-def reject_multiprocess_pmap(name: str, jaxpr: Any) -> None:
-    """A clear error for `jax.pmap` under several processes (not replayable).
+def global_pmap(fn: Any, args: tuple, kwargs: dict) -> tuple[Any, tuple, dict]:
+    """``(fn, args, kwargs)`` to replay; for a `jax.pmap` on many processes, its run.
 
-    Under `jax.distributed` the program `jax.pmap` traces to runs its
-    collectives over this process's devices only (its mesh is the local
-    one), while the compiled `pmap` reduces over every process: replayed,
-    each process would see a different program. Every process raises the
+    Under `jax.distributed`, `jax.pmap(f)(x)` maps over this process's
+    devices while its axis spans every process's: it runs a `jax.jit` of a
+    `jax.shard_map` over all devices on arguments made global (see
+    `compat.pmap_global_call`). That jit, on those global arguments, is what
+    `locate` replays, on every process alike, so the replay reduces over
+    the axis the compiled pmap reduced over and names the device and the
+    process. Anything else is returned as it is.
+    """
+    if jax.process_count() == 1:
+        return fn, args, kwargs
+    got = compat.pmap_global_call(fn, args, kwargs)
+    if got is None:
+        return fn, args, kwargs
+    jitted, flat, tree = got
+    dyn_args, dyn_kwargs = jax.tree_util.tree_unflatten(tree, flat)
+
+    def pmapped_over_every_process(*a, **k):
+        return jitted(*jax.tree_util.tree_leaves((a, k)))
+
+    if len(dyn_args) == len(args):  # no static argument: the user's names
+        functools.update_wrapper(pmapped_over_every_process, fn)
+    return pmapped_over_every_process, tuple(dyn_args), dict(dyn_kwargs)
+
+
+def reject_multiprocess_pmap(name: str, jaxpr: Any) -> None:
+    """A clear error for a `jax.pmap` inside the located function, many processes.
+
+    `locate(jax.pmap(f))(x)` replays what the pmap runs (`global_pmap`);
+    a pmap called INSIDE the located function is traced with it, and jax
+    traces a pmap under several processes to a program over this process's
+    devices only (``jax/_src/pmap.py``, `_get_mesh_devices`: "Tracing in
+    multihost: use local devices"), whose collectives reduce over fewer
+    devices than the compiled pmap: ``jax.make_jaxpr(lambda x:
+    jax.pmap(lambda v: lax.psum(v, "i"), axis_name="i")(x))`` shows a mesh
+    of ``jax.local_device_count()`` devices, and its psum of ones is that
+    count, not the pmap's ``jax.device_count()``. Every process raises the
     same error (no process waits for another).
     """
     if jax.process_count() == 1 or _PMAP_LOCAL not in _primitive_names(jaxpr):
         return
     raise NotImplementedError(
-        f"jaxnan.locate(`{name}`): `jax.pmap` under several processes "
-        f"({jax.process_count()}, jax.distributed) traces to a program over "
-        "this process's devices only, which cannot be replayed as the "
-        "compiled pmap runs. Locate the step written with jax.jit on global "
-        "arrays (jax.make_array_from_process_local_data) or with "
-        "jax.shard_map over a mesh of jax.devices(); both are located on "
+        f"jaxnan.locate(`{name}`): a `jax.pmap` inside the located function, "
+        f"under several processes ({jax.process_count()}, jax.distributed), "
+        "is traced by jax to a program over this process's devices only "
+        f"({jax.local_device_count()} of {jax.device_count()}): its "
+        "collectives would reduce over fewer devices than the compiled pmap "
+        "did (jax.make_jaxpr of a pmapped lax.psum of ones shows "
+        f"{jax.local_device_count()}, the pmap computes "
+        f"{jax.device_count()}). Locate the pmap itself "
+        "(jaxnan.locate(jax.pmap(f))(x)), or the step written with jax.jit "
+        "on global arrays (jax.make_array_from_process_local_data) or with "
+        "jax.shard_map over a mesh of jax.devices(); all are located on "
         "every process, naming the process and device."
     )
 

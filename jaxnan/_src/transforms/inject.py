@@ -16,9 +16,10 @@ In the graph the step is read from `skip_nonfinite`'s ``skip_step`` (the
 number of update calls so far, skipped ones included; `fault_step` reads
 it): `jaxnan.guard` advances it on a bad step and puts it back on the step it
 holds, so a planted fault fires once, with no host sync and no new state.
-The guard's replay of the bad step starts from that advanced clock, so the
-fault does not come back on replay: the guard reports it as
-``nondeterministic``, as it would a hardware glitch. After a
+The guard replays the bad step as it ran, its clock put back by one, so the
+fault comes back on replay; the injectors a traced step went through are
+noted (`noted`, at trace time: `Planted`), and the guard's incident names
+the cause ``injected``: which injector, the `Fault` and the step. After a
 ``"rollback"`` to a snapshot taken before the faulty step the clock is
 restored too and the fault fires again when the run gets there: an
 in-graph fault is persistent, like a bug in the model; a fault planted in
@@ -30,9 +31,11 @@ distinction.
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -76,6 +79,89 @@ class Fault(enum.Enum):
         else:
             v = {Fault.NAN: np.nan, Fault.POS_INF: np.inf, Fault.NEG_INF: -np.inf}[self]
         return np.asarray(v, real).astype(dtype)
+
+
+class Planted(NamedTuple):
+    """An in-graph injector that a step went through when it was traced.
+
+    Attributes:
+        injector: ``"inject_grads"`` or ``"inject_loss"``.
+        fault: the `Fault` it plants.
+        at: the steps it fires at.
+        on_clock: whether it reads `skip_nonfinite`'s clock (`fault_step`,
+            called in the same trace); False when the caller passed another
+            ``fault_step`` (a data position), whose value is known only in
+            the graph.
+    """
+
+    injector: str
+    fault: Fault
+    at: tuple[int, ...]
+    on_clock: bool
+
+    def fires_at(self, clock: int | None) -> bool:
+        """Whether it planted its fault on the step whose clock was `clock`."""
+        return self.on_clock and clock is not None and clock in self.at
+
+    def text(self, step: int) -> str:
+        """``jaxnan.inject_grads planted Fault.POS_INF (+inf) in the gradients ...``."""
+        where = "the gradients" if self.injector == "inject_grads" else "the loss"
+        what = f"Fault.{self.fault.name} ({self.fault.value})"
+        return f"jaxnan.{self.injector} planted {what} in {where} at step {step}"
+
+
+_NOTING = threading.local()
+
+
+@contextlib.contextmanager
+def noted() -> Iterator[list[Planted]]:
+    """Collects the `Planted` injectors of the steps traced inside it.
+
+    Trace time only (nothing in the graph): `jaxnan.guard` traces the bad
+    step again for its replay inside this block, so it knows which faults
+    the step was given and when they fire.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp, optax, jaxnan
+        >>> from jaxnan._src.transforms import inject
+        >>> tx = jaxnan.inject_grads(jaxnan.skip_nonfinite(optax.sgd(0.1)), at=2)
+        >>> p = {"w": jnp.ones(2)}
+        >>> with inject.noted() as planted:
+        ...     _ = jax.make_jaxpr(tx.update)(p, tx.init(p), p)
+        >>> planted[0].text(2), planted[0].fires_at(2)
+        ('jaxnan.inject_grads planted Fault.NAN (nan) in the gradients at step 2', True)
+    """
+    stack = _NOTING.__dict__.setdefault("stack", [])
+    found: list[Planted] = []
+    stack.append(found)
+    try:
+        yield found
+    finally:
+        stack.pop()
+        if not stack:
+            _NOTING.__dict__.pop("clocks", None)
+
+
+def _note(planted: Planted) -> None:
+    for found in getattr(_NOTING, "stack", ()):
+        if planted not in found:
+            found.append(planted)
+
+
+def _note_clock(clock: Any) -> Any:
+    """`clock` (a clock `fault_step` returned), remembered while noting."""
+    if getattr(_NOTING, "stack", None):
+        _NOTING.__dict__.setdefault("clocks", []).append(clock)
+    return clock
+
+
+def _is_clock(value: Any) -> bool:
+    """Whether `value` is a clock `fault_step` returned in this trace.
+
+    Compared by identity (the traced value itself): a loss called with
+    ``fault_step=jaxnan.fault_step(opt_state)`` reads the guard's clock.
+    """
+    return any(value is c for c in getattr(_NOTING, "clocks", ()))
 
 
 def _steps(fn: str, at: int | Sequence[int]) -> tuple[int, ...]:
@@ -136,7 +222,7 @@ def fault_step(opt_state: optax.OptState) -> jax.Array:
             "skip_nonfinite's clock: wrap the optimizer, e.g. "
             "jaxnan.inject_grads(jaxnan.skip_nonfinite(optax.adam(1e-3)), at=5)."
         )
-    return found[0].skip_step
+    return _note_clock(found[0].skip_step)
 
 
 def _plant_first(x: jax.Array, fire: jax.Array, value: Any) -> jax.Array:
@@ -162,8 +248,9 @@ def inject_grads(
     they would see without the injector). In the graph, no host sync: a
     select per leaf on a scalar comparison.
 
-    Under `jaxnan.guard` the fault fires once per pass over the step (the
-    replay does not see it: cause ``nondeterministic``); a rollback to a
+    Under `jaxnan.guard` the fault fires once per pass over the step and
+    again in the guard's replay of it (the step as it ran): the incident's
+    cause is ``injected``, naming the fault and the step; a rollback to a
     snapshot before it makes it fire again (see the module docstring). To
     tie it to the data position instead (a transient fault that a rollback
     does not bring back), pass the clock yourself:
@@ -202,6 +289,7 @@ def inject_grads(
 
     def update(updates, state, params=None, **extra_args):
         clock = extra_args.pop("fault_step", None)
+        _note(Planted(fn, fault, steps, clock is None or _is_clock(clock)))
         fire = _fires(fault_step(state) if clock is None else clock, steps)
 
         def plant(x):
@@ -271,6 +359,7 @@ def inject_loss(
                 "jaxnan.inject_loss: call the wrapped loss with fault_step=, "
                 "e.g. loss_fn(params, batch, fault_step=jaxnan.fault_step(opt_state))."
             )
+        _note(Planted(fn, fault, steps, _is_clock(fault_step)))
         out = loss_fn(*args, **kwargs)
         loss, rest = (out[0], out[1:]) if isinstance(out, tuple) else (out, None)
         loss = jnp.asarray(loss)
