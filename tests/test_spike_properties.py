@@ -2,11 +2,15 @@
 
 `skip_spikes`, `zscore_clip` and `adagc` each run over a Hypothesis-drawn
 sequence of steps (healthy gradients, zero gradients, norm spikes x1e3 to
-x1e30, NaN, +Inf and -Inf entries, a NaN or Inf loss, loss spikes, finite
-entries at a quarter of the dtype's max), in float32, bfloat16, float16 and
-float64, on a tree of three leaves, over `optax.sgd` and `optax.adam`.
-Beside each run, the reference of `tests/spike_reference.py` (float64 numpy,
-written from the docstrings) makes the same decisions. Properties:
+x1e30, moderate ones x1.15 to x2.5, NaN, +Inf and -Inf entries, a NaN or Inf
+loss, loss spikes, finite entries at a quarter of the dtype's max, and "edge"
+steps whose norm or loss the check puts 0.5% above or below the reference's
+threshold of the moment), with warm-ups and windows of 1 to 8 steps, in
+float32, bfloat16, float16 and float64 (x64), on a tree of three leaves, over
+`optax.sgd` and `optax.adam`. Beside each run, the reference of
+`tests/spike_reference.py` (float64 numpy, written from the docstrings) makes
+the same decisions; an example where a decision of the reference lies within
+1e-4 (relative) of its threshold is rejected (`ref.Tie`). Properties:
 
 * the decisions (skipped, clipped, passed) are the reference's, step by step;
 * the statistics (windows, means, variances, gammas, counters) are the
@@ -27,7 +31,10 @@ written from the docstrings) makes the same decisions. Properties:
 * `jax.vjp` through a skipped step is finite.
 
 Variants: eager and jit per step (drawn), and one `lax.scan` over all the
-steps per transform. ``JAXNAN_SPIKE_PROPERTIES=long`` runs 10x the examples.
+steps per transform. The `skip_spikes` tests compare bit for bit with the
+unguarded step, so they run under XLA's default configuration
+(``default_compiler``). Each bug these properties found is kept as an
+explicit `@example`. ``JAXNAN_SPIKE_PROPERTIES=long`` runs 10x the examples.
 """
 
 from __future__ import annotations
