@@ -192,7 +192,8 @@ def norm_for_inner(
     reads the updates again nor compiles a second slow path. Otherwise `norm`
     is the square root of the float32 sum of squares (+Inf when the squares
     overflow), read in the same loop per leaf as the finiteness
-    (`tree.squares_and_finite`): no slow path, no extra buffer.
+    (`tree.squares_and_finite`): no slow path, no extra buffer; it is a
+    decision's input, with a zero derivative (`lax.stop_gradient`).
 
     `shard_axes` (inside `shard_map`, the mesh axes each checked leaf is
     split over): the norms and the flag are those of the whole tensors
@@ -211,7 +212,9 @@ def norm_for_inner(
         norm, finite = tree.norm_and_finite(leaves)
         known = KnownNorm(updates, norm, finite)
         return norm, finite, {**extra_args, "known_norm": known}
-    parts = [tree.squares_and_finite(x) for x in leaves]
+    # A decision's input, not differentiated: the variadic reduction has no
+    # derivative rule, and `jax.grad` through the guard must still work.
+    parts = [tree.squares_and_finite(jax.lax.stop_gradient(x)) for x in leaves]
     sq = sum(q.astype(jnp.float32) for q, _ in parts)
     finite = functools.reduce(jnp.logical_and, [ok for _, ok in parts])
     return jnp.sqrt(sq), finite, extra_args
