@@ -8,13 +8,18 @@ warm (every variant compiled and run first):
 * plain: ``jax.jit(step)`` with ``optax.adamw``;
 * skip: the same with ``jaxnan.skip_nonfinite(optax.adamw)`` (loss passed);
 * guard: ``jaxnan.guard(step)`` around the skip step;
-* for FSDP also both with ``skip_nonfinite(..., sharded_params=True)``.
+* for FSDP also both with ``skip_nonfinite(..., sharded_params=True)``;
+* for DP also skip without its outgoing check (`overhead.py`), to tell
+  the outgoing check's cost from the rest.
 
 Two layouts: DP (parameters replicated) and FSDP (each kernel and bias
 sharded over the mesh on its largest axis the mesh divides). Each round
 times every loop once (`--steps` calls, one block at the end) in a random
 order (the same on every process) and divides by the plain loop of the
-round; the table shows the median of the per-round ratios. Also the
+round; the table shows the median of the per-round ratios, and the CPU
+time of the process per step (all devices; on a shared machine a steadier
+measure of the work than the wall clock). Also the per-device flops,
+transcendentals and bytes accessed (`compile().cost_analysis()`) and the
 collectives of each variant's optimized program (`compile().as_text()`).
 
 Run, 8 CPU devices in one process::
@@ -114,7 +119,7 @@ def run_layout(layout, rounds, steps):
     from jax.sharding import Mesh, NamedSharding  # noqa: PLC0415
     from jax.sharding import PartitionSpec as P  # noqa: PLC0415
     from models import mlp_init, mlp_loss  # noqa: PLC0415
-    from overhead import make_step  # noqa: PLC0415
+    from overhead import make_step, skip_without_outgoing_check  # noqa: PLC0415
 
     import jaxnan  # noqa: PLC0415
 
@@ -143,7 +148,14 @@ def run_layout(layout, rounds, steps):
         "skip": (skip, skip_tx, None),
         "guard": (guard, skip_tx, guard),
     }
-    if layout == "fsdp":  # the reductions that partition into all-reduces
+    if layout == "dp":  # what the outgoing check costs
+        bare_tx = skip_without_outgoing_check(optax.adamw(1e-3))
+        vs["skip, no outgoing check"] = (
+            jax.jit(make_step(mlp_loss, bare_tx, True), donate_argnums=(0, 1)),
+            bare_tx,
+            None,
+        )
+    if layout == "fsdp":  # every leaf in the form that partitions
         sharded_tx = jaxnan.skip_nonfinite(optax.adamw(1e-3), sharded_params=True)
         step = make_step(mlp_loss, sharded_tx, True)
         vs["skip sharded_params"] = (
@@ -154,21 +166,23 @@ def run_layout(layout, rounds, steps):
         g = jaxnan.guard(step, verbose=False)
         vs["guard sharded_params"] = (g, sharded_tx, g)
     copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=shardings)
-    counts = {
-        k: collective_counts(
-            fn.lower(params, tx.init(params), batch).compile().as_text()
-        )
-        for k, (fn, tx, _) in vs.items()
-    }
+    counts = {}
+    for k, (fn, tx, _) in vs.items():
+        compiled = fn.lower(params, tx.init(params), batch).compile()
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        counts[k] = (collective_counts(compiled.as_text()), cost)
+    cpu = {k: [] for k in vs}  # process CPU ms per step, by loop
 
     def loop(key, p, s, n):
         fn, _, g = vs[key]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(n):
             p, s, loss = fn(p, s, batch)
         jax.block_until_ready((p, s, loss))
         if g is not None:
             g.finish()
+        cpu[key].append((time.process_time() - c0) / n * 1e3)
         return time.perf_counter() - t0, p, s
 
     carry = {}
@@ -177,6 +191,8 @@ def run_layout(layout, rounds, steps):
         _, p, s = loop(key, p, jax.jit(tx.init)(p), 3)  # compile
         _, p, s = loop(key, p, s, steps)  # warm: the guard's first round is slow
         carry[key] = (p, s)
+    for times in cpu.values():  # the warm-up rounds do not count
+        times.clear()
     order = random.Random(0)  # the same order on every process (lock-step)
     ratios = {k: [] for k in vs}
     ms = {k: [] for k in vs}
@@ -187,7 +203,7 @@ def run_layout(layout, rounds, steps):
         for key in vs:
             ratios[key].append(times[key] / times["plain"])
             ms[key].append(times[key] / steps * 1e3)
-    return counts, ratios, ms
+    return counts, ratios, ms, cpu
 
 
 def main(argv=None) -> int:
@@ -211,15 +227,24 @@ def main(argv=None) -> int:
             f"devices, jax {jax.__version__}; MLP 1M params, adamw, "
             f"{args.steps} steps x {args.rounds} rounds\n"
         )
-        print("| layout | loop | step (median ms) | vs plain | collectives |")
-        print("|---|---|---|---|---|")
+        print(
+            "| layout | loop | step (median ms) | vs plain | CPU ms/step "
+            "| MFLOP | transc. (M) | MB accessed | collectives |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|")
     for layout in args.layouts.split(","):
-        counts, ratios, ms = run_layout(layout, args.rounds, args.steps)
+        counts, ratios, ms, cpu = run_layout(layout, args.rounds, args.steps)
         for key in ratios:
+            ops, cost = counts[key]
+            c = statistics.median(cpu[key])
+            c_plain = statistics.median(cpu["plain"])
             if show:
                 print(
                     f"| {layout} | {key} | {statistics.median(ms[key]):.2f} | "
-                    f"{statistics.median(ratios[key]):.3f}x | {counts[key]} |"
+                    f"{statistics.median(ratios[key]):.3f}x | {c:.1f} "
+                    f"({c / c_plain:.2f}x) | {cost.get('flops', 0) / 1e6:.1f} | "
+                    f"{cost.get('transcendentals', 0) / 1e6:.2f} | "
+                    f"{cost.get('bytes accessed', 0) / 1e6:.1f} | {ops} |"
                 )
         if show:
             per = [round(r, 3) for r in ratios["guard"]]

@@ -164,9 +164,7 @@ def test_census_and_extremes_are_numpys_on_host_and_device(mesh8, dtype, kinds):
     device = Operand(sharded(jnp.asarray(x), mesh8), on_device=True)
     np.testing.assert_array_equal(host.census(), device.census())  # NaN == NaN
     f64 = x.astype(np.float64)
-    want = (
-        [np.min(f64), np.max(f64), np.abs(f64).max()] if f64.size else [np.nan] * 3
-    )
+    want = [np.min(f64), np.max(f64), np.abs(f64).max()] if f64.size else [np.nan] * 3
     for op in (host, device):
         got = [op.min(), op.max(), op.abs_max()]
         np.testing.assert_array_equal(got, want)

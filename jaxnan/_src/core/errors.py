@@ -274,6 +274,7 @@ DETAILS_KEYS: tuple[str, ...] = (
     "input_elements",
     "consumed_by",
     "compiled_outputs",
+    "layer",
     "layer_stats",
 )
 """The keys of a diagnosis as plain values (`jaxnan.Diagnosis.to_dict`, the

@@ -559,12 +559,12 @@ def finite_flags_and_squares(
     With `squares_of=None` the sum is 0.
 
     `stacked=True` (leaves split over devices under sharded `jit`): each
-    group's operands are stacked on a new leading axis and summed by one
-    single-operand reduction, which XLA's SPMD partitioner turns into one
-    all-reduce of a few scalars (it splits a variadic reduction into an
-    all-gather of the per-device partials per operand). On one device that
-    form writes the masks out (measured on the MLP step: +21% bytes accessed,
-    temporary memory 4.7 -> 8.9 MB), hence not the default.
+    group's operands are summed two at a time by single-operand reductions
+    (`split_sums`), which XLA's SPMD partitioner turns into one all-reduce
+    of a few scalars (it splits a variadic reduction into an all-gather of
+    the per-device partials per operand). On one device that form reads the
+    inputs once per pair of operands (`benchmarks/RESULTS.md` has the
+    bytes), hence only for the leaves that are split (`split_leaves`).
     """
     pairs = [
         (k, x) for k, xs in enumerate(sets) for x in xs if dtypes.is_checked_leaf(x)
@@ -644,11 +644,10 @@ def _sum_indicators_and_squares(
 def _stacked_sums(
     masks: tuple[jax.Array, ...], leaves: list
 ) -> tuple[tuple[jax.Array, ...], jax.Array]:
-    """`_sum_indicators_and_squares` as one single-operand float32 reduction.
+    """`_sum_indicators_and_squares` as single-operand reductions (`split_sums`).
 
-    The masks (as 0/1) and the squares are stacked on a new leading axis and
-    summed over the others: a count is only compared with 0, which a float32
-    sum of 0s and 1s gets right whatever its size.
+    A count is only compared with 0, which a float32 sum of 0s and 1s gets
+    right whatever its size.
     """
     rows = [m.astype(jnp.float32) for m in masks]
     if leaves:
@@ -657,7 +656,32 @@ def _stacked_sums(
                 jnp.add, [_abs_squared(jnp.asarray(x), jnp.float32) for x in leaves]
             )
         )
-    sums = jnp.sum(jnp.stack(rows), axis=tuple(range(1, rows[0].ndim + 1)))
-    counts = tuple(sums[i] for i in range(len(masks)))
+    sums = split_sums(rows)
     sq = sums[len(masks)] if leaves else jnp.zeros((), jnp.float32)
-    return counts, sq
+    return tuple(sums[: len(masks)]), sq
+
+
+def split_sums(rows: list[jax.Array]) -> list[jax.Array]:
+    """The float32 sum of each of `rows` (one shape): for leaves split over devices.
+
+    Summed two at a time as the real and imaginary parts of a complex64
+    array (the sum of a complex is the float32 sum of each part), each pair
+    by one single-operand reduction, which XLA fuses with the arithmetic
+    that makes it (nothing written out) and its SPMD partitioner makes one
+    all-reduce. Complex64 because XLA's all-reduce combiner merges only
+    all-reduces of one element type: in float32 the checks' sums were merged
+    with the step's own gradient all-reduces, whose group the combiner
+    closes at the first one that depends on another (a check depends on its
+    gradient's all-reduce), and the step's one tuple all-reduce came out in
+    three. As complex64 the checks' sums, which do not depend on one another,
+    make one all-reduce of their own.
+    """
+    out = []
+    for k in range(0, len(rows), 2):
+        re = jnp.asarray(rows[k], jnp.float32)
+        im = jnp.asarray(rows[k + 1], jnp.float32) if k + 1 < len(rows) else None
+        if im is None:
+            im = jnp.zeros_like(re)
+        total = jnp.sum(lax.complex(re, im))
+        out += [jnp.real(total), jnp.imag(total)]
+    return out[: len(rows)]

@@ -41,6 +41,7 @@ from jaxnan._src.core import compat, dtypes
 from jaxnan._src.frameworks import registry
 from jaxnan._src.frameworks.registry import Adapter
 from jaxnan._src.guard import underflow
+from jaxnan._src.guard.update_ratio import update_ratio
 from jaxnan._src.transforms import nonfinite, update_tap
 
 source_info_util.register_exclusion(__file__)
@@ -467,15 +468,6 @@ def _describe(metrics: Any) -> str:
     return type(metrics).__name__
 
 
-def _ratio(pairs: Sequence[tuple[Any, Any]]) -> jax.Array:
-    """||new - old|| / ||old|| over ``(old_sample, new_param)`` pairs."""
-    du = dp = jnp.zeros((), jnp.float32)
-    for so, p in pairs:
-        du = du + jnp.sum(jnp.square(p.astype(jnp.float32) - so))
-        dp = dp + jnp.sum(jnp.square(so))
-    return jnp.sqrt(du) / jnp.maximum(jnp.sqrt(dp), jnp.finfo(jnp.float32).tiny)
-
-
 def sample_first(state: Sequence[Any]) -> dict[int, Any]:
     """The old values of the small float leaves (biases, norm scales).
 
@@ -585,14 +577,7 @@ def guarded_body(
             )
             for j, x in zip(chosen, picked):
                 kept[j] = x
-        params = {id(x) for r in direct for x in jax.tree_util.tree_leaves(r.params)}
-        ratio = _ratio(
-            [
-                (samples[j], new_state[j])
-                for j, o in enumerate(state)
-                if id(o) in params and j in samples
-            ]
-        )
+        ratio = update_ratio(state, new_state, samples, direct, skipped | hold)
         norms = [r.norm for r in direct]
         if norms:
             gnorm = jnp.sqrt(sum(jnp.square(x) for x in norms))

@@ -46,6 +46,7 @@ from jaxnan._src.guard import (
     program,
     replayed,
     rollback,
+    split_state,
 )
 from jaxnan._src.guard.snapshots import copy_leaves
 from jaxnan._src.guard.underflow import Watch
@@ -226,7 +227,8 @@ class GuardedStep:
             objs = tuple(args[i] for i in layout.graph_args)
             graph_state = program.adapter(layout).split(objs)[1]
         mask = donation.state_mask(layout, graph_state, self._donates)
-        compiled = donation.Donating(body, mask)
+        state = program.flatten(layout, args)[0]
+        compiled = donation.Donating(split_state.traced_with_split(body, state), mask)
         entry = _Entry(layout, compiled, run, out_len, paths)
         entry.split = program.make_split(layout)
         self._entries[probe] = entry

@@ -236,6 +236,9 @@ class Walker:
         entries: the measured equations, in program order.
         names: id(eqn) -> layer key, for every measured equation outside a
             scan over layers (filled by `results`).
+        stacked: id(eqn) -> (its `scan_layers.Stack`, its layer in the body,
+            without the index), for the equations of a scan over layers'
+            body (filled by `results`; see `layer_name`).
     """
 
     def __init__(
@@ -243,6 +246,7 @@ class Walker:
     ) -> None:
         self.entries: list[_Entry] = []
         self.names: dict[int, str] = {}
+        self.stacked: dict[int, tuple[scan_layers.Stack, str]] = {}
         # (input ids, output ids, chain, parameter used directly, entry index)
         # of every first-order equation: the data flow that `results` reads.
         self.flow: list[tuple] = []
@@ -425,20 +429,42 @@ class Walker:
                     yield self.entries[j], i, _iteration_name(stack, names[j], i)
             k = end
 
-    def results(self, near_overflow: float, layer_of: Any = None) -> ActivationStats:
+    def layer_name(self, eqn: Any, iteration: int | None = None) -> str | None:
+        """The layer key of a measured equation (after `results`); else None.
+
+        An equation of the body of a scan over layers is named with its
+        `iteration` (the index into the stacked parameters: ``layers/3/...``);
+        None without one or outside the stack's length.
+        """
+        name = self.names.get(id(eqn))
+        if name is not None:
+            return name
+        stack, body_name = self.stacked.get(id(eqn), (None, ""))
+        if stack is None or iteration is None or not 0 <= iteration < stack.length:
+            return None
+        return _iteration_name(stack, body_name, iteration)
+
+    def results(
+        self, near_overflow: float, layer_of: Any = None, iteration: int | None = None
+    ) -> ActivationStats:
         """The per-layer statistics, forward layers first, in program order.
 
         With `layer_of` (an equation) only the layer holding it is measured,
         its activations and its gradients (`names` still names every
-        equation); empty when the equation is not measured.
+        equation); empty when the equation is not measured. An equation of
+        the body of a scan over layers is in the layer of its `iteration`
+        (`layer_name`).
         """
         names = self._names()
         for e, name in zip(self.entries, names):
             if e.stack is None:
                 self.names[id(e.eqn)] = name
+            else:
+                self.stacked[id(e.eqn)] = (e.stack, name)
         wanted = None
         if layer_of is not None:
-            own = self.names.get(id(layer_of), "").removesuffix(GRAD_SUFFIX)
+            own = self.layer_name(layer_of, iteration) or ""
+            own = own.removesuffix(GRAD_SUFFIX)
             wanted = {own, own + GRAD_SUFFIX} if own else set()
         groups: dict[str, reductions.Accumulator] = {}
         for e, i, name in self._per_layer(names):

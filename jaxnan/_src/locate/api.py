@@ -118,8 +118,12 @@ class Diagnosis:
             function's nonfinite outputs, when they differ from the replay's
             (XLA can rewrite ``x * mask`` into a select); None when they
             agree or when not checked.
-        layer_stats: the activation (and gradient) statistics of the layer
-            holding the creating equation (see `jaxnan.activation_stats`).
+        layer: the layer holding the creating equation, named as
+            `jaxnan.activation_stats` names it (``decoder/mlp``; inside a
+            scan over layers, the iteration's: ``layers/3/linear``), without
+            the ``" (grad)"`` of its gradients' key; None when not known (a
+            scan over time is no layer: see `iteration`).
+        layer_stats: the activation (and gradient) statistics of that layer.
         loss_term: when the nonfinite loss is a sum of terms, the term that
             went nonfinite first: ``{"name", "file", "line", "code",
             "terms"}`` (the name is the key under which the step returns it,
@@ -159,6 +163,7 @@ class Diagnosis:
     )
     consumed_by: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     compiled_outputs: dict[str, tuple[int, int, int]] | None = None
+    layer: str | None = None
     layer_stats: str | None = None
     loss_term: dict[str, Any] | None = None
 
@@ -489,7 +494,7 @@ def _event_diagnosis(run, opts, det, node, phase, cone, common) -> Diagnosis:
     if not created[0] and any(c[0] for c in common["nonfinite_outputs"].values()):
         nan_event = _nan_event(run, det, cone)
     run.release_blocks()  # before the whole-program measurement: lower peak
-    layer_stats = _layer_text(run, eqn)
+    layer = _layer(run, eqn, iteration)
     return Diagnosis(
         found=True,
         primitive=eqn.primitive.name,
@@ -514,26 +519,31 @@ def _event_diagnosis(run, opts, det, node, phase, cone, common) -> Diagnosis:
         user_function=api,
         created=created,
         nan_event=nan_event,
-        layer_stats=layer_stats,
+        layer=layer.name,
+        layer_stats=layer.text,
         **common,
     )
 
 
-def _layer_text(run: replay.Run, eqn: Any) -> str | None:
+def _layer(run: replay.Run, eqn: Any, iteration: tuple[int, ...]) -> layer_text.Layer:
     try:
         # The block options (LLVM -O0, no fusion emitters): on the pruned
         # measurement (4-layer LM) 2.6 s and a 65 MiB peak against 7.3 s and
         # 116 MiB with XLA's defaults. (On the whole, unpruned program they
         # once cost 8.8x the plain compile's peak memory.)
-        return layer_text.layer_text(
+        found = layer_text.layer_text(
             run.closed,
             run.leaves,
             run.dyn_tree,
             eqn,
+            iteration,
             compiler_options=blocks.compiler_options(),
         )
     except Exception as e:  # noqa: BLE001 - statistics never hide the diagnosis
-        return f"layer statistics unavailable ({type(e).__name__}: {e})"
+        return layer_text.Layer(
+            None, f"layer statistics unavailable ({type(e).__name__}: {e})"
+        )
+    return found or layer_text.Layer(None, None)
 
 
 def _finite_in_float32(run: replay.Run, eqn: Any, inputs: Sequence[Any]):

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
 from jax.extend import core as jex_core
@@ -39,10 +40,24 @@ def _provenances(dyn_tree: Any) -> list:
     for path, _ in jax.tree_util.tree_flatten_with_path(dyn_tree)[0]:
         arg = getattr(path[1], "idx", None) if len(path) > 1 else None
         if getattr(path[0], "idx", None) == 0 and arg == 0:
-            out.append(layers.param_layer(path[2:]) or activations.CONST)
+            out.append(layers.param_layer(path[2:]) or layers.UNNAMED)
         else:
             out.append(activations.DATA)
     return out
+
+
+class Layer(NamedTuple):
+    """The layer holding an event (`layer_text`).
+
+    Attributes:
+        name: its key in `jaxnan.activation_stats` (``decoder/mlp``,
+            ``layers/3/linear`` for iteration 3 of a scan over layers),
+            without the ``" (grad)"`` of its gradients; None when unknown.
+        text: the lines of its statistics, or None when none were measured.
+    """
+
+    name: str | None
+    text: str | None
 
 
 def layer_text(
@@ -50,16 +65,25 @@ def layer_text(
     leaves: list,
     dyn_tree: Any,
     eqn: Any,
+    iteration: Sequence[int] = (),
     compiler_options: dict[str, Any] | None = None,
-) -> str | None:
-    """Lines naming the layer of `eqn` with its activation and gradient stats.
+) -> Layer | None:
+    """The layer of `eqn`, with lines of its activation and gradient stats.
 
     Runs `activation_stats`'s measurement on the function's jaxpr and
     arguments, restricted to the layer holding `eqn` (every layer is named,
-    one is measured: a program about the size of the plain one); returns e.g.
-    ``activations of `decoder/mlp`: max |x| = 6.1e4, 93% of the float16
-    range ...``, plus a ``gradients of`` line when the function computes
-    them; None when `eqn` is not measured (an op that only moves entries).
+    one is measured: a program about the size of the plain one). Its text
+    is e.g. ``activations of `decoder/mlp`: max |x| = 6.1e4, 93% of the
+    float16 range ...``, plus a ``gradients of`` line when the function
+    computes them. None when `eqn` is not measured (an op that only moves
+    entries, an equation inside a loop measured as a whole: a scan over
+    time).
+
+    An equation of the body of a scan over layers is in the layer of its
+    iteration: ``layers/3/linear`` for ``iteration[0] == 3``. That scan is
+    the outermost loop around it: the measurement expands only the scans
+    over layers outside every other loop (`inspect.scan_layers`), and a
+    loop inside the body is measured as one equation.
 
     Args:
         closed: the `ClosedJaxpr` of the function.
@@ -67,17 +91,20 @@ def layer_text(
         dyn_tree: ``(dynamic args, kwargs)`` whose flattening gives `leaves`;
             the first dynamic argument holds the parameters.
         eqn: the equation of the event.
+        iteration: the loop iterations of the event, outermost first (for a
+            `scan`, the index into its scanned operands).
         compiler_options: XLA options of the measuring program.
     """
     provs = _provenances(dyn_tree)
     walker = activations.Walker()
+    index = iteration[0] if iteration else None
 
     def measure(consts, xs):
         walker.run(closed.jaxpr, consts, xs, provs)
-        return walker.results(0.25, layer_of=eqn)
+        return walker.results(0.25, layer_of=eqn, iteration=index)
 
     stats = _pruned_call(measure, compiler_options, list(closed.consts), list(leaves))
-    name = walker.names.get(id(eqn))
+    name = walker.layer_name(eqn, index)
     if name is None:
         return None
     base = name.removesuffix(activations.GRAD_SUFFIX)
@@ -87,4 +114,4 @@ def layer_text(
     grad = stats.get(base + activations.GRAD_SUFFIX)
     if grad is not None:
         lines.append(f"gradients of `{base}`: {str(grad).replace('|x|', '|g|')}")
-    return "\n".join(lines) or None
+    return Layer(base, "\n".join(lines) or None)

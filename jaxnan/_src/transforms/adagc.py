@@ -54,13 +54,22 @@ def adagc(
 
     Warm-up (the first `warmup` finite steps): global-norm clipping to
     `warmup_max_norm`, :math:`\hat g = \min(1, \lambda_{abs}/\|g\|)\, g`, and
-    each tensor's :math:`\gamma_i` tracks the smallest clipped norm seen:
-    :math:`\gamma_i \leftarrow \min(\gamma_i, \|\hat g_i\|)` (the first step
-    sets it). Afterwards, per tensor,
+    each tensor's :math:`\gamma_i` tracks the smallest nonzero clipped norm
+    seen: :math:`\gamma_i \leftarrow \min(\gamma_i, \|\hat g_i\|)` (the
+    first nonzero norm sets it). Afterwards, per tensor,
 
     .. math::
         \hat g_i = \min\Big(1, \frac{\lambda_{rel}\,\gamma_i}{\|g_i\|}\Big) g_i,
         \qquad \gamma_i \leftarrow \beta\gamma_i + (1-\beta)\|\hat g_i\|.
+
+    One departure from the paper: a zero norm (no gradient for that tensor)
+    is no scale to be relative to. In the paper's rule one zero-gradient
+    step in warm-up sets :math:`\gamma_i = 0` for good, and every later
+    update of the tensor is clipped to 0 (the A factor of a LoRA pair whose
+    B starts at 0 has a zero gradient on the first step). Here zero norms do
+    not lower :math:`\gamma_i`, and while it is 0 the tensor is not clipped
+    by the relative rule; its first nonzero norm, in warm-up or after, sets
+    it.
 
     Chain it before the optimizer: ``optax.chain(jaxnan.adagc(),
     optax.adamw(...))`` is the paper's AdaGC-AdamW.
@@ -190,22 +199,26 @@ def adagc(
         safe = jnp.where(big > 0, big, 1.0)
         g_norm = safe * jnp.sqrt(sum(jnp.square(n / safe) for n in fin))
         g_clip = g_norm > warmup_max_norm
-        g_factor = warmup_max_norm / jnp.where(g_clip, g_norm, 1.0)
+        g_den = jnp.where(g_clip, g_norm, 1.0)
         f32_max = jnp.finfo(jnp.float32).max
 
         out, new_gamma, clipped = [], [], []
         for x, n, o, gam in zip(leaves, norms, oks, gammas):
             limit = relative_threshold * gam
-            r_clip = ~in_warmup & o & (n > limit)
-            r_factor = limit / jnp.where(r_clip, n, 1.0)
+            # gamma 0: no nonzero norm seen yet, nothing to be relative to
+            unset = gam == 0
+            r_clip = ~in_warmup & o & ~unset & (n > limit)
+            r_den = jnp.where(r_clip, n, 1.0)
             clip = jnp.where(in_warmup, g_clip & o, r_clip)
-            factor = jnp.where(in_warmup, g_factor, r_factor)
-            out.append(scaling.scale_where(x, clip, factor))
-            clipped_norm = jnp.where(clip, n * factor, n)
-            warm_gamma = jnp.where(
-                steps == 0, clipped_norm, jnp.minimum(gam, clipped_norm)
-            )
+            den = jnp.where(in_warmup, g_den, r_den)
+            num = jnp.where(in_warmup, jnp.asarray(warmup_max_norm, den.dtype), limit)
+            out.append(scaling.scale_where(x, clip, num, den))
+            # num * (n / den): n <= den, so a tiny factor cannot flush to 0
+            clipped_norm = jnp.where(clip, num * (n / den), n)
+            lower = jnp.where(clipped_norm > 0, jnp.minimum(gam, clipped_norm), gam)
+            warm_gamma = jnp.where(unset, clipped_norm, lower)
             ema_gamma = beta * gam + (1 - beta) * clipped_norm
+            ema_gamma = jnp.where(unset, clipped_norm, ema_gamma)
             g_new = jnp.where(in_warmup, warm_gamma, ema_gamma)
             g_new = jnp.minimum(g_new, f32_max)  # gamma is float32
             new_gamma.append(jnp.where(finite, g_new, gam).astype(jnp.float32))

@@ -192,7 +192,8 @@ def norm_for_inner(
     reads the updates again nor compiles a second slow path. Otherwise `norm`
     is the square root of the float32 sum of squares (+Inf when the squares
     overflow), read in the same loop per leaf as the finiteness
-    (`tree.squares_and_finite`): no slow path, no extra buffer.
+    (`tree.squares_and_finite`): no slow path, no extra buffer; it is a
+    decision's input, with a zero derivative (`lax.stop_gradient`).
 
     `shard_axes` (inside `shard_map`, the mesh axes each checked leaf is
     split over): the norms and the flag are those of the whole tensors
@@ -211,7 +212,9 @@ def norm_for_inner(
         norm, finite = tree.norm_and_finite(leaves)
         known = KnownNorm(updates, norm, finite)
         return norm, finite, {**extra_args, "known_norm": known}
-    parts = [tree.squares_and_finite(x) for x in leaves]
+    # A decision's input, not differentiated: the variadic reduction has no
+    # derivative rule, and `jax.grad` through the guard must still work.
+    parts = [tree.squares_and_finite(jax.lax.stop_gradient(x)) for x in leaves]
     sq = sum(q.astype(jnp.float32) for q, _ in parts)
     finite = functools.reduce(jnp.logical_and, [ok for _, ok in parts])
     return jnp.sqrt(sq), finite, extra_args
@@ -285,17 +288,22 @@ def skip_nonfinite(
     one int32 `lax.psum` (of two flags: what came in, and what `inner` made):
     if any replica sees a nonfinite value, all skip.
     Under sharded `jit` no collective is needed: the reduction is global.
-    When the params themselves are split over devices there (FSDP), pass
-    ``sharded_params=True``: the finiteness reductions are then summed in a
-    form XLA partitions into all-reduces of a few scalars, which it merges
-    with the step's own (on the FSDP MLP of `tests/test_collectives.py`,
-    `skip_nonfinite` adds no collective and `jaxnan.guard` one all-reduce of
-    scalars). By default they are variadic reductions, which read each
-    input once on a device but which XLA partitions into an all-gather of
-    the per-device partials per operand (a few bytes each, but one
-    latency-bound collective per leaf shape and operand); on one device the
-    ``sharded_params`` form writes its masks out (+21% bytes accessed on
-    the MLP step, `benchmarks/RESULTS.md`).
+    When the params themselves are split over devices (FSDP), the checks of
+    the leaves that are split take the form XLA partitions into all-reduces
+    of a few scalars (a variadic reduction would be partitioned into an
+    all-gather of the per-device partials per operand and leaf shape), and
+    their sums are complex64 (two float32 sums to an element), so that XLA
+    merges them into one all-reduce of their own instead of splitting the
+    step's gradient all-reduce around them. A leaf counts as split when its
+    type says so (a mesh of explicit axes) or, inside `jaxnan.guard`, when
+    a state leaf of its shape is sharded: the guard adds one all-reduce of
+    scalars to an FSDP step (`tests/test_collectives.py`). Other leaves keep
+    the variadic form, which reads each input once and writes nothing out:
+    one device and data parallel compile as before. ``sharded_params=True``
+    gives every leaf the split form (FSDP under plain `jax.jit` on a mesh
+    without explicit axes); on one device it reads the inputs once per two
+    sums (+23% bytes accessed on the MLP step, 72.0 -> 88.9 MB). Both forms
+    take the same decisions.
 
     Cost: one fused reduction over the gradients (leaves of one shape share
     it), none when `inner` begins with `jaxnan.clip_by_global_norm`, whose
@@ -317,8 +325,9 @@ def skip_nonfinite(
             ``max_streak`` before 0.2 (still accepted, with a
             `DeprecationWarning`); `jaxnan.guard`'s ``max_streak`` raises.
         axis_name: the mapped axis to agree over, inside `shard_map`/`pmap`.
-        sharded_params: the params are split over devices under sharded
-            `jit` (FSDP): reductions that partition into all-reduces.
+        sharded_params: give every leaf the reductions that partition into
+            all-reduces (FSDP under plain `jax.jit`); False: only the
+            leaves known to be split (by their type, or by `jaxnan.guard`).
         exact: run `inner` in a `lax.cond` branch, so that its updates and
             state are bit for bit ``jax.jit(inner.update)``'s for every
             optimizer (see above for the cost).
@@ -399,6 +408,7 @@ def skip_nonfinite(
         if loss is not None:
             finite = finite & tree.all_finite(loss)
         hold = jnp.array(False) if tap is None else tap.hold
+        proposed: list = []
         out, kept_inner, finite, inner_ok, incoming_norm = guarded_update(
             inner,
             finite & ~hold,
@@ -411,6 +421,7 @@ def skip_nonfinite(
             norm_incoming=tap is not None and not clip,
             sharded_params=sharded_params,
             exact=exact,
+            on_proposed=proposed.append,
         )
         if tap is not None:
             tap.records.append(
@@ -420,6 +431,7 @@ def skip_nonfinite(
                     out,
                     loss is not None,
                     updates,
+                    proposed[0],
                 )
             )
         applied = finite & inner_ok

@@ -18,7 +18,7 @@ from jax import lax
 from jax.extend import core as jex_core
 from jax.extend import source_info_util
 
-from jaxnan._src.core import dtypes, sharding, tree, validation
+from jaxnan._src.core import dtypes, sharding, split_leaves, tree, validation
 from jaxnan._src.transforms import observers
 
 source_info_util.register_exclusion(__file__)
@@ -91,6 +91,7 @@ def guarded_update(
     norm_incoming: bool = False,
     sharded_params: bool = False,
     exact: bool = False,
+    on_proposed: Any = None,
 ) -> Guarded:
     """`inner.update` when the step is wanted and all is finite, else a skip.
 
@@ -119,8 +120,12 @@ def guarded_update(
     outgoing check out (for the benchmark that measures its cost; the guards
     always check). `norm_incoming=True` also returns the norm of the
     `incoming` leaves, summed in the same reductions (no extra pass).
-    `sharded_params=True` sums them in the form XLA partitions into one
-    all-reduce (`tree.finite_flags_and_squares` with ``stacked=True``).
+    The reductions over leaves split over devices take the form XLA
+    partitions into one all-reduce (`_flags_and_squares`); `sharded_params`
+    gives all of them that form. `on_proposed`, when given, is called with
+    the updates `inner` proposes, as the check computes them, before the
+    decision (`jaxnan.guard` reads its update ratio from them without a
+    collective after the decision).
 
     The step itself (`_apply_or_skip`) evaluates `inner`'s equations again,
     outside any conditional, with a select on each new state leaf as it is
@@ -176,11 +181,14 @@ def guarded_update(
         # them out.
         consts = lax.optimization_barrier(list(closed.consts))
         flat = jex_core.jaxpr_as_fun(jex_core.ClosedJaxpr(closed.jaxpr, consts))()
+    proposed = jax.tree_util.tree_unflatten(
+        jax.tree_util.tree_structure(out_types), flat[:n_updates]
+    )
+    if on_proposed is not None:
+        on_proposed(proposed)
     if check_outgoing:
         outgoing = _outgoing_leaves(
-            jax.tree_util.tree_unflatten(
-                jax.tree_util.tree_structure(out_types), flat[:n_updates]
-            ),
+            proposed,
             keep_types(
                 jax.tree_util.tree_unflatten(
                     jax.tree_util.tree_structure(inner_types), flat[n_updates:]
@@ -190,10 +198,8 @@ def guarded_update(
         )
     else:
         outgoing = []
-    (in_ok, out_ok), sq = tree.finite_flags_and_squares(
-        [list(incoming), outgoing],
-        0 if norm_incoming else None,
-        stacked=sharded_params,
+    (in_ok, out_ok), sq = _flags_and_squares(
+        list(incoming), outgoing, norm_incoming, sharded_params
     )
     in_ok = accept & in_ok
     if axis_name is not None:
@@ -227,6 +233,41 @@ def guarded_update(
             apply_ok, closed, out_types, inner_state, inner_types, state_axes
         )
     return Guarded(out, new_inner, in_ok, out_ok, jnp.sqrt(sq))
+
+
+def _flags_and_squares(
+    incoming: list, outgoing: list, norm_incoming: bool, sharded_params: bool
+) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
+    """``((incoming finite, outgoing finite), sum of squares of incoming)``.
+
+    Leaves of one shape share a reduction (`tree.finite_flags_and_squares`).
+    Its form is chosen per shape: the one XLA partitions into an all-reduce
+    of a few scalars (``stacked=True``) for the shapes split over devices
+    (`split_leaves.is_split`: an explicit sharding type, or the shapes of the
+    state `jaxnan.guard` was called with), or all of them with
+    `sharded_params`; the variadic one, which reads each input once and
+    writes nothing out, for the others. Both take the same decisions.
+    """
+    leaves = [*incoming, *outgoing]
+    split = {
+        tuple(jnp.shape(x))
+        for x in leaves
+        if sharded_params or split_leaves.is_split(x)
+    }
+    in_ok, out_ok = jnp.array(True), jnp.array(True)
+    sq = jnp.zeros((), jnp.float32)
+    for stacked in (False, True):
+        mine = [
+            [x for x in xs if (tuple(jnp.shape(x)) in split) == stacked]
+            for xs in (incoming, outgoing)
+        ]
+        if not any(mine):
+            continue
+        (i, o), q = tree.finite_flags_and_squares(
+            mine, 0 if norm_incoming else None, stacked=stacked
+        )
+        in_ok, out_ok, sq = in_ok & i, out_ok & o, sq + q
+    return (in_ok, out_ok), sq
 
 
 def _apply_in_branch(

@@ -112,11 +112,19 @@ def zscore_clip(
     capped by `max_norm` when given), and the statistics follow the clipped
     norm: :math:`\mu \leftarrow \alpha\mu + (1-\alpha)c`,
     :math:`\sigma^2 \leftarrow \alpha\sigma^2 + (1-\alpha)(c - \mu)^2` (with
-    the new :math:`\mu`), as in the reference implementation.
+    the new :math:`\mu`), as in the reference implementation. The statistics
+    are float32 and saturate at its max (a norm beyond it counts as that
+    max, and so does a mean or variance that would exceed it): no finite
+    step can make them Inf.
+
+    A warm-up of identical norms has :math:`\sigma = 0`: every later larger
+    norm is then a spike clipped to :math:`\mu` (to 0 after a warm-up of
+    zero gradients, for good, since the statistics then follow 0): start it
+    once the gradients are live.
 
     Nonfinite values (NaN, +Inf, -Inf): the norm is taken over the finite
     entries, finite entries are clipped by it and nonfinite ones pass through
-    unchanged, for a later `jaxnan.skip_nonfinite` to catch. Such a step
+    unchanged (bit for bit), for a later `jaxnan.skip_nonfinite` to catch. Such a step
     changes no statistic and does not count as a warm-up step.
     Float16 and bfloat16 norms are taken in float32 and float64 ones in
     float64; the statistics are float32. Differentiable (`jax.grad`,
@@ -241,13 +249,13 @@ def zscore_clip(
         adaptive = jnp.where(spike, target, norm)
         clip_to = jnp.minimum(adaptive, cap)
         clip = clip_to < norm
-        factor = clip_to / jnp.where(clip, norm, 1.0)
+        num, den = clip_to, jnp.where(clip, norm, 1.0)
         if norm_wide.dtype != jnp.float32:  # float64 updates: scale in float64
             agreed = norm.astype(norm_wide.dtype)
             wide = jnp.where(norm_wide > f32_max, norm_wide, agreed)
-            factor = clip_to.astype(wide.dtype) / jnp.where(clip, wide, 1.0)
+            num, den = clip_to.astype(wide.dtype), jnp.where(clip, wide, 1.0)
         out = jax.tree_util.tree_map(
-            lambda t: scaling.scale_where(t, clip, factor), updates
+            lambda t: scaling.scale_where(t, clip, num, den), updates
         )
 
         # Statistics: warm-up buffer, initialisation, then EMA of the clipped
@@ -256,10 +264,23 @@ def zscore_clip(
         buf = state.zclip_warmup_norms
         buf = jnp.where(finite & ~warm, buf.at[slot].set(norm), buf)
         init_now = finite & (steps == warmup - 1)
+        # Statistics saturate at float32's max, as the norm does: a norm near
+        # it would otherwise overflow a sum or a square into Inf, which no
+        # later step could leave (z = 0 for ever).
+        # Where a square overflows but the statistic does not, it is taken
+        # in an order that overflows only when the result does.
         w_mean = jnp.mean(buf)
-        w_var = jnp.mean(jnp.square(buf - w_mean))
-        e_mean = alpha * mean + (1 - alpha) * adaptive
-        e_var = alpha * var + (1 - alpha) * jnp.square(adaptive - e_mean)
+        w_mean = jnp.where(jnp.isfinite(w_mean), w_mean, jnp.sum(buf / warmup))
+        dev = buf - w_mean
+        w_var = jnp.mean(jnp.square(dev))
+        big = jnp.maximum(jnp.max(jnp.abs(dev)), jnp.finfo(jnp.float32).tiny)
+        w_var_safe = (jnp.mean(jnp.square(dev / big)) * big) * big
+        w_var = jnp.minimum(jnp.where(jnp.isfinite(w_var), w_var, w_var_safe), f32_max)
+        e_mean = jnp.minimum(alpha * mean + (1 - alpha) * adaptive, f32_max)
+        e_dev = jnp.abs(adaptive - e_mean)
+        e_sq = (1 - alpha) * jnp.square(e_dev)
+        e_sq = jnp.where(jnp.isfinite(e_sq), e_sq, ((1 - alpha) * e_dev) * e_dev)
+        e_var = jnp.minimum(alpha * var + e_sq, f32_max)
         new_mean = jnp.where(init_now, w_mean, jnp.where(finite & warm, e_mean, mean))
         new_var = jnp.where(init_now, w_var, jnp.where(finite & warm, e_var, var))
         new_steps = jnp.where(finite, optax.safe_increment(steps), steps)
@@ -386,7 +407,11 @@ def skip_spikes(
     float32 sum of squares overflows, unless `inner` begins with
     `jaxnan.clip_by_global_norm` (whose overflow-safe norm is then used).
     Skipped steps never enter the window, so a spike or a NaN costs exactly
-    one step, never a run of them.
+    one step, never a run of them. One degenerate case: a window whose values
+    are all equal (zero gradients, a loss that does not move) has
+    :math:`s = 0`, so every later larger value is a spike, and since those
+    never enter the window they are skipped until a value at most :math:`m`
+    comes; `spike_skips_total` and `last_skip_step` show such a run.
 
     The promise of `jaxnan.skip_nonfinite` holds here too: no nonfinite value
     ever reaches the params or the optimizer state through this guard. What
@@ -394,10 +419,11 @@ def skip_spikes(
     ``optax.apply_updates`` would give) is checked, and a step where it is
     not finite is skipped as well (reason ``INNER_NONFINITE``).
 
-    A skipped step returns updates that are exactly 0 (a `where`-select, no
-    0 * NaN) and leaves the inner state bit for bit unchanged; the state
-    counts the skips by reason and records the `SkipReason` bits of the last
-    one. Without ``loss=`` only the norm is tested. The loss must be a scalar.
+    A skipped step returns updates that are exactly ``-0.0`` (a
+    `where`-select, no 0 * NaN; ``p + -0.0`` is `p` bit for bit) and leaves
+    the inner state bit for bit unchanged; the state counts the skips by
+    reason and records the `SkipReason` bits of the last one. Without
+    ``loss=`` only the norm is tested. The loss must be a scalar.
 
     Cost: one fused reduction per gradient leaf (the sum of squares), none
     when `inner` begins with `jaxnan.clip_by_global_norm`, whose norm and

@@ -24,6 +24,7 @@ class TapRecord(NamedTuple):
         updates: the updates it returns.
         loss_given: whether ``loss=`` was passed to it.
         incoming: the updates it received (the gradients), as arrays.
+        proposed: the updates `inner` proposed, before the skip decision.
     """
 
     norm: Any
@@ -31,6 +32,7 @@ class TapRecord(NamedTuple):
     updates: Any
     loss_given: bool
     incoming: Any = None
+    proposed: Any = None
 
 
 class UpdateTap(NamedTuple):
