@@ -65,8 +65,17 @@ def _obj(params, loss, grads):
     return {"obj_fn": objective}
 
 
+def _line_objective(params: Any, loss: Any = None) -> jax.Array:
+    """`objective` as a line search's ``value_fn``: optax's zoom line search
+    hands the extra arguments of the update it does not consume itself
+    (``loss=``, `skip_nonfinite`'s, included) to the parameters of
+    ``value_fn`` of those names, and raises TypeError for any left over."""
+    del loss
+    return objective(params)
+
+
 def _linesearch(params, loss, grads):
-    return {"value": loss, "grad": grads, "value_fn": objective}
+    return {"value": loss, "grad": grads, "value_fn": _line_objective}
 
 
 def _adam():
@@ -183,6 +192,7 @@ REAL_ONLY = frozenset(
     {
         "contrib.adopt",
         "contrib.madgrad",
+        "contrib.mechanize",  # a lax.clamp with a complex bound, in optax itself
         "contrib.muon",
         "contrib.scale_by_adopt",
         "contrib.scale_by_madgrad",
@@ -200,16 +210,35 @@ REAL_ONLY = frozenset(
     }
 )
 
+# Optimizers that take the SVD of a 2-D gradient (galore's projection, every
+# few steps). LAPACK's gesdd, which `jnp.linalg.svd` calls on the CPU, never
+# returns on a matrix mixing +-Inf with finite entries (Reference-LAPACK
+# lapack#1409, numpy#32591): the step hangs, unguarded or guarded (the guard
+# evaluates the optimizer's arithmetic on a step it skips). Their +-Inf
+# gradient entries go to 1-D leaves (`tests/test_skip_matrix._grads`).
+SVD_OF_GRADIENTS = frozenset({"contrib.galore", "contrib.scale_by_galore"})
+
 # XLA:CPU rounds the default guard's healthy step 1 ulp away from the
 # unguarded one for these (a select in a kernel changes LLVM's FMA
-# contraction in it; benchmarks/RESULTS.md): `skip_nonfinite(exact=True)`
-# is bit for bit `jax.jit(inner.update)` for them, as for every optimizer.
+# contraction in it; benchmarks/RESULTS.md), an ulp that the optimizer's
+# recurrence can grow over the next steps; in float16 also where a fusion
+# boundary moves the rounding of a float32 intermediate back to float16
+# (adaptive_grad_clip: exact with ``--xla_allow_excess_precision=false``).
+# `skip_nonfinite(exact=True)` is bit for bit `jax.jit(inner.update)` for
+# them, as for every optimizer. Found by the full profile, in the runs named.
 FUSION_ULP = frozenset(
     {
         "contrib.dadapt_adamw",
+        "contrib.mechanize",  # float64
         "contrib.momo",
         "contrib.momo_adam",
         "contrib.muon",
+        "contrib.schedule_free",  # mixed tree, float64
+        "optax.adaptive_grad_clip",  # float16
+        "optax.noisy_sgd",  # float16, mixed tree
+        "optax.scale_by_radam",  # float16
+        "optax.scale_by_rms",  # float16
+        "optax.scale_by_stddev",  # float16
         "optax.rmsprop(centered=True, momentum=0.9)",
     }
 )

@@ -17,7 +17,7 @@ import optax
 from jax.extend import source_info_util
 
 from jaxnan._src.core import deprecations, dtypes, shard_norms, tree, validation
-from jaxnan._src.transforms import update_tap
+from jaxnan._src.transforms import state_types, update_tap
 from jaxnan._src.transforms.clip import ClipByGlobalNormState, KnownNorm, as_arrays
 from jaxnan._src.transforms.select import guarded_update
 
@@ -248,17 +248,26 @@ def skip_nonfinite(
     inside `inner`: it records every step, skipped or not.
 
     What is exact on a finite step. The updates and the new state are made
-    by `inner`'s own equations, and each state leaf keeps the dtype `init`
-    gave it. Bit for bit:
+    by `inner`'s own equations, and each state leaf keeps one dtype: the one
+    `inner`'s update gives it, taken from `init` on (optax's ``contrib.dog``,
+    ``dowg`` and ``prodigy`` turn a bfloat16 scalar of a mixed tree into a
+    float32 one at their first update; init's state is widened to it, which
+    is exact), so that the state is a fixed-type carry. Where that update
+    cannot be traced at init (it needs an extra argument, such as
+    ``contrib.momo``'s ``value=``), each new leaf is rounded to init's
+    dtype. Bit for bit:
 
     * default (``exact=False``): the params and state of a jitted step
       ``optax.apply_updates(params, updates)`` are those of the same step
       without the guard, for the optax optimizers and wrappers tested
       (`tests/test_skip_matrix.py`), except ``optax.contrib``'s
-      ``dadapt_adamw``, ``momo``, ``momo_adam``, ``muon`` and
-      ``optax.rmsprop(centered=True, momentum=0.9)``, and the updates are
-      ``jax.jit(inner.update)``'s except for those five: there
-      the last bit of some entries can differ (XLA:CPU lets LLVM contract
+      ``dadapt_adamw``, ``mechanize`` (in float64), ``momo``,
+      ``momo_adam``, ``muon``, ``schedule_free`` and
+      ``optax.rmsprop(centered=True, momentum=0.9)``, and in float16 or
+      bfloat16 ``optax``'s ``adaptive_grad_clip``, ``noisy_sgd``,
+      ``scale_by_radam``, ``scale_by_rms`` and ``scale_by_stddev``, and the
+      updates are ``jax.jit(inner.update)``'s except for those: there the
+      last bit of some entries can differ (XLA:CPU lets LLVM contract
       ``a * b + c`` into an FMA kernel by kernel, and the guard's select in
       a kernel can change that choice for the arithmetic before it);
     * ``exact=True``: the updates and the new state are always bit for
@@ -368,7 +377,7 @@ def skip_nonfinite(
             last_nonfinite_step=jnp.full((), -1, jnp.int32),
             skip_step=_int32_zero(),
             gave_up=jnp.array(False),
-            inner_state=inner.init(params),
+            inner_state=state_types.settled(inner, params, inner.init(params)),
         )
 
     def update(updates, state, params=None, **extra_args):
