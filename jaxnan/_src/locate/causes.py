@@ -303,17 +303,6 @@ def fmt(v: Any) -> str:
     return f"{v:.3g}"
 
 
-def as_f64(a: Any) -> np.ndarray:
-    """A float64 copy of a (float-like) host array; bool/int are converted."""
-    a = np.asarray(a)
-    if a.dtype.kind == "c":
-        return np.abs(a).astype(np.float64)
-    try:
-        return a.astype(np.float64)
-    except (TypeError, ValueError):
-        return np.zeros(a.shape)
-
-
 def _dtype(a: Any) -> np.dtype:
     dt = getattr(a, "dtype", None)  # an `operands.Operand`, an array
     return np.dtype(dt) if dt is not None else np.asarray(a).dtype
