@@ -60,15 +60,24 @@ def test_init_takes_the_dtypes_of_the_update(jit):
         assert np.asarray(x).tobytes() == np.asarray(p.astype(x.dtype)).tobytes()
 
 
-def test_an_update_that_needs_an_extra_argument_keeps_inits_dtypes():
-    """momo's update needs ``value=``: not traceable at init, so the state
-    is init's (and its update rounds each new leaf to init's dtype)."""
+def test_an_update_that_needs_value_is_probed_with_a_loss():
+    """momo's update needs ``value=`` (the loss): traced with a scalar of the
+    default float dtype, its state takes the update's dtypes from init on
+    (a real scalar made complex by the complex leaf), and the jitted update
+    keeps them."""
+    plain = optax.contrib.momo().init(MIXED)
     tx = jaxnan.skip_nonfinite(optax.contrib.momo())
     state = tx.init(MIXED)
-    assert _dtypes(state.inner_state) == _dtypes(optax.contrib.momo().init(MIXED))
+    assert _dtypes(state.inner_state) != _dtypes(plain)
     g = jax.tree_util.tree_map(jnp.ones_like, MIXED)
     _, new = jax.jit(tx.update)(g, state, MIXED, value=jnp.float32(1.0))
     assert _dtypes(new) == _dtypes(state)
+    _, once = jax.eval_shape(
+        lambda: optax.contrib.momo().update(
+            g, state.inner_state, MIXED, value=jnp.float32(1.0)
+        )
+    )
+    assert _dtypes(once) == _dtypes(state.inner_state)  # a fixed point
 
 
 def test_the_state_is_a_fixed_type_carry_of_a_scan():

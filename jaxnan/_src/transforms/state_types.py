@@ -84,9 +84,11 @@ def settled(
     """`init`'s `state` in the dtypes `inner`'s update gives it (`widened`).
 
     The update is traced abstractly (`jax.eval_shape`: nothing runs) on
-    gradients shaped like `params`, with no extra argument. When it cannot
-    be traced so (it needs an extra argument, a mapped axis, gradients of
-    another structure than the params), the state is returned as it is:
+    gradients shaped like `params`, with no extra argument, or with
+    ``value=`` a scalar loss of the default float dtype when it needs one
+    (optax's ``contrib.momo``). When it cannot be traced so (another extra
+    argument, a mapped axis, gradients of another structure than the
+    params), the state is returned as it is:
     the update then rounds each new leaf to the dtype `init` gave it, as
     before, and its first call reports any real error itself.
 
@@ -102,16 +104,37 @@ def settled(
     grads = jax.tree_util.tree_map(
         lambda p: jax.ShapeDtypeStruct(jnp.shape(p), dtypes.leaf_dtype(p)), params
     )
+    loss = jax.ShapeDtypeStruct((), jnp.result_type(float))
+    for extra in ({}, {"value": loss}):  # the first form the update traces with
+        out = _traced(inner, grads, state, params, extra)
+        if out is not None:
+            break
     for _ in range(_ROUNDS):
-        try:
-            _, out = jax.eval_shape(inner.update, grads, state, params)
-        except Exception:  # noqa: BLE001 -- a probe: the real call reports it
+        if out is None:
             return state
         new = widened(state, out)
         if _dtypes_of(new) == _dtypes_of(state):
             return new
         state = new
+        out = _traced(inner, grads, state, params, extra)
     return state
+
+
+def _traced(
+    inner: Any, grads: Any, state: Any, params: Any, extra: dict[str, Any]
+) -> Any:
+    """The state avals of ``inner.update(grads, state, params, **extra)``.
+
+    None when it does not trace: a probe, the real call reports any error.
+    """
+
+    def update(grads: Any, state: Any, params: Any, extra: dict) -> Any:
+        return inner.update(grads, state, params, **extra)
+
+    try:
+        return jax.eval_shape(update, grads, state, params, extra)[1]
+    except Exception:  # noqa: BLE001 -- a probe: the real call reports it
+        return None
 
 
 def _dtypes_of(tree: Any) -> list[Any]:
