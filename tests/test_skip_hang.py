@@ -113,10 +113,14 @@ def test_galore_skip_of_an_inf_gradient_returns():
 
 
 def _galore_case():
-    params = {"w": jnp.asarray(np.random.default_rng(1).normal(size=(3, 4)),
-                               jnp.float32), "b": jnp.zeros(4)}
-    g = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(3, 4)),
-                          jnp.float32), "b": jnp.ones(4)}
+    params = {
+        "w": jnp.asarray(np.random.default_rng(1).normal(size=(3, 4)), jnp.float32),
+        "b": jnp.zeros(4),
+    }
+    g = {
+        "w": jnp.asarray(np.random.default_rng(0).normal(size=(3, 4)), jnp.float32),
+        "b": jnp.ones(4),
+    }
     return params, g
 
 
@@ -137,14 +141,14 @@ def test_galore_healthy_steps_are_the_unguarded_ones_bit_for_bit():
 
     p_run, s_run, p_ref, s_ref = params, tx.init(params), params, opt.init(params)
     for i in range(3):
-        gi = jax.tree_util.tree_map(lambda x: x * (i + 1), g)
+        gi = jax.tree_util.tree_map(lambda x, k=i + 1: x * k, g)
         p_run, s_run = guarded(p_run, s_run, gi)
         p_ref, s_ref = plain(p_ref, s_ref, gi)
     bits = [np.asarray(x).tobytes() for x in jax.tree_util.tree_leaves(p_run)]
     assert bits == [np.asarray(x).tobytes() for x in jax.tree_util.tree_leaves(p_ref)]
-    assert [np.asarray(x).tobytes() for x in jax.tree_util.tree_leaves(
-        s_run.inner_state)] == [np.asarray(x).tobytes()
-                                for x in jax.tree_util.tree_leaves(s_ref)]
+    assert [
+        np.asarray(x).tobytes() for x in jax.tree_util.tree_leaves(s_run.inner_state)
+    ] == [np.asarray(x).tobytes() for x in jax.tree_util.tree_leaves(s_ref)]
     assert int(s_run.nonfinite_total) == 0
 
 
