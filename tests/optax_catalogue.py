@@ -210,14 +210,6 @@ REAL_ONLY = frozenset(
     }
 )
 
-# Optimizers that take the SVD of a 2-D gradient (galore's projection, every
-# few steps). LAPACK's gesdd, which `jnp.linalg.svd` calls on the CPU, never
-# returns on a matrix mixing +-Inf with finite entries (Reference-LAPACK
-# lapack#1409, numpy#32591): the step hangs, unguarded or guarded (the guard
-# evaluates the optimizer's arithmetic on a step it skips). Their +-Inf
-# gradient entries go to 1-D leaves (`tests/test_skip_matrix._grads`).
-SVD_OF_GRADIENTS = frozenset({"contrib.galore", "contrib.scale_by_galore"})
-
 # XLA:CPU rounds the default guard's healthy step 1 ulp away from the
 # unguarded one for these (a select in a kernel changes LLVM's FMA
 # contraction in it; benchmarks/RESULTS.md), an ulp that the optimizer's

@@ -86,22 +86,73 @@ def validate_same_structure(
 
 
 def inner_accepts(
-    update: Callable, updates: Any, state: Any, params: Any, extra_args: dict
+    update: Callable,
+    updates: Any,
+    state: Any,
+    params: Any,
+    extra_args: dict,
+    *,
+    init: Callable | None = None,
+    fn_name: str = "",
 ) -> bool:
     """Whether a wrapper's inner update takes these arguments.
 
     True when ``update(updates, state, params, **extra_args)`` traces
     (`jax.eval_shape`) and, given params, returns updates of their structure
     (``optax.lookahead`` takes gradients of the fast params and returns
-    updates of its ``LookaheadParams``).
+    updates of its ``LookaheadParams``). False when it fails and the state
+    is not one that `init` makes for these params: the caller's complaint
+    about a leaf's shape then stands.
+
+    Raises:
+        TypeError, ValueError: the inner update's own error, chained, when it
+            fails although `state` has the shapes ``init(params)`` gives
+            (so the shapes are not the cause: ``optax.lbfgs``'s line search
+            refusing an extra argument its ``value_fn`` does not take). The
+            message names the wrapper and the extra arguments it forwarded.
     """
     try:
         out, _ = jax.eval_shape(lambda: update(updates, state, params, **extra_args))
-    except (TypeError, ValueError):
-        return False
+    except (TypeError, ValueError) as e:
+        if init is None or not _state_fits(
+            init, updates if params is None else params, state
+        ):
+            return False
+        forwarded = ", ".join(f"{k}=" for k in sorted(extra_args)) or "none"
+        hint = ""
+        if "loss" in extra_args and "loss" in str(e):
+            hint = (
+                " The wrapper passes its `loss=` on to the inner transformation "
+                "(jaxnan's skip_spikes and dynamic_loss_scale read it there); "
+                "optax's line searches (optax.lbfgs) pass unknown extra arguments "
+                "on to `value_fn`: give it the keyword, "
+                "`def value_fn(params, loss=None)`, or `**kwargs`."
+            )
+        cls = TypeError if isinstance(e, TypeError) else ValueError
+        raise cls(
+            f"jaxnan.{fn_name}: the inner transformation's update fails on these "
+            f"arguments (the state fits the params; extra arguments forwarded: "
+            f"{forwarded}): {type(e).__name__}: {e}{hint}"
+        ) from e
     return params is None or jax.tree_util.tree_structure(
         out
     ) == jax.tree_util.tree_structure(params)
+
+
+def _state_fits(init: Callable, params: Any, state: Any) -> bool:
+    """Whether `state` has the structure and leaf shapes of ``init(params)``."""
+    try:
+        fresh = jax.eval_shape(init, params)
+    except (TypeError, ValueError):
+        return False
+    if jax.tree_util.tree_structure(fresh) != jax.tree_util.tree_structure(state):
+        return False
+    return all(
+        np.shape(a) == np.shape(b)
+        for a, b in zip(
+            jax.tree_util.tree_leaves(fresh), jax.tree_util.tree_leaves(state)
+        )
+    )
 
 
 def validate_inner(inner: Any, *, fn_name: str) -> None:

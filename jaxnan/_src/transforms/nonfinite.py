@@ -279,6 +279,27 @@ def skip_nonfinite(
       unguarded step for most optimizers); it costs a second evaluation of
       `inner` (`benchmarks/RESULTS.md` has the step time).
 
+    Extra arguments, ``loss=`` included, are passed on to `inner`, as
+    `optax.chain` passes them to each transformation: jaxnan's loss-aware
+    transforms inside it (`jaxnan.skip_spikes`, `jaxnan.dynamic_loss_scale`)
+    read the loss there. An optax transformation that passes unknown extra
+    arguments on to a function of the user's gets it too: ``optax.lbfgs``'s
+    line search calls ``value_fn(params, loss=...)``, so define
+    ``def value_fn(params, loss=None)``. When `inner`'s update fails on the
+    arguments of a state that fits the params, its own error is raised,
+    chained, naming the extra arguments forwarded (and this fix).
+
+    A skipped step never hangs in `inner`. Its equations are evaluated on
+    every step (the skip is a select), so an optimizer that iterates on its
+    gradients could loop on a nonfinite one: ``optax.contrib.galore``'s SVD
+    (LAPACK's gesdd on the CPU) never returns on some matrices mixing +-Inf
+    with finite entries (Reference-LAPACK lapack#1409). When `inner`'s
+    update holds such a primitive (an SVD), it is given the gradients with
+    their nonfinite entries set to 0 (bit for bit the gradients on a step
+    that is applied; the skip is decided on the gradients themselves), at
+    the cost of one select per gradient entry, fused into the optimizer's
+    reads (`benchmarks/RESULTS.md`). Other optimizers are unchanged.
+
     Unlike `optax.apply_if_finite`, reaching `give_up_after` consecutive
     skips never lets a nonfinite update through (which would poison the moments for
     good): the step is still skipped and `state.gave_up` is set, for a host
@@ -388,7 +409,13 @@ def skip_nonfinite(
             params=params,
             extra_args=extra_args,
             inner_accepts=lambda: validation.inner_accepts(
-                inner.update, updates, state.inner_state, params, extra_args
+                inner.update,
+                updates,
+                state.inner_state,
+                params,
+                extra_args,
+                init=inner.init,
+                fn_name="skip_nonfinite",
             ),
             fn_name=name,
         )

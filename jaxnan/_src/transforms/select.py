@@ -19,7 +19,7 @@ from jax.extend import core as jex_core
 from jax.extend import source_info_util
 
 from jaxnan._src.core import dtypes, sharding, split_leaves, tree, validation
-from jaxnan._src.transforms import observers
+from jaxnan._src.transforms import hazards, observers
 
 source_info_util.register_exclusion(__file__)
 
@@ -147,11 +147,24 @@ def guarded_update(
     inputs (no extra buffer), so that XLA recomputes its arithmetic inside
     the reductions instead of sharing it with the step. Eagerly (no tracer
     in sight), `inner` runs op by op and the results are `where`-selected.
+
+    When `inner`'s equations hold a primitive that may never return on
+    nonfinite input (`hazards.HANGS_ON_NONFINITE`: the SVD of
+    ``optax.contrib.galore``), `inner` is given `hazards.finite_or_zero`
+    updates, the gradients bit for bit on a step that is applied, so that a
+    skipped step returns; the skip is decided on the gradients themselves.
     """
     closed, (out_types, inner_types) = jax.make_jaxpr(
         lambda: inner.update(updates, inner_state, params, **extra_args),
         return_shape=True,
     )()
+    if hazards.hangs_on_nonfinite(closed.jaxpr):
+        # A step that is skipped must return: `inner` sees finite gradients
+        # (bit for bit the gradients on a step that is applied).
+        updates = hazards.finite_or_zero(updates)
+        closed = jax.make_jaxpr(
+            lambda: inner.update(updates, inner_state, params, **extra_args)
+        )()
     n_updates = len(jax.tree_util.tree_leaves(out_types))
     state_axes = jax.tree_util.tree_map(
         lambda n, o: sharding.varying_axes(n) | sharding.varying_axes(jax.typeof(o)),
