@@ -253,9 +253,9 @@ def skip_nonfinite(
     ``dowg`` and ``prodigy`` turn a bfloat16 scalar of a mixed tree into a
     float32 one at their first update; init's state is widened to it, which
     is exact), so that the state is a fixed-type carry. Where that update
-    cannot be traced at init (it needs an extra argument, such as
-    ``contrib.momo``'s ``value=``), each new leaf is rounded to init's
-    dtype. Bit for bit:
+    cannot be traced at init with no extra argument or with ``value=`` (a
+    scalar loss, as ``contrib.momo`` needs), each new leaf is rounded to
+    init's dtype. Bit for bit:
 
     * default (``exact=False``): the params and state of a jitted step
       ``optax.apply_updates(params, updates)`` are those of the same step
@@ -265,7 +265,9 @@ def skip_nonfinite(
       ``momo_adam``, ``muon``, ``schedule_free`` and
       ``optax.rmsprop(centered=True, momentum=0.9)``, and in float16 or
       bfloat16 ``optax``'s ``adaptive_grad_clip``, ``noisy_sgd``,
-      ``scale_by_radam``, ``scale_by_rms`` and ``scale_by_stddev``, and the
+      ``scale_by_radam``, ``scale_by_rms``, ``scale_by_stddev`` and
+      ``contrib.scale_by_galore`` (its gradients pass a select against the
+      SVD hang), and the
       updates are ``jax.jit(inner.update)``'s except for those: there the
       last bit of some entries can differ (XLA:CPU lets LLVM contract
       ``a * b + c`` into an FMA kernel by kernel, and the guard's select in
