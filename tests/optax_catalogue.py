@@ -225,7 +225,8 @@ FUSION_ULP = frozenset(
         "contrib.momo",
         "contrib.momo_adam",
         "contrib.muon",
-        "contrib.scale_by_galore",  # float16, since its gradients pass a select
+        "contrib.galore",  # float16, since its gradients pass a select
+        "contrib.scale_by_galore",  # float16, the same
         "contrib.schedule_free",  # mixed tree, float64
         "optax.adaptive_grad_clip",  # float16
         "optax.noisy_sgd",  # float16, mixed tree

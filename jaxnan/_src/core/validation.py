@@ -114,8 +114,10 @@ def inner_accepts(
     try:
         out, _ = jax.eval_shape(lambda: update(updates, state, params, **extra_args))
     except (TypeError, ValueError) as e:
-        if init is None or not _state_fits(
-            init, updates if params is None else params, state
+        if (
+            init is None
+            or (params is not None and not _same_shapes(updates, params))
+            or not _state_fits(init, updates if params is None else params, state)
         ):
             return False
         forwarded = ", ".join(f"{k}=" for k in sorted(extra_args)) or "none"
@@ -145,6 +147,12 @@ def _state_fits(init: Callable, params: Any, state: Any) -> bool:
         fresh = jax.eval_shape(init, params)
     except (TypeError, ValueError):
         return False
+    return _same_shapes(fresh, state)
+
+
+def _same_shapes(a: Any, b: Any) -> bool:
+    """Whether two trees have one structure and the same leaf shapes."""
+    fresh, state = a, b
     if jax.tree_util.tree_structure(fresh) != jax.tree_util.tree_structure(state):
         return False
     return all(

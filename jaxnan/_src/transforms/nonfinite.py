@@ -266,7 +266,7 @@ def skip_nonfinite(
       ``optax.rmsprop(centered=True, momentum=0.9)``, and in float16 or
       bfloat16 ``optax``'s ``adaptive_grad_clip``, ``noisy_sgd``,
       ``scale_by_radam``, ``scale_by_rms``, ``scale_by_stddev`` and
-      ``contrib.scale_by_galore`` (its gradients pass a select against the
+      ``contrib.galore``/``scale_by_galore`` (their gradients pass a select against the
       SVD hang), and the
       updates are ``jax.jit(inner.update)``'s except for those: there the
       last bit of some entries can differ (XLA:CPU lets LLVM contract
