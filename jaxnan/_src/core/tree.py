@@ -679,9 +679,11 @@ def split_sums(rows: list[jax.Array]) -> list[jax.Array]:
     out = []
     for k in range(0, len(rows), 2):
         re = jnp.asarray(rows[k], jnp.float32)
-        im = jnp.asarray(rows[k + 1], jnp.float32) if k + 1 < len(rows) else None
-        if im is None:
-            im = jnp.zeros_like(re)
+        im = (
+            jnp.asarray(rows[k + 1], jnp.float32)
+            if k + 1 < len(rows)
+            else jnp.zeros_like(re)
+        )
         total = jnp.sum(lax.complex(re, im))
         out += [jnp.real(total), jnp.imag(total)]
     return out[: len(rows)]

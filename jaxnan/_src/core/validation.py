@@ -152,14 +152,10 @@ def _state_fits(init: Callable, params: Any, state: Any) -> bool:
 
 def _same_shapes(a: Any, b: Any) -> bool:
     """Whether two trees have one structure and the same leaf shapes."""
-    fresh, state = a, b
-    if jax.tree_util.tree_structure(fresh) != jax.tree_util.tree_structure(state):
-        return False
-    return all(
-        np.shape(a) == np.shape(b)
-        for a, b in zip(
-            jax.tree_util.tree_leaves(fresh), jax.tree_util.tree_leaves(state)
-        )
+    leaves_a, tree_a = jax.tree_util.tree_flatten(a)
+    leaves_b, tree_b = jax.tree_util.tree_flatten(b)
+    return tree_a == tree_b and all(
+        np.shape(x) == np.shape(y) for x, y in zip(leaves_a, leaves_b, strict=True)
     )
 
 
