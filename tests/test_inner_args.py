@@ -56,21 +56,18 @@ def test_lbfgs_value_fn_taking_loss_runs_bit_for_bit_as_lbfgs():
     opt = optax.lbfgs()
     tx = jaxnan.skip_nonfinite(opt)
 
-    @jax.jit
-    def guarded(p, s):
-        value, grad = jax.value_and_grad(value_fn)(p)
-        u, s = tx.update(
-            grad, s, p, loss=value, value=value, grad=grad, value_fn=value_fn
-        )
-        return optax.apply_updates(p, u), s
+    def step_of(t):
+        @jax.jit
+        def step(p, s):
+            value, grad = jax.value_and_grad(value_fn)(p)
+            u, s = t.update(
+                grad, s, p, loss=value, value=value, grad=grad, value_fn=value_fn
+            )
+            return optax.apply_updates(p, u), s
 
-    @jax.jit
-    def plain(p, s):
-        value, grad = jax.value_and_grad(value_fn)(p)
-        u, s = opt.update(
-            grad, s, p, loss=value, value=value, grad=grad, value_fn=value_fn
-        )
-        return optax.apply_updates(p, u), s
+        return step
+
+    guarded, plain = step_of(tx), step_of(opt)
 
     p_run, s_run, p_ref, s_ref = params, tx.init(params), params, opt.init(params)
     for _ in range(3):
