@@ -244,3 +244,105 @@ def test_equinox_filter_jit():
 
     with_bad, without = _batches()
     _assert_bit_equal(run(with_bad, True), run(without, False))
+
+
+def _nnx_tutorial_cnn(nnx):
+    """The CNN of Flax's NNX MNIST tutorial ("MNIST tutorial", flax.readthedocs.io),
+    narrowed to 8x8 images."""
+    from functools import partial
+
+    class CNN(nnx.Module):
+        def __init__(self, *, rngs: nnx.Rngs):
+            self.conv1 = nnx.Conv(1, 8, kernel_size=(3, 3), rngs=rngs)
+            self.avg_pool = partial(nnx.avg_pool, window_shape=(2, 2), strides=(2, 2))
+            self.linear1 = nnx.Linear(8 * 4 * 4, 32, rngs=rngs)
+            self.dropout = nnx.Dropout(rate=0.1, rngs=rngs)
+            self.linear2 = nnx.Linear(32, 10, rngs=rngs)
+
+        def __call__(self, x):
+            x = self.avg_pool(nnx.relu(self.conv1(x)))
+            x = x.reshape(x.shape[0], -1)
+            x = self.dropout(nnx.relu(self.linear1(x)))
+            return self.linear2(x)
+
+    return CNN
+
+
+def _images():
+    rng = np.random.default_rng(0)
+    out = [
+        {
+            "image": rng.normal(size=(8, 8, 8, 1)).astype(np.float32),
+            "label": rng.integers(0, 10, 8).astype(np.int32),
+        }
+        for _ in range(STEPS)
+    ]
+    bad = {k: v.copy() for k, v in out[K].items()}
+    bad["image"][ROW, 2, 2, 0] = np.nan
+    return out[:K] + [bad] + out[K:], out
+
+
+@pytest.mark.default_compiler
+@pytest.mark.parametrize("hand_loss", [False, True])
+def test_flax_nnx_mnist_tutorial_step_returning_nothing(hand_loss):
+    """The tutorial's ``train_step(model, optimizer, metrics, batch)`` returns
+    nothing: its loss goes to an ``nnx.MultiMetric``. The guard judges it
+    without a loss (or with the one handed to the optimizer), skips the NaN
+    batch, and model, optimizer and metrics end bit for bit as in a run that
+    never saw it."""
+    nnx = pytest.importorskip("flax.nnx")
+    CNN = _nnx_tutorial_cnn(nnx)
+
+    def loss_fn(model, batch):
+        logits = model(batch["image"])
+        loss = optax.softmax_cross_entropy_with_integer_labels(
+            logits=logits, labels=batch["label"]
+        ).mean()
+        return loss, logits
+
+    @nnx.jit
+    def train_step(model, optimizer, metrics, batch):
+        grad_fn = nnx.value_and_grad(loss_fn, has_aux=True)
+        (loss, logits), grads = grad_fn(model, batch)
+        metrics.update(loss=loss, logits=logits, labels=batch["label"])
+        if hand_loss:
+            optimizer.update(model, grads, loss=loss)
+        else:
+            optimizer.update(model, grads)
+
+    def run(batches, guarded):
+        model = CNN(rngs=nnx.Rngs(0))
+        tx = jaxnan.skip_nonfinite(optax.adamw(1e-3, 0.9))
+        optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+        metrics = nnx.MultiMetric(
+            accuracy=nnx.metrics.Accuracy(), loss=nnx.metrics.Average("loss")
+        )
+        step = jaxnan.guard(train_step) if guarded else train_step
+        first = None
+        for b in batches:
+            assert step(model, optimizer, metrics, b) is None
+            if first is None and not guarded:  # the Average of one loss: itself
+                first = float(metrics.compute()["loss"])
+        if guarded:
+            assert step.summary()["skipped"] == 1
+            (incident,) = step.incidents
+            assert incident.step == K and incident.cause == "input_data"
+            assert incident.leaf == "batch['image']" and incident.rows == (ROW,)
+            assert incident.action == "skipped"
+            figures = [f[1] for f in step.figures]
+            if not hand_loss:  # no loss to record
+                assert all(np.isnan(figures))
+            return nnx.state((model, optimizer, metrics)), metrics.compute(), figures
+        return nnx.state((model, optimizer, metrics)), metrics.compute(), first
+
+    with_bad, without = _images()
+    (state, computed, figures), (ref, ref_computed, first) = (
+        run(with_bad, True),
+        run(without, False),
+    )
+    if hand_loss:  # the loss handed to the optimizer is the step's
+        assert figures[0] == first
+    _assert_bit_equal(state, ref)
+    assert {k: float(v) for k, v in computed.items()} == {
+        k: float(v) for k, v in ref_computed.items()
+    }
