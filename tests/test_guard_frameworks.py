@@ -6,6 +6,8 @@ for bit, a run of the unguarded step that never saw batch K (skip_nonfinite's
 own counters aside).
 """
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -319,11 +321,17 @@ def test_flax_nnx_mnist_tutorial_step_returning_nothing(hand_loss):
         )
         step = jaxnan.guard(train_step) if guarded else train_step
         first = None
-        for b in batches:
-            assert step(model, optimizer, metrics, b) is None
-            if first is None and not guarded:  # the Average of one loss: itself
-                first = float(metrics.compute()["loss"])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for b in batches:
+                assert step(model, optimizer, metrics, b) is None
+                if first is None and not guarded:  # the Average of one loss
+                    first = float(metrics.compute()["loss"])
         if guarded:
+            told = [
+                str(w.message) for w in caught if "returns nothing" in str(w.message)
+            ]
+            assert len(told) == (0 if hand_loss else 1)
             assert step.summary()["skipped"] == 1
             (incident,) = step.incidents
             assert incident.step == K and incident.cause == "input_data"
