@@ -329,7 +329,7 @@ def test_flax_nnx_mnist_tutorial_step_returning_nothing(hand_loss):
                     first = float(metrics.compute()["loss"])
         if guarded:
             told = [
-                str(w.message) for w in caught if "returns nothing" in str(w.message)
+                str(w.message) for w in caught if "returns no loss" in str(w.message)
             ]
             assert len(told) == (0 if hand_loss else 1)
             assert step.summary()["skipped"] == 1
@@ -354,3 +354,60 @@ def test_flax_nnx_mnist_tutorial_step_returning_nothing(hand_loss):
     assert {k: float(v) for k, v in computed.items()} == {
         k: float(v) for k, v in ref_computed.items()
     }
+
+
+@pytest.mark.default_compiler
+def test_flax_linen_mnist_tutorial_step_returning_the_state_alone():
+    """Flax linen's MNIST tutorial: ``train_step(state, batch) -> state``, with
+    `jax.grad` and ``state.apply_gradients(grads=grads)`` (no loss anywhere).
+    The guard returns the TrainState alone, skips the NaN batch, and the
+    state ends bit for bit as in a run that never saw it."""
+    nn = pytest.importorskip("flax.linen")
+    from flax.training import train_state
+
+    class CNN(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.Conv(features=8, kernel_size=(3, 3))(x)
+            x = nn.relu(x)
+            x = nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
+            x = x.reshape((x.shape[0], -1))
+            x = nn.relu(nn.Dense(features=32)(x))
+            return nn.Dense(features=10)(x)
+
+    @jax.jit
+    def train_step(state, batch):
+        def loss_fn(params):
+            logits = state.apply_fn({"params": params}, batch["image"])
+            return optax.softmax_cross_entropy_with_integer_labels(
+                logits=logits, labels=batch["label"]
+            ).mean()
+
+        grads = jax.grad(loss_fn)(state.params)
+        return state.apply_gradients(grads=grads)
+
+    def run(batches, guarded):
+        module = CNN()
+        params = module.init(jax.random.key(0), jnp.ones([1, 8, 8, 1]))["params"]
+        tx = jaxnan.skip_nonfinite(optax.sgd(0.01, 0.9))
+        state = train_state.TrainState.create(
+            apply_fn=module.apply, params=params, tx=tx
+        )
+        step = jaxnan.guard(train_step) if guarded else train_step
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for b in batches:
+                state = step(state, b)
+                assert isinstance(state, train_state.TrainState)
+        if guarded:
+            assert any("returns no loss" in str(w.message) for w in caught)
+            assert step.summary()["skipped"] == 1
+            (incident,) = step.incidents
+            assert incident.step == K and incident.cause == "input_data"
+            assert incident.leaf == "batch['image']" and incident.rows == (ROW,)
+        return state
+
+    with_bad, without = _images()
+    new, ref = run(with_bad, True), run(without, False)
+    assert int(new.step) == int(ref.step) == STEPS
+    _assert_bit_equal((new.params, new.opt_state), (ref.params, ref.opt_state))

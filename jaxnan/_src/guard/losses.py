@@ -2,9 +2,10 @@
 
 A step returns its loss (``return loss``; ``(params, opt_state, loss)``; a
 dict with a ``"loss"`` entry), or the guard is told where it is (``loss=``).
-A step that returns nothing, as the Flax NNX tutorials write it
-(``train_step(model, optimizer, metrics, batch)`` keeps its loss in an
-``nnx.MultiMetric``), may still hand the loss to the optimizer
+A step that returns nothing, or its state alone, as the Flax tutorials write
+it (NNX: ``train_step(model, optimizer, metrics, batch)`` keeps its loss in
+an ``nnx.MultiMetric``; linen: ``train_step(state, batch) -> state``), may
+still hand the loss to the optimizer
 (``optimizer.update(model, grads, loss=loss)``): that loss is the step's.
 With neither, the step has no loss: it is bad when `skip_nonfinite` skips it
 or when it writes a nonfinite value into its state (a metric averaging a
@@ -34,8 +35,9 @@ NO_LOSS = (
 )
 
 LOSSLESS = (
-    "jaxnan.guard: `{fn_name}` returns nothing and hands no loss to "
-    "skip_nonfinite, so the guard has no loss to check: a step is bad when "
+    "jaxnan.guard: `{fn_name}` returns no loss (nothing, or its state alone) "
+    "and hands none to skip_nonfinite, so the guard has no loss to check: a "
+    "step is bad when "
     "skip_nonfinite skips it or it writes a nonfinite value into its state (a "
     "metric that averages the loss included), and its loss figure is NaN. "
     "Return the loss, or hand it to the optimizer: "

@@ -385,6 +385,8 @@ def read_new_state(
                 "structure of its first arguments."
             )
         state += [x for x, a in zip(leaves, arrays) if a]
+    if len(out) == n:
+        return state, None
     metrics = out[n] if len(out) == n + 1 else tuple(out[n:])
     return state, metrics
 
@@ -407,7 +409,7 @@ def signature(tree: Any) -> tuple[Any, tuple[Any, ...]]:
 
 
 def infer_state_args(
-    args: Sequence[Any], outs: tuple[Any, ...] | None
+    args: Sequence[Any], outs: tuple[Any, ...] | None, whole: Any = None
 ) -> tuple[int, ...]:
     """Positions of the pytree arguments a step returns first (plain/linen/eqx).
 
@@ -416,9 +418,14 @@ def infer_state_args(
     with the tree structure and leaf shapes (`signature`) of the argument at
     the same position. The outputs after them are the metrics: in
     ``(params, opt, x, y) -> (params, opt, loss, acc)`` the scalar loss does
-    not repeat the batch ``x``, so the metrics are ``(loss, acc)``.
+    not repeat the batch ``x``, so the metrics are ``(loss, acc)``. A step
+    whose output is not a tuple (`outs` None) and has the `signature`
+    (`whole`) of its first argument returns that state alone: Flax linen's
+    tutorials write ``train_step(state, batch) -> state``.
     """
-    if outs is None or len(outs) < 2:
+    if outs is None:
+        return (0,) if args and whole == signature(args[0]) else ()
+    if len(outs) < 2:
         return ()
     n = 0
     for j in range(min(len(outs) - 1, len(args))):
@@ -493,6 +500,8 @@ def guarded_body(
         old_totals = [first_leaf(s.nonfinite_total) for s in old_skip]
         with update_tap.collect_updates(hold) as tapped:
             out = fn(*args)
+        if layout.state_args and not isinstance(out, tuple | list):
+            out = (out,)  # `(state, batch) -> state`: the state alone
         # A `skip_nonfinite` update traced inside a `lax.scan` (several
         # optimizer steps per call) reports tracers of the scan's body:
         # unusable here, and its per-step skips do not make the call's.
