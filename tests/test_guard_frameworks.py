@@ -207,9 +207,7 @@ def test_equinox_filter_jit():
     eqx = pytest.importorskip("equinox")
 
     class Model(eqx.Module):
-        # Linear layers only: `eqx.nn.MLP` stores its activation function as a
-        # leaf, which eqx.filter turns into None, and skip_nonfinite rejects
-        # None leaves until the Frameworks work lands.
+        # A jax.Array field beside the layers (functions as fields: below).
         layers: list
         scale: jax.Array
 
@@ -411,3 +409,71 @@ def test_flax_linen_mnist_tutorial_step_returning_the_state_alone():
     new, ref = run(with_bad, True), run(without, False)
     assert int(new.step) == int(ref.step) == STEPS
     _assert_bit_equal((new.params, new.opt_state), (ref.params, ref.opt_state))
+
+
+@pytest.mark.default_compiler
+def test_equinox_mnist_tutorial_cnn():
+    """Equinox's "Convolutional Neural Network on MNIST" example as written
+    (functions among the layers, ``make_step(model, opt_state, x, y)``,
+    ``optim.update(grads, opt_state, eqx.filter(model, eqx.is_array))``
+    without the loss), images narrowed to 8x8: the NaN image's row is named
+    in ``x`` and the run ends bit for bit as one that never saw it."""
+    eqx = pytest.importorskip("equinox")
+
+    class CNN(eqx.Module):
+        layers: list
+
+        def __init__(self, key):
+            key1, key2, key3, key4 = jax.random.split(key, 4)
+            self.layers = [
+                eqx.nn.Conv2d(1, 3, kernel_size=4, key=key1),
+                eqx.nn.MaxPool2d(kernel_size=2),
+                jax.nn.relu,
+                jnp.ravel,
+                eqx.nn.Linear(48, 32, key=key2),
+                jax.nn.sigmoid,
+                eqx.nn.Linear(32, 16, key=key3),
+                jax.nn.relu,
+                eqx.nn.Linear(16, 10, key=key4),
+                jax.nn.log_softmax,
+            ]
+
+        def __call__(self, x):
+            for layer in self.layers:
+                x = layer(x)
+            return x
+
+    def cross_entropy(y, pred_y):
+        pred_y = jnp.take_along_axis(pred_y, jnp.expand_dims(y, 1), axis=1)
+        return -jnp.mean(pred_y)
+
+    def loss(model, x, y):
+        return cross_entropy(y, jax.vmap(model)(x))
+
+    optim = jaxnan.skip_nonfinite(optax.adamw(3e-4))
+
+    @eqx.filter_jit
+    def make_step(model, opt_state, x, y):
+        loss_value, grads = eqx.filter_value_and_grad(loss)(model, x, y)
+        updates, opt_state = optim.update(
+            grads, opt_state, eqx.filter(model, eqx.is_array)
+        )
+        model = eqx.apply_updates(model, updates)
+        return model, opt_state, loss_value
+
+    def run(batches, guarded):
+        model = CNN(jax.random.PRNGKey(0))
+        opt_state = optim.init(eqx.filter(model, eqx.is_array))
+        step = jaxnan.guard(make_step) if guarded else make_step
+        for b in batches:
+            x = np.moveaxis(b["image"], -1, 1)  # NCHW, as the example's loader
+            model, opt_state, _ = step(model, opt_state, x, b["label"])
+        if guarded:
+            assert step.summary()["skipped"] == 1
+            (incident,) = step.incidents
+            assert incident.step == K and incident.cause == "input_data"
+            assert incident.leaf == "x" and incident.rows == (ROW,)
+        return eqx.filter((model, opt_state), eqx.is_array)
+
+    with_bad, without = _images()
+    _assert_bit_equal(run(with_bad, True), run(without, False))
