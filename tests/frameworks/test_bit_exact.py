@@ -72,15 +72,7 @@ def eqx_states(check):
     optim = optax.adamw(3e-4)
     opt_state = optim.init(eqx.filter(model, eqx.is_array))
     loss = jaxnan.checked(eqx_cnn.loss, on_nonfinite="warn") if check else eqx_cnn.loss
-
-    @eqx.filter_jit
-    def make_step(model, opt_state, x, y):
-        loss_value, grads = eqx.filter_value_and_grad(loss)(model, x, y)
-        updates, opt_state = optim.update(
-            grads, opt_state, eqx.filter(model, eqx.is_array)
-        )
-        model = eqx.apply_updates(model, updates)
-        return model, opt_state, loss_value
+    make_step = eqx_cnn.example_step(optim, loss)
 
     states = []
     for x, y in eqx_cnn.batches(STEPS):

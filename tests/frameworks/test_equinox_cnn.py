@@ -81,6 +81,21 @@ def train(data, guarded, lr=3e-4):
     return model, opt_state, losses
 
 
+def example_step(optim, loss_fn):
+    """The example's ``make_step``, as it writes it."""
+
+    @eqx.filter_jit
+    def make_step(model, opt_state, x, y):
+        loss_value, grads = eqx.filter_value_and_grad(loss_fn)(model, x, y)
+        updates, opt_state = optim.update(
+            grads, opt_state, eqx.filter(model, eqx.is_array)
+        )
+        model = eqx.apply_updates(model, updates)
+        return model, opt_state, loss_value
+
+    return make_step
+
+
 def batches(n, seed=0):
     rng = np.random.default_rng(seed)
     return [
@@ -187,15 +202,7 @@ def test_guard_on_the_example_step():
     bit as in a run of the same step that never saw the batch."""
     K, ROW = 2, 5
     optim = jaxnan.skip_nonfinite(optax.adamw(3e-4))
-
-    @eqx.filter_jit
-    def make_step(model, opt_state, x, y):
-        loss_value, grads = eqx.filter_value_and_grad(loss)(model, x, y)
-        updates, opt_state = optim.update(
-            grads, opt_state, eqx.filter(model, eqx.is_array)
-        )
-        model = eqx.apply_updates(model, updates)
-        return model, opt_state, loss_value
+    make_step = example_step(optim, loss)
 
     def run(data, guarded):
         model = compilers.cheap_init(CNN, jax.random.key(5678), jit=eqx.filter_jit)
