@@ -97,7 +97,7 @@ def layer_text(
     """
     provs = _provenances(dyn_tree)
     walker = activations.Walker()
-    index = iteration[0] if iteration else None
+    index = tuple(iteration)
 
     def measure(consts, xs):
         walker.run(closed.jaxpr, consts, xs, provs)
