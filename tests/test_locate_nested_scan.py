@@ -180,6 +180,64 @@ def test_a_reversed_loop_over_microbatches_takes_the_moments_of_the_first():
     np.testing.assert_array_equal(stats[key].mean, first[key].mean)
 
 
+def fori_accum(params, xs):
+    def micro(k, acc):
+        return acc + model(params, xs[k])
+
+    return lax.fori_loop(0, M, micro, 0.0)  # static bounds: a scan
+
+
+def test_a_fori_loop_over_microbatches_names_the_layer():
+    params = _params("negative")
+    d = jaxnan.locate(fori_accum)(params, XS)
+    single = jaxnan.activation_stats(model)(params, XS[0])
+    layer = f"{BAD}/{_site(model, 'jnp.sqrt', 'body')}"
+    _check(d, layer, model, "jnp.sqrt", "forward", single)
+
+
+# -- a scan over layers inside a scan over layers, by hand --------------------
+
+S = 2  # sublayers per block
+
+
+def nested(params, x):
+    def block(h, p):
+        def sub(h, q):
+            with jax.named_scope("dense"):
+                z = h @ q["w"] + q["b"]
+            return jnp.tanh(z), None
+
+        with jax.named_scope("sub"):
+            h, _ = lax.scan(sub, h, p)
+        return h, None
+
+    with jax.named_scope("blocks"):
+        h, _ = lax.scan(block, x, params)
+    return h
+
+
+def test_a_stack_in_a_stack_names_both_indices_with_their_own_values():
+    rng = np.random.default_rng(1)
+    params = {
+        "w": jnp.asarray(rng.normal(size=(L, S, D, D)), jnp.float32),
+        "b": jnp.asarray(rng.normal(size=(L, S, D)), jnp.float32),
+    }
+    stats = jaxnan.activation_stats(nested)(params, XS[0])
+    want, h = [], XS[0]
+    for i in range(L):
+        for j in range(S):
+            mm = h @ params["w"][i, j]
+            z = mm + params["b"][i, j]
+            h = jnp.tanh(z)
+            dense, act = f"blocks/{i}/sub/{j}/dense", f"blocks/{i}/sub/{j}"
+            want += [dense, act]
+            mag = max(float(jnp.max(jnp.abs(mm))), float(jnp.max(jnp.abs(z))))
+            assert float(stats[dense].max_abs) == mag
+            assert float(stats[act].max_abs) == float(jnp.max(jnp.abs(h)))
+            np.testing.assert_array_equal(stats[act].mean, jnp.mean(h))
+    assert list(stats) == want
+
+
 # -- a loop over time without a stack keeps its report -----------------------
 
 
@@ -283,8 +341,6 @@ def test_nnx_gradient_accumulation_names_the_microbatch_and_the_layer(kind):
 
 
 # -- Flax linen: nn.scan of blocks, each an nn.scan of sublayers -------------
-
-S = 2  # sublayers per block; block BAD // S, sublayer BAD % S is layer BAD
 
 
 class LinenSub(nn.Module):

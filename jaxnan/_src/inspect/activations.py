@@ -276,10 +276,6 @@ class Walker:
         measured per iteration too: their entries' reductions gain this
         loop's axis.
         """
-        if stacked:
-            loop = scan_layers.stack_of(eqn, context[0], stacked, self.model_layers)
-        else:
-            loop = scan_layers.loop_of(eqn)
         sub = primitives.sub_jaxprs(eqn)[0]
         provs = scan_layers.body_provenances(eqn, [p for _, p in ins])
         traced: list = []
@@ -298,6 +294,13 @@ class Walker:
 
         outs, reduced = scan_layers.run_scan(eqn, [x for x, _ in ins], body)
         child, out_provs, names = traced
+        inner = {e.loops[0].name for e in child.entries if e.loops}
+        loop = scan_layers.loop_of(eqn)
+        if stacked:
+            loop = scan_layers.stack_of(eqn, context[0], stacked, self.model_layers)
+            if loop.name in inner:  # a scope around the body's own stack only
+                args = (eqn, context[0], stacked, self.model_layers, False)
+                loop = scan_layers.stack_of(*args)
         first = len(self.entries)
         for e, red, name in zip(child.entries, reduced, names):
             tops = e.reduced[0] if e.loops else tuple(map(reductions.top_of, e.values))

@@ -230,16 +230,25 @@ def _param_stack(stacked: set[str], model_layers: set[str]) -> str:
     return "/".join(common)
 
 
-def stack_of(eqn: Any, scope: str, stacked: set[str], model_layers: set[str]) -> Stack:
+def stack_of(
+    eqn: Any,
+    scope: str,
+    stacked: set[str],
+    model_layers: set[str],
+    opened: bool = True,
+) -> Stack:
     """The `Stack` of a scan over layers.
 
     Its name is the scan's scope with the module scope opened in the body
     (linen's ``Net/layers``); without one, the scope around the scan
     (`jax.named_scope`); else the parameter path of the stack (NNX's
-    ``blocks``, Equinox's ``layers``).
+    ``blocks``, Equinox's ``layers``). With `opened` False the body's scope
+    is left out: a scope around the body's own scan over layers alone (a
+    ``jax.named_scope("sub")`` around it) names that stack, not this one,
+    when both would have the same name.
     """
     body = primitives.sub_jaxprs(eqn)[0].jaxpr
-    inner = _inner_scope(body)
+    inner = _inner_scope(body) if opened else ""
     name = layers.join(scope, inner) if inner or scope else ""
     if not name:
         name = _param_stack(stacked, model_layers)
