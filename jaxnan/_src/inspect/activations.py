@@ -536,8 +536,15 @@ def activation_stats(
     a new `lax.scan` whose stacked outputs carry each iteration's
     reductions, so one pass measures every layer.
     `ActivationStats.first_nonfinite` then names the iteration where a NaN
-    or Inf first appeared. Other `scan`s (over time), `while`, `cond` and
-    `shard_map` are measured on their outputs as one equation.
+    or Inf first appeared. A scan over layers inside another `scan` (over
+    microbatches or time steps, e.g. gradient accumulation over
+    ``jax.value_and_grad(model)``, the parameters closed over) is measured
+    the same way, each layer's statistics reduced over the outer loop's
+    iterations (the largest maximum, the summed counts, the moments of the
+    last iteration run); one inside another scan over layers names both
+    indices (``Net/blocks/2/sub/1``). Other `scan`s (over time, around no
+    scan over layers), `while`, `cond` and `shard_map` are measured on
+    their outputs as one equation.
 
     Cost: one compile, and one run at most 2x a plain forward pass on the
     small transformer LM of `benchmarks/inspect_cost.py` (one fused
