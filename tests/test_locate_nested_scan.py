@@ -180,6 +180,34 @@ def test_a_reversed_loop_over_microbatches_takes_the_moments_of_the_first():
     np.testing.assert_array_equal(stats[key].mean, first[key].mean)
 
 
+def log_accum(params, xs, c):
+    def micro(acc, x):
+        return acc + model(params, x) + jnp.log(c - jnp.sum(x)), None
+
+    return lax.scan(micro, 0.0, xs)[0]
+
+
+def test_an_event_outside_the_stack_measures_its_own_microbatch():
+    # the sums grow with the microbatch: c - sum < 0 from microbatch 1 on
+    params = _params("negative")
+    params = (params[0], jnp.abs(params[1]))  # a finite stack
+    c = (jnp.sum(XS[0]) + jnp.sum(XS[1])) / 2
+    d = jaxnan.locate(log_accum)(params, XS, c)
+    site = _site(log_accum, "jnp.log(c", "micro")
+    assert (d.primitive, d.iteration, d.layer) == ("log", (1,), site)
+    stats = jaxnan.activation_stats(log_accum)(params, XS, c)
+    # microbatch 1: the log and the add of it; microbatch 2 starts from a
+    # NaN total: its conversion (of the weakly typed carry) and both adds too
+    assert int(stats[site].nonfinite) == 2 + 4
+    # the report's line: microbatch 1 alone; its finite values are the sum,
+    # c - sum and acc + loss (acc: microbatch 0's total)
+    acc = model(params, XS[0]) + jnp.log(c - jnp.sum(XS[0]))
+    finite = [jnp.sum(XS[1]), c - jnp.sum(XS[1]), acc + model(params, XS[1])]
+    mag = max(abs(float(v)) for v in finite)
+    assert d.layer_stats.startswith(f"activations of `{site}`: max |x| = {mag:.3g}")
+    assert d.layer_stats.endswith(", 2 nonfinite")
+
+
 def fori_accum(params, xs):
     def micro(k, acc):
         return acc + model(params, xs[k])
