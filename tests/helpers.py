@@ -18,6 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 __all__ = [
     "P",
+    "assert_bits_equal_but_counters",
     "assert_no_host_callback",
     "buffer_pointers",
     "host_callbacks",
@@ -30,6 +31,30 @@ __all__ = [
     "sharded",
     "tagged_line",
 ]
+
+
+SKIP_COUNTERS = ("nonfinite_total", "last_nonfinite_step", "skip_step")
+
+
+def assert_bits_equal_but_counters(a, b) -> None:
+    """Every leaf of `a` is `b`'s bit for bit (dtype, key data included),
+    but `skip_nonfinite`'s own counters, which count the steps it skipped."""
+
+    def leaves(tree):
+        out = []
+        for path, x in jax.tree_util.tree_leaves_with_path(tree):
+            key = jax.tree_util.keystr(path)
+            if any(f in key for f in SKIP_COUNTERS):
+                continue
+            if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+                x = jax.random.key_data(x)
+            out.append((key, np.asarray(x)))
+        return out
+
+    la, lb = leaves(a), leaves(b)
+    assert [k for k, _ in la] == [k for k, _ in lb]
+    for (key, x), (_, y) in zip(la, lb):
+        assert x.dtype == y.dtype and np.array_equal(x, y), key
 
 
 def marker_lines(path, marker: str) -> list[int]:

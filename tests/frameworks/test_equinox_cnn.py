@@ -16,6 +16,7 @@ import pytest
 
 import jaxnan
 from tests import compilers
+from tests.helpers import assert_bits_equal_but_counters
 
 eqx = pytest.importorskip("equinox")
 
@@ -176,3 +177,42 @@ def test_locate_through_the_module_names_the_line(plain):
     d = jaxnan.locate(eqx.filter_value_and_grad(bad_loss))(model, x, y)
     assert (d.primitive, d.line, d.phase) == ("log", line, "forward")
     assert d.cause == "unsafe_op"
+
+
+@pytest.mark.default_compiler
+def test_guard_on_the_example_step():
+    """``make_step(model, opt_state, x, y)`` as the example writes it (the
+    optimizer not handed the loss), wrapped in `jaxnan.guard`: the NaN
+    image's row is named in ``x``, and model and optimizer state end bit for
+    bit as in a run of the same step that never saw the batch."""
+    K, ROW = 2, 5
+    optim = jaxnan.skip_nonfinite(optax.adamw(3e-4))
+
+    @eqx.filter_jit
+    def make_step(model, opt_state, x, y):
+        loss_value, grads = eqx.filter_value_and_grad(loss)(model, x, y)
+        updates, opt_state = optim.update(
+            grads, opt_state, eqx.filter(model, eqx.is_array)
+        )
+        model = eqx.apply_updates(model, updates)
+        return model, opt_state, loss_value
+
+    def run(data, guarded):
+        model = compilers.cheap_init(CNN, jax.random.key(5678), jit=eqx.filter_jit)
+        opt_state = optim.init(eqx.filter(model, eqx.is_array))
+        step = jaxnan.guard(make_step) if guarded else make_step
+        for x, y in data:
+            model, opt_state, _ = step(model, opt_state, x, y)
+        if guarded:
+            assert step.summary()["skipped"] == 1
+            (incident,) = step.incidents
+            assert (incident.step, incident.cause) == (K, "input_data")
+            assert incident.leaf == "x" and incident.rows == (ROW,)
+        return eqx.filter((model, opt_state), eqx.is_array)
+
+    data = batches(5)
+    x, y = data[K]
+    bad = (x.at[ROW, 0, 3, 3].set(jnp.nan), y)
+    assert_bits_equal_but_counters(
+        run(data[:K] + [bad] + data[K:], True), run(data, False)
+    )

@@ -18,6 +18,7 @@ import pytest
 import jaxnan
 import jaxnan.flax
 from tests import compilers
+from tests.helpers import assert_bits_equal_but_counters
 
 nn = pytest.importorskip("flax.linen")
 from flax.training import train_state  # noqa: E402
@@ -206,4 +207,49 @@ def test_mutable_batch_stats_are_returned_unchanged():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert not np.array_equal(
         np.asarray(got[0][1]["batch_stats"]["BatchNorm_0"]["mean"]), np.zeros(4)
+    )
+
+
+@pytest.mark.default_compiler
+def test_guard_on_a_step_returning_the_state_alone():
+    """The example's ``train_step(state, batch) -> state`` shape (`jax.grad`,
+    ``state.apply_gradients(grads=grads)``, no loss anywhere): the guard
+    returns the TrainState alone, warns once that it has no loss, skips the
+    NaN batch, and the state ends bit for bit as in a run that never saw it."""
+    K, ROW = 2, 5
+
+    @jax.jit
+    def train_step(state, batch):
+        images, labels = batch
+
+        def loss_fn(params):
+            logits = state.apply_fn({"params": params}, images)
+            return cross_entropy(logits, jax.nn.one_hot(labels, 10))
+
+        grads = jax.grad(loss_fn)(state.params)
+        return state.apply_gradients(grads=grads)
+
+    def run(data, guarded):
+        state = create_train_state(jax.random.key(0), True)  # skip_nonfinite
+        step = jaxnan.guard(train_step) if guarded else train_step
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for b in data:
+                state = step(state, b)
+                assert isinstance(state, train_state.TrainState)
+        if guarded:
+            assert sum("returns no loss" in str(w.message) for w in caught) == 1
+            assert step.summary()["skipped"] == 1
+            (incident,) = step.incidents
+            assert (incident.step, incident.cause) == (K, "input_data")
+            assert incident.leaf == "batch[0]" and incident.rows == (ROW,)
+        return state
+
+    data = batches(5)
+    images, labels = data[K]
+    bad = (images.at[ROW, 3, 3, 0].set(jnp.nan), labels)
+    new, ref = run(data[:K] + [bad] + data[K:], True), run(data, False)
+    assert int(new.step) == int(ref.step) == len(data)
+    assert_bits_equal_but_counters(
+        (new.params, new.opt_state), (ref.params, ref.opt_state)
     )

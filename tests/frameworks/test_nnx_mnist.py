@@ -16,6 +16,7 @@ import pytest
 
 import jaxnan
 import jaxnan.flax
+from tests.helpers import assert_bits_equal_but_counters
 
 nnx = pytest.importorskip("flax.nnx")
 
@@ -246,3 +247,70 @@ def test_stored_inf_mask_is_a_constant_but_nan_and_inf_params_report():
     model.linear.kernel[...] = kernel.at[0, 0].set(-jnp.inf)  # Inf in a Param
     (msg,) = messages()
     assert "model.linear.kernel.value: 1 -inf" in msg
+
+
+K, ROW = 2, 5  # the bad batch and its NaN row in the guard tests below
+
+
+def with_nan_image(data):
+    """`data` with batch K, a copy whose image ROW holds one NaN, put before it."""
+    bad = dict(data[K])
+    bad["image"] = bad["image"].at[ROW, 2, 2, 0].set(jnp.nan)
+    return data[:K] + [bad] + data[K:]
+
+
+@pytest.mark.default_compiler
+@pytest.mark.parametrize("hand_loss", [False, True])
+def test_guard_on_the_tutorial_step_returning_nothing(hand_loss):
+    """The tutorial's ``train_step(model, optimizer, metrics, batch)`` returns
+    nothing; its loss goes to an ``nnx.MultiMetric``. Guarded as written (the
+    loss handed to the optimizer or not), it skips the NaN batch, and model
+    (BatchNorm statistics and Dropout RNG counts included), optimizer and
+    metrics end bit for bit as in a run that never saw the batch."""
+
+    @nnx.jit
+    def train_step(model, optimizer, metrics, batch):
+        grad_fn = nnx.value_and_grad(loss_fn, has_aux=True)
+        (loss, logits), grads = grad_fn(model, batch)
+        metrics.update(loss=loss, logits=logits, labels=batch["label"])
+        if hand_loss:
+            optimizer.update(model, grads, loss=loss)
+        else:
+            optimizer.update(model, grads)
+
+    def run(data, guarded):
+        model = CNN(rngs=nnx.Rngs(0))
+        tx = jaxnan.skip_nonfinite(optax.adamw(5e-3, 0.9))
+        optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+        metrics = nnx.MultiMetric(
+            accuracy=nnx.metrics.Accuracy(), loss=nnx.metrics.Average("loss")
+        )
+        step = jaxnan.guard(train_step) if guarded else train_step
+        first = None
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for b in data:
+                assert step(model, optimizer, metrics, b) is None
+                if first is None:  # the Average of one loss is that loss
+                    first = float(metrics.compute()["loss"])
+        if guarded:
+            told = [w for w in caught if "returns no loss" in str(w.message)]
+            assert len(told) == (0 if hand_loss else 1)
+            assert step.summary()["skipped"] == 1
+            (incident,) = step.incidents
+            assert (incident.step, incident.cause) == (K, "input_data")
+            assert incident.leaf == "batch['image']" and incident.rows == (ROW,)
+            loss_figures = [f[1] for f in step.figures]
+            if hand_loss:  # the loss handed to the optimizer is the step's
+                assert loss_figures[0] == first
+            else:  # none to record
+                assert all(np.isnan(loss_figures))
+        computed = {k: float(v) for k, v in metrics.compute().items()}
+        return nnx.state((model, optimizer, metrics)), computed
+
+    (state, computed), (ref, ref_computed) = (
+        run(with_nan_image(batches(5)), True),
+        run(batches(5), False),
+    )
+    assert computed == ref_computed
+    assert_bits_equal_but_counters(state, ref)

@@ -49,18 +49,26 @@ def guard(
       metrics...)``; Equinox: ``(model, opt_state, batch) -> (model,
       opt_state, loss)`` (with ``eqx.nn.State``: ``(model, state, opt_state,
       ...)``; a module's Python bool/float fields stay static, as under
-      `eqx.filter_jit`); linen: ``(state, batch) -> (state, metrics)``. The
-      new state is the leading outputs that repeat the tree structure and
-      leaf shapes of the argument at the same position; the outputs after
-      it are the metrics (so ``(params, opt, x, y) -> (params, opt, loss,
-      acc)`` has metrics ``(loss, acc)``).
+      `eqx.filter_jit`); linen: ``(state, batch) -> (state, metrics)``, or
+      the tutorials' ``(state, batch) -> state``. The new state is the
+      leading outputs that repeat the tree structure and leaf shapes of the
+      argument at the same position; the outputs after it are the metrics
+      (so ``(params, opt, x, y) -> (params, opt, loss, acc)`` has metrics
+      ``(loss, acc)``).
     * Flax NNX: ``(model, optimizer, batch) -> metrics``, mutating `model`
-      and `optimizer` in place (the guard updates them after each call).
+      and `optimizer` in place (the guard updates them after each call);
+      also the tutorials' ``(model, optimizer, metrics, batch) -> None``,
+      whose loss goes to an ``nnx.MultiMetric``.
 
     The loss is found in the metrics: `loss` (a dict key or a function of
     the metrics) when given, else the metrics themselves when a scalar,
     ``metrics["loss"]``, or the first metric when a scalar (the first
-    output after the state).
+    output after the state). A step that returns nothing (or its state
+    alone) has the loss it hands to its optimizer (``optimizer.update(model,
+    grads, loss=loss)``); handing none, it has no loss: it is bad when
+    `skip_nonfinite` skips it or it writes a nonfinite value into its state
+    (a metric averaging a nonfinite loss), its loss figure is NaN, and the
+    guard warns once.
 
     Several optimizer steps per call (a `lax.scan` over `skip_nonfinite`
     updates) are one guarded step: the call is bad when any of its updates
@@ -137,7 +145,8 @@ def guard(
             undone steps' early-warning figures); a `jaxnan.Policy`.
         loss: where the loss is in the metrics: a dict key or a function of
             the metrics. None: the metrics themselves, ``metrics["loss"]`` or
-            ``metrics[0]``.
+            ``metrics[0]``; for a step returning nothing, the ``loss=``
+            handed to `jaxnan.skip_nonfinite`, or none.
         max_streak: the most bad steps in a row the run survives; one
             more raises `jaxnan.NonFiniteError`, whatever the policy.
             (`jaxnan.skip_nonfinite`'s ``give_up_after`` only sets a flag.)

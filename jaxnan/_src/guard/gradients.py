@@ -68,7 +68,12 @@ class Bracket:
             )
             if p is not None
         ]
-        tail = f"; nearest finite: {', '.join(near)}" if near else "; none finite"
+        if near:
+            tail = f"; nearest finite: {', '.join(near)}"
+        elif len(names) == self.leaves:
+            tail = "; none finite"
+        else:  # the finite leaves lie between the first and the last
+            tail = "; the finite ones lie between them"
         return (
             f"gradients: nonfinite in {shown} ({len(names)} of {self.leaves} leaves, "
             f"model order){tail}"
@@ -84,6 +89,8 @@ def bracket_of(paths: Sequence[str], counts: Sequence[int]) -> Bracket:
         ({'b': 3, 'c': 1}, 'a', 'd')
         >>> str(bracket_of(["a", "b"], [0, 2]))[:40]
         'gradients: nonfinite in b (1 of 2 leaves'
+        >>> str(bracket_of(["a", "b", "c"], [1, 0, 1])).split("; ")[1]
+        'the finite ones lie between them'
     """
     bad = [i for i, c in enumerate(counts) if c]
     if not bad:

@@ -40,7 +40,7 @@ from jax.extend import source_info_util
 from jaxnan._src.core import compat, dtypes
 from jaxnan._src.frameworks import registry
 from jaxnan._src.frameworks.registry import Adapter
-from jaxnan._src.guard import underflow
+from jaxnan._src.guard import losses, underflow
 from jaxnan._src.guard.update_ratio import update_ratio
 from jaxnan._src.transforms import nonfinite, update_tap
 
@@ -385,6 +385,8 @@ def read_new_state(
                 "structure of its first arguments."
             )
         state += [x for x, a in zip(leaves, arrays) if a]
+    if len(out) == n:
+        return state, None
     metrics = out[n] if len(out) == n + 1 else tuple(out[n:])
     return state, metrics
 
@@ -407,7 +409,7 @@ def signature(tree: Any) -> tuple[Any, tuple[Any, ...]]:
 
 
 def infer_state_args(
-    args: Sequence[Any], outs: tuple[Any, ...] | None
+    args: Sequence[Any], outs: tuple[Any, ...] | None, whole: Any = None
 ) -> tuple[int, ...]:
     """Positions of the pytree arguments a step returns first (plain/linen/eqx).
 
@@ -416,9 +418,14 @@ def infer_state_args(
     with the tree structure and leaf shapes (`signature`) of the argument at
     the same position. The outputs after them are the metrics: in
     ``(params, opt, x, y) -> (params, opt, loss, acc)`` the scalar loss does
-    not repeat the batch ``x``, so the metrics are ``(loss, acc)``.
+    not repeat the batch ``x``, so the metrics are ``(loss, acc)``. A step
+    whose output is not a tuple (`outs` None) and has the `signature`
+    (`whole`) of its first argument returns that state alone: Flax linen's
+    tutorials write ``train_step(state, batch) -> state``.
     """
-    if outs is None or len(outs) < 2:
+    if outs is None:
+        return (0,) if args and whole == signature(args[0]) else ()
+    if len(outs) < 2:
         return ()
     n = 0
     for j in range(min(len(outs) - 1, len(args))):
@@ -426,46 +433,6 @@ def infer_state_args(
             break
         n += 1
     return tuple(range(n))
-
-
-def loss_of(metrics: Any, loss: str | Callable | None, fn_name: str) -> jax.Array:
-    """The loss among a step's metrics.
-
-    Raises:
-        ValueError: when no loss can be found (names the `loss` argument).
-    """
-    if callable(loss):
-        return jnp.asarray(loss(metrics))
-    if isinstance(loss, str):
-        if isinstance(metrics, dict) and loss in metrics:
-            return jnp.asarray(metrics[loss])
-        raise ValueError(
-            f"jaxnan.guard: loss={loss!r}, but the metrics of `{fn_name}` are "
-            f"{_describe(metrics)}. Pass the key of the loss in the metrics "
-            "dict, or loss=lambda metrics: ... returning it."
-        )
-    if isinstance(metrics, jax.Array) and metrics.ndim == 0:
-        return metrics
-    if isinstance(metrics, dict) and "loss" in metrics:
-        return jnp.asarray(metrics["loss"])
-    if isinstance(metrics, (tuple, list)) and metrics:
-        first = metrics[0]
-        if isinstance(first, jax.Array) and first.ndim == 0:
-            return first
-    raise ValueError(
-        f"jaxnan.guard: cannot find the loss in the metrics of `{fn_name}` "
-        f"({_describe(metrics)}). Return the scalar loss, a dict with a 'loss' "
-        "entry, or pass loss='key' or loss=lambda metrics: ... to jaxnan.guard."
-    )
-
-
-def _describe(metrics: Any) -> str:
-    if isinstance(metrics, dict):
-        return f"a dict with keys {sorted(metrics)}"
-    shape = getattr(metrics, "shape", None)
-    if shape is not None:
-        return f"an array of shape {tuple(shape)}"
-    return type(metrics).__name__
 
 
 def sample_first(state: Sequence[Any]) -> dict[int, Any]:
@@ -495,16 +462,6 @@ def select_back(bad: jax.Array, old: Sequence[Any], new: Sequence[Any]) -> list:
     if not new:
         return []
     return list(lax.cond(bad, lambda: list(old), lambda: list(new)))
-
-
-NO_LOSS = (
-    "jaxnan.guard: `{fn_name}` calls skip_nonfinite without `loss=`. A step "
-    "whose loss is nonfinite but whose gradients are finite is reported as bad, "
-    "yet its update is applied. Hand the loss to the optimizer: "
-    "tx.update(grads, opt_state, params, loss=loss) (Flax NNX: "
-    "optimizer.update(model, grads, loss=loss); linen: "
-    "jaxnan.flax.apply_gradients(state, grads=grads, loss=loss))."
-)
 
 
 def guarded_body(
@@ -543,18 +500,26 @@ def guarded_body(
         old_totals = [first_leaf(s.nonfinite_total) for s in old_skip]
         with update_tap.collect_updates(hold) as tapped:
             out = fn(*args)
+        if layout.state_args and not isinstance(out, tuple | list):
+            out = (out,)  # `(state, batch) -> state`: the state alone
         # A `skip_nonfinite` update traced inside a `lax.scan` (several
         # optimizer steps per call) reports tracers of the scan's body:
         # unusable here, and its per-step skips do not make the call's.
         direct = [r for r in tapped if compat.in_current_trace(r.norm)]
-        if tapped and not any(r.loss_given for r in tapped):
-            notes.append(NO_LOSS.format(fn_name=fn_name))
         new_state, metrics = read_new_state(layout, args, out, fn_name)
         holders = [graph_view(layout, args[i]) for i in layout.graph_args]
         if layout.state_args:
             holders += list(out[: len(layout.state_args)])
         new_skip = skip_states(holders)
-        value = loss_of(metrics, loss, fn_name)
+        value = losses.loss_of(metrics, loss, fn_name, direct)
+        if value is None:  # no loss anywhere: the step is judged without one
+            notes.append(losses.LOSSLESS.format(fn_name=fn_name))
+            value = jnp.full((), jnp.nan, jnp.float32)
+            loss_ok = jnp.array(True)
+        else:
+            if tapped and not any(r.loss_given for r in tapped):
+                notes.append(losses.NO_LOSS.format(fn_name=fn_name))
+            loss_ok = jnp.all(jnp.isfinite(value))
         skipped = jnp.array(False)
         for s, total in zip(new_skip, old_totals):
             skipped = skipped | (first_leaf(s.nonfinite_total) > total)
@@ -565,7 +530,7 @@ def guarded_body(
         # leaf is then selected back; what skip_nonfinite guards only when
         # it did not skip the step itself.
         written_ok = _all_finite([new_state[j] for j in kinds["other"]])
-        bad = (skipped | ~jnp.all(jnp.isfinite(value)) | ~written_ok) & ~hold
+        bad = (skipped | ~loss_ok | ~written_ok) & ~hold
         kept = list(new_state)
         for pred, chosen in (
             (bad | hold, kinds["other"]),

@@ -196,11 +196,11 @@ class GuardedStep:
 
             def shapes(inputs):
                 out = self.fn(*program.rebuild(probe, [], inputs))
-                outs.append(program.output_structure(out))
+                outs.append((program.output_structure(out), program.signature(out)))
 
             jax.eval_shape(shapes, program.flatten(probe, args)[1])
-            state_args = program.infer_state_args(args, outs[0])
-            out_len = len(outs[0]) if state_args else 0
+            state_args = program.infer_state_args(args, *outs[0])
+            out_len = len(outs[0][0] or ()) if state_args else 0
         layout = program.make_layout(args, state_args)
         names = validation.argument_names(self.fn, len(args))
         paths = []
@@ -372,6 +372,8 @@ class GuardedStep:
             program.adapter(layout).update(objs, new)
             return metrics
         outs = program.rebuild_state_args(layout, state)
+        if not entry.out_len:  # `(state, batch) -> state`: the state alone
+            return outs[0]
         if entry.out_len == len(outs) + 1:
             return (*outs, metrics)
         return (*outs, *metrics)

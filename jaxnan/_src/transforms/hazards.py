@@ -28,7 +28,11 @@ source_info_util.register_exclusion(__file__)
 # entry of a 3x4 / 4x4 normal matrix set to +Inf, -Inf and NaN in turn, 6 s
 # per call): `svd` (gesdd, computing U and V) never returned on +Inf in the
 # first entry. `eig`, `eigh`, `qr`, `lu`, `cholesky`, `schur` and `svd` with
-# ``compute_uv=False`` returned on all of them, and are not listed.
+# ``compute_uv=False`` returned on all of them, and are not listed. Every
+# optimizer and wrapper of optax and optax.contrib was run unguarded on NaN
+# and +-Inf gradient entries (`benchmarks/studies/hang_survey.py`): only
+# galore and scale_by_galore (this SVD) hung; the updates that loop (lbfgs's
+# line search, muon's Newton-Schulz iterations) returned.
 HANGS_ON_NONFINITE: dict[str, str] = {
     "svd": "LAPACK gesdd does not return (Reference-LAPACK lapack#1409)",
 }

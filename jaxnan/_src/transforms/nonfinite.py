@@ -461,6 +461,7 @@ def skip_nonfinite(
                     loss is not None,
                     updates,
                     proposed[0],
+                    loss,
                 )
             )
         applied = finite & inner_ok

@@ -25,6 +25,7 @@ class TapRecord(NamedTuple):
         loss_given: whether ``loss=`` was passed to it.
         incoming: the updates it received (the gradients), as arrays.
         proposed: the updates `inner` proposed, before the skip decision.
+        loss: the ``loss=`` it was handed (None if absent).
     """
 
     norm: Any
@@ -33,6 +34,7 @@ class TapRecord(NamedTuple):
     loss_given: bool
     incoming: Any = None
     proposed: Any = None
+    loss: Any = None
 
 
 class UpdateTap(NamedTuple):
