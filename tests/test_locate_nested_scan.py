@@ -223,6 +223,39 @@ def test_a_fori_loop_over_microbatches_names_the_layer():
     _check(d, layer, model, "jnp.sqrt", "forward", single)
 
 
+def remat_model(params, x):
+    @jax.checkpoint
+    def body(h, p):
+        w, bb = p
+        return jnp.sqrt(h @ w + bb), None
+
+    h, _ = lax.scan(body, x, params)
+    return h.sum()
+
+
+def remat_accum(params, xs):
+    def micro(acc, x):
+        return acc + jax.grad(remat_model)(params, x)[1], None
+
+    return lax.scan(micro, jnp.zeros((L, D)), xs)[0]
+
+
+@pytest.mark.parametrize("kind", ["negative", "zero"])
+def test_a_checkpointed_stack_recomputes_its_layer_in_its_gradients(kind):
+    # jax.checkpoint's recomputation in the backward pass runs in a scope
+    # `rematted_computation`: no layer of the model's, the layer's gradients
+    params = _params(kind)
+    d = jaxnan.locate(remat_accum)(params, XS)
+    single = jaxnan.activation_stats(jax.grad(remat_model))(params, XS[0])
+    layer = f"{BAD}/{_site(remat_model, 'jnp.sqrt', 'body')}"
+    assert (d.iteration, d.layer) == ((0, BAD), layer)
+    assert d.layer_stats == _lines(single, layer)
+    stats = jaxnan.activation_stats(remat_accum)(params, XS)
+    assert not [k for k in stats if "rematted" in k]
+    grads = [f"{i}/{_site(remat_model, 'jnp.sqrt', 'body')} (grad)" for i in range(L)]
+    assert sorted(k for k in stats if k.endswith(" (grad)")) == grads
+
+
 # -- a scan over layers inside a scan over layers, by hand --------------------
 
 S = 2  # sublayers per block
