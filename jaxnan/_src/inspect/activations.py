@@ -155,23 +155,6 @@ def _float_dtype(aval: Any) -> bool:
     return dtype is not None and bool(jnp.issubdtype(dtype, jnp.floating))
 
 
-def _sub_jaxpr(eqn: Any) -> tuple[Any, Sequence[Any]] | None:
-    """(jaxpr, consts) of a call-like equation, evaluated inline; else None.
-
-    The call-like primitives are the `Role.CALL` bodies of the one table,
-    `core.primitives.sub_jaxprs` (`jit`, `remat2` for `jax.checkpoint` and
-    `nnx.remat`, custom derivatives, ...), whose body takes the equation's
-    operands and gives its outputs.
-    """
-    subs = primitives.sub_jaxprs(eqn, strict=False)
-    if len(subs) != 1 or subs[0].role is not primitives.Role.CALL:
-        return None
-    jaxpr = subs[0].jaxpr
-    if len(jaxpr.invars) != len(eqn.invars) or len(jaxpr.outvars) != len(eqn.outvars):
-        return None  # remat_opt's forward also returns residuals
-    return jaxpr, subs[0].consts
-
-
 def _bind(eqn: Any, invals: list) -> Any:
     params = eqn.primitive.get_bind_params(eqn.params)
     subfuns: tuple = ()
@@ -208,9 +191,11 @@ class _Entry(NamedTuple):
     """One measured equation, named once the whole jaxpr has been seen.
 
     `values` are its floating outputs. An equation of the body of a scan
-    over layers has none: it has its `stack`, `reduced` (the ranges of its
-    outputs' dtypes and their `reductions.Reduced`, stacked over the
-    iterations) and `body_name`, its layer in the body (without the index).
+    over layers (or of a loop around one) has none: it has its `loops`, the
+    `scan_layers.Stack` of every scan around it, outermost first; `reduced`
+    (the ranges of its outputs' dtypes and their `reductions.Reduced`, with
+    one leading axis per loop) and `body_name`, its layer in the innermost
+    body (without the indices).
     """
 
     eqn: Any
@@ -219,7 +204,7 @@ class _Entry(NamedTuple):
     site: layers.Site | None
     backward: bool
     values: list
-    stack: scan_layers.Stack | None = None
+    loops: tuple[scan_layers.Stack, ...] = ()
     reduced: tuple | None = None
     body_name: str = ""
 
@@ -229,29 +214,25 @@ class Walker:
 
     Args:
         model_layers: the layers of the parameters (filled by `run`).
-        expand_scans: measure each iteration of a scan over layers
-            (`inspect.scan_layers`); False inside one.
 
     Attributes:
         entries: the measured equations, in program order.
-        names: id(eqn) -> layer key, for every measured equation outside a
-            scan over layers (filled by `results`).
-        stacked: id(eqn) -> (its `scan_layers.Stack`, its layer in the body,
-            without the index), for the equations of a scan over layers'
-            body (filled by `results`; see `layer_name`).
+        names: id(eqn) -> layer key, for every measured equation outside
+            the scans measured per iteration (filled by `results`).
+        stacked: id(eqn) -> (the `scan_layers.Stack` of every scan around
+            it, outermost first; its layer in the body, without the
+            indices), for the equations of those scans' bodies (filled by
+            `results`; see `layer_name`).
     """
 
-    def __init__(
-        self, model_layers: frozenset[str] = frozenset(), expand_scans: bool = True
-    ) -> None:
+    def __init__(self, model_layers: frozenset[str] = frozenset()) -> None:
         self.entries: list[_Entry] = []
         self.names: dict[int, str] = {}
-        self.stacked: dict[int, tuple[scan_layers.Stack, str]] = {}
+        self.stacked: dict[int, tuple[tuple[scan_layers.Stack, ...], str]] = {}
         # (input ids, output ids, chain, parameter used directly, entry index)
         # of every first-order equation: the data flow that `results` reads.
         self.flow: list[tuple] = []
         self.model_layers = set(model_layers)
-        self._expand = expand_scans
         self._alive: list = []  # the values whose ids `flow` holds
 
     def run(self, jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], provs):
@@ -274,15 +255,13 @@ class Walker:
         for eqn in jaxpr.eqns:
             ins = [read(v) for v in eqn.invars]
             context = _context(eqn, scope, backward, outer)
-            sub = _sub_jaxpr(eqn)
+            sub = scan_layers.call_body(eqn)
             in_provs = [p for _, p in ins]
-            stacked = (
-                scan_layers.stacked_layers(eqn, in_provs) if self._expand else None
-            )
+            stacked = scan_layers.stacked_layers(eqn, in_provs)
             if sub is not None:
                 invals = [x for x, _ in ins]
                 outs = self._walk(sub[0], sub[1], invals, in_provs, *context)
-            elif stacked:
+            elif stacked or scan_layers.holds_stack(eqn, in_provs):
                 outs = self._scan(eqn, ins, stacked, context)
             else:
                 outs = self._first_order(eqn, ins, *context)
@@ -291,31 +270,43 @@ class Walker:
         return [read(v) for v in jaxpr.outvars]
 
     def _scan(self, eqn, ins, stacked, context):
-        """A scan over layers, its body measured per iteration (`scan_layers`)."""
-        stack = scan_layers.stack_of(eqn, context[0], stacked, self.model_layers)
+        """A scan over layers, or around one, measured per iteration (`scan_layers`).
+
+        The body's own scans over layers (and loops around them) are
+        measured per iteration too: their entries' reductions gain this
+        loop's axis.
+        """
         sub = primitives.sub_jaxprs(eqn)[0]
         provs = scan_layers.body_provenances(eqn, [p for _, p in ins])
         traced: list = []
 
         def body(args):
-            child = Walker(frozenset(self.model_layers), expand_scans=False)
+            child = Walker(frozenset(self.model_layers))
             outs = child._walk(sub.jaxpr, sub.consts, args, provs, *context)
             names = child._names()  # the body's layers, named by the body
             ends = [a != b for a, b in zip(names, [*names[1:], None])]
             traced[:] = [child, [p for _, p in outs], names]
             reduced = [
-                reductions.reduce_outputs(e.values, moments=end)
+                e.reduced[1] if e.loops else reductions.reduce_outputs(e.values, end)
                 for e, end in zip(child.entries, ends)
             ]
             return [x for x, _ in outs], reduced
 
         outs, reduced = scan_layers.run_scan(eqn, [x for x, _ in ins], body)
         child, out_provs, names = traced
+        inner = {e.loops[0].name for e in child.entries if e.loops}
+        loop = scan_layers.loop_of(eqn)
+        if stacked:
+            loop = scan_layers.stack_of(eqn, context[0], stacked, self.model_layers)
+            if loop.name in inner:  # a scope around the body's own stack only
+                args = (eqn, context[0], stacked, self.model_layers, False)
+                loop = scan_layers.stack_of(*args)
         first = len(self.entries)
         for e, red, name in zip(child.entries, reduced, names):
-            tops = tuple(reductions.top_of(x) for x in e.values)
+            tops = e.reduced[0] if e.loops else tuple(map(reductions.top_of, e.values))
+            loops = (loop, *e.loops)
             self.entries.append(
-                e._replace(values=[], stack=stack, reduced=(tops, red), body_name=name)
+                e._replace(values=[], loops=loops, reduced=(tops, red), body_name=name)
             )
         for *flow, k in child.flow:
             self.flow.append((*flow, None if k is None else first + k))
@@ -399,53 +390,47 @@ class Walker:
                 site_params.setdefault(e.site.key, set()).add(e.param)
         next_params = self._next_params()
         names = [
-            e.body_name if e.stack is not None else self._name(e, site_params, n)
+            e.body_name if e.loops else self._name(e, site_params, n)
             for e, n in zip(self.entries, next_params)
         ]
         return layers.split_interrupted(
             names,
-            [e.stack is None and _scope_named(e) for e in self.entries],
+            [not e.loops and _scope_named(e) for e in self.entries],
             [e.site.text if e.site is not None else "" for e in self.entries],
         )
 
-    def _per_layer(self, names: list[str]):
-        """(entry, iteration, layer name) in program order.
+    def _per_layer(self, names: list[str], fixed: dict[int, int]):
+        """(entry, iteration indices, layer name) in program order.
 
-        The body of a scan over layers gives its entries once per iteration,
-        in the order the iterations run; other entries have iteration None.
+        The body of a scan measured per iteration gives its entries once per
+        iteration, in the order the iterations run, and its index among the
+        entry's indices; a loop around a scan over layers gives them once,
+        with None (reduced over its iterations), or with the index `fixed`
+        gives it (id of its `Stack` -> index). Other entries have ``()``.
         """
-        k = 0
-        while k < len(self.entries):
-            stack = self.entries[k].stack
-            if stack is None:
-                yield self.entries[k], None, names[k]
-                k += 1
-                continue
-            end = k
-            while end < len(self.entries) and self.entries[end].stack is stack:
-                end += 1
-            for i in stack.order():
-                for j in range(k, end):
-                    yield self.entries[j], i, _iteration_name(stack, names[j], i)
-            k = end
+        return scan_layers.iterations(list(zip(self.entries, names)), fixed)
 
-    def layer_name(self, eqn: Any, iteration: int | None = None) -> str | None:
+    def layer_name(self, eqn: Any, iteration: Sequence[int] = ()) -> str | None:
         """The layer key of a measured equation (after `results`); else None.
 
         An equation of the body of a scan over layers is named with its
-        `iteration` (the index into the stacked parameters: ``layers/3/...``);
-        None without one or outside the stack's length.
+        `iteration`, one index per enclosing scan, outermost first (the
+        index into the stacked parameters: ``layers/3/...``; a loop around
+        the stack adds none); None when `iteration` does not give one index
+        per enclosing scan, within its length.
         """
         name = self.names.get(id(eqn))
         if name is not None:
             return name
-        stack, body_name = self.stacked.get(id(eqn), (None, ""))
-        if stack is None or iteration is None or not 0 <= iteration < stack.length:
+        loops, body_name = self.stacked.get(id(eqn), ((), ""))
+        if not loops or len(iteration) != len(loops):
             return None
-        return _iteration_name(stack, body_name, iteration)
+        if not all(0 <= i < loop.length for i, loop in zip(iteration, loops)):
+            return None
+        return scan_layers.layer_name(loops, body_name, tuple(iteration))
 
     def results(
-        self, near_overflow: float, layer_of: Any = None, iteration: int | None = None
+        self, near_overflow: float, layer_of: Any = None, iteration: Sequence[int] = ()
     ) -> ActivationStats:
         """The per-layer statistics, forward layers first, in program order.
 
@@ -453,21 +438,24 @@ class Walker:
         its activations and its gradients (`names` still names every
         equation); empty when the equation is not measured. An equation of
         the body of a scan over layers is in the layer of its `iteration`
-        (`layer_name`).
+        (`layer_name`), and a loop around that scan is measured in the
+        iteration `iteration` gives it, not reduced over its iterations.
         """
         names = self._names()
         for e, name in zip(self.entries, names):
-            if e.stack is None:
-                self.names[id(e.eqn)] = name
+            if e.loops:
+                self.stacked[id(e.eqn)] = (e.loops, name)
             else:
-                self.stacked[id(e.eqn)] = (e.stack, name)
-        wanted = None
+                self.names[id(e.eqn)] = name
+        wanted, fixed = None, {}
         if layer_of is not None:
             own = self.layer_name(layer_of, iteration) or ""
             own = own.removesuffix(GRAD_SUFFIX)
             wanted = {own, own + GRAD_SUFFIX} if own else set()
+            loops = self.stacked.get(id(layer_of), ((), ""))[0]
+            fixed = {id(loop): i for loop, i in zip(loops, iteration) if own}
         groups: dict[str, reductions.Accumulator] = {}
-        for e, i, name in self._per_layer(names):
+        for e, i, name in self._per_layer(names, fixed):
             if wanted is not None and name not in wanted:
                 continue
             layer = groups.get(name)
@@ -477,7 +465,8 @@ class Walker:
             if e.reduced is None:
                 layer.add(e.values)
             else:
-                layer.add_reduced(*e.reduced, i)
+                tops, red = e.reduced
+                layer.add_reduced(tops, scan_layers.select(red, e.loops, i), ())
         order = sorted(groups, key=lambda k: groups[k].phase == "backward")
         return ActivationStats((k, _finish(groups[k], near_overflow)) for k in order)
 
@@ -485,11 +474,6 @@ class Walker:
 def _scope_named(e: _Entry) -> bool:
     """Whether an entry is named by its scope (see `_name`)."""
     return bool(e.scope) and not (e.param and "." in e.scope)
-
-
-def _iteration_name(stack: scan_layers.Stack, name: str, i: int) -> str:
-    base = name.removesuffix(GRAD_SUFFIX)
-    return stack.layer(base, i) + name[len(base) :]
 
 
 def _finish(layer: reductions.Accumulator, near_overflow: float) -> LayerStats:
@@ -552,8 +536,15 @@ def activation_stats(
     a new `lax.scan` whose stacked outputs carry each iteration's
     reductions, so one pass measures every layer.
     `ActivationStats.first_nonfinite` then names the iteration where a NaN
-    or Inf first appeared. Other `scan`s (over time), `while`, `cond` and
-    `shard_map` are measured on their outputs as one equation.
+    or Inf first appeared. A scan over layers inside another `scan` (over
+    microbatches or time steps, e.g. gradient accumulation over
+    ``jax.value_and_grad(model)``, the parameters closed over) is measured
+    the same way, each layer's statistics reduced over the outer loop's
+    iterations (the largest maximum, the summed counts, the moments of the
+    last iteration run); one inside another scan over layers names both
+    indices (``Net/blocks/2/sub/1``). Other `scan`s (over time, around no
+    scan over layers), `while`, `cond` and `shard_map` are measured on
+    their outputs as one equation.
 
     Cost: one compile, and one run at most 2x a plain forward pass on the
     small transformer LM of `benchmarks/inspect_cost.py` (one fused

@@ -78,18 +78,26 @@ def provenance(eqn: Any, in_provs: list) -> tuple[bool, str]:
     return data, next((p for p in in_provs if p), "")
 
 
+# The scope jax's partial evaluation of `jax.checkpoint` opens around the
+# forward computation it repeats in the backward pass.
+_REMAT_SCOPE = "rematted_computation"
+
+
 def scope_path(name_stack: Any) -> str:
     """The scopes of a name stack joined by '/'.
 
-    Transformations (``jvp``, ``transpose``) and the scopes that `jnp.einsum`
-    opens with its spec (``bqhd,bkhd->bhqk``) are dropped.
+    Transformations (``jvp``, ``transpose``), the scopes that `jnp.einsum`
+    opens with its spec (``bqhd,bkhd->bhqk``) and the one `jax.checkpoint`
+    opens around its recomputation in the backward pass
+    (``rematted_computation``: no layer of the model) are dropped.
     """
     parts = []
     for el in getattr(name_stack, "stack", ()):
         if type(el).__name__ == "Transform":
             continue
         name = getattr(el, "name", "")
-        if name and "->" not in name:  # jnp.einsum scopes its spec
+        # jnp.einsum scopes its spec
+        if name and "->" not in name and name != _REMAT_SCOPE:
             parts.append(name)
     return "/".join(parts)
 

@@ -8,7 +8,12 @@ evaluated equation by equation inside a new `lax.scan` that also returns the
 reductions of every measured equation as stacked outputs (``ys``), so that
 one pass gives each iteration's statistics, and each iteration is reported
 as its own layer (``blocks/3/linear``). A scan without parameters among its
-``xs`` (a loop over time) is measured on its outputs, as one equation.
+``xs`` (a loop over microbatches or time steps) whose body runs a scan over
+layers, at any depth, is evaluated the same way: its iterations are not
+layers, so each layer's statistics are reduced over them (`Stack` with no
+name), and a scan over layers inside a scan over layers names both indices
+(``blocks/2/sub/1``). Any other scan (a loop over time around no stack) is
+measured on its outputs, as one equation.
 """
 
 from __future__ import annotations
@@ -16,27 +21,30 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
+import jax.numpy as jnp
 from jax import lax
 from jax.extend import core as jex_core
 from jax.extend import source_info_util
 
 from jaxnan._src.core import primitives
-from jaxnan._src.inspect import layers
+from jaxnan._src.inspect import layers, reductions
 
 source_info_util.register_exclusion(__file__)
 
 
 class Stack(NamedTuple):
-    """One scan over layers (static).
+    """One scan measured per iteration (static): over layers, or around them.
 
     Attributes:
         name: the layer path the iteration index goes after (``blocks``,
-            ``Net/layers``; empty for a model that is the stack itself).
-        length: the number of iterations (layers).
+            ``Net/layers``; empty for a model that is the stack itself);
+            None for a loop around a scan over layers (over microbatches or
+            time steps), whose iterations are no layers.
+        length: the number of iterations.
         reverse: whether the scan runs from the last slice to the first.
     """
 
-    name: str
+    name: str | None
     length: int
     reverse: bool
 
@@ -44,6 +52,10 @@ class Stack(NamedTuple):
         """The iteration indices in the order they run."""
         n = self.length
         return range(n - 1, -1, -1) if self.reverse else range(n)
+
+    def last(self) -> int:
+        """The index of the iteration that runs last."""
+        return 0 if self.reverse else self.length - 1
 
     def layer(self, base: str, i: int) -> str:
         """The name of iteration `i` of the body's layer `base`.
@@ -57,7 +69,11 @@ class Stack(NamedTuple):
             >>> s = Stack("blocks", 4, False)
             >>> s.layer("blocks/linear", 3), s.layer("m.py:2 (f)", 0)
             ('blocks/3/linear', 'blocks/0/m.py:2 (f)')
+            >>> Stack(None, 8, False).layer("blocks/linear", 3)  # no layers
+            'blocks/linear'
         """
+        if self.name is None:
+            return base
         if base == self.name:
             rest = ""
         elif self.name and base.startswith(self.name + "/"):
@@ -81,6 +97,55 @@ def stacked_layers(eqn: Any, provs: Sequence[Any]) -> set[str]:
     nc, ncar = _split(eqn)
     xs = provs[nc + ncar :]
     return {p for p in xs if p} | {"" for p in xs if p is layers.UNNAMED}
+
+
+def call_body(eqn: Any) -> tuple[Any, Sequence[Any]] | None:
+    """(jaxpr, consts) of a call-like equation, evaluated inline; else None.
+
+    The call-like primitives are the `Role.CALL` bodies of the one table,
+    `core.primitives.sub_jaxprs` (`jit`, `remat2` for `jax.checkpoint` and
+    `nnx.remat`, custom derivatives, ...), whose body takes the equation's
+    operands and gives its outputs.
+    """
+    subs = primitives.sub_jaxprs(eqn, strict=False)
+    if len(subs) != 1 or subs[0].role is not primitives.Role.CALL:
+        return None
+    jaxpr = subs[0].jaxpr
+    if len(jaxpr.invars) != len(eqn.invars) or len(jaxpr.outvars) != len(eqn.outvars):
+        return None  # remat_opt's forward also returns residuals
+    return jaxpr, subs[0].consts
+
+
+def holds_stack(eqn: Any, provs: Sequence[Any]) -> bool:
+    """Whether `eqn` is a `scan` whose body runs a scan over layers.
+
+    At any depth: through calls (`call_body`) and other scans, the
+    parameters among the loop's consts (closed over by the body), e.g. a
+    `lax.scan` over microbatches of ``jax.value_and_grad(model)``.
+    """
+    if eqn.primitive.name != "scan":
+        return False
+    body = primitives.sub_jaxprs(eqn)[0].jaxpr
+    return _runs_stack(body, body_provenances(eqn, provs))
+
+
+def _runs_stack(jaxpr: Any, in_provs: Sequence[Any]) -> bool:
+    env: dict[Any, Any] = dict(zip(jaxpr.invars, in_provs))
+    for eqn in jaxpr.eqns:
+        lit = jex_core.Literal
+        provs = [
+            layers.CONST if isinstance(v, lit) else env.get(v, layers.CONST)
+            for v in eqn.invars
+        ]
+        if stacked_layers(eqn, provs) or holds_stack(eqn, provs):
+            return True
+        call = call_body(eqn)
+        if call is not None and _runs_stack(call[0], provs):
+            return True
+        data, param = layers.provenance(eqn, provs)
+        for v in eqn.outvars:
+            env[v] = layers.DATA if data else param or layers.CONST
+    return False
 
 
 def _propagate(jaxpr: Any, in_provs: Sequence[Any]) -> list:
@@ -165,20 +230,34 @@ def _param_stack(stacked: set[str], model_layers: set[str]) -> str:
     return "/".join(common)
 
 
-def stack_of(eqn: Any, scope: str, stacked: set[str], model_layers: set[str]) -> Stack:
+def stack_of(
+    eqn: Any,
+    scope: str,
+    stacked: set[str],
+    model_layers: set[str],
+    opened: bool = True,
+) -> Stack:
     """The `Stack` of a scan over layers.
 
     Its name is the scan's scope with the module scope opened in the body
     (linen's ``Net/layers``); without one, the scope around the scan
     (`jax.named_scope`); else the parameter path of the stack (NNX's
-    ``blocks``, Equinox's ``layers``).
+    ``blocks``, Equinox's ``layers``). With `opened` False the body's scope
+    is left out: a scope around the body's own scan over layers alone (a
+    ``jax.named_scope("sub")`` around it) names that stack, not this one,
+    when both would have the same name.
     """
     body = primitives.sub_jaxprs(eqn)[0].jaxpr
-    inner = _inner_scope(body)
+    inner = _inner_scope(body) if opened else ""
     name = layers.join(scope, inner) if inner or scope else ""
     if not name:
         name = _param_stack(stacked, model_layers)
     return Stack(name, int(eqn.params["length"]), bool(eqn.params["reverse"]))
+
+
+def loop_of(eqn: Any) -> Stack:
+    """The `Stack` (no name) of a scan around a scan over layers."""
+    return Stack(None, int(eqn.params["length"]), bool(eqn.params["reverse"]))
 
 
 def run_scan(eqn: Any, invals: Sequence[Any], body: Callable) -> tuple[list, Any]:
@@ -210,3 +289,91 @@ def run_scan(eqn: Any, invals: Sequence[Any], body: Callable) -> tuple[list, Any
         unroll=eqn.params["unroll"],
     )
     return [*carry, *ys], extra
+
+
+def iterations(items: list, fixed: dict[int, int], index: tuple = ()):
+    """(entry, iteration indices, layer name) of each of `items`, in program order.
+
+    Args:
+        items: (entry, name)s: entries with their `loops` (the `Stack` of
+            every scan around them, outermost first; ``()`` for none) and
+            their layer names in the innermost body.
+        fixed: id of a loop around a stack -> the index to measure it at.
+        index: the indices of the loops the items are inside.
+
+    Yields:
+        The entries of a scan's body once per iteration, in the order the
+        iterations run, its index among the entry's indices; those of a
+        loop around a stack once, with its index in `fixed`, else None
+        (reduced over its iterations). Entries in no loop once, with ``()``.
+    """
+    depth, k = len(index), 0
+    while k < len(items):
+        e, name = items[k]
+        if len(e.loops) == depth:
+            yield e, index, layer_name(e.loops, name, index)
+            k += 1
+            continue
+        loop, end = e.loops[depth], k + 1
+        while end < len(items) and _within(items[end][0].loops, depth, loop):
+            end += 1
+        order = loop.order() if loop.name is not None else [fixed.get(id(loop))]
+        for i in order:
+            yield from iterations(items[k:end], fixed, (*index, i))
+        k = end
+
+
+def _within(loops: tuple, depth: int, loop: Stack) -> bool:
+    return len(loops) > depth and loops[depth] is loop  # not an equal one
+
+
+def select(red: reductions.Reduced, loops: tuple, index: tuple) -> reductions.Reduced:
+    """The reductions of the iterations `index` of an equation in `loops`.
+
+    `red` has one leading axis per loop; an index of None (a loop around a
+    stack, reduced over) takes the largest of its maxima and the sum of its
+    counts, and the moments of its last iteration run (the layer's last
+    output).
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from jaxnan._src.inspect import reductions, scan_layers
+        >>> red = reductions.Reduced(
+        ...     (jnp.array([[1.0, 2.0], [5.0, 3.0]]),),
+        ...     (jnp.array([[0, 1], [2, 4]]),), None)
+        >>> micro = scan_layers.Stack(None, 2, False)
+        >>> stack = scan_layers.Stack("blocks", 2, False)
+        >>> out = scan_layers.select(red, (micro, stack), (None, 1))
+        >>> float(out.max_abs[0]), int(out.nonfinite[0])
+        (3.0, 5)
+    """
+    at = tuple(slice(None) if i is None else i for i in index)
+    last = tuple(loop.last() if i is None else i for loop, i in zip(loops, index))
+    if any(i is None for i in index):
+        max_abs = tuple(jnp.max(m[at]) for m in red.max_abs)
+        bad = tuple(jnp.sum(b[at], dtype=jnp.int32) for b in red.nonfinite)
+    else:
+        max_abs = tuple(m[at] for m in red.max_abs)
+        bad = tuple(b[at] for b in red.nonfinite)
+    moments = None if red.moments is None else tuple(v[last] for v in red.moments)
+    return reductions.Reduced(max_abs, bad, moments)
+
+
+def layer_name(loops: tuple, name: str, index: tuple) -> str:
+    """`name` with the index of each enclosing scan over layers.
+
+    Innermost first, each after its stack's path; a loop around a stack
+    adds none, and a gradient keeps its suffix at the end.
+
+    Examples:
+        >>> from jaxnan._src.inspect.scan_layers import Stack, layer_name
+        >>> loops = (Stack(None, 3, False), Stack("blocks", 4, False),
+        ...          Stack("blocks/sub", 2, False))
+        >>> layer_name(loops, "blocks/sub/dense (grad)", (0, 2, 1))
+        'blocks/2/sub/1/dense (grad)'
+    """
+    base = name.removesuffix(layers.GRAD_SUFFIX)
+    full = base
+    for loop, i in reversed(list(zip(loops, index))):
+        full = loop.layer(full, i)
+    return full + name[len(base) :]

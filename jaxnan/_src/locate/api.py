@@ -120,9 +120,11 @@ class Diagnosis:
             agree or when not checked.
         layer: the layer holding the creating equation, named as
             `jaxnan.activation_stats` names it (``decoder/mlp``; inside a
-            scan over layers, the iteration's: ``layers/3/linear``), without
-            the ``" (grad)"`` of its gradients' key; None when not known (a
-            scan over time is no layer: see `iteration`).
+            scan over layers, the iteration's: ``layers/3/linear``, also
+            inside a loop over microbatches, ``iteration == (0, 3)``),
+            without the ``" (grad)"`` of its gradients' key; None when not
+            known (a scan over time around no stack is no layer: see
+            `iteration`).
         layer_stats: the activation (and gradient) statistics of that layer.
         loss_term: when the nonfinite loss is a sum of terms, the term that
             went nonfinite first: ``{"name", "file", "line", "code",

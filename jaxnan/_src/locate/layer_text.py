@@ -80,10 +80,15 @@ def layer_text(
     time).
 
     An equation of the body of a scan over layers is in the layer of its
-    iteration: ``layers/3/linear`` for ``iteration[0] == 3``. That scan is
-    the outermost loop around it: the measurement expands only the scans
-    over layers outside every other loop (`inspect.scan_layers`), and a
-    loop inside the body is measured as one equation.
+    iteration: ``layers/3/linear`` for ``iteration == (3,)``. Every scan
+    around it is measured per iteration (`inspect.scan_layers`): a loop
+    over microbatches around the stack gives no index to the name and is
+    measured in the event's own iteration (``iteration == (0, 3)``: layer
+    ``layers/3/linear`` in microbatch 0, not reduced over the
+    microbatches), and a stack inside a stack names both indices
+    (``blocks/2/sub/1`` for ``(2, 1)``). A loop around no scan over layers
+    (over time) is measured as one equation, so an event inside it names
+    no layer.
 
     Args:
         closed: the `ClosedJaxpr` of the function.
@@ -97,7 +102,7 @@ def layer_text(
     """
     provs = _provenances(dyn_tree)
     walker = activations.Walker()
-    index = iteration[0] if iteration else None
+    index = tuple(iteration)
 
     def measure(consts, xs):
         walker.run(closed.jaxpr, consts, xs, provs)
