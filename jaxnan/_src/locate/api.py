@@ -42,7 +42,7 @@ from jaxnan._src.locate import (
     terms,
 )
 from jaxnan._src.locate.causes import Cause, Phase
-from jaxnan._src.locate.flow import Flow
+from jaxnan._src.locate.flow import Flow, from_transpose
 
 source_info_util.register_exclusion(__file__)
 
@@ -413,7 +413,7 @@ def _diagnose(run: replay.Run, opts: _Options) -> Diagnosis:
     )
     if any(c[0] for c in nonfinite_inputs.values()):  # NaN arrived: the root
         return _input_diagnosis(run, common)
-    flow = Flow(det.nodes, det.out_producers)
+    flow = Flow(det.nodes, det.out_producers, from_transpose(run.closed.jaxpr))
     bad = [i for i, p in enumerate(run.out_paths) if p in nonfinite_outputs]
     cone, bad_primal = flow.observed(bad)
     index = det.index
