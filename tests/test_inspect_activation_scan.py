@@ -22,6 +22,8 @@ nnx = pytest.importorskip("flax.nnx")
 nn = pytest.importorskip("flax.linen")
 eqx = pytest.importorskip("equinox")
 
+from tests import nnx_stack  # noqa: E402
+
 L, D = 4, 5
 X = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3)), jnp.float32)
 
@@ -82,20 +84,10 @@ class ScanMLP(nnx.Module):
     def __init__(self, *, rngs):
         self.embed = nnx.Linear(3, D, rngs=rngs)
 
-        @nnx.split_rngs(splits=L)
-        @nnx.vmap(axis_size=L)
-        def create_block(rngs: nnx.Rngs):
-            return Block(D, rngs=rngs)
-
-        self.layers = create_block(rngs)
+        self.layers = nnx_stack.stack(lambda r: Block(D, rngs=r), L, rngs)
 
     def __call__(self, x):
-        @nnx.scan
-        def scan_fn(x, block):
-            return block(x), None
-
-        x, _ = scan_fn(self.embed(x), self.layers)
-        return x
+        return nnx_stack.run(self.layers, self.embed(x))
 
 
 def _fields(s):

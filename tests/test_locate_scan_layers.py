@@ -25,6 +25,8 @@ nnx = pytest.importorskip("flax.nnx")
 nn = pytest.importorskip("flax.linen")
 eqx = pytest.importorskip("equinox")
 
+from tests import nnx_stack  # noqa: E402
+
 L, D, BAD = 5, 4, 3
 X = jnp.asarray(np.random.default_rng(0).uniform(0.5, 1.0, size=(2, D)), jnp.float32)
 FILE = os.path.basename(__file__)
@@ -96,20 +98,10 @@ class Block(nnx.Module):
 
 class ScanMLP(nnx.Module):
     def __init__(self, *, rngs):
-        @nnx.split_rngs(splits=L)
-        @nnx.vmap(axis_size=L)
-        def create_block(rngs: nnx.Rngs):
-            return Block(D, rngs=rngs)
-
-        self.layers = create_block(rngs)
+        self.layers = nnx_stack.stack(lambda r: Block(D, rngs=r), L, rngs)
 
     def __call__(self, x):
-        @nnx.scan
-        def scan_fn(x, block):
-            return block(x), None
-
-        x, _ = scan_fn(x, self.layers)
-        return x
+        return nnx_stack.run(self.layers, x)
 
 
 def _nnx_model(kind):
