@@ -257,6 +257,25 @@ def test_skip_nonfinite_loss_with_finite_grads(loss, variant):
     assert int(s1.nonfinite_total) == 1
 
 
+@pytest.mark.parametrize("loss", [jnp.nan, jnp.inf])
+def test_skip_nonfinite_value_is_the_loss(loss, variant):
+    # optax's loss-reading transforms take the loss as ``value=``
+    # (reduce_on_plateau's example: ``update(grad, state, params, value=loss)``);
+    # a NaN value counted as a plateau would cut the learning rate.
+    params = make_params()
+    inner = optax.chain(
+        optax.sgd(0.1), optax.contrib.reduce_on_plateau(patience=0, factor=0.5)
+    )
+    tx = jaxnan.skip_nonfinite(inner)
+    _, s0 = tx.update(grads_like(params), tx.init(params), params, value=1.0)
+    u, s1 = variant(functools.partial(tx.update, value=jnp.float32(loss)))(
+        grads_like(params), s0, params
+    )
+    chex.assert_trees_all_equal(u, jax.tree.map(jnp.zeros_like, params))
+    chex.assert_trees_all_equal(s1.inner_state, s0.inner_state)
+    assert int(s1.nonfinite_total) == 1
+
+
 @pytest.mark.default_compiler
 def test_skip_counters_over_sequence_match_inner_on_good_steps():
     params = make_params()

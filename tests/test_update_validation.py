@@ -67,6 +67,27 @@ def test_grads_of_another_shape_than_the_inner_state(name):
         tx.update(WRONG, _state(tx), loss=jnp.float32(1.0))
 
 
+@pytest.mark.parametrize(
+    "name", ["monitor", "skip_nonfinite", "skip_spikes", "dynamic_loss_scale"]
+)
+def test_broadcastable_grads_do_not_reshape_the_inner_state(name):
+    # Gradients of shape (4, 1) broadcast against Adam's (4,) moments: the
+    # inner update traces, and without the check the moments, the updates
+    # and then the params silently became (4, 4) (optax's quickstart calls
+    # update(grads, state) with no params).
+    tx = {
+        "monitor": lambda: jaxnan.monitor(optax.adam(1e-2)),
+        "skip_nonfinite": lambda: jaxnan.skip_nonfinite(optax.adam(1e-2)),
+        "skip_spikes": lambda: jaxnan.skip_spikes(optax.adam(1e-2)),
+        "dynamic_loss_scale": lambda: jaxnan.dynamic_loss_scale(optax.adam(1e-2)),
+    }[name]()
+    column = {"a": jnp.ones((2, 3)), "b": jnp.ones((4, 1))}
+    with pytest.raises(
+        ValueError, match=r"updates\['b'\] has shape \(4, 1\).*mu\['b'\] has shape \(4,\)"
+    ):
+        tx.update(column, _state(tx), loss=jnp.float32(1.0))
+
+
 def test_multisteps_accumulator_is_checked():
     tx = jaxnan.skip_nonfinite(optax.MultiSteps(optax.sgd(0.1), every_k_schedule=2))
     with pytest.raises(ValueError, match=r"acc_grads\['a'\] has shape \(2, 3\)"):

@@ -101,8 +101,9 @@ def inner_accepts(
     (`jax.eval_shape`) and, given params, returns updates of their structure
     (``optax.lookahead`` takes gradients of the fast params and returns
     updates of its ``LookaheadParams``). False when it fails and the state
-    is not one that `init` makes for these params: the caller's complaint
-    about a leaf's shape then stands.
+    is not one that `init` makes for these params, or when it traces but
+    returns a state of other shapes (gradients that broadcast against the
+    moments): the caller's complaint about a leaf's shape then stands.
 
     Raises:
         TypeError, ValueError: the inner update's own error, chained, when it
@@ -112,7 +113,9 @@ def inner_accepts(
             message names the wrapper and the extra arguments it forwarded.
     """
     try:
-        out, _ = jax.eval_shape(lambda: update(updates, state, params, **extra_args))
+        out, new_state = jax.eval_shape(
+            lambda: update(updates, state, params, **extra_args)
+        )
     except (TypeError, ValueError) as e:
         if (
             init is None
@@ -136,6 +139,10 @@ def inner_accepts(
             f"arguments (the state fits the params; extra arguments forwarded: "
             f"{forwarded}): {type(e).__name__}: {e}{hint}"
         ) from e
+    if not _same_shapes(new_state, state):
+        # It traced by broadcasting (gradients of shape (4, 1) against (4,)
+        # moments): the state, the updates and then the params would grow.
+        return False
     return params is None or jax.tree_util.tree_structure(
         out
     ) == jax.tree_util.tree_structure(params)

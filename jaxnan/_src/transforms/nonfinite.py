@@ -235,7 +235,9 @@ def skip_nonfinite(
     state through this guard, whatever its source, in float16, bfloat16,
     float32 and float64. A step is skipped when any entry of the updates, or
     of the loss given as the extra argument ``loss=``
-    (``tx.update(g, state, params, loss=loss)``), is NaN, +Inf or -Inf; and
+    (``tx.update(g, state, params, loss=loss)``) or ``value=`` (the name
+    optax's ``contrib.reduce_on_plateau``, ``polyak_sgd`` and ``lbfgs``
+    read it by), is NaN, +Inf or -Inf; and
     also when those are finite but what `inner` makes of them is not: its
     new state, or the params ``optax.apply_updates(params, updates)`` would
     give (Adam with ``eps=0`` on a zero gradient, a float16 moment that
@@ -434,8 +436,11 @@ def skip_nonfinite(
             finite = jnp.array(True)
             incoming = tree.checked_leaves(updates)  # checked with the outgoing
         loss = extra_args.get("loss")
-        if loss is not None:
-            finite = finite & tree.all_finite(loss)
+        # optax's loss-reading transforms (reduce_on_plateau, polyak_sgd, the
+        # line searches) take the loss as ``value=``: it is a loss too.
+        for given in (loss, extra_args.get("value")):
+            if given is not None:
+                finite = finite & tree.all_finite(given)
         hold = jnp.array(False) if tap is None else tap.hold
         proposed: list = []
         out, kept_inner, finite, inner_ok, incoming_norm = guarded_update(
