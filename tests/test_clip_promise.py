@@ -101,3 +101,27 @@ def test_clip_by_global_norm_against_optax(dtype, log_scale, max_norm, seed):
             r16 = r.astype(np.asarray(out["a"]).dtype).astype(np.float32)
             ulps = 0 if np.array_equal(x, r16) else ulps
         assert ulps <= limit, (dtype, log_scale, ulps)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("max_norm", [1.0, 1e30])
+def test_norm_beyond_the_float32_range_still_clips(dtype, max_norm):
+    # Finite entries near float32's max: the global norm (about 1.4 * max)
+    # is beyond float32's range. Before, it was +Inf and every entry was
+    # scaled by max_norm / Inf = 0: a silent zero update, as in optax.
+    big = float(jnp.finfo(jnp.dtype(dtype)).max)
+    raw = {"a": np.array([0.9, -0.8, 1e-30]) * big, "b": np.array([0.7]) * big}
+    g = {k: jnp.asarray(v, dtype) for k, v in raw.items()}
+    out = _jaxnan_clip(g, max_norm)
+    with jax.enable_x64(True):
+        wide = {k: jnp.asarray(np.asarray(v), jnp.float64) for k, v in g.items()}
+        ref = jax.tree_util.tree_map(
+            lambda r: np.asarray(r).astype(np.float32), _optax_clip(wide, max_norm)
+        )
+    for x, r in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(ref)):
+        x = np.asarray(x).astype(np.float32)
+        if dtype == "bfloat16":  # equal once rounded to the leaf's dtype
+            np.testing.assert_array_equal(x, r.astype(jnp.bfloat16).astype(np.float32))
+        else:
+            ulps = np.abs(x.view(np.int32).astype(np.int64) - r.view(np.int32)).max()
+            assert ulps <= 4, ulps

@@ -7,6 +7,7 @@ the norm it has already computed to a clip that follows it (`KnownNorm`).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -92,7 +93,11 @@ def clip_by_global_norm(
     float64 (``[1e200, 1]``) get their norm from the overflow-safe path,
     never NaN: scaled by the largest entry, within a few ulps of the exact
     norm (float32 updates beyond float32's squares: at most 3 ulps from the
-    float64 clip in `tests/test_clip_promise.py`).
+    float64 clip in `tests/test_clip_promise.py`). A norm beyond the range
+    itself (entries near float32's max) is recorded as +Inf in the state
+    (so that a `jaxnan.skip_nonfinite` around the clip skips such a step),
+    and the entries are still clipped to `max_norm`, scaled by a power of
+    two first (optax scales them by ``max_norm / Inf``, to 0).
 
     This is not a guard by itself: it never changes a nonfinite entry. Wrap
     the chain in `jaxnan.skip_nonfinite` to keep them out of the params.
@@ -154,6 +159,8 @@ def clip_by_global_norm(
             updates = as_arrays(updates)
             norm, finite = tree.norm_and_finite(tree.checked_leaves(updates))
         trigger = norm < max_norm
+        huge = jnp.isposinf(norm)
+        exponent, rest = _beyond_range(tree.checked_leaves(updates), norm, huge)
 
         def clip(t):
             if not dtypes.is_checked_leaf(t):
@@ -164,13 +171,54 @@ def clip_by_global_norm(
             # In the wider of the leaf's and the norm's dtypes: for float32
             # and float64 leaves exactly optax's expression; a float16 leaf is
             # scaled in float32 (its norm may exceed 65504).
-            scaled = (t.astype(acc) / norm.astype(acc)) * limit.astype(acc)
+            wide = t.astype(acc)
+            scaled = (wide / norm.astype(acc)) * limit.astype(acc)
+            rescued = (_rescale(wide, exponent) / rest.astype(acc)) * limit
+            scaled = jnp.where(huge, rescued.astype(acc), scaled)
             return lax.select(trigger, t, scaled.astype(t.dtype))
 
         new = jax.tree_util.tree_map(clip, updates)
         return new, ClipByGlobalNormState(norm.astype(state.global_norm.dtype), finite)
 
     return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _rescale(x: jax.Array, exponent: jax.Array) -> jax.Array:
+    """``x * 2**-exponent``, exactly (`jnp.ldexp`; complex: part by part)."""
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+        return lax.complex(_rescale(x.real, exponent), _rescale(x.imag, exponent))
+    return jnp.ldexp(x, -exponent)
+
+
+def _beyond_range(
+    leaves: list[jax.Array], norm: jax.Array, huge: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """When `huge`, ``(e, r)`` with ``norm == 2**e * r``; else ``(0, 1)``.
+
+    Finite updates whose norm is beyond the range of its dtype (entries near
+    float32's max: the norm is +Inf) would all be scaled by
+    ``max_norm / Inf = 0``. Then, in a scalar `lax.cond`, `e` is the binary
+    exponent of the largest finite magnitude and `r` the norm of the finite
+    entries scaled by ``2**-e`` (exact), between 0.5 and the square root of
+    their number, so that each entry is scaled as ``(t * 2**-e) / r``. Not
+    ``t / m``: XLA:CPU divides by multiplying with the reciprocal, and that
+    of a number near float32's max is subnormal, flushed to zero.
+    """
+    dtype = norm.dtype
+    if not leaves:
+        return jnp.zeros((), jnp.int32), jnp.ones_like(norm)
+
+    def split() -> tuple[jax.Array, jax.Array]:
+        wide = [x.astype(jnp.promote_types(x.dtype, dtype)) for x in leaves]
+        mags = [jnp.where(jnp.isfinite(x), jnp.abs(x), 0).astype(dtype) for x in wide]
+        m = functools.reduce(jnp.maximum, [jnp.max(a, initial=0) for a in mags])
+        e = jnp.frexp(m)[1].astype(jnp.int32)
+        sq = sum(jnp.sum(jnp.square(_rescale(a, e))) for a in mags)
+        return e, jnp.sqrt(sq).astype(dtype)
+
+    return lax.cond(
+        huge, split, lambda: (jnp.zeros((), jnp.int32), jnp.ones_like(norm))
+    )
 
 
 # --------------------------------------------------------------------------
