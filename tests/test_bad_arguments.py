@@ -96,3 +96,35 @@ def test_guard_names_the_argument_and_the_fix(kind):
         step(params, opt_state, batch_with(kind))
     # Nothing was lost: the caller's arrays are alive.
     assert float(jnp.sum(params)) == 3.0
+
+
+# Options of the transforms. `exact="no"` was taken for True, and an int
+# axis name (`axis_name=0`, a habit of positional axes) failed deep inside
+# lax.psum with "Too many indices" or "reduction axes out of bounds".
+AXIS_TRANSFORMS = {
+    "skip_nonfinite": lambda **kw: jaxnan.skip_nonfinite(optax.sgd(0.1), **kw),
+    "skip_spikes": lambda **kw: jaxnan.skip_spikes(optax.sgd(0.1), **kw),
+    "dynamic_loss_scale": lambda **kw: jaxnan.dynamic_loss_scale(optax.sgd(0.1), **kw),
+    "monitor": lambda **kw: jaxnan.monitor(optax.sgd(0.1), **kw),
+    "zscore_clip": lambda **kw: jaxnan.zscore_clip(**kw),
+    "adagc": lambda **kw: jaxnan.adagc(**kw),
+}
+
+
+@pytest.mark.parametrize("name", sorted(AXIS_TRANSFORMS))
+@pytest.mark.parametrize("axis_name", [0, -1, True, 2.5, ["batch"]])
+def test_axis_name_must_be_a_name(name, axis_name):
+    msg = rf"jaxnan.{name}: axis_name must be a str .* got {re.escape(repr(axis_name))}"
+    with pytest.raises(TypeError, match=msg):
+        AXIS_TRANSFORMS[name](axis_name=axis_name)
+
+
+@pytest.mark.parametrize("name", sorted(AXIS_TRANSFORMS))
+def test_axis_name_may_be_a_tuple_of_names(name):
+    AXIS_TRANSFORMS[name](axis_name=("data", "fsdp"))
+
+
+@pytest.mark.parametrize("exact", ["no", 1, None, np.float32(0.0)])
+def test_skip_nonfinite_exact_must_be_a_bool(exact):
+    with pytest.raises(TypeError, match=r"exact must be True or False, got"):
+        jaxnan.skip_nonfinite(optax.sgd(0.1), exact=exact)

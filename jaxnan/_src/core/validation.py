@@ -460,6 +460,31 @@ def check_int(fn: str, name: str, value: Any, *, low: int, fix: str = "") -> int
     return int(v)
 
 
+def check_axis_name(fn: str, value: Any) -> None:
+    """Validates an `axis_name` option: None, a str, or a tuple of str.
+
+    An int would be taken by `lax.psum` for a positional axis of each array
+    and fail deep inside ("Too many indices").
+
+    Raises:
+        TypeError: for anything else, naming the option and the fix.
+    """
+    if value is None or isinstance(value, str):
+        return
+    if isinstance(value, tuple) and value and all(isinstance(v, str) for v in value):
+        return
+    raise TypeError(
+        f"jaxnan.{fn}: axis_name must be a str (the name given to shard_map's "
+        f"mesh or pmap's axis_name), a tuple of them, or None, got {value!r}."
+    )
+
+
+def check_bool(fn: str, name: str, value: Any) -> None:
+    """Raises TypeError unless `value` is True or False (a NumPy bool too)."""
+    if not isinstance(value, bool | np.bool_):
+        raise TypeError(f"jaxnan.{fn}: {name} must be True or False, got {value!r}.")
+
+
 def _ended(message: str, fix: str) -> str:
     """`message` followed by `fix` when there is one."""
     return f"{message} {fix}" if fix else message

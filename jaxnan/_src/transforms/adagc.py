@@ -115,7 +115,8 @@ def adagc(
 
     Raises:
         ValueError: for a hyperparameter out of range.
-        TypeError: when a hyperparameter is not a Python number.
+        TypeError: when a hyperparameter is not a Python number, or
+            `axis_name` is not a str (or a tuple of them).
 
     Examples:
         >>> import jax.numpy as jnp, jaxnan
@@ -134,6 +135,7 @@ def adagc(
     """
     fn = "adagc"
     name = "jaxnan.adagc"
+    validation.check_axis_name(fn, axis_name)
     validation.check_number(fn, "relative_threshold", relative_threshold, low=0)
     validation.check_number(fn, "beta", beta, low=0, high=1)
     warmup = validation.check_int(fn, "warmup", warmup, low=1)

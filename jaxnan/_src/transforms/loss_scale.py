@@ -111,8 +111,9 @@ def dynamic_loss_scale(
         `DynamicLossScaleState`.
 
     Raises:
-        TypeError: when `inner` is not an optax transformation, or a
-            hyperparameter is not a Python number.
+        TypeError: when `inner` is not an optax transformation, a
+            hyperparameter is not a Python number, or `axis_name` is not a
+            str (or a tuple of them).
         ValueError: for a hyperparameter out of range.
 
     Examples:
@@ -146,6 +147,7 @@ def dynamic_loss_scale(
     fn = "dynamic_loss_scale"
     name = "jaxnan.dynamic_loss_scale"
     validation.validate_inner(inner, fn_name=fn)
+    validation.check_axis_name(fn, axis_name)
     validation.check_number(fn, "min_scale", min_scale, low=1, low_open=False)
     if validation.is_traced(min_scale):
         raise TypeError(

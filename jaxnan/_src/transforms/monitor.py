@@ -111,7 +111,11 @@ def monitor(
         `MonitorState`.
 
     Raises:
-        TypeError: when `inner` is given and is not an optax transformation.
+        TypeError: when `inner` is given and is not an optax transformation,
+            or `axis_name` is not a str (or a tuple of them).
+        ValueError: when update gets leaves of another shape than `params`
+            or than the inner state's moments (naming the leaf and both
+            shapes).
 
     Examples:
         >>> import jax.numpy as jnp, jaxnan
@@ -124,6 +128,7 @@ def monitor(
     .. versionadded:: 0.1.0
     """
     name = "jaxnan.monitor"
+    validation.check_axis_name("monitor", axis_name)
     if inner is not None:
         validation.validate_inner(inner, fn_name="monitor")
         inner = optax.with_extra_args_support(inner)

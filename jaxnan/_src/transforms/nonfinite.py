@@ -362,8 +362,10 @@ def skip_nonfinite(
         `SkipNonfiniteState`.
 
     Raises:
-        TypeError: when `inner` is not an optax transformation, or update gets
-            a state of another transform or non-floating updates.
+        TypeError: when `inner` is not an optax transformation, `axis_name`
+            is not a str (or a tuple of them), `exact` or `sharded_params`
+            is not a bool, or update gets a state of another transform or
+            non-floating updates.
         ValueError: when `give_up_after` is not a positive int, or update gets an
             empty or mismatched tree, or leaves of the wrong shape.
 
@@ -385,11 +387,9 @@ def skip_nonfinite(
         give_up_after = validation.check_int(
             "skip_nonfinite", "give_up_after", give_up_after, low=1
         )
-    if not isinstance(sharded_params, bool):
-        raise TypeError(
-            "jaxnan.skip_nonfinite: sharded_params must be True or False, got "
-            f"{sharded_params!r}."
-        )
+    validation.check_axis_name("skip_nonfinite", axis_name)
+    validation.check_bool("skip_nonfinite", "sharded_params", sharded_params)
+    validation.check_bool("skip_nonfinite", "exact", exact)
     inner = optax.with_extra_args_support(inner)
 
     def init(params: optax.Params) -> SkipNonfiniteState:

@@ -170,7 +170,8 @@ def zscore_clip(
 
     Raises:
         ValueError: for a hyperparameter out of range or an unknown `mode`.
-        TypeError: when a hyperparameter is not a Python number.
+        TypeError: when a hyperparameter is not a Python number, or
+            `axis_name` is not a str (or a tuple of them).
 
     Examples:
         >>> import jax.numpy as jnp, jaxnan
@@ -189,6 +190,7 @@ def zscore_clip(
     """
     fn = "zscore_clip"
     name = "jaxnan.zscore_clip"
+    validation.check_axis_name(fn, axis_name)
     validation.check_number(fn, "z_threshold", z_threshold, low=0)
     validation.check_number(fn, "alpha", alpha, low=0, high=1)
     warmup = validation.check_int(fn, "warmup", warmup, low=2)
@@ -461,8 +463,9 @@ def skip_spikes(
         `SkipSpikesState`.
 
     Raises:
-        TypeError: when `inner` is not an optax transformation, or a
-            hyperparameter is not a number.
+        TypeError: when `inner` is not an optax transformation, a
+            hyperparameter is not a number, or `axis_name` is not a str (or
+            a tuple of them).
         ValueError: for a hyperparameter out of range, or a loss that is not
             a scalar.
 
@@ -485,6 +488,7 @@ def skip_spikes(
     fn = "skip_spikes"
     name = "jaxnan.skip_spikes"
     validation.validate_inner(inner, fn_name=fn)
+    validation.check_axis_name(fn, axis_name)
     window = validation.check_int(fn, "window", window, low=2)
     validation.check_number(fn, "threshold", threshold, low=0)
     if min_history is None:
