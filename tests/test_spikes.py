@@ -500,6 +500,30 @@ def test_adagc_clips_a_spike_whose_squares_overflow_float32():
     assert bool(s.adagc_clipped["w"])
 
 
+def test_adagc_clips_a_tensor_whose_norm_is_beyond_float32():
+    # Finite entries near float32's max: the tensor's norm (about 1.4 * max)
+    # is +Inf in float32. Before, the update was zeroed after warm-up and
+    # gamma became NaN for good (no later spike of that tensor was clipped);
+    # during warm-up the global norm was NaN and nothing was clipped.
+    big = float(jnp.finfo(jnp.float32).max)
+    huge = {"w": jnp.array([0.9, -0.8, 0.0]) * big, "b": jnp.array([0.3])}
+    tx = jaxnan.adagc(warmup=2, warmup_max_norm=1.0)
+    u, s = jax.jit(tx.update)(huge, tx.init(huge))
+    np.testing.assert_allclose(np.asarray(u["w"]), [0.7474, -0.6644, 0.0], rtol=1e-3)
+    np.testing.assert_allclose(np.asarray(u["b"]), [0.0], atol=1e-30)
+    assert np.isfinite(float(s.adagc_gamma["w"]))
+    tx = jaxnan.adagc(warmup=1, relative_threshold=1.0, beta=0.5, warmup_max_norm=10.0)
+    step = jax.jit(tx.update)
+    _, s = step({"w": jnp.array([0.6, 0.8, 0.0]), "b": jnp.array([0.3])}, tx.init(huge))
+    u, s = step(huge, s)
+    np.testing.assert_allclose(np.asarray(u["w"]), [0.7474, -0.6644, 0.0], rtol=1e-3)
+    assert bool(s.adagc_clipped["w"])
+    assert float(s.adagc_gamma["w"]) == pytest.approx(1.0)
+    # gamma is intact: a later spike of 100 is clipped to it.
+    u, s = step({"w": jnp.array([100.0, 0.0, 0.0]), "b": jnp.array([0.3])}, s)
+    np.testing.assert_allclose(np.asarray(u["w"]), [1.0, 0.0, 0.0], rtol=1e-6)
+
+
 def test_skip_spikes_skips_what_the_inner_optimizer_makes_nonfinite():
     tx = jaxnan.skip_spikes(optax.adam(1e-2, eps=0.0), window=4, min_history=2)
     params = {"w": jnp.ones(3)}

@@ -18,6 +18,18 @@ ArrayTree = chex.ArrayTree
 """A pytree whose leaves are arrays (an alias of `chex.ArrayTree`)."""
 
 
+def rescale(x: jax.Array, exponent: jax.Array) -> jax.Array:
+    """``x * 2**-exponent``, exactly (`jnp.ldexp`; a complex `x` part by part).
+
+    For updates whose norm is beyond their dtype's range: a factor of
+    ``2**-128`` is subnormal in float32, and XLA's CPU code flushes it (and
+    the reciprocal of a number near float32's max) to zero.
+    """
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+        return lax.complex(rescale(x.real, exponent), rescale(x.imag, exponent))
+    return jnp.ldexp(x, -exponent)
+
+
 def scale_where(t: Any, clip: jax.Array, num: jax.Array, den: jax.Array) -> Any:
     """`t * (num / den)` where `clip`, else `t` bit for bit (a select, never 0*NaN).
 

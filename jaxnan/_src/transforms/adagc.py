@@ -6,6 +6,7 @@ host sync; a step with a nonfinite tensor changes no statistic.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -204,8 +205,18 @@ def adagc(
         g_den = jnp.where(g_clip, g_norm, 1.0)
         f32_max = jnp.finfo(jnp.float32).max
 
+        wide = _beyond_range(
+            leaves,
+            norms,
+            oks,
+            gammas,
+            in_warmup,
+            (relative_threshold, warmup_max_norm),
+        )
         out, new_gamma, clipped = [], [], []
-        for x, n, o, gam in zip(leaves, norms, oks, gammas):
+        for x, n, o, gam, (use, shift, fac, cn) in zip(
+            leaves, norms, oks, gammas, wide
+        ):
             limit = relative_threshold * gam
             # gamma 0: no nonzero norm seen yet, nothing to be relative to
             unset = gam == 0
@@ -214,9 +225,13 @@ def adagc(
             clip = jnp.where(in_warmup, g_clip & o, r_clip)
             den = jnp.where(in_warmup, g_den, r_den)
             num = jnp.where(in_warmup, jnp.asarray(warmup_max_norm, den.dtype), limit)
-            out.append(scaling.scale_where(x, clip, num, den))
+            scaled = scaling.scale_where(x, clip, num, den)
+            if dtypes.is_checked_leaf(x):  # a norm beyond float32: 2**-shift first
+                rescued = scaling.rescale(x, shift) * fac.astype(x.dtype)
+                scaled = jnp.where(use & jnp.isfinite(x), rescued, scaled)
+            out.append(scaled)
             # num * (n / den): n <= den, so a tiny factor cannot flush to 0
-            clipped_norm = jnp.where(clip, num * (n / den), n)
+            clipped_norm = jnp.where(use, cn, jnp.where(clip, num * (n / den), n))
             lower = jnp.where(clipped_norm > 0, jnp.minimum(gam, clipped_norm), gam)
             warm_gamma = jnp.where(unset, clipped_norm, lower)
             ema_gamma = beta * gam + (1 - beta) * clipped_norm
@@ -224,7 +239,7 @@ def adagc(
             g_new = jnp.where(in_warmup, warm_gamma, ema_gamma)
             g_new = jnp.minimum(g_new, f32_max)  # gamma is float32
             new_gamma.append(jnp.where(finite, g_new, gam).astype(jnp.float32))
-            clipped.append(r_clip)
+            clipped.append(r_clip | (use & ~in_warmup))
         new_state = AdaGCState(
             adagc_gamma=jax.tree_util.tree_unflatten(treedef, new_gamma),
             adagc_finite_steps=jnp.where(
@@ -235,3 +250,66 @@ def adagc(
         return jax.tree_util.tree_unflatten(treedef, out), new_state
 
     return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _beyond_range(
+    leaves: list,
+    norms: list,
+    oks: list,
+    gammas: list,
+    in_warmup: jax.Array,
+    thresholds: tuple[float, float],
+) -> list[tuple[jax.Array, jax.Array, jax.Array, jax.Array]]:
+    """Per leaf ``(use, shift, factor, clipped_norm)``, for norms beyond float32.
+
+    A finite tensor whose norm is beyond float32's range (entries near its
+    max) has norm +Inf: its factor ``limit / Inf`` would zero it and make
+    gamma NaN for good, and in warm-up the global norm would be NaN (no
+    clipping). Only then (a scalar `lax.cond`), tensors are scaled by
+    ``2**-shift`` first (`jnp.ldexp`, exact; the binary exponent of the
+    largest magnitude): where `use`, the update is ``ldexp(x, -shift) *
+    factor`` and gamma sees `clipped_norm`. In warm-up every finite tensor
+    is so clipped to the global `warmup_max_norm`; after it, each tensor of
+    norm +Inf whose gamma is set, to ``relative_threshold * gamma``.
+    `thresholds` is ``(relative_threshold, warmup_max_norm)``.
+    """
+    relative, absolute = thresholds
+    checked = [i for i, x in enumerate(leaves) if dtypes.is_checked_leaf(x)]
+    huge = [jnp.isposinf(n) & o for n, o in zip(norms, oks)]
+    zero, one = jnp.zeros((), jnp.int32), jnp.ones((), jnp.float32)
+    none = [(jnp.array(False), zero, one, one) for _ in leaves]
+    if not checked:
+        return none
+
+    def wide() -> list:
+        exps = {}
+        rests = {}
+        for i in checked:
+            a = jnp.abs(leaves[i])
+            a = jnp.where(jnp.isfinite(a), a, 0).astype(tree.acc_dtype([a]))
+            e = jnp.where(huge[i], jnp.frexp(jnp.max(a, initial=0))[1], 0)
+            exps[i] = e.astype(jnp.int32)
+            rests[i] = jnp.sqrt(jnp.sum(jnp.square(scaling.rescale(a, exps[i]))))
+        top = functools.reduce(jnp.maximum, exps.values())
+        parts = {
+            i: jnp.where(oks[i], scaling.rescale(rests[i], top - exps[i]), 0)
+            for i in checked
+        }
+        total = jnp.sqrt(sum(jnp.square(p) for p in parts.values()))
+        rows = list(none)
+        for i in checked:
+            limit = relative * gammas[i]
+            after = huge[i] & (gammas[i] != 0)
+            rows[i] = (
+                jnp.where(in_warmup, oks[i], after),
+                jnp.where(in_warmup, top, exps[i]),
+                jnp.where(in_warmup, absolute / total, limit / rests[i]),
+                jnp.where(in_warmup, absolute * (parts[i] / total), limit),
+            )
+        return [
+            (u, k.astype(jnp.int32), f.astype(jnp.float32), c.astype(jnp.float32))
+            for u, k, f, c in rows
+        ]
+
+    any_huge = functools.reduce(jnp.logical_or, huge)
+    return lax.cond(any_huge, wide, lambda: none)

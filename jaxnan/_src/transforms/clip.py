@@ -16,7 +16,7 @@ import optax
 from jax import lax
 from jax.extend import source_info_util
 
-from jaxnan._src.core import dtypes, tree, validation
+from jaxnan._src.core import dtypes, scaling, tree, validation
 
 source_info_util.register_exclusion(__file__)
 
@@ -173,7 +173,7 @@ def clip_by_global_norm(
             # scaled in float32 (its norm may exceed 65504).
             wide = t.astype(acc)
             scaled = (wide / norm.astype(acc)) * limit.astype(acc)
-            rescued = (_rescale(wide, exponent) / rest.astype(acc)) * limit
+            rescued = (scaling.rescale(wide, exponent) / rest.astype(acc)) * limit
             scaled = jnp.where(huge, rescued.astype(acc), scaled)
             return lax.select(trigger, t, scaled.astype(t.dtype))
 
@@ -181,13 +181,6 @@ def clip_by_global_norm(
         return new, ClipByGlobalNormState(norm.astype(state.global_norm.dtype), finite)
 
     return optax.GradientTransformationExtraArgs(init, update)
-
-
-def _rescale(x: jax.Array, exponent: jax.Array) -> jax.Array:
-    """``x * 2**-exponent``, exactly (`jnp.ldexp`; complex: part by part)."""
-    if jnp.issubdtype(x.dtype, jnp.complexfloating):
-        return lax.complex(_rescale(x.real, exponent), _rescale(x.imag, exponent))
-    return jnp.ldexp(x, -exponent)
 
 
 def _beyond_range(
@@ -213,7 +206,7 @@ def _beyond_range(
         mags = [jnp.where(jnp.isfinite(x), jnp.abs(x), 0).astype(dtype) for x in wide]
         m = functools.reduce(jnp.maximum, [jnp.max(a, initial=0) for a in mags])
         e = jnp.frexp(m)[1].astype(jnp.int32)
-        sq = sum(jnp.sum(jnp.square(_rescale(a, e))) for a in mags)
+        sq = sum(jnp.sum(jnp.square(scaling.rescale(a, e))) for a in mags)
         return e, jnp.sqrt(sq).astype(dtype)
 
     return lax.cond(
