@@ -141,6 +141,18 @@ def test_zscore_clip_max_norm_caps_warmup_and_mixed_nonfinite_leaves():
     assert int(state.zclip_finite_steps) == 1
 
 
+def test_zscore_clip_max_norm_holds_for_a_norm_beyond_float32():
+    # Entries near float32's max: the norm (about 1.2 * max) saturates at
+    # float32's max in the statistics; the scaling divided by that, not by
+    # the norm, and the result's norm was 1.2, above max_norm.
+    big = float(jnp.finfo(jnp.float32).max)
+    tx = jaxnan.zscore_clip(warmup=2, max_norm=1.0)
+    g = {"a": jnp.array([0.9, -0.8]) * big, "b": jnp.array([0.3])}
+    u, state = jax.jit(tx.update)(g, tx.init(g))
+    np.testing.assert_allclose(np.asarray(u["a"]), [0.7474, -0.6644], rtol=1e-3)
+    assert float(state.zclip_norm) == np.float32(big)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "msg"),
     [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import chex
@@ -52,3 +53,34 @@ def scale_where(t: Any, clip: jax.Array, num: jax.Array, den: jax.Array) -> Any:
     first = jnp.where(small, num / root, factor).astype(t.dtype)
     second = jnp.where(small, 1 / root, 1).astype(t.dtype)
     return lax.select(clip & jnp.isfinite(t), (t * first) * second, t)
+
+
+def split_norm(
+    leaves: list[jax.Array], norm: jax.Array, huge: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """When `huge`, ``(e, r)`` with ``norm == 2**e * r``; else ``(0, 1)``.
+
+    Finite updates whose norm is beyond the range of its dtype (entries near
+    float32's max: the norm is +Inf) would all be scaled by
+    ``max_norm / Inf = 0``. Then, in a scalar `lax.cond`, `e` is the binary
+    exponent of the largest finite magnitude and `r` the norm of the finite
+    entries scaled by ``2**-e`` (exact), between 0.5 and the square root of
+    their number, so that each entry is scaled as ``(t * 2**-e) / r``. Not
+    ``t / m``: XLA:CPU divides by multiplying with the reciprocal, and that
+    of a number near float32's max is subnormal, flushed to zero.
+    """
+    dtype = norm.dtype
+    if not leaves:
+        return jnp.zeros((), jnp.int32), jnp.ones_like(norm)
+
+    def split() -> tuple[jax.Array, jax.Array]:
+        wide = [x.astype(jnp.promote_types(x.dtype, dtype)) for x in leaves]
+        mags = [jnp.where(jnp.isfinite(x), jnp.abs(x), 0).astype(dtype) for x in wide]
+        m = functools.reduce(jnp.maximum, [jnp.max(a, initial=0) for a in mags])
+        e = jnp.frexp(m)[1].astype(jnp.int32)
+        sq = sum(jnp.sum(jnp.square(rescale(a, e))) for a in mags)
+        return e, jnp.sqrt(sq).astype(dtype)
+
+    return lax.cond(
+        huge, split, lambda: (jnp.zeros((), jnp.int32), jnp.ones_like(norm))
+    )

@@ -7,7 +7,6 @@ the norm it has already computed to a clip that follows it (`KnownNorm`).
 
 from __future__ import annotations
 
-import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -160,7 +159,7 @@ def clip_by_global_norm(
             norm, finite = tree.norm_and_finite(tree.checked_leaves(updates))
         trigger = norm < max_norm
         huge = jnp.isposinf(norm)
-        exponent, rest = _beyond_range(tree.checked_leaves(updates), norm, huge)
+        exponent, rest = scaling.split_norm(tree.checked_leaves(updates), norm, huge)
 
         def clip(t):
             if not dtypes.is_checked_leaf(t):
@@ -181,37 +180,6 @@ def clip_by_global_norm(
         return new, ClipByGlobalNormState(norm.astype(state.global_norm.dtype), finite)
 
     return optax.GradientTransformationExtraArgs(init, update)
-
-
-def _beyond_range(
-    leaves: list[jax.Array], norm: jax.Array, huge: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    """When `huge`, ``(e, r)`` with ``norm == 2**e * r``; else ``(0, 1)``.
-
-    Finite updates whose norm is beyond the range of its dtype (entries near
-    float32's max: the norm is +Inf) would all be scaled by
-    ``max_norm / Inf = 0``. Then, in a scalar `lax.cond`, `e` is the binary
-    exponent of the largest finite magnitude and `r` the norm of the finite
-    entries scaled by ``2**-e`` (exact), between 0.5 and the square root of
-    their number, so that each entry is scaled as ``(t * 2**-e) / r``. Not
-    ``t / m``: XLA:CPU divides by multiplying with the reciprocal, and that
-    of a number near float32's max is subnormal, flushed to zero.
-    """
-    dtype = norm.dtype
-    if not leaves:
-        return jnp.zeros((), jnp.int32), jnp.ones_like(norm)
-
-    def split() -> tuple[jax.Array, jax.Array]:
-        wide = [x.astype(jnp.promote_types(x.dtype, dtype)) for x in leaves]
-        mags = [jnp.where(jnp.isfinite(x), jnp.abs(x), 0).astype(dtype) for x in wide]
-        m = functools.reduce(jnp.maximum, [jnp.max(a, initial=0) for a in mags])
-        e = jnp.frexp(m)[1].astype(jnp.int32)
-        sq = sum(jnp.sum(jnp.square(scaling.rescale(a, e))) for a in mags)
-        return e, jnp.sqrt(sq).astype(dtype)
-
-    return lax.cond(
-        huge, split, lambda: (jnp.zeros((), jnp.int32), jnp.ones_like(norm))
-    )
 
 
 # --------------------------------------------------------------------------

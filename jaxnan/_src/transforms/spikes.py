@@ -24,7 +24,7 @@ import optax
 from jax import lax
 from jax.extend import source_info_util
 
-from jaxnan._src.core import scaling, shard_norms, tree, validation
+from jaxnan._src.core import dtypes, scaling, shard_norms, tree, validation
 from jaxnan._src.transforms import nonfinite
 
 source_info_util.register_exclusion(__file__)
@@ -127,8 +127,12 @@ def zscore_clip(
     unchanged (bit for bit), for a later `jaxnan.skip_nonfinite` to catch. Such a step
     changes no statistic and does not count as a warm-up step.
     Float16 and bfloat16 norms are taken in float32 and float64 ones in
-    float64; the statistics are float32. Differentiable (`jax.grad`,
-    `jax.jvp`, `jax.vmap`).
+    float64; the statistics are float32. A norm beyond float32's range
+    (finite entries near its max) enters the statistics as float32's max,
+    and the updates are still scaled by the norm itself (split by an exact
+    power of two), so that `max_norm` holds; with `axis_name` or
+    `shard_specs` they are scaled by float32's max. Differentiable
+    (`jax.grad`, `jax.jvp`, `jax.vmap`).
 
     Cost: one fused reduction per leaf (the sum of squares); an overflow-safe
     second pass only on a nonfinite step (a scalar `lax.cond`); the scaling is
@@ -256,9 +260,23 @@ def zscore_clip(
             agreed = norm.astype(norm_wide.dtype)
             wide = jnp.where(norm_wide > f32_max, norm_wide, agreed)
             num, den = clip_to.astype(wide.dtype), jnp.where(clip, wide, 1.0)
-        out = jax.tree_util.tree_map(
-            lambda t: scaling.scale_where(t, clip, num, den), updates
-        )
+        # A norm beyond float32's range (entries near its max) saturates in
+        # the statistics; the scaling divides by the norm itself, split by
+        # an exact power of two (on one device: a replica's own updates are
+        # not the whole tensors otherwise).
+        huge = jnp.isposinf(norm_wide) & finite
+        if shard_specs is not None or axis_name is not None:
+            huge = jnp.array(False)
+        shift, rest = scaling.split_norm(leaves, norm_wide, huge)
+
+        def scale(t):
+            out = scaling.scale_where(t, clip, num, den)
+            if not dtypes.is_checked_leaf(t):
+                return out
+            rescued = scaling.rescale(t, shift) * (num / rest).astype(t.dtype)
+            return jnp.where(huge & clip & jnp.isfinite(t), rescued, out)
+
+        out = jax.tree_util.tree_map(scale, updates)
 
         # Statistics: warm-up buffer, initialisation, then EMA of the clipped
         # norm. A nonfinite step changes nothing.
