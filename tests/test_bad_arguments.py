@@ -67,6 +67,32 @@ def test_locate_passes_them_through_and_names_the_line(kind):
     assert not jaxnan.locate(loss)(jnp.ones(3), batch_with(kind)).found
 
 
+def sqrt_loss(w, batch, n=3):
+    safe = jnp.where(w > 0, jnp.sqrt(w), 0.0)  # where-nan-grad
+    return jnp.sum(safe[:n] * batch["x"][:n])
+
+
+SQRT_LINE = sqrt_loss.__code__.co_firstlineno + 1
+
+
+@pytest.mark.parametrize("kind", list(EXTRAS))
+def test_lint_passes_them_through_and_finds_the_pattern(kind):
+    # Before, jax.make_jaxpr took a str, a Python object or the int `n`
+    # (a slice bound) for an abstract array and failed deep inside.
+    for args in [(batch_with(kind),), (batch_with(kind), 2)]:
+        found = jaxnan.lint(sqrt_loss, jnp.ones(3), *args)
+        assert [(f.rule, f.line) for f in found] == [("where-nan-grad", SQRT_LINE)]
+
+
+def test_lint_passes_functions_bytes_and_text_arrays_through():
+    def fn(w, act, tag, names):
+        del tag, names
+        return jnp.sum(jnp.where(w > 0, jnp.sqrt(act(w)), 0.0))
+
+    found = jaxnan.lint(fn, jnp.ones(3), jnp.sin, b"run", np.array(["a", "b"]))
+    assert [f.rule for f in found] == ["where-nan-grad"]
+
+
 tx = jaxnan.skip_nonfinite(optax.sgd(0.1))
 
 

@@ -153,6 +153,44 @@ def _flat_positions(args, nums: tuple[int, ...]) -> list[int]:
     return [i for a in nums for i in range(starts[a], starts[a + 1])]
 
 
+def _is_traced_leaf(x: Any) -> bool:
+    """Whether `fn`'s tracing takes this argument leaf for an abstract array.
+
+    Arrays of numbers (jax, NumPy), `jax.ShapeDtypeStruct` and Python
+    floats and complex numbers are traced. Everything else is bound as a
+    static value, as a call of `fn` would see it: a str, bytes, a function,
+    a Python object, a NumPy array of text or objects, and Python ints and
+    bools, which a loss may use as a slice bound or a class count.
+    """
+    if isinstance(x, float | complex):
+        return True
+    if isinstance(x, jax.ShapeDtypeStruct | jax.Array):
+        return True
+    if isinstance(x, np.ndarray | np.generic):
+        return x.dtype.kind in "biufc"
+    return False
+
+
+def _static_bound(fn: Callable, args: tuple) -> tuple[Callable, tuple]:
+    """`fn` over the traced leaves of `args` only (one list per argument).
+
+    The static leaves are bound (`_is_traced_leaf`); argument positions are
+    kept, so `argnums` still name the same arguments.
+    """
+    flat = [jax.tree_util.tree_flatten(a) for a in args]
+    traced = tuple([x for x in leaves if _is_traced_leaf(x)] for leaves, _ in flat)
+
+    def bound(*arrays):
+        rebuilt = []
+        for (leaves, treedef), mine in zip(flat, arrays):
+            it = iter(mine)
+            merged = [next(it) if _is_traced_leaf(x) else x for x in leaves]
+            rebuilt.append(jax.tree_util.tree_unflatten(treedef, merged))
+        return fn(*rebuilt)
+
+    return bound, traced
+
+
 def _is_float_scalar(avals) -> bool:
     return (
         len(avals) == 1
@@ -225,7 +263,10 @@ def lint(
 
     Args:
         fn: the function to lint, usually a loss ``fn(params, batch)``.
-        *args: example arguments (arrays or `jax.ShapeDtypeStruct`).
+        *args: example arguments (arrays or `jax.ShapeDtypeStruct`). Leaves
+            that are not arrays of numbers or Python floats (a str, a
+            function, a Python object, a Python int used as a slice bound)
+            are passed to `fn` as they are, static.
         argnums: the argument index (or indices) that is differentiated.
         rules: per-rule levels, ``{rule id: "error" | "warning" | "info" |
             "off"}`` (the rule's own severity where absent).
@@ -264,6 +305,7 @@ def lint(
         )
     nums = _argnums(argnums, len(args))
     levels = config.levels(rules)
+    fn, args = _static_bound(fn, args)
     g, closed = graph.build(fn, args)
     found = _run(g, _flat_positions(args, nums), registry.DETECTORS, levels)
     if _is_float_scalar(closed.out_avals):
