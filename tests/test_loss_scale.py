@@ -221,3 +221,12 @@ def test_dynamic_loss_scale_inner_nonfinite_skips_and_keeps_the_scale():
     assert int(s1.loss_scale_skips) == 1 and int(s1.loss_scale_inner_skips) == 1
     assert float(s1.loss_scale) == 2.0
     assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(s1))
+
+
+@pytest.mark.parametrize("loss", ["0.5", 3, jnp.int32(3), None])
+def test_scale_loss_needs_a_floating_loss(loss):
+    # A str failed inside jnp.asarray with no word of the argument, and an
+    # int loss was multiplied by the scale cast to int.
+    state = jaxnan.dynamic_loss_scale(optax.sgd(1.0)).init({"w": jnp.ones(2)})
+    with pytest.raises(TypeError, match=r"jaxnan.scale_loss: loss must be a floating"):
+        jaxnan.scale_loss(loss, state)

@@ -247,6 +247,7 @@ def scale_loss(loss: jax.typing.ArrayLike, state: Any) -> jax.Array:
 
     Raises:
         ValueError: when `state` holds no `DynamicLossScaleState`, or several.
+        TypeError: when `loss` is not floating (an int, a str, None).
 
     Examples:
         >>> import jax.numpy as jnp, optax, jaxnan
@@ -258,6 +259,13 @@ def scale_loss(loss: jax.typing.ArrayLike, state: Any) -> jax.Array:
     .. versionadded:: 0.1.0
     """
     scale = _find_scale_state(state, "scale_loss").loss_scale
+    dtype = dtypes.leaf_dtype(loss)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.inexact):
+        raise TypeError(
+            f"jaxnan.scale_loss: loss must be a floating array or Python float, "
+            f"got {type(loss).__name__} ({loss!r:.40}). Pass the loss value "
+            "(a float32 scalar), before any conversion to int or str."
+        )
     loss = jnp.asarray(loss)
     return loss * scale.astype(loss.dtype)
 
