@@ -613,3 +613,29 @@ def test_grad_jvp_vmap_through_zscore_clip():
     got = jax.jit(jax.vmap(f))(jnp.stack([g, g / 10]))
     one = jax.jit(f)
     np.testing.assert_allclose(np.asarray(got), [one(g), one(g / 10)], rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["clip_by_global_norm", "zscore_clip", "adagc"])
+def test_grad_through_a_clip_with_a_nan_entry_is_finite(name):
+    # The nonfinite entry passes through unchanged (as documented), and a
+    # caller that drops it must get the derivative of the rest: before, the
+    # select's zero cotangent met t * factor at t = NaN (0 * NaN).
+    tx = {
+        "clip_by_global_norm": lambda: jaxnan.clip_by_global_norm(1.0),
+        "zscore_clip": lambda: jaxnan.zscore_clip(warmup=2, max_norm=1.0),
+        "adagc": lambda: jaxnan.adagc(warmup=1, warmup_max_norm=1.0),
+    }[name]()
+
+    def outer(scale):
+        g = {
+            "w": (jnp.array([1.0, 3.0, 4.0]) * scale).at[0].set(NAN),
+            "b": jnp.array([3.0, 4.0]) * scale**2,
+        }
+        u, _ = tx.update(g, tx.init(g))
+        return sum(jnp.sum(jnp.where(jnp.isfinite(x), x, 0.0)) for x in u.values())
+
+    grad = float(jax.grad(outer)(2.0))
+    h = 1e-2
+    assert grad == pytest.approx(
+        float(outer(2.0 + h) - outer(2.0 - h)) / (2 * h), rel=1e-2
+    )

@@ -52,7 +52,11 @@ def scale_where(t: Any, clip: jax.Array, num: jax.Array, den: jax.Array) -> Any:
     # ordinary step's result is ``t * factor`` bit for bit.
     first = jnp.where(small, num / root, factor).astype(t.dtype)
     second = jnp.where(small, 1 / root, 1).astype(t.dtype)
-    return lax.select(clip & jnp.isfinite(t), (t * first) * second, t)
+    scaled = clip & jnp.isfinite(t)
+    # The product reads 0 where it is not taken: its derivative with respect
+    # to the factor is then 0, not NaN (0 * NaN) from a nonfinite entry.
+    safe = jnp.where(scaled, t, jnp.zeros_like(t))
+    return lax.select(scaled, (safe * first) * second, t)
 
 
 def split_norm(

@@ -227,8 +227,10 @@ def adagc(
             num = jnp.where(in_warmup, jnp.asarray(warmup_max_norm, den.dtype), limit)
             scaled = scaling.scale_where(x, clip, num, den)
             if dtypes.is_checked_leaf(x):  # a norm beyond float32: 2**-shift first
-                rescued = scaling.rescale(x, shift) * fac.astype(x.dtype)
-                scaled = jnp.where(use & jnp.isfinite(x), rescued, scaled)
+                ok = use & jnp.isfinite(x)
+                safe = jnp.where(ok, x, jnp.zeros_like(x))  # no 0 * NaN derivative
+                rescued = scaling.rescale(safe, shift) * fac.astype(x.dtype)
+                scaled = jnp.where(ok, rescued, scaled)
             out.append(scaled)
             # num * (n / den): n <= den, so a tiny factor cannot flush to 0
             clipped_norm = jnp.where(use, cn, jnp.where(clip, num * (n / den), n))

@@ -170,11 +170,15 @@ def clip_by_global_norm(
             # In the wider of the leaf's and the norm's dtypes: for float32
             # and float64 leaves exactly optax's expression; a float16 leaf is
             # scaled in float32 (its norm may exceed 65504).
-            wide = t.astype(acc)
+            # The nonfinite entries pass through; the products read 0 there,
+            # so that their derivative with respect to the norm is 0, not
+            # NaN (0 * NaN).
+            fine = jnp.isfinite(t)
+            wide = jnp.where(fine, t, jnp.zeros_like(t)).astype(acc)
             scaled = (wide / norm.astype(acc)) * limit.astype(acc)
             rescued = (scaling.rescale(wide, exponent) / rest.astype(acc)) * limit
-            scaled = jnp.where(huge, rescued.astype(acc), scaled)
-            return lax.select(trigger, t, scaled.astype(t.dtype))
+            scaled = jnp.where(huge, rescued.astype(acc), scaled).astype(t.dtype)
+            return lax.select(trigger | ~fine, t, scaled)
 
         new = jax.tree_util.tree_map(clip, updates)
         return new, ClipByGlobalNormState(norm.astype(state.global_norm.dtype), finite)

@@ -273,8 +273,10 @@ def zscore_clip(
             out = scaling.scale_where(t, clip, num, den)
             if not dtypes.is_checked_leaf(t):
                 return out
-            rescued = scaling.rescale(t, shift) * (num / rest).astype(t.dtype)
-            return jnp.where(huge & clip & jnp.isfinite(t), rescued, out)
+            ok = huge & clip & jnp.isfinite(t)
+            safe = jnp.where(ok, t, jnp.zeros_like(t))  # no 0 * NaN derivative
+            rescued = scaling.rescale(safe, shift) * (num / rest).astype(t.dtype)
+            return jnp.where(ok, rescued, out)
 
         out = jax.tree_util.tree_map(scale, updates)
 
