@@ -310,6 +310,11 @@ def skip_nonfinite(
     the cost of one select per gradient entry, fused into the optimizer's
     reads (`benchmarks/RESULTS.md`). Other optimizers are unchanged.
 
+    optax's functions that read the inner optimizer's own state take
+    `state.inner_state`: ``optax.contrib.schedule_free_eval_params(
+    state.inner_state, params)`` (given the guard's state, it fails with
+    "'SkipNonfiniteState' object has no attribute 'b1'").
+
     Unlike `optax.apply_if_finite`, reaching `give_up_after` consecutive
     skips never lets a nonfinite update through (which would poison the moments for
     good): the step is still skipped and `state.gave_up` is set, for a host
