@@ -210,6 +210,33 @@ def test_bad_arguments_are_clear_errors():
         list(jaxnan.inject_rows([{"i": np.ones(2, int)}], at=0))
 
 
+@pytest.mark.parametrize("at", ["3", True, [1, "2"], 2.5, None, [1.0]])
+def test_steps_must_be_ints(at):
+    # at="3" and at=True were taken for step 3 and step 1 (int() of each),
+    # at=2.5 failed with "'float' object is not iterable".
+    with pytest.raises(TypeError, match=r"jaxnan.inject_grads: at must be"):
+        jaxnan.inject_grads(jaxnan.skip_nonfinite(optax.sgd(0.1)), at=at)
+
+
+def test_rows_and_leaves_are_checked_and_a_0d_step_is_one_step():
+    data = [{"xy": np.ones((2, 2), np.float32), "x": np.ones((2, 2), np.float32)}]
+    with pytest.raises(TypeError, match=r"jaxnan.inject_rows: rows must be"):
+        list(jaxnan.inject_rows(data, at=0, rows="1"))
+    # A str is one key, not its characters.
+    (out,) = jaxnan.inject_rows(data, at=0, leaves="xy")
+    assert np.isnan(out["xy"]).any() and not np.isnan(out["x"]).any()
+    tx = jaxnan.inject_grads(jaxnan.skip_nonfinite(optax.sgd(0.1)), at=jnp.int32(0))
+    params = {"w": jnp.zeros(2)}
+    _, state = tx.update(params, tx.init(params), params)
+    assert int(state.nonfinite_total) == 1
+
+
+def test_fault_step_must_be_an_int():
+    loss = jaxnan.inject_loss(regression_loss, at=1)
+    with pytest.raises(TypeError, match=r"fault_step must be an int"):
+        loss({"w": jnp.zeros(2)}, {}, fault_step="1")
+
+
 def test_grads_fault_on_the_data_position_is_transient_under_rollback():
     base = jaxnan.skip_nonfinite(optax.sgd(0.1))
     tx = jaxnan.inject_grads(base, at=5)

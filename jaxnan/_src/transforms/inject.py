@@ -164,11 +164,25 @@ def _is_clock(value: Any) -> bool:
     return any(value is c for c in getattr(_NOTING, "clocks", ()))
 
 
-def _steps(fn: str, at: int | Sequence[int]) -> tuple[int, ...]:
-    items = (at,) if isinstance(at, (int, np.integer)) else tuple(at)
+def _steps(fn: str, at: int | Sequence[int], name: str = "at") -> tuple[int, ...]:
+    """`at` (an int, a 0-d integer array, or a sequence of them) as a tuple."""
+    if isinstance(at, int | np.integer) or (hasattr(at, "dtype") and np.ndim(at) == 0):
+        items: tuple = (at,)
+    elif isinstance(at, Iterable) and not isinstance(at, str | bytes):
+        items = tuple(at)
+    else:
+        items = (None,)
     if not items:
-        raise ValueError(f"jaxnan.{fn}: at must name at least one step, got {at!r}.")
-    return tuple(validation.check_int(fn, "at", int(s), low=0) for s in items)
+        raise ValueError(
+            f"jaxnan.{fn}: {name} must name at least one step, got {at!r}."
+        )
+    for s in items:
+        kind = dtypes.leaf_dtype(s)
+        if isinstance(s, bool) or kind is None or not jnp.issubdtype(kind, jnp.integer):
+            raise TypeError(
+                f"jaxnan.{fn}: {name} must be an int or a sequence of ints, got {at!r}."
+            )
+    return tuple(validation.check_int(fn, name, s, low=0) for s in items)
 
 
 def _fault(fn: str, fault: Fault | str) -> Fault:
@@ -266,8 +280,9 @@ def inject_grads(
         An `optax.GradientTransformationExtraArgs` with `inner`'s state.
 
     Raises:
-        TypeError: when `inner` is not an optax transformation, or at the
-            first update when its state holds no `SkipNonfiniteState`.
+        TypeError: when `inner` is not an optax transformation, `at` is not
+            an int or a sequence of ints, or at the first update when its
+            state holds no `SkipNonfiniteState`.
         ValueError: for an empty `at`, a negative step, an unknown `fault`.
 
     Examples:
@@ -331,7 +346,8 @@ def inject_loss(
         The wrapped loss function.
 
     Raises:
-        TypeError: when `loss_fn` is not callable, or is called without
+        TypeError: when `loss_fn` is not callable, `at` is not an int or a
+            sequence of ints, or the loss is called without an int
             ``fault_step``.
         ValueError: for an empty `at`, a negative step, an unknown `fault`.
 
@@ -358,6 +374,16 @@ def inject_loss(
             raise TypeError(
                 "jaxnan.inject_loss: call the wrapped loss with fault_step=, "
                 "e.g. loss_fn(params, batch, fault_step=jaxnan.fault_step(opt_state))."
+            )
+        kind = dtypes.leaf_dtype(fault_step)
+        if (
+            isinstance(fault_step, bool)
+            or kind is None
+            or not jnp.issubdtype(kind, jnp.integer)
+        ):
+            raise TypeError(
+                f"jaxnan.inject_loss: fault_step must be an int (the step number, "
+                f"jaxnan.fault_step(opt_state)), got {fault_step!r:.40}."
             )
         _note(Planted(fn, fault, steps, _is_clock(fault_step)))
         out = loss_fn(*args, **kwargs)
@@ -413,12 +439,14 @@ def inject_rows(
         at: the batch number or numbers to corrupt (ints >= 0).
         rows: the row or rows to corrupt.
         fault: what to plant, a `jaxnan.Fault` (or its value).
-        leaves: which leaves; None: every floating leaf.
+        leaves: which leaves (a key or a sequence of keys); None: every
+            floating leaf.
 
     Returns:
         An iterator over the batches.
 
     Raises:
+        TypeError: when `at` or `rows` is not an int or a sequence of ints.
         ValueError: for an empty `at`, a negative step or row, an unknown
             `fault`, or when a batch to corrupt has no leaf to plant in.
 
@@ -433,7 +461,9 @@ def inject_rows(
     """
     fn = "inject_rows"
     steps, fault = _steps(fn, at), _fault(fn, fault)
-    rows = _steps(fn, rows)
+    rows = _steps(fn, rows, "rows")
+    if isinstance(leaves, str):  # one key, not its characters
+        leaves = (leaves,)
     return _corrupted(iter(batches), steps, rows, fault, leaves)
 
 
