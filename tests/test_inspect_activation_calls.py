@@ -159,3 +159,82 @@ def test_linen_layers_in_the_order_they_run():
     t = jnp.tanh(h @ p["mid"]["kernel"] + p["mid"]["bias"])
     assert float(stats[tanh].max_abs) == max_abs(t)
     assert stats[relu].equations == stats[tanh].equations == 1
+
+
+class LoopMLP(nnx.Module):
+    """The NNX tutorials' loop over a list of layers, one activation line."""
+
+    def __init__(self, *, rngs: nnx.Rngs):
+        self.layers = nnx.List([nnx.Linear(3, 3, rngs=rngs) for _ in range(3)])
+
+    def __call__(self, x):
+        for layer in self.layers:
+            x = nnx.relu(layer(x))  # one line, three calls
+        return x
+
+
+def test_an_activation_line_run_in_a_loop_is_one_layer_per_call():
+    model = LoopMLP(rngs=nnx.Rngs(0))
+    model.layers[1].bias.value = jnp.full(3, jnp.inf)
+    stats = jaxnan.activation_stats(model)(X)
+    line = "test_inspect_activation_calls.py:{} (LoopMLP.__call__)".format(
+        _line("# one line, three calls")
+    )
+    relus = [f"{line}/{k}" for k in (1, 2, 3)]
+    assert list(stats) == [
+        "layers/0",
+        relus[0],
+        "layers/1",
+        relus[1],
+        "layers/2",
+        relus[2],
+    ]
+    # layers/1 made the Inf; the relu before it is finite.
+    assert stats.first_nonfinite() == "layers/1"
+    assert int(stats[relus[0]].nonfinite) == 0
+    h = nnx.relu(model.layers[0](X))
+    assert float(stats[relus[0]].max_abs) == max_abs(h)
+
+
+def test_library_code_between_layers_is_named_by_the_module():
+    # nnx.Sequential calls the activations itself: no line of the user's.
+    seq = nnx.Sequential(
+        nnx.Linear(3, 4, rngs=nnx.Rngs(0)),
+        nnx.relu,
+        nnx.Linear(4, 4, rngs=nnx.Rngs(1)),
+        nnx.tanh,
+        nnx.Linear(4, 2, rngs=nnx.Rngs(2)),
+    )
+    stats = jaxnan.activation_stats(seq)(X)
+    assert list(stats) == [
+        "layers/0",
+        "Sequential/1",
+        "layers/2",
+        "Sequential/2",
+        "layers/4",
+    ]
+    h = nnx.relu(seq.layers[0](X))
+    assert float(stats["Sequential/1"].max_abs) == max_abs(h)
+    # A bare layer: its parameters are top-level leaves, named by its class.
+    linear = nnx.Linear(3, 4, rngs=nnx.Rngs(0))
+    assert list(jaxnan.activation_stats(linear)(X)) == ["Linear"]
+
+
+class NoParams(nnx.Module):
+    def __call__(self, x):
+        return jnp.tanh(x)  # no parameters
+
+
+def test_a_module_without_arrays_is_still_the_model():
+    stats = jaxnan.activation_stats(NoParams())(X)
+    line = _line("# no parameters")
+    assert list(stats) == [
+        f"test_inspect_activation_calls.py:{line} (NoParams.__call__)"
+    ]
+    # A module that computes nothing on the data: truly no layers.
+    assert jaxnan.activation_stats(eqx.nn.Identity())(X) == {}
+
+
+def test_a_batch_given_as_python_numbers_is_named_in_the_error():
+    with pytest.raises(ValueError, match=r"no array.*jnp\.asarray"):
+        jaxnan.activation_stats(lambda p, x: jnp.tanh(p * x))(jnp.ones(2), 3.0)

@@ -199,14 +199,19 @@ def split_interrupted(
     (the ``relu`` and ``tanh`` of ``Net`` around ``Net/mid``) share its
     scope; each run of them between other layers becomes a layer of its own,
     named by the scope and the source line where the run starts
-    (``Net/model.py:12 (Net.__call__)``). Names not made from a scope
-    (`scoped` false) are kept.
+    (``Net/model.py:12 (Net.__call__)``), or by the run's number when it has
+    no line (a user line called in a loop over layers, library code named
+    by the module's class: ``model.py:12 (MLP.__call__)/2``,
+    ``Sequential/1``). Other names (`scoped` false: parameters' layers)
+    are kept.
 
     Args:
         names: the layer name of each measured equation, in program order
             (gradients end in `GRAD_SUFFIX`).
-        scoped: per equation, whether its name is its scope.
-        sites: per equation, its ``file.py:LINE (function)``, or "".
+        scoped: per equation, whether each run of its name is a layer of
+            its own (a scope, a line, the module's class).
+        sites: per equation, the ``file.py:LINE (function)`` that names a
+            run of its scope, or "" (the run's number names it).
 
     Returns:
         The names, with the interrupted scopes split.
