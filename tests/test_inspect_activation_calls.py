@@ -238,3 +238,41 @@ def test_a_module_without_arrays_is_still_the_model():
 def test_a_batch_given_as_python_numbers_is_named_in_the_error():
     with pytest.raises(ValueError, match=r"no array.*jnp\.asarray"):
         jaxnan.activation_stats(lambda p, x: jnp.tanh(p * x))(jnp.ones(2), 3.0)
+
+
+class LoopTanh(nnx.Module):
+    def __init__(self, *, rngs: nnx.Rngs):
+        self.layers = nnx.List([nnx.Linear(3, 3, rngs=rngs) for _ in range(3)])
+
+    def __call__(self, x):
+        for layer in self.layers:
+            x = jnp.tanh(layer(x))  # a tanh per layer
+        return x
+
+
+def test_the_gradients_of_a_line_in_a_loop_carry_the_number_of_their_call():
+    model = LoopTanh(rngs=nnx.Rngs(0))
+
+    def grads(m, x):
+        return jax.grad(lambda m: jnp.sum(m(x)))(m)
+
+    stats = jaxnan.activation_stats(grads)(model, X)
+    line = "test_inspect_activation_calls.py:{} (LoopTanh.__call__)".format(
+        _line("# a tanh per layer")
+    )
+    backward = [k for k in stats if k.endswith(" (grad)")]
+    # The backward pass runs the calls in reverse: the last tanh's first.
+    assert backward == [
+        f"{line}/3 (grad)",
+        "layers/2 (grad)",
+        f"{line}/2 (grad)",
+        "layers/1 (grad)",
+        f"{line}/1 (grad)",
+    ]
+    # The last call's run: tanh's derivative (1 - u) + (1 - u) u, and the
+    # gradients of layers/2's bias and kernel it feeds.
+    p = jnp.tanh(model.layers[1](jnp.tanh(model.layers[0](X))))
+    u = jnp.tanh(model.layers[2](p))
+    z = (1 - u) + (1 - u) * u
+    want = max(max_abs(z), max_abs(z.sum(0)), max_abs(z.T @ p))
+    assert float(stats[f"{line}/3 (grad)"].max_abs) == pytest.approx(want, rel=1e-6)

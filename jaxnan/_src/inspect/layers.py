@@ -202,7 +202,8 @@ def split_interrupted(
     (``Net/model.py:12 (Net.__call__)``), or by the run's number when it has
     no line (a user line called in a loop over layers, library code named
     by the module's class: ``model.py:12 (MLP.__call__)/2``,
-    ``Sequential/1``). Other names (`scoped` false: parameters' layers)
+    ``Sequential/1``; gradients count from the last run, the backward pass
+    running the calls in reverse). Other names (`scoped` false: parameters' layers)
     are kept.
 
     Args:
@@ -233,6 +234,9 @@ def split_interrupted(
             start, seen[name] = k, seen.get(name, 0) + 1
         if scoped[k] and runs[name] > 1:
             base = name.removesuffix(GRAD_SUFFIX)
-            where = sites[start] or str(seen[name])
+            # the backward pass runs the calls in reverse: its first run
+            # is the gradient of the last call
+            number = runs[name] + 1 - seen[name] if base != name else seen[name]
+            where = sites[start] or str(number)
             out[k] = f"{base}/{where}" + name[len(base) :]
     return out
