@@ -276,3 +276,13 @@ def test_the_gradients_of_a_line_in_a_loop_carry_the_number_of_their_call():
     z = (1 - u) + (1 - u) * u
     want = max(max_abs(z), max_abs(z.sum(0)), max_abs(z.T @ p))
     assert float(stats[f"{line}/3 (grad)"].max_abs) == pytest.approx(want, rel=1e-6)
+
+
+def test_the_bound_module_passed_again_is_a_clear_error():
+    model = MLP(rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"activation_stats\(model\)\(x\)"):
+        jaxnan.activation_stats(model)(model, X)
+    linen = LinenMLP()
+    variables = linen.init(jax.random.key(0), X)
+    with pytest.raises(ValueError, match=r"apply_fn, params\)\(x\)"):
+        jaxnan.activation_stats(linen.apply, variables)(variables, X)

@@ -597,7 +597,9 @@ def activation_stats(
             was measured because every array argument was taken for a
             parameter (the batch among `params_argnums`, as
             ``activation_stats(nnx_model)`` called as ``(model, x)``), or
-            because the batch was given as Python numbers (pass an array).
+            because the batch was given as Python numbers (pass an array);
+            when the bound module or `params` is passed again to the
+            returned function.
             An empty result means the model has no layer that computes on
             the data.
 
@@ -650,6 +652,7 @@ def activation_stats(
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> ActivationStats:
         if bound:
+            arguments.check_not_bound_again(first, args, model)
             args = (first, *args)
         closed, dyn, provs = arguments.trace(call, args, kwargs, argnums)
 

@@ -94,6 +94,26 @@ def call_model(model: Any, *args: Any, **kwargs: Any) -> Any:
     return model(*args, **kwargs)
 
 
+def check_not_bound_again(bound: Any, args: tuple, model: bool) -> None:
+    """Raises when the bound module (or params) is passed again to the call.
+
+    ``activation_stats(model)(model, x)`` mixes the bound form with the
+    explicit one, ``activation_stats(fn)(model, x)``.
+    """
+    if not any(a is bound for a in args):
+        return
+    form = (
+        "jaxnan.activation_stats(model)(x)"
+        if model
+        else "jaxnan.activation_stats(apply_fn, params)(x)"
+    )
+    raise ValueError(
+        f"jaxnan: {NAME} already holds the "
+        f"{'module' if model else 'params'}; the returned function takes the "
+        f"data only: {form}."
+    )
+
+
 def argnums_of(params_argnums: Any, default: int) -> tuple[int, ...]:
     """`params_argnums` as a tuple (`default` for None); ValueError if bad."""
     if params_argnums is None:
