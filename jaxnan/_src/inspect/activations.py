@@ -557,7 +557,11 @@ def activation_stats(
     last iteration run); one inside another scan over layers names both
     indices (``Net/blocks/2/sub/1``). Other `scan`s (over time, around no
     scan over layers), `while`, `cond` and `shard_map` are measured on
-    their outputs as one equation.
+    their outputs as one equation: a `while_loop` (a `fori_loop` with a
+    traced bound, `lax.map` likewise as a scan over time) gives the
+    statistics of its final carry only, so a NaN made in one iteration and
+    masked or overwritten by a later one is not counted; `jaxnan.locate`
+    names that line and its iteration (``d.iteration``).
 
     Cost: one compile, and one run at most 2x a plain forward pass on the
     small transformer LM of `benchmarks/inspect_cost.py` (one fused
