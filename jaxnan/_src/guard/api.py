@@ -10,6 +10,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 from jax.extend import source_info_util
 
 from jaxnan._src.core.validation import check_int, check_number
@@ -20,7 +21,7 @@ source_info_util.register_exclusion(__file__)
 
 
 def guard(
-    step_fn: Callable,
+    step_fn: Callable | None = None,
     *,
     policy: str | incidents.Policy = "skip",
     loss: str | Callable | None = None,
@@ -137,7 +138,7 @@ def guard(
     (`benchmarks/guard_loop.py`).
 
     Args:
-        step_fn: the train step.
+        step_fn: the train step (required; None is rejected, see Raises).
         policy: ``"skip"`` (default), ``"raise"`` (a `jaxnan.NonFiniteError`
             whose ``details`` hold the ``incident``, the ``diagnosis`` and
             the ``state`` as it was before the bad step) or ``"rollback"``
@@ -206,8 +207,9 @@ def guard(
         ``.incidents`` and ``.figures`` tell what happened.
 
     Raises:
-        TypeError: when `step_fn` is not callable.
-        TypeError: for a `log` that is not a path, a `donate` not None/bool,
+        TypeError: when `step_fn` is missing or not callable.
+        TypeError: for a `log` that is not a path, a `donate` or `verbose`
+            not a bool (`donate` None too),
             a `schedule` that is not callable, an int option (`snapshot_every`,
             `max_streak`, `window`, `steps_back`, `skip_batches`,
             `max_rollbacks`, `start_step`) that is not an int, a `growth` or
@@ -243,6 +245,12 @@ def guard(
 
     .. versionadded:: 0.2.0
     """
+    if step_fn is None:  # also `@jaxnan.guard(verbose=False)`: no step
+        raise TypeError(
+            "jaxnan.guard needs a callable train step `step_fn`, got None. Use "
+            "it as step = jaxnan.guard(train_step, ...), or as a decorator with "
+            "options: @functools.partial(jaxnan.guard, verbose=False)."
+        )
     if not callable(step_fn):
         raise TypeError(
             f"jaxnan.guard(step_fn) needs a callable train step, got "
@@ -268,6 +276,10 @@ def guard(
         raise TypeError(
             f"jaxnan.guard: donate must be None (follow the wrapped jit), True or "
             f"False, got {donate!r}."
+        )
+    if not isinstance(verbose, bool | np.bool_):
+        raise TypeError(
+            f"jaxnan.guard: verbose must be True or False, got {verbose!r}."
         )
     _check_diagnosis_options(schedule, underflow)
     incidents.check_log_path(log)

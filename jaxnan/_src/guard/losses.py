@@ -27,8 +27,10 @@ source_info_util.register_exclusion(__file__)
 
 NO_LOSS = (
     "jaxnan.guard: `{fn_name}` calls skip_nonfinite without `loss=`. A step "
-    "whose loss is nonfinite but whose gradients are finite is reported as bad, "
-    "yet its update is applied. Hand the loss to the optimizer: "
+    "whose loss is nonfinite but whose gradients are finite is still undone, "
+    "but only by a lax.cond that keeps a copy of the parameters and optimizer "
+    "state on every step (more device memory: +2x the parameters' bytes under "
+    "Adam). Hand the loss to the optimizer and the guard needs no copy: "
     "tx.update(grads, opt_state, params, loss=loss) (Flax NNX: "
     "optimizer.update(model, grads, loss=loss); linen: "
     "jaxnan.flax.apply_gradients(state, grads=grads, loss=loss))."
