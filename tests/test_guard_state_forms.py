@@ -1,0 +1,95 @@
+"""jaxnan.guard on steps whose state is not the usual pytree of arrays.
+
+* Flax NNX's functional API (``graphdef, state = nnx.split((model,
+  optimizer))`` and a `jax.jit` step that merges and re-splits them, as the
+  Flax guides write it to avoid `nnx.jit`'s overhead): the optimizer state
+  in an ``nnx.State`` is a mapping, no longer a ``SkipNonfiniteState``.
+* A step that returns its state after the loss: the guard reads the state
+  as the leading outputs, so it says so instead of "no skip_nonfinite".
+"""
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+import jaxnan
+from tests.helpers import assert_bits_equal_but_counters
+
+K, ROW, STEPS = 2, 5, 5
+
+
+def _batches():
+    rng = np.random.default_rng(0)
+    out = [
+        {
+            "x": rng.normal(size=(8, 4)).astype(np.float32),
+            "y": rng.integers(0, 3, 8).astype(np.int32),
+        }
+        for _ in range(STEPS)
+    ]
+    bad = {k: v.copy() for k, v in out[K].items()}
+    bad["x"][ROW, 0] = np.nan
+    return out[:K] + [bad] + out[K:], out
+
+
+def _cross_entropy(logits, y):
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def test_nnx_functional_split_merge_step_is_guarded():
+    nnx = pytest.importorskip("flax.nnx")
+
+    class Model(nnx.Module):
+        def __init__(self, rngs):
+            self.linear = nnx.Linear(4, 3, rngs=rngs)
+
+        def __call__(self, x):
+            return self.linear(x)
+
+    model = Model(nnx.Rngs(0))
+    tx = jaxnan.skip_nonfinite(optax.adam(1e-2))
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    graphdef, state0 = nnx.split((model, optimizer))
+
+    @jax.jit
+    def train_step(state, batch):
+        model, optimizer = nnx.merge(graphdef, state)
+        loss, grads = nnx.value_and_grad(
+            lambda m: _cross_entropy(m(batch["x"]), batch["y"])
+        )(model)
+        optimizer.update(model, grads, loss=loss)
+        return nnx.state((model, optimizer)), loss
+
+    def run(batches, guarded):
+        step = jaxnan.guard(train_step, verbose=False) if guarded else train_step
+        state = state0
+        for b in batches:
+            state, _ = step(state, b)
+        if guarded:
+            assert step.summary()["skipped"] == 1
+            (incident,) = step.incidents
+            assert (incident.step, incident.cause) == (K, "input_data")
+            assert (incident.leaf, incident.rows) == ("batch['x']", (ROW,))
+        return state
+
+    with_bad, without = _batches()
+    assert_bits_equal_but_counters(run(with_bad, True), run(without, False))
+
+
+def test_a_step_returning_the_loss_before_the_state_is_told_the_order():
+    tx = jaxnan.skip_nonfinite(optax.sgd(0.1))
+
+    def train_step(params, opt_state, batch):
+        loss, grads = jax.value_and_grad(
+            lambda p: _cross_entropy(batch["x"] @ p, batch["y"])
+        )(params)
+        updates, opt_state = tx.update(grads, opt_state, params, loss=loss)
+        return loss, optax.apply_updates(params, updates), opt_state
+
+    params = np.zeros((4, 3), np.float32)
+    step = jaxnan.guard(train_step, verbose=False)
+    with pytest.raises(ValueError, match=r"outputs of `train_step` do not begin with its state") as e:
+        step(params, tx.init(params), _batches()[1][0])
+    assert "(params, opt_state, loss)" in str(e.value)
+    assert "holds no" not in str(e.value)  # the optimizer is wrapped
