@@ -93,3 +93,38 @@ def test_a_step_returning_the_loss_before_the_state_is_told_the_order():
         step(params, tx.init(params), _batches()[1][0])
     assert "(params, opt_state, loss)" in str(e.value)
     assert "holds no" not in str(e.value)  # the optimizer is wrapped
+
+
+def test_a_step_returning_nothing_reports_the_nonfinite_state_it_wrote():
+    # The NNX tutorials' step returns nothing: its outputs are the objects it
+    # mutates. A NaN made from a finite batch (log of a negative weight) goes
+    # into the metrics; the incident must not say "the outputs are finite".
+    nnx = pytest.importorskip("flax.nnx")
+    model = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+    optimizer = nnx.Optimizer(
+        model, jaxnan.skip_nonfinite(optax.sgd(0.1)), wrt=nnx.Param
+    )
+    metrics = nnx.MultiMetric(loss=nnx.metrics.Average("loss"))
+
+    @nnx.jit
+    def train_step(model, optimizer, metrics, batch):
+        def loss_fn(model):
+            ce = _cross_entropy(model(batch["x"]), batch["y"])
+            return ce * jax.lax.stop_gradient(jax.numpy.log(batch["w"]).mean())
+
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        metrics.update(loss=loss)
+        optimizer.update(model, grads)
+
+    batches = _batches()[1]
+    for i, b in enumerate(batches):
+        b["w"] = np.full(8, -1.0 if i == K else 2.0, np.float32)
+    step = jaxnan.guard(train_step, verbose=False)
+    with pytest.warns(UserWarning, match="returns no loss"):
+        for b in batches:
+            step(model, optimizer, metrics, b)
+    step.finish()
+    (incident,) = step.incidents
+    assert (incident.step, incident.cause) == (K, "unsafe_op")
+    assert "the outputs are finite" not in incident.message
+    assert "nonfinite outputs" in incident.message and "metrics" in incident.message

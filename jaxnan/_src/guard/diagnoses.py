@@ -110,6 +110,8 @@ def locate_step(
             keep = [x if k else None for x, k in zip(leaves, arrays)]
             located.append(jax.tree_util.tree_unflatten(treedef, keep))
 
+    names = validation.argument_names(fn, len(args))
+
     def replay(*pure):
         full = list(args)
         for i in layout.graph_args:
@@ -121,6 +123,11 @@ def locate_step(
         # Only the arrays of the outputs: an Equinox model returned as new
         # state holds its functions (`jax.nn.relu`) as leaves.
         out = fn(*full)
+        if out is None and layout.graph_args:  # NNX: what it wrote is its output
+            out = {
+                names[i]: program.adapter(layout).split(full[i])[1]
+                for i in layout.graph_args
+            }
         leaves, treedef = jax.tree_util.tree_flatten(out)
         return jax.tree_util.tree_unflatten(
             treedef, [x if program.is_array(x) else None for x in leaves]
