@@ -300,7 +300,9 @@ def test_bad_arguments_name_the_argument():
         params, opt_state, loss = _make_step(tx)(params, opt_state, batch)
         return opt_state, params, loss
 
-    with pytest.raises(ValueError, match="outputs of `swapped` do not begin with its state"):
+    with pytest.raises(
+        ValueError, match="outputs of `swapped` do not begin with its state"
+    ):
         jaxnan.guard(swapped)(params, opt_state, batch)
     with pytest.raises(TypeError, match="argument `batch`.*batch\\['name'\\]"):
         jaxnan.guard(_make_step(tx))(params, opt_state, {**batch, "name": "b0"})

@@ -89,7 +89,9 @@ def test_a_step_returning_the_loss_before_the_state_is_told_the_order():
 
     params = np.zeros((4, 3), np.float32)
     step = jaxnan.guard(train_step, verbose=False)
-    with pytest.raises(ValueError, match=r"outputs of `train_step` do not begin with its state") as e:
+    with pytest.raises(
+        ValueError, match=r"outputs of `train_step` do not begin with its state"
+    ) as e:
         step(params, tx.init(params), _batches()[1][0])
     assert "(params, opt_state, loss)" in str(e.value)
     assert "holds no" not in str(e.value)  # the optimizer is wrapped
@@ -128,3 +130,49 @@ def test_a_step_returning_nothing_reports_the_nonfinite_state_it_wrote():
     assert (incident.step, incident.cause) == (K, "unsafe_op")
     assert "the outputs are finite" not in incident.message
     assert "nonfinite outputs" in incident.message and "metrics" in incident.message
+
+
+def _static_flag_step(jit):
+    tx = jaxnan.skip_nonfinite(optax.sgd(0.1))
+
+    def loss_fn(params, batch, train):
+        logits = batch["x"] @ params
+        if train:  # Python control flow on a static argument
+            logits = logits * 0.5
+        return _cross_entropy(logits, batch["y"])
+
+    def train_step(params, opt_state, batch, train):
+        loss, grads = jax.value_and_grad(loss_fn)(params, batch, train)
+        updates, opt_state = tx.update(grads, opt_state, params, loss=loss)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return tx, jit(train_step)
+
+
+@pytest.mark.parametrize("jit", ["static_argnums", "static_argnames", "eqx"])
+def test_the_wrapped_jits_static_arguments_stay_static(jit):
+    import functools
+
+    if jit == "eqx":
+        wrap = pytest.importorskip("equinox").filter_jit  # Python bools: static
+    elif jit == "static_argnums":
+        wrap = functools.partial(jax.jit, static_argnums=(3,))
+    else:
+        wrap = functools.partial(jax.jit, static_argnames=("train",))
+    tx, jitted = _static_flag_step(wrap)
+    with_bad, without = _batches()
+
+    def run(batches, flags, guarded):
+        params = np.zeros((4, 3), np.float32)
+        opt_state = tx.init(params)
+        step = jaxnan.guard(jitted, verbose=False) if guarded else jitted
+        for b, flag in zip(batches, flags):
+            params, opt_state, _ = step(params, opt_state, b, flag)
+        if guarded:
+            assert step.summary()["skipped"] == 1
+            assert step.incidents[0].step == K
+        return params, opt_state
+
+    flags = [i % 2 == 0 for i in range(len(with_bad))]
+    got = run(with_bad, flags, True)
+    assert_bits_equal_but_counters(got, run(without, flags[:K] + flags[K + 1 :], False))

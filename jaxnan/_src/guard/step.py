@@ -47,6 +47,7 @@ from jaxnan._src.guard import (
     replayed,
     rollback,
     split_state,
+    statics,
 )
 from jaxnan._src.guard.snapshots import copy_leaves
 from jaxnan._src.guard.underflow import Watch
@@ -128,7 +129,8 @@ class GuardedStep:
         underflow: float | None = None,
     ):
         self.schedule = schedule
-        self.fn = program.unwrap_jit(fn)
+        self._static = statics.static_rule(fn)  # None: no static argument
+        self.fn = statics.unheld(program.unwrap_jit(fn), self._static)
         if donate is None:
             self._donates = donation.donated_positions(fn)
         else:
@@ -263,7 +265,7 @@ class GuardedStep:
                 f"jaxnan.guard: pass the arguments of `{self.name}` positionally "
                 f"(got keywords {sorted(kwargs)})."
             )
-        entry, state, inputs = self._flatten(args)
+        entry, state, inputs = self._flatten(statics.held(args, self._static))
         inputs = donation.owned(inputs)
         before = self._zeros if self._pending is None else self._pending.health
         try:
