@@ -99,6 +99,9 @@ def guard(
     and the arguments passed in are deleted. The batch is never donated
     (it is kept for the replay), and host numpy batches are copied before
     dispatch, so a loader may reuse its buffers.
+    Static arguments follow the wrapped jit too: `jax.jit`/`nnx.jit`
+    ``static_argnums``/``static_argnames`` and `eqx.filter_jit`'s Python
+    scalars stay static (a new value compiles anew).
 
     No state is lost on an exception, Ctrl-C included: `GuardedStep.last_state`
     is the state to go on from (the last dispatched step's, or after a bad
