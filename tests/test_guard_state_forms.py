@@ -176,3 +176,32 @@ def test_the_wrapped_jits_static_arguments_stay_static(jit):
     flags = [i % 2 == 0 for i in range(len(with_bad))]
     got = run(with_bad, flags, True)
     assert_bits_equal_but_counters(got, run(without, flags[:K] + flags[K + 1 :], False))
+
+
+def test_policy_raise_on_nnx_hands_back_the_objects_holding_the_state():
+    # details["state"] is "the state as it was before the bad step": for NNX
+    # the objects themselves (as `last_state`), not None.
+    nnx = pytest.importorskip("flax.nnx")
+    model = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+    optimizer = nnx.Optimizer(
+        model, jaxnan.skip_nonfinite(optax.sgd(0.1)), wrt=nnx.Param
+    )
+
+    @nnx.jit(donate_argnums=(0, 1))
+    def train_step(model, optimizer, batch):
+        loss, grads = nnx.value_and_grad(
+            lambda m: _cross_entropy(m(batch["x"]), batch["y"])
+        )(model)
+        optimizer.update(model, grads, loss=loss)
+        return loss
+
+    with_bad = _batches()[0]
+    step = jaxnan.guard(train_step, verbose=False, policy="raise")
+    for b in with_bad[: K + 1]:
+        step(model, optimizer, b)
+    before = np.asarray(model.kernel[...]).copy()  # after step K - 1
+    with pytest.raises(jaxnan.NonFiniteError) as e:
+        step(model, optimizer, with_bad[K + 1])
+    state = e.value.details["state"]
+    assert state == (model, optimizer)
+    assert np.array_equal(np.asarray(state[0].kernel[...]), before)

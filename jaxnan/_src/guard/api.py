@@ -144,7 +144,9 @@ def guard(
         step_fn: the train step (required; None is rejected, see Raises).
         policy: ``"skip"`` (default), ``"raise"`` (a `jaxnan.NonFiniteError`
             whose ``details`` hold the ``incident``, the ``diagnosis`` and
-            the ``state`` as it was before the bad step) or ``"rollback"``
+            the ``state`` as it was before the bad step: the state
+            arguments, or for Flax NNX the objects, which hold it) or
+            ``"rollback"``
             (restore the last good snapshot; a rollback also forgets the
             undone steps' early-warning figures); a `jaxnan.Policy`.
         loss: where the loss is in the metrics: a dict key or a function of

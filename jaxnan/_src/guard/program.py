@@ -71,6 +71,12 @@ def unwrap_jit(fn: Callable) -> Callable:
     return fn
 
 
+def graph_objects(layout: Layout, args: Sequence[Any]) -> Any:
+    """The NNX objects among `args`: the one, or a tuple of them."""
+    objs = tuple(args[i] for i in layout.graph_args)
+    return objs[0] if len(objs) == 1 else objs
+
+
 def is_graph_node(x: Any) -> bool:
     """True for an object a framework mutates in place (an NNX module).
 

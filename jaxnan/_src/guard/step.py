@@ -330,8 +330,7 @@ class GuardedStep:
         layout = entry.layout
         if layout.graph_args:
             self._restore_objects()
-            objs = tuple(args[i] for i in layout.graph_args)
-            return objs[0] if len(objs) == 1 else objs
+            return program.graph_objects(layout, args)
         return tuple(program.rebuild_state_args(layout, state))
 
     def _restore_objects(self) -> None:
@@ -683,9 +682,9 @@ class GuardedStep:
             else head
         )
         self.log.add(incident)
-        outputs = None
-        if args is not None:
-            outputs = self._outputs(entry, args, state, None)
+        outputs = None if args is None else self._outputs(entry, args, state, None)
+        if args is not None and entry.layout.graph_args:  # NNX: the objects
+            outputs = program.graph_objects(entry.layout, args)
         raise errors.NonFiniteError(
             head + incident.message,
             errors.Details(
