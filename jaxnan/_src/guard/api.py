@@ -68,8 +68,9 @@ def guard(
     alone) has the loss it hands to its optimizer (``optimizer.update(model,
     grads, loss=loss)``); handing none, it has no loss: it is bad when
     `skip_nonfinite` skips it or it writes a nonfinite value into its state
-    (a metric averaging a nonfinite loss), its loss figure is NaN, and the
-    guard warns once.
+    (a metric averaging a nonfinite loss), its loss figure is NaN, its
+    incidents' ``loss`` is None ("the step returns no loss"), and the guard
+    warns once.
 
     Several optimizer steps per call (a `lax.scan` over `skip_nonfinite`
     updates) are one guarded step: the call is bad when any of its updates

@@ -35,15 +35,15 @@ FIXES = {
 }
 
 
-def nondeterministic(step: int, loss: float, gnorm: float) -> incidents.Incident:
+def nondeterministic(step: int, loss: float | None, gnorm: float) -> incidents.Incident:
     """The incident of a bad step whose replay was finite."""
     return incidents.Incident(
         step=step,
         action=incidents.Action.SKIPPED,
         cause=incidents.Cause.NONDETERMINISTIC.value,
         message=(
-            f"jaxnan.guard: step {step} was nonfinite (loss {loss:.4g}) but "
-            f"its replay was finite: nondeterministic. "
+            f"jaxnan.guard: step {step} was nonfinite ({incidents.loss_text(loss)}) "
+            f"but its replay was finite: nondeterministic. "
             f"{FIXES['nondeterministic']}."
         ),
         loss=loss,
@@ -198,7 +198,7 @@ def probe_step(
 
 def verdict_text(
     step: int,
-    loss: float,
+    loss: float | None,
     examples_line: str,
     ctx: history_rules.Context,
     verdict: history_rules.Verdict | None,
@@ -215,7 +215,7 @@ def verdict_text(
         cause = "unknown"
     else:
         cited, cause = verdict.evidence, verdict.cause.value
-    lines = [f"jaxnan.guard: step {step} went nonfinite (loss {loss:.4g})."]
+    lines = [f"jaxnan.guard: step {step} went nonfinite ({incidents.loss_text(loss)})."]
     if examples_line:
         lines.append(examples_line)
     why = [e.text for e in cited if e.text]

@@ -107,6 +107,27 @@ def loss_of(
     )
 
 
+def figure(value: float, warned: set[str], fn_name: str) -> float | None:
+    """A bad step's loss as its incident reports it: None for a step without one.
+
+    Args:
+        value: the loss the compiled step recorded (NaN for a step without
+            a loss).
+        warned: the notes the guard has warned (`LOSSLESS` among them when
+            `fn_name` returns no loss and hands none to its optimizer).
+        fn_name: the step's name.
+
+    Examples:
+        >>> from jaxnan._src.guard import losses
+        >>> warned = {losses.LOSSLESS.format(fn_name="f")}
+        >>> losses.figure(float("nan"), warned, "f") is None
+        True
+        >>> losses.figure(2.5, set(), "f")
+        2.5
+    """
+    return None if LOSSLESS.format(fn_name=fn_name) in warned else value
+
+
 def _describe(metrics: Any) -> str:
     if isinstance(metrics, dict):
         return f"a dict with keys {sorted(metrics)}"

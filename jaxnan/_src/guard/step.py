@@ -41,6 +41,7 @@ from jaxnan._src.guard import (
     history,
     history_rules,
     incidents,
+    losses,
     multihost,
     policies,
     program,
@@ -51,7 +52,6 @@ from jaxnan._src.guard import (
 )
 from jaxnan._src.guard.snapshots import copy_leaves
 from jaxnan._src.guard.underflow import Watch
-from jaxnan._src.locate import causes
 
 source_info_util.register_exclusion(__file__)
 
@@ -498,7 +498,8 @@ class GuardedStep:
         self, previous: _Pending, state: list, h: np.ndarray, last: bool = False
     ) -> incidents.Incident:
         step = previous.step
-        loss, gnorm = float(h[program.LOSS]), float(h[program.GRAD_NORM])
+        loss = losses.figure(float(h[program.LOSS]), self._warned, self.name)
+        gnorm = float(h[program.GRAD_NORM])
         state = replayed.as_it_ran(previous.entry.layout, state)  # its clock
         _, _, again = previous.entry.compiled(
             self._zeros, copy_leaves(state), previous.inputs
@@ -512,7 +513,12 @@ class GuardedStep:
         return self._diagnosed(previous, state, loss, gnorm, counts)
 
     def _repeat(
-        self, previous: _Pending, state: list, loss: float, gnorm: float, counts: dict
+        self,
+        previous: _Pending,
+        state: list,
+        loss: float | None,
+        gnorm: float,
+        counts: dict,
     ):
         """The last diagnosis again, for a bad step within a window of it.
 
@@ -523,52 +529,26 @@ class GuardedStep:
         Otherwise None: the step is diagnosed afresh.
         """
         step = previous.step
-        last_bad = self._last_bad(step, counts)
+        last_bad = incidents.last_located(
+            self.incidents, step, self.history.window, bad_batch=bool(counts)
+        )
         if last_bad is None:
             return None
-        diagnosis, leaf, rows, seen = last_bad.diagnosis, None, (), ""
+        diagnosis, examples = last_bad.diagnosis, ("", None, ())
         if counts and diagnosis is not None:
             diagnosis = dataclasses.replace(diagnosis, nonfinite_inputs=counts)
-            line, leaf, rows = self._examples(previous, state, diagnosis)
-            seen = f"\n{line}" if line else ""
-        streak = f", {self._streak} in a row" if self._streak > 1 else ""
-        origin = last_bad.step if last_bad.repeat_of is None else last_bad.repeat_of
-        return dataclasses.replace(
-            last_bad,
-            step=step,
-            repeat_of=origin,
-            message=(
-                f"jaxnan.guard: step {step} nonfinite again (loss {loss:.4g}"
-                f"{streak}): as at step {origin}, {last_bad.cause} at "
-                f"{errors.shown_location(last_bad.where) or 'the same place'}.{seen}"
-            ),
-            rows=rows,
-            leaf=leaf,
-            loss=loss,
-            grad_norm=gnorm,
-            restored_step=None,
-            undone=(),
-            diagnosis=diagnosis,
+            examples = self._examples(previous, state, diagnosis)
+        return incidents.repeat(
+            last_bad, step, loss, gnorm, self._streak, examples, diagnosis
         )
-
-    def _last_bad(self, step: int, counts: dict) -> incidents.Incident | None:
-        """The last located incident, if `step` repeats it (see `_repeat`)."""
-        last_bad = next(
-            (
-                i
-                for i in reversed(self.incidents)
-                if i.action is not incidents.Action.WARNED and i.deterministic
-            ),
-            None,
-        )
-        if last_bad is None or step - last_bad.step > self.history.window:
-            return None
-        if bool(counts) != (last_bad.cause == causes.Cause.INPUT_DATA.value):
-            return None  # it fails another way
-        return last_bad
 
     def _diagnosed(
-        self, previous: _Pending, state: list, loss: float, gnorm: float, counts: dict
+        self,
+        previous: _Pending,
+        state: list,
+        loss: float | None,
+        gnorm: float,
+        counts: dict,
     ):
         """The incident of a new bad step: replayed, its examples, its cause."""
         entry, step = previous.entry, previous.step
