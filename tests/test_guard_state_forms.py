@@ -173,6 +173,9 @@ def test_the_wrapped_jits_static_arguments_stay_static(jit):
             assert step.incidents[0].step == K
         return params, opt_state
 
+    params = np.zeros((4, 3), np.float32)
+    lowered = jaxnan.guard(jitted).lower(params, tx.init(params), without[0], True)
+    assert "callback" not in lowered.as_text()  # lowered with the flag static
     flags = [i % 2 == 0 for i in range(len(with_bad))]
     got = run(with_bad, flags, True)
     assert_bits_equal_but_counters(got, run(without, flags[:K] + flags[K + 1 :], False))

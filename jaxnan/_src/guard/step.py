@@ -360,6 +360,7 @@ class GuardedStep:
         ``"callback" in step.lower(*args).as_text()`` is False for a step
         without callbacks of its own: the guard adds no host callback.
         """
+        args = statics.held(args, self._static)
         entry = self._entry(args)
         state, inputs = program.flatten(entry.layout, args)
         return entry.compiled.lower(self._zeros, state, inputs)
