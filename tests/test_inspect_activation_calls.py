@@ -286,3 +286,37 @@ def test_the_bound_module_passed_again_is_a_clear_error():
     variables = linen.init(jax.random.key(0), X)
     with pytest.raises(ValueError, match=r"apply_fn, params\)\(x\)"):
         jaxnan.activation_stats(linen.apply, variables)(variables, X)
+
+
+class LinenBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.relu(nn.Dense(3)(x))
+
+
+class LinenRematNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        for i in range(2):
+            x = nn.remat(LinenBlock)(name=f"b{i}")(x)
+        return nn.Dense(2)(x)
+
+
+def test_gradients_of_linen_remat_blocks_keep_the_module_path():
+    model = LinenRematNet()
+    variables = model.init(jax.random.key(0), X)
+
+    def grads(v, x):
+        return jax.grad(lambda v: jnp.sum(model.apply(v, x)))(v)
+
+    stats = jaxnan.activation_stats(grads, variables)(X)
+    backward = [k for k in stats if k.endswith(" (grad)")]
+    # jax repeats the outer scopes after the transposition of a remat:
+    # the path is the module's once, as in the forward pass.
+    assert backward == [
+        "LinenRematNet/Dense_0 (grad)",
+        "LinenRematNet/b1/Dense_0 (grad)",
+        "LinenRematNet/b0/Dense_0 (grad)",
+    ]
+    forward = [k for k in stats if not k.endswith(" (grad)")]
+    assert "LinenRematNet/b1/Dense_0" in forward

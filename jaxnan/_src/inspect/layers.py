@@ -89,16 +89,37 @@ def scope_path(name_stack: Any) -> str:
     Transformations (``jvp``, ``transpose``), the scopes that `jnp.einsum`
     opens with its spec (``bqhd,bkhd->bhqk``) and the one `jax.checkpoint`
     opens around its recomputation in the backward pass
-    (``rematted_computation``: no layer of the model) are dropped.
+    (``rematted_computation``: no layer of the model) are dropped, and so
+    are the scopes that jax repeats after a transformation (the transposed
+    `remat` of a linen module under ``Net`` has ``Net/jvp(Net)``: one
+    ``Net``).
+
+    Examples:
+        >>> import jax
+        >>> from jaxnan._src.inspect.layers import scope_path
+        >>> def f(x):
+        ...     with jax.named_scope("Net"):
+        ...         return jax.checkpoint(lambda x: x * 2)(x)
+        >>> grad = jax.make_jaxpr(jax.grad(f))(1.0)
+        >>> remat = next(e for e in grad.eqns if e.primitive.name == "remat2")
+        >>> scope_path(remat.source_info.name_stack)  # jvp(Net)/Net in jax
+        'Net'
     """
-    parts = []
+    parts: list[str] = []
+    replay = None  # after a transformation: how many scopes it repeated
     for el in getattr(name_stack, "stack", ()):
         if type(el).__name__ == "Transform":
+            replay = 0 if parts else None
             continue
         name = getattr(el, "name", "")
         # jnp.einsum scopes its spec
-        if name and "->" not in name and name != _REMAT_SCOPE:
-            parts.append(name)
+        if not name or "->" in name or name == _REMAT_SCOPE:
+            continue
+        if replay is not None and replay < len(parts) and parts[replay] == name:
+            replay += 1  # the outer scopes again, inside the transformation
+            continue
+        replay = None
+        parts.append(name)
     return "/".join(parts)
 
 
