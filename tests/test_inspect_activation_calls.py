@@ -320,3 +320,11 @@ def test_gradients_of_linen_remat_blocks_keep_the_module_path():
     ]
     forward = [k for k in stats if not k.endswith(" (grad)")]
     assert "LinenRematNet/b1/Dense_0" in forward
+
+
+def test_an_equinox_transform_of_a_function_is_the_function_not_a_model():
+    # eqx.filter_jit and friends return Modules wrapping the function.
+    model = eqx.nn.MLP(3, 2, 4, 1, key=jax.random.key(0))
+    for wrap in (eqx.filter_jit, eqx.filter_checkpoint):
+        stats = jaxnan.activation_stats(wrap(lambda m, x: m(x)))(model, X[0])
+        assert list(stats) == ["layers/0", "eqx.nn.MLP", "layers/1"]
