@@ -159,3 +159,172 @@ def test_linen_layers_in_the_order_they_run():
     t = jnp.tanh(h @ p["mid"]["kernel"] + p["mid"]["bias"])
     assert float(stats[tanh].max_abs) == max_abs(t)
     assert stats[relu].equations == stats[tanh].equations == 1
+
+
+class LoopMLP(nnx.Module):
+    """The NNX tutorials' loop over a list of layers, one activation line."""
+
+    def __init__(self, *, rngs: nnx.Rngs):
+        self.layers = nnx.List([nnx.Linear(3, 3, rngs=rngs) for _ in range(3)])
+
+    def __call__(self, x):
+        for layer in self.layers:
+            x = nnx.relu(layer(x))  # one line, three calls
+        return x
+
+
+def test_an_activation_line_run_in_a_loop_is_one_layer_per_call():
+    model = LoopMLP(rngs=nnx.Rngs(0))
+    model.layers[1].bias.value = jnp.full(3, jnp.inf)
+    stats = jaxnan.activation_stats(model)(X)
+    line = "test_inspect_activation_calls.py:{} (LoopMLP.__call__)".format(
+        _line("# one line, three calls")
+    )
+    relus = [f"{line}/{k}" for k in (1, 2, 3)]
+    assert list(stats) == [
+        "layers/0",
+        relus[0],
+        "layers/1",
+        relus[1],
+        "layers/2",
+        relus[2],
+    ]
+    # layers/1 made the Inf; the relu before it is finite.
+    assert stats.first_nonfinite() == "layers/1"
+    assert int(stats[relus[0]].nonfinite) == 0
+    h = nnx.relu(model.layers[0](X))
+    assert float(stats[relus[0]].max_abs) == max_abs(h)
+
+
+def test_library_code_between_layers_is_named_by_the_module():
+    # nnx.Sequential calls the activations itself: no line of the user's.
+    seq = nnx.Sequential(
+        nnx.Linear(3, 4, rngs=nnx.Rngs(0)),
+        nnx.relu,
+        nnx.Linear(4, 4, rngs=nnx.Rngs(1)),
+        nnx.tanh,
+        nnx.Linear(4, 2, rngs=nnx.Rngs(2)),
+    )
+    stats = jaxnan.activation_stats(seq)(X)
+    assert list(stats) == [
+        "layers/0",
+        "Sequential/1",
+        "layers/2",
+        "Sequential/2",
+        "layers/4",
+    ]
+    h = nnx.relu(seq.layers[0](X))
+    assert float(stats["Sequential/1"].max_abs) == max_abs(h)
+    # A bare layer: its parameters are top-level leaves, named by its class.
+    linear = nnx.Linear(3, 4, rngs=nnx.Rngs(0))
+    assert list(jaxnan.activation_stats(linear)(X)) == ["Linear"]
+
+
+class NoParams(nnx.Module):
+    def __call__(self, x):
+        return jnp.tanh(x)  # no parameters
+
+
+def test_a_module_without_arrays_is_still_the_model():
+    stats = jaxnan.activation_stats(NoParams())(X)
+    line = _line("# no parameters")
+    assert list(stats) == [
+        f"test_inspect_activation_calls.py:{line} (NoParams.__call__)"
+    ]
+    # A module that computes nothing on the data: truly no layers.
+    assert jaxnan.activation_stats(eqx.nn.Identity())(X) == {}
+
+
+def test_a_batch_given_as_python_numbers_is_named_in_the_error():
+    with pytest.raises(ValueError, match=r"no array.*jnp\.asarray"):
+        jaxnan.activation_stats(lambda p, x: jnp.tanh(p * x))(jnp.ones(2), 3.0)
+
+
+class LoopTanh(nnx.Module):
+    def __init__(self, *, rngs: nnx.Rngs):
+        self.layers = nnx.List([nnx.Linear(3, 3, rngs=rngs) for _ in range(3)])
+
+    def __call__(self, x):
+        for layer in self.layers:
+            x = jnp.tanh(layer(x))  # a tanh per layer
+        return x
+
+
+def test_the_gradients_of_a_line_in_a_loop_carry_the_number_of_their_call():
+    model = LoopTanh(rngs=nnx.Rngs(0))
+
+    def grads(m, x):
+        return jax.grad(lambda m: jnp.sum(m(x)))(m)
+
+    stats = jaxnan.activation_stats(grads)(model, X)
+    line = "test_inspect_activation_calls.py:{} (LoopTanh.__call__)".format(
+        _line("# a tanh per layer")
+    )
+    backward = [k for k in stats if k.endswith(" (grad)")]
+    # The backward pass runs the calls in reverse: the last tanh's first.
+    assert backward == [
+        f"{line}/3 (grad)",
+        "layers/2 (grad)",
+        f"{line}/2 (grad)",
+        "layers/1 (grad)",
+        f"{line}/1 (grad)",
+    ]
+    # The last call's run: tanh's derivative (1 - u) + (1 - u) u, and the
+    # gradients of layers/2's bias and kernel it feeds.
+    p = jnp.tanh(model.layers[1](jnp.tanh(model.layers[0](X))))
+    u = jnp.tanh(model.layers[2](p))
+    z = (1 - u) + (1 - u) * u
+    want = max(max_abs(z), max_abs(z.sum(0)), max_abs(z.T @ p))
+    assert float(stats[f"{line}/3 (grad)"].max_abs) == pytest.approx(want, rel=1e-6)
+
+
+def test_the_bound_module_passed_again_is_a_clear_error():
+    model = MLP(rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"activation_stats\(model\)\(x\)"):
+        jaxnan.activation_stats(model)(model, X)
+    linen = LinenMLP()
+    variables = linen.init(jax.random.key(0), X)
+    with pytest.raises(ValueError, match=r"apply_fn, params\)\(x\)"):
+        jaxnan.activation_stats(linen.apply, variables)(variables, X)
+
+
+class LinenBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.relu(nn.Dense(3)(x))
+
+
+class LinenRematNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        for i in range(2):
+            x = nn.remat(LinenBlock)(name=f"b{i}")(x)
+        return nn.Dense(2)(x)
+
+
+def test_gradients_of_linen_remat_blocks_keep_the_module_path():
+    model = LinenRematNet()
+    variables = model.init(jax.random.key(0), X)
+
+    def grads(v, x):
+        return jax.grad(lambda v: jnp.sum(model.apply(v, x)))(v)
+
+    stats = jaxnan.activation_stats(grads, variables)(X)
+    backward = [k for k in stats if k.endswith(" (grad)")]
+    # jax repeats the outer scopes after the transposition of a remat:
+    # the path is the module's once, as in the forward pass.
+    assert backward == [
+        "LinenRematNet/Dense_0 (grad)",
+        "LinenRematNet/b1/Dense_0 (grad)",
+        "LinenRematNet/b0/Dense_0 (grad)",
+    ]
+    forward = [k for k in stats if not k.endswith(" (grad)")]
+    assert "LinenRematNet/b1/Dense_0" in forward
+
+
+def test_an_equinox_transform_of_a_function_is_the_function_not_a_model():
+    # eqx.filter_jit and friends return Modules wrapping the function.
+    model = eqx.nn.MLP(3, 2, 4, 1, key=jax.random.key(0))
+    for wrap in (eqx.filter_jit, eqx.filter_checkpoint):
+        stats = jaxnan.activation_stats(wrap(lambda m, x: m(x)))(model, X[0])
+        assert list(stats) == ["layers/0", "eqx.nn.MLP", "layers/1"]

@@ -307,7 +307,15 @@ def test_plain_jax_helpers_belong_to_the_parameter_they_feed():
     x = jnp.arange(8.0).reshape(2, d)
     stats = jaxnan.activation_stats(plain_net)(params, x)
     relu = _here(plain_net, "jax.nn.relu")
-    assert list(stats) == ["blocks/0/ln", "blocks/0", relu, "blocks/1/ln", "blocks/1"]
+    # The relu line runs once per block: one layer per call, in program order.
+    assert list(stats) == [
+        "blocks/0/ln",
+        "blocks/0",
+        f"{relu}/1",
+        "blocks/1/ln",
+        "blocks/1",
+        f"{relu}/2",
+    ]
     # the mean and variance of _ln are measured with its layer
     assert stats["blocks/0/ln"].equations == 12  # mean, var, normalize, affine
 

@@ -89,3 +89,14 @@ def test_grad_stats_bad_input():
         jaxnan.grad_stats({"w": jnp.ones(2)}, {"v": jnp.ones(2)})
     with pytest.raises(ValueError, match="params=None"):
         jaxnan.param_stats(None)
+
+
+def test_grad_stats_names_a_leaf_whose_shape_differs_from_params():
+    grads = {"b": jnp.ones(2), "w": jnp.ones((3, 2))}
+    params = {"b": jnp.ones(2), "w": jnp.ones((2, 3))}
+    with pytest.raises(
+        ValueError, match=r"params\['w'\] has shape \(2, 3\).*grads\['w'\].*\(3, 2\)"
+    ):
+        jaxnan.grad_stats(grads, params)
+    with pytest.raises(ValueError, match=r"updates\['b'\] has shape \(3,\)"):
+        jaxnan.grad_stats(grads, grads, {"b": jnp.ones(3), "w": jnp.ones((3, 2))})

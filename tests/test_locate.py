@@ -354,3 +354,19 @@ def test_check_compiled_reuses_the_users_jit_and_keeps_donated_buffers(caplog):
     assert d.primitive == "log" and d.compiled_outputs is None
     assert not w.is_deleted()
     np.testing.assert_array_equal(w, np.ones(3))
+
+
+class _Model:
+    """A callable object, as a Flax NNX or Equinox module is."""
+
+    def __init__(self):
+        self.w = jnp.ones(3)
+
+    def __call__(self, x):
+        return jnp.log(x * self.w)  # <- model log
+
+
+def test_a_module_called_directly_is_named_by_its_class():
+    d = jaxnan.locate(_Model())(-jnp.ones(3))
+    assert (d.primitive, d.line, d.fn_name) == ("log", marker("model log"), "_Model")
+    assert "forward pass of `_Model`." in str(d)

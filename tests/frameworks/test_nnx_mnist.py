@@ -303,8 +303,16 @@ def test_guard_on_the_tutorial_step_returning_nothing(hand_loss):
             loss_figures = [f[1] for f in step.figures]
             if hand_loss:  # the loss handed to the optimizer is the step's
                 assert loss_figures[0] == first
-            else:  # none to record
+                assert np.isnan(incident.loss)
+                assert incident.message.startswith(
+                    f"jaxnan.guard: step {K} went nonfinite (loss nan)."
+                )
+            else:  # none to record, and the report says so
                 assert all(np.isnan(loss_figures))
+                assert incident.loss is None
+                assert incident.message.startswith(
+                    f"jaxnan.guard: step {K} went nonfinite (the step returns no loss)."
+                )
         computed = {k: float(v) for k, v in metrics.compute().items()}
         return nnx.state((model, optimizer, metrics)), computed
 

@@ -180,7 +180,8 @@ def function_name(fn: Callable) -> str:
     """The name of `fn` as its author wrote it, seeing through partials.
 
     The qualified name without the enclosing functions: ``train_step`` for a
-    step returned by ``make_train_step``, ``Trainer.step`` for a method.
+    step returned by ``make_train_step``, ``Trainer.step`` for a method; a
+    callable object (a Flax NNX or Equinox module) is named by its class.
 
     Examples:
         >>> def make_train_step():
@@ -192,8 +193,8 @@ def function_name(fn: Callable) -> str:
     while isinstance(fn, functools.partial):
         fn = fn.func
     name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None)
-    if not isinstance(name, str):
-        return repr(fn)
+    if not isinstance(name, str):  # a callable object (a Flax NNX module)
+        name = type(fn).__qualname__
     return name.rpartition("<locals>.")[2]
 
 

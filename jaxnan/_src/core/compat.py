@@ -49,6 +49,16 @@ def jit_donated_argnums(fn: Any) -> tuple[int, ...] | None:
     return None if nums is None else tuple(nums)
 
 
+def jit_static_argnums(fn: Any) -> tuple[int, ...] | None:
+    """The positions a `jax.jit` function holds static (names resolved), or None.
+
+    None when `fn` is not a `jax.jit` function (``_jit_info`` again).
+    """
+    info = getattr(fn, "_jit_info", None)
+    nums = getattr(info, "static_argnums", None)
+    return None if nums is None else tuple(nums)
+
+
 def in_current_trace(x: Any) -> bool:
     """False for a tracer of another trace than the current one.
 

@@ -10,6 +10,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 from jax.extend import source_info_util
 
 from jaxnan._src.core.validation import check_int, check_number
@@ -20,7 +21,7 @@ source_info_util.register_exclusion(__file__)
 
 
 def guard(
-    step_fn: Callable,
+    step_fn: Callable | None = None,
     *,
     policy: str | incidents.Policy = "skip",
     loss: str | Callable | None = None,
@@ -67,8 +68,9 @@ def guard(
     alone) has the loss it hands to its optimizer (``optimizer.update(model,
     grads, loss=loss)``); handing none, it has no loss: it is bad when
     `skip_nonfinite` skips it or it writes a nonfinite value into its state
-    (a metric averaging a nonfinite loss), its loss figure is NaN, and the
-    guard warns once.
+    (a metric averaging a nonfinite loss), its loss figure is NaN, its
+    incidents' ``loss`` is None ("the step returns no loss"), and the guard
+    warns once.
 
     Several optimizer steps per call (a `lax.scan` over `skip_nonfinite`
     updates) are one guarded step: the call is bad when any of its updates
@@ -98,6 +100,9 @@ def guard(
     and the arguments passed in are deleted. The batch is never donated
     (it is kept for the replay), and host numpy batches are copied before
     dispatch, so a loader may reuse its buffers.
+    Static arguments follow the wrapped jit too: `jax.jit`/`nnx.jit`
+    ``static_argnums``/``static_argnames`` and `eqx.filter_jit`'s Python
+    scalars stay static (a new value compiles anew).
 
     No state is lost on an exception, Ctrl-C included: `GuardedStep.last_state`
     is the state to go on from (the last dispatched step's, or after a bad
@@ -137,10 +142,12 @@ def guard(
     (`benchmarks/guard_loop.py`).
 
     Args:
-        step_fn: the train step.
+        step_fn: the train step (required; None is rejected, see Raises).
         policy: ``"skip"`` (default), ``"raise"`` (a `jaxnan.NonFiniteError`
             whose ``details`` hold the ``incident``, the ``diagnosis`` and
-            the ``state`` as it was before the bad step) or ``"rollback"``
+            the ``state`` as it was before the bad step: the state
+            arguments, or for Flax NNX the objects, which hold it) or
+            ``"rollback"``
             (restore the last good snapshot; a rollback also forgets the
             undone steps' early-warning figures); a `jaxnan.Policy`.
         loss: where the loss is in the metrics: a dict key or a function of
@@ -206,8 +213,9 @@ def guard(
         ``.incidents`` and ``.figures`` tell what happened.
 
     Raises:
-        TypeError: when `step_fn` is not callable.
-        TypeError: for a `log` that is not a path, a `donate` not None/bool,
+        TypeError: when `step_fn` is missing or not callable.
+        TypeError: for a `log` that is not a path, a `donate` or `verbose`
+            not a bool (`donate` None too),
             a `schedule` that is not callable, an int option (`snapshot_every`,
             `max_streak`, `window`, `steps_back`, `skip_batches`,
             `max_rollbacks`, `start_step`) that is not an int, a `growth` or
@@ -243,6 +251,12 @@ def guard(
 
     .. versionadded:: 0.2.0
     """
+    if step_fn is None:  # also `@jaxnan.guard(verbose=False)`: no step
+        raise TypeError(
+            "jaxnan.guard needs a callable train step `step_fn`, got None. Use "
+            "it as step = jaxnan.guard(train_step, ...), or as a decorator with "
+            "options: @functools.partial(jaxnan.guard, verbose=False)."
+        )
     if not callable(step_fn):
         raise TypeError(
             f"jaxnan.guard(step_fn) needs a callable train step, got "
@@ -268,6 +282,10 @@ def guard(
         raise TypeError(
             f"jaxnan.guard: donate must be None (follow the wrapped jit), True or "
             f"False, got {donate!r}."
+        )
+    if not isinstance(verbose, bool | np.bool_):
+        raise TypeError(
+            f"jaxnan.guard: verbose must be True or False, got {verbose!r}."
         )
     _check_diagnosis_options(schedule, underflow)
     incidents.check_log_path(log)

@@ -35,15 +35,15 @@ FIXES = {
 }
 
 
-def nondeterministic(step: int, loss: float, gnorm: float) -> incidents.Incident:
+def nondeterministic(step: int, loss: float | None, gnorm: float) -> incidents.Incident:
     """The incident of a bad step whose replay was finite."""
     return incidents.Incident(
         step=step,
         action=incidents.Action.SKIPPED,
         cause=incidents.Cause.NONDETERMINISTIC.value,
         message=(
-            f"jaxnan.guard: step {step} was nonfinite (loss {loss:.4g}) but "
-            f"its replay was finite: nondeterministic. "
+            f"jaxnan.guard: step {step} was nonfinite ({incidents.loss_text(loss)}) "
+            f"but its replay was finite: nondeterministic. "
             f"{FIXES['nondeterministic']}."
         ),
         loss=loss,
@@ -110,6 +110,8 @@ def locate_step(
             keep = [x if k else None for x, k in zip(leaves, arrays)]
             located.append(jax.tree_util.tree_unflatten(treedef, keep))
 
+    names = validation.argument_names(fn, len(args))
+
     def replay(*pure):
         full = list(args)
         for i in layout.graph_args:
@@ -121,6 +123,11 @@ def locate_step(
         # Only the arrays of the outputs: an Equinox model returned as new
         # state holds its functions (`jax.nn.relu`) as leaves.
         out = fn(*full)
+        if out is None and layout.graph_args:  # NNX: what it wrote is its output
+            out = {
+                names[i]: program.adapter(layout).split(full[i])[1]
+                for i in layout.graph_args
+            }
         leaves, treedef = jax.tree_util.tree_flatten(out)
         return jax.tree_util.tree_unflatten(
             treedef, [x if program.is_array(x) else None for x in leaves]
@@ -191,7 +198,7 @@ def probe_step(
 
 def verdict_text(
     step: int,
-    loss: float,
+    loss: float | None,
     examples_line: str,
     ctx: history_rules.Context,
     verdict: history_rules.Verdict | None,
@@ -208,7 +215,7 @@ def verdict_text(
         cause = "unknown"
     else:
         cited, cause = verdict.evidence, verdict.cause.value
-    lines = [f"jaxnan.guard: step {step} went nonfinite (loss {loss:.4g})."]
+    lines = [f"jaxnan.guard: step {step} went nonfinite ({incidents.loss_text(loss)})."]
     if examples_line:
         lines.append(examples_line)
     why = [e.text for e in cited if e.text]

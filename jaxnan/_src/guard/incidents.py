@@ -14,10 +14,12 @@ import json
 import logging
 import os
 from collections import Counter
+from collections.abc import Iterable
 from typing import IO, Any
 
 from jax.extend import source_info_util
 
+from jaxnan._src.core import errors
 from jaxnan._src.core.errors import Phase
 from jaxnan._src.guard import multihost
 from jaxnan._src.guard.evidence import Evidence
@@ -77,7 +79,8 @@ class Incident:
         where: ``file:line`` of the user line of that primitive.
         phase: a `jaxnan.Phase` (``input``, ``forward``, ``backward`` or
             ``update``), the ``phase`` of the error's details.
-        loss: the step's loss (NaN when it was not finite).
+        loss: the step's loss (NaN when it was not finite); None for a step
+            that returns no loss and hands none to its optimizer.
         grad_norm: the global gradient norm of the step.
         deterministic: whether the replay reproduced the failure.
         restored_step: for a rollback, the step whose state was restored.
@@ -153,6 +156,94 @@ def warning(step: int, cause: Cause, figures: str, advice: str, **fields) -> Inc
         ),
         **fields,
     )
+
+
+def last_located(
+    log: Iterable[Incident], step: int, window: int, bad_batch: bool
+) -> Incident | None:
+    """The last located incident, if bad `step` fails the way it did.
+
+    The way it failed: a nonfinite batch again after an `input_data`
+    incident, or a finite batch again after any other (a poisoned state
+    stays poisoned: it is not located on every step); within `window`
+    steps of it. Otherwise None: the step is diagnosed afresh.
+
+    Examples:
+        >>> seen = [Incident(3, Action.SKIPPED, "input_data", "...")]
+        >>> last_located(seen, 5, 20, bad_batch=True).step
+        3
+        >>> last_located(seen, 5, 20, bad_batch=False) is None  # another way
+        True
+    """
+    last = next(
+        (i for i in reversed(log) if i.action is not Action.WARNED and i.deterministic),
+        None,
+    )
+    if last is None or step - last.step > window:
+        return None
+    if bad_batch != (last.cause == Cause.INPUT_DATA.value):
+        return None
+    return last
+
+
+def repeat(
+    last: Incident,
+    step: int,
+    loss: float | None,
+    grad_norm: float,
+    streak: int,
+    examples: tuple[str, str | None, tuple[int, ...]],
+    diagnosis: Diagnosis | None,
+) -> Incident:
+    """`last` again for bad `step`: its ``nonfinite again`` incident.
+
+    Args:
+        last: the incident `step` repeats (`last_located`).
+        step: the bad step.
+        loss: its loss (None: the step returns none).
+        grad_norm: its global gradient norm.
+        streak: how many bad steps in a row it ends.
+        examples: ``(line, leaf, rows)`` of its own bad examples, when its
+            batch is the cause (``("", None, ())`` otherwise).
+        diagnosis: `last`'s, with this step's own nonfinite inputs.
+
+    Examples:
+        >>> first = Incident(3, Action.SKIPPED, "unsafe_op", "...", where="a.py:7")
+        >>> again = repeat(first, 4, 1.5, 2.0, 2, ("", None, ()), None)
+        >>> again.message
+        'jaxnan.guard: step 4 nonfinite again (loss 1.5, 2 in a row): as at step 3, unsafe_op at a.py:7.'
+    """  # noqa: E501
+    line, leaf, rows = examples
+    in_a_row = f", {streak} in a row" if streak > 1 else ""
+    origin = last.step if last.repeat_of is None else last.repeat_of
+    at = errors.shown_location(last.where) or "the same place"
+    seen = f"\n{line}" if line else ""
+    return dataclasses.replace(
+        last,
+        step=step,
+        repeat_of=origin,
+        message=(
+            f"jaxnan.guard: step {step} nonfinite again ({loss_text(loss)}"
+            f"{in_a_row}): as at step {origin}, {last.cause} at {at}.{seen}"
+        ),
+        rows=rows,
+        leaf=leaf,
+        loss=loss,
+        grad_norm=grad_norm,
+        restored_step=None,
+        undone=(),
+        diagnosis=diagnosis,
+    )
+
+
+def loss_text(loss: float | None) -> str:
+    """A bad step's loss in its report's first line.
+
+    Examples:
+        >>> loss_text(float("nan")), loss_text(2.0), loss_text(None)
+        ('loss nan', 'loss 2', 'the step returns no loss')
+    """
+    return "the step returns no loss" if loss is None else f"loss {loss:.4g}"
 
 
 def steps_text(steps: tuple[int, ...] | list[int]) -> str:

@@ -27,8 +27,10 @@ source_info_util.register_exclusion(__file__)
 
 NO_LOSS = (
     "jaxnan.guard: `{fn_name}` calls skip_nonfinite without `loss=`. A step "
-    "whose loss is nonfinite but whose gradients are finite is reported as bad, "
-    "yet its update is applied. Hand the loss to the optimizer: "
+    "whose loss is nonfinite but whose gradients are finite is still undone, "
+    "but only by a lax.cond that keeps a copy of the parameters and optimizer "
+    "state on every step (more device memory: +2x the parameters' bytes under "
+    "Adam). Hand the loss to the optimizer and the guard needs no copy: "
     "tx.update(grads, opt_state, params, loss=loss) (Flax NNX: "
     "optimizer.update(model, grads, loss=loss); linen: "
     "jaxnan.flax.apply_gradients(state, grads=grads, loss=loss))."
@@ -103,6 +105,27 @@ def loss_of(
         f"({_describe(metrics)}). Return the scalar loss, a dict with a 'loss' "
         "entry, or pass loss='key' or loss=lambda metrics: ... to jaxnan.guard."
     )
+
+
+def figure(value: float, warned: set[str], fn_name: str) -> float | None:
+    """A bad step's loss as its incident reports it: None for a step without one.
+
+    Args:
+        value: the loss the compiled step recorded (NaN for a step without
+            a loss).
+        warned: the notes the guard has warned (`LOSSLESS` among them when
+            `fn_name` returns no loss and hands none to its optimizer).
+        fn_name: the step's name.
+
+    Examples:
+        >>> from jaxnan._src.guard import losses
+        >>> warned = {losses.LOSSLESS.format(fn_name="f")}
+        >>> losses.figure(float("nan"), warned, "f") is None
+        True
+        >>> losses.figure(2.5, set(), "f")
+        2.5
+    """
+    return None if LOSSLESS.format(fn_name=fn_name) in warned else value
 
 
 def _describe(metrics: Any) -> str:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -69,6 +69,12 @@ def unwrap_jit(fn: Callable) -> Callable:
             return fn
         fn = inner
     return fn
+
+
+def graph_objects(layout: Layout, args: Sequence[Any]) -> Any:
+    """The NNX objects among `args`: the one, or a tuple of them."""
+    objs = tuple(args[i] for i in layout.graph_args)
+    return objs[0] if len(objs) == 1 else objs
 
 
 def is_graph_node(x: Any) -> bool:
@@ -133,11 +139,31 @@ class Static:
         return id(self.value)
 
 
+_SKIP_FIELDS = frozenset(nonfinite.SkipNonfiniteState._fields)
+
+
+def _is_skip(x: Any) -> bool:
+    """A `SkipNonfiniteState`, or a mapping of its fields (an ``nnx.State``)."""
+    if isinstance(x, nonfinite.SkipNonfiniteState):
+        return True
+    return isinstance(x, Mapping) and _SKIP_FIELDS <= set(x.keys())
+
+
 def skip_states(tree: Any) -> list[nonfinite.SkipNonfiniteState]:
-    """Every `SkipNonfiniteState` inside `tree` (NNX objects included)."""
-    is_skip = lambda x: isinstance(x, nonfinite.SkipNonfiniteState)  # noqa: E731
-    leaves = jax.tree_util.tree_leaves(tree, is_leaf=is_skip)
-    return [x for x in leaves if is_skip(x)]
+    """Every `SkipNonfiniteState` inside `tree` (NNX objects included).
+
+    In an ``nnx.State`` (``nnx.split((model, optimizer))``: NNX's functional
+    API under a plain `jax.jit`) the optimizer state is a mapping of the
+    fields; it is read as a `SkipNonfiniteState` of the same leaves.
+    """
+    leaves = jax.tree_util.tree_leaves(tree, is_leaf=_is_skip)
+    return [
+        x
+        if isinstance(x, nonfinite.SkipNonfiniteState)
+        else nonfinite.SkipNonfiniteState(**{f: x[f] for f in _SKIP_FIELDS})
+        for x in leaves
+        if _is_skip(x)
+    ]
 
 
 def first_leaf(x: Any) -> jax.Array:
@@ -489,6 +515,13 @@ def guarded_body(
             [graph_view(layout, args[i]) for i in layout.graph_args]
             + [args[i] for i in layout.state_args]
         )
+        if not old_skip and not layout.graph_args and skip_states(args):
+            raise ValueError(
+                f"jaxnan.guard: the outputs of `{fn_name}` do not begin with its "
+                "state: the guard reads the new state as the leading outputs, "
+                "in the order of the arguments. Return (params, opt_state, "
+                "loss), not (loss, params, opt_state) or the metrics alone."
+            )
         if not old_skip:
             raise ValueError(
                 f"jaxnan.guard: the state of `{fn_name}` holds no "

@@ -41,16 +41,17 @@ from jaxnan._src.guard import (
     history,
     history_rules,
     incidents,
+    losses,
     multihost,
     policies,
     program,
     replayed,
     rollback,
     split_state,
+    statics,
 )
 from jaxnan._src.guard.snapshots import copy_leaves
 from jaxnan._src.guard.underflow import Watch
-from jaxnan._src.locate import causes
 
 source_info_util.register_exclusion(__file__)
 
@@ -128,7 +129,8 @@ class GuardedStep:
         underflow: float | None = None,
     ):
         self.schedule = schedule
-        self.fn = program.unwrap_jit(fn)
+        self._static = statics.static_rule(fn)  # None: no static argument
+        self.fn = statics.unheld(program.unwrap_jit(fn), self._static)
         if donate is None:
             self._donates = donation.donated_positions(fn)
         else:
@@ -263,7 +265,7 @@ class GuardedStep:
                 f"jaxnan.guard: pass the arguments of `{self.name}` positionally "
                 f"(got keywords {sorted(kwargs)})."
             )
-        entry, state, inputs = self._flatten(args)
+        entry, state, inputs = self._flatten(statics.held(args, self._static))
         inputs = donation.owned(inputs)
         before = self._zeros if self._pending is None else self._pending.health
         try:
@@ -328,8 +330,7 @@ class GuardedStep:
         layout = entry.layout
         if layout.graph_args:
             self._restore_objects()
-            objs = tuple(args[i] for i in layout.graph_args)
-            return objs[0] if len(objs) == 1 else objs
+            return program.graph_objects(layout, args)
         return tuple(program.rebuild_state_args(layout, state))
 
     def _restore_objects(self) -> None:
@@ -359,6 +360,7 @@ class GuardedStep:
         ``"callback" in step.lower(*args).as_text()`` is False for a step
         without callbacks of its own: the guard adds no host callback.
         """
+        args = statics.held(args, self._static)
         entry = self._entry(args)
         state, inputs = program.flatten(entry.layout, args)
         return entry.compiled.lower(self._zeros, state, inputs)
@@ -497,7 +499,8 @@ class GuardedStep:
         self, previous: _Pending, state: list, h: np.ndarray, last: bool = False
     ) -> incidents.Incident:
         step = previous.step
-        loss, gnorm = float(h[program.LOSS]), float(h[program.GRAD_NORM])
+        loss = losses.figure(float(h[program.LOSS]), self._warned, self.name)
+        gnorm = float(h[program.GRAD_NORM])
         state = replayed.as_it_ran(previous.entry.layout, state)  # its clock
         _, _, again = previous.entry.compiled(
             self._zeros, copy_leaves(state), previous.inputs
@@ -511,7 +514,12 @@ class GuardedStep:
         return self._diagnosed(previous, state, loss, gnorm, counts)
 
     def _repeat(
-        self, previous: _Pending, state: list, loss: float, gnorm: float, counts: dict
+        self,
+        previous: _Pending,
+        state: list,
+        loss: float | None,
+        gnorm: float,
+        counts: dict,
     ):
         """The last diagnosis again, for a bad step within a window of it.
 
@@ -522,52 +530,26 @@ class GuardedStep:
         Otherwise None: the step is diagnosed afresh.
         """
         step = previous.step
-        last_bad = self._last_bad(step, counts)
+        last_bad = incidents.last_located(
+            self.incidents, step, self.history.window, bad_batch=bool(counts)
+        )
         if last_bad is None:
             return None
-        diagnosis, leaf, rows, seen = last_bad.diagnosis, None, (), ""
+        diagnosis, examples = last_bad.diagnosis, ("", None, ())
         if counts and diagnosis is not None:
             diagnosis = dataclasses.replace(diagnosis, nonfinite_inputs=counts)
-            line, leaf, rows = self._examples(previous, state, diagnosis)
-            seen = f"\n{line}" if line else ""
-        streak = f", {self._streak} in a row" if self._streak > 1 else ""
-        origin = last_bad.step if last_bad.repeat_of is None else last_bad.repeat_of
-        return dataclasses.replace(
-            last_bad,
-            step=step,
-            repeat_of=origin,
-            message=(
-                f"jaxnan.guard: step {step} nonfinite again (loss {loss:.4g}"
-                f"{streak}): as at step {origin}, {last_bad.cause} at "
-                f"{errors.shown_location(last_bad.where) or 'the same place'}.{seen}"
-            ),
-            rows=rows,
-            leaf=leaf,
-            loss=loss,
-            grad_norm=gnorm,
-            restored_step=None,
-            undone=(),
-            diagnosis=diagnosis,
+            examples = self._examples(previous, state, diagnosis)
+        return incidents.repeat(
+            last_bad, step, loss, gnorm, self._streak, examples, diagnosis
         )
-
-    def _last_bad(self, step: int, counts: dict) -> incidents.Incident | None:
-        """The last located incident, if `step` repeats it (see `_repeat`)."""
-        last_bad = next(
-            (
-                i
-                for i in reversed(self.incidents)
-                if i.action is not incidents.Action.WARNED and i.deterministic
-            ),
-            None,
-        )
-        if last_bad is None or step - last_bad.step > self.history.window:
-            return None
-        if bool(counts) != (last_bad.cause == causes.Cause.INPUT_DATA.value):
-            return None  # it fails another way
-        return last_bad
 
     def _diagnosed(
-        self, previous: _Pending, state: list, loss: float, gnorm: float, counts: dict
+        self,
+        previous: _Pending,
+        state: list,
+        loss: float | None,
+        gnorm: float,
+        counts: dict,
     ):
         """The incident of a new bad step: replayed, its examples, its cause."""
         entry, step = previous.entry, previous.step
@@ -681,9 +663,9 @@ class GuardedStep:
             else head
         )
         self.log.add(incident)
-        outputs = None
-        if args is not None:
-            outputs = self._outputs(entry, args, state, None)
+        outputs = None if args is None else self._outputs(entry, args, state, None)
+        if args is not None and entry.layout.graph_args:  # NNX: the objects
+            outputs = program.graph_objects(entry.layout, args)
         raise errors.NonFiniteError(
             head + incident.message,
             errors.Details(

@@ -214,6 +214,8 @@ class Walker:
 
     Args:
         model_layers: the layers of the parameters (filled by `run`).
+        root: the name of equations no user line made and no parameter
+            names (a module's class: ``Sequential``, ``Linear``).
 
     Attributes:
         entries: the measured equations, in program order.
@@ -225,7 +227,10 @@ class Walker:
             `results`; see `layer_name`).
     """
 
-    def __init__(self, model_layers: frozenset[str] = frozenset()) -> None:
+    def __init__(
+        self, model_layers: frozenset[str] = frozenset(), root: str = "?"
+    ) -> None:
+        self.root = root
         self.entries: list[_Entry] = []
         self.names: dict[int, str] = {}
         self.stacked: dict[int, tuple[tuple[scan_layers.Stack, ...], str]] = {}
@@ -281,7 +286,7 @@ class Walker:
         traced: list = []
 
         def body(args):
-            child = Walker(frozenset(self.model_layers))
+            child = Walker(frozenset(self.model_layers), self.root)
             outs = child._walk(sub.jaxpr, sub.consts, args, provs, *context)
             names = child._names()  # the body's layers, named by the body
             ends = [a != b for a, b in zip(names, [*names[1:], None])]
@@ -345,19 +350,20 @@ class Walker:
         self.entries.append(_Entry(eqn, scope, param, where, backward, floats))
         return len(self.entries) - 1
 
-    def _name(self, e: _Entry, site_params: dict, next_param: str) -> str:
+    def _name(self, e: _Entry, site_params: dict, next_param: str) -> tuple[str, bool]:
+        """(layer name, whether each run of it is a layer: a scope or a line)."""
         site = e.site.key if e.site is not None else None
         if _scope_named(e):
-            name = e.scope
+            name, runs = e.scope, True
         elif e.param:  # Equinox scopes are class names: its field path is unique
-            name = e.param
+            name, runs = e.param, False
         elif len(site_params.get(site, ())) == 1:
-            (name,) = site_params[site]  # same call as a parameter's layer
+            (name,), runs = site_params[site], False  # a parameter's call
         elif next_param:
-            name = next_param  # the same user function call uses it next
-        else:
-            name = e.site.text if e.site is not None else "?"
-        return name + GRAD_SUFFIX if e.backward else name
+            name, runs = next_param, False  # the same user call uses it next
+        else:  # a line run in a loop is a layer per call, as a scope
+            name, runs = (e.site.text if e.site is not None else self.root), True
+        return (name + GRAD_SUFFIX if e.backward else name), runs
 
     def _next_params(self) -> list[str]:
         """Per entry, the parameter its value meets next in the same call.
@@ -388,15 +394,17 @@ class Walker:
         for e in self.entries:
             if e.param and e.site is not None:
                 site_params.setdefault(e.site.key, set()).add(e.param)
-        next_params = self._next_params()
-        names = [
-            e.body_name if e.loops else self._name(e, site_params, n)
-            for e, n in zip(self.entries, next_params)
+        named = [
+            (e.body_name, False) if e.loops else self._name(e, site_params, n)
+            for e, n in zip(self.entries, self._next_params())
         ]
         return layers.split_interrupted(
-            names,
-            [not e.loops and _scope_named(e) for e in self.entries],
-            [e.site.text if e.site is not None else "" for e in self.entries],
+            [name for name, _ in named],
+            [runs for _, runs in named],
+            [  # a scope's run is named by its line, a line's by its number
+                e.site.text if e.site is not None and _scope_named(e) else ""
+                for e in self.entries
+            ],
         )
 
     def _per_layer(self, names: list[str], fixed: dict[int, int]):
@@ -517,7 +525,12 @@ def activation_stats(
     parameter an equation consumes (Flax NNX attribute paths such as
     ``linear1``, Equinox field paths such as ``layers/0``), else the user's
     source line (``model.py:12 (__call__)``), so an activation function
-    without parameters is named by its line. A linen module's own code
+    without parameters is named by its line; a line called once per layer
+    in a Python loop is a layer per call (``model.py:12 (__call__)/2``),
+    and code of the library alone (the activations that `nnx.Sequential`
+    calls) is named by the module's class and run (``Sequential/1``). A
+    Flax NNX or Equinox module without parameters is still the model. A
+    linen module's own code
     between two of its submodules' calls is named by its scope and line
     (``Net/model.py:12 (Net.__call__)``), so that every layer is one run of
     the program and layers come in the order they run. Equations made by
@@ -544,7 +557,11 @@ def activation_stats(
     last iteration run); one inside another scan over layers names both
     indices (``Net/blocks/2/sub/1``). Other `scan`s (over time, around no
     scan over layers), `while`, `cond` and `shard_map` are measured on
-    their outputs as one equation.
+    their outputs as one equation: a `while_loop` (a `fori_loop` with a
+    traced bound, `lax.map` likewise as a scan over time) gives the
+    statistics of its final carry only, so a NaN made in one iteration and
+    masked or overwritten by a later one is not counted; `jaxnan.locate`
+    names that line and its iteration (``d.iteration``).
 
     Cost: one compile, and one run at most 2x a plain forward pass on the
     small transformer LM of `benchmarks/inspect_cost.py` (one fused
@@ -583,8 +600,11 @@ def activation_stats(
             `params_argnums`; and, from the returned function, when no layer
             was measured because every array argument was taken for a
             parameter (the batch among `params_argnums`, as
-            ``activation_stats(nnx_model)`` called as ``(model, x)``). An
-            empty result means the model has no layer that computes on
+            ``activation_stats(nnx_model)`` called as ``(model, x)``), or
+            because the batch was given as Python numbers (pass an array);
+            when the bound module or `params` is passed again to the
+            returned function.
+            An empty result means the model has no layer that computes on
             the data.
 
     Examples:
@@ -629,21 +649,26 @@ def activation_stats(
         call, first = (arguments.call_model, fn) if model else (fn, params)
     else:
         call, first = fn, None
+    # Equations made by library code alone (nnx.Sequential's activations)
+    # are named by the module's class, or the function's name.
+    root = type(fn).__name__ if model else getattr(fn, "__name__", "?")
 
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> ActivationStats:
         if bound:
+            arguments.check_not_bound_again(first, args, model)
             args = (first, *args)
         closed, dyn, provs = arguments.trace(call, args, kwargs, argnums)
 
         def measure(consts, xs):
-            walker = Walker()
+            walker = Walker(root=root)
             walker.run(closed.jaxpr, consts, xs, provs)
             return walker.results(near_overflow)
 
         stats = jax.jit(measure)(list(closed.consts), dyn)
         if not stats:
-            arguments.no_layers_error(provs, argnums, bound)
+            numbers = arguments.number_paths(args, kwargs, argnums)
+            arguments.no_layers_error(provs, argnums, bound, numbers)
         return stats
 
     return run

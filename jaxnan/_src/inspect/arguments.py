@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -55,16 +56,62 @@ def trace(fn: Callable, args: tuple, kwargs: dict, argnums: tuple[int, ...]):
     return closed, [leaves[i] for i in dyn], provs
 
 
+# (module, class) of the framework modules: a model even without arrays.
+_MODULE_CLASSES = (("flax.nnx", "Module"), ("equinox", "Module"))
+
+
 def is_model(fn: Any) -> bool:
-    """A callable object holding arrays: a Flax NNX or Equinox module."""
+    """A Flax NNX or Equinox module, or another callable object holding arrays.
+
+    A module without parameters (``jnp.tanh`` in a ``__call__``) is still
+    the model: its call is measured, its argument is the batch.
+    """
     if inspect.isroutine(fn) or isinstance(fn, functools.partial):
         return False
+    for module, name in _MODULE_CLASSES:
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None and isinstance(fn, cls):
+            return True
     return any(is_array(x) for x in jax.tree_util.tree_leaves(fn))
+
+
+def number_paths(args: tuple, kwargs: dict, argnums: tuple[int, ...]) -> list[str]:
+    """Key paths of the Python numbers among the data arguments (not bools).
+
+    They stay static (traced as constants), so a batch given as
+    ``3.0`` or ``[1.0, 2.0]`` computes no layer on data.
+    """
+    data = ([a for i, a in enumerate(args) if i not in argnums], kwargs)
+    return [
+        jax.tree_util.keystr(path)
+        for path, x in jax.tree_util.tree_flatten_with_path(data)[0]
+        if isinstance(x, (int, float, complex)) and not isinstance(x, bool)
+    ]
 
 
 def call_model(model: Any, *args: Any, **kwargs: Any) -> Any:
     """``model(*args, **kwargs)``: a bound module called with the data."""
     return model(*args, **kwargs)
+
+
+def check_not_bound_again(bound: Any, args: tuple, model: bool) -> None:
+    """Raises when the bound module (or params) is passed again to the call.
+
+    ``activation_stats(model)(model, x)`` mixes the bound form with the
+    explicit one, ``activation_stats(fn)(model, x)``.
+    """
+    if not any(a is bound for a in args):
+        return
+    form = (
+        "jaxnan.activation_stats(model)(x)"
+        if model
+        else "jaxnan.activation_stats(apply_fn, params)(x)"
+    )
+    raise ValueError(
+        f"jaxnan: {NAME} already holds the "
+        f"{'module' if model else 'params'}; the returned function takes the "
+        f"data only: {form}."
+    )
 
 
 def argnums_of(params_argnums: Any, default: int) -> tuple[int, ...]:
@@ -83,10 +130,22 @@ def argnums_of(params_argnums: Any, default: int) -> tuple[int, ...]:
     return nums
 
 
-def no_layers_error(provs: list, argnums: tuple[int, ...], bound: bool) -> None:
-    """Raises when nothing was measured because no argument was data."""
+def no_layers_error(
+    provs: list, argnums: tuple[int, ...], bound: bool, numbers: list[str]
+) -> None:
+    """Raises when nothing was measured because no argument was data.
+
+    `numbers` are the Python numbers among the data arguments (`number_paths`).
+    """
     if any(p is layers.DATA for p in provs):
         return  # there was data, and nothing computed on it: no layers
+    if numbers:
+        raise ValueError(
+            f"jaxnan: {NAME} measured nothing: no array among the data "
+            f"arguments ({', '.join(numbers[:3])} are Python numbers, static "
+            "constants of the trace). Pass the batch as an array, e.g. "
+            "jnp.asarray(x)."
+        )
     form = (
         "jaxnan.activation_stats(model)(x) for a Flax NNX or Equinox module, "
         "jaxnan.activation_stats(apply_fn, params)(x) for Flax linen"

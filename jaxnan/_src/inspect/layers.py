@@ -89,16 +89,37 @@ def scope_path(name_stack: Any) -> str:
     Transformations (``jvp``, ``transpose``), the scopes that `jnp.einsum`
     opens with its spec (``bqhd,bkhd->bhqk``) and the one `jax.checkpoint`
     opens around its recomputation in the backward pass
-    (``rematted_computation``: no layer of the model) are dropped.
+    (``rematted_computation``: no layer of the model) are dropped, and so
+    are the scopes that jax repeats after a transformation (the transposed
+    `remat` of a linen module under ``Net`` has ``Net/jvp(Net)``: one
+    ``Net``).
+
+    Examples:
+        >>> import jax
+        >>> from jaxnan._src.inspect.layers import scope_path
+        >>> def f(x):
+        ...     with jax.named_scope("Net"):
+        ...         return jax.checkpoint(lambda x: x * 2)(x)
+        >>> grad = jax.make_jaxpr(jax.grad(f))(1.0)
+        >>> remat = next(e for e in grad.eqns if e.primitive.name == "remat2")
+        >>> scope_path(remat.source_info.name_stack)  # jvp(Net)/Net in jax
+        'Net'
     """
-    parts = []
+    parts: list[str] = []
+    replay = None  # after a transformation: how many scopes it repeated
     for el in getattr(name_stack, "stack", ()):
         if type(el).__name__ == "Transform":
+            replay = 0 if parts else None
             continue
         name = getattr(el, "name", "")
         # jnp.einsum scopes its spec
-        if name and "->" not in name and name != _REMAT_SCOPE:
-            parts.append(name)
+        if not name or "->" in name or name == _REMAT_SCOPE:
+            continue
+        if replay is not None and replay < len(parts) and parts[replay] == name:
+            replay += 1  # the outer scopes again, inside the transformation
+            continue
+        replay = None
+        parts.append(name)
     return "/".join(parts)
 
 
@@ -199,14 +220,20 @@ def split_interrupted(
     (the ``relu`` and ``tanh`` of ``Net`` around ``Net/mid``) share its
     scope; each run of them between other layers becomes a layer of its own,
     named by the scope and the source line where the run starts
-    (``Net/model.py:12 (Net.__call__)``). Names not made from a scope
-    (`scoped` false) are kept.
+    (``Net/model.py:12 (Net.__call__)``), or by the run's number when it has
+    no line (a user line called in a loop over layers, library code named
+    by the module's class: ``model.py:12 (MLP.__call__)/2``,
+    ``Sequential/1``; gradients count from the last run, the backward pass
+    running the calls in reverse). Other names (`scoped` false: parameters' layers)
+    are kept.
 
     Args:
         names: the layer name of each measured equation, in program order
             (gradients end in `GRAD_SUFFIX`).
-        scoped: per equation, whether its name is its scope.
-        sites: per equation, its ``file.py:LINE (function)``, or "".
+        scoped: per equation, whether each run of its name is a layer of
+            its own (a scope, a line, the module's class).
+        sites: per equation, the ``file.py:LINE (function)`` that names a
+            run of its scope, or "" (the run's number names it).
 
     Returns:
         The names, with the interrupted scopes split.
@@ -228,6 +255,9 @@ def split_interrupted(
             start, seen[name] = k, seen.get(name, 0) + 1
         if scoped[k] and runs[name] > 1:
             base = name.removesuffix(GRAD_SUFFIX)
-            where = sites[start] or str(seen[name])
+            # the backward pass runs the calls in reverse: its first run
+            # is the gradient of the last call
+            number = runs[name] + 1 - seen[name] if base != name else seen[name]
+            where = sites[start] or str(number)
             out[k] = f"{base}/{where}" + name[len(base) :]
     return out

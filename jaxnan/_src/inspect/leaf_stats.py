@@ -10,6 +10,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.extend import source_info_util
 
@@ -179,8 +180,10 @@ def grad_stats(
         A `GradStats` whose fields have the structure of `grads`.
 
     Raises:
-        ValueError: for an empty tree, trees of different structures,
-            `updates` without `params`, or thresholds that are not positive.
+        ValueError: for an empty tree, trees of different structures or a
+            `params`/`updates` leaf of another shape than its gradient
+            (naming the leaf and both shapes), `updates` without `params`,
+            or thresholds that are not positive.
         TypeError: for non-float leaves.
 
     Examples:
@@ -245,8 +248,18 @@ def _check_grad_stats_args(
 def _norms_like(
     grads: Any, other: Any, argname: str, treedef: Any, fn_name: str
 ) -> list[jax.Array]:
-    """float32 leaf norms of `other`, a tree of the structure of `grads`."""
+    """float32 leaf norms of `other`, of the structure and shapes of `grads`."""
     validation.validate_same_structure(
         grads, other, name_a="grads", name_b=argname, fn_name=fn_name
     )
-    return [leaf_norm(jnp.asarray(x)) for x in treedef.flatten_up_to(other)]
+    leaves = treedef.flatten_up_to(other)
+    flat = jax.tree_util.tree_flatten_with_path(grads)[0]
+    for (path, g), x in zip(flat, leaves):
+        if np.shape(g) != np.shape(x):
+            at = jax.tree_util.keystr(path)
+            raise ValueError(
+                f"jaxnan: {fn_name}: {argname}{at} has shape {np.shape(x)}, but "
+                f"grads{at} has shape {np.shape(g)}. Pass the {argname} of the "
+                "same model: one entry per gradient entry."
+            )
+    return [leaf_norm(jnp.asarray(x)) for x in leaves]
