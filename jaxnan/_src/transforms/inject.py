@@ -164,24 +164,35 @@ def _is_clock(value: Any) -> bool:
     return any(value is c for c in getattr(_NOTING, "clocks", ()))
 
 
+def _items(at: Any) -> tuple:
+    """`at` as a tuple: an int or a 0-d array is one item; a str is none."""
+    if isinstance(at, int | np.integer) or (hasattr(at, "dtype") and np.ndim(at) == 0):
+        return (at,)
+    if isinstance(at, Iterable) and not isinstance(at, str | bytes):
+        return tuple(at)
+    return (None,)  # rejected below, as a non-int item
+
+
+def _is_int(x: Any) -> bool:
+    kind = dtypes.leaf_dtype(x)
+    return (
+        not isinstance(x, bool)
+        and kind is not None
+        and jnp.issubdtype(kind, jnp.integer)
+    )
+
+
 def _steps(fn: str, at: int | Sequence[int], name: str = "at") -> tuple[int, ...]:
     """`at` (an int, a 0-d integer array, or a sequence of them) as a tuple."""
-    if isinstance(at, int | np.integer) or (hasattr(at, "dtype") and np.ndim(at) == 0):
-        items: tuple = (at,)
-    elif isinstance(at, Iterable) and not isinstance(at, str | bytes):
-        items = tuple(at)
-    else:
-        items = (None,)
+    items = _items(at)
     if not items:
         raise ValueError(
             f"jaxnan.{fn}: {name} must name at least one step, got {at!r}."
         )
-    for s in items:
-        kind = dtypes.leaf_dtype(s)
-        if isinstance(s, bool) or kind is None or not jnp.issubdtype(kind, jnp.integer):
-            raise TypeError(
-                f"jaxnan.{fn}: {name} must be an int or a sequence of ints, got {at!r}."
-            )
+    if not all(map(_is_int, items)):
+        raise TypeError(
+            f"jaxnan.{fn}: {name} must be an int or a sequence of ints, got {at!r}."
+        )
     return tuple(validation.check_int(fn, name, s, low=0) for s in items)
 
 
@@ -375,12 +386,7 @@ def inject_loss(
                 "jaxnan.inject_loss: call the wrapped loss with fault_step=, "
                 "e.g. loss_fn(params, batch, fault_step=jaxnan.fault_step(opt_state))."
             )
-        kind = dtypes.leaf_dtype(fault_step)
-        if (
-            isinstance(fault_step, bool)
-            or kind is None
-            or not jnp.issubdtype(kind, jnp.integer)
-        ):
+        if not _is_int(fault_step):
             raise TypeError(
                 f"jaxnan.inject_loss: fault_step must be an int (the step number, "
                 f"jaxnan.fault_step(opt_state)), got {fault_step!r:.40}."
