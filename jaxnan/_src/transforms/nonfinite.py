@@ -277,9 +277,12 @@ def skip_nonfinite(
       more open cases, of any optimizer, where the params can differ in
       their last bit (strict xfails in `tests/test_skip_promise.py`): a 0-d
       parameter (a learned temperature; XLA:CPU fuses the check's scalar
-      arithmetic into the step's kernel), and a chain that scales twice by
+      arithmetic into the step's kernel; its updates are still
+      ``jax.jit(inner.update)``'s), and a chain that scales twice by
       constants (``optax.chain(optax.sgd(lr), optax.scale(c))``: without
-      the guard XLA folds the two factors into one);
+      the guard XLA folds the two factors into one, so the updates differ
+      from ``jax.jit(inner.update)``'s too; ``exact=True`` gives those bit
+      for bit);
     * ``exact=True``: the updates and the new state are always bit for
       bit ``jax.jit(inner.update)``'s, for every optimizer: `inner` runs in
       a branch of a `lax.cond`, which XLA compiles on its own. The updates
