@@ -16,7 +16,7 @@ nothing. Only state is ever donated: the batch is kept for replay.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -40,20 +40,46 @@ def donated_positions(fn: Callable) -> Callable[[int], bool]:
         >>> donation.donated_positions(lambda a: a)(0)
         False
     """
-    for _ in range(8):
-        nums = compat.jit_donated_argnums(fn)
+    for layer in wrapper_chain(fn):
+        nums = compat.jit_donated_argnums(layer)
         if nums is not None:
             return frozenset(nums).__contains__
-        if hasattr(fn, "donate_first") and hasattr(fn, "donate_rest"):  # eqx
-            first, rest = bool(fn.donate_first), bool(fn.donate_rest)
+        if is_filter_jit(layer):
+            first, rest = bool(layer.donate_first), bool(layer.donate_rest)
             return lambda i: first if i == 0 else rest
+    return lambda i: False
+
+
+def is_filter_jit(fn: Callable) -> bool:
+    """Whether `fn` is an `eqx.filter_jit` function."""
+    return hasattr(fn, "donate_first") and hasattr(fn, "donate_rest")
+
+
+def wrapper_chain(fn: Callable) -> Iterator[Callable]:
+    """`fn`, then the functions it wraps, outermost first (eight at most).
+
+    An ``nnx.jit`` function wraps its `jax.jit` (``jitted_fn``); decorators
+    made with `functools.wraps` wrap their ``__wrapped__``.
+
+    Examples:
+        >>> import functools, jax
+        >>> from jaxnan._src.guard import donation
+        >>> def add_one(a):
+        ...     return a + 1
+        >>> f = jax.jit(add_one)
+        >>> g = functools.wraps(f)(lambda a: f(a))
+        >>> chain = list(donation.wrapper_chain(g))
+        >>> len(chain), chain[1] is f, chain[2] is add_one
+        (3, True, True)
+    """
+    for _ in range(8):
+        yield fn
         inner = getattr(fn, "jitted_fn", None)  # nnx.jit: its jax.jit
         if inner is None:
             inner = getattr(fn, "__wrapped__", None)
         if inner is None or inner is fn:
-            break
+            return
         fn = inner
-    return lambda i: False
 
 
 def state_mask(

@@ -23,6 +23,7 @@ import jax
 from jax.extend import source_info_util
 
 from jaxnan._src.core import compat
+from jaxnan._src.guard import donation
 
 source_info_util.register_exclusion(__file__)
 
@@ -52,21 +53,15 @@ def static_rule(fn: Callable) -> Callable[[int, Any], bool] | None:
         >>> statics.static_rule(lambda a: a) is None
         True
     """
-    for _ in range(8):
-        nums = compat.jit_static_argnums(fn)
+    for layer in donation.wrapper_chain(fn):
+        nums = compat.jit_static_argnums(layer)
         if nums:
             held = frozenset(nums)
             return lambda i, a: i in held
         if nums is not None:
             return None
-        if hasattr(fn, "donate_first") and hasattr(fn, "donate_rest"):  # eqx
+        if donation.is_filter_jit(layer):  # eqx: Python scalars stay static
             return lambda i, a: isinstance(a, _PYTHON_SCALARS)
-        inner = getattr(fn, "jitted_fn", None)  # nnx.jit: its jax.jit
-        if inner is None:
-            inner = getattr(fn, "__wrapped__", None)
-        if inner is None or inner is fn:
-            break
-        fn = inner
     return None
 
 
