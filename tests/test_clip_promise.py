@@ -88,11 +88,7 @@ def test_clip_by_global_norm_against_optax(dtype, log_scale, max_norm, seed):
         if dtype == "float64":
             return  # squares beyond float64: not drawn (scale <= max / 8)
     # float32 squares overflow: optax's norm is +Inf; the float64 clip, cast back.
-    with jax.enable_x64(True):
-        wide = {k: jnp.asarray(np.asarray(v), jnp.float64) for k, v in g.items()}
-        ref = jax.tree_util.tree_map(
-            lambda r: np.asarray(r).astype(np.float32), _optax_clip(wide, max_norm)
-        )
+    ref = _float64_clip(g, max_norm)
     for x, r in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(ref)):
         x = np.asarray(x).astype(np.float32)
         ulps = np.abs(x.view(np.int32).astype(np.int64) - r.view(np.int32)).max()
@@ -101,6 +97,15 @@ def test_clip_by_global_norm_against_optax(dtype, log_scale, max_norm, seed):
             r16 = r.astype(np.asarray(out["a"]).dtype).astype(np.float32)
             ulps = 0 if np.array_equal(x, r16) else ulps
         assert ulps <= limit, (dtype, log_scale, ulps)
+
+
+def _float64_clip(g, max_norm):
+    """optax's clip of `g` computed in float64, as float32 numpy arrays."""
+    with jax.enable_x64(True):
+        wide = {k: jnp.asarray(np.asarray(v), jnp.float64) for k, v in g.items()}
+        return jax.tree_util.tree_map(
+            lambda r: np.asarray(r).astype(np.float32), _optax_clip(wide, max_norm)
+        )
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -113,11 +118,7 @@ def test_norm_beyond_the_float32_range_still_clips(dtype, max_norm):
     raw = {"a": np.array([0.9, -0.8, 1e-30]) * big, "b": np.array([0.7]) * big}
     g = {k: jnp.asarray(v, dtype) for k, v in raw.items()}
     out = _jaxnan_clip(g, max_norm)
-    with jax.enable_x64(True):
-        wide = {k: jnp.asarray(np.asarray(v), jnp.float64) for k, v in g.items()}
-        ref = jax.tree_util.tree_map(
-            lambda r: np.asarray(r).astype(np.float32), _optax_clip(wide, max_norm)
-        )
+    ref = _float64_clip(g, max_norm)
     for x, r in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(ref)):
         x = np.asarray(x).astype(np.float32)
         if dtype == "bfloat16":  # equal once rounded to the leaf's dtype

@@ -119,6 +119,13 @@ def test_skipped_step_keeps_signed_zeros_real_and_complex():
         assert np.signbit(c.real).all() and np.signbit(c.imag).all()
 
 
+def _draw(params, i):
+    """Healthy gradients of step `i`, shaped as `params`."""
+    return jax.tree_util.tree_map(
+        lambda x: jax.random.normal(jax.random.PRNGKey(i), x.shape), params
+    )
+
+
 def _healthy_mismatches(inner, params, steps=20):
     """Healthy steps where the guarded fused step's params differ in a bit."""
     guard = jaxnan.skip_nonfinite(inner)
@@ -133,9 +140,7 @@ def _healthy_mismatches(inner, params, steps=20):
     guarded, plain = fused(guard), fused(inner)
     state, differ = guard.init(params), 0
     for i in range(steps):
-        g = jax.tree_util.tree_map(
-            lambda x, i=i: jax.random.normal(jax.random.PRNGKey(i), x.shape), params
-        )
+        g = _draw(params, i)
         p_g, s_g = guarded(params, state, g)
         p_p, s_p = plain(params, state.inner_state, g)
         differ += _bits(p_g) != _bits(p_p)
@@ -176,9 +181,7 @@ def _update_mismatches(inner, params, exact, steps=20):
     guarded, plain = jax.jit(guard.update), jax.jit(inner.update)
     state, differ = guard.init(params), 0
     for i in range(steps):
-        g = jax.tree_util.tree_map(
-            lambda x, i=i: jax.random.normal(jax.random.PRNGKey(i), x.shape), params
-        )
+        g = _draw(params, i)
         u_g, s_g = guarded(g, state, params)
         u_p, s_p = plain(g, state.inner_state, params)
         differ += (_bits(u_g), _bits(s_g.inner_state)) != (_bits(u_p), _bits(s_p))

@@ -49,38 +49,32 @@ def test_grads_of_another_structure_than_params(name):
         tx.update({"a": PARAMS["a"]}, _state(tx), PARAMS, loss=jnp.float32(1.0))
 
 
-@pytest.mark.parametrize(
-    "name", ["monitor", "skip_nonfinite", "skip_spikes", "dynamic_loss_scale"]
-)
+WRAPPERS = {
+    "monitor": jaxnan.monitor,
+    "skip_nonfinite": jaxnan.skip_nonfinite,
+    "skip_spikes": jaxnan.skip_spikes,
+    "dynamic_loss_scale": jaxnan.dynamic_loss_scale,
+}
+
+
+@pytest.mark.parametrize("name", sorted(WRAPPERS))
 def test_grads_of_another_shape_than_the_inner_state(name):
     # No params: the optimizer state's moments mirror the params. Before,
     # monitor(adam) failed deep inside with "add got incompatible shapes".
-    tx = {
-        "monitor": lambda: jaxnan.monitor(optax.adam(1e-2)),
-        "skip_nonfinite": lambda: jaxnan.skip_nonfinite(optax.adam(1e-2)),
-        "skip_spikes": lambda: jaxnan.skip_spikes(optax.adam(1e-2)),
-        "dynamic_loss_scale": lambda: jaxnan.dynamic_loss_scale(optax.adam(1e-2)),
-    }[name]()
+    tx = WRAPPERS[name](optax.adam(1e-2))
     with pytest.raises(
         ValueError, match=r"updates\['a'\] has shape \(3, 2\).*mu\['a'\] has shape"
     ):
         tx.update(WRONG, _state(tx), loss=jnp.float32(1.0))
 
 
-@pytest.mark.parametrize(
-    "name", ["monitor", "skip_nonfinite", "skip_spikes", "dynamic_loss_scale"]
-)
+@pytest.mark.parametrize("name", sorted(WRAPPERS))
 def test_broadcastable_grads_do_not_reshape_the_inner_state(name):
     # Gradients of shape (4, 1) broadcast against Adam's (4,) moments: the
     # inner update traces, and without the check the moments, the updates
     # and then the params silently became (4, 4) (optax's quickstart calls
     # update(grads, state) with no params).
-    tx = {
-        "monitor": lambda: jaxnan.monitor(optax.adam(1e-2)),
-        "skip_nonfinite": lambda: jaxnan.skip_nonfinite(optax.adam(1e-2)),
-        "skip_spikes": lambda: jaxnan.skip_spikes(optax.adam(1e-2)),
-        "dynamic_loss_scale": lambda: jaxnan.dynamic_loss_scale(optax.adam(1e-2)),
-    }[name]()
+    tx = WRAPPERS[name](optax.adam(1e-2))
     column = {"a": jnp.ones((2, 3)), "b": jnp.ones((4, 1))}
     with pytest.raises(
         ValueError, match=r"updates\['b'\] has shape \(4, 1\).*mu\['b'\] has \S+ \(4,\)"
