@@ -268,9 +268,9 @@ def _beyond_range(
     max) has norm +Inf: its factor ``limit / Inf`` would zero it and make
     gamma NaN for good, and in warm-up the global norm would be NaN (no
     clipping). Only then (a scalar `lax.cond`), tensors are scaled by
-    ``2**-shift`` first (`jnp.ldexp`, exact; the binary exponent of the
-    largest magnitude): where `use`, the update is ``ldexp(x, -shift) *
-    factor`` and gamma sees `clipped_norm`. In warm-up every finite tensor
+    ``2**-shift`` first (`scaling.rescale`, exact; the binary exponent of
+    the largest magnitude): where `use`, the update is ``rescale(x, shift)
+    * factor`` and gamma sees `clipped_norm`. In warm-up every finite tensor
     is so clipped to the global `warmup_max_norm`; after it, each tensor of
     norm +Inf whose gamma is set, to ``relative_threshold * gamma``.
     `thresholds` is ``(relative_threshold, warmup_max_norm)``.
